@@ -1,0 +1,78 @@
+"""Pure logic of utils.py: schedules, lr scaling, optimizer groups, precision resolution, the resumable sampler."""
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def test_cosine_schedule_warmup_then_cosine():
+    sched = utils.cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=10, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(sched) == 40
+    np.testing.assert_allclose(sched[:10], np.linspace(0.0, 1.0, 10, endpoint=False))
+    assert sched[10] == pytest.approx(1.0)
+    assert np.all(np.diff(sched[10:]) <= 1e-12)  # non-increasing after warm-up
+    assert sched[-1] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 29 / 30)))
+    assert sched[-1] > 0.1
+
+
+def test_warmup_steps_override_and_constant_schedule():
+    sched = utils.cosine_scheduler(2.0, 2.0, epochs=1, niter_per_ep=7, warmup_steps=3)
+    assert len(sched) == 7 and sched[0] == 0.0 and np.allclose(sched[3:], 2.0)
+
+
+def test_scaled_lr_linear_rule():
+    assert utils.scaled_lr(1.5e-4, 16, 64, 1) == pytest.approx(1.5e-4 * 1024 / 256)
+    assert utils.scaled_lr(1e-3, 8, 1, 4) == pytest.approx(1e-3 * 32 / 256)
+
+
+def test_param_groups_no_decay_for_1d_and_named_tokens():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.register_parameter("mask_token", torch.nn.Parameter(torch.zeros(1, 1, 4)))
+    groups = utils.param_groups(model, 0.05, no_decay_names=("mask_token",))
+    by_name = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert by_name == {"0.weight": 0.05, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0, "mask_token": 0.0}
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    utils.apply_schedules(opt, lr=0.5, weight_decay=0.01)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
+    assert all(g["lr"] == 0.5 for g in opt.param_groups)
+
+
+def test_param_groups_layer_scale_multiplies_lr():
+    model = torch.nn.Linear(2, 2)
+    groups = utils.param_groups(model, 0.1, layer_scale={"weight": 0.25})
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    utils.apply_schedules(opt, lr=1.0, weight_decay=0.1)
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.25, 1.0]
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert utils.resolve_precision("fp32", cpu) == torch.float32
+    assert utils.resolve_precision("bf16", cpu) == torch.bfloat16
+    assert utils.resolve_precision("auto", cpu) in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        utils.resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        utils.resolve_precision("int8", cpu)
+    assert not utils.make_grad_scaler(cpu, torch.bfloat16).is_enabled()
+
+
+def test_resumable_sampler_skips_exactly_the_seen_prefix():
+    data = list(range(23))
+    full = utils.ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    full.set_epoch(5)
+    order = list(full)
+    resumed = utils.ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    resumed.set_epoch(5)
+    resumed.set_start(4)
+    assert list(resumed) == order[4:] and len(resumed) == len(order) - 4
+    other_epoch = utils.ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    other_epoch.set_epoch(6)
+    assert list(other_epoch) != order
+
+
+def test_plain_args_holds_only_plain_values():
+    import argparse
+    ns = argparse.Namespace(a=1, b="x", c=[1, 2], d=torch.device("cpu"), e=None)
+    assert utils.plain_args(ns) == {"a": 1, "b": "x", "c": [1, 2], "d": "cpu", "e": None}
