@@ -1,0 +1,834 @@
+"""The data side of SimVTP: annotation formats, frame sampling, video decoding, clip transforms, the broken-media
+policy and the collate step.
+
+Flow (one direction)::
+
+    read_annotations(file) -> [VideoRecord(path, captions, video_id)]
+    VideoTextDataset[i]    -> decode only the sampled frames (decord | PyAV), one crop for the whole clip,
+                              ImageNet-normalised video [C, T, H, W] (+ tube mask [N], a caption)
+    VideoTextCollator      -> batch: video [B, C, T, H, W], input_ids / attention_mask [B, L], MLM ids / labels
+
+Every random choice about a sample (start frame, crop, tube mask, text mask, caption, retry) comes from
+``sample_rng(seed, epoch, index, stream)``: a batch split over processes, a resumed run and a re-run all see the
+same samples. Global ``np.random`` / ``random`` are never used here.
+
+Annotation formats (detected from the contents, not the file name; ``data_root`` is joined to relative paths):
+
+- WebVid-2M/10M CSV ``videoid,contentUrl,duration,page_dir,name``: video ``<root>/<page_dir>/<videoid>.mp4``,
+  caption ``name``;
+- the release's JSON dict ``{video_path: caption}`` (one caption per video);
+- the Singularity/SViTT JSON list ``[{"video": path, "caption": str or [str, ...]}]``;
+- the MSR-VTT 1k-A CSV ``key,vid_key,video_id,sentence``: video ``<root>/<video_id>.mp4``.
+
+A video listed several times becomes one record with all its captions (else retrieval would count the copies as
+different videos, and contrastive batches could pair a video with itself as a negative).
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AnnotationError", "VideoDecodeError", "BrokenVideoWarning", "VideoRecord", "read_annotations", "sample_rng",
+    "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
+    "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
+    "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of the release (VideoMAE)
+BERT_VOCAB_SIZE = 30522
+BERT_SPECIAL_IDS = {"pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102, "mask_token_id": 103}
+DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bert-base-uncased")
+VIDEO_EXTENSION = ".mp4"
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file; the message names the file, the record and what is wrong."""
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be opened or decoded; the message names the file."""
+
+
+class BrokenVideoWarning(UserWarning):
+    """A training video was skipped (issued once per file and process)."""
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Generator:
+    """The generator of one random choice about one sample: a pure function of (seed, epoch, index, stream).
+
+    stream names the use ("frames", "crop", "video_mask", "text_mask", "caption", "retry"), so the choices are
+    independent of each other and of the order in which samples are drawn, by whichever process.
+    """
+    values = (int(seed), int(epoch), int(index))
+    if min(values) < 0:
+        raise ValueError(f"sample_rng needs non-negative seed, epoch and index, got {values}")
+    return np.random.default_rng(np.random.SeedSequence([*values, zlib.crc32(stream.encode("utf-8"))]))
+
+
+# ----------------------------------------------------------------------------------------------- annotations
+
+
+@dataclass
+class VideoRecord:
+    """One video and its captions (several for retrieval sets, one for WebVid)."""
+    path: str
+    captions: list[str] = field(default_factory=list)
+    video_id: str = ""
+
+
+_WEBVID_REQUIRED = ("videoid", "page_dir", "name")
+_MSRVTT_REQUIRED = ("video_id", "sentence")
+_FORMATS_HELP = ("WebVid CSV (videoid,contentUrl,duration,page_dir,name), MSR-VTT 1k-A CSV "
+                 "(key,vid_key,video_id,sentence), the release's JSON dict {video_path: caption} or the "
+                 "Singularity JSON list [{\"video\": path, \"caption\": str or [str, ...]}]")
+
+
+def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[VideoRecord]:
+    """Records of an annotation file in any of the four formats (see the module docstring), in file order.
+
+    The format is detected from the contents (CSV header, JSON top-level type). Relative video paths are joined
+    to data_root when given. Any malformed record stops with one AnnotationError naming the file, the record
+    number (1-based, data records only) and the problem.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e}); expected {_FORMATS_HELP}") from None
+    head = text.lstrip()
+    if not head:
+        raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
+    is_json = head[0] in "[{\"" or path.lower().endswith(".json")
+    rows = _read_json(path, text) if is_json else _read_csv(path, text)
+    if not rows:
+        raise AnnotationError(f"{path}: no records")
+    root = os.fspath(data_root) if data_root else None
+    merged: dict[str, VideoRecord] = {}
+    for rel, captions, video_id in rows:
+        full = os.path.join(root, rel) if root and not os.path.isabs(rel) else rel
+        if full in merged:
+            merged[full].captions.extend(c for c in captions if c not in merged[full].captions)
+        else:
+            merged[full] = VideoRecord(full, list(captions), video_id)
+    return list(merged.values())
+
+
+def _caption(path: str, where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise AnnotationError(f"{path}: {where}: caption must be a string, got {type(value).__name__} {value!r:.60}")
+    if not value.strip():
+        raise AnnotationError(f"{path}: {where}: empty caption")
+    return value.strip()
+
+
+def _video_path(path: str, where: str, value: Any, name: str = "video") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise AnnotationError(f"{path}: {where}: '{name}' must be a non-empty string, got {value!r:.60}")
+    return value.strip()
+
+
+def _id_of(rel: str) -> str:
+    return os.path.splitext(rel)[0]
+
+
+def _read_json(path: str, text: str) -> list[tuple[str, list[str], str]]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    rows = []
+    if isinstance(obj, dict):  # the release: {video_path: caption}
+        for n, (video, caption) in enumerate(obj.items(), 1):
+            where = f"record {n} ({video!r:.80})"
+            rel = _video_path(path, where, video, "video path (key)")
+            if isinstance(caption, list):
+                raise AnnotationError(f"{path}: {where}: the JSON dict format has one caption string per video, "
+                                      f"got a list (use the list format [{{\"video\", \"caption\": [...]}}])")
+            rows.append((rel, [_caption(path, where, caption)], _id_of(rel)))
+    elif isinstance(obj, list):  # Singularity / SViTT: [{"video": path, "caption": str | [str]}]
+        for n, item in enumerate(obj, 1):
+            where = f"record {n}"
+            if not isinstance(item, dict):
+                raise AnnotationError(f"{path}: {where}: expected an object {{\"video\", \"caption\"}}, got "
+                                      f"{type(item).__name__}")
+            for key in ("video", "caption"):
+                if key not in item:
+                    raise AnnotationError(f"{path}: {where}: missing field '{key}' (has {sorted(item)})")
+            rel = _video_path(path, where, item["video"])
+            caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+            if not caps:
+                raise AnnotationError(f"{path}: {where}: empty caption list")
+            rows.append((rel, [_caption(path, f"{where} caption {k}", c) for k, c in enumerate(caps, 1)],
+                         _id_of(rel)))
+    else:
+        raise AnnotationError(f"{path}: top-level JSON must be a dict or a list, got {type(obj).__name__}; "
+                              f"expected {_FORMATS_HELP}")
+    return rows
+
+
+def _read_csv(path: str, text: str) -> list[tuple[str, list[str], str]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+        if {"videoid", "page_dir", "name"} <= set(header):
+            kind = "webvid"
+        elif {"video_id", "sentence"} <= set(header):
+            kind = "msrvtt"
+        else:
+            raise AnnotationError(f"{path}: unknown CSV header {','.join(header)!r:.200}; expected {_FORMATS_HELP}")
+        rows = []
+        n = 0
+        for row in reader:
+            if not row or not "".join(row).strip():
+                continue  # blank line
+            n += 1
+            where = f"record {n} (line {reader.line_num})"
+            if len(row) != len(header):
+                raise AnnotationError(f"{path}: {where}: {len(row)} columns, the header has {len(header)} "
+                                      f"({','.join(header)})")
+            rec = dict(zip(header, row))
+            if kind == "webvid":
+                vid = _video_path(path, where, rec["videoid"], "videoid")
+                page = _video_path(path, where, rec["page_dir"], "page_dir")
+                rows.append((os.path.join(page, vid + VIDEO_EXTENSION), [_caption(path, where, rec["name"])], vid))
+            else:
+                vid = _video_path(path, where, rec["video_id"], "video_id")
+                rows.append((vid + VIDEO_EXTENSION, [_caption(path, where, rec["sentence"])], vid))
+    except csv.Error as e:
+        raise AnnotationError(f"{path}: bad CSV near line {reader.line_num}: {e}") from None
+    except StopIteration:
+        raise AnnotationError(f"{path}: empty CSV") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- video reading
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """"auto" -> "decord" when it imports, else "pyav"; a named backend must import."""
+    if name == "auto":
+        return "decord" if _importable("decord") else "pyav"
+    modules = {"decord": "decord", "pyav": "av"}
+    if name not in modules:
+        raise ValueError(f"unknown video backend {name!r}; choose auto, decord or pyav")
+    if not _importable(modules[name]):
+        raise ImportError(f"video backend {name!r} needs the '{modules[name]}' package, which does not import")
+    return name
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class VideoFile:
+    """An open video: ``num_frames``, ``fps`` and ``get_frames(indices) -> uint8 [T, H, W, 3]`` (RGB).
+
+    Only the asked frames are converted to RGB; indices may repeat and come in any order. Use as a context
+    manager (or call close()) to release the decoder.
+    """
+    backend = "base"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.num_frames = 0
+        self.fps = 0.0
+
+    def get_frames(self, indices: Sequence[int]) -> np.ndarray:
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise ValueError("get_frames needs at least one index")
+        bad = [i for i in idx if not 0 <= i < self.num_frames]
+        if bad:
+            raise IndexError(f"{self.path}: frame indices {bad[:5]} outside [0, {self.num_frames})")
+        unique = sorted(set(idx))
+        try:
+            frames = self._read(unique)
+        except VideoDecodeError:
+            raise
+        except Exception as e:  # any decoder error is about this file
+            raise VideoDecodeError(f"{self.path}: decoding frames {unique[0]}..{unique[-1]} with {self.backend} "
+                                   f"failed: {type(e).__name__}: {_one_line(e)}") from e
+        if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.shape[-1] != 3:
+            raise VideoDecodeError(f"{self.path}: {self.backend} returned frames of shape {tuple(frames.shape)} for "
+                                   f"{len(unique)} indices")
+        if unique == idx:
+            return frames
+        pos = {i: k for k, i in enumerate(unique)}
+        return frames[[pos[i] for i in idx]]
+
+    def _read(self, indices: list[int]) -> np.ndarray:  # sorted, unique, in range
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "VideoFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, {self.num_frames} frames @ {self.fps:.2f} fps)"
+
+
+class _DecordVideo(VideoFile):
+    backend = "decord"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        import decord
+        # one thread per reader: data-loader workers already use the cores
+        self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        self.num_frames = len(self._reader)
+        self.fps = float(self._reader.get_avg_fps())
+
+    def _read(self, indices: list[int]) -> np.ndarray:
+        batch = self._reader.get_batch(indices)
+        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class _PyAVVideo(VideoFile):
+    """PyAV reader: seeks to the keyframe before the first wanted frame, decodes forward, converts only wanted
+    frames and stops after the last one. Frame i is the frame shown at time i / fps (constant frame rate, as
+    decord assumes too)."""
+    backend = "pyav"
+    RESEEK_GAP = 250  # wanted frames farther apart than this: seek again rather than decode everything between
+    PREROLL_MARGIN = 24  # frames before the first wanted one that are fully decoded again after a skipping pre-roll
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        import av
+        self._container = av.open(path, metadata_errors="ignore")
+        try:
+            if not self._container.streams.video:
+                raise VideoDecodeError(f"{path}: no video stream")
+            self._stream = self._container.streams.video[0]
+            self._stream.codec_context.thread_count = 1
+            rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+            if not rate:
+                raise VideoDecodeError(f"{path}: unknown frame rate")
+            self.fps = float(rate)
+            self._time_base = self._stream.time_base
+            self._start = self._stream.start_time or 0
+            # mkv / webm / ts carry no frame count (0): count the packets, which costs reading, not decoding
+            self.num_frames = int(self._stream.frames) or self._count_packets()
+        except BaseException:
+            self._container.close()
+            raise
+
+    def _count_packets(self) -> int:
+        n = sum(1 for packet in self._container.demux(self._stream) if packet.size)
+        self._container.seek(0)
+        return n
+
+    def _pts_of(self, index: int) -> int:
+        return self._start + int(index / self.fps / self._time_base)
+
+    def _index_of(self, pts: int) -> int:
+        return int(round(float((pts - self._start) * self._time_base) * self.fps))
+
+    def _read(self, indices: list[int]) -> np.ndarray:
+        out: dict[int, np.ndarray] = {}
+        run = [indices[0]]
+        for i in indices[1:]:
+            if i - run[-1] > self.RESEEK_GAP:
+                self._decode_run(run, out)
+                run = []
+            run.append(i)
+        self._decode_run(run, out)
+        return np.stack([out[i] for i in indices])
+
+    def _decode_run(self, run: list[int], out: dict[int, np.ndarray]) -> None:
+        if run[0] > 0 and self._decode_from(self._pts_of(run[0]), run, out):
+            return
+        self._decode_from(None, run, out)  # from the first frame (also when a seek landed past run[0])
+
+    def _decode_from(self, target_pts: int | None, run: list[int], out: dict[int, np.ndarray]) -> bool:
+        """Fill out[i] for i in run; False when the seek landed after run[0] (caller decodes from the start)."""
+        if target_pts is None:
+            self._container.seek(0)
+        else:
+            self._container.seek(target_pts, stream=self._stream, backward=True, any_frame=False)
+        codec = self._stream.codec_context
+        # Pre-roll from the keyframe to the first wanted frame: frames no other frame refers to need no decoding
+        # (safe by definition of "non-reference"); full decoding resumes PREROLL_MARGIN frames early, more than
+        # any decoder's reordering delay.
+        preroll = run[0] > self.PREROLL_MARGIN
+        codec.skip_frame = "NONREF" if preroll else "DEFAULT"
+        try:
+            return self._collect(run, out, may_overshoot=target_pts is not None, preroll=preroll)
+        finally:
+            codec.skip_frame = "DEFAULT"
+
+    def _collect(self, run: list[int], out: dict[int, np.ndarray], may_overshoot: bool, preroll: bool) -> bool:
+        """Decode forward, converting only wanted frames, until run[-1]. A wanted index with no frame of its own
+        (timestamp rounding) takes the frame on screen at that time."""
+        p, prev, prev_index, prev_rgb = 0, None, -1, None
+        for frame in self._container.decode(self._stream):
+            index = prev_index + 1 if frame.pts is None else self._index_of(frame.pts)
+            if prev is None and may_overshoot and (frame.pts is None or index > run[0]):
+                return False
+            if preroll and index >= run[0] - self.PREROLL_MARGIN:
+                self._stream.codec_context.skip_frame = "DEFAULT"
+                preroll = False
+            while p < len(run) and run[p] < index:  # passed: hold the frame on screen at that time
+                if prev_rgb is None:
+                    prev_rgb = (prev if prev is not None else frame).to_ndarray(format="rgb24")
+                out[run[p]] = prev_rgb
+                p += 1
+            if p < len(run) and run[p] == index:
+                out[index] = frame.to_ndarray(format="rgb24")
+                p += 1
+            if p == len(run):
+                return True
+            prev, prev_index, prev_rgb = frame, index, None
+        if prev is None:
+            if may_overshoot:  # e.g. MPEG-TS: the seek landed after the last keyframe; decode from the start
+                return False
+            raise VideoDecodeError(f"{self.path}: no frame decoded at or after frame {run[0]}")
+        # The stream ended before the container's frame count. A few frames short is a count off by rounding:
+        # hold the last frame. Far short is a truncated file.
+        if run[-1] - prev_index > max(4, self.num_frames // 10):
+            raise VideoDecodeError(f"{self.path}: stream ended at frame {prev_index} but frame {run[-1]} was asked "
+                                   f"(the container claims {self.num_frames}); truncated file?")
+        last = prev.to_ndarray(format="rgb24")
+        for i in run[p:]:
+            out[i] = last
+        return True
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodeError(f"{path}: file does not exist")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+
+
+def open_video(path: str | os.PathLike, backend: str = "auto") -> VideoFile:
+    """Open a video with decord or PyAV (see resolve_backend). Missing, empty, non-video or unreadable files raise
+    VideoDecodeError naming the file."""
+    path = os.fspath(path)
+    backend = resolve_backend(backend)
+    _check_file(path)
+    cls = _DecordVideo if backend == "decord" else _PyAVVideo
+    try:
+        video = cls(path)
+    except VideoDecodeError:
+        raise
+    except Exception as e:
+        raise VideoDecodeError(f"{path}: cannot open with {backend}: {type(e).__name__}: {_one_line(e)}") from e
+    if video.num_frames <= 0:
+        video.close()
+        raise VideoDecodeError(f"{path}: no video frames")
+    return video
+
+
+# ----------------------------------------------------------------------------------------------- frame sampling
+
+
+def _check_sampling(num_video_frames: int, num_frames: int, sampling_rate: int) -> None:
+    if num_video_frames < 1:
+        raise ValueError(f"the video has no frames ({num_video_frames})")
+    if num_frames < 1 or sampling_rate < 1:
+        raise ValueError(f"need num_frames >= 1 and sampling_rate >= 1, got {num_frames} and {sampling_rate}")
+
+
+def pretrain_frame_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                           rng: np.random.Generator) -> list[int]:
+    """VideoMAE pre-training sampling: a random start in [0, n - num_frames * rate], then every rate-th frame.
+
+    Videos shorter than the window start at 0 and repeat their last frame (indices clamped, never out of range).
+    """
+    _check_sampling(num_video_frames, num_frames, sampling_rate)
+    window = num_frames * sampling_rate
+    start = int(rng.integers(0, num_video_frames - window + 1)) if num_video_frames >= window else 0
+    return [min(start + i * sampling_rate, num_video_frames - 1) for i in range(num_frames)]
+
+
+def test_clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                      num_segments: int) -> list[list[int]]:
+    """num_segments clips of num_frames (stride sampling_rate) with starts spread evenly over the video (one
+    segment: the middle clip). Deterministic; indices clamped to the video."""
+    _check_sampling(num_video_frames, num_frames, sampling_rate)
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    last_start = max(0, num_video_frames - num_frames * sampling_rate)
+    if num_segments == 1:
+        starts = [last_start // 2]
+    else:
+        starts = [int(round(k * last_start / (num_segments - 1))) for k in range(num_segments)]
+    return [[min(s + i * sampling_rate, num_video_frames - 1) for i in range(num_frames)] for s in starts]
+
+
+test_clip_indices.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by name
+
+# ----------------------------------------------------------------------------------------------- clip transforms
+
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) * 255
+_INV_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255)
+_SHIFT = -_MEAN_255 * _INV_STD_255
+
+
+def multi_scale_crop_box(height: int, width: int, input_size: int, rng: np.random.Generator,
+                         scales: Sequence[float] = MULTI_SCALES, max_distort: int = 1) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) of VideoMAE's GroupMultiScaleCrop with fix_crop and more_fix_crop=False.
+
+    Crop sides are scales of the short side (sides within 2 px of input_size snap to it), height and width at
+    most max_distort scale steps apart; the box sits at one of 5 fixed places (4 corners, centre).
+    """
+    base = min(height, width)
+    sides = [int(base * s) for s in scales]
+    sides = [input_size if abs(s - input_size) < 3 else s for s in sides]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= max_distort]
+    crop_w, crop_h = pairs[int(rng.integers(len(pairs)))]
+    crop_w, crop_h = max(1, min(crop_w, width)), max(1, min(crop_h, height))  # snapping may exceed a small frame
+    w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
+    offsets = [(0, 0), (0, 4 * w_step), (4 * h_step, 0), (4 * h_step, 4 * w_step), (2 * h_step, 2 * w_step)]
+    top, left = offsets[int(rng.integers(len(offsets)))]
+    return top, left, crop_h, crop_w
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, 3, h, w], one bilinear antialiased resize of the whole clip (PIL-like)."""
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # channels-last memory: fast path
+    if tuple(clip.shape[-2:]) == tuple(size):
+        return clip
+    return F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _normalize(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> float32 [3, T, H, W], ImageNet mean/std; one copy, one fused multiply-add."""
+    out = torch.empty((clip.shape[1], clip.shape[0], *clip.shape[2:]), dtype=torch.float32)
+    out.copy_(clip.permute(1, 0, 2, 3))
+    return torch.addcmul(_SHIFT, out, _INV_STD_255, out=out)
+
+
+def train_clip_transform(frames: np.ndarray, input_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Pre-training augmentation: one multi-scale corner/centre crop for every frame (on uint8), one resize to
+    input_size, no flip, normalise. frames uint8 [T, H, W, 3] -> float32 [3, T, input_size, input_size]."""
+    top, left, h, w = multi_scale_crop_box(frames.shape[1], frames.shape[2], input_size, rng)
+    return _normalize(_resize(frames[:, top:top + h, left:left + w], (input_size, input_size)))
+
+
+def _short_side_resize(frames: np.ndarray, short_side: int) -> torch.Tensor:
+    h, w = frames.shape[1:3]
+    size = (short_side, max(1, int(w * short_side / h))) if h <= w else (max(1, int(h * short_side / w)), short_side)
+    return _resize(frames, size)
+
+
+def test_views(frames: np.ndarray, clips: Sequence[Sequence[int]], input_size: int, short_side_size: int,
+               num_crops: int) -> torch.Tensor:
+    """Evaluation views: frames uint8 [U, H, W, 3] (the decoded frames), clips = rows of positions into them.
+
+    The short side is resized to short_side_size once; each clip gives num_crops input_size squares spaced
+    along the long side (centred on the short side). -> float32 [V, 3, T, input_size, input_size], V = clips x
+    crops, clip-major."""
+    if short_side_size < input_size:
+        raise ValueError(f"short_side_size {short_side_size} < input_size {input_size}")
+    resized = _short_side_resize(frames, short_side_size)  # [U, 3, h, w]
+    h, w = resized.shape[-2:]
+    long_is_w = w >= h
+    long_side, short = (w, h) if long_is_w else (h, w)
+    across = (short - input_size) // 2
+    if num_crops == 1:
+        along = [(long_side - input_size) // 2]
+    else:
+        along = [int(round(k * (long_side - input_size) / (num_crops - 1))) for k in range(num_crops)]
+    views = []
+    for rows in clips:
+        clip = resized[list(rows)]
+        for a in along:
+            top, left = (across, a) if long_is_w else (a, across)
+            views.append(_normalize(clip[:, :, top:top + input_size, left:left + input_size]))
+    return torch.stack(views)
+
+
+test_views.__test__ = False  # type: ignore[attr-defined]
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(path: str | os.PathLike | None = None):
+    """BERT WordPiece tokenizer (transformers' BertTokenizerFast), from local files only.
+
+    path: a directory with vocab.txt (or tokenizer files), or a vocab.txt file; default the shipped
+    assets/bert-base-uncased. Loaded with from_pretrained on a directory because in transformers 5
+    BertTokenizerFast(vocab_file=...) silently builds a 5-entry vocabulary. Checks the size (30522) and the
+    special ids the masking and the model rely on ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103).
+    """
+    from transformers import BertTokenizerFast
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # loader workers fork after the parent tokenised
+    source = os.fspath(path) if path is not None else DEFAULT_TOKENIZER_DIR
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"tokenizer path {source} does not exist; give a directory holding vocab.txt or a "
+                                "vocab.txt file (nothing is downloaded)")
+    tmp = None
+    try:
+        if os.path.isfile(source):
+            if os.path.basename(source) == "vocab.txt":
+                folder = os.path.dirname(os.path.abspath(source))
+            else:  # from_pretrained wants a directory with a file named vocab.txt
+                tmp = folder = tempfile.mkdtemp(prefix="simvtp_vocab_")
+                shutil.copyfile(source, os.path.join(tmp, "vocab.txt"))
+        else:
+            folder = source
+            if not any(os.path.exists(os.path.join(folder, f)) for f in ("vocab.txt", "tokenizer.json")):
+                raise FileNotFoundError(f"{folder} holds neither vocab.txt nor tokenizer.json")
+        tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if len(tokenizer) != BERT_VOCAB_SIZE:
+        raise ValueError(f"tokenizer from {source} has {len(tokenizer)} entries, expected the bert-base-uncased "
+                         f"vocabulary of {BERT_VOCAB_SIZE}")
+    wrong = {k: getattr(tokenizer, k) for k, v in BERT_SPECIAL_IDS.items() if getattr(tokenizer, k) != v}
+    if wrong:
+        raise ValueError(f"tokenizer from {source} has special ids {wrong}, expected {BERT_SPECIAL_IDS}")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+_WARNED: set[str] = set()  # broken files already reported by this process
+
+
+def _warn_broken(path: str, error: BaseException) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        warnings.warn(f"skipping broken training video: {_one_line(error, 400)}", BrokenVideoWarning, stacklevel=3)
+
+
+class VideoTextDataset(torch.utils.data.Dataset):
+    """Video-caption pairs for pre-training / fine-tuning ("train") and retrieval evaluation ("test").
+
+    train item: {"video": float [3, T, S, S], "caption": str, "index": i, "epoch": e, "skipped": int,
+                 "video_mask": bool [N] (with mask_generator)} — VideoMAE sampling and multi-scale crop.
+    test item:  {"video": float [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
+                 "index": i}.
+    In training a broken video is skipped (warned once per file and process, counted in the item's "skipped"
+    and in self.num_skipped) and another, drawn from sample_rng(..., "retry"), is used; after max_retries more
+    failures a RuntimeError lists the bad files. In test mode a broken video is an error: the test set is never
+    silently changed.
+
+    Call set_epoch(e) before each epoch (data-loader workers copy the dataset when an epoch's iterator starts,
+    so do not use persistent_workers).
+    """
+
+    def __init__(self, records: Sequence[VideoRecord], mode: str = "train", num_frames: int = 16,
+                 sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
+                 test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
+                 mask_generator=None, max_retries: int = 10) -> None:
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if not records:
+            raise ValueError("no records: the annotation file listed no videos")
+        if mode == "train":
+            empty = [r.path for r in records if not r.captions]
+            if empty:
+                raise ValueError(f"{len(empty)} training records have no caption, e.g. {empty[0]}")
+        if mode == "test" and short_side_size < input_size:
+            raise ValueError(f"short_side_size {short_side_size} must be >= input_size {input_size}")
+        if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop) < 1 or max_retries < 0:
+            raise ValueError("num_frames, sampling_rate, input_size, test_num_segment and test_num_crop must be >= 1 "
+                             "and max_retries >= 0")
+        self.records = list(records)
+        self.mode = mode
+        self.num_frames, self.sampling_rate = int(num_frames), int(sampling_rate)
+        self.input_size, self.short_side_size = int(input_size), int(short_side_size)
+        self.test_num_segment, self.test_num_crop = int(test_num_segment), int(test_num_crop)
+        self.backend = resolve_backend(video_backend)
+        # "auto" also means: when decord fails on a file, try PyAV before calling it broken (decord 0.6 cannot
+        # read some frame widths, e.g. 48 or 72 px, that PyAV decodes fine)
+        self.fallback_backend = "pyav" if video_backend == "auto" and self.backend == "decord" else None
+        self.seed = int(seed)
+        self.mask_generator = mask_generator
+        self.max_retries = int(max_retries)
+        self.epoch = 0
+        self.num_skipped = 0  # broken reads skipped by this copy of the dataset (one per worker process)
+        self.broken: dict[str, str] = {}  # path -> error, known broken in this process (not retried)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        views = "" if self.mode == "train" else f", views {self.test_num_segment}x{self.test_num_crop}"
+        return (f"VideoTextDataset({len(self)} videos, {self.mode}, {self.num_frames} frames x rate "
+                f"{self.sampling_rate}, {self.input_size} px{views}, {self.backend})")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, index: int, stream: str) -> np.random.Generator:
+        return sample_rng(self.seed, self.epoch, index, stream)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        return self._train_item(index) if self.mode == "train" else self._test_item(index)
+
+    # -- training
+
+    def _train_item(self, index: int) -> dict[str, Any]:
+        record_index, failures, retry_rng = index, [], None
+        for _ in range(self.max_retries + 1):
+            record = self.records[record_index]
+            try:
+                video = self._train_clip(record.path, index)
+                break
+            except VideoDecodeError as e:
+                failures.append((record.path, _one_line(e)))
+                self.num_skipped += 1
+                self.broken.setdefault(record.path, _one_line(e))
+                _warn_broken(record.path, e)
+                retry_rng = retry_rng or self.rng(index, "retry")
+                record_index = int(retry_rng.integers(len(self.records)))
+        else:
+            examples = "\n".join(f"  {p}: {err}" for p, err in dict(failures).items())
+            raise RuntimeError(f"sample {index}: {len(failures)} videos in a row failed to decode (max_retries="
+                               f"{self.max_retries}); most files look broken. Check the list with "
+                               f"`python video_tools.py check`. Failures:\n{examples}")
+        caption = record.captions[int(self.rng(index, "caption").integers(len(record.captions)))]
+        item = {"video": video, "caption": caption, "index": index, "epoch": self.epoch, "skipped": len(failures)}
+        if self.mask_generator is not None:
+            item["video_mask"] = torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, "video_mask")),
+                                                             dtype=bool))
+        return item
+
+    def _decode(self, path: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:
+        """Frames plan(num_frames) of a video -> (uint8 [T, H, W, 3], num_frames); PyAV retries decord's failures
+        under "auto" (both backends number frames alike, so the sample is the same)."""
+        try:
+            return _decode_planned(path, self.backend, plan)
+        except VideoDecodeError as first:
+            if self.fallback_backend is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise
+            try:
+                return _decode_planned(path, self.fallback_backend, plan)
+            except VideoDecodeError as second:
+                raise VideoDecodeError(f"{first} (PyAV failed too: {_one_line(second)})") from second
+
+    def _train_clip(self, path: str, index: int) -> torch.Tensor:
+        """Randomness is keyed on the requested index, so a substitute video still gets this sample's draws."""
+        if path in self.broken:  # decoding it again would fail again
+            raise VideoDecodeError(self.broken[path])
+        frames, _ = self._decode(path, lambda n: pretrain_frame_indices(  # a fresh rng per call: same draw on retry
+            n, self.num_frames, self.sampling_rate, self.rng(index, "frames")))
+        return train_clip_transform(frames, self.input_size, self.rng(index, "crop"))
+
+    # -- evaluation
+
+    def _test_clips(self, num_video_frames: int) -> list[list[int]]:
+        return test_clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.test_num_segment)
+
+    def _test_item(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        try:
+            frames, n = self._decode(record.path, lambda n: sorted({i for c in self._test_clips(n) for i in c}))
+        except VideoDecodeError as e:
+            raise VideoDecodeError(f"{e} [evaluation: broken videos are not skipped, so the test set never changes "
+                                   f"silently; repair or remove this video from the annotation file]") from e
+        clips = self._test_clips(n)
+        pos = {i: k for k, i in enumerate(sorted({i for c in clips for i in c}))}
+        views = test_views(frames, [[pos[i] for i in clip] for clip in clips], self.input_size,
+                           self.short_side_size, self.test_num_crop)
+        return {"video": views, "captions": list(record.captions), "index": index}
+
+
+def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:
+    with open_video(path, backend) as video:
+        return video.get_frames(plan(video.num_frames)), video.num_frames
+
+
+# ----------------------------------------------------------------------------------------------- collate
+
+
+class VideoTextCollator:
+    """Stacks dataset items and tokenises captions in one batched call of the fast tokenizer.
+
+    train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], skipped (sum,
+    long scalar), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
+    truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
+    masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row.
+    test batch: video [B, V, 3, T, H, W], captions (list of lists), index long [B].
+    """
+
+    def __init__(self, tokenizer, max_text_len: int = 32, text_mask_ratio: float | None = None,
+                 seed: int = 0) -> None:
+        if max_text_len < 2:
+            raise ValueError(f"max_text_len must be >= 2 ([CLS] and [SEP]), got {max_text_len}")
+        self.tokenizer = tokenizer
+        self.max_text_len = int(max_text_len)
+        self.text_mask_ratio = text_mask_ratio
+        self.seed = int(seed)
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_text_len,
+                             return_tensors="pt", return_token_type_ids=False)
+        return {"input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long()}
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        if "captions" in items[0]:
+            return {"video": torch.stack([it["video"] for it in items]),
+                    "captions": [list(it["captions"]) for it in items],
+                    "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long)}
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        if "video_mask" in items[0]:
+            batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
+        batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+        batch["epoch"] = torch.tensor([int(it.get("epoch", 0)) for it in items], dtype=torch.long)
+        batch["skipped"] = torch.tensor(sum(int(it.get("skipped", 0)) for it in items), dtype=torch.long)
+        batch["caption"] = [it["caption"] for it in items]
+        batch.update(self.tokenize(batch["caption"]))
+        if self.text_mask_ratio:
+            from masking_generator import mask_text_batch
+            rngs = [sample_rng(self.seed, int(e), int(i), "text_mask") for e, i in zip(batch["epoch"], batch["index"])]
+            batch["mlm_input_ids"], batch["mlm_labels"] = mask_text_batch(
+                batch["input_ids"], batch["attention_mask"], self.text_mask_ratio, rngs,
+                mask_token_id=self.tokenizer.mask_token_id)
+        return batch
+

@@ -1,0 +1,95 @@
+"""Shared test data, built once per test session in pytest's temporary directory (nothing is written to the repo).
+
+Fixtures (all session-scoped):
+- ``synthetic_root``: Path of a tiny synthetic video-text set (24 train / 8 val / 8 test clips, 16 frames,
+  64x64 @ 8 fps, seed 0) with every annotation file of synthetic_dataset.py; use it as ``--data_root``.
+- ``video_files``: dict name -> Path of small real videos of different sizes, frame rates and containers; every
+  frame carries its own index as a binary code (read it back with ``frame_index_of``).
+- ``broken_videos``: dict kind -> Path for the broken-media policy: "missing", "empty" (0 bytes), "truncated"
+  (half an mp4), "not_a_video" (a text file named .mp4).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the modules live flat in the repo root (also when run as plain `pytest`)
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import synthetic_dataset  # noqa: E402
+
+TINY_SYNTHETIC = dict(num_train=24, num_val=8, num_test=8, num_frames=16, fps=8, width=64, height=64, seed=0)
+
+# name -> (width, height, fps, frames, codec, extension). mkv stores no frame count (exercises the fallback).
+VIDEO_SPECS = {
+    "small_10fps": (96, 64, 10, 30, "libx264", ".mp4"),
+    "wide_25fps": (160, 90, 25, 75, "libx264", ".mp4"),
+    "large_30fps": (320, 180, 30, 90, "libx264", ".mp4"),
+    "tall_mpeg4": (64, 112, 15, 40, "mpeg4", ".mp4"),
+    "mkv_24fps": (128, 72, 24, 50, "libx264", ".mkv"),
+}
+
+_BITS, _CELL = 7, 8  # frame index as 7 black/white cells of 8x8 px in the top-left corner
+
+
+def index_frames(width: int, height: int, num_frames: int) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a drifting colour gradient, with frame t's index t written as a binary code."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        frames[t, ..., 0] = (xx * 255 // max(1, width - 1) + 3 * t) % 256
+        frames[t, ..., 1] = (yy * 255 // max(1, height - 1)) % 256
+        frames[t, ..., 2] = 128
+        for b in range(_BITS):
+            frames[t, :_CELL, b * _CELL:(b + 1) * _CELL] = 255 if (t >> b) & 1 else 0
+    return frames
+
+
+def frame_index_of(frame: np.ndarray) -> int:
+    """Read back the index written by index_frames (robust to compression)."""
+    cells = [frame[2:_CELL - 2, b * _CELL + 2:(b + 1) * _CELL - 2].mean() for b in range(_BITS)]
+    return sum(1 << b for b, v in enumerate(cells) if v > 127)
+
+
+def _write(path: Path, width: int, height: int, fps: int, n: int, codec: str, faststart: bool = False) -> Path:
+    synthetic_dataset.write_video(path, index_frames(width, height, n), fps, codec, faststart=faststart)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Path of the tiny synthetic dataset (see TINY_SYNTHETIC); annotations under <root>/annotations."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return synthetic_dataset.ensure_synthetic_dataset(root, workers=1, verbose=False, **TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def video_files(tmp_path_factory) -> dict[str, Path]:
+    """name -> Path of small index-coded videos (VIDEO_SPECS): different sizes, frame rates, codecs, containers.
+    Also "faststart": an mp4 with its index first (as web videos), 160x90 @ 25 fps, 60 frames."""
+    folder = tmp_path_factory.mktemp("videos")
+    files = {name: _write(folder / f"{name}{ext}", w, h, fps, n, codec)
+             for name, (w, h, fps, n, codec, ext) in VIDEO_SPECS.items()}
+    files["faststart"] = _write(folder / "faststart.mp4", 160, 90, 25, 60, "libx264", faststart=True)
+    return files
+
+
+@pytest.fixture(scope="session")
+def broken_videos(tmp_path_factory) -> dict[str, Path]:
+    """kind -> Path of a video file no decoder can read: missing, empty, truncated, not_a_video."""
+    folder = tmp_path_factory.mktemp("broken")
+    good = _write(folder / "good.mp4", 96, 64, 10, 30, "libx264")
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])  # an interrupted download: no index (moov)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "not_a_video.mp4").write_text("this is a caption file, not a video\n" * 20)
+    return {"missing": folder / "missing.mp4", "empty": folder / "empty.mp4",
+            "truncated": folder / "truncated.mp4", "not_a_video": folder / "not_a_video.mp4"}
