@@ -1,0 +1,473 @@
+"""Data tools to run before a long job: find broken videos, and re-encode big ones so the loader keeps up.
+
+    python video_tools.py check --anno ANNOTATIONS [--data_root DIR] [--num_frames 16 --sampling_rate 4]
+    python video_tools.py preprocess --src DIR --dst DIR [--short_side 256 --fps 8 --crf 23]
+
+`check` decodes (it does not just stat) every video an annotation file names, with the backend the training
+loader will use, and sorts problems into errors (missing, empty, undecodable, truncated) and a warning (short:
+fewer frames than num_frames x sampling_rate; such clips still load, with repeated frames). `preprocess` shrinks
+videos (e.g. WebVid's) to a small short side and frame rate with libx264, atomically and resumably.
+Run `python video_tools.py <command> --help` for every option and the exit statuses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+ERRORS = ("missing", "empty", "undecodable", "truncated")
+WARNINGS = ("short",)
+CATEGORIES = ("ok",) + WARNINGS + ERRORS
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
+                              ".3gp", ".ts"})
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
+
+
+# ===================================================================== check
+
+def probe_indices(num_frames: int) -> list[int]:
+    """First, middle and the last two frames: a truncated mp4 often opens and decodes its start, then fails."""
+    return sorted({0, num_frames // 2, max(0, num_frames - 2), num_frames - 1})
+
+
+def _result(path: str, status: str, message: str = "", num_frames: int | None = None,
+            fps: float | None = None) -> dict:
+    return {"path": path, "status": status, "num_frames": num_frames, "fps": fps, "message": message}
+
+
+def _decode_all(video, num_frames: int, chunk: int = 32) -> None:
+    """Decode every frame in chunks (memory stays at one chunk), raising where decoding fails."""
+    for start in range(0, num_frames, chunk):
+        idx = list(range(start, min(start + chunk, num_frames)))
+        frames = video.get_frames(idx)
+        if len(frames) != len(idx):
+            raise RuntimeError(f"asked frames {idx[0]}..{idx[-1]}, got {len(frames)}")
+
+
+_ISO_BOX_TYPES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin", b"styp", b"uuid"})
+
+
+def mp4_cut_reason(path: str) -> str | None:
+    """Why an MP4/MOV file is cut short, from its top-level box layout, else None (intact, or not an MP4).
+
+    A download that stopped early leaves a box running past the end of the file, or no 'moov' index at all
+    (encoders without faststart write it last). Reads a few box headers only."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(8)[4:8] not in _ISO_BOX_TYPES:
+            return None
+        pos, seen = 0, set()
+        while pos < size:
+            f.seek(pos)
+            header = f.read(8)
+            if len(header) < 8:
+                return f"file ends inside a box header at byte {pos}"
+            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1:
+                large = f.read(8)
+                if len(large) < 8:
+                    return f"file ends inside a box header at byte {pos}"
+                box_size = int.from_bytes(large, "big")
+            elif box_size == 0:  # "to the end of the file"
+                box_size = size - pos
+            if box_size < 8:
+                return None  # not a box layout we understand: let the decoder judge
+            if pos + box_size > size:
+                name = box_type.decode("latin-1")
+                return f"'{name}' box at byte {pos} needs {box_size} bytes but the file ends {size - pos} bytes later"
+            seen.add(box_type)
+            pos += box_size
+    return None if b"moov" in seen else "no 'moov' index box (the download stopped before the index)"
+
+
+def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: bool = False) -> dict:
+    """Classify one video as ok / short / missing / empty / undecodable / truncated (see CATEGORIES).
+
+    truncated: an MP4/MOV whose box layout shows it is cut short (whatever the decoder makes of it);
+    undecodable: any other file that cannot be opened or whose probed frames fail to decode.
+    Returns {"path", "status", "num_frames", "fps", "message"}; never raises for a bad file."""
+    import datasets  # lazy: `preprocess` and --help must not pay for torch/transformers
+
+    if not os.path.exists(path):
+        return _result(path, "missing", "file does not exist")
+    if not os.path.isfile(path):
+        return _result(path, "undecodable", "not a regular file")
+    if os.path.getsize(path) == 0:
+        return _result(path, "empty", "zero-byte file")
+    try:
+        cut = mp4_cut_reason(path)
+    except OSError as e:
+        return _result(path, "undecodable", f"cannot read: {_one_line(e)}")
+    try:
+        video = datasets.open_video(path, backend=backend)
+    except Exception as e:  # VideoDecodeError, or anything a decoder throws at a weird file
+        if cut:
+            return _result(path, "truncated", f"{cut}; cannot open: {_one_line(e, 150)}")
+        return _result(path, "undecodable", f"cannot open: {_one_line(e)}")
+    with video:
+        num_frames, fps = int(video.num_frames), float(video.fps)
+        if num_frames <= 0:
+            return _result(path, "undecodable", "no video frames", num_frames, fps)
+        indices = probe_indices(num_frames)
+        try:
+            frames = video.get_frames(indices)
+            if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+                raise RuntimeError(f"decoder returned shape {tuple(frames.shape)} for {len(indices)} frames")
+            if full_decode:
+                _decode_all(video, num_frames)
+        except Exception as e:
+            message = f"opens ({num_frames} frames) but decoding fails: {_one_line(e)}"
+            return _result(path, "truncated" if cut else "undecodable", f"{cut}; {message}" if cut else message,
+                           num_frames, fps)
+    if cut:
+        return _result(path, "truncated", f"{cut} (its probed frames decode)", num_frames, fps)
+    if num_frames < min_frames:
+        return _result(path, "short", f"{num_frames} frames < {min_frames} needed (clip frames will repeat)",
+                       num_frames, fps)
+    return _result(path, "ok", "", num_frames, fps)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:limit]
+
+
+def _check_job(job: tuple[str, int, str, bool]) -> dict:
+    return check_video(*job)
+
+
+def parallel_map(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
+    """fn over jobs in order; in this process when workers <= 1 (easy to debug), else in a process pool."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+
+
+def _with_progress(results: Iterable[dict], total: int, label: str, every_s: float = 10.0) -> Iterator[dict]:
+    """Pass results through, printing a progress line to stderr at most every `every_s` seconds."""
+    start = last = time.monotonic()
+    for i, r in enumerate(results, 1):
+        now = time.monotonic()
+        if now - last >= every_s and i < total:
+            print(f"[{label}] {i}/{total} ({i / (now - start):.1f}/s)", file=sys.stderr, flush=True)
+            last = now
+        yield r
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import datasets
+
+    try:
+        records = datasets.read_annotations(args.anno, args.data_root)
+        backend = datasets.resolve_backend(args.video_backend)
+    except (OSError, ValueError) as e:  # AnnotationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    ids_by_path: dict[str, list[str]] = {}
+    for r in records:
+        ids_by_path.setdefault(r.path, []).append(r.video_id)
+    min_frames = args.num_frames * args.sampling_rate
+    jobs = [(p, min_frames, backend, args.full_decode) for p in ids_by_path]
+    print(f"checking {len(jobs)} videos ({len(records)} records) from {args.anno} with {backend}, "
+          f"{args.workers} worker(s); clips need >= {min_frames} frames "
+          f"({args.num_frames} x sampling rate {args.sampling_rate})", flush=True)
+    results = list(_with_progress(parallel_map(_check_job, jobs, args.workers), len(jobs), "check"))
+    for r in results:
+        r["video_ids"] = ids_by_path[r["path"]]
+    counts = {c: sum(r["status"] == c for r in results) for c in CATEGORIES}
+    problems = [r for r in results if r["status"] != "ok"]
+    print_check_summary(counts, problems, args.max_listed)
+    status = check_exit_status(counts, args.allow_short)
+    if args.report:
+        write_json(args.report, {"anno": args.anno, "data_root": args.data_root, "backend": backend,
+                                 "min_frames": min_frames, "num_videos": len(results), "counts": counts,
+                                 "exit_status": status, "problems": problems})
+        print(f"report written to {args.report}")
+    return status
+
+
+def check_exit_status(counts: dict[str, int], allow_short: bool = False) -> int:
+    if any(counts[c] for c in ERRORS):
+        return EXIT_ERRORS
+    if counts["short"] and not allow_short:
+        return EXIT_WARNINGS
+    return EXIT_OK
+
+
+def print_check_summary(counts: dict[str, int], problems: list[dict], max_listed: int) -> None:
+    print("summary:")
+    for c in CATEGORIES:
+        kind = "error" if c in ERRORS else "warning" if c in WARNINGS else ""
+        print(f"  {c:<12}{counts[c]:>8}  {kind}")
+    if problems:
+        print("problems:")
+    for r in problems[:max_listed]:
+        print(f"  {r['status']:<12}{r['path']}: {r['message']}")
+    if len(problems) > max_listed:
+        print(f"  ... and {len(problems) - max_listed} more (see --report)")
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.part")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+# ================================================================ preprocess
+
+def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the short side is `short_side`, aspect kept, both even (yuv420p needs it)."""
+    scale = short_side / min(width, height)
+    return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+
+
+def find_videos(src: Path, exclude: Path | None = None) -> list[Path]:
+    """Video files under src (recursive, by extension), relative to src, sorted; hidden/partial files skipped."""
+    found = []
+    for root, dirs, files in os.walk(src):
+        root_path = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or (root_path / d).resolve() != exclude))
+        found += [(root_path / f).relative_to(src) for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(found)
+
+
+def output_path(dst: Path, rel: Path, out_ext: str) -> Path:
+    """Same relative path under dst; the name is kept unless out_ext is given (decoders sniff the content, so an
+    mp4 stream under `x.webm` still loads, and annotation files stay valid)."""
+    return dst / (rel if out_ext == "keep" else rel.with_suffix("." + out_ext.lstrip(".")))
+
+
+def is_up_to_date(src: Path, dst: Path) -> bool:
+    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
+
+
+def _frame_time(frame, index: int, src_fps: float) -> float:
+    return float(frame.time) if frame.time is not None else index / src_fps
+
+
+def resample_frames(frames: Iterable, src_fps: float, fps: float) -> Iterator[tuple[int, object]]:
+    """Yield (output index k, source frame) showing at time k/fps the latest source frame with time <= k/fps
+    (drops frames when fps < source rate, repeats them when above). The last frame lasts 1/src_fps."""
+    eps = 1e-6
+    k, prev, t0, t = 0, None, None, 0.0
+    for i, frame in enumerate(frames):
+        t = _frame_time(frame, i, src_fps)
+        t0 = t if t0 is None else t0
+        while prev is not None and k / fps < t - t0 - eps:
+            yield k, prev
+            k += 1
+        prev = frame
+    if prev is not None:
+        end = t - t0 + 1.0 / src_fps
+        while k / fps < end - eps or k == 0:
+            yield k, prev
+            k += 1
+
+
+def transcode(src: Path, dst: Path, short_side: int, fps: float, crf: int = 23, preset: str = "medium",
+              threads: int = 0, keyint: int = 0) -> int:
+    """Re-encode src's first video stream to dst (mp4, H.264 yuv420p, no audio) at `fps` with short side
+    `short_side`, a keyframe at least every `keyint` frames (0: x264's default, 250). Returns the number of
+    frames written; raises on any decode/encode failure."""
+    import av
+    from av.video.frame import PictureType
+
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(src)) as inp:
+        if not inp.streams.video:
+            raise ValueError("no video stream")
+        in_stream = inp.streams.video[0]
+        in_stream.thread_type = "AUTO"
+        src_fps = float(in_stream.average_rate or in_stream.guessed_rate or 25)
+        with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+            stream = None
+            written = 0
+            last_src, last_scaled = None, None
+            for k, frame in resample_frames(inp.decode(in_stream), src_fps, fps):
+                if stream is None:
+                    width, height = even_size(frame.width, frame.height, short_side)
+                    stream = out.add_stream("libx264", rate=rate)
+                    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                    stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
+                    if keyint > 0:
+                        stream.codec_context.gop_size = keyint
+                if frame is not last_src:  # a repeated source frame is scaled once
+                    last_src = frame
+                    last_scaled = frame.reformat(width=stream.width, height=stream.height, format="yuv420p",
+                                                 interpolation="AREA")
+                last_scaled.pts, last_scaled.time_base = k, 1 / rate
+                last_scaled.pict_type = PictureType.NONE  # let x264 place keyframes, not the source's I-frames
+                for packet in stream.encode(last_scaled):
+                    out.mux(packet)
+                written += 1
+            if stream is None:
+                raise ValueError("no frame could be decoded")
+            for packet in stream.encode():
+                out.mux(packet)
+    return written
+
+
+def partial_path(dst: Path) -> Path:
+    """Where an output is written before its rename: hidden, same folder (so os.replace is atomic)."""
+    return dst.with_name(f".{dst.name}.part")
+
+
+def preprocess_one(job: tuple[str, str, int, float, int, str, int, int, bool]) -> dict:
+    """Convert one file unless its output is up to date. Returns {"src", "dst", "status", "message"}; status is
+    converted | skipped | failed. A failure never leaves a file at dst."""
+    src, dst, short_side, fps, crf, preset, threads, keyint, overwrite = job
+    src_p, dst_p = Path(src), Path(dst)
+    if not overwrite and is_up_to_date(src_p, dst_p):
+        return {"src": src, "dst": dst, "status": "skipped", "message": "up to date"}
+    tmp = partial_path(dst_p)
+    try:
+        dst_p.parent.mkdir(parents=True, exist_ok=True)
+        n = transcode(src_p, tmp, short_side, fps, crf, preset, threads, keyint)
+        os.replace(tmp, dst_p)
+        return {"src": src, "dst": dst, "status": "converted", "message": f"{n} frames"}
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {_one_line(e)}"}
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
+    if not src.is_dir():
+        print(f"error: --src {args.src} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    if src == dst:
+        print("error: --dst must differ from --src (outputs keep the source names)", file=sys.stderr)
+        return EXIT_USAGE
+    videos = find_videos(src, exclude=dst)
+    threads = 1 if args.workers > 1 else 0  # 0 = x264 picks; with several workers one thread each
+    keyint = max(1, round(args.keyframe_interval * args.fps)) if args.keyframe_interval > 0 else 0
+    jobs = [(str(src / rel), str(output_path(dst, rel, args.out_ext)), args.short_side, args.fps, args.crf,
+             args.preset, threads, keyint, args.overwrite) for rel in videos]
+    print(f"preprocessing {len(jobs)} videos from {src} to {dst}: short side {args.short_side}, {args.fps:g} fps, "
+          f"keyframe every {keyint or 250} frames, crf {args.crf}, preset {args.preset}, {args.workers} worker(s)",
+          flush=True)
+    results = list(_with_progress(parallel_map(preprocess_one, jobs, args.workers), len(jobs), "preprocess"))
+    counts = {s: sum(r["status"] == s for r in results) for s in ("converted", "skipped", "failed")}
+    for r in results:
+        if r["status"] == "failed":
+            print(f"  FAILED {os.path.relpath(r['src'], src)}: {r['message']}")
+    print(f"converted {counts['converted']}, skipped {counts['skipped']} (up to date), failed {counts['failed']}")
+    if args.report:
+        write_json(args.report, {"src": str(src), "dst": str(dst), "counts": counts, "results": results})
+    return EXIT_ERRORS if counts["failed"] else EXIT_OK
+
+
+# ======================================================================= CLI
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _even_int(text: str) -> int:
+    value = _positive_int(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even (H.264 yuv420p needs even sizes), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_workers = max(1, min(8, os.cpu_count() or 1))
+    parser = argparse.ArgumentParser(prog="video_tools.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,preprocess}")
+
+    c = sub.add_parser(
+        "check", help="decode every video of an annotation file and report broken or too-short ones",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Open every video an annotation file names (any format datasets.read_annotations reads), with the "
+            "backend training will use, read its frame count and decode its first, middle and last frames.", 100),
+        epilog="categories:\n"
+               "  missing      error    the file does not exist\n"
+               "  empty        error    zero bytes\n"
+               "  truncated    error    an MP4/MOV cut short (a box runs past the end, or no index)\n"
+               "  undecodable  error    cannot be opened, or its first/middle/last frames fail to decode\n"
+               "  short        warning  fewer than num_frames x sampling_rate frames; it still loads (clip\n"
+               "                        indices are clamped, so its last frame repeats)\n"
+               "errors are videos the training loader skips (and evaluation refuses).\n"
+               "exit status:\n"
+               "  0  every video is fine\n"
+               "  1  at least one error (missing / empty / undecodable / truncated)\n"
+               "  2  usage error, or the annotation file cannot be read\n"
+               "  3  no errors, but short videos (0 with --allow_short)")
+    c.add_argument("--anno", required=True, help="annotation file (WebVid CSV, JSON dict/list, MSR-VTT CSV)")
+    c.add_argument("--data_root", default=None, help="folder the annotation's video paths are relative to")
+    c.add_argument("--num_frames", type=_positive_int, default=16, help="frames per clip (default 16)")
+    c.add_argument("--sampling_rate", type=_positive_int, default=4, help="frame stride (default 4)")
+    c.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"],
+                   help="decoder to check with; use the one training will use (default auto)")
+    c.add_argument("--workers", type=_positive_int, default=default_workers,
+                   help=f"processes (default {default_workers})")
+    c.add_argument("--full_decode", action="store_true",
+                   help="decode every frame, not only first/middle/last (slower; finds corruption mid-file)")
+    c.add_argument("--allow_short", action="store_true", help="exit 0 when short videos are the only problem")
+    c.add_argument("--report", default=None, help="also write every problem to this JSON file")
+    c.add_argument("--max_listed", type=int, default=200, help="problems printed (all go to --report)")
+    c.set_defaults(func=run_check)
+
+    p = sub.add_parser(
+        "preprocess", help="re-encode a folder of videos to a small short side and frame rate (H.264)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+                    "Re-encode every video under --src (recursively) to --dst, keeping relative paths: short side "
+                    "--short_side (aspect kept, even sizes), --fps frames per second, H.264 yuv420p in mp4, no "
+                    "audio. Outputs newer than their source are skipped, so an interrupted run can simply be "
+                    "started again; each output is written to a hidden .part file and renamed when complete.", 100),
+        epilog="exit status: 0 all converted or up to date, 1 some videos failed (listed), 2 usage error")
+    p.add_argument("--src", required=True, help="folder of source videos")
+    p.add_argument("--dst", required=True, help="output folder (created)")
+    p.add_argument("--short_side", type=_even_int, default=256, help="output short side in pixels (default 256)")
+    p.add_argument("--fps", type=_positive_float, default=8.0, help="output frame rate (default 8)")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better/larger (default 23)")
+    p.add_argument("--preset", default="medium", help="x264 speed preset (default medium)")
+    p.add_argument("--keyframe_interval", type=float, default=2.0,
+                   help="seconds between keyframes; a clip is decoded from the keyframe before it, so a short "
+                        "interval speeds up loading long videos for some file size (default 2; 0 = x264's "
+                        "default of 250 frames)")
+    p.add_argument("--out_ext", default="keep",
+                   help="output extension, e.g. mp4; 'keep' (default) keeps names so annotations stay valid")
+    p.add_argument("--workers", type=_positive_int, default=default_workers,
+                   help=f"processes (default {default_workers})")
+    p.add_argument("--overwrite", action="store_true", help="convert even when the output is up to date")
+    p.add_argument("--report", default=None, help="also write every file's result to this JSON file")
+    p.set_defaults(func=run_preprocess)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
