@@ -1,0 +1,684 @@
+"""SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the registry
+and the checkpoint key mapping.
+
+Tensor names and shapes follow the release exactly (see /work/shared/reference), so its checkpoints, VideoMAE's
+K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch, N tubes of a clip,
+Nv visible tubes, Nm masked tubes, L caption tokens, D encoder width, Dd decoder width, P = 2*16*16*3 values.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import register_model
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
+OPTIONAL_KEYS = ("temp",)  # learnable temperature: absent from release files, tolerated by strict loads
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+def sincos_table(num_tokens: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sinusoid table [1, num_tokens, dim]: angle(pos, j) = pos / 10000^(2*(j//2)/dim), even j sin,
+    odd j cos (computed in float64 like the release's numpy table, returned as float32)."""
+    pos = torch.arange(num_tokens, dtype=torch.float64)[:, None]
+    j = torch.arange(dim)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()[None]
+
+
+class SinCosPosition(nn.Module):
+    """The sinusoid table as a non-persistent buffer (moves with .to(), never in state_dict) for the configured
+    token count; any other count is computed on the fly."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("table", sincos_table(num_tokens, dim), persistent=False)
+
+    def forward(self, num_tokens: int) -> torch.Tensor:
+        if self.table.shape[1] == num_tokens:
+            return self.table
+        return sincos_table(num_tokens, self.dim).to(self.table.device)
+
+
+class PatchEmbed(nn.Module):
+    """Tube embedding: [B, 3, T, H, W] -> [B, N, D], tokens in (t, h, w) order."""
+
+    def __init__(self, embed_dim: int, patch_size: int = 16, tubelet_size: int = 2, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet_size, patch_size, patch_size),
+                              stride=(tubelet_size, patch_size, patch_size))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        _, _, t, h, w = video.shape
+        if t % self.tubelet_size or h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"video {tuple(video.shape)}: frames must divide by {self.tubelet_size} and "
+                             f"height/width by {self.patch_size}")
+        return self.proj(video).flatten(2).transpose(1, 2)
+
+
+def padding_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """keep: bool [B, S] (True = real token) -> additive [B, 1, 1, S]: 0 on real keys, -10000 on padding."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, PADDING_BIAS)[:, None, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the release's bias layout cat(q_bias, 0, v_bias) (no key bias).
+
+    `fused` (default True) is the one switch: F.scaled_dot_product_attention, else an explicit softmax."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, D]; keep: bool [B, S] or None (no padding) -> [B, S, D]."""
+        b, s, d = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, s, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, S, d_head]
+        mask = None if keep is None else padding_bias(keep, q.dtype)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (attn if mask is None else attn + mask).softmax(dim=-1)
+            x = attn @ v
+        return self.proj(x.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6, GELU MLP ratio 4, stochastic depth)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), keep))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, keep: torch.Tensor | None, grad_ckpt: bool) -> torch.Tensor:
+    """The blocks in order; with grad_ckpt, activations are recomputed in backward (non-reentrant)."""
+    for blk in blocks:
+        if grad_ckpt and torch.is_grad_enabled():
+            x = checkpoint(blk, x, keep, use_reentrant=False)
+        else:
+            x = blk(x, keep)
+    return x
+
+
+def build_text_embeddings(vocab_size: int, dim: int, max_text_positions: int = 512) -> BertEmbeddings:
+    """BERT's embedding layer (word + absolute position + token type, LayerNorm eps 1e-12, no dropout).
+    Its position_ids / token_type_ids buffers are non-persistent: the state_dict holds only the 5 weights."""
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, max_position_embeddings=max_text_positions,
+                     type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.0)
+    return BertEmbeddings(cfg)
+
+
+def masked_mean(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [B, S, D], keep: bool/0-1 [B, S] or None (all) -> [B, D], the mean over kept tokens."""
+    if keep is None:
+        return x.mean(dim=1)
+    w = keep.to(x.dtype)[..., None]
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
+
+
+def token_keep(num_video: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, num_video + L]: every visible video token, then the caption's real tokens."""
+    video = torch.ones(attention_mask.shape[0], num_video, dtype=torch.bool, device=attention_mask.device)
+    return torch.cat([video, attention_mask.bool()], dim=1)
+
+
+def init_weights(m: nn.Module) -> None:
+    """VideoMAE's init (xavier Linear, unit LayerNorm) and BERT's for embeddings (N(0, 0.02), zero padding row)."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            m.weight.data[m.padding_idx].zero_()
+
+# ----------------------------------------------------------------------------------------------- unified encoder
+
+
+class UnifiedEncoder(nn.Module):
+    """One transformer for video tokens, text tokens or both (video first). Pre-training configures it with a
+    per-token final `norm` (its text embeddings live beside it, top-level `text_embeddings`); a retrieval branch
+    with `fc_norm` on the pooled output and its own `text_embeddings`."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, final_norm: str = "norm", vocab_size: int | None = None,
+                 max_text_positions: int = 512, release_pooling: bool = False) -> None:
+        super().__init__()
+        if final_norm not in ("norm", "fc_norm"):
+            raise ValueError(f"final_norm {final_norm!r}: 'norm' (pre-training) or 'fc_norm' (retrieval branch)")
+        self.patch_embed = PatchEmbed(embed_dim, patch_size, tubelet_size)
+        num_tokens = (num_frames // tubelet_size) * (img_size // patch_size) ** 2
+        self.pos_table = SinCosPosition(num_tokens, embed_dim)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm == "norm" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm == "fc_norm" else nn.Identity()
+        if vocab_size is not None:
+            self.text_embeddings = build_text_embeddings(vocab_size, embed_dim, max_text_positions)
+        self.release_pooling = release_pooling
+        self.grad_checkpointing = False
+
+    def embed_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video: [B, 3, T, H, W], video_mask: bool [B, N] (True = masked) -> visible tokens + position [B, Nv, D]."""
+        x = self.patch_embed(video)
+        x = x + self.pos_table(x.shape[1]).to(x.dtype)
+        return x if video_mask is None else select_tokens(x, ~video_mask)
+
+    def forward(self, video_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video_tokens: [B, Nv, D], text_tokens: [B, L, D], attention_mask: [B, L] -> [B, Nv + L, D]."""
+        parts = [t for t in (video_tokens, text_tokens) if t is not None]
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        keep = None
+        if text_tokens is not None and attention_mask is not None:
+            keep = token_keep(0 if video_tokens is None else video_tokens.shape[1], attention_mask)
+        return self.norm(run_blocks(self.blocks, x, keep, self.grad_checkpointing))
+
+    def pool(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S, D] -> [B, D]: mean over kept tokens (all with release_pooling), then fc_norm (branch only)."""
+        return self.fc_norm(masked_mean(x, None if self.release_pooling else keep))
+
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Video-only pass -> [B, D] (mean over the visible tokens when a mask is given)."""
+        return self.pool(self(self.embed_video(video, video_mask)))
+
+    def encode_text(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass on embedded tokens [B, L, D] -> [B, D] (mean over real tokens)."""
+        return self.pool(self(None, text_tokens, attention_mask), attention_mask)
+
+
+def select_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, D], keep: bool [B, N] with the same count per row -> [B, n, D] in token order."""
+    if keep.shape != x.shape[:2]:
+        raise ValueError(f"video_mask {tuple(keep.shape)} does not match the {tuple(x.shape[:2])} tube grid")
+    counts = keep.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"every clip of a batch needs the same number of masked tubes, got {counts.tolist()}")
+    return x[keep].reshape(x.shape[0], -1, x.shape[-1])
+
+# ----------------------------------------------------------------------------------------------- pixel targets
+
+
+def patchify(video: torch.Tensor, tubelet_size: int = 2, patch_size: int = 16) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, N, P]: tubes in (t, h, w) order, values (frame-in-tube, row, column, channel)."""
+    return rearrange(video, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)",
+                     p0=tubelet_size, p1=patch_size, p2=patch_size)
+
+
+def unpatchify(tubes: torch.Tensor, grid: tuple[int, int, int], tubelet_size: int = 2, patch_size: int = 16,
+               channels: int = 3) -> torch.Tensor:
+    """[B, N, P] with grid (T', H', W') -> [B, C, T, H, W]; the inverse of patchify."""
+    t, h, w = grid
+    return rearrange(tubes, "b (t h w) (p0 p1 p2 c) -> b c (t p0) (h p1) (w p2)", t=t, h=h, w=w,
+                     p0=tubelet_size, p1=patch_size, p2=patch_size, c=channels)
+
+
+def denormalize_video(video: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised [B, 3, T, H, W] -> pixels in [0, 1] (float32)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    return video.float() * std + mean
+
+
+def normalize_tubes(tubes: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """[B, N, P] -> same, each tube and channel by its own mean and unbiased std: (x - mean) / (std + 1e-6)."""
+    x = tubes.unflatten(-1, (-1, channels))  # [B, N, pixels, C]
+    x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(-2)
+
+
+def visible_pixel_stats(tubes: torch.Tensor, video_mask: torch.Tensor,
+                        channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per clip and channel mean / unbiased std of the visible tubes' pixels: tubes [B, N, P] -> ([B, 1, 1, C],) x 2.
+    The visualiser's stand-in for a masked tube's unknown statistics."""
+    x = select_tokens(tubes, ~video_mask).unflatten(-1, (-1, channels)).flatten(1, 2)  # [B, Nv*pixels, C]
+    return x.mean(dim=1)[:, None, None], x.std(dim=1)[:, None, None]
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def vtc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: float | torch.Tensor,
+             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE on L2-normalised features [b, D] (pair i matches), over the global batch when `gather`
+    ([b, D] -> [world*b, D], with gradient) is given: every rank computes the same global x global loss."""
+    v = F.normalize(video_feat.float(), dim=-1)
+    t = F.normalize(text_feat.float(), dim=-1)
+    if gather is not None:
+        v, t = gather(v), gather(t)
+    logits = v @ t.t() / temperature
+    labels = torch.arange(len(v), device=v.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, caption: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean over the batch's captions of each caption's mean CE over its masked tokens.
+
+    logits: [M, V] of the M masked tokens, targets: [M], caption: [M] (row of each). A caption without masked
+    tokens contributes 0 and still counts in the mean, so the loss is an exact mean of per-rank losses."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(batch_size, device=ce.device).index_add(0, caption, ce)
+    counts = torch.bincount(caption, minlength=batch_size).clamp(min=1)
+    return (sums / counts).sum() / batch_size
+
+
+def sample_negatives(sim: torch.Tensor, hard: bool = True) -> torch.Tensor:
+    """One negative column per row of sim [B, B] (B >= 2), never the diagonal (the positive): drawn with
+    probability softmax(sim) (hard, ALBEF style) or uniformly (the release), from torch's global RNG."""
+    logits = torch.nan_to_num(sim.detach().float(), nan=0.0) if hard else torch.zeros_like(sim, dtype=torch.float)
+    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    return torch.multinomial(logits.masked_fill(eye, float("-inf")).softmax(dim=1), 1).squeeze(1)
+
+# ----------------------------------------------------------------------------------------------- pre-training
+
+
+class PixelDecoder(nn.Module):
+    """Decoder blocks, norm and the per-tube pixel head, applied to the last `num_masked` tokens."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, out_dim: int, num_tokens: int) -> None:
+        super().__init__()
+        self.pos_table = SinCosPosition(num_tokens, dim)
+        self.blocks = nn.ModuleList([Block(dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, num_masked: int) -> torch.Tensor:
+        """x: [B, Nv + Nm, Dd] -> [B, Nm, P]."""
+        x = run_blocks(self.blocks, x, None, self.grad_checkpointing)
+        return self.head(self.norm(x[:, -num_masked:]))
+
+
+class SimVTPPretrain(nn.Module):
+    """Unified encoder + pixel decoder + word head (MLM) + contrastive (VTC) and matching (VTM) heads."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 decoder_embed_dim: int = 384, decoder_depth: int = 4, decoder_num_heads: int = 6,
+                 vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
+                 vtc_text: str = "full", vtm_negatives: str = "hard", release_pooling: bool = False,
+                 temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
+                 w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0) -> None:
+        super().__init__()
+        if vtc_text not in ("full", "masked") or vtm_negatives not in ("hard", "random"):
+            raise ValueError(f"vtc_text {vtc_text!r} (full|masked), vtm_negatives {vtm_negatives!r} (hard|random)")
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.vtc_text, self.vtm_negatives = vtc_text, vtm_negatives
+        self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm)
+        self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
+                                      mlp_ratio, drop_path_rate, "norm", release_pooling=release_pooling)
+        num_tokens = (num_frames // tubelet_size) * (img_size // patch_size) ** 2
+        self.decoder = PixelDecoder(decoder_embed_dim, decoder_depth, decoder_num_heads,
+                                    3 * tubelet_size * patch_size ** 2, num_tokens)
+        self.encoder_to_decoder = nn.Linear(embed_dim, decoder_embed_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.text_embeddings = build_text_embeddings(vocab_size, embed_dim, max_text_positions)
+        self.text_cls = nn.Linear(embed_dim, vocab_size)
+        self.vtm_head = nn.Linear(embed_dim, 2)
+        self.temperature = temperature
+        if learnable_temp:  # only then a parameter: release checkpoints hold no `temp`
+            self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.apply(init_weights)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token", "temp"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enable
+
+    def current_temperature(self) -> float | torch.Tensor:
+        return self.temp.clamp(0.001, 0.5) if hasattr(self, "temp") else self.temperature
+
+    # -- passes
+    def joint(self, vis: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor):
+        """Joint pass on visible tokens [B, Nv, D] + embedded text [B, L, D] -> (tokens [B, Nv+L, D], pooled [B, D]
+        over visible video + real text tokens, or all tokens with release_pooling)."""
+        x = self.encoder(vis, text, attention_mask)
+        return x, self.encoder.pool(x, token_keep(vis.shape[1], attention_mask))
+
+    def decode_pixels(self, video_out: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """Joint output's video part [B, Nv, D] -> predicted normalised pixels of the masked tubes [B, Nm, P]."""
+        x = self.encoder_to_decoder(video_out)
+        pos = self.decoder.pos_table(video_mask.shape[1]).to(x.dtype).expand(len(x), -1, -1)
+        vis = x + select_tokens(pos, ~video_mask)
+        masked = self.mask_token.to(x.dtype) + select_tokens(pos, video_mask)
+        return self.decoder(torch.cat([vis, masked], dim=1), masked.shape[1])
+
+    def pixel_target(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels of the masked tubes [B, Nm, P] (float32, no gradient)."""
+        with torch.no_grad():
+            tubes = normalize_tubes(patchify(denormalize_video(video), self.tubelet_size, self.patch_size))
+            return select_tokens(tubes, video_mask)
+
+    def masked_word_loss(self, text_out: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
+        """Word head on the masked positions only (labels != -100) of the joint output's text part [B, L, D]."""
+        sel = mlm_labels != -100
+        caption = sel.nonzero()[:, 0]
+        return mlm_loss(self.text_cls(text_out[sel]), mlm_labels[sel], caption, len(mlm_labels))
+
+    def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat):
+        """VTM: the B positives (pooled joint output, [B, D]) + one joint pass over 2B negatives: each caption with
+        a negative video, each video with a negative caption, drawn by similarity of the local VTC features.
+        Returns (loss, accuracy). B = 1 has no negative: loss 0, still connected to the graph (DDP sees vtm_head)."""
+        b = len(vis)
+        pos_logits = self.vtm_head(pos_feat).float()
+        if b < 2:
+            return pos_logits.sum() * 0.0, (pos_logits.argmax(1) == 1).float().mean()
+        with torch.no_grad():
+            sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
+            sim = sim / self.current_temperature()
+            hard = self.vtm_negatives == "hard"
+            neg_video = sample_negatives(sim.t(), hard)  # [B]: a video for each caption
+            neg_text = sample_negatives(sim, hard)  # [B]: a caption for each video
+        _, neg_feat = self.joint(torch.cat([vis[neg_video], vis]), torch.cat([text, text[neg_text]]),
+                                 torch.cat([attention_mask, attention_mask[neg_text]]))
+        logits = torch.cat([pos_logits, self.vtm_head(neg_feat).float()])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+    def forward(self, video: torch.Tensor, video_mask: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, mlm_input_ids: torch.Tensor, mlm_labels: torch.Tensor,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """video [B, 3, T, H, W], video_mask bool [B, N], text tensors [B, L] -> losses (fp32); "loss" = weighted
+        sum. Passes: (a) joint on visible tubes + masked caption, (b) video-only and text-only for VTC,
+        (c) one joint pass over the VTM negatives."""
+        vis = self.encoder.embed_video(video, video_mask)
+        if self.vtc_text == "masked":
+            masked_text = vtc_text = self.text_embeddings(mlm_input_ids)
+        else:  # one embedding call for both captions: half the dense [V, D] gradient buffers
+            masked_text, vtc_text = self.text_embeddings(torch.cat([mlm_input_ids, input_ids])).chunk(2)
+        joint_out, pos_feat = self.joint(vis, masked_text, attention_mask)  # (a)
+        nv = vis.shape[1]
+        loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask).float(),
+                                self.pixel_target(video, video_mask))
+        loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
+        video_feat = self.encoder.pool(self.encoder(vis))  # (b)
+        text_feat = self.encoder.encode_text(vtc_text, attention_mask)
+        loss_vtc = vtc_loss(video_feat, text_feat, self.current_temperature(), gather)
+        loss_vtm, vtm_acc = self.matching_loss(vis, masked_text, attention_mask, pos_feat, video_feat,
+                                               text_feat)  # (c)
+        terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
+        out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
+        out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
+        out["vtm_acc"] = vtm_acc.detach()
+        return out
+
+    # -- inference
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Video-only pass -> [B, D] (zero-shot retrieval)."""
+        return self.encoder.encode_video(video, video_mask)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass -> [B, D] (mean over real tokens unless release_pooling)."""
+        return self.encoder.encode_text(self.text_embeddings(input_ids), attention_mask)
+
+    def match_logits(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint pass + matching head -> [B, 2] (class 1 = match), for re-ranking."""
+        vis = self.encoder.embed_video(video, video_mask)
+        return self.vtm_head(self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1])
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, video_mask: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, mlm_input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For the visualiser: pred_pixels [B, Nm, P] (normalised per tube), pred_pixels_01 [B, Nm, P] (de-normalised
+        with the visible tubes' per-channel statistics, about [0, 1]), word_logits [B, L, V], filled_ids [B, L]
+        (input_ids with the changed positions replaced by the predicted words)."""
+        vis = self.encoder.embed_video(video, video_mask)
+        joint_out, _ = self.joint(vis, self.text_embeddings(mlm_input_ids), attention_mask)
+        pred = self.decode_pixels(joint_out[:, :vis.shape[1]], video_mask).float()
+        mean, std = visible_pixel_stats(patchify(denormalize_video(video), self.tubelet_size, self.patch_size),
+                                        video_mask)
+        pred_01 = (pred.unflatten(-1, (-1, 3)) * std + mean).flatten(-2)
+        word_logits = self.text_cls(joint_out[:, vis.shape[1]:]).float()
+        filled = torch.where(mlm_input_ids != input_ids, word_logits.argmax(-1), input_ids)
+        return dict(pred_pixels=pred, pred_pixels_01=pred_01, word_logits=word_logits, filled_ids=filled)
+
+# ----------------------------------------------------------------------------------------------- retrieval
+
+
+class SimVTPDualEncoder(nn.Module):
+    """Two encoders of one shape: video_encoder embeds clips, text_encoder captions; output fc_norm(mean).
+
+    Each branch stores both input embeddings (the release's layout) but uses one. With freeze_unused (default)
+    the unused ones (video_encoder.text_embeddings, text_encoder.patch_embed) get requires_grad=False: they still
+    load and save, and DDP (find_unused_parameters=False) never waits for their gradients."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
+                 release_pooling: bool = False, freeze_unused: bool = True) -> None:
+        super().__init__()
+        branch = dict(img_size=img_size, patch_size=patch_size, num_frames=num_frames, tubelet_size=tubelet_size,
+                      embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                      drop_path_rate=drop_path_rate, final_norm="fc_norm", vocab_size=vocab_size,
+                      max_text_positions=max_text_positions, release_pooling=release_pooling)
+        self.video_encoder = UnifiedEncoder(**branch)
+        self.text_encoder = UnifiedEncoder(**branch)
+        self.apply(init_weights)
+        if freeze_unused:
+            self.video_encoder.text_embeddings.requires_grad_(False)
+            self.text_encoder.patch_embed.requires_grad_(False)
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.video_encoder.grad_checkpointing = self.text_encoder.grad_checkpointing = enable
+
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, T, H, W] -> [B, D]."""
+        return self.video_encoder.encode_video(video, video_mask)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, D]."""
+        return self.text_encoder.encode_text(self.text_encoder.text_embeddings(input_ids), attention_mask)
+
+    def forward(self, video: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"video": self.encode_video(video), "text": self.encode_text(input_ids, attention_mask)}
+
+# ----------------------------------------------------------------------------------------------- registry
+
+TINY = dict(embed_dim=192, depth=4, num_heads=3, img_size=112, num_frames=8)
+SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(cls: type, defaults: dict, kwargs: dict) -> nn.Module:
+    """defaults overridden by the caller's kwargs (timm's own arguments dropped; no weights are downloaded)."""
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained=True: load weights with checkpoint.load_pretrained, nothing is downloaded")
+    return cls(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
+
+
+@register_model
+def simvtp_tiny_patch16(**kwargs) -> SimVTPPretrain:
+    return _build(SimVTPPretrain, dict(TINY, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3), kwargs)
+
+
+@register_model
+def simvtp_small_patch16(**kwargs) -> SimVTPPretrain:
+    return _build(SimVTPPretrain, dict(SMALL, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3), kwargs)
+
+
+@register_model
+def pretrain_simvtp_base_patch16_224(**kwargs) -> SimVTPPretrain:
+    return _build(SimVTPPretrain, dict(BASE, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6), kwargs)
+
+
+@register_model
+def simvtp_dual_tiny_patch16(**kwargs) -> SimVTPDualEncoder:
+    return _build(SimVTPDualEncoder, TINY, kwargs)
+
+
+@register_model
+def simvtp_dual_small_patch16(**kwargs) -> SimVTPDualEncoder:
+    return _build(SimVTPDualEncoder, SMALL, kwargs)
+
+
+@register_model
+def simvtp_dual_base_patch16_224(**kwargs) -> SimVTPDualEncoder:
+    return _build(SimVTPDualEncoder, BASE, kwargs)
+
+# ----------------------------------------------------------------------------------------------- key mapping
+
+
+def detect_source(keys: list[str]) -> str:
+    """simvtp_finetune | simvtp_pretrain | videomae_pretrain | bert, from the tensor names of a checkpoint."""
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+    if has("video_encoder.", "text_encoder."):
+        return "simvtp_finetune"
+    if has("encoder.blocks.", "encoder.patch_embed."):
+        return "simvtp_pretrain" if has("text_embeddings.", "text_cls.", "vtm_head.") else "videomae_pretrain"
+    if has("bert.embeddings.", "embeddings.word_embeddings."):
+        return "bert"
+    raise ValueError(f"unrecognised checkpoint ({len(keys)} tensors, first {keys[:5]}): expected a SimVTP, "
+                     "VideoMAE pre-training or BERT checkpoint")
+
+
+def _bert_embedding_name(key: str) -> str | None:
+    """'bert.embeddings.LayerNorm.gamma' / 'embeddings.LayerNorm.weight' -> 'LayerNorm.weight'; None otherwise."""
+    for prefix in ("bert.embeddings.", "embeddings."):
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name))
+    return None
+
+
+def _map_bert(state_dict: dict, targets: tuple[str, ...]) -> dict:
+    """BERT's embeddings to every `targets` prefix; its other tensors keep their names (reported unused)."""
+    out = {}
+    for k, v in state_dict.items():
+        name = _bert_embedding_name(k)
+        if name is None:
+            out[k] = v
+        for prefix in targets if name is not None else ():
+            out[prefix + name] = v
+    return out
+
+
+def _map_pretrain_to_dual(state_dict: dict) -> dict:
+    """Both branches take encoder.patch_embed / encoder.blocks (prefix dropped) and text_embeddings; the rest
+    (encoder.norm, decoder, heads) keep their names and are reported unused."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(("encoder.patch_embed.", "encoder.blocks.")):
+            rest = k[len("encoder."):]
+        elif k.startswith("text_embeddings."):
+            rest = k
+        else:
+            out[k] = v
+            continue
+        out["video_encoder." + rest] = out["text_encoder." + rest] = v
+    return out
+
+
+def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
+    """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source."""
+    model = getattr(model, "module", model)
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    kind = detect_source(list(state_dict))
+    dual = isinstance(model, SimVTPDualEncoder)
+    if kind == "bert":
+        targets = ("video_encoder.text_embeddings.", "text_encoder.text_embeddings.") if dual else ("text_embeddings.",)
+        return _map_bert(state_dict, targets), kind
+    if dual and kind != "simvtp_finetune":
+        return _map_pretrain_to_dual(state_dict), kind
+    if not dual and kind == "simvtp_finetune":
+        raise ValueError("a fine-tuned dual-encoder checkpoint cannot initialise a pre-training model "
+                         "(it has no decoder, word or matching head); use a simvtp_dual_* model")
+    return dict(state_dict), kind
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint did not provide
+    unexpected: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
+    ignored: list[str] = field(default_factory=list)  # non-persistent buffers (e.g. BERT's position_ids)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.loaded)} tensors loaded"]
+        for name in ("missing", "unexpected", "ignored"):
+            names = getattr(self, name)
+            if names:
+                parts.append(f"{len(names)} {name}: {compact_names(names)}")
+        return "; ".join(parts)
+
+
+def compact_names(names: list[str]) -> str:
+    """Names with layer indices folded: 'blocks.*.attn.qkv.weight (x12)'."""
+    groups = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
+    return ", ".join(g if c == 1 else f"{g} (x{c})" for g, c in sorted(groups.items()))
+
+
+def load_weights(model: nn.Module, state_dict: dict, strict: bool) -> LoadReport:
+    """Copy the tensors of an already mapped state_dict into `model` (cast to its dtype).
+
+    A shape mismatch is a ValueError naming each key and both shapes; with strict, any missing or unexpected
+    tensor (other than the optional learnable `temp`) is a ValueError listing them. Nothing is copied on error."""
+    model = getattr(model, "module", model)
+    own = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()} - set(own)
+    report = LoadReport(missing=[k for k in own if k not in state_dict])
+    mismatched = []
+    for k, v in state_dict.items():
+        if k in buffers:
+            report.ignored.append(k)
+        elif k not in own or not isinstance(v, torch.Tensor):
+            report.unexpected.append(k)
+        elif v.shape != own[k].shape:
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        else:
+            report.loaded.append(k)
+    if mismatched:
+        raise ValueError("shape mismatch: " + "; ".join(mismatched))
+    if strict:
+        bad = [k for k in report.missing + report.unexpected if k not in OPTIONAL_KEYS]
+        if bad:
+            raise ValueError(f"strict load: missing {compact_names([k for k in report.missing if k in bad]) or '-'}; "
+                             f"unexpected {compact_names([k for k in report.unexpected if k in bad]) or '-'}")
+    model.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
+    return report

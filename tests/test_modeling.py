@@ -1,0 +1,393 @@
+"""modeling_simvtp.py: every registered model's shapes, strict loads of the release's key lists, attention paths,
+position table, tube layout, each loss by hand, the release's leaks fixed, over-fitting, checkpoint key mapping."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models import create_model, list_models
+
+import modeling_simvtp as M
+
+REFERENCE = "/work/shared/reference"
+PRETRAIN = ["pretrain_simvtp_base_patch16_224", "simvtp_small_patch16", "simvtp_tiny_patch16"]
+DUAL = ["simvtp_dual_base_patch16_224", "simvtp_dual_small_patch16", "simvtp_dual_tiny_patch16"]
+SIZE = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_frames=4, vocab_size=64)  # grid (2, 2, 2)
+DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny(**kw) -> M.SimVTPPretrain:
+    torch.manual_seed(0)
+    return create_model("simvtp_tiny_patch16", **{**SIZE, **DECODER, **kw})
+
+
+def tiny_dual(**kw) -> M.SimVTPDualEncoder:
+    torch.manual_seed(0)
+    return create_model("simvtp_dual_tiny_patch16", **{**SIZE, **kw})
+
+
+def make_batch(b: int = 3, length: int = 7, seed: int = 0) -> dict:
+    """Clips [b, 3, 4, 32, 32] with a tube mask (2 of 4 positions, both time slices), captions of uneven length
+    with padding, and two masked words per caption."""
+    g = torch.Generator().manual_seed(seed)
+    spatial = torch.stack([torch.randperm(4, generator=g) < 2 for _ in range(b)])
+    input_ids = torch.zeros(b, length, dtype=torch.long)
+    attention_mask = torch.zeros(b, length, dtype=torch.long)
+    for i in range(b):
+        n = length - i % 3
+        input_ids[i, :n] = torch.randint(5, 64, (n,), generator=g)
+        attention_mask[i, :n] = 1
+    mlm_input_ids, mlm_labels = input_ids.clone(), torch.full_like(input_ids, -100)
+    mlm_input_ids[:, 1:3], mlm_labels[:, 1:3] = 3, input_ids[:, 1:3]
+    return dict(video=torch.randn(b, 3, 4, 32, 32, generator=g), video_mask=spatial.repeat(1, 2),
+                input_ids=input_ids, attention_mask=attention_mask, mlm_input_ids=mlm_input_ids,
+                mlm_labels=mlm_labels)
+
+
+def reference_keys(name: str) -> dict:
+    with open(os.path.join(REFERENCE, name)) as f:
+        return {k: tuple(s) for k, s in json.load(f)}
+
+
+def shapes(model: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_exactly_our_names_and_tiny_defaults():
+    assert sorted(list_models("*simvtp*")) == sorted(PRETRAIN + DUAL)
+    model = create_model("simvtp_tiny_patch16")
+    assert model.encoder.patch_embed.proj.weight.shape == (192, 3, 2, 16, 16) and len(model.encoder.blocks) == 4
+    assert model.decoder.head.weight.shape == (1536, 96) and len(model.decoder.blocks) == 2
+    assert model.encoder.pos_table.table.shape == (1, 4 * 7 * 7, 192)  # 8 frames x 112 px
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        create_model("simvtp_tiny_patch16", pretrained=True)
+
+
+@pytest.mark.parametrize("name", PRETRAIN)
+def test_pretrain_model_losses_gradients_and_inference_shapes(name):
+    torch.manual_seed(0)
+    model = create_model(name, **SIZE, **DECODER)
+    batch = make_batch()
+    out = model(**batch)
+    assert set(out) == {"loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm", "vtm_acc"}
+    assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())  # every parameter in the graph (DDP-safe)
+    with torch.no_grad():
+        assert model.encode_video(batch["video"]).shape == (3, 32)
+        assert model.encode_video(batch["video"], batch["video_mask"]).shape == (3, 32)
+        assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (3, 32)
+        assert model.match_logits(batch["video"], batch["input_ids"], batch["attention_mask"]).shape == (3, 2)
+    rec = model.reconstruct(**{k: batch[k] for k in ("video", "video_mask", "input_ids", "attention_mask",
+                                                     "mlm_input_ids")})
+    assert rec["pred_pixels"].shape == rec["pred_pixels_01"].shape == (3, 4, 1536)
+    assert rec["word_logits"].shape == (3, 7, 64) and rec["filled_ids"].shape == (3, 7)
+
+
+@pytest.mark.parametrize("name", DUAL)
+def test_dual_model_shapes_and_unused_parameters_frozen(name):
+    torch.manual_seed(0)
+    model = create_model(name, **SIZE)
+    batch = make_batch()
+    out = model(batch["video"], batch["input_ids"], batch["attention_mask"])
+    assert out["video"].shape == out["text"].shape == (3, 32)
+    (out["video"].sum() + out["text"].sum()).backward()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in shapes(model) if n.startswith(("video_encoder.text_embeddings.",
+                                                                  "text_encoder.patch_embed."))}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+# ----------------------------------------------------------------------------------------------- release key lists
+
+
+@pytest.fixture(scope="module")
+def base_pretrain():
+    return create_model("pretrain_simvtp_base_patch16_224")
+
+
+@pytest.fixture(scope="module")
+def base_dual():
+    return create_model("simvtp_dual_base_patch16_224")
+
+
+@pytest.mark.parametrize("fixture, keys, kind", [("base_pretrain", "simvtp_pretrain_keys.json", "simvtp_pretrain"),
+                                                 ("base_dual", "simvtp_finetune_keys.json", "simvtp_finetune")])
+def test_release_checkpoint_loads_strictly_into_base_model(fixture, keys, kind, request):
+    model = request.getfixturevalue(fixture)
+    expected = reference_keys(keys)
+    assert shapes(model) == expected
+    g = torch.Generator().manual_seed(0)
+    release = {k: torch.randn(s, generator=g).half() for k, s in expected.items()}  # fp16 file, fp32 model
+    mapped, source = M.convert_state_dict(release, model)
+    report = M.load_weights(model, mapped, strict=True)
+    assert source == kind and sorted(report.loaded) == sorted(expected) and not report.missing
+    some = next(k for k in expected if k.endswith("blocks.11.attn.qkv.weight"))
+    assert torch.equal(model.state_dict()[some], release[some].float())
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+def test_fused_and_explicit_attention_agree_with_padding():
+    model = tiny().eval()
+    batch = make_batch()
+    vis = model.encoder.embed_video(batch["video"], batch["video_mask"])
+    text = model.text_embeddings(batch["mlm_input_ids"])
+    with torch.no_grad():
+        fused = model.encoder(vis, text, batch["attention_mask"])
+        for m in model.modules():
+            if isinstance(m, M.Attention):
+                m.fused = False
+        explicit = model.encoder(vis, text, batch["attention_mask"])
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_table_matches_hand_computation():
+    table = M.sincos_table(10, 8)
+    assert table.shape == (1, 10, 8) and table.dtype == torch.float32
+    assert table[0, 3, 0].item() == pytest.approx(math.sin(3))
+    assert table[0, 3, 1].item() == pytest.approx(math.cos(3))
+    assert table[0, 5, 6].item() == pytest.approx(math.sin(5 / 10000 ** (6 / 8)))
+    assert table[0, 5, 7].item() == pytest.approx(math.cos(5 / 10000 ** (6 / 8)))
+    assert torch.equal(M.SinCosPosition(10, 8)(10), table)
+    assert torch.equal(M.SinCosPosition(4, 8)(10), table)  # other token counts computed on the fly
+
+
+def test_patchify_layout_matches_explicit_loop_and_unpatchify_inverts():
+    video = torch.randn(2, 3, 4, 6, 4)
+    tubes = M.patchify(video, tubelet_size=2, patch_size=2)
+    assert tubes.shape == (2, 2 * 3 * 2, 2 * 2 * 2 * 3)
+    for b in range(2):
+        n = 0
+        for t in range(2):
+            for h in range(3):
+                for w in range(2):
+                    i = 0
+                    for p0 in range(2):
+                        for p1 in range(2):
+                            for p2 in range(2):
+                                for c in range(3):
+                                    assert tubes[b, n, i] == video[b, c, 2 * t + p0, 2 * h + p1, 2 * w + p2]
+                                    i += 1
+                    n += 1
+    assert torch.equal(M.unpatchify(tubes, (2, 3, 2), tubelet_size=2, patch_size=2), video)
+
+
+def test_pixel_target_is_each_masked_tube_normalised_per_channel():
+    model = tiny()
+    batch = make_batch()
+    target = model.pixel_target(batch["video"], batch["video_mask"])
+    assert target.shape == (3, 4, 1536)
+    b, n = 1, int(batch["video_mask"][1].nonzero()[0])  # the first masked tube of clip 1
+    t, h, w = n // 4, (n // 2) % 2, n % 2
+    mean = torch.tensor(M.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(M.IMAGENET_STD).view(3, 1, 1, 1)
+    tube = batch["video"][b, :, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16] * std + mean
+    flat = tube.reshape(3, -1)
+    normed = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, unbiased=True, keepdim=True) + 1e-6)
+    torch.testing.assert_close(target[b, 0], normed.t().reshape(-1))
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def test_vtc_is_symmetric_infonce_by_hand():
+    v = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # normalised inside
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    s = [[2.0, 1.2], [0.0, 1.6]]  # cosine / 0.5
+    rows = [-math.log(math.exp(s[0][0]) / (math.exp(s[0][0]) + math.exp(s[0][1]))),
+            -math.log(math.exp(s[1][1]) / (math.exp(s[1][0]) + math.exp(s[1][1])))]
+    cols = [-math.log(math.exp(s[0][0]) / (math.exp(s[0][0]) + math.exp(s[1][0]))),
+            -math.log(math.exp(s[1][1]) / (math.exp(s[0][1]) + math.exp(s[1][1])))]
+    expected = (sum(rows) / 2 + sum(cols) / 2) / 2
+    assert M.vtc_loss(v, t, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert M.vtc_loss(v, t, 0.5, gather=lambda x: x).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mlm_is_mean_over_captions_of_each_captions_mean():
+    logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    caption = torch.tensor([0, 1, 1, 1])
+    expected = (ce[0] + ce[1:].mean()) / 2
+    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 2), expected)
+    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 3), 2 * expected / 3)  # no masked word: 0
+
+
+def test_vtm_negatives_never_the_positive_and_follow_similarity():
+    torch.manual_seed(0)
+    sim = torch.randn(5, 5) + 100 * torch.eye(5)
+    draws = torch.stack([M.sample_negatives(sim, hard) for hard in (True, False) for _ in range(200)])
+    assert not bool((draws == torch.arange(5)).any())
+    peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
+    peaked[torch.arange(4), (torch.arange(4) + 1) % 4] = 20.0
+    assert torch.equal(M.sample_negatives(peaked, hard=True), (torch.arange(4) + 1) % 4)
+    uniform = torch.stack([M.sample_negatives(peaked, hard=False) for _ in range(300)])
+    assert len(set(uniform[:, 0].tolist())) == 3  # random: every other caption drawn
+
+
+def test_batch_of_one_gives_zero_vtm_loss_connected_to_the_graph():
+    model = tiny()
+    out = model(**make_batch(b=1))
+    assert out["loss_vtm"].item() == 0.0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.vtm_head.weight.grad is not None
+
+
+def test_vtc_uses_the_full_caption_unless_asked_for_the_masked_one():
+    batch = make_batch()
+    other = dict(batch, mlm_input_ids=batch["input_ids"].clone())
+    other["mlm_input_ids"][:, 4] = 3
+    full = tiny()
+    torch.testing.assert_close(full(**batch)["loss_vtc"], full(**other)["loss_vtc"], rtol=0, atol=1e-6)
+    masked = tiny(vtc_text="masked")
+    assert abs(masked(**batch)["loss_vtc"].item() - masked(**other)["loss_vtc"].item()) > 1e-4
+
+
+@pytest.mark.parametrize("build", [tiny, tiny_dual])
+def test_extra_padding_changes_text_features_only_with_release_pooling(build):
+    batch = make_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded_ids = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        model = build().eval()
+        torch.testing.assert_close(model.encode_text(ids, mask), model.encode_text(padded_ids, padded_mask),
+                                   rtol=1e-5, atol=1e-5)
+        release = build(release_pooling=True).eval()
+        assert not torch.allclose(release.encode_text(ids, mask), release.encode_text(padded_ids, padded_mask),
+                                  atol=1e-3)
+    if build is tiny:
+        with torch.no_grad():
+            torch.testing.assert_close(model.match_logits(batch["video"], ids, mask),
+                                       model.match_logits(batch["video"], padded_ids, padded_mask),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_give_the_same_losses():
+    batch = make_batch()
+    model = tiny()
+    torch.manual_seed(1)
+    plain = model(**batch)
+    plain["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    ckpt = model(**batch)
+    ckpt["loss"].backward()
+    torch.testing.assert_close(ckpt["loss"], plain["loss"])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(**batch)
+    assert all(v.dtype == torch.float32 for v in low.values())
+    assert low["loss_pixel"].item() == pytest.approx(plain["loss_pixel"].item(), rel=0.05)
+
+
+def test_learnable_temperature_is_an_extra_parameter_tolerated_by_strict_loads():
+    fixed = tiny()
+    learnable = tiny(learnable_temp=True, temperature=0.07)
+    assert "temp" not in shapes(fixed) and learnable.temp.item() == pytest.approx(0.07)
+    report = M.load_weights(learnable, fixed.state_dict(), strict=True)
+    assert report.missing == ["temp"]
+    M.load_weights(fixed, learnable.state_dict(), strict=True)
+
+
+def test_overfitting_two_clips_lowers_every_loss():
+    model = tiny(embed_dim=64, num_heads=4, decoder_embed_dim=32)
+    batch = make_batch(b=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(30):
+        out = model(**batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in out.items()})
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.5 * first["loss"]
+    for k in ("loss_pixel", "loss_mlm", "loss_vtc"):
+        assert last[k] < first[k], k
+
+# ----------------------------------------------------------------------------------------------- key mapping
+
+
+def fake_bert(prefix: str, gamma: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ln = ("gamma", "beta") if gamma else ("weight", "bias")
+    e = prefix + "embeddings."
+    return {e + "word_embeddings.weight": torch.randn(64, 32, generator=g),
+            e + "position_embeddings.weight": torch.randn(512, 32, generator=g),
+            e + "token_type_embeddings.weight": torch.randn(2, 32, generator=g),
+            e + f"LayerNorm.{ln[0]}": torch.randn(32, generator=g),
+            e + f"LayerNorm.{ln[1]}": torch.randn(32, generator=g),
+            e + "position_ids": torch.arange(512)[None],
+            prefix + "encoder.layer.0.attention.self.query.weight": torch.randn(32, 32, generator=g),
+            prefix + "pooler.dense.weight": torch.randn(32, 32, generator=g),
+            "cls.predictions.bias": torch.randn(64, generator=g)}
+
+
+@pytest.mark.parametrize("prefix", ["bert.", ""])
+@pytest.mark.parametrize("gamma", [True, False])
+def test_bert_checkpoints_in_every_spelling_map_to_text_embeddings(prefix, gamma):
+    bert = fake_bert(prefix, gamma)
+    ln_weight = bert[prefix + "embeddings.LayerNorm." + ("gamma" if gamma else "weight")]
+    for model, targets in ((tiny(), ["text_embeddings."]),
+                           (tiny_dual(), ["video_encoder.text_embeddings.", "text_encoder.text_embeddings."])):
+        mapped, kind = M.convert_state_dict(bert, model)
+        report = M.load_weights(model, mapped, strict=False)
+        assert kind == "bert"
+        assert sorted(report.loaded) == sorted(t + n for t in targets for n in (
+            "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+            "LayerNorm.weight", "LayerNorm.bias"))
+        assert sorted(report.unexpected) == sorted([prefix + "encoder.layer.0.attention.self.query.weight",
+                                                    prefix + "pooler.dense.weight", "cls.predictions.bias"])
+        assert len(report.ignored) == len(targets)  # position_ids: a non-persistent buffer
+        for t in targets:
+            assert torch.equal(model.state_dict()[t + "LayerNorm.weight"], ln_weight)
+        assert "unexpected" in str(report) and "loaded" in str(report)
+
+
+def test_pretrain_checkpoint_initialises_both_dual_branches():
+    source = tiny().state_dict()
+    dual = tiny_dual()
+    mapped, kind = M.convert_state_dict({"module." + k: v for k, v in source.items()}, dual)
+    report = M.load_weights(dual, mapped, strict=False)
+    assert kind == "simvtp_pretrain"
+    assert sorted(report.missing) == sorted(f"{b}.fc_norm.{w}" for b in ("video_encoder", "text_encoder")
+                                            for w in ("weight", "bias"))
+    assert {"encoder.norm.weight", "decoder.head.weight", "text_cls.weight", "vtm_head.weight", "mask_token",
+            "encoder_to_decoder.weight"} <= set(report.unexpected)
+    state = dual.state_dict()
+    for branch in ("video_encoder", "text_encoder"):
+        assert torch.equal(state[f"{branch}.blocks.1.attn.qkv.weight"], source["encoder.blocks.1.attn.qkv.weight"])
+        assert torch.equal(state[f"{branch}.patch_embed.proj.weight"], source["encoder.patch_embed.proj.weight"])
+        assert torch.equal(state[f"{branch}.text_embeddings.word_embeddings.weight"],
+                           source["text_embeddings.word_embeddings.weight"])
+    with pytest.raises(ValueError, match="pre-training model"):
+        M.convert_state_dict(dual.state_dict(), tiny())
+
+
+def test_videomae_subset_loads_and_reports_the_text_parts_missing():
+    videomae = {k: v for k, v in tiny().state_dict().items()
+                if k.startswith(("encoder.", "decoder.", "encoder_to_decoder.", "mask_token"))}
+    model = tiny()
+    mapped, kind = M.convert_state_dict(videomae, model)
+    assert kind == "videomae_pretrain"
+    report = M.load_weights(model, mapped, strict=False)
+    assert {k.split(".")[0] for k in report.missing} == {"text_embeddings", "text_cls", "vtm_head"}
+    with pytest.raises(ValueError, match=r"strict load: missing .*text_cls\.weight"):
+        M.load_weights(model, mapped, strict=True)
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes():
+    model = tiny(vocab_size=80)
+    before = model.text_cls.weight.clone()
+    with pytest.raises(ValueError, match=r"text_cls\.weight: checkpoint \(64, 32\) vs model \(80, 32\)"):
+        M.load_weights(model, tiny().state_dict(), strict=False)
+    assert torch.equal(model.text_cls.weight, before)  # nothing copied
+    with pytest.raises(ValueError, match="unrecognised checkpoint"):
+        M.convert_state_dict({"foo.weight": torch.zeros(1)}, model)
