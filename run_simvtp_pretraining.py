@@ -1,0 +1,244 @@
+"""SimVTP pre-training entry point (one CPU, or torchrun / SLURM on many GPUs).
+
+    python run_simvtp_pretraining.py --data_path data/synthetic/annotations/pretrain.json \
+        --data_root data/synthetic --model simvtp_tiny_patch16 --num_frames 8 --input_size 112 \
+        --batch_size 8 --epochs 2 --output_dir output/pretrain --device cpu
+    torchrun --nproc_per_node 8 run_simvtp_pretraining.py ... (see scripts/pretrain_webvid.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from timm.models import create_model
+from torch.nn.parallel import DistributedDataParallel
+
+import checkpoint
+import datasets
+import engine_for_pretraining as engine
+import masking_generator
+import modeling_simvtp  # noqa: F401  (registers the models with timm)
+import utils
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("SimVTP pre-training", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
+                   "Singularity JSON list or MSR-VTT CSV; the format is detected)")
+    g.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
+    g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"])
+    g.add_argument("--num_frames", type=int, default=16)
+    g.add_argument("--sampling_rate", type=int, default=4)
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--max_retries", type=int, default=10, help="other samples tried after a broken video")
+    g.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (default: the shipped "
+                   "bert-base-uncased vocabulary)")
+    g.add_argument("--max_text_len", type=int, default=32)
+    g = p.add_argument_group("masking")
+    g.add_argument("--mask_type", default="tube", choices=["tube", "random"])
+    g.add_argument("--mask_ratio", type=float, default=0.9)
+    g.add_argument("--text_mask_ratio", type=float, default=0.75)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="pretrain_simvtp_base_patch16_224")
+    g.add_argument("--decoder_depth", type=int, default=None, help="default: the model's own")
+    g.add_argument("--vtc_text", default="full", choices=["full", "masked"],
+                   help="caption of the contrastive text pass ('masked' is the release's behaviour)")
+    g.add_argument("--vtm_negatives", default="hard", choices=["hard", "random"])
+    g.add_argument("--release_pooling", action="store_true", help="average padding into text means, as the release")
+    g.add_argument("--temperature", type=float, default=0.05)
+    g.add_argument("--learnable_temp", action="store_true")
+    for term in ("pixel", "mlm", "vtc", "vtm"):
+        g.add_argument(f"--w_{term}", type=float, default=1.0, help=f"weight of the {term} loss")
+    g.add_argument("--init_ckpt", default=None, help="VideoMAE or SimVTP pre-training checkpoint to start from")
+    g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file")
+    g.add_argument("--grad_checkpointing", action="store_true")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=16, help="per process")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
+    g.add_argument("--opt", default="adamw", choices=["adamw"])
+    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.95])
+    g.add_argument("--opt_eps", type=float, default=1e-8)
+    g.add_argument("--lr", type=float, default=1.5e-4, help="base lr for a global batch of 256")
+    g.add_argument("--min_lr", type=float, default=1e-5)
+    g.add_argument("--warmup_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_epochs", type=int, default=40)
+    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd end value (default: constant)")
+    g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite losses in a row before stopping")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output_dir", default="output/pretrain")
+    g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
+    g.add_argument("--save_ckpt_freq", type=int, default=20, help="keep a checkpoint every N epochs")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also save mid-epoch every N steps")
+    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (0 = all)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from")
+    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the newest checkpoint in --output_dir")
+    g.add_argument("--print_freq", type=int, default=10)
+    return p
+
+
+def build_loader(args: argparse.Namespace, tokenizer) -> tuple[torch.utils.data.DataLoader, datasets.VideoTextDataset,
+                                                                utils.ResumableDistributedSampler]:
+    records = datasets.read_annotations(args.data_path, args.data_root)
+    grid = (args.num_frames // 2, args.input_size // 16, args.input_size // 16)
+    mask_gen = masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)
+    dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
+                                        sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                        video_backend=args.video_backend, seed=args.seed,
+                                        mask_generator=mask_gen, max_retries=args.max_retries)
+    collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
+                                          text_mask_ratio=args.text_mask_ratio, seed=args.seed)
+    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                seed=args.seed, shuffle=True, drop_last=True)
+    if len(dataset) < args.batch_size * args.world_size:
+        raise ValueError(f"{args.data_path}: {len(dataset)} videos, fewer than one global batch "
+                         f"({args.batch_size} x {args.world_size} processes)")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        collate_fn=collator, drop_last=True, pin_memory=args.device_obj.type == "cuda",
+        # a private generator: creating worker seeds must not consume the global RNG (resume equivalence)
+        generator=torch.Generator().manual_seed(args.seed))
+    print(f"Data: {len(records)} videos from {args.data_path}; mask {mask_gen}")
+    return loader, dataset, sampler
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size,
+                  vtc_text=args.vtc_text, vtm_negatives=args.vtm_negatives, release_pooling=args.release_pooling,
+                  temperature=args.temperature, learnable_temp=args.learnable_temp,
+                  w_pixel=args.w_pixel, w_mlm=args.w_mlm, w_vtc=args.w_vtc, w_vtm=args.w_vtm)
+    if args.decoder_depth is not None:
+        kwargs["decoder_depth"] = args.decoder_depth
+    model = create_model(args.model, pretrained=False, **kwargs)
+    for path in (args.init_ckpt, args.bert_path):
+        if path:
+            checkpoint.load_pretrained(model, path, strict=False)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Pre-train; returns {"summary": last epoch's averages, "history": per-step losses of this run}."""
+    utils.init_distributed(args)
+    args.device_obj = utils.resolve_device(args.device)
+    if args.device_obj.type == "cuda" and args.distributed:
+        args.device_obj = torch.device("cuda", args.gpu)
+    dtype = utils.resolve_precision(args.precision, args.device_obj)
+    if args.device_obj.type == "cpu":
+        utils.set_cpu_threads(args.num_workers)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
+
+    tokenizer = datasets.build_tokenizer(args.tokenizer)
+    loader, dataset, sampler = build_loader(args, tokenizer)
+    model = build_model(args, len(tokenizer)).to(args.device_obj)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Model {args.model}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device {args.device_obj}; "
+          f"{args.world_size} process(es)")
+
+    args.abs_lr = utils.scaled_lr(args.lr, args.batch_size, args.world_size, args.accum_iter)
+    args.abs_min_lr = utils.scaled_lr(args.min_lr, args.batch_size, args.world_size, args.accum_iter)
+    args.abs_warmup_lr = utils.scaled_lr(args.warmup_lr, args.batch_size, args.world_size, args.accum_iter)
+    groups = utils.param_groups(model, args.weight_decay, no_decay_names=("mask_token", "temp"))
+    for g in groups:
+        g.pop("names")
+    optimizer = torch.optim.AdamW(groups, lr=args.abs_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    scaler = utils.make_grad_scaler(args.device_obj, dtype)
+    steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
+                         f"{len(sampler)} samples each process sees per epoch")
+    lr_schedule = utils.cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch,
+                                         args.warmup_epochs, args.abs_warmup_lr, args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+    state = engine.TrainState()
+    start_epoch, start_step = 0, 0
+    resume_from = args.resume or (checkpoint.find_latest(args.output_dir) if args.auto_resume else None)
+    if resume_from:
+        start_epoch, start_step, state.global_step = checkpoint.restore_training_state(
+            resume_from, model, optimizer, scaler)
+        print(f"Resumed from {resume_from}: epoch {start_epoch}, step {start_step} (global step {state.global_step})")
+    utils.save_args_json(args, args.output_dir)
+
+    ddp_model = model
+    if args.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
+    tb = utils.TensorboardLogger(args.log_dir)
+    cfg = engine.StepConfig(device=args.device_obj, dtype=dtype, accum_iter=args.accum_iter,
+                            clip_grad=args.clip_grad, max_bad_steps=args.max_bad_steps, max_steps=args.max_steps,
+                            print_freq=args.print_freq, save_every_steps=args.save_every_steps)
+
+    def save(epoch: int, step_in_epoch: int | None) -> None:
+        if utils.is_main_process():
+            path = checkpoint.save_training_state(
+                args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
+                step_in_epoch=step_in_epoch, global_step=state.global_step, args=utils.plain_args(args),
+                keep_last=args.keep_last)
+            print(f"Saved {path}")
+        utils.barrier()
+
+    print(f"Training {args.epochs} epochs x {steps_per_epoch} steps from epoch {start_epoch} step {start_step}")
+    t_start = time.time()
+    summary: dict = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_start(start_step * args.batch_size * args.accum_iter)
+        summary = engine.train_one_epoch(ddp_model, loader, optimizer, scaler, epoch, start_step, steps_per_epoch,
+                                         lr_schedule, wd_schedule, cfg, state, tb, save_mid_epoch=save)
+        sampler.set_start(0)
+        start_step = 0
+        record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
+        utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
+        tb.flush()
+        if state.stop:  # --max_steps reached mid-epoch: save where we are so the run can continue
+            steps_done = state.global_step - epoch * steps_per_epoch
+            save(epoch, steps_done if steps_done < steps_per_epoch else None)
+            break
+        save(epoch, None)
+        _keep_periodic(args, epoch)
+    if summary.get("skipped_videos_total"):
+        print(f"Skipped {int(summary['skipped_videos_total'])} broken video reads in total (see warnings above)")
+    print(f"Pre-training done in {time.time() - t_start:.0f} s; outputs in {args.output_dir}")
+    return {"summary": summary, "history": state.history}
+
+
+def _keep_periodic(args: argparse.Namespace, epoch: int) -> None:
+    """Besides the rolling last-K, keep a hard-linked copy every --save_ckpt_freq epochs (no extra disk)."""
+    if not utils.is_main_process() or args.save_ckpt_freq <= 0:
+        return
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        src = os.path.join(args.output_dir, checkpoint.checkpoint_name(epoch))
+        dst = os.path.join(args.output_dir, f"keep-checkpoint-{epoch}.pth")
+        if os.path.exists(src) and not os.path.exists(dst):
+            os.link(src, dst)
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    try:
+        main(parsed)
+    except (FileNotFoundError, ValueError, engine.NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

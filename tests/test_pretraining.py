@@ -1,0 +1,100 @@
+"""The real pre-training entry point on the tiny synthetic set: outputs, resume equivalence (epoch boundary and
+mid-epoch), non-finite losses, broken videos in the training list."""
+import json
+import os
+
+import pytest
+import torch
+
+import checkpoint
+import engine_for_pretraining
+import run_simvtp_pretraining
+
+
+def _args(synthetic_root, out_dir, *extra):
+    argv = ["--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
+            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
+            "--lr", "1e-3", "--num_workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--output_dir", str(out_dir), "--print_freq", "2", "--seed", "3", *extra]
+    return run_simvtp_pretraining.get_args_parser().parse_args(argv)
+
+
+def _weights(out_dir):
+    return checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out_dir)))["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = run_simvtp_pretraining.main(_args(synthetic_root, out))
+    return out, result
+
+
+def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
+    out, result = uninterrupted
+    lines = [json.loads(x) for x in open(out / "log.txt")]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    for term in ("loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm", "lr", "grad_norm", "clips_per_s"):
+        assert term in result["summary"], term
+    args = json.load(open(out / "args.json"))
+    assert args["model"] == "simvtp_tiny_patch16" and args["text_mask_ratio"] == 0.75
+    assert any(f.startswith("events") for f in os.listdir(out / "tb"))
+    ckpt = checkpoint.read_checkpoint_file(str(out / "checkpoint-1.pth"))
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == -1 and isinstance(ckpt["args"], dict)
+    assert {"model", "optimizer", "scaler", "rng_torch", "global_step"} <= set(ckpt)
+
+
+def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+    full_out, full = uninterrupted
+    steps = len(full["history"]) // 2
+    first = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--max_steps", str(steps)))
+    assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-0.pth"
+    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path))
+    resumed = first["history"] + second["history"]
+    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
+    for a, b in zip(resumed, full["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    for k, v in _weights(full_out).items():
+        torch.testing.assert_close(_weights(tmp_path)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_mid_epoch_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+    full_out, full = uninterrupted
+    steps = len(full["history"]) // 2
+    first = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--max_steps", str(steps + 1)))
+    assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-1-step1.pth"
+    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path))
+    resumed = first["history"] + second["history"]
+    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
+    for a, b in zip(resumed, full["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    for k, v in _weights(full_out).items():
+        torch.testing.assert_close(_weights(tmp_path)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, tmp_path, capsys):
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1"))
+    good = checkpoint.find_latest(str(tmp_path))
+    before = checkpoint.read_checkpoint_file(good)["model"]
+    with pytest.raises(engine_for_pretraining.NonFiniteLossError, match="non-finite losses in a row"):
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--w_pixel", "nan", "--max_bad_steps", "2"))
+    assert "step skipped on every rank" in capsys.readouterr().out
+    assert checkpoint.find_latest(str(tmp_path)) == good
+    after = checkpoint.read_checkpoint_file(good)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_broken_videos_in_the_training_list_are_skipped_and_counted(synthetic_root, broken_videos, tmp_path,
+                                                                    capsys):
+    records = json.load(open(os.path.join(synthetic_root, "annotations", "pretrain.json")))
+    records = {os.path.join(synthetic_root, k): v for k, v in records.items()}
+    for kind, path in broken_videos.items():
+        records[str(path)] = f"a broken video ({kind})"
+    anno = tmp_path / "with_broken.json"
+    anno.write_text(json.dumps(records))
+    args = _args(synthetic_root, tmp_path / "out", "--epochs", "1")
+    args.data_path, args.data_root = str(anno), None
+    result = run_simvtp_pretraining.main(args)
+    assert result["summary"]["skipped_videos_total"] >= 1
+    assert "Skipped" in capsys.readouterr().out
