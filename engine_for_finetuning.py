@@ -1,0 +1,438 @@
+"""Retrieval fine-tuning and evaluation: ranking metrics, the contrastive loss, layer-wise lr decay, embedding a
+test set (views averaged, ranks gathered), zero-shot scoring, re-ranking with the matching head, and export.
+
+Ranks are 1-based. Ties are broken AGAINST the ground truth: a candidate whose score equals the ground truth's
+counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. Model selection uses
+"r1_sum" = text-to-video R@1 + video-to-text R@1 on the validation set.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import datasets
+import masking_generator
+import utils
+
+RECALL_AT = (1, 5, 10, 50)
+TIE_NOTE = "ranks 1-based; ties count against the ground truth: an equal score ranks above it"
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def gt_ranks(scores: torch.Tensor, gt_mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Rank of the best ground-truth candidate of each query.
+
+    scores: [Q, C]; gt_mask: bool [Q, C], at least one True per row. Returns long [Q], 1-based:
+    1 + the number of non-ground-truth candidates scoring >= the best ground truth (ties against it).
+    Several ground truths (a video's captions) give the best of their ranks. Rows are done in chunks so a
+    10k x 10k matrix needs no extra [Q, C] copies.
+    """
+    if scores.shape != gt_mask.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and gt_mask {tuple(gt_mask.shape)} differ")
+    if not bool(gt_mask.any(dim=1).all()):
+        raise ValueError("every query needs at least one ground-truth candidate")
+    out = []
+    for s, m in zip(scores.split(chunk), gt_mask.split(chunk)):
+        best_gt = s.masked_fill(~m, float("-inf")).amax(dim=1, keepdim=True)
+        out.append(1 + ((s >= best_gt) & ~m).sum(dim=1))
+    return torch.cat(out)
+
+
+def rank_summary(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
+    """R@K in percent, median and mean rank of 1-based ranks [Q]."""
+    r = ranks.double()
+    out = {f"{prefix}_R@{k}": float((r <= k).double().mean() * 100) for k in RECALL_AT}
+    out[f"{prefix}_MdR"] = float(np.median(r.numpy()))  # the mean of the two middle ranks when Q is even
+    out[f"{prefix}_MnR"] = float(r.mean())
+    out[f"{prefix}_queries"] = int(len(r))
+    return out
+
+
+def text_video_masks(text_to_video: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """bool [T, V]: True where text t describes video v."""
+    return text_to_video[:, None] == torch.arange(num_videos)[None, :]
+
+
+def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor) -> tuple[dict, dict]:
+    """Text-to-video and video-to-text metrics of a similarity matrix.
+
+    sim: [num_texts, num_videos]; text_to_video: [num_texts], the ground-truth video of each text (several texts
+    may share one). A video's v2t rank is the best rank of its captions; videos without a caption are no query.
+    Returns (metrics, ranks) with metrics "t2v_R@1" ... "v2t_MnR" plus "r1_sum" (= t2v R@1 + v2t R@1, the model
+    selection key) and ranks {"t2v": [T], "v2t": [V'], "v2t_videos": [V'] (the video of each v2t query)}.
+    """
+    sim = sim.float().cpu()
+    t2v = torch.as_tensor(text_to_video, dtype=torch.long).cpu()
+    num_texts, num_videos = sim.shape
+    if t2v.shape != (num_texts,) or (num_texts and (t2v.min() < 0 or t2v.max() >= num_videos)):
+        raise ValueError(f"text_to_video must be [{num_texts}] indices into {num_videos} videos")
+    mask = text_video_masks(t2v, num_videos)
+    queried = mask.any(dim=0).nonzero().squeeze(1)
+    ranks = {"t2v": gt_ranks(sim, mask), "v2t": gt_ranks(sim.t()[queried], mask.t()[queried]),
+             "v2t_videos": queried}
+    metrics = {**rank_summary(ranks["t2v"], "t2v"), **rank_summary(ranks["v2t"], "v2t")}
+    metrics["r1_sum"] = metrics["t2v_R@1"] + metrics["v2t_R@1"]
+    return metrics, ranks
+
+
+def format_table(results: dict[str, dict], title: str = "Retrieval") -> str:
+    """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries. `results` maps a name to metrics."""
+    head = f"{'':<22}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
+    lines = [f"{title} -- {TIE_NOTE}", head, "-" * len(head)]
+    for name, m in results.items():
+        for d in ("t2v", "v2t"):
+            if f"{d}_R@1" not in m:
+                continue
+            cells = "".join(f"{m[f'{d}_R@{k}']:>7.1f}" for k in RECALL_AT)
+            lines.append(f"{name + ' ' + d:<22}{cells}{m[f'{d}_MdR']:>7.1f}{m[f'{d}_MnR']:>8.1f}"
+                         f"{m[f'{d}_queries']:>9d}")
+    return "\n".join(lines)
+
+
+def per_query_records(sim: torch.Tensor, text_to_video: torch.Tensor, ranks: dict, video_ids: Sequence[str],
+                      captions: Sequence[str], top: int = 10) -> list[dict]:
+    """For error analysis: each query's top-`top` candidates with scores, its ground truth and gt rank."""
+    sim = sim.float().cpu()
+    t2v = torch.as_tensor(text_to_video, dtype=torch.long)
+    records = []
+    scores, idx = sim.topk(min(top, sim.shape[1]), dim=1)
+    for t in range(sim.shape[0]):
+        records.append({"direction": "t2v", "query": t, "text": captions[t], "gt": [video_ids[int(t2v[t])]],
+                        "gt_rank": int(ranks["t2v"][t]),
+                        "top": [{"video_id": video_ids[int(j)], "score": round(float(s), 6)}
+                                for s, j in zip(scores[t], idx[t])]})
+    scores, idx = sim.t().topk(min(top, sim.shape[0]), dim=1)
+    for q, v in enumerate(ranks["v2t_videos"].tolist()):
+        gt = (t2v == v).nonzero().squeeze(1).tolist()
+        records.append({"direction": "v2t", "query": v, "video_id": video_ids[v], "gt": gt,
+                        "gt_rank": int(ranks["v2t"][q]),
+                        "top": [{"text_index": int(j), "text": captions[int(j)], "score": round(float(s), 6)}
+                                for s, j in zip(scores[v], idx[v])]})
+    return records
+
+
+def write_results(output_dir: str, prefix: str, metrics: dict, records: list[dict] | None = None) -> None:
+    """<prefix>_metrics.json (+ <prefix>_per_query.jsonl) in output_dir, rank 0 only."""
+    if not utils.is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{prefix}_metrics.json"), "w") as f:
+        json.dump({"note": TIE_NOTE, **metrics}, f, indent=2)
+    if records is not None:
+        with open(os.path.join(output_dir, f"{prefix}_per_query.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def contrastive_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: float,
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch on L2-normalised features.
+
+    video_feat, text_feat: [b, D] (pair i matches). `gather` ([b, D] -> [world*b, D], with gradient) makes every
+    rank score its clips against the whole global batch, as single-process training on that batch would.
+    """
+    v = F.normalize(video_feat.float(), dim=-1)
+    t = F.normalize(text_feat.float(), dim=-1)
+    if gather is not None:
+        v, t = gather(v), gather(t)
+    logits = v @ t.t() / temperature
+    labels = torch.arange(len(v), device=v.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+class DualEncoderLoss(torch.nn.Module):
+    """The dual encoder plus its loss, shaped like the pre-training model (forward(**batch, gather) -> {"loss"}),
+    so engine_for_pretraining.train_one_epoch (accumulation, skipping, clipping, schedules) drives fine-tuning."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                gather: Callable | None = None) -> dict[str, torch.Tensor]:
+        loss = contrastive_loss(self.model.encode_video(video), self.model.encode_text(input_ids, attention_mask),
+                                self.temperature, gather)
+        return {"loss": loss}
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay, for both branches of the dual encoder.
+
+    `<branch>.blocks.i.*` -> i + 1; tube / text embeddings -> 0; fc_norm, heads and anything else -> the top
+    (num_layers + 1). The release keyed this on names without the branch prefix, so every parameter landed on
+    the top layer and the decay did nothing.
+    """
+    parts = name.split(".")
+    if "blocks" in parts:
+        i = parts.index("blocks")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1]) + 1
+    if any(p in ("patch_embed", "text_embeddings", "pos_embed", "cls_token") for p in parts):
+        return 0
+    return num_layers + 1
+
+
+def layer_scale_map(model: torch.nn.Module, layer_decay: float, num_layers: int) -> dict[str, float]:
+    """name -> lr multiplier layer_decay ** (num_layers + 1 - layer_id), for utils.param_groups(layer_scale=...)."""
+    return {n: layer_decay ** (num_layers + 1 - layer_id(n, num_layers)) for n, _ in model.named_parameters()}
+
+# ----------------------------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class EvalConfig:
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    chunk: int = 8                  # clips per encoder forward (views of several videos share a chunk)
+    max_text_len: int = 32
+    video_mask_ratio: float = 0.0   # zero-shot only: a fixed tube mask per video (0 = every tube seen)
+    seed: int = 0
+    print_freq: int = 20
+
+
+def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
+    """bool [B, N] tube masks that depend only on (seed, video index): the same for every run and rank."""
+    gen = masking_generator.TubeMaskingGenerator(grid, ratio)
+    return torch.from_numpy(np.stack([gen(datasets.sample_rng(seed, 0, int(i), "video_mask")) for i in indices]))
+
+
+@torch.no_grad()
+def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence[int],
+                  cfg: EvalConfig) -> torch.Tensor:
+    """video [B, V, C, T, H, W] (V views) -> [B, D]: each view embedded and normalised, views averaged,
+    renormalised."""
+    b, v = video.shape[:2]
+    clips = video.flatten(0, 1)
+    masks = None
+    if cfg.video_mask_ratio > 0:
+        _, _, t, h, w = clips.shape
+        masks = fixed_video_masks(indices, (t // 2, h // 16, w // 16), cfg.video_mask_ratio, cfg.seed)
+        masks = masks.repeat_interleave(v, dim=0)
+    feats = []
+    for start in range(0, len(clips), cfg.chunk):
+        x = clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True)
+        with utils.autocast(cfg.device, cfg.dtype):
+            if masks is None:
+                f = model.encode_video(x)
+            else:
+                f = model.encode_video(x, video_mask=masks[start:start + cfg.chunk].to(cfg.device))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+    return F.normalize(torch.cat(feats).view(b, v, -1).mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], cfg: EvalConfig,
+                 batch_size: int = 64) -> torch.Tensor:
+    """list of N captions -> [N, D] normalised (tokenised like the collator: pad to longest, truncate)."""
+    tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
+    feats = []
+    for start in range(0, len(texts), batch_size):
+        tok = tokenize(texts[start:start + batch_size])
+        with utils.autocast(cfg.device, cfg.dtype):
+            f = model.encode_text(tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+    if not feats:
+        return torch.zeros(0, 0)
+    return torch.cat(feats)
+
+
+def _gather_objects(obj: object) -> list:
+    """Every rank's object, in rank order (features are small next to the videos: CPU tensors pickled)."""
+    if utils.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: EvalConfig,
+                  with_text: bool = True) -> dict:
+    """Embed a test-mode loader (each rank its share when its sampler is distributed) and gather the features.
+
+    Returns {"video": [V, D], "text": [T, D], "text_to_video": long [T], "captions": [T], "indices": [V]} with
+    videos in dataset-index order (duplicates a padded distributed sampler adds are dropped) and each video's
+    captions in annotation order.
+    """
+    was_training = model.training
+    model.eval()
+    logger = utils.MetricLogger(cfg.print_freq)
+    local = []
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    for batch in logger.log_every(loader, total=total, header="Embed"):
+        idx = [int(i) for i in batch["index"]]
+        vfeat = encode_videos(model, batch["video"], idx, cfg)
+        caps = [list(c) if with_text else [] for c in batch["captions"]]
+        tfeat = encode_texts(model, tokenizer, [c for cs in caps for c in cs], cfg)
+        counts = [len(c) for c in caps]
+        for j, (i, tf) in enumerate(zip(idx, tfeat.split(counts) if sum(counts) else [None] * len(idx))):
+            local.append((i, vfeat[j], tf if counts[j] else None, caps[j]))
+    model.train(was_training)
+    items = {}
+    for part in _gather_objects(local):
+        for i, vf, tf, caps in part:
+            items.setdefault(i, (vf, tf, caps))
+    order = sorted(items)
+    texts, t2v, captions = [], [], []
+    for pos, i in enumerate(order):
+        _, tf, caps = items[i]
+        if tf is not None:
+            texts.append(tf)
+            t2v += [pos] * len(caps)
+            captions += caps
+    return {"video": torch.stack([items[i][0] for i in order]) if order else torch.zeros(0, 0),
+            "text": torch.cat(texts) if texts else torch.zeros(0, 0),
+            "text_to_video": torch.tensor(t2v, dtype=torch.long), "captions": captions, "indices": order}
+
+
+def evaluate(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: EvalConfig) -> dict:
+    """Embed, score (cosine similarity [T, V]) and rank. Returns the embed_dataset dict plus "sim",
+    "metrics" and "ranks"."""
+    emb = embed_dataset(model, loader, tokenizer, cfg)
+    sim = emb["text"] @ emb["video"].t()
+    metrics, ranks = retrieval_metrics(sim, emb["text_to_video"])
+    return {**emb, "sim": sim, "metrics": metrics, "ranks": ranks}
+
+
+def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0, max_text_len: int = 32,
+                      dist_eval: bool = False) -> torch.utils.data.DataLoader:
+    """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later)."""
+    sampler = None
+    if dist_eval and utils.get_world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
+                                                      rank=utils.get_rank(), shuffle=False)
+    collator = datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       num_workers=num_workers, collate_fn=collator, drop_last=False)
+
+
+def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, batch_size: int = 4, video_mask_ratio: float = 0.0,
+                       seed: int = 0, max_text_len: int = 32, num_workers: int = 0,
+                       dist_eval: bool = False) -> dict[str, float]:
+    """Zero-shot retrieval metrics of a pre-training model (its unimodal video and text passes).
+
+    dataset: a test-mode datasets.VideoTextDataset. video_mask_ratio 0 shows every tube; 0.9 applies the
+    pre-training tube-mask ratio with a fixed mask per video. Leaves the model in the mode it was in.
+    Pass the unwrapped model (not DDP); with dist_eval every rank must call this (features are all-gathered).
+    Returns retrieval_metrics' dict: "t2v_R@1" ... "v2t_MnR", "r1_sum".
+    """
+    cfg = EvalConfig(device=torch.device(device), dtype=dtype, chunk=batch_size, max_text_len=max_text_len,
+                     video_mask_ratio=video_mask_ratio, seed=seed)
+    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval)
+    return evaluate(model, loader, tokenizer, cfg)["metrics"]
+
+# ----------------------------------------------------------------------------------------------- re-ranking
+
+
+def candidate_pairs(sim: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """(text, video) pairs of every text's top-k videos and every video's top-k texts; sim [T, V]."""
+    pairs = set()
+    top_v = sim.topk(min(k, sim.shape[1]), dim=1).indices
+    pairs.update((t, int(v)) for t in range(sim.shape[0]) for v in top_v[t])
+    top_t = sim.topk(min(k, sim.shape[0]), dim=0).indices
+    pairs.update((int(t), v) for v in range(sim.shape[1]) for t in top_t[:, v])
+    return sorted(pairs, key=lambda p: (p[1], p[0]))
+
+
+@torch.no_grad()
+def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
+                        load_video: Callable[[int], torch.Tensor], captions: Sequence[str], tokenizer,
+                        cfg: EvalConfig) -> dict[tuple[int, int], float]:
+    """P(match) from the pre-training model's joint pass + matching head (softmax of match_logits, class 1).
+
+    Each video is decoded once (`load_video(pos) -> [C, T, H, W]`) and paired with all its candidate texts in
+    chunks; videos are split over ranks and the scores gathered.
+    """
+    was_training = match_model.training
+    match_model.eval()
+    by_video: dict[int, list[int]] = {}
+    for t, v in pairs:
+        by_video.setdefault(v, []).append(t)
+    mine = sorted(by_video)[utils.get_rank()::utils.get_world_size()]
+    tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
+    probs = {}
+    for v in mine:
+        clip = load_video(v).unsqueeze(0).to(cfg.device)
+        texts = by_video[v]
+        for start in range(0, len(texts), cfg.chunk):
+            ts = texts[start:start + cfg.chunk]
+            tok = tokenize([captions[t] for t in ts])
+            with utils.autocast(cfg.device, cfg.dtype):
+                logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]),
+                                                  tok["input_ids"].to(cfg.device),
+                                                  tok["attention_mask"].to(cfg.device))
+            p = logits.float().softmax(dim=-1)[:, 1].cpu()
+            probs.update({(t, v): float(x) for t, x in zip(ts, p)})
+    match_model.train(was_training)
+    merged = {}
+    for part in _gather_objects(probs):
+        merged.update(part)
+    return merged
+
+
+def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, probs: dict[tuple[int, int], float],
+                   k: int) -> dict[str, float]:
+    """Metrics after re-ordering each query's top-k by match probability (the rest keep their order below).
+
+    Re-scored candidates are lifted above every similarity (max + 1 + p), so a ground truth outside the top-k
+    keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
+    """
+    lift = float(sim.max()) + 1.0
+    s_t2v, s_v2t = sim.clone().float(), sim.clone().float()
+    for t, v_idx in enumerate(sim.topk(min(k, sim.shape[1]), dim=1).indices.tolist()):
+        for v in v_idx:
+            s_t2v[t, v] = lift + probs[(t, v)]
+    top_t = sim.topk(min(k, sim.shape[0]), dim=0).indices
+    for v in range(sim.shape[1]):
+        for t in top_t[:, v].tolist():
+            s_v2t[t, v] = lift + probs[(t, v)]
+    m_t2v, _ = retrieval_metrics(s_t2v, text_to_video)
+    m_v2t, _ = retrieval_metrics(s_v2t, text_to_video)
+    out = {**{x: y for x, y in m_t2v.items() if x.startswith("t2v_")},
+           **{x: y for x, y in m_v2t.items() if x.startswith("v2t_")}, "rerank_k": k}
+    out["r1_sum"] = out["t2v_R@1"] + out["v2t_R@1"]
+    return out
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def save_embeddings(out_path: str, meta: dict, video: torch.Tensor | None = None,
+                    video_ids: Sequence[str] = (), text: torch.Tensor | None = None,
+                    texts: Sequence[str] = ()) -> list[str]:
+    """Write L2-normalised embeddings for search outside this codebase; returns the files written.
+
+    .safetensors: tensors "video" [Nv, D] / "text" [Nt, D], ids as JSON strings in the metadata.
+    .npy: one float32 array, video rows first then text rows, and a sidecar <name>.json with per-row "ids" and
+    "kinds" ("video" | "text").
+    """
+    parts = [(kind, feats.float().contiguous(), list(ids)) for kind, feats, ids in
+             (("video", video, video_ids), ("text", text, texts)) if feats is not None]
+    if not parts:
+        raise ValueError("nothing to export: give videos (--data_path / --video_dir) and/or --text_file")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    info = {**meta, "normalized": True, "dim": int(parts[0][1].shape[1])}
+    if out_path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        text_meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in info.items()}
+        text_meta.update({f"{kind}_ids": json.dumps(ids) for kind, _, ids in parts})
+        save_file({kind: feats for kind, feats, _ in parts}, out_path, metadata=text_meta)
+        return [out_path]
+    if not out_path.endswith(".npy"):
+        raise ValueError(f"{out_path}: export to a .npy or .safetensors file")
+    np.save(out_path, torch.cat([f for _, f, _ in parts]).numpy())
+    sidecar = os.path.splitext(out_path)[0] + ".json"
+    with open(sidecar, "w") as f:
+        json.dump({**info, "ids": [i for _, _, ids in parts for i in ids],
+                   "kinds": [kind for kind, _, ids in parts for _ in ids]}, f, indent=1)
+    return [out_path, sidecar]

@@ -1,0 +1,495 @@
+"""SimVTP text-video retrieval: fine-tuning, test-only evaluation, zero-shot evaluation, re-ranking, export.
+
+    # fine-tune the dual encoder from a pre-training checkpoint, select on val, evaluate the best on test
+    python run_simvtp_finetuning.py --model simvtp_dual_tiny_patch16 --finetune output/pretrain/checkpoint-5.pth \
+        --data_path train.json --val_fraction 0.1 --test_data_path test.json --output_dir output/finetune ...
+    # test only (never auto-resumes over the given weights)
+    python run_simvtp_finetuning.py --only_test --finetune output/finetune/checkpoint-best.pth --data_path test.json
+    # zero-shot with the pre-training model's unimodal passes, then re-rank the top 16 with its matching head
+    python run_simvtp_finetuning.py --zero_shot --model simvtp_tiny_patch16 --finetune pretrain.pth \
+        --test_data_path test.json --rerank_k 16
+    # embeddings for search elsewhere
+    python run_simvtp_finetuning.py --export_embeddings emb.safetensors --finetune best.pth --video_dir videos/
+See scripts/finetune_msrvtt.sh and scripts/only_test_msrvtt.sh for the paper's MSR-VTT runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from timm.models import create_model
+from torch.nn.parallel import DistributedDataParallel
+
+import checkpoint
+import datasets
+import engine_for_finetuning as engine
+import engine_for_pretraining
+import modeling_simvtp  # noqa: F401  (registers the models with timm)
+import utils
+from run_simvtp_pretraining import _keep_periodic as keep_periodic
+
+MODEL_ALIASES = {"vit_base_patch16_224": "simvtp_dual_base_patch16_224"}  # the release's name
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("SimVTP retrieval fine-tuning and evaluation",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_set", default="MSRVTT", help="informational (the release's flag); formats are detected")
+    g.add_argument("--data_path", default=None, help="training annotation file (several captions per video "
+                   "allowed); the test set in --only_test / --zero_shot when --test_data_path is not given")
+    g.add_argument("--val_data_path", default=None, help="validation annotations for model selection")
+    g.add_argument("--val_fraction", type=float, default=0.0, help="without --val_data_path: hold out this "
+                   "seeded fraction of the training videos for model selection (0: no selection, last epoch)")
+    g.add_argument("--test_data_path", default=None, help="test annotations (e.g. MSR-VTT 1k-A)")
+    g.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
+    g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"])
+    g.add_argument("--num_frames", type=int, default=16)
+    g.add_argument("--sampling_rate", type=int, default=4)
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--short_side_size", type=int, default=224)
+    g.add_argument("--num_sample", type=int, default=1, help="the release's repeated augmentation; only 1 is "
+                   "supported: repeated clips of one video would be false negatives of the contrastive loss")
+    g.add_argument("--test_num_segment", type=int, default=3, help="clips per test video (views averaged)")
+    g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--max_retries", type=int, default=10, help="training only: samples tried after a broken "
+                   "video (a broken test/val video is an error)")
+    g.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (default: shipped vocabulary)")
+    g.add_argument("--max_text_len", type=int, default=32)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="simvtp_dual_base_patch16_224",
+                   help="dual encoder (vit_base_patch16_224 = simvtp_dual_base_patch16_224); a pre-training "
+                   "model name with --zero_shot")
+    g.add_argument("--finetune", default="", help="pre-training checkpoint (mapped onto both branches) or a "
+                   "fine-tuned one")
+    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--temperature", type=float, default=0.05, help="contrastive temperature, as in pre-training")
+    g.add_argument("--release_pooling", action="store_true", help="average padding into text means (release)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=8, help="per process")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
+    g.add_argument("--opt", default="adamw", choices=["adamw"])
+    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument("--opt_eps", type=float, default=1e-8)
+    g.add_argument("--lr", type=float, default=3e-4, help="base lr for a global batch of 256")
+    g.add_argument("--min_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_epochs", type=int, default=5)
+    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay_end", type=float, default=None)
+    g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
+    g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--max_bad_steps", type=int, default=5)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--dist_eval", action="store_true", help="each process embeds its share; features gathered")
+    g.add_argument("--only_test", action="store_true", help="evaluate --finetune / --resume weights on test once")
+    g.add_argument("--zero_shot", action="store_true", help="retrieval with a pre-training model, no training")
+    g.add_argument("--zero_shot_video_mask_ratio", type=float, default=0.0,
+                   help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
+    g.add_argument("--rerank_k", type=int, default=0, help="re-score each query's top K with the matching head")
+    g.add_argument("--rerank_ckpt", default="", help="pre-training checkpoint for re-ranking")
+    g.add_argument("--rerank_model", default=None, help="its model name (default: from the checkpoint's args, "
+                   "else pretrain_simvtp_base_patch16_224)")
+    g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors")
+    g.add_argument("--video_dir", default=None, help="export: embed every video file in this folder")
+    g.add_argument("--text_file", default=None, help="export: embed every line of this file")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output_dir", default="output/finetune")
+    g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
+    g.add_argument("--save_ckpt_freq", type=int, default=10, help="keep a checkpoint every N epochs")
+    g.add_argument("--save_every_steps", type=int, default=0)
+    g.add_argument("--keep_last", type=int, default=2)
+    g.add_argument("--resume", default="", help="training checkpoint to resume (or to test with --only_test)")
+    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable_deepspeed", action="store_true", help="accepted for the release's scripts; "
+                   "native AMP + DDP are used")
+    g.add_argument("--print_freq", type=int, default=10)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def setup(args: argparse.Namespace) -> torch.dtype:
+    utils.init_distributed(args)
+    args.device_obj = utils.resolve_device(args.device)
+    if args.device_obj.type == "cuda" and args.distributed:
+        args.device_obj = torch.device("cuda", args.gpu)
+    dtype = utils.resolve_precision(args.precision, args.device_obj)
+    if args.device_obj.type == "cpu":
+        utils.set_cpu_threads(args.num_workers)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
+    if args.enable_deepspeed:
+        print("--enable_deepspeed: accepted for the release's scripts; DeepSpeed is not used, native AMP + DDP are")
+    if args.num_sample != 1:
+        raise ValueError(f"--num_sample {args.num_sample}: only 1 is supported (repeated clips of one video in a "
+                         "batch would be false negatives of the contrastive loss)")
+    if args.model in MODEL_ALIASES:
+        print(f"--model {args.model} is the release's name of {MODEL_ALIASES[args.model]}")
+        args.model = MODEL_ALIASES[args.model]
+    return dtype
+
+
+def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0) -> engine.EvalConfig:
+    return engine.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
+                             max_text_len=args.max_text_len, video_mask_ratio=mask_ratio, seed=args.seed,
+                             print_freq=args.print_freq)
+
+
+def read_records(path: str, args: argparse.Namespace) -> list:
+    records = datasets.read_annotations(path, args.data_root)
+    print(f"Data: {len(records)} videos, {sum(len(r.captions) for r in records)} captions from {path}")
+    return records
+
+
+def split_val(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out fraction of the training videos (all captions of a video go to the same side)."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_val = max(1, int(round(fraction * len(records))))
+    val = set(order[:n_val].tolist())
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+def check_disjoint(val: list | None, test: list | None) -> None:
+    """Model selection must never see the test set (the release selected on test)."""
+    if val is None or test is None:
+        return
+    shared = {r.path for r in val} & {r.path for r in test}
+    if shared:
+        raise ValueError(f"the validation and test sets share {len(shared)} videos (e.g. {sorted(shared)[0]}); "
+                         "select on a validation set that is not the test set")
+
+
+def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: int) -> datasets.VideoTextDataset:
+    return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
+                                     sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                     short_side_size=args.short_side_size, test_num_segment=segments,
+                                     test_num_crop=crops, video_backend=args.video_backend, seed=args.seed)
+
+
+def model_kwargs(args: argparse.Namespace, vocab_size: int) -> dict:
+    return dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size,
+                release_pooling=args.release_pooling)
+
+
+def build_dual(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    return create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
+                        **model_kwargs(args, vocab_size))
+
+
+def saved_args(path: str) -> dict:
+    """The args a checkpoint was written with (ours: a dict; the release's: an argparse.Namespace)."""
+    saved = checkpoint.read_checkpoint_file(path).get("args")
+    return vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
+
+
+def build_pretrain_model(name: str | None, path: str, args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    """A pre-training model (zero-shot, re-ranking) loaded strictly: half-loaded weights would score nonsense.
+    Without a name, the one the checkpoint's args carry (else the paper's base model); its decoder depth too."""
+    saved = saved_args(path)
+    name = name or saved.get("model") or "pretrain_simvtp_base_patch16_224"
+    kwargs = {**model_kwargs(args, vocab_size), "temperature": args.temperature,
+              "release_pooling": args.release_pooling or bool(saved.get("release_pooling"))}
+    if saved.get("decoder_depth"):
+        kwargs["decoder_depth"] = saved["decoder_depth"]
+    model = create_model(name, pretrained=False, **kwargs)
+    checkpoint.load_pretrained(model, path, strict=True)
+    return model.to(args.device_obj).eval()
+
+
+def load_match_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    """--rerank_ckpt with --rerank_model (default: the model name the checkpoint's args carry)."""
+    return build_pretrain_model(args.rerank_model, args.rerank_ckpt, args, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, tokenizer, dtype: torch.dtype,
+             prefix: str = "test", mask_ratio: float = 0.0, match_model: torch.nn.Module | None = None) -> dict:
+    """Evaluate on a test set (test_num_segment x test_num_crop views), optionally re-rank, print the table and
+    write <prefix>_metrics.json + <prefix>_per_query.jsonl."""
+    cfg = eval_config(args, dtype, mask_ratio)
+    loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
+                                      tokenizer, args.batch_size, args.num_workers, args.max_text_len,
+                                      args.dist_eval)
+    res = engine.evaluate(model, loader, tokenizer, cfg)
+    video_ids = [records[i].video_id for i in res["indices"]]
+    out = {**res["metrics"], "views": f"{args.test_num_segment}x{args.test_num_crop}"}
+    if mask_ratio:
+        out["video_mask_ratio"] = mask_ratio
+    table = {"similarity": res["metrics"]}
+    if args.rerank_k > 0:
+        if match_model is None:
+            match_model = load_match_model(args, len(tokenizer))
+        t0 = time.time()
+        one_view = eval_dataset(records, args, 1, 1)
+        probs = engine.match_probabilities(
+            match_model, engine.candidate_pairs(res["sim"], args.rerank_k),
+            lambda pos: one_view[res["indices"][pos]]["video"][0], res["captions"], tokenizer, cfg)
+        out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], probs, args.rerank_k)
+        out["rerank"]["seconds"] = time.time() - t0
+        table[f"re-ranked k={args.rerank_k}"] = out["rerank"]
+    print(engine.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos"), flush=True)
+    per_query = engine.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
+    engine.write_results(args.output_dir, prefix, out, per_query)
+    return out
+
+
+def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
+    """The given weights, once, on the test set; auto-resume never replaces them."""
+    weights = args.finetune or args.resume
+    if not weights:
+        raise ValueError("--only_test needs the weights to test: --finetune CKPT or --resume CKPT")
+    latest = checkpoint.find_latest(args.output_dir)
+    if latest and os.path.abspath(latest) != os.path.abspath(weights):
+        print(f"--only_test: testing {weights}; not resuming from {latest}")
+    model = build_dual(args, len(tokenizer))
+    checkpoint.load_pretrained(model, weights, strict=True)
+    records = read_records(args.test_data_path or args.data_path, args)
+    return run_test(model.to(args.device_obj), records, args, tokenizer, dtype)
+
+
+def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
+    """Retrieval with a pre-training model's unimodal passes; re-ranking uses its own matching head unless
+    --rerank_ckpt names another model."""
+    if not args.finetune:
+        raise ValueError("--zero_shot needs --finetune PRETRAIN_CKPT")
+    model = build_pretrain_model(args.model, args.finetune, args, len(tokenizer))
+    records = read_records(args.test_data_path or args.data_path, args)
+    match_model = None if args.rerank_ckpt else model
+    return run_test(model, records, args, tokenizer, dtype, prefix="zero_shot",
+                    mask_ratio=args.zero_shot_video_mask_ratio, match_model=match_model)
+
+
+def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]:
+    """Embed the videos of an annotation file or folder and/or the lines of a text file, then save them."""
+    if args.zero_shot:
+        model = build_pretrain_model(args.model, args.finetune, args, len(tokenizer))
+    else:
+        model = build_dual(args, len(tokenizer))
+        if not args.finetune:
+            raise ValueError("--export_embeddings needs --finetune CKPT (the weights to embed with)")
+        checkpoint.load_pretrained(model, args.finetune, strict=True)
+        model = model.to(args.device_obj).eval()
+    cfg = eval_config(args, dtype, args.zero_shot_video_mask_ratio if args.zero_shot else 0.0)
+    if args.video_dir:
+        names = sorted(f for f in os.listdir(args.video_dir) if f.lower().endswith(VIDEO_EXTENSIONS))
+        records = [datasets.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
+                   for f in names]
+    else:
+        records = read_records(args.data_path, args) if args.data_path else []
+    video = video_ids = None
+    if records:
+        loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
+                                          tokenizer, args.batch_size, args.num_workers, args.max_text_len,
+                                          args.dist_eval)
+        emb = engine.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
+        video, video_ids = emb["video"], [records[i].video_id for i in emb["indices"]]
+    text = texts = None
+    if args.text_file:
+        with open(args.text_file) as f:
+            texts = [line.strip() for line in f if line.strip()]
+        text = engine.encode_texts(model, tokenizer, texts, cfg)
+    meta = {"model": args.model, "checkpoint": args.finetune, "num_frames": args.num_frames,
+            "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}"}
+    written = []
+    if utils.is_main_process():
+        written = engine.save_embeddings(args.export_embeddings, meta, video, video_ids or (), text, texts or ())
+        print(f"Exported {0 if video is None else len(video)} videos and {0 if text is None else len(text)} texts "
+              f"to {', '.join(written)}")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
+    dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
+                                        sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                        short_side_size=args.short_side_size, video_backend=args.video_backend,
+                                        seed=args.seed, max_retries=args.max_retries)
+    if len(dataset) < args.batch_size * args.world_size:
+        raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
+                         f"({args.batch_size} x {args.world_size} processes)")
+    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                seed=args.seed, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        collate_fn=datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len, seed=args.seed),
+        drop_last=True, pin_memory=args.device_obj.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed))
+    return loader, dataset, sampler
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay over the blocks of both branches (engine.layer_id)."""
+    num_layers = len(model.video_encoder.blocks)
+    scale = engine.layer_scale_map(model, args.layer_decay, num_layers) if args.layer_decay < 1 else None
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = utils.param_groups(model, args.weight_decay, no_decay_names=no_decay, layer_scale=scale)
+    scales = sorted({round(g["lr_scale"], 6) for g in groups})
+    print(f"Optimizer: {len(groups)} parameter groups; lr scales {scales[0]:.4g} .. {scales[-1]:.4g} "
+          f"(layer decay {args.layer_decay} over {num_layers} blocks per branch)")
+    for g in groups:
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=args.abs_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+
+
+def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
+    if utils.is_main_process():
+        checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch, "metric_name": "val_r1_sum",
+                                "metric": metrics["r1_sum"], "val_metrics": metrics,
+                                "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
+        print(f"Saved checkpoint-best.pth (epoch {epoch}, val R@1 t2v+v2t = {metrics['r1_sum']:.2f})")
+    utils.barrier()
+
+
+def best_so_far(args: argparse.Namespace) -> float:
+    path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    return float(checkpoint.read_checkpoint_file(path)["metric"]) if os.path.isfile(path) else float("-inf")
+
+
+def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
+    """Train on --data_path, select on val (R@1 t2v + v2t), then test the best weights."""
+    if not args.data_path:
+        raise ValueError("fine-tuning needs --data_path (the training annotations)")
+    train_records = read_records(args.data_path, args)
+    val_records = read_records(args.val_data_path, args) if args.val_data_path else None
+    if val_records is None and args.val_fraction > 0:
+        train_records, val_records = split_val(train_records, args.val_fraction, args.seed)
+        print(f"Validation: {len(val_records)} videos held out of the training list (seed {args.seed})")
+    test_records = read_records(args.test_data_path, args) if args.test_data_path else None
+    check_disjoint(val_records, test_records)
+    loader, dataset, sampler = build_train_loader(train_records, args, tokenizer)
+
+    model = build_dual(args, len(tokenizer))
+    if args.finetune:
+        checkpoint.load_pretrained(model, args.finetune, strict=False)
+    model.to(args.device_obj)
+    args.abs_lr = utils.scaled_lr(args.lr, args.batch_size, args.world_size, args.accum_iter)
+    args.abs_min_lr = utils.scaled_lr(args.min_lr, args.batch_size, args.world_size, args.accum_iter)
+    args.abs_warmup_lr = utils.scaled_lr(args.warmup_lr, args.batch_size, args.world_size, args.accum_iter)
+    optimizer = build_optimizer(model, args)
+    scaler = utils.make_grad_scaler(args.device_obj, dtype)
+    steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
+                         f"{len(sampler)} samples each process sees per epoch")
+    lr_schedule = utils.cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch,
+                                         args.warmup_epochs, args.abs_warmup_lr, args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+    state = engine_for_pretraining.TrainState()
+    start_epoch, start_step = 0, 0
+    resume_from = args.resume or (checkpoint.find_latest(args.output_dir) if args.auto_resume else None)
+    if resume_from:
+        start_epoch, start_step, state.global_step = checkpoint.restore_training_state(
+            resume_from, model, optimizer, scaler)
+        print(f"Resumed from {resume_from}: epoch {start_epoch}, step {start_step}")
+    utils.save_args_json(args, args.output_dir)
+    wrapped = engine.DualEncoderLoss(model, args.temperature)
+    ddp_model = wrapped
+    if args.distributed:
+        ddp_model = DistributedDataParallel(wrapped, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
+    tb = utils.TensorboardLogger(args.log_dir)
+    cfg = engine_for_pretraining.StepConfig(
+        device=args.device_obj, dtype=dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+        max_bad_steps=args.max_bad_steps, max_steps=args.max_steps, print_freq=args.print_freq,
+        save_every_steps=args.save_every_steps)
+    val_loader = None
+    if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
+        val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
+                                              args.num_workers, args.max_text_len, args.dist_eval)
+
+    def save(epoch: int, step_in_epoch: int | None) -> None:
+        if utils.is_main_process():
+            path = checkpoint.save_training_state(
+                args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
+                step_in_epoch=step_in_epoch, global_step=state.global_step, args=utils.plain_args(args),
+                keep_last=args.keep_last)
+            print(f"Saved {path}")
+        utils.barrier()
+
+    best = best_so_far(args)
+    print(f"Fine-tuning {args.epochs} epochs x {steps_per_epoch} steps from epoch {start_epoch} step {start_step}")
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_start(start_step * args.batch_size * args.accum_iter)
+        summary = engine_for_pretraining.train_one_epoch(ddp_model, loader, optimizer, scaler, epoch, start_step,
+                                                         steps_per_epoch, lr_schedule, wd_schedule, cfg, state, tb,
+                                                         save_mid_epoch=save)
+        sampler.set_start(0)
+        start_step = 0
+        steps_done = state.global_step - epoch * steps_per_epoch
+        save(epoch, steps_done if state.stop and steps_done < steps_per_epoch else None)
+        record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
+        if val_loader is not None:
+            val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]
+            print(engine.format_table({f"val epoch {epoch}": val}, title="Validation"))
+            record.update({f"val_{k}": v for k, v in val.items()})
+            tb.scalars(epoch, "val", {k: v for k, v in val.items() if "@" in k or k == "r1_sum"})
+            if val["r1_sum"] > best:
+                best = val["r1_sum"]
+                save_best(args, model, epoch, val)
+        utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
+        tb.flush()
+        if state.stop:
+            break
+        keep_periodic(args, epoch)  # hard-linked copy every --save_ckpt_freq epochs
+    return test_best(args, model, test_records, dtype, tokenizer)
+
+
+def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: list | None, dtype: torch.dtype,
+              tokenizer) -> dict:
+    """The best-val weights (or the last ones when there is no validation set) on the test set."""
+    best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    if os.path.isfile(best_path):
+        model.load_state_dict(checkpoint.read_checkpoint_file(best_path)["model"], strict=True)
+        print(f"Testing {best_path} (best on validation)")
+    else:
+        print("No validation set: testing the last weights")
+    if test_records is None:
+        print("No --test_data_path: skipping the test evaluation")
+        return {}
+    return run_test(model, test_records, args, tokenizer, dtype)
+
+
+def main(args: argparse.Namespace) -> dict | list:
+    """Dispatch: --export_embeddings, --zero_shot, --only_test, else fine-tuning. Returns the test metrics
+    (or the exported files)."""
+    dtype = setup(args)
+    tokenizer = datasets.build_tokenizer(args.tokenizer)
+    if args.export_embeddings:
+        return export(args, dtype, tokenizer)
+    if args.zero_shot:
+        return zero_shot(args, dtype, tokenizer)
+    if args.only_test:
+        return only_test(args, dtype, tokenizer)
+    return finetune(args, dtype, tokenizer)
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    try:
+        main(parsed)
+    except (FileNotFoundError, ValueError, engine_for_pretraining.NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The release's MSR-VTT test-only run: the given fine-tuned weights, once, on the 1k-A test set with 15 clips x
+# 3 crops per video (features averaged over the 45 views), text-to-video and video-to-text metrics, split over
+# 1 node x 8 GPUs (--dist_eval). Writes OUTPUT_DIR/test_metrics.json and test_per_query.jsonl. Never resumes
+# anything found in OUTPUT_DIR over the given weights.
+#
+# Usage:
+#   bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [extra flags...]
+#   e.g. add --rerank_k 16 --rerank_ckpt PRETRAIN_CKPT to re-rank each query's top 16 with the matching head.
+# Environment (defaults): GPUS_PER_NODE=8 MASTER_PORT=29502 DRY_RUN=1 prints the command.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ $# -lt 4 ]; then
+  echo "usage: bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [flags]" >&2
+  exit 2
+fi
+TEST_ANNO="$1"; DATA_ROOT="$2"; CKPT="$3"; OUTPUT_DIR="$4"
+shift 4
+
+cmd=(torchrun --nnodes 1 --nproc_per_node "${GPUS_PER_NODE:-8}" --master_port "${MASTER_PORT:-29502}"
+     run_simvtp_finetuning.py --only_test
+     --model simvtp_dual_base_patch16_224 --data_set MSRVTT
+     --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT" --finetune "$CKPT" --output_dir "$OUTPUT_DIR"
+     --batch_size 8 --num_sample 1 --input_size 224 --short_side_size 224 --num_frames 16 --sampling_rate 4
+     --dist_eval --test_num_segment 15 --test_num_crop 3 --num_workers 10 --device cuda --precision auto)
+cmd+=("$@")
+
+if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+exec "${cmd[@]}"

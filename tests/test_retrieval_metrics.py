@@ -1,0 +1,105 @@
+"""Retrieval metrics against rankings worked out by hand: ties count against the ground truth, videos with several
+captions take their best caption's rank, both directions, and the files written for error analysis."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import engine_for_finetuning as eng
+
+# 4 texts, 3 videos; texts 0 and 1 describe video 0, text 2 video 1, text 3 video 2.
+SIM = torch.tensor([
+    [0.9, 0.1, 0.2],   # t0 -> v0: rank 1
+    [0.5, 0.5, 0.1],   # t1 -> v0: tie with v1 -> rank 2 (tie against the ground truth)
+    [0.3, 0.2, 0.4],   # t2 -> v1: v0 and v2 above -> rank 3
+    [0.6, 0.7, 0.6],   # t3 -> v2: tie with v0 and v1 above -> rank 3
+])
+TEXT_TO_VIDEO = [0, 0, 1, 2]
+
+
+def test_text_to_video_ranks_by_hand():
+    _, ranks = eng.retrieval_metrics(SIM, TEXT_TO_VIDEO)
+    assert ranks["t2v"].tolist() == [1, 2, 3, 3]
+
+
+def test_video_to_text_takes_the_best_caption_and_ties_against_it():
+    # columns: v0 scores texts (0.9, 0.5, 0.3, 0.6): best caption t0 (0.9) -> rank 1
+    # v1 (0.1, 0.5, 0.2, 0.7): its caption t2 has 0.2; t1 (0.5), t3 (0.7) above -> rank 3
+    # v2 (0.2, 0.1, 0.4, 0.6): its caption t3 has 0.6, nothing above -> rank 1
+    _, ranks = eng.retrieval_metrics(SIM, TEXT_TO_VIDEO)
+    assert ranks["v2t"].tolist() == [1, 3, 1]
+    assert ranks["v2t_videos"].tolist() == [0, 1, 2]
+
+
+def test_summary_numbers():
+    m, _ = eng.retrieval_metrics(SIM, TEXT_TO_VIDEO)
+    assert m["t2v_R@1"] == pytest.approx(25.0) and m["t2v_R@5"] == pytest.approx(100.0)
+    assert m["t2v_MdR"] == pytest.approx(2.5) and m["t2v_MnR"] == pytest.approx(9 / 4)
+    assert m["v2t_R@1"] == pytest.approx(200 / 3) and m["v2t_MdR"] == 1.0 and m["v2t_MnR"] == pytest.approx(5 / 3)
+    assert m["r1_sum"] == pytest.approx(25.0 + 200 / 3)
+    assert m["t2v_queries"] == 4 and m["v2t_queries"] == 3
+
+
+def test_second_caption_of_a_video_does_not_count_against_the_first():
+    # both captions of v0 score 0.8 for v0; ties between ground truths are no penalty
+    sim = torch.tensor([[0.8, 0.1], [0.8, 0.2], [0.1, 0.9]])
+    _, ranks = eng.retrieval_metrics(sim, [0, 0, 1])
+    assert ranks["v2t"].tolist() == [1, 1]
+    assert ranks["t2v"].tolist() == [1, 1, 1]
+
+
+def test_constant_scores_give_the_worst_rank():
+    sim = torch.zeros(5, 5)
+    m, ranks = eng.retrieval_metrics(sim, list(range(5)))
+    assert ranks["t2v"].tolist() == [5] * 5 and ranks["v2t"].tolist() == [5] * 5
+    assert m["t2v_R@1"] == 0.0 and m["v2t_R@1"] == 0.0 and m["t2v_R@5"] == 100.0
+
+
+def test_video_without_caption_is_no_v2t_query():
+    sim = torch.tensor([[0.9, 0.8, 0.1]])
+    m, ranks = eng.retrieval_metrics(sim, [1])
+    assert ranks["t2v"].tolist() == [2]
+    assert ranks["v2t_videos"].tolist() == [1] and ranks["v2t"].tolist() == [1]
+    assert m["v2t_queries"] == 1
+
+
+def test_gt_ranks_matches_a_sort_based_reference_with_ties():
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.integers(0, 4, size=(50, 30)).astype(np.float32))  # many ties
+    gt = torch.zeros(50, 30, dtype=torch.bool)
+    for q in range(50):
+        gt[q, rng.choice(30, size=rng.integers(1, 4), replace=False)] = True
+    ranks = eng.gt_ranks(scores, gt, chunk=7)
+    for q in range(50):
+        # worst-case order: sort by score descending, non-ground-truth first among equal scores
+        order = sorted(range(30), key=lambda j: (-float(scores[q, j]), bool(gt[q, j])))
+        expected = 1 + min(order.index(j) for j in range(30) if gt[q, j])
+        assert int(ranks[q]) == expected
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="text_to_video"):
+        eng.retrieval_metrics(SIM, [0, 0, 3, 1])
+    with pytest.raises(ValueError, match="ground-truth"):
+        eng.gt_ranks(torch.zeros(2, 2), torch.tensor([[True, False], [False, False]]))
+
+
+def test_table_and_files(tmp_path):
+    m, ranks = eng.retrieval_metrics(SIM, TEXT_TO_VIDEO)
+    table = eng.format_table({"similarity": m})
+    assert "ties count against the ground truth" in table
+    assert "similarity t2v" in table and "similarity v2t" in table
+    records = eng.per_query_records(SIM, torch.tensor(TEXT_TO_VIDEO), ranks, ["a", "b", "c"],
+                                    ["t0", "t1", "t2", "t3"], top=2)
+    eng.write_results(str(tmp_path), "test", m, records)
+    saved = json.load(open(tmp_path / "test_metrics.json"))
+    assert saved["t2v_R@1"] == pytest.approx(25.0) and "ties" in saved["note"]
+    lines = [json.loads(x) for x in open(tmp_path / "test_per_query.jsonl")]
+    assert len(lines) == 4 + 3
+    t1 = lines[1]
+    assert t1["direction"] == "t2v" and t1["text"] == "t1" and t1["gt"] == ["a"] and t1["gt_rank"] == 2
+    assert len(t1["top"]) == 2 and {c["video_id"] for c in t1["top"]} == {"a", "b"}
+    v1 = lines[5]
+    assert v1["direction"] == "v2t" and v1["video_id"] == "b" and v1["gt"] == [2] and v1["gt_rank"] == 3
+    assert v1["top"][0]["text"] == "t3" and v1["top"][0]["score"] == pytest.approx(0.7)
