@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import datasets
+import engine_for_finetuning
 import engine_for_pretraining as engine
 import masking_generator
 import modeling_simvtp  # noqa: F401  (registers the models with timm)
@@ -90,6 +91,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the newest checkpoint in --output_dir")
     g.add_argument("--print_freq", type=int, default=10)
+    g = p.add_argument_group("zero-shot evaluation during training")
+    g.add_argument("--eval_every", type=int, default=0,
+                   help="run zero-shot retrieval on --eval_data_path every N epochs (0 = never)")
+    g.add_argument("--eval_data_path", default=None, help="validation annotation file (never the test set)")
+    g.add_argument("--eval_mask_ratio", type=float, default=0.0,
+                   help="tube-mask ratio of the video pass in zero-shot evaluation (0 = every tube visible)")
+    g.add_argument("--short_side_size", type=int, default=None, help="evaluation resize (default: --input_size)")
     return p
 
 
@@ -116,6 +124,32 @@ def build_loader(args: argparse.Namespace, tokenizer) -> tuple[torch.utils.data.
         generator=torch.Generator().manual_seed(args.seed))
     print(f"Data: {len(records)} videos from {args.data_path}; mask {mask_gen}")
     return loader, dataset, sampler
+
+
+def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | None:
+    """The validation set of --eval_every: one centre clip per video, read strictly (a broken video is an error)."""
+    if args.eval_every <= 0:
+        return None
+    if not args.eval_data_path:
+        raise ValueError("--eval_every needs --eval_data_path (a validation annotation file)")
+    records = datasets.read_annotations(args.eval_data_path, args.data_root)
+    return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
+                                     sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                     short_side_size=args.short_side_size or args.input_size, test_num_segment=1,
+                                     test_num_crop=1, video_backend=args.video_backend, seed=args.seed)
+
+
+def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,
+                   dtype: torch.dtype) -> dict[str, float]:
+    """Zero-shot retrieval on the validation set; every rank embeds its share (features are gathered)."""
+    metrics = engine_for_finetuning.evaluate_zero_shot(
+        model, dataset, tokenizer, device=args.device_obj, dtype=dtype, batch_size=args.batch_size,
+        video_mask_ratio=args.eval_mask_ratio, seed=args.seed, max_text_len=args.max_text_len,
+        num_workers=min(args.num_workers, 2), dist_eval=args.distributed)
+    print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
+          f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
+          f"(chance R@1 {100.0 / len(dataset):.1f})")
+    return metrics
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
@@ -150,6 +184,7 @@ def main(args: argparse.Namespace) -> dict:
 
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     loader, dataset, sampler = build_loader(args, tokenizer)
+    eval_set = build_eval_dataset(args)
     model = build_model(args, len(tokenizer)).to(args.device_obj)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Model {args.model}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device {args.device_obj}; "
@@ -210,6 +245,10 @@ def main(args: argparse.Namespace) -> dict:
         sampler.set_start(0)
         start_step = 0
         record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
+        if eval_set is not None and not state.stop and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            metrics = zero_shot_eval(model, eval_set, tokenizer, args, dtype)
+            record.update({f"zs_{k}": v for k, v in metrics.items()})
+            tb.scalars(state.global_step, "zero_shot", metrics)
         utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
         tb.flush()
         if state.stop:  # --max_steps reached mid-epoch: save where we are so the run can continue

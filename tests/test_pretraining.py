@@ -98,3 +98,18 @@ def test_broken_videos_in_the_training_list_are_skipped_and_counted(synthetic_ro
     result = run_simvtp_pretraining.main(args)
     assert result["summary"]["skipped_videos_total"] >= 1
     assert "Skipped" in capsys.readouterr().out
+
+
+def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_root, tmp_path):
+    val = os.path.join(synthetic_root, "annotations", "val.json")
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--eval_every", "1",
+                                      "--eval_data_path", val))
+    record = json.loads(open(tmp_path / "log.txt").readline())
+    for key in ("zs_t2v_R@1", "zs_t2v_R@5", "zs_v2t_R@1", "zs_t2v_MdR"):
+        assert key in record, key
+    assert 0.0 <= record["zs_t2v_R@1"] <= record["zs_t2v_R@5"] <= 100.0
+
+
+def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, tmp_path):
+    with pytest.raises(ValueError, match="--eval_data_path"):
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--eval_every", "1"))
