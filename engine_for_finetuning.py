@@ -269,7 +269,8 @@ def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg
     logger = utils.MetricLogger(cfg.print_freq)
     local = []
     total = len(loader) if hasattr(loader, "__len__") else 0
-    for batch in logger.log_every(loader, total=total, header="Embed"):
+    for batch in logger.log_every(loader, total=total, header="Embed",
+                                   items_per_step=getattr(loader, "batch_size", None) or 1, unit="videos"):
         idx = [int(i) for i in batch["index"]]
         vfeat = encode_videos(model, batch["video"], idx, cfg)
         caps = [list(c) if with_text else [] for c in batch["captions"]]

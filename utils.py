@@ -243,8 +243,10 @@ class MetricLogger:
         return {k: m.global_avg for k, m in self.meters.items()}
 
     def log_every(self, iterable: Iterable, total: int, header: str, start: int = 0,
-                  items_per_step: int = 1) -> Iterator:
-        """Yield from iterable; after every print_freq items print step/total, meters, items/s and ETA."""
+                  items_per_step: int = 1, unit: str = "it") -> Iterator:
+        """Yield from iterable; after every print_freq items print step/total, meters, rate and ETA.
+
+        The rate is items_per_step x steps per second, labelled `unit`/s (pass the batch size and "clips")."""
         t0 = time.time()
         done = 0
         for i, obj in enumerate(iterable, start=start):
@@ -256,7 +258,7 @@ class MetricLogger:
                 eta = datetime.timedelta(seconds=int(per_step * (total - i - 1)))
                 meters = "  ".join(f"{k} {m.avg:.4g}" for k, m in self.meters.items())
                 print(f"{header} [{i + 1}/{total}] eta {eta}  {meters}  "
-                      f"{items_per_step / per_step:.1f} clips/s", flush=True)
+                      f"{items_per_step / per_step:.2f} {unit}/s", flush=True)
 
 
 class TensorboardLogger:

@@ -1,28 +1,78 @@
 #!/usr/bin/env bash
-# From nothing to a pre-trained tiny SimVTP on CPU: set up .venv, build the synthetic video-text set (if absent),
-# pre-train, then print where everything went. Safe to run again: finished steps are reused
-# (the pre-training run auto-resumes and stops at once when all its epochs are done).
+# From nothing to a pre-trained tiny SimVTP, a zero-shot and a fine-tuned retrieval table and a reconstruction
+# figure, on CPU. Safe to run again: the dataset is reused, finished runs auto-resume and stop at once, and the
+# evaluations are simply repeated. Knobs (environment): DEMO_PRETRAIN_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh requirements.txt
 
 DATA=data/synthetic
-OUT=output/demo
-EPOCHS="${DEMO_EPOCHS:-6}"
+ANN="$DATA/annotations"
+OUT="${DEMO_OUT:-output/demo}"
+PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-20}"
+FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-5}"
 mkdir -p "$OUT"
+export TOKENIZERS_PARALLELISM=false
 step() { echo; echo "=== $* ==="; }
 timed() { local t0=$SECONDS; "$@"; echo "[demo] took $((SECONDS - t0)) s"; }
 
-step "1/2 synthetic video-text dataset -> $DATA"
+# One clip shape for every step: 8 frames of 112 x 112 px (7 x 7 tubes per slice), stride 4.
+CLIP=(--num_frames 8 --sampling_rate 4 --input_size 112 --device cpu --precision auto --num_workers 1)
+EVAL=(--short_side_size 112 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
+
+step "1/6 synthetic video-text dataset -> $DATA"
 timed "$PY" synthetic_dataset.py --out "$DATA"
 
-step "2/2 pre-training simvtp_tiny_patch16 on CPU ($EPOCHS epochs) -> $OUT/pretrain"
-timed "$PY" run_simvtp_pretraining.py --data_path "$DATA/annotations/pretrain.json" --data_root "$DATA" \
-  --model simvtp_tiny_patch16 --num_frames 8 --input_size 112 --batch_size 16 \
-  --epochs "$EPOCHS" --warmup_epochs 1 --lr 1.5e-3 --min_lr 1e-5 --num_workers 1 \
-  --device cpu --precision auto --print_freq 5 --output_dir "$OUT/pretrain"
+step "2/6 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
+timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
+  --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_epochs 2 \
+  --lr 1.5e-3 --min_lr 1e-5 --print_freq 10 --save_ckpt_freq 0 --keep_last 1 \
+  --eval_every 5 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
+PRETRAINED="$OUT/pretrain/latest"
+PRETRAINED="$OUT/pretrain/$(cat "$PRETRAINED")"
 
+step "3/6 zero-shot retrieval on the test split (all tubes, then the pre-training 90% tube mask)"
+for ratio in 0.0 0.9; do
+  timed "$PY" run_simvtp_finetuning.py --zero_shot --model simvtp_tiny_patch16 --finetune "$PRETRAINED" \
+    --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
+    --zero_shot_video_mask_ratio "$ratio" --output_dir "$OUT/zero_shot_mask$ratio"
+done
+
+step "4/6 fine-tuning the dual encoder from the pre-trained weights ($FINETUNE_EPOCHS epochs, selected on val)"
+timed "$PY" run_simvtp_finetuning.py --model simvtp_dual_tiny_patch16 --finetune "$PRETRAINED" \
+  --data_path "$ANN/train.json" --val_data_path "$ANN/val.json" --data_root "$DATA" "${CLIP[@]}" \
+  --batch_size 16 --epochs "$FINETUNE_EPOCHS" --warmup_epochs 1 --lr 1e-3 --drop_path 0.0 --print_freq 10 \
+  --keep_last 1 --short_side_size 112 --output_dir "$OUT/finetune"
+
+step "5/6 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
+timed "$PY" run_simvtp_finetuning.py --only_test --model simvtp_dual_tiny_patch16 \
+  --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
+  "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
+
+step "6/6 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
+VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
+CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
+timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
+  --num_frames 8 --frame_stride 4 --input_size 112 --device cpu --save_path "$OUT/reconstruction.png"
+
+step "results"
+"$PY" - "$OUT" <<'PY'
+import json, os, sys
+from engine_for_finetuning import format_table
+out = sys.argv[1]
+tables = {"zero-shot, all tubes": "zero_shot_mask0.0/zero_shot_metrics.json",
+          "zero-shot, 90% masked": "zero_shot_mask0.9/zero_shot_metrics.json",
+          "fine-tuned": "finetune/test_metrics.json"}
+rows = {name: json.load(open(os.path.join(out, rel))) for name, rel in tables.items()}
+print(format_table(rows, title="Test split"))
+videos = json.load(open(os.path.join(out, "finetune/test_metrics.json")))["v2t_queries"]
+print(f"chance: t2v R@1 = {100 / videos:.1f} ({videos} test videos)")
+PY
 echo
-echo "Done. Outputs:"
-echo "  dataset:        $DATA (annotations in $DATA/annotations)"
-echo "  pre-training:   $OUT/pretrain (checkpoints, log.txt, args.json, tensorboard in tb/)"
+echo "Outputs:"
+echo "  dataset:          $DATA (annotations in $ANN)"
+echo "  pre-training:     $OUT/pretrain (checkpoints, log.txt with zero-shot val metrics, args.json, tb/)"
+echo "  zero-shot:        $OUT/zero_shot_mask0.0, $OUT/zero_shot_mask0.9 (*_metrics.json, *_per_query.jsonl)"
+echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json, test_per_query.jsonl, log.txt)"
+echo "  figure:           $OUT/reconstruction.png"
+echo "  tensorboard:      .venv/bin/tensorboard --logdir $OUT  (if tensorboard is installed)"
