@@ -340,6 +340,9 @@ class _PyAVVideo(VideoFile):
                 raise VideoDecodeError(f"{path}: no video stream")
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1
+            # one colour converter per video: frame.to_ndarray() builds a new swscale context for every frame
+            from av.video.reformatter import VideoReformatter
+            self._to_rgb = VideoReformatter()
             rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
             if not rate:
                 raise VideoDecodeError(f"{path}: unknown frame rate")
@@ -409,11 +412,11 @@ class _PyAVVideo(VideoFile):
                 preroll = False
             while p < len(run) and run[p] < index:  # passed: hold the frame on screen at that time
                 if prev_rgb is None:
-                    prev_rgb = (prev if prev is not None else frame).to_ndarray(format="rgb24")
+                    prev_rgb = self._rgb(prev if prev is not None else frame)
                 out[run[p]] = prev_rgb
                 p += 1
             if p < len(run) and run[p] == index:
-                out[index] = frame.to_ndarray(format="rgb24")
+                out[index] = self._rgb(frame)
                 p += 1
             if p == len(run):
                 return True
@@ -427,10 +430,13 @@ class _PyAVVideo(VideoFile):
         if run[-1] - prev_index > max(4, self.num_frames // 10):
             raise VideoDecodeError(f"{self.path}: stream ended at frame {prev_index} but frame {run[-1]} was asked "
                                    f"(the container claims {self.num_frames}); truncated file?")
-        last = prev.to_ndarray(format="rgb24")
+        last = self._rgb(prev)
         for i in run[p:]:
             out[i] = last
         return True
+
+    def _rgb(self, frame) -> np.ndarray:
+        return self._to_rgb.reformat(frame, format="rgb24").to_ndarray()
 
     def close(self) -> None:
         if self._container is not None:
