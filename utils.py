@@ -87,8 +87,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] on each rank -> [world*b, ...] in rank order, with gradient flowing back to every rank's input."""
     if get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # the functional collective that torch 2.14 recommends over torch.distributed.nn.functional.all_gather;
+    # its backward reduce-scatters the gradient back to the rank that owns each slice
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
