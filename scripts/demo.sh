@@ -56,7 +56,7 @@ step "6/6 reconstruction figure (a test video, its caption, 90% tubes and 75% wo
 VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
 CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
 timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
-  --num_frames 8 --frame_stride 4 --input_size 112 --device cpu --save_path "$OUT/reconstruction.png"
+  --frame_stride 4 --device cpu --save_path "$OUT/reconstruction.png"
 
 step "results"
 "$PY" - "$OUT" <<'PY'
