@@ -84,14 +84,15 @@ def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Te
 
 def format_table(results: dict[str, dict], title: str = "Retrieval") -> str:
     """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries. `results` maps a name to metrics."""
-    head = f"{'':<22}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
+    width = max([22] + [len(name) + 5 for name in results])
+    head = f"{'':<{width}}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
     lines = [f"{title} -- {TIE_NOTE}", head, "-" * len(head)]
     for name, m in results.items():
         for d in ("t2v", "v2t"):
             if f"{d}_R@1" not in m:
                 continue
             cells = "".join(f"{m[f'{d}_R@{k}']:>7.1f}" for k in RECALL_AT)
-            lines.append(f"{name + ' ' + d:<22}{cells}{m[f'{d}_MdR']:>7.1f}{m[f'{d}_MnR']:>8.1f}"
+            lines.append(f"{name + ' ' + d:<{width}}{cells}{m[f'{d}_MdR']:>7.1f}{m[f'{d}_MnR']:>8.1f}"
                          f"{m[f'{d}_queries']:>9d}")
     return "\n".join(lines)
 

@@ -70,7 +70,7 @@ tables = {"zero-shot, all tubes": "zero_shot_mask0.0/zero_shot_metrics.json",
 rows = {name: json.load(open(os.path.join(out, rel))) for name, rel in tables.items()}
 print(format_table(rows, title="Test split"))
 videos = json.load(open(os.path.join(out, "finetune/test_metrics.json")))["v2t_queries"]
-print(f"chance: t2v R@1 = {100 / videos:.1f} ({videos} test videos)")
+print(f"chance: R@1 about {100 / videos:.1f} in both directions ({videos} test videos)")
 PY
 echo
 echo "Outputs:"
@@ -80,4 +80,4 @@ echo "  zero-shot:        $OUT/zero_shot_mask0.0, $OUT/zero_shot_mask0.9 (*_metr
 echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json, test_per_query.jsonl, log.txt)"
 echo "  baseline:         $OUT/finetune_random_init (the same fine-tuning from random initialisation)"
 echo "  figure:           $OUT/reconstruction.png"
-echo "  tensorboard:      .venv/bin/tensorboard --logdir $OUT  (if tensorboard is installed)"
+echo "  tensorboard logs: $OUT/*/tb (view with TensorBoard: pip install tensorboard; tensorboard --logdir $OUT)"
