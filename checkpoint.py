@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -217,6 +217,34 @@ def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.o
 
 
 # ----------------------------------------------------------------------------------------------- converter
+
+
+def resume_if_any(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None) -> tuple[int, int, int]:
+    """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> (epoch, step in epoch,
+    global step) to continue from; (0, 0, 0) for a fresh run."""
+    path = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
+    if not path:
+        return 0, 0, 0
+    epoch, step, global_step = restore_training_state(path, model, optimizer, scaler)
+    print(f"Resumed from {path}: epoch {epoch}, step {step} (global step {global_step})")
+    return epoch, step, global_step
+
+
+def training_saver(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, state: Any) -> Callable[[int, int | None], None]:
+    """save(epoch, step_in_epoch or None): rank 0 writes the training state atomically, every rank waits for it
+    (state.global_step is read at call time)."""
+    import utils
+
+    def save(epoch: int, step_in_epoch: int | None) -> None:
+        if utils.is_main_process():
+            path = save_training_state(args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
+                                       step_in_epoch=step_in_epoch, global_step=state.global_step,
+                                       args=utils.plain_args(args), keep_last=args.keep_last)
+            print(f"Saved {path}")
+        utils.barrier()
+    return save
 
 
 def to_safetensors(src: str, dst: str) -> int:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import datasets
 import masking_generator
+import modeling_simvtp
 import utils
 
 RECALL_AT = (1, 5, 10, 50)
@@ -134,22 +135,6 @@ def write_results(output_dir: str, prefix: str, metrics: dict, records: list[dic
 # ----------------------------------------------------------------------------------------------- training
 
 
-def contrastive_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: float,
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch on L2-normalised features.
-
-    video_feat, text_feat: [b, D] (pair i matches). `gather` ([b, D] -> [world*b, D], with gradient) makes every
-    rank score its clips against the whole global batch, as single-process training on that batch would.
-    """
-    v = F.normalize(video_feat.float(), dim=-1)
-    t = F.normalize(text_feat.float(), dim=-1)
-    if gather is not None:
-        v, t = gather(v), gather(t)
-    logits = v @ t.t() / temperature
-    labels = torch.arange(len(v), device=v.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
 class DualEncoderLoss(torch.nn.Module):
     """The dual encoder plus its loss, shaped like the pre-training model (forward(**batch, gather) -> {"loss"}),
     so engine_for_pretraining.train_one_epoch (accumulation, skipping, clipping, schedules) drives fine-tuning."""
@@ -161,8 +146,9 @@ class DualEncoderLoss(torch.nn.Module):
 
     def forward(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 gather: Callable | None = None) -> dict[str, torch.Tensor]:
-        loss = contrastive_loss(self.model.encode_video(video), self.model.encode_text(input_ids, attention_mask),
-                                self.temperature, gather)
+        # the same symmetric InfoNCE over the global batch as pre-training's VTC
+        loss = modeling_simvtp.vtc_loss(self.model.encode_video(video),
+                                        self.model.encode_text(input_ids, attention_mask), self.temperature, gather)
         return {"loss": loss}
 
 

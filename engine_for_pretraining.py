@@ -42,6 +42,13 @@ class StepConfig:
     print_freq: int = 10
     save_every_steps: int = 0
 
+    @classmethod
+    def from_args(cls, args, dtype: torch.dtype) -> "StepConfig":
+        """From the run scripts' flags of the same names (args.device_obj is the resolved device)."""
+        return cls(device=args.device_obj, dtype=dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+                   max_bad_steps=args.max_bad_steps, max_steps=args.max_steps, print_freq=args.print_freq,
+                   save_every_steps=args.save_every_steps)
+
 
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Tensors the model needs, on the device (non_blocking pairs with pin_memory on CUDA)."""

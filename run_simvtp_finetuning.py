@@ -382,50 +382,24 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     if args.finetune:
         checkpoint.load_pretrained(model, args.finetune, strict=False)
     model.to(args.device_obj)
-    args.abs_lr = utils.scaled_lr(args.lr, args.batch_size, args.world_size, args.accum_iter)
-    args.abs_min_lr = utils.scaled_lr(args.min_lr, args.batch_size, args.world_size, args.accum_iter)
-    args.abs_warmup_lr = utils.scaled_lr(args.warmup_lr, args.batch_size, args.world_size, args.accum_iter)
+    steps_per_epoch, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
-                         f"{len(sampler)} samples each process sees per epoch")
-    lr_schedule = utils.cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch,
-                                         args.warmup_epochs, args.abs_warmup_lr, args.warmup_steps)
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-
     state = engine_for_pretraining.TrainState()
-    start_epoch, start_step = 0, 0
-    resume_from = args.resume or (checkpoint.find_latest(args.output_dir) if args.auto_resume else None)
-    if resume_from:
-        start_epoch, start_step, state.global_step = checkpoint.restore_training_state(
-            resume_from, model, optimizer, scaler)
-        print(f"Resumed from {resume_from}: epoch {start_epoch}, step {start_step}")
+    start_epoch, start_step, state.global_step = checkpoint.resume_if_any(args, model, optimizer, scaler)
     utils.save_args_json(args, args.output_dir)
     wrapped = engine.DualEncoderLoss(model, args.temperature)
     ddp_model = wrapped
     if args.distributed:
         ddp_model = DistributedDataParallel(wrapped, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
     tb = utils.TensorboardLogger(args.log_dir)
-    cfg = engine_for_pretraining.StepConfig(
-        device=args.device_obj, dtype=dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-        max_bad_steps=args.max_bad_steps, max_steps=args.max_steps, print_freq=args.print_freq,
-        save_every_steps=args.save_every_steps)
+    cfg = engine_for_pretraining.StepConfig.from_args(args, dtype)
     val_loader = None
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
                                               args.num_workers, args.max_text_len, args.dist_eval)
 
-    def save(epoch: int, step_in_epoch: int | None) -> None:
-        if utils.is_main_process():
-            path = checkpoint.save_training_state(
-                args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
-                step_in_epoch=step_in_epoch, global_step=state.global_step, args=utils.plain_args(args),
-                keep_last=args.keep_last)
-            print(f"Saved {path}")
-        utils.barrier()
+    save = checkpoint.training_saver(args, model, optimizer, scaler, state)
 
     best = best_so_far(args)
     print(f"Fine-tuning {args.epochs} epochs x {steps_per_epoch} steps from epoch {start_epoch} step {start_step}")

@@ -190,48 +190,22 @@ def main(args: argparse.Namespace) -> dict:
     print(f"Model {args.model}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device {args.device_obj}; "
           f"{args.world_size} process(es)")
 
-    args.abs_lr = utils.scaled_lr(args.lr, args.batch_size, args.world_size, args.accum_iter)
-    args.abs_min_lr = utils.scaled_lr(args.min_lr, args.batch_size, args.world_size, args.accum_iter)
-    args.abs_warmup_lr = utils.scaled_lr(args.warmup_lr, args.batch_size, args.world_size, args.accum_iter)
     groups = utils.param_groups(model, args.weight_decay, no_decay_names=("mask_token", "temp"))
     for g in groups:
         g.pop("names")
+    steps_per_epoch, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = torch.optim.AdamW(groups, lr=args.abs_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
-                         f"{len(sampler)} samples each process sees per epoch")
-    lr_schedule = utils.cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch,
-                                         args.warmup_epochs, args.abs_warmup_lr, args.warmup_steps)
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-
     state = engine.TrainState()
-    start_epoch, start_step = 0, 0
-    resume_from = args.resume or (checkpoint.find_latest(args.output_dir) if args.auto_resume else None)
-    if resume_from:
-        start_epoch, start_step, state.global_step = checkpoint.restore_training_state(
-            resume_from, model, optimizer, scaler)
-        print(f"Resumed from {resume_from}: epoch {start_epoch}, step {start_step} (global step {state.global_step})")
+    start_epoch, start_step, state.global_step = checkpoint.resume_if_any(args, model, optimizer, scaler)
     utils.save_args_json(args, args.output_dir)
 
     ddp_model = model
     if args.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
     tb = utils.TensorboardLogger(args.log_dir)
-    cfg = engine.StepConfig(device=args.device_obj, dtype=dtype, accum_iter=args.accum_iter,
-                            clip_grad=args.clip_grad, max_bad_steps=args.max_bad_steps, max_steps=args.max_steps,
-                            print_freq=args.print_freq, save_every_steps=args.save_every_steps)
-
-    def save(epoch: int, step_in_epoch: int | None) -> None:
-        if utils.is_main_process():
-            path = checkpoint.save_training_state(
-                args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
-                step_in_epoch=step_in_epoch, global_step=state.global_step, args=utils.plain_args(args),
-                keep_last=args.keep_last)
-            print(f"Saved {path}")
-        utils.barrier()
+    cfg = engine.StepConfig.from_args(args, dtype)
+    save = checkpoint.training_saver(args, model, optimizer, scaler, state)
 
     print(f"Training {args.epochs} epochs x {steps_per_epoch} steps from epoch {start_epoch} step {start_step}")
     t_start = time.time()

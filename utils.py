@@ -128,6 +128,21 @@ def scaled_lr(base_lr: float, batch_size: int, world_size: int, accum_iter: int 
     return base_lr * batch_size * world_size * accum_iter / 256
 
 
+def training_schedules(args: Any, samples_per_rank: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """The run scripts' shared schedule set-up: sets args.abs_lr / abs_min_lr / abs_warmup_lr (scaled by the
+    global batch) and returns (optimizer steps per epoch, per-step lr schedule, per-step weight-decay schedule)."""
+    for name in ("lr", "min_lr", "warmup_lr"):
+        setattr(args, f"abs_{name}", scaled_lr(getattr(args, name), args.batch_size, args.world_size, args.accum_iter))
+    steps_per_epoch = samples_per_rank // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
+                         f"{samples_per_rank} samples each process sees per epoch")
+    lr = cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                          args.abs_warmup_lr, args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    return steps_per_epoch, lr, cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+
 # ----------------------------------------------------------------------------------------------- precision
 
 
