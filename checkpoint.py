@@ -235,15 +235,16 @@ def training_saver(args: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
                    scaler: torch.amp.GradScaler | None, state: Any) -> Callable[[int, int | None], None]:
     """save(epoch, step_in_epoch or None): rank 0 writes the training state atomically, every rank waits for it
     (state.global_step is read at call time)."""
+    import distributed
     import utils
 
     def save(epoch: int, step_in_epoch: int | None) -> None:
-        if utils.is_main_process():
+        if distributed.is_main_process():
             path = save_training_state(args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
                                        step_in_epoch=step_in_epoch, global_step=state.global_step,
                                        args=utils.plain_args(args), keep_last=args.keep_last)
             print(f"Saved {path}")
-        utils.barrier()
+        distributed.barrier()
     return save
 
 

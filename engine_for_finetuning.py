@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import datasets
 import masking_generator
 import modeling_simvtp
+import distributed
 import utils
 
 RECALL_AT = (1, 5, 10, 50)
@@ -122,7 +123,7 @@ def per_query_records(sim: torch.Tensor, text_to_video: torch.Tensor, ranks: dic
 
 def write_results(output_dir: str, prefix: str, metrics: dict, records: list[dict] | None = None) -> None:
     """<prefix>_metrics.json (+ <prefix>_per_query.jsonl) in output_dir, rank 0 only."""
-    if not utils.is_main_process():
+    if not distributed.is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"{prefix}_metrics.json"), "w") as f:
@@ -235,9 +236,9 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], cfg: E
 
 def _gather_objects(obj: object) -> list:
     """Every rank's object, in rank order (features are small next to the videos: CPU tensors pickled)."""
-    if utils.get_world_size() == 1:
+    if distributed.get_world_size() == 1:
         return [obj]
-    out: list = [None] * utils.get_world_size()
+    out: list = [None] * distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -296,9 +297,9 @@ def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0,
                       dist_eval: bool = False) -> torch.utils.data.DataLoader:
     """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later)."""
     sampler = None
-    if dist_eval and utils.get_world_size() > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
-                                                      rank=utils.get_rank(), shuffle=False)
+    if dist_eval and distributed.get_world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=distributed.get_world_size(),
+                                                      rank=distributed.get_rank(), shuffle=False)
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                                        num_workers=num_workers, collate_fn=collator, drop_last=False)
@@ -347,7 +348,7 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
     by_video: dict[int, list[int]] = {}
     for t, v in pairs:
         by_video.setdefault(v, []).append(t)
-    mine = sorted(by_video)[utils.get_rank()::utils.get_world_size()]
+    mine = sorted(by_video)[distributed.get_rank()::distributed.get_world_size()]
     tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
     probs = {}
     for v in mine:

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+import distributed
 import utils
 
 BATCH_TENSORS = ("video", "video_mask", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
@@ -79,7 +80,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
             it = min(state.global_step, len(lr_schedule) - 1)
             utils.apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
         batch_size = batch["video"].shape[0]
-        state.skipped_videos += utils.all_reduce_sum(int(batch.get("skipped", torch.tensor(0)).sum()),
+        state.skipped_videos += distributed.all_reduce_sum(int(batch.get("skipped", torch.tensor(0)).sum()),
                                                      cfg.device)
         losses = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg,
                                    sync=micro == cfg.accum_iter - 1)
@@ -97,7 +98,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
         state.global_step += 1
         step_in_epoch += 1
         now = time.time()
-        clips_per_s = batch_size * cfg.accum_iter * utils.get_world_size() / max(now - t_last, 1e-9)
+        clips_per_s = batch_size * cfg.accum_iter * distributed.get_world_size() / max(now - t_last, 1e-9)
         t_last = now
         scalars = {**losses, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
                    "weight_decay": max(g["weight_decay"] for g in optimizer.param_groups),
@@ -123,9 +124,9 @@ def _forward_backward(model: torch.nn.Module, batch: dict, scaler: torch.amp.Gra
     """Forward + backward of one micro-batch; None when the loss is non-finite on any rank."""
     no_sync = getattr(model, "no_sync", None)
     with utils.autocast(cfg.device, cfg.dtype):
-        out = model(**batch, gather=utils.gather_with_grad)
+        out = model(**batch, gather=distributed.gather_with_grad)
     loss = out["loss"]
-    if utils.any_across_ranks(not bool(torch.isfinite(loss.detach())), cfg.device):
+    if distributed.any_across_ranks(not bool(torch.isfinite(loss.detach())), cfg.device):
         return None
     if no_sync is not None and not sync:
         with no_sync():

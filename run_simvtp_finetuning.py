@@ -29,6 +29,7 @@ import datasets
 import engine_for_finetuning as engine
 import engine_for_pretraining
 import modeling_simvtp  # noqa: F401  (registers the models with timm)
+import distributed
 import utils
 from run_simvtp_pretraining import _keep_periodic as keep_periodic
 
@@ -71,24 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop_path", type=float, default=0.1)
     g.add_argument("--temperature", type=float, default=0.05, help="contrastive temperature, as in pre-training")
     g.add_argument("--release_pooling", action="store_true", help="average padding into text means (release)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="per process")
-    g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
-    g.add_argument("--opt", default="adamw", choices=["adamw"])
-    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--opt_eps", type=float, default=1e-8)
-    g.add_argument("--lr", type=float, default=3e-4, help="base lr for a global batch of 256")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=5)
-    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--weight_decay_end", type=float, default=None)
+    g = utils.add_optimisation_args(p, batch_size=8, epochs=100, betas=(0.9, 0.999), lr=3e-4, min_lr=1e-6,
+                                    warmup_epochs=5)
     g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
-    g.add_argument("--clip_grad", type=float, default=None)
-    g.add_argument("--max_bad_steps", type=int, default=5)
     g = p.add_argument_group("evaluation")
     g.add_argument("--dist_eval", action="store_true", help="each process embeds its share; features gathered")
     g.add_argument("--only_test", action="store_true", help="evaluate --finetune / --resume weights on test once")
@@ -102,20 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors")
     g.add_argument("--video_dir", default=None, help="export: embed every video file in this folder")
     g.add_argument("--text_file", default=None, help="export: embed every line of this file")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output_dir", default="output/finetune")
-    g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
-    g.add_argument("--save_ckpt_freq", type=int, default=10, help="keep a checkpoint every N epochs")
-    g.add_argument("--save_every_steps", type=int, default=0)
-    g.add_argument("--keep_last", type=int, default=2)
-    g.add_argument("--resume", default="", help="training checkpoint to resume (or to test with --only_test)")
-    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True)
+    g = utils.add_run_args(p, output_dir="output/finetune", save_ckpt_freq=10, keep_last=2)
     g.add_argument("--enable_deepspeed", action="store_true", help="accepted for the release's scripts; "
                    "native AMP + DDP are used")
-    g.add_argument("--print_freq", type=int, default=10)
     return p
 
 
@@ -123,17 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.dtype:
-    utils.init_distributed(args)
-    args.device_obj = utils.resolve_device(args.device)
-    if args.device_obj.type == "cuda" and args.distributed:
-        args.device_obj = torch.device("cuda", args.gpu)
-    dtype = utils.resolve_precision(args.precision, args.device_obj)
-    if args.device_obj.type == "cpu":
-        utils.set_cpu_threads(args.num_workers)
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
+    dtype = utils.setup_run(args)
     if args.enable_deepspeed:
         print("--enable_deepspeed: accepted for the release's scripts; DeepSpeed is not used, native AMP + DDP are")
     if args.num_sample != 1:
@@ -309,7 +274,7 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]
     meta = {"model": args.model, "checkpoint": args.finetune, "num_frames": args.num_frames,
             "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}"}
     written = []
-    if utils.is_main_process():
+    if distributed.is_main_process():
         written = engine.save_embeddings(args.export_embeddings, meta, video, video_ids or (), text, texts or ())
         print(f"Exported {0 if video is None else len(video)} videos and {0 if text is None else len(text)} texts "
               f"to {', '.join(written)}")
@@ -352,12 +317,12 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
 
 
 def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
-    if utils.is_main_process():
+    if distributed.is_main_process():
         checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch, "metric_name": "val_r1_sum",
                                 "metric": metrics["r1_sum"], "val_metrics": metrics,
                                 "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
         print(f"Saved checkpoint-best.pth (epoch {epoch}, val R@1 t2v+v2t = {metrics['r1_sum']:.2f})")
-    utils.barrier()
+    distributed.barrier()
 
 
 def best_so_far(args: argparse.Namespace) -> float:

@@ -8,12 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 from timm.models import create_model
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +22,7 @@ import engine_for_finetuning
 import engine_for_pretraining as engine
 import masking_generator
 import modeling_simvtp  # noqa: F401  (registers the models with timm)
+import distributed
 import utils
 
 
@@ -61,36 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_ckpt", default=None, help="VideoMAE or SimVTP pre-training checkpoint to start from")
     g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file")
     g.add_argument("--grad_checkpointing", action="store_true")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=16, help="per process")
-    g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
-    g.add_argument("--opt", default="adamw", choices=["adamw"])
-    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.95])
-    g.add_argument("--opt_eps", type=float, default=1e-8)
-    g.add_argument("--lr", type=float, default=1.5e-4, help="base lr for a global batch of 256")
-    g.add_argument("--min_lr", type=float, default=1e-5)
-    g.add_argument("--warmup_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=40)
-    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd end value (default: constant)")
-    g.add_argument("--clip_grad", type=float, default=None)
-    g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite losses in a row before stopping")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output_dir", default="output/pretrain")
-    g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
-    g.add_argument("--save_ckpt_freq", type=int, default=20, help="keep a checkpoint every N epochs")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also save mid-epoch every N steps")
-    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (0 = all)")
-    g.add_argument("--resume", default="", help="checkpoint to resume from")
-    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest checkpoint in --output_dir")
-    g.add_argument("--print_freq", type=int, default=10)
+    utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,
+                                warmup_epochs=40)
+    utils.add_run_args(p, output_dir="output/pretrain", save_ckpt_freq=20, keep_last=3)
     g = p.add_argument_group("zero-shot evaluation during training")
     g.add_argument("--eval_every", type=int, default=0,
                    help="run zero-shot retrieval on --eval_data_path every N epochs (0 = never)")
@@ -170,17 +142,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
 
 def main(args: argparse.Namespace) -> dict:
     """Pre-train; returns {"summary": last epoch's averages, "history": per-step losses of this run}."""
-    utils.init_distributed(args)
-    args.device_obj = utils.resolve_device(args.device)
-    if args.device_obj.type == "cuda" and args.distributed:
-        args.device_obj = torch.device("cuda", args.gpu)
-    dtype = utils.resolve_precision(args.precision, args.device_obj)
-    if args.device_obj.type == "cpu":
-        utils.set_cpu_threads(args.num_workers)
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
+    dtype = utils.setup_run(args)
 
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     loader, dataset, sampler = build_loader(args, tokenizer)
@@ -239,7 +201,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _keep_periodic(args: argparse.Namespace, epoch: int) -> None:
     """Besides the rolling last-K, keep a hard-linked copy every --save_ckpt_freq epochs (no extra disk)."""
-    if not utils.is_main_process() or args.save_ckpt_freq <= 0:
+    if not distributed.is_main_process() or args.save_ckpt_freq <= 0:
         return
     if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
         src = os.path.join(args.output_dir, checkpoint.checkpoint_name(epoch))

@@ -1,7 +1,8 @@
-"""Run-time plumbing shared by every entry point: distributed set-up, collectives, schedules, precision,
+"""Run-time plumbing shared by every entry point (distributed set-up lives in distributed.py): schedules, precision,
 optimizer parameter groups, metric logging. Nothing here knows about models or data formats."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -12,100 +13,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-# ----------------------------------------------------------------------------------------------- distributed
-
-
-def init_distributed(args: Any) -> None:
-    """Set args.rank/world_size/gpu/distributed from torchrun (env://) or SLURM variables.
-
-    torchrun exports RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
-    need MASTER_ADDR/MASTER_PORT from the environment (the launch script exports them). NCCL on CUDA, gloo on CPU.
-    """
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            raise RuntimeError("SLURM run without MASTER_ADDR: export it (e.g. the first host of the job) first")
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
-    else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
-    args.distributed = args.world_size > 1
-    if not args.distributed:
-        return
-    use_cuda = str(getattr(args, "device", "cuda")).startswith("cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(args.gpu)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                            world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30))
-    dist.barrier()
-    _silence_non_main(args.rank == 0)
-
-
-def _silence_non_main(is_main: bool) -> None:
-    """Only rank 0 prints; `print(..., force=True)` still prints everywhere (errors must be seen)."""
-    import builtins
-    builtin_print = builtins.print
-
-    def print_main(*a: Any, **kw: Any) -> None:
-        if kw.pop("force", False) or is_main:
-            builtin_print(*a, **kw)
-
-    builtins.print = print_main
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[b, ...] on each rank -> [world*b, ...] in rank order, with gradient flowing back to every rank's input."""
-    if get_world_size() == 1:
-        return x
-    # the functional collective that torch 2.14 recommends over torch.distributed.nn.functional.all_gather;
-    # its backward reduce-scatters the gradient back to the rank that owns each slice
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-
-
-def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
-    """Sum a Python number over ranks (counts such as skipped videos)."""
-    if get_world_size() == 1:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True when any rank says True: every rank must agree to skip a step, or DDP deadlocks."""
-    return all_reduce_sum(1.0 if flag else 0.0, device) > 0
-
+import distributed
 
 # ----------------------------------------------------------------------------------------------- schedules
 
@@ -141,6 +50,66 @@ def training_schedules(args: Any, samples_per_rank: int) -> tuple[int, np.ndarra
                           args.abs_warmup_lr, args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     return steps_per_epoch, lr, cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+
+
+def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: tuple[float, float], lr: float,
+                          min_lr: float, warmup_epochs: int) -> Any:
+    """The optimiser / schedule flags both run scripts share (the release's names), with each script's defaults.
+    Returns the argument group, for script-specific additions."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="per process")
+    g.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
+    g.add_argument("--opt", default="adamw", choices=["adamw"])
+    g.add_argument("--opt_betas", type=float, nargs=2, default=list(betas))
+    g.add_argument("--opt_eps", type=float, default=1e-8)
+    g.add_argument("--lr", type=float, default=lr, help="base lr for a global batch of 256")
+    g.add_argument("--min_lr", type=float, default=min_lr)
+    g.add_argument("--warmup_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs)
+    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd end value (default: constant)")
+    g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
+    g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite losses in a row before stopping")
+    return g
+
+
+def add_run_args(parser: Any, *, output_dir: str, save_ckpt_freq: int, keep_last: int) -> Any:
+    """Device, precision, seed, outputs, checkpointing and resume flags both run scripts share."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where the hardware has it, else fp32")
+    g.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
+    g.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, args.json, tb/")
+    g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
+    g.add_argument("--save_ckpt_freq", type=int, default=save_ckpt_freq, help="keep a checkpoint every N epochs")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also save mid-epoch every N steps")
+    g.add_argument("--keep_last", type=int, default=keep_last, help="checkpoints kept (0 = all)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from")
+    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the newest checkpoint in --output_dir")
+    g.add_argument("--print_freq", type=int, default=10, help="steps between progress lines")
+    return g
+
+
+def setup_run(args: Any) -> torch.dtype:
+    """A run script's start: distributed init, device (this rank's GPU), precision, CPU threads left after the
+    data workers, seeds, output folders. Sets args.device_obj and args.log_dir; returns the autocast dtype."""
+    distributed.init_distributed(args)
+    args.device_obj = resolve_device(args.device)
+    if args.device_obj.type == "cuda" and args.distributed:
+        args.device_obj = torch.device("cuda", args.gpu)
+    dtype = resolve_precision(args.precision, args.device_obj)
+    if args.device_obj.type == "cpu":
+        set_cpu_threads(args.num_workers)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
+    return dtype
 
 
 # ----------------------------------------------------------------------------------------------- precision
@@ -283,7 +252,7 @@ class TensorboardLogger:
 
     def __init__(self, log_dir: str | None) -> None:
         self.writer = None
-        if log_dir and is_main_process():
+        if log_dir and distributed.is_main_process():
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(logdir=log_dir)
 
@@ -300,13 +269,13 @@ class TensorboardLogger:
 
 def append_json_line(path: str, record: dict) -> None:
     """log.txt: one JSON object per epoch, appended (rank 0 only)."""
-    if is_main_process():
+    if distributed.is_main_process():
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def save_args_json(args: Any, output_dir: str) -> None:
-    if is_main_process():
+    if distributed.is_main_process():
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(plain_args(args), f, indent=2, sort_keys=True)
 

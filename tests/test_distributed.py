@@ -6,13 +6,12 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from timm.models import create_model
 
 import modeling_simvtp  # noqa: F401
-import utils
+import distributed
 from masking_generator import TubeMaskingGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +58,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     batch = _global_batch()
     share = len(batch["video"]) // world
     local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-    out = ddp(**local, gather=utils.gather_with_grad)
+    out = ddp(**local, gather=distributed.gather_with_grad)
     out["loss"].backward()
     torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pth"))
     torch.distributed.destroy_process_group()

@@ -1,0 +1,100 @@
+"""torch.distributed plumbing: initialisation from torchrun / SLURM variables (NCCL on CUDA, gloo on CPU), rank
+queries, and the few collectives the training loops need (gather with gradient, sums, agreement)."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(args: Any) -> None:
+    """Set args.rank/world_size/gpu/distributed from torchrun (env://) or SLURM variables.
+
+    torchrun exports RANK/WORLD_SIZE/LOCAL_RANK; under `srun` we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
+    need MASTER_ADDR/MASTER_PORT from the environment (the launch script exports them). NCCL on CUDA, gloo on CPU.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("SLURM run without MASTER_ADDR: export it (e.g. the first host of the job) first")
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+    use_cuda = str(getattr(args, "device", "cuda")).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+    _silence_non_main(args.rank == 0)
+
+
+def _silence_non_main(is_main: bool) -> None:
+    """Only rank 0 prints; `print(..., force=True)` still prints everywhere (errors must be seen)."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print_main(*a: Any, **kw: Any) -> None:
+        if kw.pop("force", False) or is_main:
+            builtin_print(*a, **kw)
+
+    builtins.print = print_main
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world*b, ...] in rank order, with gradient flowing back to every rank's input."""
+    if get_world_size() == 1:
+        return x
+    # the functional collective that torch 2.14 recommends over torch.distributed.nn.functional.all_gather;
+    # its backward reduce-scatters the gradient back to the rank that owns each slice
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
+    """Sum a Python number over ranks (counts such as skipped videos)."""
+    if get_world_size() == 1:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when any rank says True: every rank must agree to skip a step, or DDP deadlocks."""
+    return all_reduce_sum(1.0 if flag else 0.0, device) > 0
