@@ -313,7 +313,7 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
           f"(layer decay {args.layer_decay} over {num_layers} blocks per branch)")
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=args.abs_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
 
 
 def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:

@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> dict:
     for g in groups:
         g.pop("names")
     steps_per_epoch, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
-    optimizer = torch.optim.AdamW(groups, lr=args.abs_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    optimizer = utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, args.device_obj)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     state = engine.TrainState()
     start_epoch, start_step, state.global_step = checkpoint.resume_if_any(args, model, optimizer, scaler)

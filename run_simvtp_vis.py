@@ -1,20 +1,28 @@
-"""Reconstruction figure of a SimVTP pre-training checkpoint: any video, any caption.
+"""Reconstruction figure of a SimVTP pre-training checkpoint on any video and any caption.
 
-    python run_simvtp_vis.py --ckpt output/demo/pretrain/checkpoint-19.pth \
-        --video data/synthetic/test/test_00000.mp4 --caption "a red disc slides left" --save_path vis.png
+    python run_simvtp_vis.py --ckpt output/demo/pretrain/checkpoint-19.pth \\
+        --video data/synthetic/test/test_00000.mp4 --caption "the little gray box slides right on a red background" \\
+        --frame_start 0 --frame_stride 4 --save_path vis.png
 
-One PNG: the original frames, the masked input (masked tubes grey), the reconstruction (visible tubes kept,
-masked tubes predicted by the pixel decoder), and the original, masked and predicted caption. The model predicts
-each masked tube's pixels normalised by that tube's own mean and std, which the input no longer holds; the figure
-de-normalises them (and says how): by default with each masked tube's own true mean and std, as the release's and
-VideoMAE's figures do (the shape is predicted, the colour level comes from the input); `--denorm visible` uses only
-the visible tubes' statistics.
+Decodes exactly the frames frame_start + i * frame_stride, resizes their short side to input_size and then takes
+the centre square, masks the tubes (tube or random mask) and the caption's words (MLM), and runs the model's
+joint pass once (SimVTPPretrain.reconstruct). One PNG: rows original / masked input (masked tubes drawn as a dark
+checkerboard) / reconstruction (visible tubes are the input's own pixels, masked tubes the decoder's prediction),
+with the original, masked and predicted caption above.
+
+The decoder predicts each masked tube's pixels normalised by that tube's own mean and std, which the input no
+longer holds, so some statistics must turn them back into colours. By default (--denorm visible) they are those
+reconstruct() uses: the per-channel mean and std over all pixels of the clip's visible tubes; nothing hidden is
+used. --denorm tube uses each masked tube's own true mean/std (as VideoMAE's and the release's figures do): the
+colour level, and so the rough place of an object, then comes from the hidden pixels and is not a prediction.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,184 +34,304 @@ import masking_generator
 import modeling_simvtp
 import utils
 
-DENORM_NOTE = {"tube": "each masked tube's own true per-channel mean/std (as the release's figures)",
-               "visible": "the per-channel mean/std of this clip's visible tubes (no hidden pixel used)"}
+RELEASE_MODEL = "pretrain_simvtp_base_patch16_224"  # the release's checkpoints carry no args; they are this model
+# Model options a pre-training run saves in its args and that change the built model (weights or passes).
+SAVED_MODEL_OPTIONS = ("decoder_depth", "learnable_temp", "temperature", "release_pooling", "vtc_text",
+                       "vtm_negatives")
+DENORM_NOTE = {
+    "visible": "the per-channel mean/std over all pixels of this clip's {n} visible tubes (no hidden pixel used)",
+    "tube": "each masked tube's own true per-channel mean/std (hidden pixels: the colour level is given, "
+            "not predicted)",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's line breaks in --help."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimVTP reconstruction figure", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Mask a clip and its caption, reconstruct both with a pre-training "
-                                "checkpoint, and draw one PNG.")
-    p.add_argument("--ckpt", required=True, help="pre-training checkpoint (ours or the release's)")
-    p.add_argument("--video", required=True, help="any video file the decoders read")
-    p.add_argument("--caption", required=True, help="the caption to mask and reconstruct")
-    p.add_argument("--save_path", default="output/vis/reconstruction.png", help="PNG to write")
-    p.add_argument("--model", default=None, help="default: the checkpoint's own (else the release's base model)")
-    p.add_argument("--num_frames", type=int, default=None, help="default: the checkpoint's (else 16)")
-    p.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's (else 224)")
-    p.add_argument("--frame_start", type=int, default=0, help="index of the first frame shown")
-    p.add_argument("--frame_stride", type=int, default=None, help="frames between shown frames "
-                   "(default: the checkpoint's --sampling_rate, else 4)")
-    p.add_argument("--mask_type", default="tube", choices=["tube", "random"])
-    p.add_argument("--mask_ratio", type=float, default=0.9)
-    p.add_argument("--text_mask_ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0, help="chooses the masked tubes and words")
-    p.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (default: shipped vocabulary)")
-    p.add_argument("--max_text_len", type=int, default=32)
-    p.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"])
-    p.add_argument("--denorm", default="tube", choices=["tube", "visible"],
-                   help="statistics that turn the predicted (per-tube normalised) pixels back into colours: 'tube' "
-                   "= each masked tube's own true mean/std (the release's and VideoMAE's figures; shows the "
-                   "predicted shape, the colour level comes from the input), 'visible' = the mean/std of the "
-                   "clip's visible tubes only (nothing hidden is used)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p = argparse.ArgumentParser("run_simvtp_vis.py", formatter_class=HelpFormatter, description=__doc__)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--ckpt", required=True, help="pre-training checkpoint: ours (run_simvtp_pretraining.py; its "
+                   "saved args choose the model and clip shape) or the release's")
+    g.add_argument("--video", required=True, help="any video file decord or PyAV can read")
+    g.add_argument("--caption", required=True, help="the caption to mask and reconstruct (quote it)")
+    g = p.add_argument_group("clip (unset values come from the checkpoint's args, else the release's)")
+    g.add_argument("--num_frames", type=int, default=None, help="frames in the clip (else 16)")
+    g.add_argument("--input_size", type=int, default=None, help="square side in pixels (else 224)")
+    g.add_argument("--frame_start", type=int, default=0, help="index of the first decoded frame (default 0)")
+    g.add_argument("--frame_stride", type=int, default=None, help="frames between decoded frames "
+                   "(else the checkpoint's --sampling_rate, else 4)")
+    g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"], help="default auto")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"registered model name (else the checkpoint's, else {RELEASE_MODEL})")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    g = p.add_argument_group("masking")
+    g.add_argument("--mask_type", default="tube", choices=["tube", "random"], help="video mask (default tube)")
+    g.add_argument("--mask_ratio", type=float, default=0.9, help="share of tubes masked (default 0.9)")
+    g.add_argument("--text_mask_ratio", type=float, default=0.75, help="share of caption words masked "
+                   "(default 0.75)")
+    g.add_argument("--seed", type=int, default=0, help="chooses the masked tubes and words (default 0)")
+    g.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (else the checkpoint's, else "
+                   "the shipped bert-base-uncased vocabulary)")
+    g.add_argument("--max_text_len", type=int, default=None, help="caption tokens kept (else the checkpoint's, "
+                   "else 32)")
+    g = p.add_argument_group("output")
+    g.add_argument("--denorm", default="visible", choices=["visible", "tube"],
+                   help="statistics that turn the predicted per-tube-normalised pixels into colours: 'visible' = "
+                   "the clip's visible tubes' per-channel mean/std (what reconstruct() does; default), 'tube' = each "
+                   "masked tube's own true mean/std (VideoMAE's figures; uses hidden pixels)")
+    g.add_argument("--output_dir", default="output/vis", help="where the PNG goes when --save_path is not given "
+                   "(default output/vis)")
+    g.add_argument("--save_path", default=None, help="PNG to write (default "
+                   "<output_dir>/reconstruction_<video name>.png)")
     return p
 
 
-def fill_from_checkpoint(args: argparse.Namespace) -> dict:
-    """Unset clip and model options take the values the checkpoint was trained with."""
-    saved = checkpoint.read_checkpoint_file(args.ckpt).get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
-    args.model = args.model or saved.get("model") or "pretrain_simvtp_base_patch16_224"
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def saved_args(path: str) -> dict:
+    """The args a checkpoint was trained with ({} for the release's): ours carry them as a dict."""
+    saved = checkpoint.read_checkpoint_file(path).get("args")
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved)
+    return saved if isinstance(saved, dict) else {}
+
+
+def fill_defaults(args: argparse.Namespace, saved: dict) -> None:
+    """Unset options take the checkpoint's training values, so a clip looks like what the model was trained on."""
+    args.model = args.model or saved.get("model") or RELEASE_MODEL
     args.num_frames = args.num_frames or saved.get("num_frames") or 16
     args.input_size = args.input_size or saved.get("input_size") or 224
     args.frame_stride = args.frame_stride or saved.get("sampling_rate") or 4
-    return saved
+    args.max_text_len = args.max_text_len or saved.get("max_text_len") or 32
+    if args.save_path is None:
+        stem = os.path.splitext(os.path.basename(args.video))[0]
+        args.save_path = os.path.join(args.output_dir, f"reconstruction_{stem}.png")
 
 
-def read_frames(path: str, start: int, stride: int, num_frames: int, backend: str = "auto") -> np.ndarray:
-    """uint8 [T, H, W, 3]: frames start, start + stride, ...; an index past the video's end is an error."""
-    if start < 0 or stride < 1:
-        raise ValueError(f"--frame_start must be >= 0 and --frame_stride >= 1, got {start} and {stride}")
-    indices = [start + i * stride for i in range(num_frames)]
+def load_tokenizer(args: argparse.Namespace, saved: dict):
+    """--tokenizer, else the training run's (when that path exists here), else the shipped vocabulary."""
+    path = args.tokenizer or saved.get("tokenizer")
+    if path and not args.tokenizer and not os.path.exists(path):
+        print(f"note: the checkpoint's tokenizer {path} is not here; using the shipped vocabulary")
+        path = None
+    return datasets.build_tokenizer(path)
+
+
+def build_model(args: argparse.Namespace, saved: dict, vocab_size: int) -> torch.nn.Module:
+    """The pre-training model the checkpoint holds, loaded strictly (a wrong --model is an error, not noise)."""
+    kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size)
+    kwargs.update({k: saved[k] for k in SAVED_MODEL_OPTIONS if saved.get(k) is not None})
+    model = create_model(args.model, pretrained=False, **kwargs)
+    if not hasattr(model, "reconstruct"):
+        raise ValueError(f"{args.ckpt}: model {args.model} has no pixel decoder; the figure needs a pre-training "
+                         "checkpoint (and a pre-training --model)")
+    try:
+        checkpoint.load_pretrained(model, args.ckpt, strict=True)
+    except ValueError as e:
+        raise ValueError(f"{args.ckpt}: does not load into {args.model} ({e}); pass the right --model") from e
+    return model.eval()
+
+
+def check_clip_shape(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:
+    """The tube grid (T', H', W'); a clip that does not split into whole tubes is an error."""
+    if args.num_frames % model.tubelet_size or args.input_size % model.patch_size:
+        raise ValueError(f"--num_frames {args.num_frames} must be a multiple of {model.tubelet_size} and "
+                         f"--input_size {args.input_size} a multiple of {model.patch_size}")
+    side = args.input_size // model.patch_size
+    return args.num_frames // model.tubelet_size, side, side
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def frame_indices(start: int, stride: int, num_frames: int) -> list[int]:
+    """start, start + stride, ...: exactly the frames shown, no jitter."""
+    if start < 0 or stride < 1 or num_frames < 1:
+        raise ValueError(f"need --frame_start >= 0, --frame_stride >= 1 and --num_frames >= 1, got {start}, "
+                         f"{stride}, {num_frames}")
+    return [start + i * stride for i in range(num_frames)]
+
+
+def read_frames(path: str, indices: list[int], backend: str = "auto") -> np.ndarray:
+    """uint8 [T, H, W, 3] of exactly `indices`; asking past the video's end is an error naming the file."""
     with datasets.open_video(path, backend) as video:
         if indices[-1] >= video.num_frames:
-            raise ValueError(f"{path}: has {video.num_frames} frames, but --frame_start {start} with "
-                             f"--frame_stride {stride} x {num_frames} frames needs frame {indices[-1]}")
+            span = indices[-1] - indices[0]
+            fits = (f"the largest --frame_start that fits is {video.num_frames - 1 - span}"
+                    if span < video.num_frames else "use a smaller --frame_stride or --num_frames")
+            raise ValueError(f"{path}: has {video.num_frames} frames, but --frame_start {indices[0]} with "
+                             f"--frame_stride {indices[1] - indices[0] if len(indices) > 1 else 1} x "
+                             f"{len(indices)} frames needs frame {indices[-1]}; {fits}")
         return video.get_frames(indices)
 
 
 def clip_tensor(frames: np.ndarray, input_size: int) -> torch.Tensor:
-    """Short side resized to input_size first, then the centre square (the release cropped before resizing)."""
-    views = datasets.test_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)
-    return views[0]  # float32 [3, T, S, S], ImageNet-normalised
+    """uint8 [T, H, W, 3] -> float32 [3, T, S, S], ImageNet-normalised as the datasets do. The short side is
+    resized to S first and the centre square cut after (the release cut first and lost the frame's edges)."""
+    return datasets.test_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)[0]
 
 
-def build_model(args: argparse.Namespace, saved: dict, vocab_size: int) -> torch.nn.Module:
-    kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size)
-    if saved.get("decoder_depth"):
-        kwargs["decoder_depth"] = saved["decoder_depth"]
-    model = create_model(args.model, pretrained=False, **kwargs)
-    checkpoint.load_pretrained(model, args.ckpt, strict=True)
-    return model.eval()
-
-
-def mask_inputs(model: torch.nn.Module, args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, dict]:
-    """A video mask [1, N] and the tokenised caption with its MLM-masked copy, all from --seed."""
+def mask_inputs(args: argparse.Namespace, grid: tuple[int, int, int], tokenizer) -> tuple[torch.Tensor, dict]:
+    """Video mask bool [1, N] and the caption's input_ids / attention_mask / mlm_input_ids [1, L], from --seed."""
     rng = np.random.default_rng(args.seed)
-    grid = (args.num_frames // model.tubelet_size, args.input_size // model.patch_size,
-            args.input_size // model.patch_size)
-    video_mask = torch.from_numpy(masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)(rng))
+    mask = masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)(rng)
     tok = tokenizer([args.caption], truncation=True, max_length=args.max_text_len, return_tensors="pt")
     ids, att = tok["input_ids"].long(), tok["attention_mask"].long()
     masked, _ = masking_generator.mask_text_tokens(ids[0], att[0], args.text_mask_ratio, rng)
-    return video_mask[None], {"input_ids": ids, "attention_mask": att, "mlm_input_ids": masked[None]}
+    return torch.from_numpy(mask)[None], {"input_ids": ids, "attention_mask": att, "mlm_input_ids": masked[None]}
 
 
-def tube_denormalize(pred: torch.Tensor, target_tubes: torch.Tensor, channels: int = 3) -> torch.Tensor:
-    """pred [B, Nm, P] normalised per tube -> pixels, with the true tubes' [B, Nm, P] own per-channel mean and
-    unbiased std (the inverse of modeling_simvtp.normalize_tubes)."""
-    x = target_tubes.unflatten(-1, (-1, channels))
+# ----------------------------------------------------------------------------------------------- composition
+
+
+def tube_denormalize(pred: torch.Tensor, true_tubes: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """pred [B, Nm, P] (per-tube normalised) -> pixels with the true tubes' [B, Nm, P] own per-channel mean and
+    unbiased std: the exact inverse of modeling_simvtp.normalize_tubes (--denorm tube)."""
+    x = true_tubes.unflatten(-1, (-1, channels))
     mean, std = x.mean(dim=-2, keepdim=True), x.var(dim=-2, unbiased=True, keepdim=True).sqrt()
     return (pred.unflatten(-1, (-1, channels)) * (std + 1e-6) + mean).flatten(-2)
 
 
-def missing_pattern(shape: tuple[int, ...], patch: int) -> torch.Tensor:
-    """A dark checkerboard for masked tubes [.., P] (p0, p1, p2, c): no colour of a real frame looks like it."""
-    cells = patch // 4 or 1
-    rows = torch.arange(patch)[:, None] // cells
-    cols = torch.arange(patch)[None, :] // cells
+def missing_pattern(num: int, tube_dim: int, patch: int) -> torch.Tensor:
+    """[num, tube_dim] dark checkerboard tubes: unlike grey, no real frame (or synthetic box) looks like it."""
+    cell = max(1, patch // 4)
+    rows, cols = torch.arange(patch)[:, None] // cell, torch.arange(patch)[None, :] // cell
     board = 0.18 + 0.14 * ((rows + cols) % 2).float()  # [patch, patch]
-    tube = board[None, :, :, None].expand(shape[-1] // (patch * patch * 3), patch, patch, 3).flatten()
-    return tube.expand(*shape)
+    frames = tube_dim // (patch * patch * 3)
+    tube = board[None, :, :, None].expand(frames, patch, patch, 3).reshape(-1)  # (p0, p1, p2, c) like patchify
+    return tube.expand(num, -1)
 
 
 def compose(video01: torch.Tensor, pred01: torch.Tensor, video_mask: torch.Tensor, tubelet: int,
             patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """video01 [1, 3, T, H, W] in [0, 1], pred01 [1, Nm, P], video_mask bool [1, N] ->
-    (masked input, reconstruction), both [1, 3, T, H, W]: visible tubes are the input's own pixels."""
+    """video01 [B, 3, T, H, W] in [0, 1], pred01 [B, Nm, P], video_mask bool [B, N] -> (masked input,
+    reconstruction), both [B, 3, T, H, W] in [0, 1]; the visible tubes of both are the input's own pixels."""
     grid = (video01.shape[2] // tubelet, video01.shape[3] // patch, video01.shape[4] // patch)
-    tubes = modeling_simvtp.patchify(video01, tubelet, patch)
-    masked_tubes, recon_tubes = tubes.clone(), tubes.clone()
-    masked_tubes[video_mask] = missing_pattern(masked_tubes[video_mask].shape, patch)
-    recon_tubes[video_mask] = pred01.reshape(-1, tubes.shape[-1]).to(tubes.dtype)
-    unpatch = lambda t: modeling_simvtp.unpatchify(t, grid, tubelet, patch).clamp(0, 1)  # noqa: E731
-    return unpatch(masked_tubes), unpatch(recon_tubes)
+    tubes = modeling_simvtp.patchify(video01.clamp(0, 1), tubelet, patch)
+    masked, recon = tubes.clone(), tubes.clone()
+    masked[video_mask] = missing_pattern(int(video_mask.sum()), tubes.shape[-1], patch).to(tubes.dtype)
+    recon[video_mask] = pred01.reshape(-1, tubes.shape[-1]).to(tubes.dtype).clamp(0, 1)
+    return (modeling_simvtp.unpatchify(masked, grid, tubelet, patch),
+            modeling_simvtp.unpatchify(recon, grid, tubelet, patch))
 
 
 def caption_lines(tokenizer, text: dict, filled_ids: torch.Tensor) -> dict[str, str]:
-    """Original, masked and predicted caption as text, and how many masked words the model got right."""
+    """Original, masked and predicted caption (between [CLS] and [SEP]) and the masked words' hit count."""
     n = int(text["attention_mask"][0].sum())
-    to_text = lambda ids: tokenizer.convert_tokens_to_string(  # noqa: E731
-        tokenizer.convert_ids_to_tokens(ids[0, 1:n - 1].tolist()))
-    changed = text["mlm_input_ids"][0, :n] != text["input_ids"][0, :n]
-    right = int((filled_ids[0, :n][changed] == text["input_ids"][0, :n][changed]).sum())
-    return {"original": to_text(text["input_ids"]), "masked": to_text(text["mlm_input_ids"]),
-            "predicted": to_text(filled_ids), "score": f"{right} of {int(changed.sum())} masked words right"}
+
+    def words(ids: torch.Tensor) -> str:
+        return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids[0, 1:n - 1].tolist()))
+
+    truth, masked = text["input_ids"][0, :n], text["mlm_input_ids"][0, :n]
+    hidden = masked != truth
+    right = int((filled_ids[0, :n][hidden] == truth[hidden]).sum())
+    return {"original": words(text["input_ids"]), "masked": words(text["mlm_input_ids"]),
+            "predicted": words(filled_ids), "score": f"{right} of {int(hidden.sum())} masked words right"}
 
 
-def draw_figure(rows: dict[str, torch.Tensor], captions: dict[str, str], note: str, path: str) -> None:
-    """rows: name -> [3, T, H, W] in [0, 1]; one column per frame."""
+@dataclass
+class Reconstruction:
+    """Everything the figure shows; rows are [3, T, S, S] in [0, 1]."""
+    original: torch.Tensor
+    masked: torch.Tensor
+    recon: torch.Tensor
+    video_mask: torch.Tensor  # bool [N]
+    frames: list[int]
+    captions: dict[str, str]
+    note: str
+
+
+def reconstruct_clip(args: argparse.Namespace) -> Reconstruction:
+    """Read, mask, run SimVTPPretrain.reconstruct once and compose the three rows (fills unset args in place)."""
+    saved = saved_args(args.ckpt)
+    fill_defaults(args, saved)
+    indices = frame_indices(args.frame_start, args.frame_stride, args.num_frames)
+    frames = read_frames(args.video, indices, args.video_backend)
+    tokenizer = load_tokenizer(args, saved)
+    device = utils.resolve_device(args.device)
+    model = build_model(args, saved, len(tokenizer)).to(device)
+    grid = check_clip_shape(model, args)
+    video = clip_tensor(frames, args.input_size)[None]
+    video_mask, text = mask_inputs(args, grid, tokenizer)
+    out = model.reconstruct(video.to(device), video_mask.to(device), **{k: v.to(device) for k, v in text.items()})
+    video01 = modeling_simvtp.denormalize_video(video)
+    pred01 = out["pred_pixels_01"].cpu()
+    if args.denorm == "tube":
+        true_tubes = modeling_simvtp.patchify(video01, model.tubelet_size, model.patch_size)[video_mask]
+        pred01 = tube_denormalize(out["pred_pixels"].cpu(), true_tubes[None])
+    masked, recon = compose(video01, pred01, video_mask, model.tubelet_size, model.patch_size)
+    return Reconstruction(video01[0].clamp(0, 1), masked[0], recon[0], video_mask[0], indices,
+                          caption_lines(tokenizer, text, out["filled_ids"].cpu()), figure_note(args, video_mask))
+
+
+def figure_note(args: argparse.Namespace, video_mask: torch.Tensor) -> str:
+    """The figure's account of what it shows, in particular which statistics de-normalise the prediction."""
+    n_masked, n = int(video_mask.sum()), video_mask.shape[1]
+    stats = DENORM_NOTE[args.denorm].format(n=n - n_masked)
+    return (f"{os.path.basename(args.video)}: frames {args.frame_start} + i x {args.frame_stride}, short side "
+            f"resized to {args.input_size} px, centre crop; {n_masked} of {n} tubes masked ({args.mask_type}), "
+            f"seed {args.seed}; model {args.model}.\n"
+            f"Reconstruction: visible tubes are the input's pixels; masked tubes are the decoder's per-tube-normalised "
+            f"prediction x std + mean, with {stats}.")
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+def wrap(text: str, width: int, indent: int) -> str:
+    """Hard-wrap one labelled line so long captions stay inside the figure."""
+    return textwrap.fill(text, width=width, subsequent_indent=" " * indent, break_long_words=True)
+
+
+def figure_header(rec: Reconstruction, width_chars: int) -> str:
+    c = rec.captions
+    lines = [("original:  ", c["original"]), ("masked:    ", c["masked"]),
+             ("predicted: ", f"{c['predicted']}   ({c['score']})")]
+    text = [wrap(label + value, width_chars, len(label)) for label, value in lines]
+    text += [wrap(line, width_chars, 0) for line in rec.note.split("\n")]
+    return "\n".join(text)
+
+
+def draw_figure(rec: Reconstruction, path: str) -> None:
+    """One PNG: three rows (original, masked input, reconstruction) x one column per frame, text on top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    frames = next(iter(rows.values())).shape[1]
-    text_h = 0.85  # inches of caption lines above the frames
-    fig_h = 1.5 * len(rows) + text_h
-    fig, axes = plt.subplots(len(rows), frames, figsize=(1.5 * frames, fig_h), squeeze=False)
+    rows = {"original": rec.original, "masked input": rec.masked, "reconstruction": rec.recon}
+    num = rec.original.shape[1]
+    cell, font = 1.5, 8  # inches per frame, points
+    width = max(cell * num, 8.0)
+    header = figure_header(rec, width_chars=int(width * 72 / (0.62 * font)) - 2)
+    text_h = (header.count("\n") + 1.6) * font * 1.25 / 72  # inches
+    height = cell * len(rows) + 0.3 + text_h
+    fig, axes = plt.subplots(len(rows), num, figsize=(width, height), squeeze=False)
     for r, (name, clip) in enumerate(rows.items()):
-        for t in range(frames):
+        for t in range(num):
             ax = axes[r][t]
-            ax.imshow(clip[:, t].permute(1, 2, 0).float().numpy())
+            ax.imshow(clip[:, t].permute(1, 2, 0).float().numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {rec.frames[t]}", fontsize=font)
             if t == 0:
-                ax.set_ylabel(name, fontsize=9)
-    text = (f"original:   {captions['original']}\nmasked:     {captions['masked']}\n"
-            f"predicted: {captions['predicted']}   ({captions['score']})\n{note}")
-    fig.text(0.01, 0.99, text, va="top", ha="left", fontsize=8, family="monospace")
-    fig.tight_layout(rect=(0, 0, 1, 1 - text_h / fig_h), h_pad=0.3, w_pad=0.3)
+                ax.set_ylabel(name, fontsize=font + 1)
+    fig.text(0.01, 1 - 0.08 / height, header, va="top", ha="left", fontsize=font, family="monospace")
+    fig.tight_layout(rect=(0, 0, 1, 1 - text_h / height), h_pad=0.3, w_pad=0.3)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> str:
-    """Build the figure; returns the PNG's path."""
-    device = utils.resolve_device(args.device)
-    saved = fill_from_checkpoint(args)
-    tokenizer = datasets.build_tokenizer(args.tokenizer or saved.get("tokenizer"))
-    frames = read_frames(args.video, args.frame_start, args.frame_stride, args.num_frames, args.video_backend)
-    model = build_model(args, saved, len(tokenizer)).to(device)
-    video = clip_tensor(frames, args.input_size)[None]
-    video_mask, text = mask_inputs(model, args, tokenizer)
-    out = model.reconstruct(video.to(device), video_mask.to(device),
-                            **{k: v.to(device) for k, v in text.items()})
-    video01 = modeling_simvtp.denormalize_video(video)
-    pred01 = out["pred_pixels_01"].cpu()  # 'visible': de-normalised by reconstruct() itself
-    if args.denorm == "tube":
-        true_tubes = modeling_simvtp.patchify(video01, model.tubelet_size, model.patch_size)[video_mask]
-        pred01 = tube_denormalize(out["pred_pixels"].cpu(), true_tubes[None])
-    masked, recon = compose(video01, pred01, video_mask, model.tubelet_size, model.patch_size)
-    captions = caption_lines(tokenizer, text, out["filled_ids"].cpu())
-    shown = f"frames {args.frame_start}, {args.frame_start + args.frame_stride}, ... (stride {args.frame_stride})"
-    note = (f"{os.path.basename(args.video)}, {shown}; {int(video_mask.sum())} of {video_mask.shape[1]} tubes masked "
-            f"({args.mask_type}).\nPredicted pixels are de-normalised with {DENORM_NOTE[args.denorm]}.")
-    draw_figure({"original": video01[0], "masked input": masked[0], "reconstruction": recon[0]}, captions, note,
-                args.save_path)
-    print(f"original:  {captions['original']}\nmasked:    {captions['masked']}\npredicted: {captions['predicted']} "
-          f"({captions['score']})")
-    print(f"Figure written to {args.save_path}")
+    """Build the figure and return the PNG's path."""
+    rec = reconstruct_clip(args)
+    draw_figure(rec, args.save_path)
+    c = rec.captions
+    print(f"original:  {c['original']}\nmasked:    {c['masked']}\npredicted: {c['predicted']} ({c['score']})")
+    print(f"Figure written to {os.path.abspath(args.save_path)}")
     return args.save_path
 
 

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Reconstruction figure of a pre-training checkpoint on any video and caption (run_simvtp_vis.py; see --help).
-# Usage: bash scripts/vis.sh CKPT VIDEO "CAPTION" [OUT.png] [more run_simvtp_vis.py flags...]
+# Reconstruction figure of a pre-training checkpoint on any video and caption (run_simvtp_vis.py; see its --help).
+#
+# Usage:
+#   bash scripts/vis.sh CKPT VIDEO "CAPTION" [OUT.png] [more run_simvtp_vis.py flags...]
+#   CKPT=... VIDEO=... CAPTION="..." [OUT=...] bash scripts/vis.sh [flags...]     (the same, from the environment)
 #   e.g. bash scripts/vis.sh output/demo/pretrain/checkpoint-19.pth data/synthetic/test/test_00000.mp4 \
-#          "a small red disc moves left" vis.png --frame_start 8 --frame_stride 2
+#          "the little gray box slides right on a red background" vis.png --frame_start 8 --frame_stride 2
+# Without OUT the PNG goes to output/vis/reconstruction_<video name>.png (or under --output_dir).
+# DRY_RUN=1 prints the command instead of running it (and skips the .venv set-up).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ $# -lt 3 ]; then
+
+usage() {
   echo "usage: bash scripts/vis.sh CKPT VIDEO \"CAPTION\" [OUT.png] [run_simvtp_vis.py flags...]" >&2
+  echo "   or: CKPT=... VIDEO=... CAPTION=... [OUT=...] bash scripts/vis.sh [flags...]" >&2
   exit 2
+}
+
+if [ $# -ge 3 ] && [[ "$1" != --* ]]; then
+  CKPT="$1"; VIDEO="$2"; CAPTION="$3"; shift 3
+  if [ $# -gt 0 ] && [[ "$1" != --* ]]; then OUT="$1"; shift; fi
 fi
-CKPT="$1"; VIDEO="$2"; CAPTION="$3"; shift 3
-OUT="output/vis/reconstruction.png"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then OUT="$1"; shift; fi
-source scripts/setup_env.sh requirements.txt
-exec "$PY" run_simvtp_vis.py --ckpt "$CKPT" --video "$VIDEO" --caption "$CAPTION" --save_path "$OUT" "$@"
+[ -n "${CKPT:-}" ] && [ -n "${VIDEO:-}" ] && [ -n "${CAPTION:-}" ] || usage
+
+if [ -z "${DRY_RUN:-}" ]; then
+  source scripts/setup_env.sh requirements.txt
+fi
+cmd=("${PY:-python}" run_simvtp_vis.py --ckpt "$CKPT" --video "$VIDEO" --caption "$CAPTION")
+if [ -n "${OUT:-}" ]; then cmd+=(--save_path "$OUT"); fi
+cmd+=("$@")
+
+if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+exec "${cmd[@]}"
