@@ -22,9 +22,11 @@ import argparse
 import os
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass
 
 import numpy as np
+import timm.models
 import torch
 from timm.models import create_model
 
@@ -45,12 +47,9 @@ DENORM_NOTE = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's line breaks in --help."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("run_simvtp_vis.py", formatter_class=HelpFormatter, description=__doc__)
+    p = argparse.ArgumentParser("run_simvtp_vis.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the docstring's lines
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", required=True, help="pre-training checkpoint: ours (run_simvtp_pretraining.py; its "
                    "saved args choose the model and clip shape) or the release's")
@@ -120,14 +119,23 @@ def load_tokenizer(args: argparse.Namespace, saved: dict):
     return datasets.build_tokenizer(path)
 
 
+def check_pretraining_model(name: str, ckpt: str) -> None:
+    """Only SimVTPPretrain has the pixel decoder; a fine-tuning (dual encoder) checkpoint's args name another."""
+    try:
+        built = typing.get_type_hints(timm.models.model_entrypoint(name)).get("return")
+    except KeyError:
+        raise ValueError(f"unknown --model {name!r}; see modeling_simvtp's registered names") from None
+    if isinstance(built, type) and not issubclass(built, modeling_simvtp.SimVTPPretrain):
+        raise ValueError(f"{ckpt}: model {name} ({built.__name__}) has no pixel decoder; the figure needs a "
+                         "pre-training checkpoint and model (e.g. simvtp_tiny_patch16)")
+
+
 def build_model(args: argparse.Namespace, saved: dict, vocab_size: int) -> torch.nn.Module:
     """The pre-training model the checkpoint holds, loaded strictly (a wrong --model is an error, not noise)."""
+    check_pretraining_model(args.model, args.ckpt)
     kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size)
     kwargs.update({k: saved[k] for k in SAVED_MODEL_OPTIONS if saved.get(k) is not None})
     model = create_model(args.model, pretrained=False, **kwargs)
-    if not hasattr(model, "reconstruct"):
-        raise ValueError(f"{args.ckpt}: model {args.model} has no pixel decoder; the figure needs a pre-training "
-                         "checkpoint (and a pre-training --model)")
     try:
         checkpoint.load_pretrained(model, args.ckpt, strict=True)
     except ValueError as e:
@@ -304,7 +312,7 @@ def draw_figure(rec: Reconstruction, path: str) -> None:
     num = rec.original.shape[1]
     cell, font = 1.5, 8  # inches per frame, points
     width = max(cell * num, 8.0)
-    header = figure_header(rec, width_chars=int(width * 72 / (0.62 * font)) - 2)
+    header = figure_header(rec, width_chars=int(width * 72 / (0.66 * font)) - 2)  # monospace: ~0.6 em a char
     text_h = (header.count("\n") + 1.6) * font * 1.25 / 72  # inches
     height = cell * len(rows) + 0.3 + text_h
     fig, axes = plt.subplots(len(rows), num, figsize=(width, height), squeeze=False)
