@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -426,9 +425,4 @@ def main(args: argparse.Namespace) -> dict | list:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except (FileNotFoundError, ValueError, engine_for_pretraining.NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError)

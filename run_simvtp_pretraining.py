@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
@@ -211,9 +210,4 @@ def _keep_periodic(args: argparse.Namespace, epoch: int) -> None:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except (FileNotFoundError, ValueError, engine.NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError)

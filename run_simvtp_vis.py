@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import textwrap
 import typing
 from dataclasses import dataclass
@@ -344,9 +343,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except (FileNotFoundError, ValueError, datasets.VideoDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    utils.run_entry_point(main, get_args_parser(), datasets.VideoDecodeError)

@@ -7,9 +7,10 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +111,18 @@ def setup_run(args: Any) -> torch.dtype:
     os.makedirs(args.output_dir, exist_ok=True)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
+
+
+def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+                    *expected: type[BaseException]) -> None:
+    """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with one line
+    on stderr naming what is wrong and exit status 1, not a traceback."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, *expected) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------- precision

@@ -45,32 +45,29 @@ def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
     assert {"model", "optimizer", "scaler", "rng_torch", "global_step"} <= set(ckpt)
 
 
-def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str) -> None:
+    """Stop after `stop_after` steps, check where the checkpoint is, resume, and compare with the uninterrupted
+    run: the same steps, the same per-step losses, the same final weights."""
     full_out, full = uninterrupted
-    steps = len(full["history"]) // 2
-    first = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--max_steps", str(steps)))
-    assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-0.pth"
-    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path))
+    first = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, "--max_steps", str(stop_after)))
+    assert os.path.basename(checkpoint.find_latest(str(out_dir))) == expected_latest
+    second = run_simvtp_pretraining.main(_args(synthetic_root, out_dir))
     resumed = first["history"] + second["history"]
     assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
     for a, b in zip(resumed, full["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     for k, v in _weights(full_out).items():
-        torch.testing.assert_close(_weights(tmp_path)[k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_weights(out_dir)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+    steps_per_epoch = len(uninterrupted[1]["history"]) // 2
+    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch, "checkpoint-0.pth")
 
 
 def test_resume_mid_epoch_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
-    full_out, full = uninterrupted
-    steps = len(full["history"]) // 2
-    first = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--max_steps", str(steps + 1)))
-    assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-1-step1.pth"
-    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path))
-    resumed = first["history"] + second["history"]
-    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
-    for a, b in zip(resumed, full["history"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    for k, v in _weights(full_out).items():
-        torch.testing.assert_close(_weights(tmp_path)[k], v, rtol=1e-5, atol=1e-6)
+    steps_per_epoch = len(uninterrupted[1]["history"]) // 2
+    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth")
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, tmp_path, capsys):
