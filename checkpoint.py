@@ -51,6 +51,15 @@ def read_checkpoint_file(path: str) -> dict:
     return obj
 
 
+def saved_args(path: str) -> dict:
+    """The args a checkpoint was trained with: ours carry a plain dict, the release's an argparse.Namespace,
+    a bare weights file none ({})."""
+    saved = read_checkpoint_file(path).get("args")
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved)
+    return saved if isinstance(saved, dict) else {}
+
+
 def _is_safetensors(path: str) -> bool:
     if path.endswith(".safetensors"):
         return True

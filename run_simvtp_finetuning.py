@@ -156,16 +156,10 @@ def build_dual(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
                         **model_kwargs(args, vocab_size))
 
 
-def saved_args(path: str) -> dict:
-    """The args a checkpoint was written with (ours: a dict; the release's: an argparse.Namespace)."""
-    saved = checkpoint.read_checkpoint_file(path).get("args")
-    return vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
-
-
 def build_pretrain_model(name: str | None, path: str, args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     """A pre-training model (zero-shot, re-ranking) loaded strictly: half-loaded weights would score nonsense.
     Without a name, the one the checkpoint's args carry (else the paper's base model); its decoder depth too."""
-    saved = saved_args(path)
+    saved = checkpoint.saved_args(path)
     name = name or saved.get("model") or "pretrain_simvtp_base_patch16_224"
     kwargs = {**model_kwargs(args, vocab_size), "temperature": args.temperature,
               "release_pooling": args.release_pooling or bool(saved.get("release_pooling"))}

@@ -89,14 +89,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- set-up
 
 
-def saved_args(path: str) -> dict:
-    """The args a checkpoint was trained with ({} for the release's): ours carry them as a dict."""
-    saved = checkpoint.read_checkpoint_file(path).get("args")
-    if isinstance(saved, argparse.Namespace):
-        return vars(saved)
-    return saved if isinstance(saved, dict) else {}
-
-
 def fill_defaults(args: argparse.Namespace, saved: dict) -> None:
     """Unset options take the checkpoint's training values, so a clip looks like what the model was trained on."""
     args.model = args.model or saved.get("model") or RELEASE_MODEL
@@ -253,7 +245,7 @@ class Reconstruction:
 
 def reconstruct_clip(args: argparse.Namespace) -> Reconstruction:
     """Read, mask, run SimVTPPretrain.reconstruct once and compose the three rows (fills unset args in place)."""
-    saved = saved_args(args.ckpt)
+    saved = checkpoint.saved_args(args.ckpt)
     fill_defaults(args, saved)
     indices = frame_indices(args.frame_start, args.frame_stride, args.num_frames)
     frames = read_frames(args.video, indices, args.video_backend)
