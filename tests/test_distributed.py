@@ -1,6 +1,7 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
 pre-training entry point."""
+import json
 import os
 import socket
 import subprocess
@@ -83,9 +84,10 @@ def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
            str(_free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
            "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--max_steps", "2", "--warmup_epochs", "0",
+           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
-           "--print_freq", "1"]
+           "--print_freq", "1", "--eval_every", "1",
+           "--eval_data_path", os.path.join(synthetic_root, "annotations", "val.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -93,3 +95,7 @@ def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
     assert (out / "latest").is_file() and (out / "args.json").is_file() and (out / "log.txt").is_file()
     # only rank 0 prints: one "Saved" line, not two
     assert run.stdout.count("Saved ") == 1
+    # zero-shot evaluation: each rank embeds half the validation videos, the features are gathered
+    assert run.stdout.count("Zero-shot on") == 1
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["zs_v2t_queries"] == 8 and 0.0 <= record["zs_t2v_R@1"] <= 100.0
