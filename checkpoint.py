@@ -51,10 +51,10 @@ def read_checkpoint_file(path: str) -> dict:
     return obj
 
 
-def saved_args(path: str) -> dict:
-    """The args a checkpoint was trained with: ours carry a plain dict, the release's an argparse.Namespace,
+def saved_args(ckpt: dict) -> dict:
+    """The args a read checkpoint was trained with: ours carry a plain dict, the release's an argparse.Namespace,
     a bare weights file none ({})."""
-    saved = read_checkpoint_file(path).get("args")
+    saved = ckpt.get("args")
     if isinstance(saved, argparse.Namespace):
         return vars(saved)
     return saved if isinstance(saved, dict) else {}
@@ -81,16 +81,20 @@ def model_state_dict(ckpt: dict, path: str = "<checkpoint>") -> dict[str, torch.
     return tensors
 
 
-def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, verbose: bool = True):
+def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, verbose: bool = True,
+                    ckpt: dict | None = None):
     """The one loading function of every entry point: read a file, map its keys onto `model`, load, report.
 
     Accepts SimVTP pre-training / fine-tuned checkpoints (ours or the release's), VideoMAE's pre-training
     checkpoint, and a BERT checkpoint (file or directory with pytorch_model.bin / model.safetensors).
     Returns the modeling.LoadReport; a shape mismatch raises a ValueError naming the key and both shapes.
+    `ckpt`: the file's contents when the caller has read them already (for its args), so a large file is read once.
     """
     from modeling_simvtp import convert_state_dict, load_weights
-    path = _resolve_weights_path(path)
-    state = model_state_dict(read_checkpoint_file(path), path)
+    if ckpt is None:
+        path = _resolve_weights_path(path)
+        ckpt = read_checkpoint_file(path)
+    state = model_state_dict(ckpt, path)
     mapped, kind = convert_state_dict(state, model)
     report = load_weights(model, mapped, strict=strict)
     if verbose:

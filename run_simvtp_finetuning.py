@@ -159,14 +159,15 @@ def build_dual(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
 def build_pretrain_model(name: str | None, path: str, args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     """A pre-training model (zero-shot, re-ranking) loaded strictly: half-loaded weights would score nonsense.
     Without a name, the one the checkpoint's args carry (else the paper's base model); its decoder depth too."""
-    saved = checkpoint.saved_args(path)
+    ckpt = checkpoint.read_checkpoint_file(path)
+    saved = checkpoint.saved_args(ckpt)
     name = name or saved.get("model") or "pretrain_simvtp_base_patch16_224"
     kwargs = {**model_kwargs(args, vocab_size), "temperature": args.temperature,
               "release_pooling": args.release_pooling or bool(saved.get("release_pooling"))}
     if saved.get("decoder_depth"):
         kwargs["decoder_depth"] = saved["decoder_depth"]
     model = create_model(name, pretrained=False, **kwargs)
-    checkpoint.load_pretrained(model, path, strict=True)
+    checkpoint.load_pretrained(model, path, strict=True, ckpt=ckpt)
     return model.to(args.device_obj).eval()
 
 

@@ -121,14 +121,14 @@ def check_pretraining_model(name: str, ckpt: str) -> None:
                          "pre-training checkpoint and model (e.g. simvtp_tiny_patch16)")
 
 
-def build_model(args: argparse.Namespace, saved: dict, vocab_size: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, ckpt: dict, saved: dict, vocab_size: int) -> torch.nn.Module:
     """The pre-training model the checkpoint holds, loaded strictly (a wrong --model is an error, not noise)."""
     check_pretraining_model(args.model, args.ckpt)
     kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size)
     kwargs.update({k: saved[k] for k in SAVED_MODEL_OPTIONS if saved.get(k) is not None})
     model = create_model(args.model, pretrained=False, **kwargs)
     try:
-        checkpoint.load_pretrained(model, args.ckpt, strict=True)
+        checkpoint.load_pretrained(model, args.ckpt, strict=True, ckpt=ckpt)
     except ValueError as e:
         raise ValueError(f"{args.ckpt}: does not load into {args.model} ({e}); pass the right --model") from e
     return model.eval()
@@ -245,13 +245,14 @@ class Reconstruction:
 
 def reconstruct_clip(args: argparse.Namespace) -> Reconstruction:
     """Read, mask, run SimVTPPretrain.reconstruct once and compose the three rows (fills unset args in place)."""
-    saved = checkpoint.saved_args(args.ckpt)
+    ckpt = checkpoint.read_checkpoint_file(args.ckpt)  # read once: its args, then its weights
+    saved = checkpoint.saved_args(ckpt)
     fill_defaults(args, saved)
     indices = frame_indices(args.frame_start, args.frame_stride, args.num_frames)
     frames = read_frames(args.video, indices, args.video_backend)
     tokenizer = load_tokenizer(args, saved)
     device = utils.resolve_device(args.device)
-    model = build_model(args, saved, len(tokenizer)).to(device)
+    model = build_model(args, ckpt, saved, len(tokenizer)).to(device)
     grid = check_clip_shape(model, args)
     video = clip_tensor(frames, args.input_size)[None]
     video_mask, text = mask_inputs(args, grid, tokenizer)
