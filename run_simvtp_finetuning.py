@@ -47,21 +47,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_fraction", type=float, default=0.0, help="without --val_data_path: hold out this "
                    "seeded fraction of the training videos for model selection (0: no selection, last epoch)")
     g.add_argument("--test_data_path", default=None, help="test annotations (e.g. MSR-VTT 1k-A)")
-    g.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
-    g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"])
-    g.add_argument("--num_frames", type=int, default=16)
-    g.add_argument("--sampling_rate", type=int, default=4)
-    g.add_argument("--input_size", type=int, default=224)
+    utils.add_clip_args(g)
     g.add_argument("--short_side_size", type=int, default=224)
     g.add_argument("--num_sample", type=int, default=1, help="the release's repeated augmentation; only 1 is "
                    "supported: repeated clips of one video would be false negatives of the contrastive loss")
     g.add_argument("--test_num_segment", type=int, default=3, help="clips per test video (views averaged)")
     g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--max_retries", type=int, default=10, help="training only: samples tried after a broken "
-                   "video (a broken test/val video is an error)")
-    g.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (default: shipped vocabulary)")
-    g.add_argument("--max_text_len", type=int, default=32)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="simvtp_dual_base_patch16_224",
                    help="dual encoder (vit_base_patch16_224 = simvtp_dual_base_patch16_224); a pre-training "

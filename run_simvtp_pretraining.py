@@ -31,16 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
                    "Singularity JSON list or MSR-VTT CSV; the format is detected)")
-    g.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
-    g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"])
-    g.add_argument("--num_frames", type=int, default=16)
-    g.add_argument("--sampling_rate", type=int, default=4)
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--max_retries", type=int, default=10, help="other samples tried after a broken video")
-    g.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (default: the shipped "
-                   "bert-base-uncased vocabulary)")
-    g.add_argument("--max_text_len", type=int, default=32)
+    utils.add_clip_args(g)
     g = p.add_argument_group("masking")
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"])
     g.add_argument("--mask_ratio", type=float, default=0.9)

@@ -53,6 +53,23 @@ def training_schedules(args: Any, samples_per_rank: int) -> tuple[int, np.ndarra
     return steps_per_epoch, lr, cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
 
+def add_clip_args(group: Any) -> None:
+    """The data flags both run scripts share (the release's names): where videos are, how clips are read, and
+    how captions are tokenised."""
+    group.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
+    group.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"],
+                       help="decoder; auto = decord when it imports, else PyAV")
+    group.add_argument("--num_frames", type=int, default=16, help="frames per clip")
+    group.add_argument("--sampling_rate", type=int, default=4, help="frames between sampled frames")
+    group.add_argument("--input_size", type=int, default=224, help="clip side in pixels")
+    group.add_argument("--num_workers", type=int, default=4, help="data-loader processes")
+    group.add_argument("--max_retries", type=int, default=10, help="training only: other samples tried after a "
+                       "broken video (a broken test/val video is an error)")
+    group.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (None: the shipped "
+                       "bert-base-uncased vocabulary)")
+    group.add_argument("--max_text_len", type=int, default=32, help="caption tokens kept")
+
+
 def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: tuple[float, float], lr: float,
                           min_lr: float, warmup_epochs: int) -> Any:
     """The optimiser / schedule flags both run scripts share (the release's names), with each script's defaults.
