@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+import distributed
+import model_registry
 
 MODEL_KEYS = ("model", "module", "state_dict")
 LATEST_POINTER = "latest"
@@ -82,23 +88,116 @@ def model_state_dict(ckpt: dict, path: str = "<checkpoint>") -> dict[str, torch.
 
 
 def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, verbose: bool = True,
-                    ckpt: dict | None = None):
-    """The one loading function of every entry point: read a file, map its keys onto `model`, load, report.
+                    ckpt: dict | None = None) -> "LoadReport":
+    """The one loading function of every entry point: read a file, map its keys onto `model` with the converter
+    of the model's family (e.g. SimVTP's maps the release's, VideoMAE's and BERT's files), load, report.
 
-    Accepts SimVTP pre-training / fine-tuned checkpoints (ours or the release's), VideoMAE's pre-training
-    checkpoint, and a BERT checkpoint (file or directory with pytorch_model.bin / model.safetensors).
-    Returns the modeling.LoadReport; a shape mismatch raises a ValueError naming the key and both shapes.
-    `ckpt`: the file's contents when the caller has read them already (for its args), so a large file is read once.
+    Returns the LoadReport; a shape mismatch raises a ValueError naming the key and both shapes.
+    `ckpt`: the file's contents when the caller has read them already, so a large file is read once.
     """
-    from modeling_simvtp import convert_state_dict, load_weights
     if ckpt is None:
         path = _resolve_weights_path(path)
         ckpt = read_checkpoint_file(path)
     state = model_state_dict(ckpt, path)
-    mapped, kind = convert_state_dict(state, model)
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DeepSpeed wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    mapped, kind = model_registry.family_of(model).convert_state_dict(state, getattr(model, "module", model))
     report = load_weights(model, mapped, strict=strict)
     if verbose:
         print(f"Loaded {path} as {kind}: {report}")
+    return report
+
+
+def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = None, strict: bool = True,
+                     **overrides: Any) -> torch.nn.Module:
+    """Rebuild the model a checkpoint holds and load it (strictly by default: half-loaded weights score nonsense).
+
+    The model is `name` if given, else the file's `model_cfg` (ours), else the model its saved args name (ours
+    before model_cfg), else the one its keys identify (the release's). `overrides` replace constructor arguments.
+    """
+    cfg = ckpt.get("model_cfg") if isinstance(ckpt.get("model_cfg"), dict) else None
+    saved = saved_args(ckpt)
+    if cfg is not None:
+        chosen, kwargs = cfg["name"], dict(cfg.get("kwargs", {}))
+    elif saved.get("model"):
+        chosen = saved["model"]
+        kwargs = model_registry.saved_kwargs(model_registry.model_spec(chosen).cls, saved)
+    else:
+        chosen, kwargs = _recognise(ckpt, path), {}
+    if name and model_registry.canonical_name(name) != model_registry.canonical_name(chosen):
+        # another model of the checkpoint: keep the arguments it takes (clip shape, vocabulary, options)
+        accepted = model_registry.constructor_args(model_registry.model_spec(name).cls)
+        chosen, kwargs = name, {k: v for k, v in kwargs.items() if k in accepted}
+    model = model_registry.create(chosen, **{**kwargs, **overrides})
+    try:
+        load_pretrained(model, path, strict=strict, ckpt=ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: does not load into {chosen} ({e}); pass the right --model") from e
+    return model
+
+
+def _recognise(ckpt: dict, path: str) -> str:
+    keys = list(model_state_dict(ckpt, path))
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in keys]
+    for family in model_registry.families():
+        found = family.recognise(keys)
+        if found:
+            return found
+    raise CheckpointError(f"{path}: names no model (no model_cfg or args) and its {len(keys)} tensors (first "
+                          f"{keys[:3]}) match no family's known files; pass --model")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint did not provide
+    unexpected: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
+    ignored: list[str] = field(default_factory=list)  # non-persistent buffers (e.g. BERT's position_ids)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.loaded)} tensors loaded"]
+        for name in ("missing", "unexpected", "ignored"):
+            names = getattr(self, name)
+            if names:
+                parts.append(f"{len(names)} {name}: {compact_names(names)}")
+        return "; ".join(parts)
+
+
+def compact_names(names: list[str]) -> str:
+    """Names with layer indices folded: 'blocks.*.attn.qkv.weight (x12)'."""
+    groups = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
+    return ", ".join(g if c == 1 else f"{g} (x{c})" for g, c in sorted(groups.items()))
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, strict: bool) -> LoadReport:
+    """Copy the tensors of an already mapped state_dict into `model` (cast to its dtype).
+
+    A shape mismatch is a ValueError naming each key and both shapes; with strict, any missing or unexpected
+    tensor (other than the model's `optional_keys`) is a ValueError listing them. Nothing is copied on error."""
+    model = getattr(model, "module", model)
+    own = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()} - set(own)
+    report = LoadReport(missing=[k for k in own if k not in state_dict])
+    mismatched = []
+    for k, v in state_dict.items():
+        if k in buffers:
+            report.ignored.append(k)
+        elif k not in own or not isinstance(v, torch.Tensor):
+            report.unexpected.append(k)
+        elif v.shape != own[k].shape:
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        else:
+            report.loaded.append(k)
+    if mismatched:
+        more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        raise ValueError(f"shape mismatch of {len(mismatched)} tensors: " + "; ".join(mismatched[:3]) + more)
+    if strict:
+        optional = set(getattr(model, "optional_keys", ()))
+        bad = [k for k in report.missing + report.unexpected if k not in optional]
+        if bad:
+            raise ValueError(f"strict load: missing {compact_names([k for k in report.missing if k in bad]) or '-'}; "
+                             f"unexpected {compact_names([k for k in report.unexpected if k in bad]) or '-'}")
+    model.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
     return report
 
 
@@ -167,22 +266,25 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 def save_training_state(output_dir: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None, epoch: int, step_in_epoch: int | None,
-                        global_step: int, args: dict, keep_last: int = 0, extra: dict | None = None) -> str:
+                        global_step: int, args: dict, keep_last: int = 0, train_state: dict | None = None,
+                        rng_states: list[dict] | None = None) -> str:
     """Write one resumable checkpoint atomically, point `latest` at it, prune to the last `keep_last`.
 
-    `epoch` is the epoch the checkpoint belongs to; `step_in_epoch` is None when that epoch is complete,
-    else the number of optimizer steps already done in it. `latest` is a one-line text file, not a copy.
+    `epoch` is the epoch the checkpoint belongs to; `step_in_epoch` is None when that epoch is complete, else the
+    optimizer steps already done in it (the file's name). `train_state` is the loop's exact position and counters,
+    `rng_states` every rank's generator states (rank order). `latest` is a one-line text file, not a copy.
     """
     state = {
         "model": model.state_dict(),
+        "model_cfg": getattr(model, "model_cfg", None),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "epoch": epoch,
         "step_in_epoch": -1 if step_in_epoch is None else step_in_epoch,
         "global_step": global_step,
-        "rng_torch": torch.get_rng_state(),
+        "train_state": train_state or {},
+        "rng_states": rng_states if rng_states is not None else [rng_state()],
         "args": args,
-        **(extra or {}),
     }
     name = checkpoint_name(epoch, step_in_epoch)
     save_atomic(state, os.path.join(output_dir, name))
@@ -191,6 +293,23 @@ def save_training_state(output_dir: str, *, model: torch.nn.Module, optimizer: t
         for old in list_checkpoints(output_dir)[:-keep_last]:
             os.remove(old)
     return os.path.join(output_dir, name)
+
+
+def rng_state() -> dict:
+    """This process's torch generators: the CPU one and every visible GPU's (drop-path, VTM negatives)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(states: list[dict], rank: int, world_size: int) -> None:
+    """Each rank restores its own generators; a different process count cannot continue them (warned)."""
+    if len(states) != world_size:
+        print(f"WARNING: the checkpoint holds the generator states of {len(states)} process(es), this run has "
+              f"{world_size}: random draws (drop-path, negatives) will differ from an uninterrupted run", flush=True)
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if states[rank]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states[rank]["cuda"])
 
 
 def find_latest(output_dir: str) -> str | None:
@@ -206,11 +325,9 @@ def find_latest(output_dir: str) -> str | None:
 
 
 def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                           scaler: torch.amp.GradScaler | None) -> tuple[int, int, int]:
-    """Load model/optimizer/scaler/RNG from one of our checkpoints.
-
-    Returns (start_epoch, start_step_in_epoch, global_step): where the loop should continue.
-    """
+                           scaler: torch.amp.GradScaler | None) -> dict:
+    """Load model/optimizer/scaler and this rank's generators from one of our checkpoints; returns the loop's
+    saved train_state (position and counters; rebuilt from the epoch/step fields for older files)."""
     ckpt = read_checkpoint_file(path)
     if "model" not in ckpt or "epoch" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint of this codebase (no model/epoch entries); "
@@ -220,45 +337,78 @@ def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.o
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if "rng_torch" in ckpt:
+    if ckpt.get("rng_states"):
+        set_rng_state(ckpt["rng_states"], distributed.get_rank(), distributed.get_world_size())
+    elif "rng_torch" in ckpt:  # older files: rank 0's CPU generator only
         torch.set_rng_state(ckpt["rng_torch"])
+    if ckpt.get("train_state"):
+        return dict(ckpt["train_state"])
     epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", -1))
-    global_step = int(ckpt.get("global_step", 0))
-    if step < 0:
-        return epoch + 1, 0, global_step
-    return epoch, step, global_step
-
-
-# ----------------------------------------------------------------------------------------------- converter
+    accum = int(saved_args(ckpt).get("accum_iter", 1))
+    position = {"epoch": epoch + 1, "micro_in_epoch": 0} if step < 0 else \
+        {"epoch": epoch, "micro_in_epoch": step * accum}
+    return {"global_step": int(ckpt.get("global_step", 0)), **position}
 
 
 def resume_if_any(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler | None) -> tuple[int, int, int]:
-    """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> (epoch, step in epoch,
-    global step) to continue from; (0, 0, 0) for a fresh run."""
+                  scaler: torch.amp.GradScaler | None) -> dict | None:
+    """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> its train_state to continue
+    from; None for a fresh run."""
     path = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
     if not path:
-        return 0, 0, 0
-    epoch, step, global_step = restore_training_state(path, model, optimizer, scaler)
-    print(f"Resumed from {path}: epoch {epoch}, step {step} (global step {global_step})")
-    return epoch, step, global_step
+        return None
+    train_state = restore_training_state(path, model, optimizer, scaler)
+    print(f"Resumed from {path}: epoch {train_state['epoch']}, micro-batch {train_state['micro_in_epoch']} "
+          f"(global step {train_state['global_step']})")
+    return train_state
 
 
 def training_saver(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler | None, state: Any) -> Callable[[int, int | None], None]:
-    """save(epoch, step_in_epoch or None): rank 0 writes the training state atomically, every rank waits for it
-    (state.global_step is read at call time)."""
-    import distributed
+    """save(epoch, step_in_epoch or None), called by every rank: the ranks' generator states are gathered, rank 0
+    writes the training state (state.to_dict() at call time) atomically, every rank waits for it."""
     import utils
 
     def save(epoch: int, step_in_epoch: int | None) -> None:
+        rng_states = distributed.gather_objects(rng_state())
         if distributed.is_main_process():
             path = save_training_state(args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
                                        step_in_epoch=step_in_epoch, global_step=state.global_step,
-                                       args=utils.plain_args(args), keep_last=args.keep_last)
+                                       args=utils.plain_args(args), keep_last=args.keep_last,
+                                       train_state=state.to_dict(), rng_states=rng_states)
             print(f"Saved {path}")
         distributed.barrier()
     return save
+
+
+def keep_periodic(output_dir: str, epoch: int, every: int, last_epoch: int) -> None:
+    """Besides the rolling last-K, keep a hard-linked copy every `every` epochs and of the last (no extra disk)."""
+    if not distributed.is_main_process() or every <= 0:
+        return
+    if (epoch + 1) % every == 0 or epoch == last_epoch:
+        src = os.path.join(output_dir, checkpoint_name(epoch))
+        dst = os.path.join(output_dir, f"keep-checkpoint-{epoch}.pth")
+        if os.path.exists(src) and not os.path.exists(dst):
+            os.link(src, dst)
+
+
+EVAL_STATE = "eval_state.json"
+
+
+def read_eval_state(output_dir: str) -> dict:
+    """The small record of evaluations done ({"epoch", "global_step": the last evaluated; "best", "best_epoch",
+    "metric": model selection}), so the best score is known without loading a checkpoint; {} before any."""
+    path = os.path.join(output_dir, EVAL_STATE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_eval_state(output_dir: str, record: dict) -> None:
+    """Rank 0 only; atomic, like the checkpoints."""
+    if distributed.is_main_process():
+        _write_text_atomic(os.path.join(output_dir, EVAL_STATE), json.dumps(record) + "\n")
 
 
 def to_safetensors(src: str, dst: str) -> int:

@@ -45,7 +45,7 @@ __all__ = [
     "AnnotationError", "VideoDecodeError", "BrokenVideoWarning", "VideoRecord", "read_annotations", "sample_rng",
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
-    "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE",
+    "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,7 +54,10 @@ MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of the rel
 BERT_VOCAB_SIZE = 30522
 BERT_SPECIAL_IDS = {"pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102, "mask_token_id": 103}
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bert-base-uncased")
-VIDEO_EXTENSION = ".mp4"
+VIDEO_EXTENSION = ".mp4"  # the suffix of WebVid / MSR-VTT files named by id
+# file suffixes recognised as videos when a directory is scanned (lower case)
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
+                              ".3gp", ".ts"})
 
 
 class AnnotationError(ValueError):
@@ -247,7 +250,8 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An error as one bounded line, so a decoder's multi-line message cannot flood a log or a report."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -279,7 +283,7 @@ class VideoFile:
             raise
         except Exception as e:  # any decoder error is about this file
             raise VideoDecodeError(f"{self.path}: decoding frames {unique[0]}..{unique[-1]} with {self.backend} "
-                                   f"failed: {type(e).__name__}: {_one_line(e)}") from e
+                                   f"failed: {type(e).__name__}: {one_line(e)}") from e
         if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.shape[-1] != 3:
             raise VideoDecodeError(f"{self.path}: {self.backend} returned frames of shape {tuple(frames.shape)} for "
                                    f"{len(unique)} indices")
@@ -465,7 +469,7 @@ def open_video(path: str | os.PathLike, backend: str = "auto") -> VideoFile:
     except VideoDecodeError:
         raise
     except Exception as e:
-        raise VideoDecodeError(f"{path}: cannot open with {backend}: {type(e).__name__}: {_one_line(e)}") from e
+        raise VideoDecodeError(f"{path}: cannot open with {backend}: {type(e).__name__}: {one_line(e)}") from e
     if video.num_frames <= 0:
         video.close()
         raise VideoDecodeError(f"{path}: no video frames")
@@ -645,7 +649,7 @@ _WARNED: set[str] = set()  # broken files already reported by this process
 def _warn_broken(path: str, error: BaseException) -> None:
     if path not in _WARNED:
         _WARNED.add(path)
-        warnings.warn(f"skipping broken training video: {_one_line(error, 400)}", BrokenVideoWarning, stacklevel=3)
+        warnings.warn(f"skipping broken training video: {one_line(error, 400)}", BrokenVideoWarning, stacklevel=3)
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
@@ -725,9 +729,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 video = self._train_clip(record.path, index)
                 break
             except VideoDecodeError as e:
-                failures.append((record.path, _one_line(e)))
+                failures.append((record.path, one_line(e)))
                 self.num_skipped += 1
-                self.broken.setdefault(record.path, _one_line(e))
+                self.broken.setdefault(record.path, one_line(e))
                 _warn_broken(record.path, e)
                 retry_rng = retry_rng or self.rng(index, "retry")
                 record_index = int(retry_rng.integers(len(self.records)))
@@ -754,7 +758,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
             try:
                 return _decode_planned(path, self.fallback_backend, plan)
             except VideoDecodeError as second:
-                raise VideoDecodeError(f"{first} (PyAV failed too: {_one_line(second)})") from second
+                raise VideoDecodeError(f"{first} (PyAV failed too: {one_line(second)})") from second
 
     def _train_clip(self, path: str, index: int) -> torch.Tensor:
         """Randomness is keyed on the requested index, so a substitute video still gets this sample's draws."""
@@ -798,17 +802,24 @@ class VideoTextCollator:
     long scalar), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
     masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row.
+    text_mask_mode: "mask" (the release: every chosen word becomes [MASK]) or "bert" (80% [MASK], 10% a random
+    word of the tokenizer's vocabulary, 10% kept), for model families trained with BERT's rule.
     test batch: video [B, V, 3, T, H, W], captions (list of lists), index long [B].
     """
 
     def __init__(self, tokenizer, max_text_len: int = 32, text_mask_ratio: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, text_mask_mode: str = "mask") -> None:
+        from masking_generator import TEXT_MASK_MODES
+
         if max_text_len < 2:
             raise ValueError(f"max_text_len must be >= 2 ([CLS] and [SEP]), got {max_text_len}")
+        if text_mask_mode not in TEXT_MASK_MODES:
+            raise ValueError(f"unknown text_mask_mode {text_mask_mode!r}; choose one of {TEXT_MASK_MODES}")
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
         self.text_mask_ratio = text_mask_ratio
         self.seed = int(seed)
+        self.text_mask_mode = text_mask_mode
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_text_len,
@@ -835,6 +846,7 @@ class VideoTextCollator:
             rngs = [sample_rng(self.seed, int(e), int(i), "text_mask") for e, i in zip(batch["epoch"], batch["index"])]
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_text_batch(
                 batch["input_ids"], batch["attention_mask"], self.text_mask_ratio, rngs,
-                mask_token_id=self.tokenizer.mask_token_id)
+                mask_token_id=self.tokenizer.mask_token_id, mode=self.text_mask_mode,
+                vocab_size=len(self.tokenizer))
         return batch
 

@@ -86,6 +86,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable object, in rank order (small things: features, scores, generator states)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """A small tensor of counts/flags summed over ranks in one collective (the loop's one sync per step)."""
+    if get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
 def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
     """Sum a Python number over ranks (counts such as skipped videos)."""
     if get_world_size() == 1:

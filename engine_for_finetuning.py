@@ -1,5 +1,6 @@
-"""Retrieval fine-tuning and evaluation: ranking metrics, the contrastive loss, layer-wise lr decay, embedding a
-test set (views averaged, ranks gathered), zero-shot scoring, re-ranking with the matching head, and export.
+"""Retrieval evaluation for any model family: ranking metrics, embedding a test set (views averaged, ranks
+gathered), zero-shot scoring, re-ranking with the matching head, and export. The model is used only through the
+contract's encode_video / encode_text / match_logits (training runs through engine_for_pretraining.train).
 
 Ranks are 1-based. Ties are broken AGAINST the ground truth: a candidate whose score equals the ground truth's
 counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. Model selection uses
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 
 import datasets
 import masking_generator
-import modeling_simvtp
 import distributed
 import utils
 
@@ -133,47 +133,6 @@ def write_results(output_dir: str, prefix: str, metrics: dict, records: list[dic
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
-# ----------------------------------------------------------------------------------------------- training
-
-
-class DualEncoderLoss(torch.nn.Module):
-    """The dual encoder plus its loss, shaped like the pre-training model (forward(**batch, gather) -> {"loss"}),
-    so engine_for_pretraining.train_one_epoch (accumulation, skipping, clipping, schedules) drives fine-tuning."""
-
-    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model = model
-        self.temperature = temperature
-
-    def forward(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                gather: Callable | None = None) -> dict[str, torch.Tensor]:
-        # the same symmetric InfoNCE over the global batch as pre-training's VTC
-        loss = modeling_simvtp.vtc_loss(self.model.encode_video(video),
-                                        self.model.encode_text(input_ids, attention_mask), self.temperature, gather)
-        return {"loss": loss}
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay, for both branches of the dual encoder.
-
-    `<branch>.blocks.i.*` -> i + 1; tube / text embeddings -> 0; fc_norm, heads and anything else -> the top
-    (num_layers + 1). The release keyed this on names without the branch prefix, so every parameter landed on
-    the top layer and the decay did nothing.
-    """
-    parts = name.split(".")
-    if "blocks" in parts:
-        i = parts.index("blocks")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1]) + 1
-    if any(p in ("patch_embed", "text_embeddings", "pos_embed", "cls_token") for p in parts):
-        return 0
-    return num_layers + 1
-
-
-def layer_scale_map(model: torch.nn.Module, layer_decay: float, num_layers: int) -> dict[str, float]:
-    """name -> lr multiplier layer_decay ** (num_layers + 1 - layer_id), for utils.param_groups(layer_scale=...)."""
-    return {n: layer_decay ** (num_layers + 1 - layer_id(n, num_layers)) for n, _ in model.named_parameters()}
-
 # ----------------------------------------------------------------------------------------------- embedding
 
 
@@ -203,8 +162,10 @@ def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence
     clips = video.flatten(0, 1)
     masks = None
     if cfg.video_mask_ratio > 0:
+        if not model.takes_video_mask:
+            raise ValueError(f"{type(model).__name__} takes no video mask: evaluate it with video mask ratio 0")
         _, _, t, h, w = clips.shape
-        masks = fixed_video_masks(indices, (t // 2, h // 16, w // 16), cfg.video_mask_ratio, cfg.seed)
+        masks = fixed_video_masks(indices, model.token_grid(t, h, w), cfg.video_mask_ratio, cfg.seed)
         masks = masks.repeat_interleave(v, dim=0)
     feats = []
     for start in range(0, len(clips), cfg.chunk):
@@ -234,15 +195,6 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], cfg: E
     return torch.cat(feats)
 
 
-def _gather_objects(obj: object) -> list:
-    """Every rank's object, in rank order (features are small next to the videos: CPU tensors pickled)."""
-    if distributed.get_world_size() == 1:
-        return [obj]
-    out: list = [None] * distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 @torch.no_grad()
 def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: EvalConfig,
                   with_text: bool = True) -> dict:
@@ -268,7 +220,7 @@ def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg
             local.append((i, vfeat[j], tf if counts[j] else None, caps[j]))
     model.train(was_training)
     items = {}
-    for part in _gather_objects(local):
+    for part in distributed.gather_objects(local):
         for i, vf, tf, caps in part:
             items.setdefault(i, (vf, tf, caps))
     order = sorted(items)
@@ -365,7 +317,7 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
             probs.update({(t, v): float(x) for t, x in zip(ts, p)})
     match_model.train(was_training)
     merged = {}
-    for part in _gather_objects(probs):
+    for part in distributed.gather_objects(probs):
         merged.update(part)
     return merged
 

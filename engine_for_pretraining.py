@@ -1,20 +1,26 @@
-"""One epoch of SimVTP pre-training: forward under autocast, agreed skipping of non-finite steps, gradient
-accumulation, clipping, per-iteration lr/wd schedules, logging and mid-epoch checkpoints."""
+"""The training loop every run uses (pre-training and retrieval fine-tuning, any model family): epochs with save,
+evaluation and logging; inside an epoch, autocast forward/backward, gradient accumulation, agreed skipping of
+non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints.
+
+The model is seen only through the model contract (model_registry.py): `model(batch, gather=...)` returns
+{"loss", other scalars}; every tensor of the batch goes to the device and every scalar returned is logged.
+Scalars stay on the device until a progress line is printed: one host sync per optimizer step (the agreed
+non-finite check), not several per micro-batch.
+"""
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+import checkpoint
 import distributed
 import utils
-
-BATCH_TENSORS = ("video", "video_mask", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
-LOSS_TERMS = ("loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,13 +29,26 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """What the loop carries across steps and epochs (and what resume restores)."""
-    global_step: int = 0
+    """What the loop carries across steps and epochs. Saved in every checkpoint and restored on resume (all fields
+    but `history`, this process's per-step scalars, which the tests and callers read)."""
+    epoch: int = 0                  # the epoch being trained (or next to train)
+    micro_in_epoch: int = 0         # micro-batches of it already consumed: the sampler's resume offset
+    global_step: int = 0            # optimizer steps taken or skipped since the start: the schedules' index
     bad_streak: int = 0
     skipped_steps: int = 0
     skipped_videos: float = 0.0
-    stop: bool = False
+    stop: bool = False              # --max_steps reached
+    eval_pending: int | None = None  # epoch saved whose evaluation has not finished (run first on resume)
+    pending_record: dict = field(default_factory=dict)  # that epoch's log.txt record so far
     history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "stop")}
+
+    def restore(self, saved: dict) -> None:
+        for f in fields(self):
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
 
 
 @dataclass
@@ -52,96 +71,98 @@ class StepConfig:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Tensors the model needs, on the device (non_blocking pairs with pin_memory on CUDA)."""
-    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_TENSORS if k in batch}
+    """Every tensor of the batch on the device (non_blocking pairs with pin_memory on CUDA); the rest as is."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def steps_in_epoch(batches: int, accum_iter: int) -> int:
+    """Optimizer steps of an epoch of `batches` micro-batches: a last partial window is a step too."""
+    return math.ceil(batches / accum_iter)
+
+# ----------------------------------------------------------------------------------------------- one epoch
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, epoch: int, start_step: int, steps_per_epoch: int,
-                    lr_schedule: np.ndarray, wd_schedule: np.ndarray, cfg: StepConfig, state: TrainState,
+                    scaler: torch.amp.GradScaler, batches_per_epoch: int, lr_schedule: np.ndarray,
+                    wd_schedule: np.ndarray, cfg: StepConfig, state: TrainState,
                     tb: utils.TensorboardLogger | None = None,
                     save_mid_epoch: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Train from optimizer step `start_step` of `epoch` to its end (or to cfg.max_steps overall).
+    """Train epoch `state.epoch` from micro-batch `state.micro_in_epoch` (the loader starts there) to its end, or
+    to cfg.max_steps overall. Returns the epoch's averaged scalars.
 
-    Returns the epoch's averaged scalars. A non-finite loss on any rank skips that optimizer step on every rank;
-    `cfg.max_bad_steps` in a row raise NonFiniteLossError.
+    Micro-batches form windows of cfg.accum_iter (the epoch's last window may be shorter: it is stepped, each
+    loss divided by the window's real size). A non-finite loss on any rank skips that window's step on every
+    rank; cfg.max_bad_steps in a row raise NonFiniteLossError.
     """
     model.train()
-    metrics = utils.MetricLogger(cfg.print_freq)
-    batch_size = None
+    log = _StepLog(cfg, state, tb)
+    epoch = state.epoch
+    window: list[torch.Tensor] = []  # per micro-batch: [non-finite flag, skipped videos]
     optimizer.zero_grad(set_to_none=True)
-    micro = 0
-    step_in_epoch = start_step
-    t_last = time.time()
-    iterator = metrics.log_every(loader, total=steps_per_epoch * cfg.accum_iter, header=f"Epoch [{epoch}]",
-                                 start=start_step * cfg.accum_iter)
+    iterator = log.metrics.log_every(loader, total=batches_per_epoch, header=f"Epoch [{epoch}]",
+                                     start=state.micro_in_epoch, before_print=log.flush)
     for batch in iterator:
-        if micro == 0:
+        window_start = state.micro_in_epoch - len(window)
+        size = min(cfg.accum_iter, batches_per_epoch - window_start)
+        if not window:
             it = min(state.global_step, len(lr_schedule) - 1)
             utils.apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-        batch_size = batch["video"].shape[0]
-        state.skipped_videos += distributed.all_reduce_sum(int(batch.get("skipped", torch.tensor(0)).sum()),
-                                                     cfg.device)
-        losses = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg,
-                                   sync=micro == cfg.accum_iter - 1)
-        if losses is None:  # non-finite somewhere: drop this accumulation window on every rank
-            _skip_step(optimizer, state, cfg, epoch, step_in_epoch)
-            micro = 0
-            step_in_epoch += 1
+        out, bad = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg, scale=1.0 / size,
+                                     sync=len(window) == size - 1)
+        window.append(torch.stack([bad.float(), batch.get("skipped", torch.tensor(0)).to(cfg.device).float()]))
+        state.micro_in_epoch += 1
+        if len(window) < size:
             continue
-        micro += 1
-        if micro < cfg.accum_iter:
-            continue
-        micro = 0
-        norm = _optimizer_step(model, optimizer, scaler, cfg)
-        state.bad_streak = 0
+        bad_ranks, skipped = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
+        window = []
+        state.skipped_videos += skipped
         state.global_step += 1
-        step_in_epoch += 1
-        now = time.time()
-        clips_per_s = batch_size * cfg.accum_iter * distributed.get_world_size() / max(now - t_last, 1e-9)
-        t_last = now
-        scalars = {**losses, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                   "weight_decay": max(g["weight_decay"] for g in optimizer.param_groups),
-                   "clips_per_s": clips_per_s}
-        metrics.update(**scalars)
-        state.history.append({"step": state.global_step, **losses})
-        if tb is not None:
-            tb.scalars(state.global_step, "train", scalars)
-        if save_mid_epoch is not None and cfg.save_every_steps > 0 and step_in_epoch < steps_per_epoch \
+        if bad_ranks:
+            _skip_step(optimizer, state, cfg, epoch)
+        else:
+            state.bad_streak = 0
+            norm = _optimizer_step(model, optimizer, scaler, cfg)
+            log.step(out, optimizer, norm, batch["video"].shape[0] * size)
+        step_in_epoch = steps_in_epoch(state.micro_in_epoch, cfg.accum_iter)
+        if save_mid_epoch is not None and cfg.save_every_steps > 0 and state.micro_in_epoch < batches_per_epoch \
                 and state.global_step % cfg.save_every_steps == 0:
+            log.flush()
             save_mid_epoch(epoch, step_in_epoch)
         if cfg.max_steps and state.global_step >= cfg.max_steps:
             state.stop = True
             break
-    summary = metrics.summary()
+    log.flush()
+    summary = log.metrics.summary()
     summary["skipped_videos_total"] = state.skipped_videos
     summary["skipped_steps_total"] = state.skipped_steps
     return summary
 
 
 def _forward_backward(model: torch.nn.Module, batch: dict, scaler: torch.amp.GradScaler, cfg: StepConfig,
-                      sync: bool) -> dict[str, float] | None:
-    """Forward + backward of one micro-batch; None when the loss is non-finite on any rank."""
+                      scale: float = 1.0, sync: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward + backward of one micro-batch (loss x `scale`) -> (the model's scalars, detached; a bool tensor:
+    the loss is non-finite). Nothing is read on the host here. Gradients of a non-finite micro-batch are
+    dropped with its window."""
     no_sync = getattr(model, "no_sync", None)
     with utils.autocast(cfg.device, cfg.dtype):
-        out = model(**batch, gather=distributed.gather_with_grad)
+        out = model(batch, gather=distributed.gather_with_grad)
     loss = out["loss"]
-    if distributed.any_across_ranks(not bool(torch.isfinite(loss.detach())), cfg.device):
-        return None
     if no_sync is not None and not sync:
         with no_sync():
-            scaler.scale(loss / cfg.accum_iter).backward()
+            scaler.scale(loss * scale).backward()
     else:
-        scaler.scale(loss / cfg.accum_iter).backward()
-    return {k: float(out[k].detach()) for k in LOSS_TERMS if k in out}
+        scaler.scale(loss * scale).backward()
+    scalars = {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    return scalars, ~torch.isfinite(loss.detach())
 
 
 def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    cfg: StepConfig) -> float:
+                    cfg: StepConfig) -> torch.Tensor:
+    """Unscale, clip (or measure) the gradient norm, step, clear -> the norm (a tensor: not read here)."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.clip_grad:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     else:
         norm = utils.grad_norm(params)
     scaler.step(optimizer)
@@ -150,17 +171,153 @@ def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     return norm
 
 
-def _skip_step(optimizer: torch.optim.Optimizer, state: TrainState, cfg: StepConfig, epoch: int,
-               step: int) -> None:
+def _skip_step(optimizer: torch.optim.Optimizer, state: TrainState, cfg: StepConfig, epoch: int) -> None:
     optimizer.zero_grad(set_to_none=True)
     state.bad_streak += 1
     state.skipped_steps += 1
-    print(f"WARNING: non-finite loss at epoch {epoch} step {step}; step skipped on every rank "
+    print(f"WARNING: non-finite loss at epoch {epoch} step {state.global_step}; step skipped on every rank "
           f"({state.bad_streak} in a row)", flush=True)
     if state.bad_streak >= cfg.max_bad_steps:
         raise NonFiniteLossError(
-            f"{state.bad_streak} non-finite losses in a row (epoch {epoch}, step {step}); stopping. The last "
-            "good checkpoint is kept; lower --lr, set --clip_grad, or try --precision fp32, then --resume it.")
+            f"{state.bad_streak} non-finite losses in a row (epoch {epoch}, step {state.global_step}); stopping. "
+            "The last good checkpoint is kept; lower --lr, set --clip_grad, or try --precision fp32, then resume.")
+
+
+class _StepLog:
+    """Per-step scalars kept as device tensors and read in one go when a progress line is due (and at the end of
+    the epoch): then the meters, tensorboard and state.history get them, with the clips/s of the interval."""
+
+    def __init__(self, cfg: StepConfig, state: TrainState, tb: utils.TensorboardLogger | None) -> None:
+        self.metrics = utils.MetricLogger(cfg.print_freq)
+        self.state, self.tb = state, tb
+        self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, float]]] = []
+        self.clips, self.t_last = 0, time.time()
+
+    def step(self, out: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, norm: torch.Tensor,
+             clips: int) -> None:
+        host = {"lr": optimizer.param_groups[0]["lr"],
+                "weight_decay": max(g["weight_decay"] for g in optimizer.param_groups)}
+        self.pending.append((self.state.global_step, {**out, "grad_norm": norm.detach().float()}, host))
+        self.clips += clips * distributed.get_world_size()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        names = [list(dev) for _, dev, _ in self.pending]
+        values = torch.stack([v.float().reshape(()) for _, dev, _ in self.pending for v in dev.values()]).tolist()
+        now = time.time()
+        rate = self.clips / max(now - self.t_last, 1e-9)
+        self.clips, self.t_last = 0, now
+        pos = 0
+        for (step, _, host), keys in zip(self.pending, names):
+            scalars = {**dict(zip(keys, values[pos:pos + len(keys)])), **host, "clips_per_s": rate}
+            pos += len(keys)
+            self.metrics.update(**scalars)
+            self.state.history.append({"step": step, **scalars})
+            if self.tb is not None:
+                self.tb.scalars(step, "train", scalars)
+        self.pending = []
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything the epoch loop drives: the model (unwrapped, for saving and evaluation) and its wrapper for
+    training (DDP or itself), data, optimisation, logging and where the outputs go."""
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    loader: Any
+    sampler: utils.ResumableDistributedSampler
+    dataset: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_schedule: np.ndarray
+    wd_schedule: np.ndarray
+    cfg: StepConfig
+    state: TrainState
+    batch_size: int
+    epochs: int
+    output_dir: str
+    save: Callable[[int, int | None], None]
+    tb: utils.TensorboardLogger | None = None
+    save_ckpt_freq: int = 0
+
+
+EpochHook = Callable[[int], dict[str, float]]  # epoch -> evaluation metrics (may save a best checkpoint)
+
+
+def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int], bool] = lambda e: True,
+          eval_name: str = "eval", select_on: str | None = None,
+          on_best: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """The epoch loop of every run: train an epoch, save it (marking its evaluation pending), evaluate, record,
+    keep a periodic copy. A run resumed between an epoch's save and the end of its evaluation evaluates first.
+    A run stopped inside an epoch by --max_steps saves its position and evaluates its last weights.
+
+    `evaluate(epoch)` runs on every rank when `eval_due(epoch)`; its metrics go to log.txt as `<eval_name>_<k>`
+    and to tensorboard under `eval_name`, at the same global step as the training scalars. With `select_on` (a metric name, higher is better)
+    `on_best(epoch, metrics)` is called when that metric beats the best so far (kept in eval_state.json).
+    Returns the last epoch's training summary.
+    """
+    state = run.state
+    finish = _EpochFinisher(run, evaluate, eval_name, select_on, on_best)
+    if state.eval_pending is not None:
+        print(f"Resuming: epoch {state.eval_pending} was saved but its evaluation did not finish; evaluating now")
+        finish(state.eval_pending, state.pending_record, evaluate_now=True)
+    batches = run.sampler.num_samples // run.batch_size
+    summary: dict[str, float] = {}
+    print(f"Training {run.epochs} epochs x {steps_in_epoch(batches, run.cfg.accum_iter)} steps from epoch "
+          f"{state.epoch} micro-batch {state.micro_in_epoch}")
+    while state.epoch < run.epochs and not state.stop:
+        epoch = state.epoch
+        run.sampler.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        run.sampler.set_start(state.micro_in_epoch * run.batch_size)
+        summary = train_one_epoch(run.train_model, run.loader, run.optimizer, run.scaler, batches, run.lr_schedule,
+                                  run.wd_schedule, run.cfg, state, run.tb, save_mid_epoch=run.save)
+        run.sampler.set_start(0)
+        record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
+        if state.micro_in_epoch < batches:  # --max_steps inside the epoch: save where we are, evaluate the end
+            run.save(epoch, steps_in_epoch(state.micro_in_epoch, run.cfg.accum_iter))
+            finish(epoch, {**record, "partial_epoch": True}, evaluate_now=evaluate is not None)
+            break
+        due = evaluate is not None and eval_due(epoch)
+        state.epoch, state.micro_in_epoch = epoch + 1, 0
+        state.eval_pending, state.pending_record = (epoch if due else None), record
+        run.save(epoch, None)
+        finish(epoch, record, evaluate_now=due)
+    return summary
+
+
+class _EpochFinisher:
+    """The part of an epoch after its checkpoint: evaluation and model selection, log.txt, tensorboard, the
+    periodic copy; then the pending mark is cleared (in eval_state.json: no checkpoint is rewritten)."""
+
+    def __init__(self, run: Run, evaluate: EpochHook | None, name: str, select_on: str | None,
+                 on_best: Callable[[int, dict], None] | None) -> None:
+        self.run, self.evaluate, self.name, self.select_on, self.on_best = run, evaluate, name, select_on, on_best
+
+    def __call__(self, epoch: int, record: dict, evaluate_now: bool) -> None:
+        run, state = self.run, self.run.state
+        done = checkpoint.read_eval_state(run.output_dir)
+        if evaluate_now and self.evaluate is not None and done.get("global_step", -1) < record["global_step"]:
+            metrics = self.evaluate(epoch)
+            record = {**record, **{f"{self.name}_{k}": v for k, v in metrics.items()}}
+            if run.tb is not None:
+                run.tb.scalars(record["global_step"], self.name, metrics)
+            done = {**done, "epoch": epoch, "global_step": record["global_step"]}
+            score = metrics.get(self.select_on) if self.select_on else None
+            if score is not None and score > done.get("best", float("-inf")):
+                done.update(best=score, best_epoch=epoch, metric=self.select_on)
+                if self.on_best is not None:
+                    self.on_best(epoch, metrics)
+            checkpoint.write_eval_state(run.output_dir, done)
+        utils.append_json_line(os.path.join(run.output_dir, "log.txt"), record)
+        if run.tb is not None:
+            run.tb.flush()
+        checkpoint.keep_periodic(run.output_dir, epoch, run.save_ckpt_freq, run.epochs - 1)
+        state.eval_pending, state.pending_record = None, {}
+        distributed.barrier()
 
 
 def is_finite_summary(summary: dict[str, float]) -> bool:

@@ -23,6 +23,7 @@ __all__ = [
     "MASK_TOKEN_ID",
     "DEFAULT_SPECIAL_IDS",
     "IGNORE_INDEX",
+    "TEXT_MASK_MODES",
 ]
 
 MASK_TOKEN_ID = 103
@@ -30,6 +31,9 @@ MASK_TOKEN_ID = 103
 # mask_text_tokens.
 DEFAULT_SPECIAL_IDS: tuple[int, ...] = (0, 101, 102, 103)
 IGNORE_INDEX = -100  # label value that torch's cross_entropy ignores
+# "mask": every chosen word becomes [MASK] (the release); "bert": 80% [MASK], 10% a random word, 10% kept (BERT)
+TEXT_MASK_MODES = ("mask", "bert")
+_BERT_MASK_P, _BERT_RANDOM_P = 0.8, 0.1  # the rest (10%) keeps its original id
 
 
 def _check_video_ratio(mask_ratio: float) -> float:
@@ -124,9 +128,44 @@ def _num_text_masks(n_maskable: int, ratio: float) -> int:
     return min(n_maskable, max(1, round(ratio * n_maskable)))
 
 
+def _check_text_mode(mode: str, vocab_size: int | None, excluded: Sequence[int]) -> None:
+    """Fail before any masking: a wrong mode or vocabulary would otherwise surface as silent bad labels."""
+    if mode not in TEXT_MASK_MODES:
+        raise ValueError(f"unknown text mask mode {mode!r}; choose one of {TEXT_MASK_MODES}")
+    if mode == "bert" and vocab_size is None:
+        raise ValueError('text mask mode "bert" needs vocab_size (random replacement words are drawn from it)')
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+            raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+        if vocab_size <= sum(1 for s in set(excluded) if 0 <= s < vocab_size):
+            raise ValueError(f"vocab_size {vocab_size} leaves no non-special id to draw random words from")
+
+
+def _random_token_ids(rng: np.random.Generator, n: int, vocab_size: int, excluded: Sequence[int]) -> np.ndarray:
+    """n ids uniform over [0, vocab_size) minus excluded, without building the whole vocabulary per caption."""
+    skip = sorted(s for s in set(int(e) for e in excluded) if 0 <= s < vocab_size)
+    ids = rng.integers(0, vocab_size - len(skip), size=n)
+    for s in skip:  # ascending: the r-th allowed id is r plus the number of excluded ids at or below it
+        ids = ids + (ids >= s)
+    return ids
+
+
+def _bert_replacements(original: torch.Tensor, rng: np.random.Generator, mask_token_id: int, vocab_size: int,
+                       excluded: Sequence[int]) -> torch.Tensor:
+    """BERT's 80/10/10 rule over the chosen positions' original ids: [MASK], a random non-special word, or kept."""
+    u = rng.random(len(original))
+    out = original.clone()
+    out[torch.from_numpy(u < _BERT_MASK_P)] = mask_token_id
+    to_random = (u >= _BERT_MASK_P) & (u < _BERT_MASK_P + _BERT_RANDOM_P)
+    random_ids = _random_token_ids(rng, int(to_random.sum()), vocab_size, excluded)
+    out[torch.from_numpy(to_random)] = torch.from_numpy(random_ids).to(out.dtype)
+    return out
+
+
 def mask_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, ratio: float = 0.75,
                      rng: np.random.Generator | None = None, mask_token_id: int = MASK_TOKEN_ID,
-                     special_ids: Sequence[int] = DEFAULT_SPECIAL_IDS) -> tuple[torch.Tensor, torch.Tensor]:
+                     special_ids: Sequence[int] = DEFAULT_SPECIAL_IDS, *, mode: str = "mask",
+                     vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLM masking of one caption: input_ids, attention_mask long [L] -> (masked_ids [L], labels [L]).
 
     - Maskable positions: attention_mask == 1 and id not in special_ids. Padding and [CLS]/[SEP]/[PAD]/[MASK]
@@ -135,12 +174,18 @@ def mask_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, rati
       ``special_ids=(0, 100, 101, 102, 103)`` to keep it visible instead.
     - Exactly ``max(1, round(ratio * n_maskable))`` positions are masked when n_maskable > 0 (none otherwise),
       chosen uniformly without replacement with ``rng``.
-    - Masked positions become ``mask_token_id``: pure [MASK] replacement, no 80/10/10 mixing, as in the release.
-    - labels hold the original id at masked positions and -100 elsewhere.
+    - mode "mask" (default): chosen positions become ``mask_token_id``, pure [MASK] replacement as in the
+      release. mode "bert": of the chosen positions 80% become [MASK], 10% a random id uniform over
+      [0, vocab_size) minus special_ids and mask_token_id, 10% keep their id (BERT's rule, so the word head also
+      learns from visible words); vocab_size is required. "bert" draws more from ``rng`` after the positions,
+      so "mask" results for a given rng are unchanged.
+    - labels hold the original id at every chosen position (whatever it became) and -100 elsewhere.
     - Returns new tensors; the inputs are never modified (the release masked in place, so its contrastive and
       matching losses saw masked captions).
     """
     rng = _check_rng(rng)
+    excluded = (*special_ids, mask_token_id)
+    _check_text_mode(mode, vocab_size, excluded)
     ratio = float(ratio)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"text mask ratio must be in (0, 1], got {ratio!r} (use text_mask_ratio=None to turn MLM off)")
@@ -157,21 +202,27 @@ def mask_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, rati
     masked_ids = ids.clone()
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[chosen] = ids[chosen]
-    masked_ids[chosen] = mask_token_id
+    if mode == "bert":
+        masked_ids[chosen] = _bert_replacements(ids[chosen], rng, mask_token_id, vocab_size, excluded)
+    else:
+        masked_ids[chosen] = mask_token_id
     return masked_ids.to(input_ids.device), labels.to(input_ids.device)
 
 
 def mask_text_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, ratio: float,
                     rngs: Sequence[np.random.Generator], mask_token_id: int = MASK_TOKEN_ID,
-                    special_ids: Sequence[int] = DEFAULT_SPECIAL_IDS) -> tuple[torch.Tensor, torch.Tensor]:
+                    special_ids: Sequence[int] = DEFAULT_SPECIAL_IDS, *, mode: str = "mask",
+                    vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise mask_text_tokens: input_ids, attention_mask long [B, L], one rng per row -> (masked [B, L],
-    labels [B, L]). One generator per row keeps each caption's mask a function of its own sample only."""
+    labels [B, L]). One generator per row keeps each caption's mask a function of its own sample only.
+    mode / vocab_size as in mask_text_tokens (checked here too, so an empty batch cannot hide a bad setting)."""
+    _check_text_mode(mode, vocab_size, (*special_ids, mask_token_id))
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"expected input_ids and attention_mask of the same shape [B, L], got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
     if len(rngs) != input_ids.shape[0]:
         raise ValueError(f"need one rng per row: {input_ids.shape[0]} rows, {len(rngs)} rngs")
-    rows = [mask_text_tokens(ids, am, ratio, rng, mask_token_id, special_ids)
+    rows = [mask_text_tokens(ids, am, ratio, rng, mask_token_id, special_ids, mode=mode, vocab_size=vocab_size)
             for ids, am, rng in zip(input_ids, attention_mask, rngs)]
     if not rows:
         return input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)

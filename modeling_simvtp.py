@@ -1,15 +1,15 @@
 """SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the registry
 and the checkpoint key mapping.
 
-Tensor names and shapes follow the release exactly (see /work/shared/reference), so its checkpoints, VideoMAE's
-K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch, N tubes of a clip,
-Nv visible tubes, Nm masked tubes, L caption tokens, D encoder width, Dd decoder width, P = 2*16*16*3 values.
+Tensor names and shapes follow the release exactly (the release's key lists are in tests/data/), so its
+checkpoints, VideoMAE's K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch,
+N tubes of a clip, Nv visible tubes, Nm masked tubes, L caption tokens, D encoder width, Dd decoder width,
+P = 2*16*16*3 values.
 """
 from __future__ import annotations
 
+import argparse
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,15 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import register_model
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
+
 PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
-OPTIONAL_KEYS = ("temp",)  # learnable temperature: absent from release files, tolerated by strict loads
 
 # ----------------------------------------------------------------------------------------------- building blocks
 
@@ -237,6 +236,15 @@ def select_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- pixel targets
 
 
+def token_grid(num_frames: int, height: int, width: int, tubelet_size: int = 2,
+               patch_size: int = 16) -> tuple[int, int, int]:
+    """The tube grid (T', H', W') of a clip; a clip that does not split into whole tubes is a ValueError."""
+    if num_frames % tubelet_size or height % patch_size or width % patch_size:
+        raise ValueError(f"a {num_frames} x {height} x {width} clip does not split into {tubelet_size} x {patch_size}"
+                         f" x {patch_size} tubes: frames must divide by {tubelet_size}, sides by {patch_size}")
+    return num_frames // tubelet_size, height // patch_size, width // patch_size
+
+
 def patchify(video: torch.Tensor, tubelet_size: int = 2, patch_size: int = 16) -> torch.Tensor:
     """[B, C, T, H, W] -> [B, N, P]: tubes in (t, h, w) order, values (frame-in-tube, row, column, channel)."""
     return rearrange(video, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)",
@@ -358,6 +366,22 @@ class SimVTPPretrain(nn.Module):
         self.apply(init_weights)
         trunc_normal_(self.mask_token, std=0.02)
 
+    # -- the model contract: what the data must provide, layer ids for lr decay
+    takes_video_mask = True
+    text_masking = "mask"  # [MASK]-only replacement of the caption's masked words (the release's)
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        return token_grid(num_frames, height, width, self.tubelet_size, self.patch_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.blocks)
+
+    def layer_id(self, name: str) -> int:
+        return layer_id_from_name(name, self.num_layers)
+
+    optional_keys = ("temp",)  # learnable temperature: absent from release files, tolerated by strict loads
+
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "temp"}
 
@@ -414,12 +438,13 @@ class SimVTPPretrain(nn.Module):
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
-    def forward(self, video: torch.Tensor, video_mask: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, mlm_input_ids: torch.Tensor, mlm_labels: torch.Tensor,
-                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """video [B, 3, T, H, W], video_mask bool [B, N], text tensors [B, L] -> losses (fp32); "loss" = weighted
-        sum. Passes: (a) joint on visible tubes + masked caption, (b) video-only and text-only for VTC,
-        (c) one joint pass over the VTM negatives."""
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
+        attention_mask / mlm_input_ids / mlm_labels [B, L] -> losses (fp32); "loss" = weighted sum. Passes: (a) joint
+        on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
+        negatives."""
+        video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
+        input_ids, mlm_input_ids, mlm_labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
         vis = self.encoder.embed_video(video, video_mask)
         if self.vtc_text == "masked":
             masked_text = vtc_text = self.text_embeddings(mlm_input_ids)
@@ -485,8 +510,9 @@ class SimVTPDualEncoder(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
-                 release_pooling: bool = False, freeze_unused: bool = True) -> None:
+                 release_pooling: bool = False, freeze_unused: bool = True, temperature: float = 0.05) -> None:
         super().__init__()
+        self.patch_size, self.tubelet_size, self.temperature = patch_size, tubelet_size, temperature
         branch = dict(img_size=img_size, patch_size=patch_size, num_frames=num_frames, tubelet_size=tubelet_size,
                       embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                       drop_path_rate=drop_path_rate, final_norm="fc_norm", vocab_size=vocab_size,
@@ -497,6 +523,22 @@ class SimVTPDualEncoder(nn.Module):
         if freeze_unused:
             self.video_encoder.text_embeddings.requires_grad_(False)
             self.text_encoder.patch_embed.requires_grad_(False)
+
+    # -- the model contract
+    takes_video_mask = False
+    text_masking = None
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        return token_grid(num_frames, height, width, self.tubelet_size, self.patch_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.video_encoder.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """`<branch>.blocks.i.*` -> i + 1 in both branches (the release keyed this on names without the branch
+        prefix, so every parameter landed on the top layer and the decay did nothing)."""
+        return layer_id_from_name(name, self.num_layers)
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -512,9 +554,11 @@ class SimVTPDualEncoder(nn.Module):
         """[B, L] -> [B, D]."""
         return self.text_encoder.encode_text(self.text_encoder.text_embeddings(input_ids), attention_mask)
 
-    def forward(self, video: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"video": self.encode_video(video), "text": self.encode_text(input_ids, attention_mask)}
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """Retrieval fine-tuning's loss: the symmetric InfoNCE of pre-training's VTC over the global batch."""
+        loss = vtc_loss(self.encode_video(batch["video"]), self.encode_text(batch["input_ids"], batch["attention_mask"]),
+                        self.temperature, gather)
+        return {"loss": loss}
 
 # ----------------------------------------------------------------------------------------------- registry
 
@@ -531,34 +575,62 @@ def _build(cls: type, defaults: dict, kwargs: dict) -> nn.Module:
     return cls(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
-@register_model
+@register_model("simvtp", retrieval_model="simvtp_dual_tiny_patch16")
 def simvtp_tiny_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(TINY, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3), kwargs)
 
 
-@register_model
+@register_model("simvtp", retrieval_model="simvtp_dual_small_patch16")
 def simvtp_small_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(SMALL, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3), kwargs)
 
 
-@register_model
-def pretrain_simvtp_base_patch16_224(**kwargs) -> SimVTPPretrain:
+@register_model("simvtp", aliases=("pretrain_simvtp_base_patch16_224",), retrieval_model="simvtp_dual_base_patch16")
+def simvtp_base_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(BASE, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6), kwargs)
 
 
-@register_model
+@register_model("simvtp")
 def simvtp_dual_tiny_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, TINY, kwargs)
 
 
-@register_model
+@register_model("simvtp")
 def simvtp_dual_small_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, SMALL, kwargs)
 
 
-@register_model
-def simvtp_dual_base_patch16_224(**kwargs) -> SimVTPDualEncoder:
+@register_model("simvtp", aliases=("vit_base_patch16_224", "simvtp_dual_base_patch16_224"))
+def simvtp_dual_base_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, BASE, kwargs)
+
+
+def add_model_args(g: argparse._ArgumentGroup) -> None:
+    """SimVTP's own flags; unset (None) means the model's default."""
+    g.add_argument("--decoder_depth", type=int, default=None, help="pixel decoder blocks (pre-training model)")
+    g.add_argument("--vtc_text", default=None, choices=["full", "masked"],
+                   help="caption of the contrastive text pass: full (default) or masked (the release's behaviour)")
+    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random"],
+                   help="matching negatives: hard (default, by similarity) or random (the release's)")
+    g.add_argument("--release_pooling", action="store_true", default=None,
+                   help="average padding into text means, as the release did")
+    g.add_argument("--temperature", type=float, default=None, help="contrastive temperature (default 0.05)")
+    g.add_argument("--learnable_temp", action="store_true", default=None, help="learn the temperature")
+    for term in ("pixel", "mlm", "vtc", "vtm"):
+        g.add_argument(f"--w_{term}", type=float, default=None, help=f"weight of the {term} loss (default 1)")
+
+
+def recognise_release(keys: list[str]) -> str | None:
+    """A file without model_cfg (the release's): its full model by its keys; VideoMAE / BERT files are only parts."""
+    return {"simvtp_finetune": "simvtp_dual_base_patch16",
+            "simvtp_pretrain": "simvtp_base_patch16"}.get(_source_or_none(keys))
+
+
+def _source_or_none(keys: list[str]) -> str | None:
+    try:
+        return detect_source(keys)
+    except ValueError:
+        return None
 
 # ----------------------------------------------------------------------------------------------- key mapping
 
@@ -617,8 +689,6 @@ def _map_pretrain_to_dual(state_dict: dict) -> dict:
 def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
     """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source."""
     model = getattr(model, "module", model)
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     kind = detect_source(list(state_dict))
     dual = isinstance(model, SimVTPDualEncoder)
     if kind == "bert":
@@ -632,53 +702,5 @@ def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
     return dict(state_dict), kind
 
 
-@dataclass
-class LoadReport:
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint did not provide
-    unexpected: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
-    ignored: list[str] = field(default_factory=list)  # non-persistent buffers (e.g. BERT's position_ids)
-
-    def __str__(self) -> str:
-        parts = [f"{len(self.loaded)} tensors loaded"]
-        for name in ("missing", "unexpected", "ignored"):
-            names = getattr(self, name)
-            if names:
-                parts.append(f"{len(names)} {name}: {compact_names(names)}")
-        return "; ".join(parts)
-
-
-def compact_names(names: list[str]) -> str:
-    """Names with layer indices folded: 'blocks.*.attn.qkv.weight (x12)'."""
-    groups = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
-    return ", ".join(g if c == 1 else f"{g} (x{c})" for g, c in sorted(groups.items()))
-
-
-def load_weights(model: nn.Module, state_dict: dict, strict: bool) -> LoadReport:
-    """Copy the tensors of an already mapped state_dict into `model` (cast to its dtype).
-
-    A shape mismatch is a ValueError naming each key and both shapes; with strict, any missing or unexpected
-    tensor (other than the optional learnable `temp`) is a ValueError listing them. Nothing is copied on error."""
-    model = getattr(model, "module", model)
-    own = model.state_dict()
-    buffers = {n for n, _ in model.named_buffers()} - set(own)
-    report = LoadReport(missing=[k for k in own if k not in state_dict])
-    mismatched = []
-    for k, v in state_dict.items():
-        if k in buffers:
-            report.ignored.append(k)
-        elif k not in own or not isinstance(v, torch.Tensor):
-            report.unexpected.append(k)
-        elif v.shape != own[k].shape:
-            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-        else:
-            report.loaded.append(k)
-    if mismatched:
-        raise ValueError("shape mismatch: " + "; ".join(mismatched))
-    if strict:
-        bad = [k for k in report.missing + report.unexpected if k not in OPTIONAL_KEYS]
-        if bad:
-            raise ValueError(f"strict load: missing {compact_names([k for k in report.missing if k in bad]) or '-'}; "
-                             f"unexpected {compact_names([k for k in report.unexpected if k in bad]) or '-'}")
-    model.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
-    return report
+register_family(ModelFamily(name="simvtp", add_args=add_model_args, convert_state_dict=convert_state_dict,
+                            recognise=recognise_release))

@@ -1,13 +1,13 @@
 """SimVTP text-video retrieval: fine-tuning, test-only evaluation, zero-shot evaluation, re-ranking, export.
 
-    # fine-tune the dual encoder from a pre-training checkpoint, select on val, evaluate the best on test
-    python run_simvtp_finetuning.py --model simvtp_dual_tiny_patch16 --finetune output/pretrain/checkpoint-5.pth \
+    # fine-tune the dual encoder from a pre-training checkpoint (its model picks the retrieval model), select on
+    # val, evaluate the best on test
+    python run_simvtp_finetuning.py --finetune output/pretrain/checkpoint-5.pth \
         --data_path train.json --val_fraction 0.1 --test_data_path test.json --output_dir output/finetune ...
     # test only (never auto-resumes over the given weights)
     python run_simvtp_finetuning.py --only_test --finetune output/finetune/checkpoint-best.pth --data_path test.json
     # zero-shot with the pre-training model's unimodal passes, then re-rank the top 16 with its matching head
-    python run_simvtp_finetuning.py --zero_shot --model simvtp_tiny_patch16 --finetune pretrain.pth \
-        --test_data_path test.json --rerank_k 16
+    python run_simvtp_finetuning.py --zero_shot --finetune pretrain.pth --test_data_path test.json --rerank_k 16
     # embeddings for search elsewhere
     python run_simvtp_finetuning.py --export_embeddings emb.safetensors --finetune best.pth --video_dir videos/
 See scripts/finetune_msrvtt.sh and scripts/only_test_msrvtt.sh for the paper's MSR-VTT runs.
@@ -20,20 +20,17 @@ import time
 
 import numpy as np
 import torch
-from timm.models import create_model
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
 import engine_for_pretraining
-import modeling_simvtp  # noqa: F401  (registers the models with timm)
+import model_registry
 import distributed
 import utils
-from run_simvtp_pretraining import _keep_periodic as keep_periodic
 
-MODEL_ALIASES = {"vit_base_patch16_224": "simvtp_dual_base_patch16_224"}  # the release's name
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+RELEASE_DUAL_MODEL = "simvtp_dual_base_patch16"  # the release's fine-tuning model (its name: vit_base_patch16_224)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,20 +45,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "seeded fraction of the training videos for model selection (0: no selection, last epoch)")
     g.add_argument("--test_data_path", default=None, help="test annotations (e.g. MSR-VTT 1k-A)")
     utils.add_clip_args(g)
-    g.add_argument("--short_side_size", type=int, default=224)
     g.add_argument("--num_sample", type=int, default=1, help="the release's repeated augmentation; only 1 is "
                    "supported: repeated clips of one video would be false negatives of the contrastive loss")
     g.add_argument("--test_num_segment", type=int, default=3, help="clips per test video (views averaged)")
     g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="simvtp_dual_base_patch16_224",
-                   help="dual encoder (vit_base_patch16_224 = simvtp_dual_base_patch16_224); a pre-training "
-                   "model name with --zero_shot")
-    g.add_argument("--finetune", default="", help="pre-training checkpoint (mapped onto both branches) or a "
-                   "fine-tuned one")
-    g.add_argument("--drop_path", type=float, default=0.1)
-    g.add_argument("--temperature", type=float, default=0.05, help="contrastive temperature, as in pre-training")
-    g.add_argument("--release_pooling", action="store_true", help="average padding into text means (release)")
+    g = model_registry.add_model_args(
+        p, model=None, drop_path=0.1,
+        model_help="registered model (model_registry.py). Fine-tuning: a retrieval model, default the retrieval "
+        f"model of the --finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
+        "vit_base_patch16_224). --only_test / --zero_shot / --export_embeddings: default the model the checkpoint "
+        "names (its model_cfg), else the one its keys identify")
+    g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (a pre-training checkpoint, "
+                   "mapped onto the retrieval model, loaded non-strictly with a report); --only_test and "
+                   "--export_embeddings: the weights under test (loaded strictly); --zero_shot: the pre-training "
+                   "checkpoint evaluated (loaded strictly)")
     g = utils.add_optimisation_args(p, batch_size=8, epochs=100, betas=(0.9, 0.999), lr=3e-4, min_lr=1e-6,
                                     warmup_epochs=5)
     g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
@@ -72,9 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero_shot_video_mask_ratio", type=float, default=0.0,
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
     g.add_argument("--rerank_k", type=int, default=0, help="re-score each query's top K with the matching head")
-    g.add_argument("--rerank_ckpt", default="", help="pre-training checkpoint for re-ranking")
-    g.add_argument("--rerank_model", default=None, help="its model name (default: from the checkpoint's args, "
-                   "else pretrain_simvtp_base_patch16_224)")
+    g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
+                   "one) whose match_logits re-score the top K (loaded strictly); default with --zero_shot: the "
+                   "evaluated model itself")
+    g.add_argument("--rerank_model", default=None, help="its model name (default: the one the checkpoint names)")
     g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors")
     g.add_argument("--video_dir", default=None, help="export: embed every video file in this folder")
     g.add_argument("--text_file", default=None, help="export: embed every line of this file")
@@ -94,9 +92,9 @@ def setup(args: argparse.Namespace) -> torch.dtype:
     if args.num_sample != 1:
         raise ValueError(f"--num_sample {args.num_sample}: only 1 is supported (repeated clips of one video in a "
                          "batch would be false negatives of the contrastive loss)")
-    if args.model in MODEL_ALIASES:
-        print(f"--model {args.model} is the release's name of {MODEL_ALIASES[args.model]}")
-        args.model = MODEL_ALIASES[args.model]
+    if args.model and model_registry.canonical_name(args.model) != args.model:
+        print(f"--model {args.model} is another name of {model_registry.canonical_name(args.model)}")
+        args.model = model_registry.canonical_name(args.model)
     return dtype
 
 
@@ -137,34 +135,49 @@ def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: 
                                      test_num_crop=crops, video_backend=args.video_backend, seed=args.seed)
 
 
-def model_kwargs(args: argparse.Namespace, vocab_size: int) -> dict:
-    return dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size,
-                release_pooling=args.release_pooling)
+def read_weights(path: str, flag: str) -> dict:
+    if not path:
+        raise ValueError(f"{flag} needs the weights: --finetune CKPT")
+    return checkpoint.read_checkpoint_file(path)
 
 
-def build_dual(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    return create_model(args.model, pretrained=False, drop_path_rate=args.drop_path,
-                        **model_kwargs(args, vocab_size))
+def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    """The retrieval model to fine-tune: --model, else the retrieval model the --finetune checkpoint's model names
+    (with its clip shape and options), else the release's; --finetune's weights mapped onto it (non-strict)."""
+    ckpt = checkpoint.read_checkpoint_file(args.finetune) if args.finetune else {}
+    name = args.model or _retrieval_model_of(ckpt) or RELEASE_DUAL_MODEL
+    model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=vocab_size))
+    if args.finetune:
+        checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
+    return model
 
 
-def build_pretrain_model(name: str | None, path: str, args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    """A pre-training model (zero-shot, re-ranking) loaded strictly: half-loaded weights would score nonsense.
-    Without a name, the one the checkpoint's args carry (else the paper's base model); its decoder depth too."""
-    ckpt = checkpoint.read_checkpoint_file(path)
-    saved = checkpoint.saved_args(ckpt)
-    name = name or saved.get("model") or "pretrain_simvtp_base_patch16_224"
-    kwargs = {**model_kwargs(args, vocab_size), "temperature": args.temperature,
-              "release_pooling": args.release_pooling or bool(saved.get("release_pooling"))}
-    if saved.get("decoder_depth"):
-        kwargs["decoder_depth"] = saved["decoder_depth"]
-    model = create_model(name, pretrained=False, **kwargs)
-    checkpoint.load_pretrained(model, path, strict=True, ckpt=ckpt)
+def _retrieval_model_of(ckpt: dict) -> str | None:
+    cfg = ckpt.get("model_cfg") or {}
+    name = cfg.get("name") or checkpoint.saved_args(ckpt).get("model")
+    if not name:
+        return None
+    spec = model_registry.model_spec(name)
+    return spec.retrieval_model or spec.name
+
+
+def build_from_file(path: str, name: str | None, args: argparse.Namespace) -> torch.nn.Module:
+    """The model a checkpoint names (or `name`), loaded strictly, on the device, in eval mode."""
+    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name)
     return model.to(args.device_obj).eval()
 
 
-def load_match_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    """--rerank_ckpt with --rerank_model (default: the model name the checkpoint's args carry)."""
-    return build_pretrain_model(args.rerank_model, args.rerank_ckpt, args, vocab_size)
+def load_match_model(args: argparse.Namespace) -> torch.nn.Module:
+    """--rerank_ckpt (with --rerank_model): a model with the contract's match_logits."""
+    model = build_from_file(args.rerank_ckpt, args.rerank_model, args)
+    check_can_match(model, args.rerank_ckpt)
+    return model
+
+
+def check_can_match(model: torch.nn.Module, path: str) -> None:
+    if not callable(getattr(model, "match_logits", None)):
+        raise ValueError(f"{path}: {model.model_cfg['name']} has no matching head (match_logits) to re-rank with; "
+                         "give --rerank_ckpt a pre-training checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -186,7 +199,7 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
     table = {"similarity": res["metrics"]}
     if args.rerank_k > 0:
         if match_model is None:
-            match_model = load_match_model(args, len(tokenizer))
+            match_model = load_match_model(args)
         t0 = time.time()
         one_view = eval_dataset(records, args, 1, 1)
         probs = engine.match_probabilities(
@@ -209,10 +222,9 @@ def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     latest = checkpoint.find_latest(args.output_dir)
     if latest and os.path.abspath(latest) != os.path.abspath(weights):
         print(f"--only_test: testing {weights}; not resuming from {latest}")
-    model = build_dual(args, len(tokenizer))
-    checkpoint.load_pretrained(model, weights, strict=True)
+    model = build_from_file(weights, args.model, args)
     records = read_records(args.test_data_path or args.data_path, args)
-    return run_test(model.to(args.device_obj), records, args, tokenizer, dtype)
+    return run_test(model, records, args, tokenizer, dtype)
 
 
 def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
@@ -220,26 +232,25 @@ def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     --rerank_ckpt names another model."""
     if not args.finetune:
         raise ValueError("--zero_shot needs --finetune PRETRAIN_CKPT")
-    model = build_pretrain_model(args.model, args.finetune, args, len(tokenizer))
+    model = build_from_file(args.finetune, args.model, args)
     records = read_records(args.test_data_path or args.data_path, args)
-    match_model = None if args.rerank_ckpt else model
+    match_model = None
+    if args.rerank_k > 0 and not args.rerank_ckpt:
+        check_can_match(model, args.finetune)
+        match_model = model
     return run_test(model, records, args, tokenizer, dtype, prefix="zero_shot",
                     mask_ratio=args.zero_shot_video_mask_ratio, match_model=match_model)
 
 
 def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]:
     """Embed the videos of an annotation file or folder and/or the lines of a text file, then save them."""
-    if args.zero_shot:
-        model = build_pretrain_model(args.model, args.finetune, args, len(tokenizer))
-    else:
-        model = build_dual(args, len(tokenizer))
-        if not args.finetune:
-            raise ValueError("--export_embeddings needs --finetune CKPT (the weights to embed with)")
-        checkpoint.load_pretrained(model, args.finetune, strict=True)
-        model = model.to(args.device_obj).eval()
+    if not args.finetune:
+        raise ValueError("--export_embeddings needs --finetune CKPT (the weights to embed with)")
+    model = build_from_file(args.finetune, args.model, args)
     cfg = eval_config(args, dtype, args.zero_shot_video_mask_ratio if args.zero_shot else 0.0)
     if args.video_dir:
-        names = sorted(f for f in os.listdir(args.video_dir) if f.lower().endswith(VIDEO_EXTENSIONS))
+        names = sorted(f for f in os.listdir(args.video_dir)
+                       if os.path.splitext(f)[1].lower() in datasets.VIDEO_EXTENSIONS)
         records = [datasets.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
                    for f in names]
     else:
@@ -256,7 +267,7 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]
         with open(args.text_file) as f:
             texts = [line.strip() for line in f if line.strip()]
         text = engine.encode_texts(model, tokenizer, texts, cfg)
-    meta = {"model": args.model, "checkpoint": args.finetune, "num_frames": args.num_frames,
+    meta = {"model": model.model_cfg["name"], "checkpoint": args.finetune, "num_frames": args.num_frames,
             "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}"}
     written = []
     if distributed.is_main_process():
@@ -288,31 +299,29 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay over the blocks of both branches (engine.layer_id)."""
-    num_layers = len(model.video_encoder.blocks)
-    scale = engine.layer_scale_map(model, args.layer_decay, num_layers) if args.layer_decay < 1 else None
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    """AdamW with layer-wise lr decay by the model's own layer ids (model.layer_id, model.num_layers)."""
+    num_layers = model.num_layers
+    scale = None
+    if args.layer_decay < 1:
+        scale = {n: args.layer_decay ** (num_layers + 1 - model.layer_id(n)) for n, _ in model.named_parameters()}
+    no_decay = getattr(model, "no_weight_decay", set)()
     groups = utils.param_groups(model, args.weight_decay, no_decay_names=no_decay, layer_scale=scale)
     scales = sorted({round(g["lr_scale"], 6) for g in groups})
     print(f"Optimizer: {len(groups)} parameter groups; lr scales {scales[0]:.4g} .. {scales[-1]:.4g} "
-          f"(layer decay {args.layer_decay} over {num_layers} blocks per branch)")
+          f"(layer decay {args.layer_decay} over {num_layers} layers)")
     for g in groups:
         g.pop("names")
     return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
 
 
 def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
+    """checkpoint-best.pth: the weights, the model they fit (model_cfg) and the validation metrics."""
     if distributed.is_main_process():
-        checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch, "metric_name": "val_r1_sum",
-                                "metric": metrics["r1_sum"], "val_metrics": metrics,
+        checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": epoch,
+                                "metric_name": "val_r1_sum", "metric": metrics["r1_sum"], "val_metrics": metrics,
                                 "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
         print(f"Saved checkpoint-best.pth (epoch {epoch}, val R@1 t2v+v2t = {metrics['r1_sum']:.2f})")
     distributed.barrier()
-
-
-def best_so_far(args: argparse.Namespace) -> float:
-    path = os.path.join(args.output_dir, "checkpoint-best.pth")
-    return float(checkpoint.read_checkpoint_file(path)["metric"]) if os.path.isfile(path) else float("-inf")
 
 
 def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
@@ -328,56 +337,33 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     check_disjoint(val_records, test_records)
     loader, dataset, sampler = build_train_loader(train_records, args, tokenizer)
 
-    model = build_dual(args, len(tokenizer))
-    if args.finetune:
-        checkpoint.load_pretrained(model, args.finetune, strict=False)
-    model.to(args.device_obj)
-    steps_per_epoch, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
+    model = build_for_training(args, len(tokenizer)).to(args.device_obj)
+    _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     state = engine_for_pretraining.TrainState()
-    start_epoch, start_step, state.global_step = checkpoint.resume_if_any(args, model, optimizer, scaler)
+    state.restore(checkpoint.resume_if_any(args, model, optimizer, scaler) or {})
     utils.save_args_json(args, args.output_dir)
-    wrapped = engine.DualEncoderLoss(model, args.temperature)
-    ddp_model = wrapped
+    train_model = model
     if args.distributed:
-        ddp_model = DistributedDataParallel(wrapped, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
-    tb = utils.TensorboardLogger(args.log_dir)
-    cfg = engine_for_pretraining.StepConfig.from_args(args, dtype)
-    val_loader = None
+        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
+    run = engine_for_pretraining.Run(
+        model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset, optimizer=optimizer,
+        scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+        cfg=engine_for_pretraining.StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size,
+        epochs=args.epochs, output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
+        save=checkpoint.training_saver(args, model, optimizer, scaler, state), save_ckpt_freq=args.save_ckpt_freq)
+    validate = None
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
                                               args.num_workers, args.max_text_len, args.dist_eval)
 
-    save = checkpoint.training_saver(args, model, optimizer, scaler, state)
-
-    best = best_so_far(args)
-    print(f"Fine-tuning {args.epochs} epochs x {steps_per_epoch} steps from epoch {start_epoch} step {start_step}")
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_start(start_step * args.batch_size * args.accum_iter)
-        summary = engine_for_pretraining.train_one_epoch(ddp_model, loader, optimizer, scaler, epoch, start_step,
-                                                         steps_per_epoch, lr_schedule, wd_schedule, cfg, state, tb,
-                                                         save_mid_epoch=save)
-        sampler.set_start(0)
-        start_step = 0
-        steps_done = state.global_step - epoch * steps_per_epoch
-        save(epoch, steps_done if state.stop and steps_done < steps_per_epoch else None)
-        record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
-        if val_loader is not None:
+        def validate(epoch: int) -> dict:
             val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]
             print(engine.format_table({f"val epoch {epoch}": val}, title="Validation"))
-            record.update({f"val_{k}": v for k, v in val.items()})
-            tb.scalars(epoch, "val", {k: v for k, v in val.items() if "@" in k or k == "r1_sum"})
-            if val["r1_sum"] > best:
-                best = val["r1_sum"]
-                save_best(args, model, epoch, val)
-        utils.append_json_line(os.path.join(args.output_dir, "log.txt"), record)
-        tb.flush()
-        if state.stop:
-            break
-        keep_periodic(args, epoch)  # hard-linked copy every --save_ckpt_freq epochs
+            return val
+    engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="r1_sum",
+                                 on_best=lambda epoch, val: save_best(args, model, epoch, val))
     return test_best(args, model, test_records, dtype, tokenizer)
 
 

@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
-import typing
 from dataclasses import dataclass
 
 import numpy as np
-import timm.models
 import torch
-from timm.models import create_model
 
 import checkpoint
 import datasets
@@ -35,10 +32,6 @@ import masking_generator
 import modeling_simvtp
 import utils
 
-RELEASE_MODEL = "pretrain_simvtp_base_patch16_224"  # the release's checkpoints carry no args; they are this model
-# Model options a pre-training run saves in its args and that change the built model (weights or passes).
-SAVED_MODEL_OPTIONS = ("decoder_depth", "learnable_temp", "temperature", "release_pooling", "vtc_text",
-                       "vtm_negatives")
 DENORM_NOTE = {
     "visible": "the per-channel mean/std over all pixels of this clip's {n} visible tubes (no hidden pixel used)",
     "tube": "each masked tube's own true per-channel mean/std (hidden pixels: the colour level is given, "
@@ -62,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(else the checkpoint's --sampling_rate, else 4)")
     g.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"], help="default auto")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"registered model name (else the checkpoint's, else {RELEASE_MODEL})")
+    g.add_argument("--model", default=None, help="registered model name (default: the one the checkpoint names, or "
+                   "for the release's file the one its keys identify)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     g = p.add_argument_group("masking")
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"], help="video mask (default tube)")
@@ -91,7 +85,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def fill_defaults(args: argparse.Namespace, saved: dict) -> None:
     """Unset options take the checkpoint's training values, so a clip looks like what the model was trained on."""
-    args.model = args.model or saved.get("model") or RELEASE_MODEL
     args.num_frames = args.num_frames or saved.get("num_frames") or 16
     args.input_size = args.input_size or saved.get("input_size") or 224
     args.frame_stride = args.frame_stride or saved.get("sampling_rate") or 4
@@ -110,37 +103,20 @@ def load_tokenizer(args: argparse.Namespace, saved: dict):
     return datasets.build_tokenizer(path)
 
 
-def check_pretraining_model(name: str, ckpt: str) -> None:
-    """Only SimVTPPretrain has the pixel decoder; a fine-tuning (dual encoder) checkpoint's args name another."""
-    try:
-        built = typing.get_type_hints(timm.models.model_entrypoint(name)).get("return")
-    except KeyError:
-        raise ValueError(f"unknown --model {name!r}; see modeling_simvtp's registered names") from None
-    if isinstance(built, type) and not issubclass(built, modeling_simvtp.SimVTPPretrain):
-        raise ValueError(f"{ckpt}: model {name} ({built.__name__}) has no pixel decoder; the figure needs a "
-                         "pre-training checkpoint and model (e.g. simvtp_tiny_patch16)")
-
-
-def build_model(args: argparse.Namespace, ckpt: dict, saved: dict, vocab_size: int) -> torch.nn.Module:
-    """The pre-training model the checkpoint holds, loaded strictly (a wrong --model is an error, not noise)."""
-    check_pretraining_model(args.model, args.ckpt)
-    kwargs = dict(img_size=args.input_size, num_frames=args.num_frames, vocab_size=vocab_size)
-    kwargs.update({k: saved[k] for k in SAVED_MODEL_OPTIONS if saved.get(k) is not None})
-    model = create_model(args.model, pretrained=False, **kwargs)
-    try:
-        checkpoint.load_pretrained(model, args.ckpt, strict=True, ckpt=ckpt)
-    except ValueError as e:
-        raise ValueError(f"{args.ckpt}: does not load into {args.model} ({e}); pass the right --model") from e
+def build_model(args: argparse.Namespace, ckpt: dict) -> torch.nn.Module:
+    """The model the checkpoint holds (its model_cfg, else its keys), loaded strictly (a wrong --model is an error,
+    not noise); it must be able to reconstruct (a pre-training model)."""
+    model = checkpoint.build_model_from(ckpt, args.ckpt, name=args.model)
+    if not callable(getattr(model, "reconstruct", None)):
+        raise ValueError(f"{args.ckpt}: model {model.model_cfg['name']} has no pixel decoder (reconstruct); the figure "
+                         "needs a pre-training checkpoint and model (e.g. simvtp_tiny_patch16)")
+    args.model = model.model_cfg["name"]
     return model.eval()
 
 
 def check_clip_shape(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:
-    """The tube grid (T', H', W'); a clip that does not split into whole tubes is an error."""
-    if args.num_frames % model.tubelet_size or args.input_size % model.patch_size:
-        raise ValueError(f"--num_frames {args.num_frames} must be a multiple of {model.tubelet_size} and "
-                         f"--input_size {args.input_size} a multiple of {model.patch_size}")
-    side = args.input_size // model.patch_size
-    return args.num_frames // model.tubelet_size, side, side
+    """The model's token grid (T', H', W') for the clip; a clip that does not split into whole tubes is an error."""
+    return model.token_grid(args.num_frames, args.input_size, args.input_size)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -252,7 +228,7 @@ def reconstruct_clip(args: argparse.Namespace) -> Reconstruction:
     frames = read_frames(args.video, indices, args.video_backend)
     tokenizer = load_tokenizer(args, saved)
     device = utils.resolve_device(args.device)
-    model = build_model(args, ckpt, saved, len(tokenizer)).to(device)
+    model = build_model(args, ckpt).to(device)
     grid = check_clip_shape(model, args)
     video = clip_tensor(frames, args.input_size)[None]
     video_mask, text = mask_inputs(args, grid, tokenizer)

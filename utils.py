@@ -43,10 +43,11 @@ def training_schedules(args: Any, samples_per_rank: int) -> tuple[int, np.ndarra
     global batch) and returns (optimizer steps per epoch, per-step lr schedule, per-step weight-decay schedule)."""
     for name in ("lr", "min_lr", "warmup_lr"):
         setattr(args, f"abs_{name}", scaled_lr(getattr(args, name), args.batch_size, args.world_size, args.accum_iter))
-    steps_per_epoch = samples_per_rank // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter} exceeds the "
-                         f"{samples_per_rank} samples each process sees per epoch")
+    batches = samples_per_rank // args.batch_size
+    if batches == 0:
+        raise ValueError(f"--batch_size {args.batch_size} exceeds the {samples_per_rank} samples each process sees "
+                         "per epoch")
+    steps_per_epoch = math.ceil(batches / args.accum_iter)  # a last partial accumulation window is a step too
     lr = cosine_scheduler(args.abs_lr, args.abs_min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                           args.abs_warmup_lr, args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
@@ -62,6 +63,8 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--num_frames", type=int, default=16, help="frames per clip")
     group.add_argument("--sampling_rate", type=int, default=4, help="frames between sampled frames")
     group.add_argument("--input_size", type=int, default=224, help="clip side in pixels")
+    group.add_argument("--short_side_size", type=int, default=None, help="evaluation: frames resized to this short "
+                       "side before the centre/three crops (default: --input_size)")
     group.add_argument("--num_workers", type=int, default=4, help="data-loader processes")
     group.add_argument("--max_retries", type=int, default=10, help="training only: other samples tried after a "
                        "broken video (a broken test/val video is an error)")
@@ -99,7 +102,8 @@ def add_run_args(parser: Any, *, output_dir: str, save_ckpt_freq: int, keep_last
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 where the hardware has it, else fp32")
+                   help="autocast dtype. auto: bf16 where the device runs it natively (Ampere+ GPUs, AVX512-BF16/AMX "
+                   "CPUs), else fp16 with loss scaling on CUDA, else fp32")
     g.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
     g.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, args.json, tb/")
     g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
@@ -125,6 +129,8 @@ def setup_run(args: Any) -> torch.dtype:
         set_cpu_threads(args.num_workers)
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
+    if getattr(args, "input_size", None):
+        args.short_side_size = args.short_side_size or args.input_size
     os.makedirs(args.output_dir, exist_ok=True)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
@@ -154,13 +160,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def auto_precision(device_type: str, native_bf16: bool) -> str:
+    """--precision auto: bf16 where the device runs it natively; else fp16 (with a loss scaler) on CUDA; else fp32.
+    (Emulated bf16 on an older GPU is not native: it would be slower than fp16.)"""
+    if native_bf16:
+        return "bf16"
+    return "fp16" if device_type == "cuda" else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Ampere+ GPUs; AVX512-BF16 or AMX CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else fp32."""
+    """The autocast dtype of a --precision value on `device` (see auto_precision)."""
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native_bf16 else torch.float32
+        precision = auto_precision(device.type, native_bf16(device))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; choose from auto, fp32, bf16, fp16")
@@ -220,11 +238,12 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, as a tensor on their device (reading it is the caller's choice)."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -267,16 +286,19 @@ class MetricLogger:
         return {k: m.global_avg for k, m in self.meters.items()}
 
     def log_every(self, iterable: Iterable, total: int, header: str, start: int = 0,
-                  items_per_step: int = 1, unit: str = "it") -> Iterator:
+                  items_per_step: int = 1, unit: str = "it", before_print: Callable[[], None] | None = None) -> Iterator:
         """Yield from iterable; after every print_freq items print step/total, meters, rate and ETA.
 
-        The rate is items_per_step x steps per second, labelled `unit`/s (pass the batch size and "clips")."""
+        The rate is items_per_step x steps per second, labelled `unit`/s (pass the batch size and "clips").
+        `before_print` runs first (e.g. to read scalars kept on the device into the meters)."""
         t0 = time.time()
         done = 0
         for i, obj in enumerate(iterable, start=start):
             yield obj
             done += 1
             if (i + 1) % self.print_freq == 0 or i + 1 == total:
+                if before_print is not None:
+                    before_print()
                 elapsed = time.time() - t0
                 per_step = elapsed / done
                 eta = datetime.timedelta(seconds=int(per_step * (total - i - 1)))

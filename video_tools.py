@@ -25,8 +25,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 ERRORS = ("missing", "empty", "undecodable", "truncated")
 WARNINGS = ("short",)
 CATEGORIES = ("ok",) + WARNINGS + ERRORS
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg",
-                              ".3gp", ".ts"})
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
 
@@ -94,7 +92,7 @@ def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: 
     truncated: an MP4/MOV whose box layout shows it is cut short (whatever the decoder makes of it);
     undecodable: any other file that cannot be opened or whose probed frames fail to decode.
     Returns {"path", "status", "num_frames", "fps", "message"}; never raises for a bad file."""
-    import datasets  # lazy: `preprocess` and --help must not pay for torch/transformers
+    import datasets  # lazy: --help must not pay for torch
 
     if not os.path.exists(path):
         return _result(path, "missing", "file does not exist")
@@ -105,13 +103,13 @@ def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: 
     try:
         cut = mp4_cut_reason(path)
     except OSError as e:
-        return _result(path, "undecodable", f"cannot read: {_one_line(e)}")
+        return _result(path, "undecodable", f"cannot read: {datasets.one_line(e)}")
     try:
         video = datasets.open_video(path, backend=backend)
     except Exception as e:  # VideoDecodeError, or anything a decoder throws at a weird file
         if cut:
-            return _result(path, "truncated", f"{cut}; cannot open: {_one_line(e, 150)}")
-        return _result(path, "undecodable", f"cannot open: {_one_line(e)}")
+            return _result(path, "truncated", f"{cut}; cannot open: {datasets.one_line(e, 150)}")
+        return _result(path, "undecodable", f"cannot open: {datasets.one_line(e)}")
     with video:
         num_frames, fps = int(video.num_frames), float(video.fps)
         if num_frames <= 0:
@@ -124,7 +122,7 @@ def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: 
             if full_decode:
                 _decode_all(video, num_frames)
         except Exception as e:
-            message = f"opens ({num_frames} frames) but decoding fails: {_one_line(e)}"
+            message = f"opens ({num_frames} frames) but decoding fails: {datasets.one_line(e)}"
             return _result(path, "truncated" if cut else "undecodable", f"{cut}; {message}" if cut else message,
                            num_frames, fps)
     if cut:
@@ -133,11 +131,6 @@ def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: 
         return _result(path, "short", f"{num_frames} frames < {min_frames} needed (clip frames will repeat)",
                        num_frames, fps)
     return _result(path, "ok", "", num_frames, fps)
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:limit]
 
 
 def _check_job(job: tuple[str, int, str, bool]) -> dict:
@@ -236,6 +229,8 @@ def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def find_videos(src: Path, exclude: Path | None = None) -> list[Path]:
     """Video files under src (recursive, by extension), relative to src, sorted; hidden/partial files skipped."""
+    from datasets import VIDEO_EXTENSIONS  # lazy: --help must not pay for torch
+
     found = []
     for root, dirs, files in os.walk(src):
         root_path = Path(root)
@@ -342,7 +337,9 @@ def preprocess_one(job: tuple[str, str, int, float, int, str, int, int, bool]) -
         return {"src": src, "dst": dst, "status": "converted", "message": f"{n} frames"}
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {_one_line(e)}"}
+        from datasets import one_line
+
+        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {one_line(e)}"}
 
 
 def run_preprocess(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ import engine_for_finetuning as engine  # noqa: E402
 import modeling_simvtp  # noqa: E402,F401
 import utils  # noqa: E402
 
-DUAL_MODELS = ("simvtp_dual_tiny_patch16", "simvtp_dual_base_patch16_224")
-PRETRAIN_MODELS = ("simvtp_tiny_patch16", "pretrain_simvtp_base_patch16_224")
+DUAL_MODELS = ("simvtp_dual_tiny_patch16", "simvtp_dual_base_patch16")
+PRETRAIN_MODELS = ("simvtp_tiny_patch16", "simvtp_base_patch16")
 
 
 def timed(fn, iters: int) -> float:

@@ -25,7 +25,7 @@ shift 5
 cmd=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29501}"
      run_simvtp_finetuning.py
-     --model simvtp_dual_base_patch16_224 --data_set MSRVTT
+     --model simvtp_dual_base_patch16 --data_set MSRVTT
      --data_path "$TRAIN_ANNO" --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT"
      --finetune "$PRETRAIN_CKPT" --output_dir "$OUTPUT_DIR" --log_dir "$OUTPUT_DIR/tb"
      --batch_size 8 --num_sample 1 --input_size 224 --short_side_size 224

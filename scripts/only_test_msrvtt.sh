@@ -20,7 +20,7 @@ shift 4
 
 cmd=(torchrun --nnodes 1 --nproc_per_node "${GPUS_PER_NODE:-8}" --master_port "${MASTER_PORT:-29502}"
      run_simvtp_finetuning.py --only_test
-     --model simvtp_dual_base_patch16_224 --data_set MSRVTT
+     --model simvtp_dual_base_patch16 --data_set MSRVTT
      --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT" --finetune "$CKPT" --output_dir "$OUTPUT_DIR"
      --batch_size 8 --num_sample 1 --input_size 224 --short_side_size 224 --num_frames 16 --sampling_rate 4
      --dist_eval --test_num_segment 15 --test_num_crop 3 --num_workers 10 --device cuda --precision auto)

@@ -24,7 +24,7 @@ cmd=(torchrun --nnodes "${NNODES:-8}" --nproc_per_node "${GPUS_PER_NODE:-8}" --n
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
      run_simvtp_pretraining.py
      --data_path "$DATA_PATH" --data_root "$DATA_ROOT" --output_dir "$OUTPUT_DIR"
-     --model pretrain_simvtp_base_patch16_224 --decoder_depth 4
+     --model simvtp_base_patch16 --decoder_depth 4
      --mask_type tube --mask_ratio 0.9 --text_mask_ratio 0.75
      --batch_size 16 --num_frames 16 --sampling_rate 4 --input_size 224
      --opt adamw --opt_betas 0.9 0.95 --lr 1.5e-4 --min_lr 1e-5 --warmup_epochs 40 --epochs 200

@@ -11,6 +11,7 @@ Fixtures (all session-scoped):
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def frame_index_of(frame: np.ndarray) -> int:
     """Read back the index written by index_frames (robust to compression)."""
     cells = [frame[2:_CELL - 2, b * _CELL + 2:(b + 1) * _CELL - 2].mean() for b in range(_BITS)]
     return sum(1 << b for b, v in enumerate(cells) if v > 127)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, so parallel distributed tests do not collide on a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _write(path: Path, width: int, height: int, fps: int, n: int, codec: str, faststart: bool = False) -> Path:

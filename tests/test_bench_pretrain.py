@@ -41,7 +41,8 @@ def test_cpu_attention_is_counted():
     import torch
 
     class Attend(torch.nn.Module):
-        def forward(self, q):
+        def forward(self, batch):
+            q = batch["q"]
             return {"loss": torch.nn.functional.scaled_dot_product_attention(q, q, q).sum()}
 
     clock = bench_pretrain.PartClock()

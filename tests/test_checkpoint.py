@@ -74,19 +74,20 @@ def test_save_latest_prune_and_restore(tmp_path):
                                          step_in_epoch=5, global_step=45, args={}, keep_last=0)
     assert checkpoint.find_latest(out) == mid
     ckpt = checkpoint.read_checkpoint_file(mid)
-    assert isinstance(ckpt["rng_torch"], torch.Tensor) and ckpt["args"] == {}
+    assert isinstance(ckpt["rng_states"][0]["cpu"], torch.Tensor) and ckpt["args"] == {}
 
     fresh, fresh_opt = torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     start = checkpoint.restore_training_state(mid, fresh, fresh_opt, None)
-    assert start == (4, 5, 45)
+    assert start == {"epoch": 4, "micro_in_epoch": 5, "global_step": 45}  # a file without train_state
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
-    torch.set_rng_state(ckpt["rng_torch"])
+    torch.set_rng_state(ckpt["rng_states"][0]["cpu"])
     expected_draw = torch.rand(3)
     checkpoint.restore_training_state(mid, fresh, fresh_opt, None)
     assert torch.equal(torch.rand(3), expected_draw)
-    assert checkpoint.restore_training_state(os.path.join(out, "checkpoint-3.pth"), fresh, None, None)[:2] == (4, 0)
+    after_epoch_3 = checkpoint.restore_training_state(os.path.join(out, "checkpoint-3.pth"), fresh, None, None)
+    assert (after_epoch_3["epoch"], after_epoch_3["micro_in_epoch"]) == (4, 0)
 
 
 def test_find_latest_without_pointer_and_weights_only_file_refused_for_resume(tmp_path):

@@ -457,6 +457,27 @@ def test_collate_pads_truncates_and_masks_per_sample(tokenizer):
     assert torch.equal(alone["mlm_input_ids"][1, :n], batch["mlm_input_ids"][0, :n])
 
 
+def test_collate_bert_text_mask_mode_mixes_random_and_kept_words(tokenizer):
+    """BERT's rule: some chosen words are not [MASK]; the default mode masks every chosen word with [MASK], at the
+    same positions (the positions come first from the same per-sample rng)."""
+    words = "red green blue yellow circle square triangle moves left right up down on a black background".split()
+    items = [_item(i, " ".join(words[(i + j) % len(words)] for j in range(10))) for i in range(40)]
+    bert = datasets.VideoTextCollator(tokenizer, text_mask_ratio=0.75, seed=3, text_mask_mode="bert")(items)
+    plain = datasets.VideoTextCollator(tokenizer, text_mask_ratio=0.75, seed=3)(items)
+    chosen = bert["mlm_labels"] != -100
+    assert torch.equal(chosen, plain["mlm_labels"] != -100)
+    assert torch.equal(bert["mlm_labels"][chosen], bert["input_ids"][chosen])
+    assert (plain["mlm_input_ids"][chosen] == 103).all()
+    new, orig = bert["mlm_input_ids"][chosen], bert["input_ids"][chosen]
+    assert (new == 103).any() and (new == orig).any()
+    randoms = new[(new != 103) & (new != orig)]
+    assert len(randoms) > 0 and (randoms < len(tokenizer)).all()
+    assert not torch.isin(randoms, torch.tensor([0, 101, 102, 103])).any()
+    assert torch.equal(bert["mlm_input_ids"][~chosen], bert["input_ids"][~chosen])
+    with pytest.raises(ValueError, match="text_mask_mode"):
+        datasets.VideoTextCollator(tokenizer, text_mask_ratio=0.75, text_mask_mode="random")
+
+
 def test_collate_test_items(synthetic_root, tokenizer):
     recs = datasets.read_annotations(synthetic_root / "annotations" / "test.json", synthetic_root)
     ds = datasets.VideoTextDataset(recs, mode="test", num_frames=4, sampling_rate=2, input_size=32,

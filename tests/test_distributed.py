@@ -3,7 +3,6 @@ gradients on the same global batch (contrastive features gathered with gradient)
 pre-training entry point."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,16 +12,11 @@ from timm.models import create_model
 
 import modeling_simvtp  # noqa: F401
 import distributed
+from conftest import free_port
 from masking_generator import TubeMaskingGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=32, num_frames=4, vocab_size=64, w_vtm=0.0)  # VTM negatives are drawn per rank: off here
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch(batch: int = 4) -> dict:
@@ -59,7 +53,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     batch = _global_batch()
     share = len(batch["video"]) // world
     local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-    out = ddp(**local, gather=distributed.gather_with_grad)
+    out = ddp(local, gather=distributed.gather_with_grad)
     out["loss"].backward()
     torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pth"))
     torch.distributed.destroy_process_group()
@@ -68,9 +62,9 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_rank_gradients_equal_single_process(tmp_path):
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
-    model(**_global_batch(), gather=None)["loss"].backward()
+    model(_global_batch(), gather=None)["loss"].backward()
     expected = _grads(model)
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"grads{rank}.pth", weights_only=True)
         assert set(got) == set(expected)
@@ -81,7 +75,7 @@ def test_two_rank_gradients_equal_single_process(tmp_path):
 def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
+           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
            "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
            "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",

@@ -7,7 +7,6 @@ The release's full-size fine-tuned key list loading strictly is tested in test_m
 goes through the real --only_test path with the tiny model."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,9 +18,10 @@ from timm.models import create_model
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
-import modeling_simvtp  # noqa: F401
+import model_registry
 import run_simvtp_finetuning as run
 import utils
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_frames", "4", "--input_size", "32", "--short_side_size", "32", "--batch_size", "4",
@@ -130,7 +130,7 @@ def test_release_model_name_and_deepspeed_flag_are_accepted(tmp_path, capsys):
     args = run.get_args_parser().parse_args(["--model", "vit_base_patch16_224", "--enable_deepspeed", "--device",
                                              "cpu", "--num_workers", "0", "--output_dir", str(tmp_path)])
     run.setup(args)
-    assert args.model == "simvtp_dual_base_patch16_224"
+    assert args.model == "simvtp_dual_base_patch16"
     assert "native AMP + DDP" in capsys.readouterr().out
 
 
@@ -232,7 +232,16 @@ def test_layer_decay_reaches_every_block_of_both_branches():
         assert lr_of[f"{branch}.fc_norm.weight"] == 1.0
     assert lr_of["video_encoder.patch_embed.proj.weight"] == 0.5 ** 5
     assert lr_of["text_encoder.text_embeddings.word_embeddings.weight"] == 0.5 ** 5
-    assert engine.layer_id("blocks.3.attn.qkv.weight", 4) == 4  # prefix-free names work too
+    assert model_registry.layer_id_from_name("blocks.3.attn.qkv.weight", 4) == 4  # prefix-free names work too
+
+
+def test_layer_ids_of_bert_style_names_are_their_layers_not_the_top():
+    """BERT's `encoder.layer.N` names (SViTT's text encoder) must decay by depth, not fall to the top layer."""
+    ids = {n: model_registry.layer_id_from_name(n, 12) for n in (
+        "text_encoder.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.11.output.dense.weight",
+        "text_encoder.embeddings.word_embeddings.weight", "vision_encoder.encoder.layers.5.mlp.fc1.weight",
+        "itm_head.weight")}
+    assert list(ids.values()) == [1, 12, 0, 6, 13]
 
 
 def test_broken_test_video_fails_naming_the_file(finetuned, synthetic_root, broken_videos, tmp_path):
@@ -247,15 +256,9 @@ def test_broken_test_video_fails_naming_the_file(finetuned, synthetic_root, brok
     assert not (tmp_path / "out" / "test_metrics.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain_ckpt, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "run_simvtp_finetuning.py"), "--model", "simvtp_dual_tiny_patch16",
            "--finetune", pretrain_ckpt, "--data_path", _ann(synthetic_root, "train.json"), "--val_fraction", "0.2",
            "--test_data_path", _ann(synthetic_root, "test.json"), "--data_root", str(synthetic_root),

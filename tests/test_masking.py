@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masking_generator import (DEFAULT_SPECIAL_IDS, IGNORE_INDEX, MASK_TOKEN_ID, RandomMaskingGenerator,
-                               TubeMaskingGenerator, build_mask_generator, mask_text_batch, mask_text_tokens)
+from masking_generator import (DEFAULT_SPECIAL_IDS, IGNORE_INDEX, MASK_TOKEN_ID, TEXT_MASK_MODES,
+                               RandomMaskingGenerator, TubeMaskingGenerator, build_mask_generator, mask_text_batch,
+                               mask_text_tokens)
 
 grids = st.tuples(st.integers(1, 8), st.integers(1, 14), st.integers(1, 14))
 ratios = st.floats(0.0, 0.99, allow_nan=False)
@@ -207,3 +208,113 @@ def test_text_mask_errors():
         mask_text_tokens(ids, am[:2], 0.5, rng(0))
     with pytest.raises(ValueError, match="one rng per row"):
         mask_text_batch(ids[None], am[None], 0.5, [rng(0), rng(1)])
+
+
+# ---------------------------------------------------------------- text mask modes ("mask" | "bert")
+
+BERT_VOCAB = 105  # tiny vocabulary: allowed random ids are 1..100 and 104, all below the captions' word ids
+
+
+def word_captions(n: int, words: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n captions [CLS] w_1..w_words [SEP] [PAD] [PAD] with word ids in [1000, 30000)."""
+    g = np.random.default_rng(seed)
+    body = g.integers(1000, 30000, size=(n, words))
+    ids = np.concatenate([np.full((n, 1), 101), body, np.full((n, 1), 102), np.zeros((n, 2), dtype=int)], axis=1)
+    ids = torch.from_numpy(ids).long()
+    return ids, (ids != 0).long()
+
+
+def test_text_mask_modes_exported():
+    assert TEXT_MASK_MODES == ("mask", "bert")
+
+
+@FAST
+@given(cap=captions(), ratio=st.floats(0.01, 1.0), seed=seeds)
+def test_mask_mode_matches_an_independent_replay_of_the_rng(cap, ratio, seed):
+    """Default and explicit "mask" (with or without vocab_size) = choose positions with rng.choice, set them to 103."""
+    ids, am = cap
+    candidates = np.array(sorted(maskable_positions(ids, am)), dtype=np.int64)
+    k = min(len(candidates), max(1, round(ratio * len(candidates)))) if len(candidates) else 0
+    chosen = np.sort(rng(seed).choice(candidates, size=k, replace=False)).tolist() if k else []
+    expected = ids.clone()
+    expected[chosen] = MASK_TOKEN_ID
+    for kw in ({}, {"mode": "mask"}, {"mode": "mask", "vocab_size": 30522}):
+        masked, labels = mask_text_tokens(ids, am, ratio, rng(seed), **kw)
+        assert torch.equal(masked, expected)
+        assert torch.nonzero(labels != IGNORE_INDEX).flatten().tolist() == chosen
+
+
+@FAST
+@given(cap=captions(), ratio=st.floats(0.01, 1.0), seed=seeds)
+def test_bert_mode_changes_only_the_chosen_positions(cap, ratio, seed):
+    ids, am = cap
+    before = ids.clone()
+    masked, labels = mask_text_tokens(ids, am, ratio, rng(seed), mode="bert", vocab_size=BERT_VOCAB)
+    _, mask_labels = mask_text_tokens(ids, am, ratio, rng(seed))
+    assert torch.equal(ids, before)
+    assert torch.equal(labels, mask_labels)  # same positions as "mask", originals as labels (kept ones too)
+    chosen = labels != IGNORE_INDEX
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    new = masked[chosen]
+    allowed = (new == MASK_TOKEN_ID) | (new == ids[chosen]) | ((new < BERT_VOCAB) & ~torch.isin(
+        new, torch.tensor(DEFAULT_SPECIAL_IDS)))
+    assert allowed.all()
+
+
+def test_bert_mode_80_10_10_split_and_random_ids():
+    ids, am = word_captions(2000)  # 15 of 20 words chosen per caption: 30000 chosen positions
+    masked, labels = mask_text_batch(ids, am, 0.75, [rng(i) for i in range(len(ids))], mode="bert",
+                                     vocab_size=BERT_VOCAB)
+    chosen = labels != IGNORE_INDEX
+    assert int(chosen.sum()) == 30000 and torch.equal(labels[chosen], ids[chosen])
+    new, orig = masked[chosen], ids[chosen]
+    is_mask, is_kept = new == MASK_TOKEN_ID, new == orig
+    is_random = ~is_mask & ~is_kept
+    n = float(len(new))  # binomial std of a fraction: <= 0.0023 here; tolerances are > 4 std
+    assert abs(is_mask.sum() / n - 0.8) < 0.01
+    assert abs(is_random.sum() / n - 0.1) < 0.008 and abs(is_kept.sum() / n - 0.1) < 0.008
+    randoms = new[is_random]
+    allowed = set(range(1, 101)) | {104}
+    assert set(randoms.tolist()) == allowed  # never special, always < vocab_size, every allowed id reachable
+    counts = torch.bincount(randoms, minlength=BERT_VOCAB)[sorted(allowed)].float()
+    assert counts.max() < 2.5 * counts.mean() and counts.min() > 0.3 * counts.mean()  # roughly uniform
+
+
+def test_bert_mode_is_a_pure_function_of_the_rng():
+    ids, am = word_captions(4)
+    rngs = lambda base: [rng(base + i) for i in range(4)]  # noqa: E731
+    a = mask_text_batch(ids, am, 0.75, rngs(0), mode="bert", vocab_size=30522)
+    b = mask_text_batch(ids, am, 0.75, rngs(0), mode="bert", vocab_size=30522)
+    c = mask_text_batch(ids, am, 0.75, rngs(100), mode="bert", vocab_size=30522)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    for row in range(4):
+        single = mask_text_tokens(ids[row], am[row], 0.75, rng(row), mode="bert", vocab_size=30522)
+        assert torch.equal(a[0][row], single[0]) and torch.equal(a[1][row], single[1])
+
+
+def test_bert_mode_never_draws_the_mask_token_as_a_random_word():
+    """mask_token_id is excluded from random words even when it is not listed in special_ids."""
+    ids, am = word_captions(500)
+    masked, labels = mask_text_batch(ids, am, 1.0, [rng(i) for i in range(500)], mask_token_id=50,
+                                     special_ids=(0, 101, 102), mode="bert", vocab_size=BERT_VOCAB)
+    new = masked[labels != IGNORE_INDEX]
+    randoms = new[(new != 50) & (new != ids[labels != IGNORE_INDEX])]
+    assert len(randoms) > 500 and not torch.isin(randoms, torch.tensor([0, 50, 101, 102])).any()
+
+
+def test_text_mask_mode_errors():
+    ids, am = torch.tensor([101, 2000, 102]), torch.ones(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown text mask mode 'Bert'"):
+        mask_text_tokens(ids, am, 0.5, rng(0), mode="Bert")
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        mask_text_tokens(ids, am, 0.5, rng(0), mode="bert")
+    with pytest.raises(ValueError, match="no non-special id"):
+        mask_text_tokens(ids, am, 0.5, rng(0), mode="bert", vocab_size=1)  # only [PAD]
+    with pytest.raises(ValueError, match="must be an int"):
+        mask_text_tokens(ids, am, 0.5, rng(0), mode="bert", vocab_size=30522.0)
+    empty = torch.zeros(0, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown text mask mode"):
+        mask_text_batch(empty, empty, 0.5, [], mode="random")
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        mask_text_batch(ids[None], am[None], 0.5, [rng(0)], mode="bert")

@@ -2,18 +2,20 @@
 position table, tube layout, each loss by hand, the release's leaks fixed, over-fitting, checkpoint key mapping."""
 import json
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models import create_model, list_models
 
+import checkpoint
+import model_registry
 import modeling_simvtp as M
 
-REFERENCE = "/work/shared/reference"
-PRETRAIN = ["pretrain_simvtp_base_patch16_224", "simvtp_small_patch16", "simvtp_tiny_patch16"]
-DUAL = ["simvtp_dual_base_patch16_224", "simvtp_dual_small_patch16", "simvtp_dual_tiny_patch16"]
+REFERENCE = Path(__file__).parent / "data"  # the release's key lists
+PRETRAIN = ["simvtp_base_patch16", "simvtp_small_patch16", "simvtp_tiny_patch16"]
+DUAL = ["simvtp_dual_base_patch16", "simvtp_dual_small_patch16", "simvtp_dual_tiny_patch16"]
 SIZE = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_frames=4, vocab_size=64)  # grid (2, 2, 2)
 DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
@@ -47,7 +49,7 @@ def make_batch(b: int = 3, length: int = 7, seed: int = 0) -> dict:
 
 
 def reference_keys(name: str) -> dict:
-    with open(os.path.join(REFERENCE, name)) as f:
+    with open(REFERENCE / name) as f:
         return {k: tuple(s) for k, s in json.load(f)}
 
 
@@ -65,6 +67,11 @@ def test_registry_holds_exactly_our_names_and_tiny_defaults():
     assert model.encoder.pos_table.table.shape == (1, 4 * 7 * 7, 192)  # 8 frames x 112 px
     with pytest.raises(ValueError, match="nothing is downloaded"):
         create_model("simvtp_tiny_patch16", pretrained=True)
+    # one naming scheme; the release's names (and our older base names) are aliases
+    assert model_registry.canonical_name("pretrain_simvtp_base_patch16_224") == "simvtp_base_patch16"
+    assert model_registry.canonical_name("vit_base_patch16_224") == "simvtp_dual_base_patch16"
+    assert model_registry.canonical_name("simvtp_dual_base_patch16_224") == "simvtp_dual_base_patch16"
+    assert model_registry.model_spec("simvtp_tiny_patch16").retrieval_model == "simvtp_dual_tiny_patch16"
 
 
 @pytest.mark.parametrize("name", PRETRAIN)
@@ -72,7 +79,7 @@ def test_pretrain_model_losses_gradients_and_inference_shapes(name):
     torch.manual_seed(0)
     model = create_model(name, **SIZE, **DECODER)
     batch = make_batch()
-    out = model(**batch)
+    out = model(batch)
     assert set(out) == {"loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm", "vtm_acc"}
     assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in out.values())
     out["loss"].backward()
@@ -93,9 +100,13 @@ def test_dual_model_shapes_and_unused_parameters_frozen(name):
     torch.manual_seed(0)
     model = create_model(name, **SIZE)
     batch = make_batch()
-    out = model(batch["video"], batch["input_ids"], batch["attention_mask"])
-    assert out["video"].shape == out["text"].shape == (3, 32)
-    (out["video"].sum() + out["text"].sum()).backward()
+    video, text = model.encode_video(batch["video"]), model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert video.shape == text.shape == (3, 32)
+    out = model(batch)  # the contract's training step: its own contrastive loss
+    assert set(out) == {"loss"} and out["loss"].dim() == 0
+    expected = M.vtc_loss(video, text, model.temperature)
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n in shapes(model) if n.startswith(("video_encoder.text_embeddings.",
                                                                   "text_encoder.patch_embed."))}
@@ -106,12 +117,12 @@ def test_dual_model_shapes_and_unused_parameters_frozen(name):
 
 @pytest.fixture(scope="module")
 def base_pretrain():
-    return create_model("pretrain_simvtp_base_patch16_224")
+    return create_model("simvtp_base_patch16")
 
 
 @pytest.fixture(scope="module")
 def base_dual():
-    return create_model("simvtp_dual_base_patch16_224")
+    return create_model("simvtp_dual_base_patch16")
 
 
 @pytest.mark.parametrize("fixture, keys, kind", [("base_pretrain", "simvtp_pretrain_keys.json", "simvtp_pretrain"),
@@ -123,7 +134,7 @@ def test_release_checkpoint_loads_strictly_into_base_model(fixture, keys, kind, 
     g = torch.Generator().manual_seed(0)
     release = {k: torch.randn(s, generator=g).half() for k, s in expected.items()}  # fp16 file, fp32 model
     mapped, source = M.convert_state_dict(release, model)
-    report = M.load_weights(model, mapped, strict=True)
+    report = checkpoint.load_weights(model, mapped, strict=True)
     assert source == kind and sorted(report.loaded) == sorted(expected) and not report.missing
     some = next(k for k in expected if k.endswith("blocks.11.attn.qkv.weight"))
     assert torch.equal(model.state_dict()[some], release[some].float())
@@ -229,7 +240,7 @@ def test_vtm_negatives_never_the_positive_and_follow_similarity():
 
 def test_batch_of_one_gives_zero_vtm_loss_connected_to_the_graph():
     model = tiny()
-    out = model(**make_batch(b=1))
+    out = model(make_batch(b=1))
     assert out["loss_vtm"].item() == 0.0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert model.vtm_head.weight.grad is not None
@@ -240,9 +251,9 @@ def test_vtc_uses_the_full_caption_unless_asked_for_the_masked_one():
     other = dict(batch, mlm_input_ids=batch["input_ids"].clone())
     other["mlm_input_ids"][:, 4] = 3
     full = tiny()
-    torch.testing.assert_close(full(**batch)["loss_vtc"], full(**other)["loss_vtc"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(full(batch)["loss_vtc"], full(other)["loss_vtc"], rtol=0, atol=1e-6)
     masked = tiny(vtc_text="masked")
-    assert abs(masked(**batch)["loss_vtc"].item() - masked(**other)["loss_vtc"].item()) > 1e-4
+    assert abs(masked(batch)["loss_vtc"].item() - masked(other)["loss_vtc"].item()) > 1e-4
 
 
 @pytest.mark.parametrize("build", [tiny, tiny_dual])
@@ -269,20 +280,20 @@ def test_gradient_checkpointing_and_bf16_autocast_give_the_same_losses():
     batch = make_batch()
     model = tiny()
     torch.manual_seed(1)
-    plain = model(**batch)
+    plain = model(batch)
     plain["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.set_grad_checkpointing(True)
     torch.manual_seed(1)
-    ckpt = model(**batch)
+    ckpt = model(batch)
     ckpt["loss"].backward()
     torch.testing.assert_close(ckpt["loss"], plain["loss"])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model(**batch)
+        low = model(batch)
     assert all(v.dtype == torch.float32 for v in low.values())
     assert low["loss_pixel"].item() == pytest.approx(plain["loss_pixel"].item(), rel=0.05)
 
@@ -291,9 +302,9 @@ def test_learnable_temperature_is_an_extra_parameter_tolerated_by_strict_loads()
     fixed = tiny()
     learnable = tiny(learnable_temp=True, temperature=0.07)
     assert "temp" not in shapes(fixed) and learnable.temp.item() == pytest.approx(0.07)
-    report = M.load_weights(learnable, fixed.state_dict(), strict=True)
+    report = checkpoint.load_weights(learnable, fixed.state_dict(), strict=True)
     assert report.missing == ["temp"]
-    M.load_weights(fixed, learnable.state_dict(), strict=True)
+    checkpoint.load_weights(fixed, learnable.state_dict(), strict=True)
 
 
 def test_overfitting_two_clips_lowers_every_loss():
@@ -302,7 +313,7 @@ def test_overfitting_two_clips_lowers_every_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
     for _ in range(30):
-        out = model(**batch)
+        out = model(batch)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -338,7 +349,7 @@ def test_bert_checkpoints_in_every_spelling_map_to_text_embeddings(prefix, gamma
     for model, targets in ((tiny(), ["text_embeddings."]),
                            (tiny_dual(), ["video_encoder.text_embeddings.", "text_encoder.text_embeddings."])):
         mapped, kind = M.convert_state_dict(bert, model)
-        report = M.load_weights(model, mapped, strict=False)
+        report = checkpoint.load_weights(model, mapped, strict=False)
         assert kind == "bert"
         assert sorted(report.loaded) == sorted(t + n for t in targets for n in (
             "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
@@ -354,8 +365,8 @@ def test_bert_checkpoints_in_every_spelling_map_to_text_embeddings(prefix, gamma
 def test_pretrain_checkpoint_initialises_both_dual_branches():
     source = tiny().state_dict()
     dual = tiny_dual()
-    mapped, kind = M.convert_state_dict({"module." + k: v for k, v in source.items()}, dual)
-    report = M.load_weights(dual, mapped, strict=False)
+    mapped, kind = M.convert_state_dict(source, dual)
+    report = checkpoint.load_weights(dual, mapped, strict=False)
     assert kind == "simvtp_pretrain"
     assert sorted(report.missing) == sorted(f"{b}.fc_norm.{w}" for b in ("video_encoder", "text_encoder")
                                             for w in ("weight", "bias"))
@@ -377,17 +388,17 @@ def test_videomae_subset_loads_and_reports_the_text_parts_missing():
     model = tiny()
     mapped, kind = M.convert_state_dict(videomae, model)
     assert kind == "videomae_pretrain"
-    report = M.load_weights(model, mapped, strict=False)
+    report = checkpoint.load_weights(model, mapped, strict=False)
     assert {k.split(".")[0] for k in report.missing} == {"text_embeddings", "text_cls", "vtm_head"}
     with pytest.raises(ValueError, match=r"strict load: missing .*text_cls\.weight"):
-        M.load_weights(model, mapped, strict=True)
+        checkpoint.load_weights(model, mapped, strict=True)
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes():
     model = tiny(vocab_size=80)
     before = model.text_cls.weight.clone()
     with pytest.raises(ValueError, match=r"text_cls\.weight: checkpoint \(64, 32\) vs model \(80, 32\)"):
-        M.load_weights(model, tiny().state_dict(), strict=False)
+        checkpoint.load_weights(model, tiny().state_dict(), strict=False)
     assert torch.equal(model.text_cls.weight, before)  # nothing copied
     with pytest.raises(ValueError, match="unrecognised checkpoint"):
         M.convert_state_dict({"foo.weight": torch.zeros(1)}, model)

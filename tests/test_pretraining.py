@@ -35,14 +35,18 @@ def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
     out, result = uninterrupted
     lines = [json.loads(x) for x in open(out / "log.txt")]
     assert [x["epoch"] for x in lines] == [0, 1]
-    for term in ("loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm", "lr", "grad_norm", "clips_per_s"):
+    for term in ("loss", "loss_pixel", "loss_mlm", "loss_vtc", "loss_vtm", "vtm_acc", "lr", "grad_norm",
+                 "clips_per_s"):
         assert term in result["summary"], term
     args = json.load(open(out / "args.json"))
     assert args["model"] == "simvtp_tiny_patch16" and args["text_mask_ratio"] == 0.75
     assert any(f.startswith("events") for f in os.listdir(out / "tb"))
     ckpt = checkpoint.read_checkpoint_file(str(out / "checkpoint-1.pth"))
     assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == -1 and isinstance(ckpt["args"], dict)
-    assert {"model", "optimizer", "scaler", "rng_torch", "global_step"} <= set(ckpt)
+    assert {"model", "optimizer", "scaler", "rng_states", "global_step", "train_state"} <= set(ckpt)
+    assert ckpt["model_cfg"]["name"] == "simvtp_tiny_patch16"
+    assert ckpt["model_cfg"]["kwargs"]["img_size"] == 32 and ckpt["model_cfg"]["kwargs"]["num_frames"] == 4
+    assert ckpt["train_state"]["epoch"] == 2 and ckpt["train_state"]["micro_in_epoch"] == 0
 
 
 def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str) -> None:

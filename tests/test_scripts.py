@@ -39,7 +39,7 @@ def test_pretrain_webvid_is_the_papers_recipe_with_quoted_paths():
     assert (args.batch_size, args.epochs, args.lr, args.warmup_epochs) == (16, 200, 1.5e-4, 40)
     assert (args.mask_type, args.mask_ratio, args.text_mask_ratio) == ("tube", 0.9, 0.75)
     assert (args.num_frames, args.sampling_rate, args.input_size) == (16, 4, 224)
-    assert args.model == "pretrain_simvtp_base_patch16_224" and args.decoder_depth == 4
+    assert args.model == "simvtp_base_patch16" and args.decoder_depth == 4
 
 
 def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test():

@@ -13,6 +13,8 @@ import torch
 
 import modeling_simvtp
 import run_simvtp_pretraining
+import checkpoint
+import model_registry
 import run_simvtp_vis
 from conftest import frame_index_of
 
@@ -111,12 +113,14 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_checkpoint, video, 
                                   "--save_path", str(tmp_path / "x.png")))
 
 
-def test_a_retrieval_model_or_unknown_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="ft.pth: model simvtp_dual_tiny_patch16 .*has no pixel decoder"):
-        run_simvtp_vis.check_pretraining_model("simvtp_dual_tiny_patch16", "ft.pth")
-    with pytest.raises(ValueError, match="unknown --model 'no_such_model'"):
-        run_simvtp_vis.check_pretraining_model("no_such_model", "x.pth")
-    run_simvtp_vis.check_pretraining_model("simvtp_tiny_patch16", "x.pth")
+def test_a_retrieval_model_or_unknown_name_is_a_clear_error(video, tmp_path):
+    dual = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    ft = str(tmp_path / "ft.pth")
+    checkpoint.save_atomic({"model": dual.state_dict(), "model_cfg": dual.model_cfg}, ft)
+    with pytest.raises(ValueError, match="ft.pth: model simvtp_dual_tiny_patch16 has no pixel decoder"):
+        run_simvtp_vis.main(_args(ft, video, "--save_path", str(tmp_path / "x.png")))
+    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
+        run_simvtp_vis.main(_args(ft, video, "--model", "no_such_model", "--save_path", str(tmp_path / "x.png")))
 
 
 def test_compose_keeps_visible_tubes_and_places_predictions_in_masked_ones():

@@ -1,0 +1,178 @@
+"""The model contract and the registry of model families: all that run scripts, engines and checkpoint.py may ask
+of a model, so a new family plugs in without `if family == ...` anywhere else.
+
+A family module (modeling_simvtp.py, ...) calls `register_family` once and decorates its factories with
+`register_model(family, aliases=...)`. Every model built by `create` carries `model.model_cfg` (registered name +
+constructor arguments), which our checkpoints store, so any reader rebuilds the model without flags.
+
+The contract of a model (see README, "Add a model family"):
+- `forward(batch: dict, gather=None) -> {"loss": tensor, other named scalars}`: the collated batch in, its own
+  losses out. `gather` ([b, ...] -> [world*b, ...], with gradient) makes contrastive losses global.
+- `encode_video(video, video_mask=None) -> [B, D]`, `encode_text(input_ids, attention_mask) -> [B, D]`,
+  `match_logits(video, input_ids, attention_mask) -> [B, 2]` (class 1 = match): retrieval, zero-shot, re-ranking.
+- What it needs from the data: `takes_video_mask` (bool) and `token_grid(num_frames, height, width)` for the video
+  mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) for its MLM captions.
+- Layer-wise lr decay: `num_layers` and `layer_id(name) -> 0 .. num_layers + 1`; `no_weight_decay()` (optional).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+from timm.models import create_model, register_model as timm_register_model
+
+# the family modules shipped with the codebase, imported at the end of this module so their models are registered
+FAMILY_MODULES = ("modeling_simvtp",)
+# flags every family shares: constructor argument -> run-script flag
+COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path"}
+
+
+@dataclass
+class ModelFamily:
+    """One family: its CLI group (every flag defaults to None = the model's own default), how its flags become
+    constructor arguments, its checkpoint key converter, and how to recognise a file that names no model."""
+    name: str
+    add_args: Callable[[argparse._ArgumentGroup], None]
+    convert_state_dict: Callable[[dict, nn.Module], tuple[dict, str]]
+    recognise: Callable[[list[str]], str | None] = lambda keys: None  # keys -> a registered model name, or None
+    flag_to_kwarg: dict[str, str] = field(default_factory=dict)  # renames; others pass under their own name
+    flags: tuple[str, ...] = ()  # filled by register_family: the dest names add_args creates
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    family: str
+    cls: type
+    retrieval_model: str | None  # the model a checkpoint of this one fine-tunes into for retrieval (None: itself)
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_MODELS: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    scratch = argparse.ArgumentParser(add_help=False)
+    family.add_args(scratch.add_argument_group(family.name))
+    family.flags = tuple(a.dest for a in scratch._actions)
+    _FAMILIES[family.name] = family
+    return family
+
+
+def register_model(family: str, aliases: tuple[str, ...] = (), retrieval_model: str | None = None):
+    """Decorator for a factory `name(**kwargs) -> nn.Module` whose return annotation is the model class: registers
+    it with timm (so timm.create_model works too) and with its family; `aliases` are other accepted names."""
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        cls = inspect.signature(factory, eval_str=True).return_annotation
+        _MODELS[factory.__name__] = ModelSpec(factory.__name__, family, cls, retrieval_model)
+        for alias in aliases:
+            _ALIASES[alias] = factory.__name__
+        return timm_register_model(factory)
+    return wrap
+
+
+def families() -> list[ModelFamily]:
+    return list(_FAMILIES.values())
+
+
+def canonical_name(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def model_spec(name: str) -> ModelSpec:
+    spec = _MODELS.get(canonical_name(name))
+    if spec is None:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODELS))} "
+                         f"(aliases: {', '.join(sorted(_ALIASES))})")
+    return spec
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family a built model belongs to (DDP's .module unwrapped)."""
+    model = getattr(model, "module", model)
+    for spec in _MODELS.values():
+        if type(model) is spec.cls:
+            return _FAMILIES[spec.family]
+    raise ValueError(f"{type(model).__name__} is not a registered model class")
+
+
+def constructor_args(cls: type) -> set[str]:
+    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model; `model.model_cfg` records the canonical name and the arguments given."""
+    spec = model_spec(name)
+    model = create_model(spec.name, pretrained=False, **kwargs)
+    model.model_cfg = {"name": spec.name, "kwargs": dict(kwargs)}
+    return model
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_help: str,
+                   drop_path: float | None = None) -> argparse._ArgumentGroup:
+    """--model, the shared --drop_path, and every family's own group (flags default None: the model decides)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model, help=model_help)
+    g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
+    for family in families():
+        family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))
+    return g
+
+
+def model_kwargs(args: argparse.Namespace, name: str, **extra: Any) -> dict:
+    """Constructor arguments of model `name` from the run flags: the shared ones and its family's flags that were
+    set, plus the `extra` ones it takes (e.g. vocab_size). A set flag of another family, or one this model does
+    not take, is a ValueError naming it."""
+    spec = model_spec(name)
+    accepted = constructor_args(spec.cls)
+    kwargs = {k: getattr(args, flag) for k, flag in COMMON_FLAGS.items()
+              if k in accepted and getattr(args, flag, None) is not None}
+    for family in families():
+        for flag in family.flags:
+            value = getattr(args, flag, None)
+            if value is None:
+                continue
+            if family.name != spec.family:
+                raise ValueError(f"--{flag} belongs to the {family.name} model family; --model {spec.name} is "
+                                 f"{spec.family}")
+            key = family.flag_to_kwarg.get(flag, flag)
+            if key not in accepted:
+                raise ValueError(f"--{flag} does not apply to --model {spec.name} ({spec.cls.__name__})")
+            kwargs[key] = value
+    return {**kwargs, **{k: v for k, v in extra.items() if k in accepted}}
+
+
+def saved_kwargs(cls: type, saved: dict) -> dict:
+    """A checkpoint's plain saved args (written before model_cfg existed) -> the constructor arguments of `cls`."""
+    accepted = constructor_args(cls)
+    renamed = {k: saved.get(flag) for k, flag in COMMON_FLAGS.items()}
+    return {k: v for k, v in {**saved, **renamed}.items() if k in accepted and v is not None}
+
+# ----------------------------------------------------------------------------------------------- layer ids
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
+_EMBEDDING_PARTS = ("patch_embed", "text_embeddings", "embeddings", "pos_embed", "cls_token")
+
+
+def layer_id_from_name(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay, from its name: `...blocks.i.` / `...layer.i.` (BERT) ->
+    i + 1; embeddings -> 0; norms, heads and anything else -> the top (num_layers + 1)."""
+    m = _LAYER_RE.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    if any(p in _EMBEDDING_PARTS for p in name.split(".")):
+        return 0
+    return num_layers + 1
+
+
+for _module in FAMILY_MODULES:  # last: a family module imports this one (all of it is defined by now)
+    importlib.import_module(_module)
