@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.nn as nn
-from timm.models import create_model, register_model as timm_register_model
+from timm.models import register_model as timm_register_model
 
 # the family modules shipped with the codebase, imported at the end of this module so their models are registered
 FAMILY_MODULES = ("modeling_simvtp",)
@@ -49,6 +49,7 @@ class ModelSpec:
     name: str
     family: str
     cls: type
+    factory: Callable[..., nn.Module]
     retrieval_model: str | None  # the model a checkpoint of this one fine-tunes into for retrieval (None: itself)
 
 
@@ -70,7 +71,7 @@ def register_model(family: str, aliases: tuple[str, ...] = (), retrieval_model: 
     it with timm (so timm.create_model works too) and with its family; `aliases` are other accepted names."""
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         cls = inspect.signature(factory, eval_str=True).return_annotation
-        _MODELS[factory.__name__] = ModelSpec(factory.__name__, family, cls, retrieval_model)
+        _MODELS[factory.__name__] = ModelSpec(factory.__name__, family, cls, factory, retrieval_model)
         for alias in aliases:
             _ALIASES[alias] = factory.__name__
         return timm_register_model(factory)
@@ -109,7 +110,7 @@ def constructor_args(cls: type) -> set[str]:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model; `model.model_cfg` records the canonical name and the arguments given."""
     spec = model_spec(name)
-    model = create_model(spec.name, pretrained=False, **kwargs)
+    model = spec.factory(**kwargs)
     model.model_cfg = {"name": spec.name, "kwargs": dict(kwargs)}
     return model
 

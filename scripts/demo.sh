@@ -34,7 +34,7 @@ PRETRAINED="$OUT/pretrain/$(cat "$PRETRAINED")"
 
 step "3/6 zero-shot retrieval on the test split (all tubes, then the pre-training 90% tube mask)"
 for ratio in 0.0 0.9; do
-  timed "$PY" run_simvtp_finetuning.py --zero_shot --model simvtp_tiny_patch16 --finetune "$PRETRAINED" \
+  timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
     --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
     --zero_shot_video_mask_ratio "$ratio" --output_dir "$OUT/zero_shot_mask$ratio"
 done
@@ -48,7 +48,7 @@ timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --test_data_path "$ANN/tes
   --output_dir "$OUT/finetune_random_init"
 
 step "5/6 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
-timed "$PY" run_simvtp_finetuning.py --only_test --model simvtp_dual_tiny_patch16 \
+timed "$PY" run_simvtp_finetuning.py --only_test \
   --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
   "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
 

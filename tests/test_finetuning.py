@@ -277,3 +277,20 @@ def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain
     for a, b in zip(ddp, _per_query(single / "test_per_query.jsonl")):
         assert a["gt_rank"] == b["gt_rank"] and [c["score"] for c in a["top"]] == pytest.approx(
             [c["score"] for c in b["top"]], abs=1e-5)
+
+
+def test_zero_shot_rebuilds_the_model_a_checkpoint_names_without_model_flag(synthetic_root, tmp_path):
+    """Before model_cfg, the default --model (the dual encoder) was built for a pre-training file: a TypeError."""
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, decoder_depth=1,
+                                  vocab_size=len(datasets.build_tokenizer()))
+    path = str(tmp_path / "pretrain.pth")
+    checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg}, path)
+    result = run.main(_args(synthetic_root, tmp_path, "--zero_shot", "--finetune", path,
+                            "--test_data_path", _ann(synthetic_root, "test.json")))
+    assert result["v2t_queries"] == 8
+
+
+def test_evaluation_short_side_defaults_to_the_input_size(tmp_path):
+    args = run.get_args_parser().parse_args(["--input_size", "112", "--device", "cpu", "--output_dir", str(tmp_path)])
+    run.setup(args)
+    assert args.short_side_size == 112

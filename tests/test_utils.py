@@ -76,3 +76,11 @@ def test_plain_args_holds_only_plain_values():
     import argparse
     ns = argparse.Namespace(a=1, b="x", c=[1, 2], d=torch.device("cpu"), e=None)
     assert utils.plain_args(ns) == {"a": 1, "b": "x", "c": [1, 2], "d": "cpu", "e": None}
+
+
+def test_auto_precision_is_native_bf16_else_fp16_on_cuda_else_fp32():
+    assert utils.auto_precision("cuda", native_bf16=True) == "bf16"
+    assert utils.auto_precision("cuda", native_bf16=False) == "fp16"  # emulated bf16 does not count as native
+    assert utils.auto_precision("cpu", native_bf16=True) == "bf16"
+    assert utils.auto_precision("cpu", native_bf16=False) == "fp32"
+    assert utils.make_grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled() is False

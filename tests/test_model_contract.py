@@ -1,0 +1,198 @@
+"""The model contract: a second model family, written here in a few lines, runs pre-training, resume, zero-shot
+retrieval and re-ranking through the real entry points with no change to the engines or run scripts. Also the
+engine's exact positions: gradient accumulation, partial windows, skipped non-finite steps and resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import engine_for_pretraining as engine
+import model_registry
+import run_simvtp_finetuning
+import run_simvtp_pretraining
+import utils
+
+# ----------------------------------------------------------------------------------------------- the toy family
+
+
+class ToyVideoText(nn.Module):
+    """Mean colour of the clip and a bag of words, each projected; contrastive loss; a matching head on both."""
+    takes_video_mask = False
+    text_masking = None
+    num_layers = 1
+
+    def __init__(self, img_size: int = 32, num_frames: int = 4, vocab_size: int = 30522, dim: int = 16,
+                 temperature: float = 0.1, nan_on_sample: int = -1) -> None:
+        super().__init__()
+        self.video_proj = nn.Linear(3, dim)
+        self.words = nn.EmbeddingBag(vocab_size, dim, mode="sum")
+        self.match = nn.Linear(2 * dim, 2)
+        self.temperature, self.nan_on_sample = temperature, nan_on_sample
+
+    def layer_id(self, name: str) -> int:
+        return model_registry.layer_id_from_name(name, self.num_layers)
+
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.video_proj(video.float().mean(dim=(2, 3, 4)))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        w = attention_mask.float()
+        return self.words(input_ids, per_sample_weights=w) / w.sum(1, keepdim=True)
+
+    def match_logits(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.match(torch.cat([self.encode_video(video), self.encode_text(input_ids, attention_mask)], -1))
+
+    def forward(self, batch: dict, gather=None) -> dict:
+        v = F.normalize(self.encode_video(batch["video"]), dim=-1)
+        t = F.normalize(self.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1)
+        logits = v @ t.t() / self.temperature
+        loss = F.cross_entropy(logits, torch.arange(len(v)))
+        if bool((batch["index"] == self.nan_on_sample).any()):
+            loss = loss * float("nan")
+        return {"loss": loss, "toy_alignment": (v * t).sum(-1).mean().detach()}
+
+
+model_registry.register_family(model_registry.ModelFamily(
+    name="toy", add_args=lambda g: (g.add_argument("--toy_dim", type=int, default=None),
+                                    g.add_argument("--toy_nan_on_sample", type=int, default=None)),
+    convert_state_dict=lambda state, model: (dict(state), "toy"),
+    flag_to_kwarg={"toy_dim": "dim", "toy_nan_on_sample": "nan_on_sample"}))
+
+
+@model_registry.register_model("toy")
+def toy_tiny(**kwargs) -> ToyVideoText:
+    return ToyVideoText(**kwargs)
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def _pretrain_args(root, out, *extra):
+    argv = ["--data_path", os.path.join(root, "annotations", "pretrain.json"), "--data_root", str(root),
+            "--model", "toy_tiny", "--toy_dim", "8", "--num_frames", "4", "--input_size", "32", "--batch_size", "4",
+            "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-2", "--num_workers", "0", "--device", "cpu",
+            "--precision", "fp32", "--output_dir", str(out), "--print_freq", "2", "--seed", "5", *extra]
+    return run_simvtp_pretraining.get_args_parser().parse_args(argv)
+
+
+def _weights(out) -> dict:
+    return checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["model"]
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def toy_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_full")
+    result = run_simvtp_pretraining.main(_pretrain_args(synthetic_root, out, "--accum_iter", "2",
+                                                        "--toy_nan_on_sample", "7"))
+    return out, result
+
+
+def test_a_second_family_pretrains_through_the_real_entry_point(toy_run):
+    out, result = toy_run
+    assert "toy_alignment" in result["summary"]  # every scalar the model returns is logged
+    ckpt = checkpoint.read_checkpoint_file(str(out / "checkpoint-1.pth"))
+    assert ckpt["model_cfg"] == {"name": "toy_tiny", "kwargs": {"img_size": 32, "num_frames": 4, "dim": 8,
+                                                                 "nan_on_sample": 7, "vocab_size": 30522}}
+    # 24 videos / batch 4 = 6 micro-batches = 3 windows an epoch; sample 7's window is skipped each epoch
+    assert ckpt["train_state"]["global_step"] == 6 and ckpt["train_state"]["skipped_steps"] == 2
+    lines = [json.loads(x) for x in open(out / "log.txt")]
+    assert [x["epoch"] for x in lines] == [0, 1] and "train_toy_alignment" in lines[0]
+
+
+def test_kill_and_resume_with_accumulation_and_a_skipped_step_is_bitwise_equal(toy_run, synthetic_root, tmp_path):
+    full_out, full = toy_run
+    extra = ("--accum_iter", "2", "--toy_nan_on_sample", "7")
+    for stop in (1, 4):  # inside epoch 0, then inside epoch 1 (each a mid-epoch checkpoint)
+        run_simvtp_pretraining.main(_pretrain_args(synthetic_root, tmp_path, *extra, "--max_steps", str(stop)))
+    latest = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path)))
+    assert latest["train_state"]["epoch"] == 1 and latest["train_state"]["micro_in_epoch"] == 2
+    run_simvtp_pretraining.main(_pretrain_args(synthetic_root, tmp_path, *extra))
+    _assert_bitwise_equal(_weights(tmp_path), _weights(full_out))
+
+
+def test_zero_shot_and_reranking_of_a_second_family_without_model_flag(toy_run, synthetic_root, tmp_path):
+    out, _ = toy_run
+    argv = ["--zero_shot", "--finetune", str(out / "checkpoint-1.pth"), "--data_root", str(synthetic_root),
+            "--test_data_path", os.path.join(synthetic_root, "annotations", "test.json"), "--num_frames", "4",
+            "--input_size", "32", "--test_num_segment", "1", "--test_num_crop", "1", "--rerank_k", "2",
+            "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--output_dir", str(tmp_path)]
+    result = run_simvtp_finetuning.main(run_simvtp_finetuning.get_args_parser().parse_args(argv))
+    assert result["t2v_queries"] > 0 and 0 <= result["t2v_R@1"] <= 100
+    assert result["rerank"]["rerank_k"] == 2 and "t2v_R@1" in result["rerank"]
+
+
+def test_a_flag_of_another_family_is_an_error_naming_its_family(synthetic_root, tmp_path):
+    with pytest.raises(ValueError, match="--decoder_depth belongs to the simvtp model family; --model toy_tiny"):
+        run_simvtp_pretraining.main(_pretrain_args(synthetic_root, tmp_path, "--decoder_depth", "2"))
+    args = _pretrain_args(synthetic_root, tmp_path, "--model", "simvtp_tiny_patch16")
+    with pytest.raises(ValueError, match="--toy_dim belongs to the toy model family"):
+        run_simvtp_pretraining.main(args)
+
+
+def test_a_family_layer_ids_drive_layer_decay():
+    model = model_registry.create("toy_tiny", dim=4, vocab_size=10)
+    assert model.layer_id("words.weight") == 2 and model.layer_id("video_proj.weight") == 2
+
+
+# ----------------------------------------------------------------------------------------------- engine positions
+
+
+class MeanSquare(nn.Module):
+    """A loss that is a mean over samples: accumulation must reproduce the large batch's gradient exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, 3, dtype=torch.float64))
+
+    def forward(self, batch: dict, gather=None) -> dict:
+        return {"loss": ((batch["x"] @ self.w - batch["y"]) ** 2).mean()}
+
+
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def _sgd_epoch(batch_size: int, accum: int, n: int) -> tuple[torch.Tensor, engine.TrainState]:
+    """One epoch of plain SGD (lr 1) through the engine: the weight change is minus the summed step gradients."""
+    x, y = _data(n)
+    loader = [{"x": x[i:i + batch_size], "y": y[i:i + batch_size], "video": x[i:i + batch_size]}
+              for i in range(0, n, batch_size)]
+    model = MeanSquare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    state = engine.TrainState()
+    cfg = engine.StepConfig(device=torch.device("cpu"), dtype=torch.float32, accum_iter=accum, print_freq=100)
+    steps = engine.steps_in_epoch(len(loader), accum)
+    engine.train_one_epoch(model, loader, optimizer, utils.make_grad_scaler(torch.device("cpu"), torch.float32),
+                           len(loader), np.ones(steps), np.zeros(steps), cfg, state)
+    return model.w.detach(), state
+
+
+def test_accumulating_two_batches_of_two_equals_one_batch_of_four():
+    w_accum, state = _sgd_epoch(batch_size=2, accum=2, n=4)
+    w_large, _ = _sgd_epoch(batch_size=4, accum=1, n=4)
+    torch.testing.assert_close(w_accum, w_large, rtol=0, atol=1e-15)
+    assert state.global_step == 1 and state.micro_in_epoch == 2
+
+
+def test_a_last_partial_window_is_stepped_with_its_own_mean():
+    w, state = _sgd_epoch(batch_size=2, accum=2, n=6)  # windows of 2 and then 1 micro-batches
+    assert state.global_step == 2 and state.micro_in_epoch == 3
+    x, y = _data(6)
+    expected = torch.linspace(-1, 1, 3, dtype=torch.float64)
+    for lo, hi in ((0, 4), (4, 6)):
+        expected = expected - 2 * x[lo:hi].t() @ (x[lo:hi] @ expected - y[lo:hi]) / (hi - lo)
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-12)
