@@ -1,5 +1,5 @@
 """torch.distributed plumbing: initialisation from torchrun / SLURM variables (NCCL on CUDA, gloo on CPU), rank
-queries, and the few collectives the training loops need (gather with gradient, sums, agreement)."""
+queries, and the few collectives the training loops need (gather with gradient, object gather, sums)."""
 from __future__ import annotations
 
 import datetime
@@ -100,17 +100,3 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(values)
     return values
-
-
-def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> float:
-    """Sum a Python number over ranks (counts such as skipped videos)."""
-    if get_world_size() == 1:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True when any rank says True: every rank must agree to skip a step, or DDP deadlocks."""
-    return all_reduce_sum(1.0 if flag else 0.0, device) > 0

@@ -318,7 +318,3 @@ class _EpochFinisher:
         checkpoint.keep_periodic(run.output_dir, epoch, run.save_ckpt_freq, run.epochs - 1)
         state.eval_pending, state.pending_record = None, {}
         distributed.barrier()
-
-
-def is_finite_summary(summary: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in summary.values())
