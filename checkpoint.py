@@ -87,6 +87,14 @@ def model_state_dict(ckpt: dict, path: str = "<checkpoint>") -> dict[str, torch.
     return tensors
 
 
+def unwrapped_state_dict(ckpt: dict, path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """model_state_dict without the `module.` prefix a DDP / DeepSpeed wrapper adds to every name."""
+    state = model_state_dict(ckpt, path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, verbose: bool = True,
                     ckpt: dict | None = None) -> "LoadReport":
     """The one loading function of every entry point: read a file, map its keys onto `model` with the converter
@@ -98,9 +106,7 @@ def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, ver
     if ckpt is None:
         path = _resolve_weights_path(path)
         ckpt = read_checkpoint_file(path)
-    state = model_state_dict(ckpt, path)
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DeepSpeed wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = unwrapped_state_dict(ckpt, path)
     mapped, kind = model_registry.family_of(model).convert_state_dict(state, getattr(model, "module", model))
     report = load_weights(model, mapped, strict=strict)
     if verbose:
@@ -137,8 +143,7 @@ def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = 
 
 
 def _recognise(ckpt: dict, path: str) -> str:
-    keys = list(model_state_dict(ckpt, path))
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in keys]
+    keys = list(unwrapped_state_dict(ckpt, path))
     for family in model_registry.families():
         found = family.recognise(keys)
         if found:

@@ -80,10 +80,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] on each rank -> [world*b, ...] in rank order, with gradient flowing back to every rank's input."""
     if get_world_size() == 1:
         return x
-    # the functional collective that torch 2.14 recommends over torch.distributed.nn.functional.all_gather;
-    # its backward reduce-scatters the gradient back to the rank that owns each slice
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    # torch 2.14's functional collective (its older names, torch.distributed.nn.functional.all_gather and
+    # all_gather_tensor_autograd, warn that they are deprecated); the backward reduce-scatters each slice's
+    # gradient back to the rank that owns it
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def gather_objects(obj: object) -> list:

@@ -334,7 +334,27 @@ class PixelDecoder(nn.Module):
         return self.head(self.norm(x[:, -num_masked:]))
 
 
-class SimVTPPretrain(nn.Module):
+class TubeModelContract:
+    """The contract parts both SimVTP models share: tube tokens (tubelet x patch x patch) and lr-decay layer ids
+    counted over the blocks of the encoder named by `_layered_encoder`."""
+    _layered_encoder = "encoder"
+    patch_size: int
+    tubelet_size: int
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        return token_grid(num_frames, height, width, self.tubelet_size, self.patch_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(getattr(self, self._layered_encoder).blocks)
+
+    def layer_id(self, name: str) -> int:
+        """`[<branch>.]blocks.i.*` -> i + 1 (the release keyed this on names without the branch prefix, so every
+        dual-encoder parameter landed on the top layer and the decay did nothing)."""
+        return layer_id_from_name(name, self.num_layers)
+
+
+class SimVTPPretrain(TubeModelContract, nn.Module):
     """Unified encoder + pixel decoder + word head (MLM) + contrastive (VTC) and matching (VTM) heads."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
@@ -369,16 +389,6 @@ class SimVTPPretrain(nn.Module):
     # -- the model contract: what the data must provide, layer ids for lr decay
     takes_video_mask = True
     text_masking = "mask"  # [MASK]-only replacement of the caption's masked words (the release's)
-
-    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        return token_grid(num_frames, height, width, self.tubelet_size, self.patch_size)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder.blocks)
-
-    def layer_id(self, name: str) -> int:
-        return layer_id_from_name(name, self.num_layers)
 
     optional_keys = ("temp",)  # learnable temperature: absent from release files, tolerated by strict loads
 
@@ -500,7 +510,7 @@ class SimVTPPretrain(nn.Module):
 # ----------------------------------------------------------------------------------------------- retrieval
 
 
-class SimVTPDualEncoder(nn.Module):
+class SimVTPDualEncoder(TubeModelContract, nn.Module):
     """Two encoders of one shape: video_encoder embeds clips, text_encoder captions; output fc_norm(mean).
 
     Each branch stores both input embeddings (the release's layout) but uses one. With freeze_unused (default)
@@ -527,18 +537,7 @@ class SimVTPDualEncoder(nn.Module):
     # -- the model contract
     takes_video_mask = False
     text_masking = None
-
-    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        return token_grid(num_frames, height, width, self.tubelet_size, self.patch_size)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.video_encoder.blocks)
-
-    def layer_id(self, name: str) -> int:
-        """`<branch>.blocks.i.*` -> i + 1 in both branches (the release keyed this on names without the branch
-        prefix, so every parameter landed on the top layer and the decay did nothing)."""
-        return layer_id_from_name(name, self.num_layers)
+    _layered_encoder = "video_encoder"
 
     def no_weight_decay(self) -> set[str]:
         return set()
