@@ -293,7 +293,8 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
     """P(match) from the pre-training model's joint pass + matching head (softmax of match_logits, class 1).
 
     Each video is decoded once (`load_video(pos) -> [C, T, H, W]`) and paired with all its candidate texts in
-    chunks; videos are split over ranks and the scores gathered.
+    chunks; a model with `match_video_cache` also computes its video-only part once per video. Videos are split
+    over ranks and the scores gathered.
     """
     was_training = match_model.training
     match_model.eval()
@@ -303,16 +304,24 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
     mine = sorted(by_video)[distributed.get_rank()::distributed.get_world_size()]
     tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
     probs = {}
+    cache_video = getattr(match_model, "match_video_cache", None)  # optional in the contract
     for v in mine:
         clip = load_video(v).unsqueeze(0).to(cfg.device)
+        cached = None
+        if cache_video is not None:
+            with utils.autocast(cfg.device, cfg.dtype):
+                cached = cache_video(clip)
         texts = by_video[v]
         for start in range(0, len(texts), cfg.chunk):
             ts = texts[start:start + cfg.chunk]
             tok = tokenize([captions[t] for t in ts])
+            ids, mask = tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device)
             with utils.autocast(cfg.device, cfg.dtype):
-                logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]),
-                                                  tok["input_ids"].to(cfg.device),
-                                                  tok["attention_mask"].to(cfg.device))
+                if cached is not None:
+                    logits = match_model.match_logits(None, ids, mask,
+                                                      video_cache=cached.expand(len(ts), *cached.shape[1:]))
+                else:
+                    logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]), ids, mask)
             p = logits.float().softmax(dim=-1)[:, 1].cpu()
             probs.update({(t, v): float(x) for t, x in zip(ts, p)})
     match_model.train(was_training)

@@ -485,10 +485,16 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         """Text-only pass -> [B, D] (mean over real tokens unless release_pooling)."""
         return self.encoder.encode_text(self.text_embeddings(input_ids), attention_mask)
 
-    def match_logits(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     video_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Joint pass + matching head -> [B, 2] (class 1 = match), for re-ranking."""
-        vis = self.encoder.embed_video(video, video_mask)
+    def match_video_cache(self, video: torch.Tensor) -> torch.Tensor:
+        """The part of match_logits that depends on the video alone (its tube embeddings, [B, N, D]): re-ranking
+        computes it once per video and pairs it with every candidate caption."""
+        return self.encoder.embed_video(video)
+
+    def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint pass + matching head -> [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
+        match_video_cache) stands in for `video`."""
+        vis = video_cache if video_cache is not None else self.encoder.embed_video(video, video_mask)
         return self.vtm_head(self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1])
 
     @torch.no_grad()

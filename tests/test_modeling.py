@@ -88,7 +88,14 @@ def test_pretrain_model_losses_gradients_and_inference_shapes(name):
         assert model.encode_video(batch["video"]).shape == (3, 32)
         assert model.encode_video(batch["video"], batch["video_mask"]).shape == (3, 32)
         assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (3, 32)
-        assert model.match_logits(batch["video"], batch["input_ids"], batch["attention_mask"]).shape == (3, 2)
+        logits = model.match_logits(batch["video"], batch["input_ids"], batch["attention_mask"])
+        assert logits.shape == (3, 2)
+        # re-ranking's cached video part: one clip's cache paired with three captions scores as the clip itself
+        cache = model.match_video_cache(batch["video"][:1]).expand(3, -1, -1)
+        clip = batch["video"][:1].expand(3, -1, -1, -1, -1)
+        torch.testing.assert_close(model.match_logits(None, batch["input_ids"], batch["attention_mask"],
+                                                      video_cache=cache),
+                                   model.match_logits(clip, batch["input_ids"], batch["attention_mask"]))
     rec = model.reconstruct(**{k: batch[k] for k in ("video", "video_mask", "input_ids", "attention_mask",
                                                      "mlm_input_ids")})
     assert rec["pred_pixels"].shape == rec["pred_pixels_01"].shape == (3, 4, 1536)
