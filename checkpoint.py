@@ -330,13 +330,11 @@ def find_latest(output_dir: str) -> str | None:
 
 
 def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                           scaler: torch.amp.GradScaler | None) -> dict:
+                           scaler: torch.amp.GradScaler | None, ckpt: dict | None = None) -> dict:
     """Load model/optimizer/scaler and this rank's generators from one of our checkpoints; returns the loop's
     saved train_state (position and counters; rebuilt from the epoch/step fields for older files)."""
-    ckpt = read_checkpoint_file(path)
-    if "model" not in ckpt or "epoch" not in ckpt:
-        raise CheckpointError(f"{path}: not a training checkpoint of this codebase (no model/epoch entries); "
-                              "use --finetune / --init_ckpt for weights-only files")
+    ckpt = read_checkpoint_file(path) if ckpt is None else ckpt
+    check_same_model(ckpt, path, model)
     model.load_state_dict(ckpt["model"], strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -346,26 +344,123 @@ def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.o
         set_rng_state(ckpt["rng_states"], distributed.get_rank(), distributed.get_world_size())
     elif "rng_torch" in ckpt:  # older files: rank 0's CPU generator only
         torch.set_rng_state(ckpt["rng_torch"])
+    saved = saved_args(ckpt)
     if ckpt.get("train_state"):
-        return dict(ckpt["train_state"])
-    epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", -1))
-    accum = int(saved_args(ckpt).get("accum_iter", 1))
-    position = {"epoch": epoch + 1, "micro_in_epoch": 0} if step < 0 else \
-        {"epoch": epoch, "micro_in_epoch": step * accum}
-    return {"global_step": int(ckpt.get("global_step", 0)), **position}
+        state = dict(ckpt["train_state"])
+    else:
+        epoch, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", -1))
+        accum = int(saved.get("accum_iter", 1))
+        state = {"global_step": int(ckpt.get("global_step", 0)),
+                 **({"epoch": epoch + 1, "micro_in_epoch": 0} if step < 0 else
+                    {"epoch": epoch, "micro_in_epoch": step * accum})}
+    if "samples_in_epoch" not in state:  # older files count micro-batches of their own batch size and processes
+        state["samples_in_epoch"] = (int(state.get("micro_in_epoch", 0)) * int(saved.get("batch_size", 1))
+                                     * int(saved.get("world_size", 1)))
+    return state
+
+
+def describe_checkpoint(ckpt: dict, path: str) -> str:
+    """What a file holds, in a few words: its model_cfg name, or the model its saved args or keys identify."""
+    cfg = ckpt.get("model_cfg")
+    if isinstance(cfg, dict) and cfg.get("name"):
+        return str(cfg["name"])
+    if saved_args(ckpt).get("model"):
+        return str(saved_args(ckpt)["model"])
+    try:
+        return f"{_recognise(ckpt, path)} weights"
+    except CheckpointError:
+        return f"{len(unwrapped_state_dict(ckpt, path))} tensors of no known model"
+
+
+def check_same_model(ckpt: dict, path: str, model: torch.nn.Module) -> None:
+    """--resume needs a training checkpoint of the model being trained: else one line saying what the file holds
+    and what to do, never a key list."""
+    ours = model_registry.canonical_name(model.model_cfg["name"]) if hasattr(model, "model_cfg") else None
+    held = describe_checkpoint(ckpt, path)
+    if "model" not in ckpt or "epoch" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(
+            f"{path}: holds {held} but no training state (epoch, optimizer), so it cannot be resumed; to start "
+            "from its weights, pass it as --init_ckpt (pre-training) or --finetune (fine-tuning) instead of --resume")
+    if ours and model_registry.canonical_name(held) != ours:
+        raise CheckpointError(
+            f"{path}: is a training checkpoint of {held}, this run trains {ours}; to continue it pass "
+            f"--model {held} (or a fine-tuning file to run_simvtp_finetuning.py); to start from its weights use "
+            "--init_ckpt / --finetune with a new --output_dir")
+    mine = model.model_cfg.get("kwargs", {}) if hasattr(model, "model_cfg") else {}
+    theirs = ckpt.get("model_cfg", {}).get("kwargs", {}) if isinstance(ckpt.get("model_cfg"), dict) else {}
+    shape = {k: (theirs[k], mine[k]) for k in ("img_size", "num_frames") if k in theirs and k in mine
+             and theirs[k] != mine[k]}
+    if shape:
+        said = ", ".join(f"--{model_registry.COMMON_FLAGS[k]} {old} (this run: {new})" for k, (old, new) in shape.items())
+        flags = " ".join(f"--{model_registry.COMMON_FLAGS[k]} {old}" for k, (old, _) in shape.items())
+        raise CheckpointError(f"{path}: was trained with {said}; pass {flags} to continue it")
+
+
+# run plumbing: where things go, how they are printed or loaded; changing these on resume changes nothing learnt
+RESUME_PLUMBING = {"output_dir", "log_dir", "resume", "auto_resume", "num_workers", "pin_mem", "print_freq",
+                   "device", "device_obj", "rank", "gpu", "distributed", "dist_url", "dist_eval", "save_ckpt_freq",
+                   "save_every_steps", "keep_last", "max_steps", "video_backend", "eval_every", "skip_eval_check"}
+
+
+def setting_changes(saved: dict, args: Any) -> dict[str, tuple[Any, Any]]:
+    """Settings of a resumed run that differ from the checkpoint's (flag -> (old, new)); plumbing and values
+    derived from others (abs_lr ...) are left out."""
+    import utils
+    now = utils.plain_args(args)
+    keys = (set(saved) & set(now)) - RESUME_PLUMBING
+    return {k: (saved[k], now[k]) for k in sorted(keys) if not k.startswith("abs_") and saved[k] != now[k]}
+
+
+def check_resume_settings(changes: dict[str, tuple[Any, Any]], mid_epoch: bool, dataset_size: tuple[int, int],
+                          path: str) -> None:
+    """Refuse a change that cannot be honoured: inside an epoch, the position is a count of samples of that
+    epoch's order, which another --seed or another training list would make meaningless."""
+    old_size, new_size = dataset_size
+    if not mid_epoch:
+        return
+    if "seed" in changes:
+        raise CheckpointError(f"{path}: saved inside an epoch of --seed {changes['seed'][0]}; the rest of that "
+                              f"epoch is defined by its order: pass --seed {changes['seed'][0]} to continue")
+    if old_size and old_size != new_size:
+        raise CheckpointError(f"{path}: saved inside an epoch of a {old_size}-clip training list, this one has "
+                              f"{new_size}; the position cannot carry over: pass the same --data_path (and "
+                              "--exclude_list) to continue, or resume from an epoch-end checkpoint")
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """One line: `--batch_size 4 -> 2, processes 1 -> 2`."""
+    label = {"world_size": "processes"}
+    return ", ".join(f"{label.get(k, '--' + k)} {old} -> {new}" for k, (old, new) in changes.items())
 
 
 def resume_if_any(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler | None) -> dict | None:
-    """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> its train_state to continue
-    from; None for a fresh run."""
+                  scaler: torch.amp.GradScaler | None, dataset_size: int = 0) -> tuple[dict, dict] | None:
+    """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> (its train_state to continue
+    from, a record of the resume for args.json); None for a fresh run. Changed settings are reported in one line,
+    a change that cannot be honoured is refused (CheckpointError naming the flag that restores it)."""
     path = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
     if not path:
         return None
-    train_state = restore_training_state(path, model, optimizer, scaler)
-    print(f"Resumed from {path}: epoch {train_state['epoch']}, micro-batch {train_state['micro_in_epoch']} "
+    if os.path.isdir(path):
+        raise CheckpointError(f"--resume {path}: is a folder; give a checkpoint file in it (e.g. "
+                              f"{find_latest(path) or 'checkpoint-N.pth'}) or pass it as --output_dir with "
+                              "--auto_resume")
+    ckpt = read_checkpoint_file(path)
+    check_same_model(ckpt, path, model)
+    state = ckpt.get("train_state") or {}
+    changes = setting_changes(saved_args(ckpt), args)
+    mid_epoch = int(ckpt.get("step_in_epoch", -1)) >= 0
+    check_resume_settings(changes, mid_epoch, (int(state.get("dataset_size", 0)), dataset_size), path)
+    train_state = restore_training_state(path, model, optimizer, scaler, ckpt=ckpt)
+    print(f"Resumed from {path}: epoch {train_state['epoch']}, sample {train_state['samples_in_epoch']} of it "
           f"(global step {train_state['global_step']})")
-    return train_state
+    if changes:
+        batch = {"batch_size", "world_size", "accum_iter"} & set(changes)
+        note = " (the global batch changed: the lr follows it, --lr is per 256 clips)" if batch else ""
+        print(f"Resuming with changed settings: {describe_changes(changes)}{note}")
+    record = {"checkpoint": path, "epoch": train_state["epoch"], "samples_in_epoch": train_state["samples_in_epoch"],
+              "changed": {k: list(v) for k, v in changes.items()}}
+    return train_state, record
 
 
 def training_saver(args: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -32,7 +32,9 @@ class TrainState:
     """What the loop carries across steps and epochs. Saved in every checkpoint and restored on resume (all fields
     but `history`, this process's per-step scalars, which the tests and callers read)."""
     epoch: int = 0                  # the epoch being trained (or next to train)
-    micro_in_epoch: int = 0         # micro-batches of it already consumed: the sampler's resume offset
+    micro_in_epoch: int = 0         # micro-batches of it already consumed (in this run's batch size)
+    samples_in_epoch: int = 0       # samples of it consumed by all ranks: the resume position (any batch size)
+    dataset_size: int = 0           # the training list's length (a mid-epoch position is only valid for it)
     global_step: int = 0            # optimizer steps taken or skipped since the start: the schedules' index
     bad_streak: int = 0
     skipped_steps: int = 0
@@ -104,13 +106,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
     for batch in iterator:
         window_start = state.micro_in_epoch - len(window)
         size = min(cfg.accum_iter, batches_per_epoch - window_start)
-        if not window:
-            it = min(state.global_step, len(lr_schedule) - 1)
+        if not window:  # the schedules' index is the position in training (= global_step unless settings changed)
+            it = min(epoch * steps_in_epoch(batches_per_epoch, cfg.accum_iter) + window_start // cfg.accum_iter,
+                     len(lr_schedule) - 1)
             utils.apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
         out, bad = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg, scale=1.0 / size,
                                      sync=len(window) == size - 1)
         window.append(torch.stack([bad.float(), batch.get("skipped", torch.tensor(0)).to(cfg.device).float()]))
         state.micro_in_epoch += 1
+        state.samples_in_epoch += len(batch["video"]) * distributed.get_world_size()
         if len(window) < size:
             continue
         bad_ranks, skipped = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
@@ -244,6 +248,32 @@ class Run:
     save_ckpt_freq: int = 0
 
 
+def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.ResumableDistributedSampler,
+              dataset: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr_schedule: np.ndarray,
+              wd_schedule: np.ndarray, dtype: torch.dtype) -> Run:
+    """The run scripts' common start: resume (reporting or refusing changed settings), args.json with the history
+    of resumes, the DDP wrapper, and the Run the epoch loop drives."""
+    from torch.nn.parallel import DistributedDataParallel
+    if args.batch_size * args.world_size < 2:
+        print("WARNING: the global batch holds 1 clip: the contrastive and matching losses compare the clips of a "
+              "batch and are 0 here; they need at least 2 (raise --batch_size or the number of processes)")
+    state = TrainState(dataset_size=len(dataset))
+    resumed = checkpoint.resume_if_any(args, model, optimizer, scaler, dataset_size=len(dataset))
+    if resumed is not None:
+        state.restore(resumed[0])
+        state.dataset_size = len(dataset)
+    utils.save_args_json(args, args.output_dir, resumed[1] if resumed is not None else None)
+    train_model = model
+    if args.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
+    return Run(model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset,
+               optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+               cfg=StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size, epochs=args.epochs,
+               output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
+               save=checkpoint.training_saver(args, model, optimizer, scaler, state),
+               save_ckpt_freq=args.save_ckpt_freq)
+
+
 EpochHook = Callable[[int], dict[str, float]]  # epoch -> evaluation metrics (may save a best checkpoint)
 
 
@@ -272,7 +302,8 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
         epoch = state.epoch
         run.sampler.set_epoch(epoch)
         run.dataset.set_epoch(epoch)
-        run.sampler.set_start(state.micro_in_epoch * run.batch_size)
+        run.sampler.set_start(state.samples_in_epoch)
+        state.micro_in_epoch = batches - len(run.sampler) // run.batch_size  # the same unless settings changed
         summary = train_one_epoch(run.train_model, run.loader, run.optimizer, run.scaler, batches, run.lr_schedule,
                                   run.wd_schedule, run.cfg, state, run.tb, save_mid_epoch=run.save)
         run.sampler.set_start(0)
@@ -282,7 +313,7 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
             finish(epoch, {**record, "partial_epoch": True}, evaluate_now=evaluate is not None)
             break
         due = evaluate is not None and eval_due(epoch)
-        state.epoch, state.micro_in_epoch = epoch + 1, 0
+        state.epoch, state.micro_in_epoch, state.samples_in_epoch = epoch + 1, 0, 0
         state.eval_pending, state.pending_record = (epoch if due else None), record
         run.save(epoch, None)
         finish(epoch, record, evaluate_now=due)

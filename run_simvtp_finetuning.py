@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import datasets
@@ -341,18 +340,8 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    state = engine_for_pretraining.TrainState()
-    state.restore(checkpoint.resume_if_any(args, model, optimizer, scaler) or {})
-    utils.save_args_json(args, args.output_dir)
-    train_model = model
-    if args.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
-    run = engine_for_pretraining.Run(
-        model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset, optimizer=optimizer,
-        scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-        cfg=engine_for_pretraining.StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size,
-        epochs=args.epochs, output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
-        save=checkpoint.training_saver(args, model, optimizer, scaler, state), save_ckpt_freq=args.save_ckpt_freq)
+    run = engine_for_pretraining.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule,
+                                           wd_schedule, dtype)
     validate = None
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,

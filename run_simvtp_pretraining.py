@@ -11,7 +11,6 @@ import argparse
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
 import datasets
@@ -137,19 +136,8 @@ def main(args: argparse.Namespace) -> dict:
     _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, args.device_obj)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    state = engine.TrainState()
-    state.restore(checkpoint.resume_if_any(args, model, optimizer, scaler) or {})
-    utils.save_args_json(args, args.output_dir)
-
-    train_model = model
-    if args.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
-    run = engine.Run(model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset,
-                     optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                     cfg=engine.StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size,
-                     epochs=args.epochs, output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
-                     save=checkpoint.training_saver(args, model, optimizer, scaler, state),
-                     save_ckpt_freq=args.save_ckpt_freq)
+    run = engine.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule, wd_schedule, dtype)
+    state = run.state
     t_start = time.time()
     summary = engine.train(run, evaluate=(lambda epoch: zero_shot_eval(model, eval_set, tokenizer, args, dtype))
                            if eval_set is not None else None,

@@ -334,10 +334,24 @@ def append_json_line(path: str, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def save_args_json(args: Any, output_dir: str) -> None:
-    if distributed.is_main_process():
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(plain_args(args), f, indent=2, sort_keys=True)
+def save_args_json(args: Any, output_dir: str, resumed: dict | None = None) -> None:
+    """args.json: this run's settings. A resumed run keeps the earlier file's `resume_history` and adds `resumed`
+    (where it continued from and which settings changed), so a run's changes of settings stay on record."""
+    if not distributed.is_main_process():
+        return
+    path = os.path.join(output_dir, "args.json")
+    history = []
+    if resumed is not None and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                history = list(json.load(f).get("resume_history", []))
+        except (OSError, ValueError):
+            history = []
+    record = plain_args(args)
+    if resumed is not None:
+        record["resume_history"] = history + [resumed]
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
 
 
 def plain_args(args: Any) -> dict:
@@ -362,22 +376,37 @@ def set_cpu_threads(num_workers: int) -> int:
 
 
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can begin an epoch part-way, so a mid-epoch resume sees exactly the batches the
-    interrupted run had not yet seen (and decodes none of the ones it had)."""
+    """DistributedSampler that can begin an epoch after the first `samples_seen` samples of the whole epoch's order
+    (all ranks together), so a resume sees exactly the samples the interrupted run had not seen, decodes none of
+    the ones it had, and stays right when the batch size or the number of processes changed in between.
+
+    The epoch's order is DistributedSampler's (a permutation seeded by seed + epoch, dealt out round-robin), so
+    with unchanged settings each rank gets the same samples as an uninterrupted run."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, num_replicas: int, rank: int, seed: int,
                  shuffle: bool = True, drop_last: bool = True) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.start_index = 0
+        self.samples_seen = 0
 
-    def set_start(self, start_index: int) -> None:
-        """Skip the first `start_index` samples of this rank's share of the next epoch (then reset)."""
-        self.start_index = start_index
+    def set_start(self, samples_seen: int) -> None:
+        """Skip the epoch's first `samples_seen` samples, counted over all ranks (0 = the whole epoch)."""
+        self.samples_seen = max(0, int(samples_seen))
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())[self.start_index:]
-        return iter(indices)
+        rest = self._epoch_order()[self.samples_seen:]
+        total = len(self) * self.num_replicas
+        if total > len(rest):  # not drop_last: pad as DistributedSampler does, by wrapping around
+            rest = (rest * math.ceil(total / max(1, len(rest))))[:total]
+        return iter(rest[:total][self.rank::self.num_replicas])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        rest = max(0, len(self.dataset) - self.samples_seen)
+        return rest // self.num_replicas if self.drop_last else math.ceil(rest / self.num_replicas)

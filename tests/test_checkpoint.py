@@ -79,7 +79,8 @@ def test_save_latest_prune_and_restore(tmp_path):
     fresh, fresh_opt = torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     start = checkpoint.restore_training_state(mid, fresh, fresh_opt, None)
-    assert start == {"epoch": 4, "micro_in_epoch": 5, "global_step": 45}  # a file without train_state
+    # a file without train_state: its position in samples from its args (none: batch 1, one process)
+    assert start == {"epoch": 4, "micro_in_epoch": 5, "global_step": 45, "samples_in_epoch": 5}
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     torch.set_rng_state(ckpt["rng_states"][0]["cpu"])
@@ -98,7 +99,7 @@ def test_find_latest_without_pointer_and_weights_only_file_refused_for_resume(tm
     assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-1.pth"
     weights = tmp_path / "weights.pth"
     torch.save({"model": model.state_dict()}, weights)
-    with pytest.raises(checkpoint.CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="no training state .* cannot be resumed"):
         checkpoint.restore_training_state(str(weights), model, opt, None)
 
 

@@ -140,3 +140,47 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
     subprocess.run(argv[:2] + argv[4:], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     for k, v in _weights(full_out).items():
         assert torch.equal(_weights(tmp_path)[k], v), k
+
+
+def test_resume_with_another_batch_size_continues_at_the_right_sample(synthetic_root, tmp_path, capsys):
+    """4 clips seen at batch 4; at batch 2 the epoch's other 20 clips are 10 steps (not 11: 2 clips twice)."""
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--max_steps", "1"))
+    capsys.readouterr()
+    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "2"))
+    assert len(second["history"]) == 10
+    out = capsys.readouterr().out
+    assert "Resuming with changed settings: --batch_size 4 -> 2" in out and "global batch changed" in out
+    history = json.load(open(tmp_path / "args.json"))["resume_history"]
+    assert history[-1]["changed"]["batch_size"] == [4, 2] and history[-1]["samples_in_epoch"] == 4
+    assert json.load(open(tmp_path / "args.json"))["batch_size"] == 2
+
+
+def test_resume_refuses_a_change_that_loses_the_position(synthetic_root, tmp_path):
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--max_steps", "1"))
+    with pytest.raises(checkpoint.CheckpointError, match="pass --seed 3 to continue"):
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--seed", "4"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"--input_size 32 \(this run: 64\); pass --input_size 32"):
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--input_size", "64"))
+
+
+def test_resume_from_a_file_of_another_model_says_what_it_holds_in_one_line(synthetic_root, tmp_path):
+    import model_registry
+    dual = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    optimizer = torch.optim.AdamW(dual.parameters())
+    saved = checkpoint.save_training_state(str(tmp_path / "ft"), model=dual, optimizer=optimizer, scaler=None,
+                                           epoch=0, step_in_epoch=None, global_step=1, args={})
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": dual.state_dict()}, weights)
+    cases = {saved: "training checkpoint of simvtp_dual_tiny_patch16, this run trains simvtp_tiny_patch16",
+             str(weights): "no training state .* pass it as --init_ckpt",
+             str(tmp_path / "ft"): "is a folder; give a checkpoint file in it"}
+    for path, message in cases.items():
+        with pytest.raises(checkpoint.CheckpointError, match=message) as err:
+            run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "run", "--resume", path))
+        assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_global_batch_of_one_clip_is_warned_about(synthetic_root, tmp_path, capsys):
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "1",
+                                      "--max_steps", "1"))
+    assert "the global batch holds 1 clip" in capsys.readouterr().out

@@ -65,11 +65,38 @@ def test_resumable_sampler_skips_exactly_the_seen_prefix():
     order = list(full)
     resumed = utils.ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
     resumed.set_epoch(5)
-    resumed.set_start(4)
+    resumed.set_start(8)  # 8 samples seen over both ranks = 4 of this rank's
     assert list(resumed) == order[4:] and len(resumed) == len(order) - 4
+    plain = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, seed=3, drop_last=True)
+    plain.set_epoch(5)
+    assert list(plain) == order  # from the start: DistributedSampler's own order
     other_epoch = utils.ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
     other_epoch.set_epoch(6)
     assert list(other_epoch) != order
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resumable_sampler_continues_at_the_right_sample_with_another_process_count(drop_last):
+    """2 processes x batch 3 stop after 2 steps (12 samples); 3 processes then see every other sample once."""
+    data = list(range(29))
+
+    def shares(world: int, start: int) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            s = utils.ResumableDistributedSampler(data, num_replicas=world, rank=rank, seed=1, drop_last=drop_last)
+            s.set_epoch(2)
+            s.set_start(start)
+            out.append(list(s))
+            assert len(s) == len(out[-1])
+        return out
+
+    seen = [i for share in shares(2, 0) for i in share[:6]]
+    rest = shares(3, 12)
+    assert len({len(r) for r in rest}) == 1  # every rank the same number of samples
+    after = [i for share in rest for i in share]
+    assert not set(seen) & set(after)
+    missed = set(data) - set(seen) - set(after)
+    assert len(missed) <= 2 if drop_last else not missed  # only the tail that does not divide by 3 is dropped
 
 
 def test_plain_args_holds_only_plain_values():
