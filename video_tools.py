@@ -455,8 +455,12 @@ def run_preprocess(args: argparse.Namespace) -> int:
               f"the encoders this PyAV build has; pass --out_ext mp4", file=sys.stderr)
         return EXIT_USAGE
     threads = 1 if args.workers > 1 else 0  # 0 = the encoder picks; with several workers one thread each
-    recorded = read_manifest(dst)
-    rewrite_manifest(dst, recorded)
+    try:
+        recorded = read_manifest(dst)
+        rewrite_manifest(dst, recorded)
+    except OSError as e:
+        print(f"error: --dst {args.dst}: cannot write there ({e.strerror or e})", file=sys.stderr)
+        return EXIT_USAGE
     jobs = []
     for rel, out in outputs.items():
         key = out.relative_to(dst).as_posix()
