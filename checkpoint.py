@@ -3,11 +3,13 @@
 Every read goes through `read_checkpoint_file`: `torch.load(weights_only=True)` with exactly one extra allowed
 type, `argparse.Namespace` (the release's and VideoMAE's files pickle their args). Our own checkpoints hold only
 tensors and plain Python values. Writing goes to a temporary file in the same folder, then `os.replace`, so a
-crash never leaves a half-written checkpoint behind a valid name.
+crash never leaves a half-written checkpoint behind a valid name; new files get the permissions the umask gives
+(0644 under the usual umask 022), so colleagues and evaluation accounts can read them.
 
-Command line (a small converter):
-    python checkpoint.py to-safetensors IN.pth OUT.safetensors   # the model tensors of any supported file
-    python checkpoint.py from-safetensors IN.safetensors OUT.pth # -> {"model": state_dict}
+Command line (a small converter; the output's folder is created, the input is never overwritten):
+    python checkpoint.py to-safetensors IN.pth OUT.safetensors   # model tensors + model_cfg/args as metadata
+    python checkpoint.py from-safetensors IN.safetensors OUT.pth # -> {"model", "model_cfg", "args"}
+Both outputs load wherever a checkpoint is taken (--finetune, --ckpt, build_model_from).
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import glob
 import json
 import os
 import re
+import secrets
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,11 +44,7 @@ def read_checkpoint_file(path: str) -> dict:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     if _is_safetensors(path):
-        from safetensors.torch import load_file
-        try:
-            return dict(load_file(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+        return _read_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -64,6 +62,30 @@ def saved_args(ckpt: dict) -> dict:
     if isinstance(saved, argparse.Namespace):
         return vars(saved)
     return saved if isinstance(saved, dict) else {}
+
+
+# safetensors metadata (str -> str) entries holding our checkpoint entries as JSON, written by to_safetensors
+SAFETENSORS_ENTRIES = ("model_cfg", "args")
+
+
+def _read_safetensors(path: str) -> dict:
+    """A plain safetensors file (e.g. BERT's) -> its flat tensors; one of ours, whose metadata carries model_cfg /
+    args, -> {"model": tensors, "model_cfg": ..., "args": ...} like the .pth it came from."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+    entries = {}
+    for key in SAFETENSORS_ENTRIES:
+        if key in metadata:
+            try:
+                entries[key] = json.loads(metadata[key])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: metadata entry {key!r} is not JSON ({e})") from e
+    return {"model": tensors, **entries} if entries else tensors
 
 
 def _is_safetensors(path: str) -> bool:
@@ -220,15 +242,32 @@ def _resolve_weights_path(path: str) -> str:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temporary file beside `path`, flush to disk, then rename over `path`."""
+def _new_temp_file(folder: str, name: str) -> str:
+    """Create an empty hidden file in `folder` with mode 0666 & ~umask, as any new file gets (tempfile.mkstemp
+    makes 0600, which the rename keeps: no one else on a shared cluster could read the checkpoint)."""
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{name[:100]}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:  # name the file the caller asked for, not the temporary one
+            raise type(e)(e.errno, f"cannot create a file in {folder} ({e.strerror})", os.path.join(folder, name))
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` to a new file beside `path` (folder created), flush it to disk, then rename over `path`:
+    a crash leaves the old file or none, never half of one. The temporary file is removed on any error."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    tmp = _new_temp_file(folder, os.path.basename(path))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that replaced the file (safetensors: 0600)
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -237,14 +276,19 @@ def save_atomic(obj: dict, path: str) -> None:
         raise
 
 
+def save_atomic(obj: dict, path: str) -> None:
+    """torch.save to a temporary file beside `path`, flush to disk, then rename over `path`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    write_atomic(path, write)
+
+
 def _write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
 def checkpoint_name(epoch: int, step_in_epoch: int | None = None) -> str:
@@ -511,34 +555,85 @@ def write_eval_state(output_dir: str, record: dict) -> None:
         _write_text_atomic(os.path.join(output_dir, EVAL_STATE), json.dumps(record) + "\n")
 
 
-def to_safetensors(src: str, dst: str) -> int:
-    """Write the model tensors of any supported checkpoint to safetensors; returns the tensor count."""
+def _check_output(src: str, dst: str) -> None:
+    """The converter must never write over its input, however the two paths are spelled (links included)."""
+    if os.path.isdir(dst):
+        raise ValueError(f"{dst}: is a directory; give the output file's name")
+    same = os.path.realpath(src) == os.path.realpath(dst)
+    if not same and os.path.exists(dst):
+        same = os.path.samefile(src, dst)
+    if same:
+        raise ValueError(f"{dst}: is the input file; give another output path (the input is never overwritten)")
+
+
+def _safetensors_tensors(state: dict, path: str) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing memory with another (safetensors refuses both)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {k!r} is a {type(v).__name__}, not a tensor")
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        out[k] = v.detach().clone().contiguous() if ptr in seen else v.detach().contiguous()
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
+def to_safetensors(src: str, dst: str) -> str:
+    """Write the model tensors of any supported checkpoint to safetensors, with its model_cfg and args (ours; the
+    release's args) as JSON metadata, so the file rebuilds the model alone. Returns a summary of what was written."""
     from safetensors.torch import save_file
-    state = model_state_dict(read_checkpoint_file(src), src)
-    save_file({k: v.contiguous() for k, v in state.items()}, dst)
-    return len(state)
+    _check_output(src, dst)
+    ckpt = read_checkpoint_file(src)
+    tensors = _safetensors_tensors(model_state_dict(ckpt, src), src)
+    entries = {"model_cfg": ckpt.get("model_cfg"), "args": saved_args(ckpt) or None}
+    metadata = {"format": "pt", **{k: json.dumps(v, default=str) for k, v in entries.items() if v is not None}}
+    write_atomic(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return _summary(dst, len(tensors), [k for k in SAFETENSORS_ENTRIES if k in metadata],
+                    [k for k in ckpt if k not in (*MODEL_KEYS, *SAFETENSORS_ENTRIES)
+                     and not isinstance(ckpt[k], torch.Tensor)])
 
 
-def from_safetensors(src: str, dst: str) -> int:
-    """safetensors -> {"model": state_dict} .pth, loadable by every entry point."""
-    state = read_checkpoint_file(src)
-    save_atomic({"model": state}, dst)
-    return len(state)
+def from_safetensors(src: str, dst: str) -> str:
+    """safetensors -> {"model": state_dict, "model_cfg", "args"} .pth (the entries its metadata holds), which
+    every entry point loads. Returns a summary of what was written."""
+    _check_output(src, dst)
+    if os.path.isfile(src) and os.path.getsize(src) > 0 and not _is_safetensors(src):
+        raise CheckpointError(f"{src}: not a safetensors file (use to-safetensors to convert a .pth)")
+    ckpt = read_checkpoint_file(src)
+    out = ckpt if "model" in ckpt and isinstance(ckpt["model"], dict) else {"model": ckpt}
+    save_atomic(out, dst)
+    return _summary(dst, len(out["model"]), [k for k in SAFETENSORS_ENTRIES if k in out], [])
+
+
+def _summary(dst: str, count: int, entries: list[str], left_out: list[str]) -> str:
+    text = f"wrote {dst}: {count} model tensors"
+    text += f" and {' + '.join(entries)}" if entries else " (no model_cfg or args: loaders identify the model " \
+                                                          "by its keys or need --model)"
+    if left_out:
+        text += f"; left out (training state, not weights): {', '.join(left_out)}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert SimVTP/VideoMAE/BERT checkpoints to and from safetensors.")
-    parser.add_argument("direction", choices=["to-safetensors", "from-safetensors"])
-    parser.add_argument("src")
-    parser.add_argument("dst")
+    parser = argparse.ArgumentParser(
+        description="Convert SimVTP/VideoMAE/BERT checkpoints to and from safetensors. to-safetensors keeps the "
+                    "model tensors and the model's description (model_cfg, args) as metadata; optimizer and "
+                    "other training state are left out. The output's folder is created; the input is never "
+                    "overwritten. Exit status: 0 written, 2 bad input or output.")
+    parser.add_argument("direction", choices=["to-safetensors", "from-safetensors"],
+                        help="to-safetensors: .pth/.bin -> .safetensors; from-safetensors: .safetensors -> .pth")
+    parser.add_argument("src", help="input checkpoint file (never modified)")
+    parser.add_argument("dst", help="output file (replaced atomically if it exists; must differ from src)")
     args = parser.parse_args(argv)
     convert = to_safetensors if args.direction == "to-safetensors" else from_safetensors
     try:
-        count = convert(args.src, args.dst)
-    except (FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        summary = convert(args.src, args.dst)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError; FileNotFoundError an OSError
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror and e.filename else e
+        print(f"error: {message}", file=sys.stderr)
         return 2
-    print(f"wrote {count} tensors to {args.dst}")
+    print(summary)
     return 0
 
 

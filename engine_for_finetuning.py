@@ -374,9 +374,12 @@ def save_embeddings(out_path: str, meta: dict, video: torch.Tensor | None = None
     info = {**meta, "normalized": True, "dim": int(parts[0][1].shape[1])}
     if out_path.endswith(".safetensors"):
         from safetensors.torch import save_file
+
+        import checkpoint  # atomic, with the umask's permissions (safetensors alone writes 0600)
         text_meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in info.items()}
         text_meta.update({f"{kind}_ids": json.dumps(ids) for kind, _, ids in parts})
-        save_file({kind: feats for kind, feats, _ in parts}, out_path, metadata=text_meta)
+        checkpoint.write_atomic(out_path, lambda tmp: save_file({kind: feats for kind, feats, _ in parts}, tmp,
+                                                                 metadata=text_meta))
         return [out_path]
     if not out_path.endswith(".npy"):
         raise ValueError(f"{out_path}: export to a .npy or .safetensors file")

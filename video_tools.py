@@ -1,12 +1,14 @@
 """Data tools to run before a long job: find broken videos, and re-encode big ones so the loader keeps up.
 
     python video_tools.py check --anno ANNOTATIONS [--data_root DIR] [--num_frames 16 --sampling_rate 4]
-    python video_tools.py preprocess --src DIR --dst DIR [--short_side 256 --fps 8 --crf 23]
+    python video_tools.py preprocess --src DIR --dst DIR [--short_side 256 --fps 8 --out_ext mp4]
 
 `check` decodes (it does not just stat) every video an annotation file names, with the backend the training
 loader will use, and sorts problems into errors (missing, empty, undecodable, truncated) and a warning (short:
 fewer frames than num_frames x sampling_rate; such clips still load, with repeated frames). `preprocess` shrinks
-videos (e.g. WebVid's) to a small short side and frame rate with libx264, atomically and resumably.
+videos (e.g. WebVid's) to a small short side and frame rate, in the container their output name gives (H.264 in
+mp4/mov/mkv/avi, VP9 in webm), atomically and resumably: a re-run redoes only outputs whose source is newer or whose
+options changed (recorded in <dst>/.preprocess_manifest.jsonl).
 Run `python video_tools.py <command> --help` for every option and the exit statuses.
 """
 from __future__ import annotations
@@ -157,9 +159,23 @@ def _with_progress(results: Iterable[dict], total: int, label: str, every_s: flo
         yield r
 
 
+def annotation_folder_error(path: str) -> str | None:
+    """`--anno` given a folder: one line naming it and the annotation files inside, else None."""
+    if not os.path.isdir(path):
+        return None
+    found = sorted(f for f in os.listdir(path) if f.lower().endswith((".csv", ".json", ".jsonl")))
+    inside = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else \
+        "; it holds no .csv/.json file"
+    return f"--anno {path} is a folder: give one annotation file (WebVid CSV, JSON dict/list, MSR-VTT CSV){inside}"
+
+
 def run_check(args: argparse.Namespace) -> int:
     import datasets
 
+    folder_error = annotation_folder_error(args.anno)
+    if folder_error:
+        print(f"error: {folder_error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         records = datasets.read_annotations(args.anno, args.data_root)
         backend = datasets.resolve_backend(args.video_backend)
@@ -242,13 +258,79 @@ def find_videos(src: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def output_path(dst: Path, rel: Path, out_ext: str) -> Path:
-    """Same relative path under dst; the name is kept unless out_ext is given (decoders sniff the content, so an
-    mp4 stream under `x.webm` still loads, and annotation files stay valid)."""
+    """Same relative path under dst; the name is kept unless out_ext is given (so annotation files stay valid).
+    The output is written in the container its extension names (OUTPUT_CONTAINERS)."""
     return dst / (rel if out_ext == "keep" else rel.with_suffix("." + out_ext.lstrip(".")))
 
 
-def is_up_to_date(src: Path, dst: Path) -> bool:
-    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
+# output extension -> (container format, video codec): H.264 where the container takes it, VP9 in WebM
+OUTPUT_CONTAINERS = {".mp4": ("mp4", "libx264"), ".m4v": ("mp4", "libx264"), ".mov": ("mov", "libx264"),
+                     ".mkv": ("matroska", "libx264"), ".avi": ("avi", "libx264"), ".webm": ("webm", "libvpx-vp9")}
+DEFAULT_CRF = {"libx264": 23, "libvpx-vp9": 32}  # about the same quality on each codec's own scale
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# the x264 preset's speed as libvpx's (deadline, cpu-used)
+VP9_SPEED = dict(zip(X264_PRESETS, [("realtime", 8), ("realtime", 7), ("realtime", 6), ("good", 5), ("good", 4),
+                                    ("good", 3), ("good", 2), ("good", 1), ("good", 0)]))
+MANIFEST = ".preprocess_manifest.jsonl"
+
+
+def encode_options(args: argparse.Namespace, out_ext: str) -> dict:
+    """Everything that decides an output's content: recorded per output, compared on a re-run."""
+    container, codec = OUTPUT_CONTAINERS[out_ext.lower()]
+    return {"container": container, "codec": codec, "short_side": args.short_side, "fps": args.fps,
+            "crf": DEFAULT_CRF[codec] if args.crf is None else args.crf, "preset": args.preset,
+            "keyframe_interval": args.keyframe_interval}
+
+
+def read_manifest(dst: Path) -> dict[str, dict]:
+    """Output path relative to dst -> the options it was made with (the last line for it wins; a line cut by a
+    crash is ignored, its output is then redone)."""
+    recorded = {}
+    path = dst / MANIFEST
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                recorded[entry["output"]] = entry["options"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return recorded
+
+
+def rewrite_manifest(dst: Path, recorded: dict[str, dict]) -> None:
+    """One line per output that still exists (atomic), before a run appends to it."""
+    lines = [json.dumps({"output": rel, "options": opts}) for rel, opts in sorted(recorded.items())
+             if (dst / rel).is_file()]
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(dst / MANIFEST)
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, dst / MANIFEST)
+
+
+def reason_to_convert(src: Path, dst: Path, wanted: dict, recorded: dict | None) -> str | None:
+    """Why dst must be (re)made, or None when it is up to date: it exists, is not older than its source and was
+    made with the same options."""
+    if not dst.is_file() or dst.stat().st_size == 0:
+        return "new"
+    if dst.stat().st_mtime < src.stat().st_mtime:
+        return "source is newer"
+    if recorded is None:
+        return "no record of its options"
+    changed = [f"{k} {recorded.get(k)} -> {v}" for k, v in wanted.items() if recorded.get(k) != v]
+    return "options changed: " + ", ".join(changed) if changed else None
+
+
+def unwritable_extensions(outputs: Iterable[Path]) -> dict[str, int]:
+    """Output extensions with no container here (count of files each), and the ones whose encoder this PyAV build
+    lacks: refused before the run, not failed file by file."""
+    import av
+
+    missing: dict[str, int] = {}
+    for out in outputs:
+        ext = out.suffix.lower()
+        if ext not in OUTPUT_CONTAINERS or OUTPUT_CONTAINERS[ext][1] not in av.codecs_available:
+            missing[ext] = missing.get(ext, 0) + 1
+    return missing
 
 
 def _frame_time(frame, index: int, src_fps: float) -> float:
@@ -274,11 +356,19 @@ def resample_frames(frames: Iterable, src_fps: float, fps: float) -> Iterator[tu
             k += 1
 
 
+def _codec_options(codec: str, crf: int, preset: str, threads: int) -> dict[str, str]:
+    if codec == "libx264":
+        return {"crf": str(crf), "preset": preset, "threads": str(threads)}
+    deadline, cpu_used = VP9_SPEED[preset]  # libvpx-vp9 in constant-quality mode (b=0)
+    return {"crf": str(crf), "b": "0", "deadline": deadline, "cpu-used": str(cpu_used), "row-mt": "1",
+            "threads": str(threads)}
+
+
 def transcode(src: Path, dst: Path, short_side: int, fps: float, crf: int = 23, preset: str = "medium",
-              threads: int = 0, keyint: int = 0) -> int:
-    """Re-encode src's first video stream to dst (mp4, H.264 yuv420p, no audio) at `fps` with short side
-    `short_side`, a keyframe at least every `keyint` frames (0: x264's default, 250). Returns the number of
-    frames written; raises on any decode/encode failure."""
+              threads: int = 0, keyint: int = 0, container: str = "mp4", codec: str = "libx264") -> int:
+    """Re-encode src's first video stream to dst (`container` with `codec`, yuv420p, no audio) at `fps` with
+    short side `short_side`, a keyframe at least every `keyint` frames (0: the encoder's default, 250 for x264).
+    Returns the number of frames written; raises on any decode/encode failure."""
     import av
     from av.video.frame import PictureType
 
@@ -289,16 +379,17 @@ def transcode(src: Path, dst: Path, short_side: int, fps: float, crf: int = 23, 
         in_stream = inp.streams.video[0]
         in_stream.thread_type = "AUTO"
         src_fps = float(in_stream.average_rate or in_stream.guessed_rate or 25)
-        with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        options = {"movflags": "+faststart"} if container in ("mp4", "mov") else {}  # index first, as web videos
+        with av.open(str(dst), "w", format=container, options=options) as out:
             stream = None
             written = 0
             last_src, last_scaled = None, None
             for k, frame in resample_frames(inp.decode(in_stream), src_fps, fps):
                 if stream is None:
                     width, height = even_size(frame.width, frame.height, short_side)
-                    stream = out.add_stream("libx264", rate=rate)
+                    stream = out.add_stream(codec, rate=rate)
                     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                    stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
+                    stream.options = _codec_options(codec, crf, preset, threads)
                     if keyint > 0:
                         stream.codec_context.gop_size = keyint
                 if frame is not last_src:  # a repeated source frame is scaled once
@@ -306,7 +397,7 @@ def transcode(src: Path, dst: Path, short_side: int, fps: float, crf: int = 23, 
                     last_scaled = frame.reformat(width=stream.width, height=stream.height, format="yuv420p",
                                                  interpolation="AREA")
                 last_scaled.pts, last_scaled.time_base = k, 1 / rate
-                last_scaled.pict_type = PictureType.NONE  # let x264 place keyframes, not the source's I-frames
+                last_scaled.pict_type = PictureType.NONE  # the encoder places keyframes, not the source's
                 for packet in stream.encode(last_scaled):
                     out.mux(packet)
                 written += 1
@@ -322,24 +413,29 @@ def partial_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part")
 
 
-def preprocess_one(job: tuple[str, str, int, float, int, str, int, int, bool]) -> dict:
-    """Convert one file unless its output is up to date. Returns {"src", "dst", "status", "message"}; status is
-    converted | skipped | failed. A failure never leaves a file at dst."""
-    src, dst, short_side, fps, crf, preset, threads, keyint, overwrite = job
+def preprocess_one(job: tuple[str, str, dict, dict | None, int, bool]) -> dict:
+    """Convert one file unless its output is up to date (see reason_to_convert). Returns {"src", "dst", "status",
+    "message", "reason"}; status is converted | skipped | failed. A failure never leaves a file at dst."""
+    src, dst, options, recorded, threads, overwrite = job
     src_p, dst_p = Path(src), Path(dst)
-    if not overwrite and is_up_to_date(src_p, dst_p):
-        return {"src": src, "dst": dst, "status": "skipped", "message": "up to date"}
+    reason = "--overwrite" if overwrite else reason_to_convert(src_p, dst_p, options, recorded)
+    if reason is None:
+        return {"src": src, "dst": dst, "status": "skipped", "message": "up to date", "reason": None}
+    fps = options["fps"]
+    keyint = max(1, round(options["keyframe_interval"] * fps)) if options["keyframe_interval"] > 0 else 0
     tmp = partial_path(dst_p)
     try:
         dst_p.parent.mkdir(parents=True, exist_ok=True)
-        n = transcode(src_p, tmp, short_side, fps, crf, preset, threads, keyint)
+        n = transcode(src_p, tmp, options["short_side"], fps, options["crf"], options["preset"], threads, keyint,
+                      options["container"], options["codec"])
         os.replace(tmp, dst_p)
-        return {"src": src, "dst": dst, "status": "converted", "message": f"{n} frames"}
+        return {"src": src, "dst": dst, "status": "converted", "message": f"{n} frames", "reason": reason}
     except Exception as e:
         tmp.unlink(missing_ok=True)
         from datasets import one_line
 
-        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {one_line(e)}"}
+        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {one_line(e)}",
+                "reason": reason}
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -351,18 +447,46 @@ def run_preprocess(args: argparse.Namespace) -> int:
         print("error: --dst must differ from --src (outputs keep the source names)", file=sys.stderr)
         return EXIT_USAGE
     videos = find_videos(src, exclude=dst)
-    threads = 1 if args.workers > 1 else 0  # 0 = x264 picks; with several workers one thread each
-    keyint = max(1, round(args.keyframe_interval * args.fps)) if args.keyframe_interval > 0 else 0
-    jobs = [(str(src / rel), str(output_path(dst, rel, args.out_ext)), args.short_side, args.fps, args.crf,
-             args.preset, threads, keyint, args.overwrite) for rel in videos]
+    outputs = {rel: output_path(dst, rel, args.out_ext) for rel in videos}
+    unwritable = unwritable_extensions(outputs.values())
+    if unwritable:
+        listed = ", ".join(f"{ext or '(none)'} ({n} files)" for ext, n in sorted(unwritable.items()))
+        print(f"error: cannot write outputs named {listed}: this tool writes {', '.join(OUTPUT_CONTAINERS)} with "
+              f"the encoders this PyAV build has; pass --out_ext mp4", file=sys.stderr)
+        return EXIT_USAGE
+    threads = 1 if args.workers > 1 else 0  # 0 = the encoder picks; with several workers one thread each
+    try:
+        recorded = read_manifest(dst)
+        rewrite_manifest(dst, recorded)
+    except OSError as e:
+        print(f"error: --dst {args.dst}: cannot write there ({e.strerror or e})", file=sys.stderr)
+        return EXIT_USAGE
+    jobs = []
+    for rel, out in outputs.items():
+        key = out.relative_to(dst).as_posix()
+        jobs.append((str(src / rel), str(out), encode_options(args, out.suffix), recorded.get(key), threads,
+                     args.overwrite))
+    kinds = sorted({f"{o['codec']} in {o['container']} (crf {o['crf']})" for _, _, o, *_ in jobs})
     print(f"preprocessing {len(jobs)} videos from {src} to {dst}: short side {args.short_side}, {args.fps:g} fps, "
-          f"keyframe every {keyint or 250} frames, crf {args.crf}, preset {args.preset}, {args.workers} worker(s)",
-          flush=True)
-    results = list(_with_progress(parallel_map(preprocess_one, jobs, args.workers), len(jobs), "preprocess"))
+          f"keyframe every {args.keyframe_interval:g} s, {', '.join(kinds) or 'no outputs'}, preset {args.preset}, "
+          f"{args.workers} worker(s)", flush=True)
+    results = []
+    with open(dst / MANIFEST, "a") as manifest:
+        for (_, out, options, *_), r in zip(jobs, _with_progress(parallel_map(preprocess_one, jobs, args.workers),
+                                                                  len(jobs), "preprocess")):
+            if r["status"] == "converted":  # recorded as soon as the output is in place
+                manifest.write(json.dumps({"output": Path(out).relative_to(dst).as_posix(), "options": options})
+                               + "\n")
+                manifest.flush()
+            results.append(r)
     counts = {s: sum(r["status"] == s for r in results) for s in ("converted", "skipped", "failed")}
     for r in results:
         if r["status"] == "failed":
             print(f"  FAILED {os.path.relpath(r['src'], src)}: {r['message']}")
+    redone = [r for r in results if r["status"] == "converted" and r["reason"].startswith("options changed")]
+    if redone:
+        print(f"  {len(redone)} output(s) redone because their options changed (e.g. "
+              f"{os.path.relpath(redone[0]['dst'], dst)}: {redone[0]['reason'][len('options changed: '):]})")
     print(f"converted {counts['converted']}, skipped {counts['skipped']} (up to date), failed {counts['failed']}")
     if args.report:
         write_json(args.report, {"src": str(src), "dst": str(dst), "counts": counts, "results": results})
@@ -381,7 +505,7 @@ def _positive_int(text: str) -> int:
 def _even_int(text: str) -> int:
     value = _positive_int(text)
     if value % 2:
-        raise argparse.ArgumentTypeError(f"must be even (H.264 yuv420p needs even sizes), got {value}")
+        raise argparse.ArgumentTypeError(f"must be even (yuv420p needs even sizes), got {value}")
     return value
 
 
@@ -433,29 +557,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=run_check)
 
     p = sub.add_parser(
-        "preprocess", help="re-encode a folder of videos to a small short side and frame rate (H.264)",
+        "preprocess", help="re-encode a folder of videos to a small short side and frame rate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
                     "Re-encode every video under --src (recursively) to --dst, keeping relative paths: short side "
-                    "--short_side (aspect kept, even sizes), --fps frames per second, H.264 yuv420p in mp4, no "
-                    "audio. Outputs newer than their source are skipped, so an interrupted run can simply be "
-                    "started again; each output is written to a hidden .part file and renamed when complete.", 100),
-        epilog="exit status: 0 all converted or up to date, 1 some videos failed (listed), 2 usage error")
+                    "--short_side (aspect kept, even sizes), --fps frames per second, yuv420p, no audio, in the "
+                    "container the output's extension names: .mp4/.m4v/.mov/.mkv/.avi hold H.264, .webm holds VP9. "
+                    "Each output's options are recorded in <dst>/" + MANIFEST + "; an output newer than its source "
+                    "and made with the same options is skipped, any other is redone, so an interrupted run (or one "
+                    "with new options) can simply be started again. Each output is written to a hidden .part file "
+                    "and renamed when complete; new files get the permissions the umask gives.", 100),
+        epilog="exit status: 0 all converted or up to date, 1 some videos failed (listed), 2 usage error (also: "
+               "an output extension with no container or encoder here)")
     p.add_argument("--src", required=True, help="folder of source videos")
     p.add_argument("--dst", required=True, help="output folder (created)")
     p.add_argument("--short_side", type=_even_int, default=256, help="output short side in pixels (default 256)")
     p.add_argument("--fps", type=_positive_float, default=8.0, help="output frame rate (default 8)")
-    p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better/larger (default 23)")
-    p.add_argument("--preset", default="medium", help="x264 speed preset (default medium)")
+    p.add_argument("--crf", type=int, default=None,
+                   help="quality, lower is better/larger, on the codec's own scale (default: 23 for H.264, "
+                        "32 for VP9)")
+    p.add_argument("--preset", default="medium", choices=X264_PRESETS,
+                   help="x264 speed preset; for VP9 the same speed as libvpx deadline/cpu-used (default medium)")
     p.add_argument("--keyframe_interval", type=float, default=2.0,
                    help="seconds between keyframes; a clip is decoded from the keyframe before it, so a short "
-                        "interval speeds up loading long videos for some file size (default 2; 0 = x264's "
-                        "default of 250 frames)")
+                        "interval speeds up loading long videos for some file size (default 2; 0 = the "
+                        "encoder's default, 250 frames for x264)")
     p.add_argument("--out_ext", default="keep",
-                   help="output extension, e.g. mp4; 'keep' (default) keeps names so annotations stay valid")
+                   help="output extension, which decides the container: mp4, m4v, mov, mkv, avi (H.264) or webm "
+                        "(VP9); 'keep' (default) keeps names so annotations stay valid (a source of another type "
+                        "then needs --out_ext)")
     p.add_argument("--workers", type=_positive_int, default=default_workers,
                    help=f"processes (default {default_workers})")
-    p.add_argument("--overwrite", action="store_true", help="convert even when the output is up to date")
+    p.add_argument("--overwrite", action="store_true",
+                   help="convert even when the output is up to date (default: off)")
     p.add_argument("--report", default=None, help="also write every file's result to this JSON file")
     p.set_defaults(func=run_preprocess)
     return parser

@@ -12,17 +12,25 @@
 #   TEST_ANNO:  MSR-VTT 1k-A test list (e.g. MSRVTT_JSFUSION_test.csv)
 # Environment (defaults): GPUS_PER_NODE=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29501
 #   VAL_DATA_PATH (validation annotations, optional) LAYER_DECAY=0.75 DRY_RUN=1 prints the command.
+# Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
+# nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
+# PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [ $# -lt 5 ]; then
   echo "usage: bash scripts/finetune_msrvtt.sh TRAIN_ANNO TEST_ANNO DATA_ROOT PRETRAIN_CKPT OUTPUT_DIR [flags]" >&2
+  echo "  (runs in .venv via scripts/setup_env.sh; PY=/path/to/python for another environment)" >&2
   exit 2
 fi
 TRAIN_ANNO="$1"; TEST_ANNO="$2"; DATA_ROOT="$3"; PRETRAIN_CKPT="$4"; OUTPUT_DIR="$5"
 shift 5
 
-cmd=(torchrun --nnodes "${NNODES:-1}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
+if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
+  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
+fi
+cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
+     --nnodes "${NNODES:-1}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29501}"
      run_simvtp_finetuning.py
      --model simvtp_dual_base_patch16 --data_set MSRVTT

@@ -8,17 +8,25 @@
 #   bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [extra flags...]
 #   e.g. add --rerank_k 16 --rerank_ckpt PRETRAIN_CKPT to re-rank each query's top 16 with the matching head.
 # Environment (defaults): GPUS_PER_NODE=8 MASTER_PORT=29502 DRY_RUN=1 prints the command.
+# Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
+# nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
+# PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [ $# -lt 4 ]; then
   echo "usage: bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [flags]" >&2
+  echo "  (runs in .venv via scripts/setup_env.sh; PY=/path/to/python for another environment)" >&2
   exit 2
 fi
 TEST_ANNO="$1"; DATA_ROOT="$2"; CKPT="$3"; OUTPUT_DIR="$4"
 shift 4
 
-cmd=(torchrun --nnodes 1 --nproc_per_node "${GPUS_PER_NODE:-8}" --master_port "${MASTER_PORT:-29502}"
+if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
+  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
+fi
+cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
+     --nnodes 1 --nproc_per_node "${GPUS_PER_NODE:-8}" --master_port "${MASTER_PORT:-29502}"
      run_simvtp_finetuning.py --only_test
      --model simvtp_dual_base_patch16 --data_set MSRVTT
      --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT" --finetune "$CKPT" --output_dir "$OUTPUT_DIR"

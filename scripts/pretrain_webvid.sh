@@ -7,7 +7,10 @@
 #   NODE_RANK=0 MASTER_ADDR=node0 bash scripts/pretrain_webvid.sh DATA_PATH DATA_ROOT OUTPUT_DIR [extra flags...]
 # Environment (defaults): NNODES=8 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
 #   INIT_CKPT (VideoMAE checkpoint, optional) BERT_PATH (local bert-base-uncased dir, optional)
-#   DRY_RUN=1 prints the command instead of running it.
+#   DRY_RUN=1 prints the command instead of running it (and skips the .venv set-up).
+# Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
+# nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
+# PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,10 +20,15 @@ OUTPUT_DIR="${3:-${OUTPUT_DIR:-output/pretrain_webvid}}"
 shift $(( $# < 3 ? $# : 3 ))
 if [ -z "$DATA_PATH" ] || [ -z "$DATA_ROOT" ]; then
   echo "usage: NODE_RANK=i MASTER_ADDR=host bash scripts/pretrain_webvid.sh DATA_PATH DATA_ROOT OUTPUT_DIR [flags]" >&2
+  echo "  (runs in .venv via scripts/setup_env.sh; PY=/path/to/python for another environment)" >&2
   exit 2
 fi
 
-cmd=(torchrun --nnodes "${NNODES:-8}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
+if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
+  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
+fi
+cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
+     --nnodes "${NNODES:-8}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
      run_simvtp_pretraining.py
      --data_path "$DATA_PATH" --data_root "$DATA_ROOT" --output_dir "$OUTPUT_DIR"

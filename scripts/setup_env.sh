@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Shared set-up of scripts/demo.sh and scripts/test.sh: create or reuse .venv and install what is missing.
-# Sourced, not run: it exports PY (the venv's python). Safe to run any number of times.
+# Shared set-up of the scripts (demo.sh, test.sh, vis.sh and the recipes): create or reuse .venv and install
+# what is missing.
+# Sourced by them (it exports PY, the venv's python); `bash scripts/setup_env.sh` alone just prepares .venv.
+# Safe to run any number of times.
 # Usage: source scripts/setup_env.sh [requirements files...]   (default: requirements.txt)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -2,7 +2,11 @@
 state, and the safetensors converter run as a real process."""
 import argparse
 import fractions
+import hashlib
+import json
 import os
+import re
+import stat
 import subprocess
 import sys
 
@@ -10,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import model_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,9 +130,128 @@ def test_safetensors_converter_round_trip_as_a_process(tmp_path):
         run = subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), *cmd],
                              capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 0, run.stderr
-        assert "wrote 2 tensors" in run.stdout
+        assert f"wrote {cmd[2]}: 2 model tensors and args" in run.stdout
     restored = checkpoint.model_state_dict(checkpoint.read_checkpoint_file(str(back)))
     assert set(restored) == set(state) and all(torch.equal(restored[k], state[k]) for k in state)
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), "to-safetensors",
                           str(tmp_path / "nope.pth"), str(st)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "nope.pth" in bad.stderr
+
+
+def _convert(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), *argv], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def _tiny_model_checkpoint(out_dir) -> tuple[str, dict]:
+    """A real training checkpoint of a tiny registered model, written by the training save path."""
+    torch.manual_seed(0)
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, decoder_depth=1, vocab_size=64)
+    opt = torch.optim.AdamW(model.parameters())
+    path = checkpoint.save_training_state(str(out_dir), model=model, optimizer=opt, scaler=None, epoch=0,
+                                          step_in_epoch=None, global_step=3, args={"model": "simvtp_tiny_patch16"})
+    return path, model.state_dict()
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask, expected):
+    """Before: every checkpoint, `latest` and converter output was 0600 (tempfile.mkstemp), whatever the umask."""
+    old = os.umask(umask)
+    try:
+        model, opt = _tiny_training_objects()
+        path = checkpoint.save_training_state(str(tmp_path / "run"), model=model, optimizer=opt, scaler=None,
+                                              epoch=0, step_in_epoch=None, global_step=1, args={})
+        checkpoint.write_eval_state(str(tmp_path / "run"), {"epoch": 0})
+        st, back = tmp_path / "conv" / "w.safetensors", tmp_path / "conv" / "back.pth"
+        checkpoint.to_safetensors(path, str(st))
+        checkpoint.from_safetensors(str(st), str(back))
+    finally:
+        os.umask(old)
+    for written in (path, tmp_path / "run" / "latest", tmp_path / "run" / "eval_state.json", st, back):
+        assert _mode(written) == expected, (written, oct(_mode(written)))
+
+
+def test_a_model_checkpoint_round_trips_through_safetensors_and_rebuilds(tmp_path):
+    """Before: from-safetensors wrote {"model": <the whole file>} for a .pth input, and a .safetensors held no
+    model description, so neither rebuilt the model."""
+    src, state = _tiny_model_checkpoint(tmp_path / "run")
+    st, back = tmp_path / "w.safetensors", tmp_path / "back.pth"
+    to = _convert("to-safetensors", src, str(st))
+    assert to.returncode == 0, to.stderr
+    assert f"wrote {st}: {len(state)} model tensors and model_cfg + args" in to.stdout
+    assert "left out (training state, not weights): optimizer" in to.stdout
+    fro = _convert("from-safetensors", str(st), str(back))
+    assert fro.returncode == 0, fro.stderr
+    assert f"wrote {back}: {len(state)} model tensors and model_cfg + args" in fro.stdout
+
+    from safetensors import safe_open
+    with safe_open(str(st), "pt") as f:
+        assert json.loads(f.metadata()["model_cfg"])["name"] == "simvtp_tiny_patch16"
+    saved = checkpoint.read_checkpoint_file(str(back))
+    assert set(saved) == {"model", "model_cfg", "args"}
+    assert saved["model_cfg"] == checkpoint.read_checkpoint_file(src)["model_cfg"]
+    for path in (str(st), str(back)):  # both outputs rebuild the same model, without naming it
+        rebuilt = checkpoint.build_model_from(checkpoint.read_checkpoint_file(path), path)
+        assert type(rebuilt).__name__ == "SimVTPPretrain"
+        got = rebuilt.state_dict()
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    fresh = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, decoder_depth=1, vocab_size=64)
+    report = checkpoint.load_pretrained(fresh, str(st), strict=True, verbose=False)
+    assert len(report.loaded) == len(state)
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_converter_refuses_to_overwrite_its_input_however_spelled(tmp_path):
+    """Before: `to-safetensors X X` replaced the checkpoint with its safetensors copy."""
+    src, _ = _tiny_model_checkpoint(tmp_path / "run")
+    os.symlink(src, tmp_path / "link.pth")
+    os.link(src, tmp_path / "hard.pth")
+    before = _digest(src)
+    spellings = [src, os.path.join(os.path.dirname(src), ".", "..", "run", os.path.basename(src)),
+                 str(tmp_path / "link.pth"), str(tmp_path / "hard.pth")]
+    for dst in spellings:
+        assert checkpoint.main(["to-safetensors", src, dst]) == 2, dst
+    run = _convert("to-safetensors", src, os.path.relpath(src, ROOT))
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "is the input file" in run.stderr and "Traceback" not in run.stderr
+    assert _digest(src) == before
+    st = tmp_path / "w.safetensors"
+    assert checkpoint.main(["to-safetensors", src, str(st)]) == 0
+    st_before = _digest(st)
+    assert checkpoint.main(["from-safetensors", str(st), str(st)]) == 2
+    assert _digest(st) == st_before
+
+
+def test_converter_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    """Before: a missing output folder was a raw safetensors error, a .pth given to from-safetensors was wrapped
+    into a nested file (and reported as written)."""
+    src, state = _tiny_model_checkpoint(tmp_path / "run")
+    nested = tmp_path / "new" / "deeper" / "w.safetensors"  # a missing output folder is created
+    assert checkpoint.main(["to-safetensors", src, str(nested)]) == 0
+    assert f"{len(state)} model tensors" in capsys.readouterr().out
+    cases = {
+        ("from-safetensors", src, str(tmp_path / "x.pth")): r"not a safetensors file \(use to-safetensors",
+        ("to-safetensors", src, str(tmp_path)): "is a directory",
+        ("to-safetensors", str(tmp_path / "nope.pth"), str(tmp_path / "y.safetensors")): "not found: .*nope.pth",
+        ("from-safetensors", src + ".missing", str(tmp_path / "z.pth")): "not found",
+    }
+    for argv, expected in cases.items():
+        assert checkpoint.main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert re.search(expected, err), (argv, err)
+    assert not (tmp_path / "x.pth").exists() and not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
+    os.chmod(tmp_path / "new", 0o500)  # a folder that cannot take the output (skipped for root, who may write)
+    try:
+        if not os.access(tmp_path / "new", os.W_OK):
+            assert checkpoint.main(["to-safetensors", src, str(tmp_path / "new" / "w.safetensors")]) == 2
+            assert "new/w.safetensors: cannot create a file in" in capsys.readouterr().err
+    finally:
+        os.chmod(tmp_path / "new", 0o700)

@@ -202,8 +202,14 @@ def test_export_npy_and_safetensors(finetuned, synthetic_root, tmp_path):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5) and side["normalized"] is True
     from safetensors import safe_open
     out = tmp_path / "emb.safetensors"
-    run.main(_args(synthetic_root, tmp_path, "--export_embeddings", str(out), "--model", "simvtp_dual_tiny_patch16",
-                   "--finetune", str(src / "checkpoint-best.pth"), "--video_dir", os.path.join(synthetic_root, "test")))
+    umask = os.umask(0o022)
+    try:
+        run.main(_args(synthetic_root, tmp_path, "--export_embeddings", str(out), "--model",
+                       "simvtp_dual_tiny_patch16", "--finetune", str(src / "checkpoint-best.pth"), "--video_dir",
+                       os.path.join(synthetic_root, "test")))
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by others, as the umask says (safetensors alone: 0600)
     with safe_open(str(out), "pt") as f:
         ids = json.loads(f.metadata()["video_ids"])
         video = f.get_tensor("video")

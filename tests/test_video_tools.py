@@ -170,6 +170,17 @@ def test_check_unreadable_annotation_file_is_a_usage_error(tmp_path, capsys):
     assert "nope.json" in capsys.readouterr().err
 
 
+def test_check_given_a_folder_says_so_in_one_line(synthetic_root):
+    """Before: `error: [Errno 21] Is a directory: '...'`."""
+    folder = synthetic_root / "annotations"
+    proc = subprocess.run([sys.executable, str(ROOT / "video_tools.py"), "check", "--anno", str(folder)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == video_tools.EXIT_USAGE and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"--anno {folder} is a folder: give one annotation file" in proc.stderr
+    assert "metadata.json" in proc.stderr  # names what it holds
+
+
 def test_help_lists_commands_and_exit_statuses(capsys):
     with pytest.raises(SystemExit) as e:
         video_tools.main(["--help"])
@@ -283,6 +294,99 @@ def test_preprocess_keyframe_interval_and_dst_inside_src(source_tree, capsys):
     assert keyframes == [0, 4, 8, 12]
     assert video_tools.main(argv) == 0
     assert "preprocessing 2 videos" in capsys.readouterr().out
+
+
+def container_and_codec(path: Path) -> tuple[str, str]:
+    """("webm" / "matroska" / the PyAV format name, codec name) as a reader finds them in the file's bytes."""
+    with av.open(str(path)) as c:
+        codec = c.streams.video[0].codec_context.name
+        name = c.format.name
+    if name == "matroska,webm":  # one demuxer for both: the EBML header's DocType tells them apart
+        head = path.read_bytes()[:64]
+        name = "webm" if b"webm" in head else "matroska" if b"matroska" in head else name
+    return name, codec
+
+
+def test_preprocess_writes_the_container_its_extension_names(source_tree, tmp_path, capsys):
+    """Before: every output was H.264 in mp4, also under .webm and .mkv names."""
+    (source_tree / "web.webm").write_bytes((source_tree / "a.mp4").read_bytes())  # mp4 content, webm name
+    (source_tree / "deep" / "mat.mkv").write_bytes((source_tree / "a.mp4").read_bytes())
+    dst = tmp_path / "dst"
+    assert video_tools.main(["preprocess", "--src", str(source_tree), "--dst", str(dst), "--short_side", "64",
+                             "--fps", "8", "--workers", "2", "--preset", "ultrafast"]) == 0
+    assert "h264 in mp4" not in capsys.readouterr().out  # the header names the encoders: libx264, libvpx-vp9
+    assert container_and_codec(dst / "a.mp4") == ("mov,mp4,m4a,3gp,3g2,mj2", "h264")
+    assert container_and_codec(dst / "web.webm") == ("webm", "vp9")
+    assert container_and_codec(dst / "deep" / "mat.mkv") == ("matroska", "h264")
+    for name in ("web.webm", "deep/mat.mkv"):
+        for backend in ("decord", "pyav"):  # the training loader reads them
+            with datasets.open_video(str(dst / name), backend=backend) as video:
+                assert abs(video.num_frames - 16) <= 1 and video.fps == pytest.approx(8)
+                assert video.get_frames([0, video.num_frames - 1]).shape == (2, 64, 114, 3)
+    webm = tmp_path / "webm"
+    assert video_tools.main(["preprocess", "--src", str(source_tree), "--dst", str(webm), "--short_side", "32",
+                             "--fps", "4", "--workers", "1", "--out_ext", "webm", "--preset", "ultrafast"]) == 0
+    assert {p.relative_to(webm).as_posix() for p in webm.rglob("*.webm")} == {
+        "a.webm", "web.webm", "deep/b.webm", "deep/mat.webm"}
+    assert all(container_and_codec(p) == ("webm", "vp9") for p in webm.rglob("*.webm"))
+
+
+def test_preprocess_redoes_outputs_whose_options_changed(source_tree, tmp_path, capsys):
+    """Before: a re-run with --short_side 128 after 64 skipped every file as "up to date"."""
+    dst = tmp_path / "dst"
+    argv = ["preprocess", "--src", str(source_tree), "--dst", str(dst), "--fps", "8", "--workers", "1",
+            "--preset", "ultrafast"]
+    assert video_tools.main(argv + ["--short_side", "64"]) == 0
+    assert read_back(dst / "a.mp4")[:2] == (114, 64)
+    capsys.readouterr()
+    assert video_tools.main(argv + ["--short_side", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "converted 2, skipped 0" in out
+    assert "2 output(s) redone because their options changed (e.g. a.mp4: short_side 64 -> 128)" in out
+    assert read_back(dst / "a.mp4")[:2] == (228, 128) and read_back(dst / "deep" / "b.mp4")[:2] == (128, 228)
+    assert video_tools.main(argv + ["--short_side", "128"]) == 0
+    assert "converted 0, skipped 2" in capsys.readouterr().out
+    assert video_tools.main(argv + ["--short_side", "128", "--crf", "30"]) == 0  # any recorded option counts
+    assert "converted 2, skipped 0" in capsys.readouterr().out
+    recorded = video_tools.read_manifest(dst)
+    assert set(recorded) == {"a.mp4", "deep/b.mp4"}
+    assert recorded["a.mp4"] == {"container": "mp4", "codec": "libx264", "short_side": 128, "fps": 8.0, "crf": 30,
+                                 "preset": "ultrafast", "keyframe_interval": 2.0}
+    # an output with no record (an older version's, or a crash before its line was written) is redone once
+    manifest = dst / video_tools.MANIFEST
+    a_line, b_line = (json.dumps({"output": k, "options": recorded[k]}) for k in ("a.mp4", "deep/b.mp4"))
+    manifest.write_text(a_line + "\n" + b_line[: len(b_line) // 2])  # b's line cut by a crash
+    assert video_tools.main(argv + ["--short_side", "128", "--crf", "30"]) == 0
+    assert "converted 1, skipped 1" in capsys.readouterr().out
+    assert video_tools.main(argv + ["--short_side", "128", "--crf", "30"]) == 0
+    assert "converted 0, skipped 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_preprocess_outputs_get_the_permissions_the_umask_gives(source_tree, tmp_path, umask, expected):
+    dst, report = tmp_path / "dst", tmp_path / "reports" / "pre.json"
+    old = os.umask(umask)
+    try:
+        assert video_tools.main(["preprocess", "--src", str(source_tree), "--dst", str(dst), "--short_side", "32",
+                                 "--fps", "4", "--workers", "1", "--preset", "ultrafast", "--report",
+                                 str(report)]) == 0
+    finally:
+        os.umask(old)
+    for path in (dst / "a.mp4", dst / "deep" / "b.mp4", dst / video_tools.MANIFEST, report):
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode & 0o777))
+
+
+def test_preprocess_refuses_an_output_name_it_cannot_write(source_tree, tmp_path, capsys):
+    (source_tree / "cam.ts").write_bytes((source_tree / "a.mp4").read_bytes())
+    dst = tmp_path / "dst"
+    argv = ["preprocess", "--src", str(source_tree), "--dst", str(dst), "--short_side", "32", "--fps", "4",
+            "--workers", "1", "--preset", "ultrafast"]
+    assert video_tools.main(argv) == video_tools.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write outputs named .ts (1 files)" in err and "--out_ext mp4" in err
+    assert not dst.exists() or not list(dst.rglob("*.mp4"))  # refused before converting anything
+    assert video_tools.main(argv + ["--out_ext", "mp4"]) == 0
+    assert container_and_codec(dst / "cam.mp4") == ("mov,mp4,m4a,3gp,3g2,mj2", "h264")
 
 
 def test_preprocess_rejects_bad_arguments(tmp_path, capsys):
