@@ -131,21 +131,50 @@ def setup_run(args: Any) -> torch.dtype:
     np.random.seed(args.seed + args.rank)
     if getattr(args, "input_size", None):
         args.short_side_size = args.short_side_size or args.input_size
-    os.makedirs(args.output_dir, exist_ok=True)
+    make_output_dir(args.output_dir)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
+
+
+def make_output_dir(path: str) -> None:
+    """--output_dir, created if missing; a file or an unwritable place there is a ValueError naming it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {path}: is a file, not a folder; pick another --output_dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output_dir {path}: cannot create it ({e.strerror})") from e
 
 
 def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
                     *expected: type[BaseException]) -> None:
     """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with one line
-    on stderr naming what is wrong and exit status 1, not a traceback."""
+    on stderr naming what is wrong and exit status 1, not a traceback; Ctrl-C says where the last checkpoint is
+    and how to resume (exit status 130)."""
     args = parser.parse_args()
     try:
         main(args)
     except (FileNotFoundError, ValueError, *expected) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(interrupted_message(getattr(args, "output_dir", None)), file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def interrupted_message(output_dir: str | None) -> str:
+    """What a user needs after Ctrl-C: the newest checkpoint and the command that continues from it."""
+    import shlex
+    import checkpoint
+    latest = checkpoint.find_latest(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    if latest is None:
+        return "Interrupted before any checkpoint was written; nothing to resume."
+    if "WORLD_SIZE" in os.environ:  # under torchrun / srun: each rank's argv is not the command the user typed
+        command = "the same torchrun (or sbatch) command as before"
+    else:
+        command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+    return (f"Interrupted. The last checkpoint is {latest}; run the same command to resume from it "
+            f"(--auto_resume is on by default):\n  {command}")
 
 
 # ----------------------------------------------------------------------------------------------- precision
@@ -154,9 +183,12 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
     return device
 
 

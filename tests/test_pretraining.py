@@ -184,3 +184,40 @@ def test_a_global_batch_of_one_clip_is_warned_about(synthetic_root, tmp_path, ca
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "1",
                                       "--max_steps", "1"))
     assert "the global batch holds 1 clip" in capsys.readouterr().out
+
+
+def _entry_argv(synthetic_root, out_dir, *extra) -> list[str]:
+    args = vars(_args(synthetic_root, out_dir))
+    argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py")]
+    for flag in ("data_path", "data_root", "model", "num_frames", "input_size", "batch_size", "epochs",
+                 "warmup_epochs", "lr", "num_workers", "precision", "output_dir", "print_freq", "seed"):
+        argv += [f"--{flag}", str(args[flag])]
+    return argv + list(extra)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--device", "cuda"), "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    (("--device", "gpu"), "--device gpu: not a device name"),
+    (("--output_dir", "{file}"), "is a file, not a folder"),
+])
+def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, flags, message):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder\n")
+    argv = _entry_argv(synthetic_root, tmp_path / "out", "--device", "cpu")
+    argv += [f.replace("{file}", str(a_file)) for f in flags]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root, tmp_path):
+    argv = _entry_argv(synthetic_root, tmp_path, "--device", "cpu", "--save_every_steps", "1")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not checkpoint.list_checkpoints(str(tmp_path)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    latest = checkpoint.find_latest(str(tmp_path))
+    assert f"The last checkpoint is {latest}" in err and "run_simvtp_pretraining.py" in err
