@@ -71,6 +71,12 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (None: the shipped "
                        "bert-base-uncased vocabulary)")
     group.add_argument("--max_text_len", type=int, default=32, help="caption tokens kept")
+    group.add_argument("--skip_bad_records", action="store_true", help="drop malformed annotation records (empty "
+                       "captions, missing fields, wrong column counts) and print how many, instead of stopping with "
+                       "a list of them")
+    group.add_argument("--skip_eval_check", action="store_true", help="do not check at start-up that every video of "
+                       "the evaluation lists (validation, test, zero-shot, re-rank, export) exists and opens (for huge "
+                       "lists; a broken one then stops evaluation when it is reached)")
 
 
 def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: tuple[float, float], lr: float,
@@ -137,15 +143,28 @@ def setup_run(args: Any) -> torch.dtype:
 
 
 def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-                    *expected: type[BaseException]) -> None:
-    """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with one line
-    on stderr naming what is wrong and exit status 1, not a traceback."""
+                    *expected: type[BaseException], exit_status: Callable[[Any], int] | None = None) -> None:
+    """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with its
+    message on stderr naming what is wrong and exit status 1, not a traceback. `exit_status(result)` turns what
+    main returned into the exit status (e.g. 3: finished, but some inputs were skipped)."""
     args = parser.parse_args()
     try:
-        main(args)
+        result = main(args)
     except (FileNotFoundError, ValueError, *expected) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if exit_status is not None:
+        sys.exit(exit_status(result))
+
+
+def error_message(err: BaseException) -> str:
+    """An error's message; for one re-raised from a data-loader worker (whose message carries the worker's
+    traceback) only the original error's own last line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
 
 
 # ----------------------------------------------------------------------------------------------- precision
