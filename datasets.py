@@ -131,7 +131,7 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
     is_json = head[0] in "[{\"" or path.lower().endswith(".json")
     rows, bad = _read_json(path, text) if is_json else _read_csv(path, text)
     if bad and not skip_bad_records:
-        raise AnnotationError(bad_records_message(path, bad, len(rows) + len(bad)))
+        raise AnnotationError(_bad_records_message(path, bad, len(rows) + len(bad)))
     if bad:
         print(f"{path}: dropped {len(bad)} bad record(s) of {len(rows) + len(bad)} (--skip_bad_records), e.g. "
               f"{bad[0]}", flush=True)
@@ -151,7 +151,7 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
 MAX_LISTED = 20  # bad records / bad files named in one error; the rest are counted
 
 
-def bad_records_message(path: str, bad: Sequence[str], total: int) -> str:
+def _bad_records_message(path: str, bad: Sequence[str], total: int) -> str:
     """One error for all bad records of a file: the first MAX_LISTED and how many more."""
     hint = "fix them, or pass --skip_bad_records to drop them"
     if len(bad) == 1:
