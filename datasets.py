@@ -32,10 +32,11 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
     "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
+    "EvalListError", "find_unusable_videos", "format_unusable", "check_eval_lists", "MAX_LISTED",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,12 +107,15 @@ _FORMATS_HELP = ("WebVid CSV (videoid,contentUrl,duration,page_dir,name), MSR-VT
                  "Singularity JSON list [{\"video\": path, \"caption\": str or [str, ...]}]")
 
 
-def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[VideoRecord]:
+def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                     skip_bad_records: bool = False) -> list[VideoRecord]:
     """Records of an annotation file in any of the four formats (see the module docstring), in file order.
 
     The format is detected from the contents (CSV header, JSON top-level type). Relative video paths are joined
-    to data_root when given. Any malformed record stops with one AnnotationError naming the file, the record
-    number (1-based, data records only) and the problem.
+    to data_root when given. The whole file is read before judging it, so every malformed record is reported in
+    one AnnotationError (the first MAX_LISTED with record numbers, 1-based over data records, and a count); a
+    2.5 M-row file is not fixed one row per attempt. skip_bad_records drops them instead, printing the count.
+    A file that is not one of the formats at all (bad JSON, unknown CSV header) stops at once.
     """
     path = os.fspath(path)
     try:
@@ -124,9 +129,14 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
     if not head:
         raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
     is_json = head[0] in "[{\"" or path.lower().endswith(".json")
-    rows = _read_json(path, text) if is_json else _read_csv(path, text)
+    rows, bad = _read_json(path, text) if is_json else _read_csv(path, text)
+    if bad and not skip_bad_records:
+        raise AnnotationError(_bad_records_message(path, bad, len(rows) + len(bad)))
+    if bad:
+        print(f"{path}: dropped {len(bad)} bad record(s) of {len(rows) + len(bad)} (--skip_bad_records), e.g. "
+              f"{bad[0]}", flush=True)
     if not rows:
-        raise AnnotationError(f"{path}: no records")
+        raise AnnotationError(f"{path}: no records" + (f" left after dropping {len(bad)} bad ones" if bad else ""))
     root = os.fspath(data_root) if data_root else None
     merged: dict[str, VideoRecord] = {}
     for rel, captions, video_id in rows:
@@ -138,17 +148,37 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
     return list(merged.values())
 
 
-def _caption(path: str, where: str, value: Any) -> str:
+MAX_LISTED = 20  # bad records / bad files named in one error; the rest are counted
+
+
+def _bad_records_message(path: str, bad: Sequence[str], total: int) -> str:
+    """One error for all bad records of a file: the first MAX_LISTED and how many more."""
+    hint = "fix them, or pass --skip_bad_records to drop them"
+    if len(bad) == 1:
+        return f"{path}: {bad[0]} ({hint})"
+    listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    return f"{path}: {len(bad)} bad records of {total}:\n{listed}{more}\n{hint}"
+
+
+class _BadRecord(ValueError):
+    """One malformed record (its place and problem); collected, not raised to the caller."""
+
+
+Row = tuple[str, list[str], str]  # (relative video path, captions, video id)
+
+
+def _caption(where: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise AnnotationError(f"{path}: {where}: caption must be a string, got {type(value).__name__} {value!r:.60}")
+        raise _BadRecord(f"{where}: caption must be a string, got {type(value).__name__} {value!r:.60}")
     if not value.strip():
-        raise AnnotationError(f"{path}: {where}: empty caption")
+        raise _BadRecord(f"{where}: empty caption")
     return value.strip()
 
 
-def _video_path(path: str, where: str, value: Any, name: str = "video") -> str:
+def _video_path(where: str, value: Any, name: str = "video") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise AnnotationError(f"{path}: {where}: '{name}' must be a non-empty string, got {value!r:.60}")
+        raise _BadRecord(f"{where}: '{name}' must be a non-empty string, got {value!r:.60}")
     return value.strip()
 
 
@@ -156,74 +186,110 @@ def _id_of(rel: str) -> str:
     return os.path.splitext(rel)[0]
 
 
-def _read_json(path: str, text: str) -> list[tuple[str, list[str], str]]:
+def _file_of_id(video_id: str) -> tuple[str, str]:
+    """A CSV's video id -> (file name, id): `video7` -> `video7.mp4`; an id that already names a video file
+    (`video7.mp4`) is kept as the file name, not made `video7.mp4.mp4`, and its id is `video7`."""
+    stem, ext = os.path.splitext(video_id)
+    if ext.lower() in VIDEO_EXTENSIONS:
+        return video_id, stem
+    return video_id + VIDEO_EXTENSION, video_id
+
+
+def _collect(records: Iterable[Callable[[], Row]]) -> tuple[list[Row], list[str]]:
+    """Parse every record, keeping the good rows and the problems of the bad ones (in file order)."""
+    rows, bad = [], []
+    for parse in records:
+        try:
+            rows.append(parse())
+        except _BadRecord as e:
+            bad.append(str(e))
+    return rows, bad
+
+
+def _read_json(path: str, text: str) -> tuple[list[Row], list[str]]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    rows = []
     if isinstance(obj, dict):  # the release: {video_path: caption}
-        for n, (video, caption) in enumerate(obj.items(), 1):
-            where = f"record {n} ({video!r:.80})"
-            rel = _video_path(path, where, video, "video path (key)")
-            if isinstance(caption, list):
-                raise AnnotationError(f"{path}: {where}: the JSON dict format has one caption string per video, "
-                                      f"got a list (use the list format [{{\"video\", \"caption\": [...]}}])")
-            rows.append((rel, [_caption(path, where, caption)], _id_of(rel)))
-    elif isinstance(obj, list):  # Singularity / SViTT: [{"video": path, "caption": str | [str]}]
-        for n, item in enumerate(obj, 1):
-            where = f"record {n}"
-            if not isinstance(item, dict):
-                raise AnnotationError(f"{path}: {where}: expected an object {{\"video\", \"caption\"}}, got "
-                                      f"{type(item).__name__}")
-            for key in ("video", "caption"):
-                if key not in item:
-                    raise AnnotationError(f"{path}: {where}: missing field '{key}' (has {sorted(item)})")
-            rel = _video_path(path, where, item["video"])
-            caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
-            if not caps:
-                raise AnnotationError(f"{path}: {where}: empty caption list")
-            rows.append((rel, [_caption(path, f"{where} caption {k}", c) for k, c in enumerate(caps, 1)],
-                         _id_of(rel)))
-    else:
-        raise AnnotationError(f"{path}: top-level JSON must be a dict or a list, got {type(obj).__name__}; "
-                              f"expected {_FORMATS_HELP}")
-    return rows
+        return _collect(functools.partial(_dict_row, f"record {n} ({video!r:.80})", video, caption)
+                        for n, (video, caption) in enumerate(obj.items(), 1))
+    if isinstance(obj, list):  # Singularity / SViTT: [{"video": path, "caption": str | [str]}]
+        return _collect(functools.partial(_list_row, f"record {n}", item) for n, item in enumerate(obj, 1))
+    raise AnnotationError(f"{path}: top-level JSON must be a dict or a list, got {type(obj).__name__}; "
+                          f"expected {_FORMATS_HELP}")
 
 
-def _read_csv(path: str, text: str) -> list[tuple[str, list[str], str]]:
+def _dict_row(where: str, video: Any, caption: Any) -> Row:
+    rel = _video_path(where, video, "video path (key)")
+    if isinstance(caption, list):
+        raise _BadRecord(f"{where}: the JSON dict format has one caption string per video, got a list (use the "
+                         f"list format [{{\"video\", \"caption\": [...]}}])")
+    return rel, [_caption(where, caption)], _id_of(rel)
+
+
+def _list_row(where: str, item: Any) -> Row:
+    if not isinstance(item, dict):
+        raise _BadRecord(f"{where}: expected an object {{\"video\", \"caption\"}}, got {type(item).__name__}")
+    for key in ("video", "caption"):
+        if key not in item:
+            raise _BadRecord(f"{where}: missing field '{key}' (has {sorted(item)})")
+    rel = _video_path(where, item["video"])
+    caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+    if not caps:
+        raise _BadRecord(f"{where}: empty caption list")
+    return rel, [_caption(f"{where} caption {k}", c) for k, c in enumerate(caps, 1)], _id_of(rel)
+
+
+def _read_csv(path: str, text: str) -> tuple[list[Row], list[str]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [h.strip() for h in next(reader)]
-        if {"videoid", "page_dir", "name"} <= set(header):
-            kind = "webvid"
-        elif {"video_id", "sentence"} <= set(header):
-            kind = "msrvtt"
-        else:
-            raise AnnotationError(f"{path}: unknown CSV header {','.join(header)!r:.200}; expected {_FORMATS_HELP}")
-        rows = []
+    except StopIteration:
+        raise AnnotationError(f"{path}: empty CSV") from None
+    except csv.Error as e:
+        raise AnnotationError(f"{path}: bad CSV near line {reader.line_num}: {e}") from None
+    if {"videoid", "page_dir", "name"} <= set(header):
+        parse_row = _webvid_row
+    elif {"video_id", "sentence"} <= set(header):
+        parse_row = _msrvtt_row
+    else:
+        raise AnnotationError(f"{path}: unknown CSV header {','.join(header)!r:.200}; expected {_FORMATS_HELP}")
+
+    def records() -> Iterator[Callable[[], Row]]:
         n = 0
         for row in reader:
             if not row or not "".join(row).strip():
                 continue  # blank line
             n += 1
             where = f"record {n} (line {reader.line_num})"
-            if len(row) != len(header):
-                raise AnnotationError(f"{path}: {where}: {len(row)} columns, the header has {len(header)} "
-                                      f"({','.join(header)})")
-            rec = dict(zip(header, row))
-            if kind == "webvid":
-                vid = _video_path(path, where, rec["videoid"], "videoid")
-                page = _video_path(path, where, rec["page_dir"], "page_dir")
-                rows.append((os.path.join(page, vid + VIDEO_EXTENSION), [_caption(path, where, rec["name"])], vid))
-            else:
-                vid = _video_path(path, where, rec["video_id"], "video_id")
-                rows.append((vid + VIDEO_EXTENSION, [_caption(path, where, rec["sentence"])], vid))
+            yield functools.partial(_csv_row, where, header, row, parse_row)
+
+    try:
+        return _collect(records())
     except csv.Error as e:
         raise AnnotationError(f"{path}: bad CSV near line {reader.line_num}: {e}") from None
-    except StopIteration:
-        raise AnnotationError(f"{path}: empty CSV") from None
-    return rows
+
+
+def _csv_row(where: str, header: list[str], row: list[str], parse_row: Callable[[str, dict], Row]) -> Row:
+    if len(row) != len(header):
+        raise _BadRecord(f"{where}: {len(row)} columns, the header has {len(header)} ({','.join(header)})")
+    return parse_row(where, dict(zip(header, row)))
+
+
+def _webvid_row(where: str, rec: dict) -> Row:
+    vid = _video_path(where, rec["videoid"], "videoid")
+    page = _video_path(where, rec["page_dir"], "page_dir")
+    caption = _caption(where, rec["name"])
+    file, video_id = _file_of_id(vid)
+    return os.path.join(page, file), [caption], video_id
+
+
+def _msrvtt_row(where: str, rec: dict) -> Row:
+    vid = _video_path(where, rec["video_id"], "video_id")
+    caption = _caption(where, rec["sentence"])
+    file, video_id = _file_of_id(vid)
+    return file, [caption], video_id
 
 
 # ----------------------------------------------------------------------------------------------- video reading
@@ -474,6 +540,80 @@ def open_video(path: str | os.PathLike, backend: str = "auto") -> VideoFile:
         video.close()
         raise VideoDecodeError(f"{path}: no video frames")
     return video
+
+
+# ----------------------------------------------------------------------------------------------- evaluation lists
+
+
+class EvalListError(ValueError):
+    """Evaluation videos that cannot be used, found at start-up; the message lists every one (up to MAX_LISTED
+    per list, then a count)."""
+
+
+def find_unusable_videos(records: Sequence[VideoRecord], backend: str = "auto", threads: int = 8,
+                         label: str = "check") -> list[dict]:
+    """The cheap start-up check of a video list: each file exists, is not empty, is not an MP4 cut short (its box
+    layout) and opens with video frames; nothing is decoded. Returns video_tools.check_video's dict of each bad
+    file ("path", "status", "message"), in list order.
+
+    Files are probed in `threads` threads (opening a container mostly waits on the disk); with several processes
+    each rank probes an interleaved share and every rank gets all results, so all ranks decide alike. Under
+    "auto" a file is probed with PyAV, the loader's fallback when decord cannot read it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import distributed
+    import video_tools
+
+    probe_backend = "decord" if backend == "decord" or not _importable("av") else "pyav"
+    paths = list(dict.fromkeys(r.path for r in records))
+    mine = paths[distributed.get_rank()::distributed.get_world_size()]
+
+    def probe(path: str) -> dict:
+        return video_tools.check_video(path, 1, probe_backend, open_only=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(video_tools._with_progress(pool.map(probe, mine), len(mine), label))
+    bad = {r["path"]: r for part in distributed.gather_objects([r for r in results if r["status"] != "ok"])
+           for r in part}
+    return [bad[p] for p in paths if p in bad]
+
+
+def format_unusable(problems: Sequence[dict], limit: int = MAX_LISTED) -> str:
+    """Lines naming bad files (status, path, why): the first `limit`, then how many more."""
+    lines = [f"  {p['status']:<12} {p['path']}: {p['message'].replace(p['path'] + ': ', '')}"
+             for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def check_eval_lists(lists: dict[str, Sequence[VideoRecord]], backend: str = "auto", skip: bool = False) -> None:
+    """Stop a run at start-up, not after an epoch of training, when an evaluation list names a video evaluation
+    would refuse. lists: a label (e.g. "--val_data_path val.json") -> its records. Every list is checked and every
+    bad file of every list is reported in one EvalListError; `skip` (--skip_eval_check) skips the check."""
+    lists = {label: records for label, records in lists.items() if records}
+    if not lists:
+        return
+    total = len({r.path for records in lists.values() for r in records})
+    if skip:
+        print(f"Evaluation lists not checked (--skip_eval_check): {total} videos", flush=True)
+        return
+    t0 = time.monotonic()
+    print(f"Checking the {total} videos of {len(lists)} evaluation list(s) (each opens; --skip_eval_check skips "
+          "this)", flush=True)
+    found = {label: find_unusable_videos(records, backend, label="eval check") for label, records in lists.items()}
+    found = {label: problems for label, problems in found.items() if problems}
+    if not found:
+        print(f"Evaluation videos checked in {time.monotonic() - t0:.1f} s: all open", flush=True)
+        return
+    parts = [f"{label}: {len(problems)} of {len({r.path for r in lists[label]})} videos cannot be used\n"
+             f"{format_unusable(problems)}" for label, problems in found.items()]
+    raise EvalListError(
+        "evaluation list(s) name videos that cannot be used; evaluation refuses broken videos (the set would "
+        "change silently), so the run stops now rather than after training:\n" + "\n".join(parts) +
+        "\nrepair them or remove them from the list (`python video_tools.py check --anno LIST` decodes frames "
+        "too), or pass --skip_eval_check to start without this check")
 
 
 # ----------------------------------------------------------------------------------------------- frame sampling

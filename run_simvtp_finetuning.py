@@ -30,6 +30,7 @@ import distributed
 import utils
 
 RELEASE_DUAL_MODEL = "simvtp_dual_base_patch16"  # the release's fine-tuning model (its name: vit_base_patch16_224)
+EXIT_SKIPPED = 3  # exit status of an export that finished without some unreadable videos (named in its metadata)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,9 +73,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "one) whose match_logits re-score the top K (loaded strictly); default with --zero_shot: the "
                    "evaluated model itself")
     g.add_argument("--rerank_model", default=None, help="its model name (default: the one the checkpoint names)")
-    g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors")
+    g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors. "
+                   "Videos that cannot be read are left out, named on the console and in the metadata "
+                   f"(skipped_videos), and the exit status is then {EXIT_SKIPPED}")
     g.add_argument("--video_dir", default=None, help="export: embed every video file in this folder")
-    g.add_argument("--text_file", default=None, help="export: embed every line of this file")
+    g.add_argument("--text_file", default=None, help="export: embed every line of this file (row i = line i; "
+                   "a blank line is refused)")
     g = utils.add_run_args(p, output_dir="output/finetune", save_ckpt_freq=10, keep_last=2)
     g.add_argument("--enable_deepspeed", action="store_true", help="accepted for the release's scripts; "
                    "native AMP + DDP are used")
@@ -104,9 +108,33 @@ def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float 
 
 
 def read_records(path: str, args: argparse.Namespace) -> list:
-    records = datasets.read_annotations(path, args.data_root)
+    records = datasets.read_annotations(path, args.data_root, args.skip_bad_records)
     print(f"Data: {len(records)} videos, {sum(len(r.captions) for r in records)} captions from {path}")
     return records
+
+
+def check_eval_lists(args: argparse.Namespace, lists: dict[str, list | None]) -> None:
+    """Every evaluation list checked at start-up (datasets.check_eval_lists), all problems in one error."""
+    datasets.check_eval_lists({label: records for label, records in lists.items() if records},
+                              args.video_backend, skip=args.skip_eval_check)
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The texts of --text_file: row i of the exported text embeddings is line i, so a blank line (it has no text
+    to embed) is refused, every one listed; blank lines after the last text are ignored."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [n for n, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:datasets.MAX_LISTED])) + (
+            f" and {len(blank) - datasets.MAX_LISTED} more" if len(blank) > datasets.MAX_LISTED else "")
+        raise ValueError(f"--text_file {path}: blank line(s) {shown}; every line is one text and row i of the "
+                         "exported text embeddings is line i, so remove the blank lines (or put a text on them)")
+    if not lines:
+        raise ValueError(f"--text_file {path}: no text in it")
+    return [line.strip() for line in lines]
 
 
 def split_val(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -221,8 +249,10 @@ def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     latest = checkpoint.find_latest(args.output_dir)
     if latest and os.path.abspath(latest) != os.path.abspath(weights):
         print(f"--only_test: testing {weights}; not resuming from {latest}")
+    path = args.test_data_path or args.data_path
+    records = read_records(path, args)
+    check_eval_lists(args, {f"test list {path}": records})
     model = build_from_file(weights, args.model, args)
-    records = read_records(args.test_data_path or args.data_path, args)
     return run_test(model, records, args, tokenizer, dtype)
 
 
@@ -231,8 +261,10 @@ def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     --rerank_ckpt names another model."""
     if not args.finetune:
         raise ValueError("--zero_shot needs --finetune PRETRAIN_CKPT")
+    path = args.test_data_path or args.data_path
+    records = read_records(path, args)
+    check_eval_lists(args, {f"zero-shot test list {path}": records})
     model = build_from_file(args.finetune, args.model, args)
-    records = read_records(args.test_data_path or args.data_path, args)
     match_model = None
     if args.rerank_k > 0 and not args.rerank_ckpt:
         check_can_match(model, args.finetune)
@@ -241,19 +273,18 @@ def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
                     mask_ratio=args.zero_shot_video_mask_ratio, match_model=match_model)
 
 
-def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]:
-    """Embed the videos of an annotation file or folder and/or the lines of a text file, then save them."""
+def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
+    """Embed the videos of an annotation file or folder and/or the lines of a text file, then save them.
+
+    Videos that do not open are left out (found at start-up, unless --skip_eval_check), named on the console and
+    in the export's metadata ("skipped_videos"). Returns {"written": files, "skipped_videos": [...]}; the command
+    line's exit status is then EXIT_SKIPPED."""
     if not args.finetune:
         raise ValueError("--export_embeddings needs --finetune CKPT (the weights to embed with)")
+    texts = read_text_lines(args.text_file) if args.text_file else None
+    records, skipped = usable_export_records(args)
     model = build_from_file(args.finetune, args.model, args)
     cfg = eval_config(args, dtype, args.zero_shot_video_mask_ratio if args.zero_shot else 0.0)
-    if args.video_dir:
-        names = sorted(f for f in os.listdir(args.video_dir)
-                       if os.path.splitext(f)[1].lower() in datasets.VIDEO_EXTENSIONS)
-        records = [datasets.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
-                   for f in names]
-    else:
-        records = read_records(args.data_path, args) if args.data_path else []
     video = video_ids = None
     if records:
         loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
@@ -261,19 +292,41 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> list[str]
                                           args.dist_eval)
         emb = engine.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
         video, video_ids = emb["video"], [records[i].video_id for i in emb["indices"]]
-    text = texts = None
-    if args.text_file:
-        with open(args.text_file) as f:
-            texts = [line.strip() for line in f if line.strip()]
-        text = engine.encode_texts(model, tokenizer, texts, cfg)
+    text = engine.encode_texts(model, tokenizer, texts, cfg) if texts else None
     meta = {"model": model.model_cfg["name"], "checkpoint": args.finetune, "num_frames": args.num_frames,
-            "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}"}
+            "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}",
+            "skipped_videos": skipped}
     written = []
     if distributed.is_main_process():
         written = engine.save_embeddings(args.export_embeddings, meta, video, video_ids or (), text, texts or ())
         print(f"Exported {0 if video is None else len(video)} videos and {0 if text is None else len(text)} texts "
-              f"to {', '.join(written)}")
-    return written
+              f"to {', '.join(written)}" + (f"; {len(skipped)} unreadable video(s) skipped (exit status "
+                                            f"{EXIT_SKIPPED})" if skipped else ""))
+    return {"written": written, "skipped_videos": skipped}
+
+
+def usable_export_records(args: argparse.Namespace) -> tuple[list, list[dict]]:
+    """The videos to export (--video_dir's video files by name, or --data_path's records) without those the
+    start-up check finds unreadable, and those: [{"video_id", "path", "status", "message"}]."""
+    if args.video_dir:
+        names = sorted(f for f in os.listdir(args.video_dir)
+                       if os.path.splitext(f)[1].lower() in datasets.VIDEO_EXTENSIONS)
+        records = [datasets.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
+                   for f in names]
+    else:
+        records = read_records(args.data_path, args) if args.data_path else []
+    if not records or args.skip_eval_check:
+        return records, []
+    print(f"Checking the {len(records)} videos to export (each opens; --skip_eval_check skips this)", flush=True)
+    problems = {p["path"]: p for p in datasets.find_unusable_videos(records, args.video_backend,
+                                                                      label="export check")}
+    if not problems:
+        return records, []
+    skipped = [{"video_id": r.video_id, "path": r.path, "status": problems[r.path]["status"],
+                "message": problems[r.path]["message"]} for r in records if r.path in problems]
+    print(f"Skipping {len(skipped)} of {len(records)} videos that cannot be read (listed in the export's metadata "
+          f"as skipped_videos):\n{datasets.format_unusable(skipped)}", flush=True)
+    return [r for r in records if r.path not in problems], skipped
 
 
 # ----------------------------------------------------------------------------------------------- fine-tuning
@@ -334,6 +387,9 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
         print(f"Validation: {len(val_records)} videos held out of the training list (seed {args.seed})")
     test_records = read_records(args.test_data_path, args) if args.test_data_path else None
     check_disjoint(val_records, test_records)
+    val_label = (f"--val_data_path {args.val_data_path}" if args.val_data_path
+                 else f"validation videos held out of --data_path {args.data_path}")
+    check_eval_lists(args, {val_label: val_records, f"--test_data_path {args.test_data_path}": test_records})
     loader, dataset, sampler = build_train_loader(train_records, args, tokenizer)
 
     model = build_for_training(args, len(tokenizer)).to(args.device_obj)
@@ -371,9 +427,9 @@ def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: li
     return run_test(model, test_records, args, tokenizer, dtype)
 
 
-def main(args: argparse.Namespace) -> dict | list:
+def main(args: argparse.Namespace) -> dict:
     """Dispatch: --export_embeddings, --zero_shot, --only_test, else fine-tuning. Returns the test metrics
-    (or the exported files)."""
+    (or export's {"written", "skipped_videos"})."""
     dtype = setup(args)
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     if args.export_embeddings:
@@ -385,5 +441,11 @@ def main(args: argparse.Namespace) -> dict | list:
     return finetune(args, dtype, tokenizer)
 
 
+def exit_status(result: dict) -> int:
+    """0, or EXIT_SKIPPED when an export left out unreadable videos."""
+    return EXIT_SKIPPED if isinstance(result, dict) and result.get("skipped_videos") else 0
+
+
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError)
+    utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError,
+                          datasets.VideoDecodeError, exit_status=exit_status)

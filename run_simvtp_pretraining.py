@@ -66,7 +66,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
 def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) -> tuple[
         torch.utils.data.DataLoader, datasets.VideoTextDataset, utils.ResumableDistributedSampler]:
     """Training data shaped by what the model asks for: a video mask on its token grid, MLM captions."""
-    records = datasets.read_annotations(args.data_path, args.data_root)
+    records = datasets.read_annotations(args.data_path, args.data_root, args.skip_bad_records)
     mask_gen = None
     if model.takes_video_mask:
         grid = model.token_grid(args.num_frames, args.input_size, args.input_size)
@@ -94,12 +94,15 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
 
 
 def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | None:
-    """The validation set of --eval_every: one centre clip per video, read strictly (a broken video is an error)."""
+    """The validation set of --eval_every: one centre clip per video, read strictly (a broken video is an error),
+    so every video of it is checked now, before any training (unless --skip_eval_check)."""
     if args.eval_every <= 0:
         return None
     if not args.eval_data_path:
         raise ValueError("--eval_every needs --eval_data_path (a validation annotation file)")
-    records = datasets.read_annotations(args.eval_data_path, args.data_root)
+    records = datasets.read_annotations(args.eval_data_path, args.data_root, args.skip_bad_records)
+    datasets.check_eval_lists({f"--eval_data_path {args.eval_data_path}": records}, args.video_backend,
+                              skip=args.skip_eval_check)
     return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=1,
@@ -122,10 +125,10 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
 def main(args: argparse.Namespace) -> dict:
     """Pre-train; returns {"summary": last epoch's averages, "history": per-step scalars of this run}."""
     dtype = utils.setup_run(args)
+    eval_set = build_eval_dataset(args)  # first: a broken evaluation list stops the run before anything else
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     model = build_model(args, len(tokenizer)).to(args.device_obj)
     loader, dataset, sampler = build_loader(args, tokenizer, model)
-    eval_set = build_eval_dataset(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Model {model.model_cfg['name']}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device "
           f"{args.device_obj}; {args.world_size} process(es)")
@@ -150,4 +153,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError)
+    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, datasets.VideoDecodeError)

@@ -71,6 +71,12 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (None: the shipped "
                        "bert-base-uncased vocabulary)")
     group.add_argument("--max_text_len", type=int, default=32, help="caption tokens kept")
+    group.add_argument("--skip_bad_records", action="store_true", help="drop malformed annotation records (empty "
+                       "captions, missing fields, wrong column counts) and print how many, instead of stopping with "
+                       "a list of them")
+    group.add_argument("--skip_eval_check", action="store_true", help="do not check at start-up that every video of "
+                       "the evaluation lists (validation, test, zero-shot, re-rank, export) exists and opens (for huge "
+                       "lists; a broken one then stops evaluation when it is reached)")
 
 
 def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: tuple[float, float], lr: float,
@@ -147,19 +153,22 @@ def make_output_dir(path: str) -> None:
 
 
 def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-                    *expected: type[BaseException]) -> None:
-    """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with one line
-    on stderr naming what is wrong and exit status 1, not a traceback; Ctrl-C says where the last checkpoint is
-    and how to resume (exit status 130)."""
+                    *expected: type[BaseException], exit_status: Callable[[Any], int] | None = None) -> None:
+    """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with its
+    message on stderr naming what is wrong and exit status 1, not a traceback; Ctrl-C says where the last
+    checkpoint is and how to resume (exit status 130). `exit_status(result)` turns what main returned into the
+    exit status (e.g. 3: finished, but some inputs were skipped)."""
     args = parser.parse_args()
     try:
-        main(args)
+        result = main(args)
     except (FileNotFoundError, ValueError, *expected) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
         print(interrupted_message(getattr(args, "output_dir", None)), file=sys.stderr, flush=True)
         sys.exit(130)
+    if exit_status is not None:
+        sys.exit(exit_status(result))
 
 
 def interrupted_message(output_dir: str | None) -> str:
@@ -175,6 +184,16 @@ def interrupted_message(output_dir: str | None) -> str:
         command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
     return (f"Interrupted. The last checkpoint is {latest}; run the same command to resume from it "
             f"(--auto_resume is on by default):\n  {command}")
+
+
+def error_message(err: BaseException) -> str:
+    """An error's message; for one re-raised from a data-loader worker (whose message carries the worker's
+    traceback) only the original error's own last line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
 
 
 # ----------------------------------------------------------------------------------------------- precision

@@ -88,11 +88,14 @@ def mp4_cut_reason(path: str) -> str | None:
     return None if b"moov" in seen else "no 'moov' index box (the download stopped before the index)"
 
 
-def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: bool = False) -> dict:
+def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: bool = False,
+                open_only: bool = False) -> dict:
     """Classify one video as ok / short / missing / empty / undecodable / truncated (see CATEGORIES).
 
     truncated: an MP4/MOV whose box layout shows it is cut short (whatever the decoder makes of it);
     undecodable: any other file that cannot be opened or whose probed frames fail to decode.
+    open_only: stop once the container opens with video frames (no frame decoded, no short check): the cheap
+    start-up check of evaluation lists (datasets.check_eval_lists).
     Returns {"path", "status", "num_frames", "fps", "message"}; never raises for a bad file."""
     import datasets  # lazy: --help must not pay for torch
 
@@ -116,6 +119,9 @@ def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: 
         num_frames, fps = int(video.num_frames), float(video.fps)
         if num_frames <= 0:
             return _result(path, "undecodable", "no video frames", num_frames, fps)
+        if open_only:
+            return _result(path, "truncated", cut, num_frames, fps) if cut else _result(path, "ok", "", num_frames,
+                                                                                        fps)
         indices = probe_indices(num_frames)
         try:
             frames = video.get_frames(indices)

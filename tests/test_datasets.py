@@ -109,6 +109,45 @@ def test_malformed_annotation_names_file_record_and_problem(tmp_path, name, text
         assert fragment in message, (fragment, message)
 
 
+def test_every_bad_record_of_a_file_is_reported_in_one_error_first_20_and_a_count(tmp_path, capsys):
+    good = "".join(f"{i},u,d,p,clip {i}\n" for i in range(5))
+    bad = ([f"{100 + i},u,d,p,  \n" for i in range(20)]  # empty captions
+           + [",u,d,p,no id\n", "7,u,d\n", "8,u,d,,no page\n", "9,u,d,p,\n", "10,u,d,p,x,extra\n"])
+    path = _write(tmp_path, "webvid.csv", WEBVID_HEADER + good + "".join(bad))
+    with pytest.raises(AnnotationError) as info:
+        datasets.read_annotations(path)
+    message = str(info.value)
+    assert f"{path}: 25 bad records of 30" in message and "... and 5 more" in message
+    assert message.count("empty caption") == 20 and "record 6 (line 7)" in message  # the first bad record
+    assert "record 25 (line 26)" in message and "record 26" not in message and "--skip_bad_records" in message
+    recs = datasets.read_annotations(path, skip_bad_records=True)
+    assert [r.video_id for r in recs] == ["0", "1", "2", "3", "4"]
+    assert "dropped 25 bad record(s) of 30" in capsys.readouterr().out
+
+
+def test_skipping_bad_records_of_a_json_list_keeps_the_good_ones(tmp_path, capsys):
+    path = _write(tmp_path, "list.json", json.dumps([
+        {"video": "a.mp4", "caption": ["ok", ""]}, {"video": "b.mp4", "caption": "fine"}, {"caption": "x"}, 7]))
+    with pytest.raises(AnnotationError, match="3 bad records of 4") as info:
+        datasets.read_annotations(path)
+    for fragment in ("record 1 caption 2: empty caption", "record 3: missing field 'video'",
+                     "record 4: expected an object"):
+        assert fragment in str(info.value)
+    assert [r.path for r in datasets.read_annotations(path, skip_bad_records=True)] == ["b.mp4"]
+    assert "dropped 3 bad record(s) of 4" in capsys.readouterr().out
+    only_bad = _write(tmp_path, "bad.json", json.dumps({"a.mp4": ""}))
+    with pytest.raises(AnnotationError, match="no records left after dropping 1 bad"):
+        datasets.read_annotations(only_bad, skip_bad_records=True)
+
+
+def test_msrvtt_video_id_that_already_names_the_file_is_not_suffixed_again(tmp_path):
+    path = _write(tmp_path, "test_1k.csv", "key,vid_key,video_id,sentence\nret0,msr7,video7.mp4,a dog\n"
+                  "ret1,msr7,video7,a dog runs\nret2,msr8,video8,a cat\n")
+    recs = datasets.read_annotations(path, "/msrvtt")
+    assert [(r.path, r.captions, r.video_id) for r in recs] == [
+        ("/msrvtt/video7.mp4", ["a dog", "a dog runs"], "video7"), ("/msrvtt/video8.mp4", ["a cat"], "video8")]
+
+
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json does not exist"):
         datasets.read_annotations(tmp_path / "nothing.json")
@@ -396,6 +435,40 @@ def test_broken_video_in_evaluation_is_an_error_naming_the_file(synthetic_root, 
     assert ds[0]["video"].shape == (1, 3, 4, 32, 32)
     with pytest.raises(VideoDecodeError, match="truncated.mp4.*test set never changes silently"):
         ds[1]
+
+
+def test_start_up_check_reports_every_bad_file_of_every_evaluation_list_at_once(synthetic_root, broken_videos,
+                                                                                video_files, tmp_path, capsys):
+    good = datasets.read_annotations(synthetic_root / "annotations" / "val.json", synthetic_root)
+    val = good[:3] + [VideoRecord(str(broken_videos[k]), ["x"], k) for k in ("missing", "empty")]
+    test = good[3:] + [VideoRecord(str(broken_videos[k]), ["x"], k) for k in ("truncated", "not_a_video")]
+    cut = tmp_path / "cut_after_index.mp4"  # opens (its index comes first) but its data box is cut short
+    data = video_files["faststart"].read_bytes()
+    cut.write_bytes(data[: len(data) - 200])
+    with datasets.open_video(cut, "pyav") as opened:
+        assert opened.num_frames > 0
+    test.append(VideoRecord(str(cut), ["x"], "cut"))
+    with pytest.raises(datasets.EvalListError) as info:
+        datasets.check_eval_lists({"--val_data_path v.json": val, "--test_data_path t.json": test})
+    message = str(info.value)
+    assert "--val_data_path v.json: 2 of 5 videos" in message and "--test_data_path t.json: 3 of 8 videos" in message
+    for kind, status in (("missing", "missing"), ("empty", "empty"), ("truncated", "truncated"),
+                         ("not_a_video", "undecodable")):
+        assert f"{status:<12} {broken_videos[kind]}" in message, kind
+    assert f"truncated    {cut}" in message and "--skip_eval_check" in message
+    datasets.check_eval_lists({"--val_data_path v.json": val}, skip=True)
+    assert "not checked (--skip_eval_check)" in capsys.readouterr().out
+    datasets.check_eval_lists({"--val_data_path v.json": good})
+    assert "all open" in capsys.readouterr().out
+
+
+def test_start_up_check_names_the_first_20_bad_files_and_counts_the_rest(tmp_path):
+    records = [VideoRecord(str(tmp_path / f"gone_{i:02d}.mp4"), ["x"], str(i)) for i in range(23)]
+    with pytest.raises(datasets.EvalListError) as info:
+        datasets.check_eval_lists({"test list": records})
+    message = str(info.value)
+    assert "23 of 23 videos" in message and "gone_19.mp4" in message and "gone_20.mp4" not in message
+    assert "... and 3 more" in message
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer, collate

@@ -7,6 +7,7 @@ The release's full-size fine-tuned key list loading strictly is tested in test_m
 goes through the real --only_test path with the tiny model."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -190,7 +191,7 @@ def test_rerank_metrics_by_hand():
 def test_export_npy_and_safetensors(finetuned, synthetic_root, tmp_path):
     src, _ = finetuned
     texts = tmp_path / "queries.txt"
-    texts.write_text("a red circle moves left\n\nA small blue square falls\n")
+    texts.write_text("a red circle moves left\nA small blue square falls\n\n")  # blank lines at the end: ignored
     out = tmp_path / "emb.npy"
     run.main(_args(synthetic_root, tmp_path, "--export_embeddings", str(out), "--model", "simvtp_dual_tiny_patch16",
                    "--finetune", str(src / "checkpoint-best.pth"), "--data_path", _ann(synthetic_root, "test.json"),
@@ -250,16 +251,115 @@ def test_layer_ids_of_bert_style_names_are_their_layers_not_the_top():
     assert list(ids.values()) == [1, 12, 0, 6, 13]
 
 
-def test_broken_test_video_fails_naming_the_file(finetuned, synthetic_root, broken_videos, tmp_path):
-    src, _ = finetuned
+def _test_list_with(synthetic_root, folder, *paths):
     records = json.load(open(_ann(synthetic_root, "test.json")))
-    records.append({"video": str(broken_videos["truncated"]), "caption": ["a broken clip"]})
-    anno = tmp_path / "test_with_broken.json"
+    records += [{"video": str(p), "caption": [f"a broken clip {i}"]} for i, p in enumerate(paths)]
+    anno = folder / "test_with_broken.json"
     anno.write_text(json.dumps(records))
+    return anno
+
+
+def test_broken_test_video_is_still_an_error_when_evaluation_reaches_it(finetuned, synthetic_root, broken_videos,
+                                                                      tmp_path):
+    """Without the start-up check (--skip_eval_check) the test set is still never silently changed."""
+    src, _ = finetuned
+    anno = _test_list_with(synthetic_root, tmp_path, broken_videos["truncated"])
     with pytest.raises(datasets.VideoDecodeError, match="truncated.mp4"):
         run.main(_args(synthetic_root, tmp_path / "out", "--only_test", "--model", "simvtp_dual_tiny_patch16",
-                       "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno)))
+                       "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
+                       "--skip_eval_check"))
     assert not (tmp_path / "out" / "test_metrics.json").exists()
+
+
+def _run(*argv, timeout=600):
+    cmd = [sys.executable, os.path.join(ROOT, "run_simvtp_finetuning.py"), *argv]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_broken_test_videos_are_both_named_at_start_up_without_a_traceback(finetuned, synthetic_root,
+                                                                               broken_videos, tmp_path):
+    """Before: evaluation decoded test videos until the first broken one and died there with a traceback."""
+    src, _ = finetuned
+    anno = _test_list_with(synthetic_root, tmp_path, broken_videos["truncated"], broken_videos["not_a_video"])
+    out = tmp_path / "out"
+    proc = _run("--only_test", "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
+                "--data_root", str(synthetic_root), "--output_dir", str(out), *TINY)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Embed" not in proc.stdout
+    assert f"test list {anno}: 2 of 10 videos cannot be used" in proc.stderr
+    assert f"truncated    {broken_videos['truncated']}" in proc.stderr
+    assert f"undecodable  {broken_videos['not_a_video']}" in proc.stderr
+    assert not (out / "test_metrics.json").exists()
+
+
+def test_two_processes_both_stop_on_a_broken_test_list(finetuned, synthetic_root, broken_videos, tmp_path):
+    """Each rank checks half of the list and gets every result, so each stops on its own with status 1 (started
+    as torchrun starts them, without torchrun, which would kill the other rank once one fails)."""
+    src, _ = finetuned
+    anno = _test_list_with(synthetic_root, tmp_path, broken_videos["truncated"], broken_videos["not_a_video"])
+    argv = [sys.executable, os.path.join(ROOT, "run_simvtp_finetuning.py"), "--only_test", "--dist_eval",
+            "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
+            "--data_root", str(synthetic_root), "--output_dir", str(tmp_path / "out"), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], results
+    rank0_err, rank1_err = results[0][1], results[1][1]
+    assert "2 of 10 videos cannot be used" in rank0_err and "Traceback" not in rank0_err + rank1_err
+    assert str(broken_videos["truncated"]) in rank0_err and str(broken_videos["not_a_video"]) in rank0_err
+
+
+def test_fine_tuning_checks_validation_and_test_lists_before_training(synthetic_root, pretrain_ckpt,
+                                                                     broken_videos, tmp_path):
+    val = json.load(open(_ann(synthetic_root, "val.json")))
+    val.append({"video": str(broken_videos["empty"]), "caption": "an empty file"})
+    val_path = tmp_path / "val.json"
+    val_path.write_text(json.dumps(val))
+    test_path = _test_list_with(synthetic_root, tmp_path, broken_videos["missing"])
+    out = tmp_path / "out"
+    with pytest.raises(datasets.EvalListError) as info:
+        run.main(_args(synthetic_root, out, "--model", "simvtp_dual_tiny_patch16", "--finetune", pretrain_ckpt,
+                       "--data_path", _ann(synthetic_root, "train.json"), "--val_data_path", str(val_path),
+                       "--test_data_path", str(test_path), "--epochs", "1"))
+    message = str(info.value)
+    assert f"--val_data_path {val_path}: 1 of 9" in message and f"--test_data_path {test_path}: 1 of 9" in message
+    assert str(broken_videos["empty"]) in message and str(broken_videos["missing"]) in message
+    assert not checkpoint.list_checkpoints(str(out))
+
+
+def test_export_from_a_folder_with_an_unreadable_file_finishes_names_it_and_exits_3(finetuned, synthetic_root,
+                                                                                    broken_videos, tmp_path):
+    """Before: the whole export aborted, with a hint about an annotation file that this mode does not have."""
+    src, _ = finetuned
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("test_00000.mp4", "test_00001.mp4", "test_00002.mp4"):
+        shutil.copyfile(os.path.join(synthetic_root, "test", name), folder / name)
+    shutil.copyfile(broken_videos["not_a_video"], folder / "broken.mp4")
+    out = tmp_path / "emb.npy"
+    proc = _run("--export_embeddings", str(out), "--finetune", str(src / "checkpoint-best.pth"),
+                "--video_dir", str(folder), "--output_dir", str(tmp_path), *TINY)
+    assert proc.returncode == run.EXIT_SKIPPED == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "Skipping 1 of 4 videos" in proc.stdout and f"undecodable  {folder / 'broken.mp4'}" in proc.stdout
+    assert "1 unreadable video(s) skipped (exit status 3)" in proc.stdout
+    side = json.load(open(tmp_path / "emb.json"))
+    assert side["ids"] == ["test_00000.mp4", "test_00001.mp4", "test_00002.mp4"] and np.load(out).shape == (3, 192)
+    assert [(s["video_id"], s["status"]) for s in side["skipped_videos"]] == [("broken.mp4", "undecodable")]
+    assert side["skipped_videos"][0]["path"] == str(folder / "broken.mp4")
+
+
+def test_text_file_with_blank_lines_is_refused_naming_them(finetuned, synthetic_root, tmp_path):
+    """Before: blank lines were dropped, so row i of the export was no longer line i of the file."""
+    src, _ = finetuned
+    texts = tmp_path / "queries.txt"
+    texts.write_text("a red circle\n\nA blue square\n   \na grey disc\n\n")
+    with pytest.raises(ValueError, match=r"queries.txt: blank line\(s\) 2, 4; every line is one text"):
+        run.main(_args(synthetic_root, tmp_path, "--export_embeddings", str(tmp_path / "emb.npy"),
+                       "--finetune", str(src / "checkpoint-best.pth"), "--text_file", str(texts)))
+    assert not (tmp_path / "emb.npy").exists()
 
 
 def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain_ckpt, tmp_path):

@@ -2,6 +2,7 @@
 mid-epoch), non-finite losses, broken videos in the training list."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,13 +18,33 @@ import run_simvtp_pretraining
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _args(synthetic_root, out_dir, *extra):
-    argv = ["--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+def _argv(synthetic_root, out_dir, *extra):
+    return ["--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
             "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
             "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
             "--lr", "1e-3", "--num_workers", "0", "--device", "cpu", "--precision", "fp32",
             "--output_dir", str(out_dir), "--print_freq", "2", "--seed", "3", *extra]
-    return run_simvtp_pretraining.get_args_parser().parse_args(argv)
+
+
+def _args(synthetic_root, out_dir, *extra):
+    return run_simvtp_pretraining.get_args_parser().parse_args(_argv(synthetic_root, out_dir, *extra))
+
+
+def _run(synthetic_root, out_dir, *extra):
+    """The entry point in its own process, as a user starts it."""
+    cmd = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), *_argv(synthetic_root, out_dir, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _val_with_broken_and_missing(synthetic_root, folder):
+    """The validation list plus an unreadable video (a text file named .mp4) and one that does not exist."""
+    records = json.load(open(os.path.join(synthetic_root, "annotations", "val.json")))
+    broken, missing = folder / "broken_clip.mp4", folder / "missing_clip.mp4"
+    broken.write_text("not a video\n" * 20)
+    records += [{"video": str(broken), "caption": "a broken clip"}, {"video": str(missing), "caption": "gone"}]
+    anno = folder / "val_with_bad.json"
+    anno.write_text(json.dumps(records))
+    return anno, broken, missing
 
 
 def _weights(out_dir):
@@ -221,3 +242,61 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root,
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     latest = checkpoint.find_latest(str(tmp_path))
     assert f"The last checkpoint is {latest}" in err and "run_simvtp_pretraining.py" in err
+
+
+def test_a_broken_and_a_missing_validation_video_stop_the_run_at_start_up_naming_both(synthetic_root, tmp_path):
+    """Before: the first zero-shot evaluation crashed on the broken video after a whole epoch of training."""
+    anno, broken, missing = _val_with_broken_and_missing(synthetic_root, tmp_path)
+    out = tmp_path / "out"
+    proc = _run(synthetic_root, out, "--eval_every", "1", "--eval_data_path", str(anno))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"--eval_data_path {anno}: 2 of 10 videos cannot be used" in proc.stderr
+    assert f"undecodable  {broken}" in proc.stderr and f"missing      {missing}: file does not exist" in proc.stderr
+    assert "Training" not in proc.stdout and not checkpoint.list_checkpoints(str(out))
+
+
+def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_epoch_without_retraining(
+        synthetic_root, tmp_path):
+    """--skip_eval_check: the epoch is trained and saved before its evaluation fails on the missing video (one line,
+    no traceback); once the list is repaired, the resumed run evaluates that epoch first and trains nothing again."""
+    anno, broken, missing = _val_with_broken_and_missing(synthetic_root, tmp_path)
+    out = tmp_path / "out"
+    flags = ("--epochs", "1", "--eval_every", "1", "--eval_data_path", str(anno))
+    first = _run(synthetic_root, out, *flags, "--skip_eval_check")
+    assert first.returncode == 1 and "not checked (--skip_eval_check)" in first.stdout
+    error = first.stderr.strip().splitlines()[-1]  # (decoders log to stderr too)
+    assert "Traceback" not in first.stderr and error.startswith("error: ") and str(broken) in error
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["checkpoint-0.pth"]
+    saved = checkpoint.read_checkpoint_file(str(out / "checkpoint-0.pth"))
+    assert saved["train_state"]["eval_pending"] == 0 and not (out / "log.txt").exists()
+
+    for path in (broken, missing):  # the user repairs the two videos
+        shutil.copyfile(os.path.join(synthetic_root, "val", "val_00000.mp4"), path)
+    second = _run(synthetic_root, out, *flags)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "epoch 0 was saved but its evaluation did not finish; evaluating now" in second.stdout
+    assert "Epoch [0]" not in second.stdout  # no training step was repeated
+    lines = [json.loads(x) for x in open(out / "log.txt")]
+    assert [x["epoch"] for x in lines] == [0] and lines[0]["zs_t2v_queries"] > 0
+    assert lines[0]["global_step"] == saved["global_step"]
+    after = checkpoint.read_checkpoint_file(str(out / "checkpoint-0.pth"))["model"]
+    assert all(torch.equal(after[k], v) for k, v in saved["model"].items())
+    assert json.load(open(out / "eval_state.json"))["global_step"] == saved["global_step"]
+
+
+def test_bad_records_of_a_webvid_csv_are_all_listed_or_dropped_with_skip_bad_records(synthetic_root, tmp_path):
+    text = open(os.path.join(synthetic_root, "annotations", "train_webvid.csv")).read()
+    anno = tmp_path / "train_with_bad_rows.csv"
+    anno.write_text(text + "9001,u,d,train,\n,u,d,train,no id\n9003,u,d\n")
+    out = tmp_path / "out"
+    refused = _run(synthetic_root, out, "--data_path", str(anno), "--max_steps", "1")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"{anno}: 3 bad records of 27" in refused.stderr
+    for fragment in ("record 25 (line 26): empty caption", "record 26 (line 27): 'videoid' must be a non-empty",
+                     "record 27 (line 28): 3 columns"):
+        assert fragment in refused.stderr, fragment
+    ran = _run(synthetic_root, out, "--data_path", str(anno), "--max_steps", "1", "--skip_bad_records")
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert "dropped 3 bad record(s) of 27 (--skip_bad_records)" in ran.stdout
+    assert "Data: 24 videos" in ran.stdout

@@ -111,3 +111,19 @@ def test_auto_precision_is_native_bf16_else_fp16_on_cuda_else_fp32():
     assert utils.auto_precision("cpu", native_bf16=True) == "bf16"
     assert utils.auto_precision("cpu", native_bf16=False) == "fp32"
     assert utils.make_grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled() is False
+
+
+def test_error_message_of_a_data_loader_worker_is_the_original_error_only(broken_videos):
+    """A broken test video found inside a loader worker reaches the entry point wrapped with the worker's
+    traceback; the user sees the original one-line message."""
+    import datasets
+
+    records = [datasets.VideoRecord(str(broken_videos["missing"]), ["x"], "gone")]
+    dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, input_size=32)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
+    with pytest.raises(datasets.VideoDecodeError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)
+    message = utils.error_message(info.value)
+    assert message.startswith(f"{broken_videos['missing']}: file does not exist") and "\n" not in message
+    assert utils.error_message(ValueError("plain")) == "plain"
