@@ -384,8 +384,31 @@ class _DecordVideo(VideoFile):
         self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         self.num_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
+        self._frame_at = self._time_index()
+
+    def _time_index(self) -> np.ndarray | None:
+        """For a variable-frame-rate file, wanted index i -> the stored frame the PyAV reader returns for it: the
+        first whose timestamp x fps rounds to i, else the one on screen at that time. None on a constant-rate
+        file (every frame at its own index: nothing to map)."""
+        if self.num_frames < 2 or self.fps <= 0:
+            return None
+        starts = np.asarray(self._reader.get_frame_timestamp(list(range(self.num_frames))))[:, 0]
+        at = np.round((starts - starts[0]) * self.fps).astype(np.int64)
+        if np.array_equal(at, np.arange(self.num_frames)):
+            return None
+        wanted = np.arange(self.num_frames)
+        first = np.searchsorted(at, wanted, side="left")
+        hit = (first < self.num_frames) & (at[np.minimum(first, self.num_frames - 1)] == wanted)
+        return np.clip(np.where(hit, first, first - 1), 0, self.num_frames - 1)
 
     def _read(self, indices: list[int]) -> np.ndarray:
+        if self._frame_at is not None:  # distinct wanted times may fall on one stored frame
+            stored = self._frame_at[indices]
+            unique, pos = np.unique(stored, return_inverse=True)
+            return self._get_batch(unique.tolist())[pos]
+        return self._get_batch(indices)
+
+    def _get_batch(self, indices: list[int]) -> np.ndarray:
         batch = self._reader.get_batch(indices)
         return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
 
@@ -395,8 +418,9 @@ class _DecordVideo(VideoFile):
 
 class _PyAVVideo(VideoFile):
     """PyAV reader: seeks to the keyframe before the first wanted frame, decodes forward, converts only wanted
-    frames and stops after the last one. Frame i is the frame shown at time i / fps (constant frame rate, as
-    decord assumes too)."""
+    frames and stops after the last one. Frame i is the first frame whose timestamp x fps (the stream's average
+    rate) rounds to i, else the frame on screen at time i / fps; the decord reader maps its indices the same way
+    on variable-frame-rate files, so both backends return the same frames."""
     backend = "pyav"
     RESEEK_GAP = 250  # wanted frames farther apart than this: seek again rather than decode everything between
     PREROLL_MARGIN = 24  # frames before the first wanted one that are fully decoded again after a skipping pre-roll

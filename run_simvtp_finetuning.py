@@ -35,7 +35,7 @@ EXIT_SKIPPED = 3  # exit status of an export that finished without some unreadab
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimVTP retrieval fine-tuning and evaluation",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_set", default="MSRVTT", help="informational (the release's flag); formats are detected")
     g.add_argument("--data_path", default=None, help="training annotation file (several captions per video "
@@ -51,9 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
     g = model_registry.add_model_args(
         p, model=None, drop_path=0.1,
-        model_help="registered model (model_registry.py). Fine-tuning: a retrieval model, default the retrieval "
-        f"model of the --finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
-        "vit_base_patch16_224). --only_test / --zero_shot / --export_embeddings: default the model the checkpoint "
+        model_help="registered model (model_registry.py); default: when fine-tuning, the retrieval model of the "
+        f"--finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
+        "vit_base_patch16_224); with --only_test / --zero_shot / --export_embeddings, the model the checkpoint "
         "names (its model_cfg), else the one its keys identify")
     g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (a pre-training checkpoint, "
                    "mapped onto the retrieval model, loaded non-strictly with a report); --only_test and "

@@ -23,13 +23,14 @@ import utils
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimVTP pre-training", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
                    "Singularity JSON list or MSR-VTT CSV; the format is detected)")
     utils.add_clip_args(g)
     g = p.add_argument_group("masking (what the model asks for: a video mask, MLM captions)")
-    g.add_argument("--mask_type", default="tube", choices=["tube", "random"])
+    g.add_argument("--mask_type", default="tube", choices=["tube", "random"],
+                   help="tube: one spatial mask for all frames (SimVTP); random: per token")
     g.add_argument("--mask_ratio", type=float, default=0.9, help="share of video tubes masked")
     g.add_argument("--text_mask_ratio", type=float, default=0.75, help="share of caption words masked")
     g = model_registry.add_model_args(p, model="simvtp_base_patch16",
@@ -39,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "printed): a VideoMAE or SimVTP pre-training checkpoint")
     g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file: its word "
                    "embeddings initialise the text embeddings")
-    g.add_argument("--grad_checkpointing", action="store_true")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass: "
+                   "less memory, about a third more compute")
     utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,
                                 warmup_epochs=40)
     utils.add_run_args(p, output_dir="output/pretrain", save_ckpt_freq=20, keep_last=3)

@@ -41,7 +41,7 @@ DENORM_NOTE = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("run_simvtp_vis.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the docstring's lines
+                                formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", required=True, help="pre-training checkpoint: ours (run_simvtp_pretraining.py; its "
                    "saved args choose the model and clip shape) or the release's")
@@ -193,12 +193,19 @@ def compose(video01: torch.Tensor, pred01: torch.Tensor, video_mask: torch.Tenso
             modeling_simvtp.unpatchify(recon, grid, tubelet, patch))
 
 
-def caption_lines(tokenizer, text: dict, filled_ids: torch.Tensor) -> dict[str, str]:
-    """Original, masked and predicted caption (between [CLS] and [SEP]) and the masked words' hit count."""
+def caption_was_cut(tokenizer, caption: str, max_text_len: int) -> bool:
+    """The caption has more tokens than --max_text_len keeps (the model sees, and the figure shows, a prefix)."""
+    return len(tokenizer(caption, truncation=False)["input_ids"]) > max_text_len
+
+
+def caption_lines(tokenizer, text: dict, filled_ids: torch.Tensor, cut: bool = False) -> dict[str, str]:
+    """Original, masked and predicted caption (between [CLS] and [SEP]) and the masked words' hit count; a caption
+    cut at --max_text_len ends in an ellipsis, so the figure does not pass a prefix off as the whole caption."""
     n = int(text["attention_mask"][0].sum())
+    tail = " …" if cut else ""
 
     def words(ids: torch.Tensor) -> str:
-        return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids[0, 1:n - 1].tolist()))
+        return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids[0, 1:n - 1].tolist())) + tail
 
     truth, masked = text["input_ids"][0, :n], text["mlm_input_ids"][0, :n]
     hidden = masked != truth
@@ -239,8 +246,9 @@ def reconstruct_clip(args: argparse.Namespace) -> Reconstruction:
         true_tubes = modeling_simvtp.patchify(video01, model.tubelet_size, model.patch_size)[video_mask]
         pred01 = tube_denormalize(out["pred_pixels"].cpu(), true_tubes[None])
     masked, recon = compose(video01, pred01, video_mask, model.tubelet_size, model.patch_size)
+    cut = caption_was_cut(tokenizer, args.caption, args.max_text_len)
     return Reconstruction(video01[0].clamp(0, 1), masked[0], recon[0], video_mask[0], indices,
-                          caption_lines(tokenizer, text, out["filled_ids"].cpu()), figure_note(args, video_mask))
+                          caption_lines(tokenizer, text, out["filled_ids"].cpu(), cut), figure_note(args, video_mask))
 
 
 def figure_note(args: argparse.Namespace, video_mask: torch.Tensor) -> str:

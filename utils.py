@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -54,6 +55,18 @@ def training_schedules(args: Any, samples_per_rank: int) -> tuple[int, np.ndarra
     return steps_per_epoch, lr, cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that shows every flag's default once: appended to its help unless the text already says it (and
+    the description keeps its own line breaks)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) \
+                or re.search(r"\bdefault\b", text, re.IGNORECASE):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_clip_args(group: Any) -> None:
     """The data flags both run scripts share (the release's names): where videos are, how clips are read, and
     how captions are tokenised."""
@@ -86,17 +99,19 @@ def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: t
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=batch_size, help="per process")
     g.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs (the schedules' length)")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (smoke runs)")
-    g.add_argument("--opt", default="adamw", choices=["adamw"])
-    g.add_argument("--opt_betas", type=float, nargs=2, default=list(betas))
-    g.add_argument("--opt_eps", type=float, default=1e-8)
+    g.add_argument("--opt", default="adamw", choices=["adamw"], help="optimizer (fused AdamW where the device has it)")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=list(betas), help="AdamW betas")
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--lr", type=float, default=lr, help="base lr for a global batch of 256")
-    g.add_argument("--min_lr", type=float, default=min_lr)
-    g.add_argument("--warmup_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs)
+    g.add_argument("--min_lr", type=float, default=min_lr, help="lr at the end of the cosine decay (per 256 clips)")
+    g.add_argument("--warmup_lr", type=float, default=1e-6,
+                   help="lr at the start of the linear warm-up (per 256 clips)")
+    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs, help="epochs of linear warm-up")
     g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
-    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay", type=float, default=0.05,
+                   help="AdamW weight decay (not on 1-D tensors, biases and the model's no_weight_decay() names)")
     g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd end value (default: constant)")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite losses in a row before stopping")

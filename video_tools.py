@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every frame, not only first/middle/last (slower; finds corruption mid-file)")
     c.add_argument("--allow_short", action="store_true", help="exit 0 when short videos are the only problem")
     c.add_argument("--report", default=None, help="also write every problem to this JSON file")
-    c.add_argument("--max_listed", type=int, default=200, help="problems printed (all go to --report)")
+    c.add_argument("--max_listed", type=int, default=200, help="problems printed (all go to --report; default 200)")
     c.set_defaults(func=run_check)
 
     p = sub.add_parser(
@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyframe_interval", type=float, default=2.0,
                    help="seconds between keyframes; a clip is decoded from the keyframe before it, so a short "
                         "interval speeds up loading long videos for some file size (default 2; 0 = the "
-                        "encoder's default, 250 frames for x264)")
+                        "encoder's own interval, 250 frames for x264)")
     p.add_argument("--out_ext", default="keep",
                    help="output extension, which decides the container: mp4, m4v, mov, mkv, avi (H.264) or webm "
                         "(VP9); 'keep' (default) keeps names so annotations stay valid (a source of another type "

@@ -204,6 +204,43 @@ def test_pyav_reads_mpeg_ts(tmp_path):
         assert [frame_index_of(f) for f in video.get_frames(range(0, 40, 3))] == list(range(0, 40, 3))
 
 
+def _write_variable_rate(path, times_ms: list[int]) -> None:
+    """An index-coded H.264 mp4 whose frame k is shown from times_ms[k] (a millisecond time base)."""
+    import av
+    from fractions import Fraction
+    from conftest import index_frames
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+    stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+    stream.options = {"preset": "veryfast", "crf": "18", "threads": "1"}
+    for frame, t in zip(index_frames(96, 64, len(times_ms)), times_ms):
+        picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        picture.pts, picture.time_base = t, Fraction(1, 1000)
+        for packet in stream.encode(picture):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def test_backends_sample_the_same_times_of_a_variable_frame_rate_video(tmp_path):
+    """2 s at 10 fps then 1 s at 40 fps: index i means time i / (average fps) in both backends (decord alone
+    would count stored frames, and the dense second part would come out twice as fast as the first)."""
+    times = [i * 100 for i in range(20)] + [2000 + i * 25 for i in range(40)]
+    path = tmp_path / "vfr.mp4"
+    _write_variable_rate(path, times)
+    with datasets.open_video(path, "decord") as a, datasets.open_video(path, "pyav") as b:
+        assert a.num_frames == b.num_frames == 60 and a.fps == pytest.approx(b.fps)
+        wanted = list(range(a.num_frames))
+        got_a = [frame_index_of(f) for f in a.get_frames(wanted)]
+        got_b = [frame_index_of(f) for f in b.get_frames(wanted)]
+    at = [round(t / 1000 * a.fps) for t in times]  # each stored frame's time in index units
+    expected = [at.index(i) if i in at else max(k for k, x in enumerate(at) if x < i) for i in wanted]
+    assert got_a == got_b == expected
+    assert len(set(range(20, 60)) - set(got_a)) >= 15  # the dense part is thinned out, not played fast
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_out_of_range_index_is_refused(video_files, backend):
     with datasets.open_video(video_files["small_10fps"], backend) as video:

@@ -62,6 +62,18 @@ def test_figure_is_a_readable_png_with_the_captions(tiny_checkpoint, video, tmp_
     assert f"Figure written to {os.path.abspath(path)}" in printed
 
 
+def test_a_caption_cut_at_max_text_len_ends_in_an_ellipsis(tiny_checkpoint, video, tmp_path, capsys):
+    long_caption = " ".join([CAPTION] * 6)
+    args = _args(tiny_checkpoint, video, "--output_dir", str(tmp_path), "--max_text_len", "8")
+    args.caption = long_caption
+    run_simvtp_vis.main(args)
+    printed = capsys.readouterr().out
+    original = next(line for line in printed.splitlines() if line.startswith("original:"))
+    assert original.endswith(" …") and len(original.split()) == 1 + 6 + 1  # label, 6 kept words ([CLS]/[SEP]), …
+    run_simvtp_vis.main(_args(tiny_checkpoint, video, "--output_dir", str(tmp_path)))
+    assert "…" not in capsys.readouterr().out  # a caption that fits is shown whole
+
+
 @pytest.mark.parametrize("denorm", ["visible", "tube"])
 def test_reconstruction_keeps_visible_tubes_and_uses_the_checkpoints_clip_shape(tiny_checkpoint, video, denorm):
     args = _args(tiny_checkpoint, video, "--frame_start", "5", "--denorm", denorm)
