@@ -284,7 +284,8 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
-                                        seed=args.seed, max_retries=args.max_retries)
+                                        seed=args.seed,
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
                          f"({args.batch_size} x {args.world_size} processes)")
@@ -342,8 +343,12 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     optimizer = build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     state = engine_for_pretraining.TrainState()
-    state.restore(checkpoint.resume_if_any(args, model, optimizer, scaler) or {})
+    resumed = checkpoint.resume_if_any(args, model, optimizer, scaler)
+    state.restore(resumed or {})
     utils.save_args_json(args, args.output_dir)
+    broken = engine_for_pretraining.BrokenVideos(
+        dataset, args.output_dir, args.max_broken_fraction, resumed=resumed is not None,
+        hint=datasets.check_hint(args.data_path, args.data_root, os.path.join(args.output_dir, "check.json")))
     train_model = model
     if args.distributed:
         train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
@@ -352,7 +357,8 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
         scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
         cfg=engine_for_pretraining.StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size,
         epochs=args.epochs, output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
-        save=checkpoint.training_saver(args, model, optimizer, scaler, state), save_ckpt_freq=args.save_ckpt_freq)
+        save=checkpoint.training_saver(args, model, optimizer, scaler, state), save_ckpt_freq=args.save_ckpt_freq,
+        broken=broken)
     validate = None
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
@@ -397,4 +403,5 @@ def main(args: argparse.Namespace) -> dict | list:
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError)
+    utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError,
+                          datasets.BrokenDataError)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -75,7 +76,8 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
-                                        mask_generator=mask_gen, max_retries=args.max_retries)
+                                        mask_generator=mask_gen,
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
                                           text_mask_mode=model.text_masking or "mask", seed=args.seed)
@@ -138,8 +140,12 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, args.device_obj)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     state = engine.TrainState()
-    state.restore(checkpoint.resume_if_any(args, model, optimizer, scaler) or {})
+    resumed = checkpoint.resume_if_any(args, model, optimizer, scaler)
+    state.restore(resumed or {})
     utils.save_args_json(args, args.output_dir)
+    broken = engine.BrokenVideos(dataset, args.output_dir, args.max_broken_fraction, resumed=resumed is not None,
+                                 hint=datasets.check_hint(args.data_path, args.data_root,
+                                                          os.path.join(args.output_dir, "check.json")))
 
     train_model = model
     if args.distributed:
@@ -149,17 +155,15 @@ def main(args: argparse.Namespace) -> dict:
                      cfg=engine.StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size,
                      epochs=args.epochs, output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
                      save=checkpoint.training_saver(args, model, optimizer, scaler, state),
-                     save_ckpt_freq=args.save_ckpt_freq)
+                     save_ckpt_freq=args.save_ckpt_freq, broken=broken)
     t_start = time.time()
     summary = engine.train(run, evaluate=(lambda epoch: zero_shot_eval(model, eval_set, tokenizer, args, dtype))
                            if eval_set is not None else None,
                            eval_due=lambda e: (e + 1) % max(args.eval_every, 1) == 0 or e + 1 == args.epochs,
                            eval_name="zs")
-    if state.skipped_videos:
-        print(f"Skipped {int(state.skipped_videos)} broken video reads in total (see warnings above)")
     print(f"Pre-training done in {time.time() - t_start:.0f} s; outputs in {args.output_dir}")
     return {"summary": summary, "history": state.history}
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError)
+    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, datasets.BrokenDataError)
