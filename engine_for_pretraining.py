@@ -366,7 +366,7 @@ class BrokenVideos:
             raise ValueError(f"--max_broken_fraction must be in [0, 1], got {max_fraction}")
         self.dataset, self.max_fraction = dataset, float(max_fraction)
         self.hint = hint or datasets.check_hint()  # how to find them all (the stop message)
-        self.window = window or min(BROKEN_WINDOW, len(dataset))
+        self.window = window or min(BROKEN_WINDOW, len(dataset) - len(dataset.excluded))
         self.path = os.path.join(output_dir, BROKEN_LIST)
         self.log_path = os.path.join(output_dir, "log.txt")
         self.known: dict[str, str] = read_broken_list(self.path) if resumed else {}

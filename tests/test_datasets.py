@@ -406,7 +406,8 @@ def test_one_readable_video_among_many_broken_is_found_by_every_sample(synthetic
 def test_an_entirely_broken_list_raises_with_the_checker_hint_also_through_a_worker(broken_videos):
     recs = [VideoRecord(str(p), ["x"], k) for k, p in broken_videos.items()]
     ds = datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32)
-    with pytest.raises(datasets.BrokenDataError, match=r"none of the 4 training videos can be read \(100% broken") as info:
+    all_broken = r"none of the 4 training videos can be read \(100% broken"
+    with pytest.raises(datasets.BrokenDataError, match=all_broken) as info:
         ds[0]
     assert "file does not exist" in str(info.value) and "video_tools.py check" in str(info.value)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=lambda items: items)
