@@ -20,6 +20,12 @@ Annotation formats (detected from the contents, not the file name; ``data_root``
 - the Singularity/SViTT JSON list ``[{"video": path, "caption": str or [str, ...]}]``;
 - the MSR-VTT 1k-A CSV ``key,vid_key,video_id,sentence``: video ``<root>/<video_id>.mp4``.
 
+Broken training videos (missing, empty, undecodable) never stop a run by themselves: a sample whose video is broken
+falls through to the next readable video along a walk of the whole list that is a function of (seed, epoch,
+index), so every process and every resume picks the same substitute. Items carry the broken files they met, so the
+main process can name each once and measure the broken share (engine_for_pretraining.BrokenVideos). Files of an
+exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one path per line) are never opened.
+
 A video listed several times becomes one record with all its captions (else retrieval would count the copies as
 different videos, and contrastive batches could pair a video with itself as a negative).
 """
@@ -31,23 +37,24 @@ import io
 import json
 import os
 import shutil
+import math
 import tempfile
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "AnnotationError", "VideoDecodeError", "BrokenVideoWarning", "VideoRecord", "read_annotations", "sample_rng",
+    "AnnotationError", "VideoDecodeError", "BrokenDataError", "VideoRecord", "read_annotations", "sample_rng",
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
     "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
     "EvalListError", "find_unusable_videos", "format_unusable", "check_eval_lists", "MAX_LISTED",
+    "ExcludeList", "read_exclude_list", "excluded_indices", "exclusions_for", "fallthrough_order", "check_hint",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,8 +77,22 @@ class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or decoded; the message names the file."""
 
 
-class BrokenVideoWarning(UserWarning):
-    """A training video was skipped (issued once per file and process)."""
+class BrokenDataError(RuntimeError):
+    """Too much of the training list is broken to go on; the message gives the share, some files and the fix."""
+
+    def __init__(self, message: str) -> None:
+        # a data-loader worker's error is re-raised in the main process as this type with the worker's traceback
+        # in front: keep the message a user needs, not the traceback
+        if "Original Traceback" in message and f"{type(self).__name__}: " in message:
+            message = message.rsplit(f"{type(self).__name__}: ", 1)[1].strip()
+        super().__init__(message)
+
+
+def check_hint(anno: str = "<annotation file>", data_root: str | None = "<root>", report: str = "check.json") -> str:
+    """How to find every broken video of a list before training, and skip them unopened."""
+    root = f" --data_root {data_root}" if data_root else ""
+    return (f"find every broken file with `python video_tools.py check --anno {anno}{root} --report {report}`, then "
+            f"train with --exclude_list {report}")
 
 
 # ----------------------------------------------------------------------------------------------- randomness
@@ -290,6 +311,95 @@ def _msrvtt_row(where: str, rec: dict) -> Row:
     caption = _caption(where, rec["sentence"])
     file, video_id = _file_of_id(vid)
     return file, [caption], video_id
+
+
+# ----------------------------------------------------------------------------------------------- exclude lists
+
+# the statuses of a `video_tools.py check` report that mean "cannot be read" (a "short" video still loads)
+_UNREADABLE_STATUSES = frozenset({"missing", "empty", "undecodable", "truncated"})
+
+
+@dataclass
+class ExcludeList:
+    """Known-broken video paths, and the data root a check report resolved them against (None for a text list)."""
+    source: str
+    paths: list[str]
+    root: str | None = None
+
+
+def read_exclude_list(path: str | os.PathLike) -> ExcludeList:
+    """Videos training must never open: a `video_tools.py check --report` JSON (its missing, empty, undecodable and
+    truncated videos; "short" ones still load) or a text file with one path per line (blank lines and lines
+    starting with # are skipped; a tab ends the path, so a run's broken_videos.txt works as is)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"exclude list {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"exclude list {path}: not UTF-8 text ({e})") from None
+    if text.lstrip().startswith("{"):
+        return _read_check_report(path, text)
+    paths = [line.split("\t", 1)[0].strip() for line in text.splitlines()]
+    return ExcludeList(path, [p for p in paths if p and not p.startswith("#")])
+
+
+def _read_check_report(path: str, text: str) -> ExcludeList:
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"exclude list {path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    problems = report.get("problems")
+    if not isinstance(problems, list) or not all(isinstance(p, dict) and "path" in p for p in problems):
+        raise ValueError(f"exclude list {path}: a JSON exclude list must be a `video_tools.py check --report` file "
+                         "(a \"problems\" list of {\"path\", \"status\"}); or give a text file, one path a line")
+    return ExcludeList(path, [p["path"] for p in problems if p.get("status") in _UNREADABLE_STATUSES],
+                       report.get("data_root") or None)
+
+
+def _same_file_key(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def excluded_indices(records: Sequence[VideoRecord], exclude: ExcludeList,
+                     data_root: str | os.PathLike | None) -> tuple[set[int], int]:
+    """Indices of the records an exclude list names -> (indices, entries matching no record).
+
+    An entry matches a record's path as given (absolute, or relative to the working directory as the annotation
+    reader leaves it) or relative to data_root, like an annotation path. A check report's paths also match by their
+    place under the report's own data root, so a report of the original videos excludes their re-encoded copies
+    under another --data_root."""
+    root = os.fspath(data_root) if data_root else None
+    index_of = {_same_file_key(r.path): i for i, r in enumerate(records)}
+    found, unmatched = set(), 0
+    for entry in exclude.paths:
+        keys = {_same_file_key(entry)}
+        if root and not os.path.isabs(entry):
+            keys.add(_same_file_key(os.path.join(root, entry)))
+        if root and exclude.root:
+            rel = os.path.relpath(_same_file_key(entry), _same_file_key(exclude.root))
+            if not rel.startswith(os.pardir):
+                keys.add(_same_file_key(os.path.join(root, rel)))
+        hits = {index_of[k] for k in keys if k in index_of}
+        found |= hits
+        unmatched += not hits
+    return found, unmatched
+
+
+def exclusions_for(records: Sequence[VideoRecord], exclude_list: str | None,
+                   data_root: str | os.PathLike | None) -> set[int]:
+    """--exclude_list applied to a training list: the record indices never to open (one line says how many)."""
+    if not exclude_list:
+        return set()
+    exclude = read_exclude_list(exclude_list)
+    found, unmatched = excluded_indices(records, exclude, data_root)
+    print(f"Exclude list {exclude_list}: {len(found)} of the {len(records)} training videos are never opened"
+          + (f"; {unmatched} of its {len(exclude.paths)} paths name no video of this list" if unmatched else ""))
+    if exclude.paths and not found:
+        print(f"WARNING: no path of {exclude_list} names a video of the training list; its paths must be absolute, "
+              "relative to --data_root, or (a check report) under the report's data_root", flush=True)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- video reading
@@ -807,35 +917,46 @@ def build_tokenizer(path: str | os.PathLike | None = None):
 
 # ----------------------------------------------------------------------------------------------- dataset
 
-_WARNED: set[str] = set()  # broken files already reported by this process
-
-
-def _warn_broken(path: str, error: BaseException) -> None:
-    if path not in _WARNED:
-        _WARNED.add(path)
-        warnings.warn(f"skipping broken training video: {one_line(error, 400)}", BrokenVideoWarning, stacklevel=3)
+def fallthrough_order(index: int, num_records: int, rng: np.random.Generator) -> Iterator[int]:
+    """The records a training sample tries, in order: its own, then every record once along a stride walk from a
+    random start (stride coprime with the list length), both drawn from the sample's own generator. A pure function
+    of the generator, so every process and every resume picks the same substitute; it ends after the whole list,
+    so no run of broken files can make it give up early."""
+    yield index
+    if num_records < 2:
+        yield from range(num_records)
+        return
+    start = int(rng.integers(num_records))
+    stride = int(rng.integers(1, num_records))
+    while math.gcd(stride, num_records) != 1:
+        stride = int(rng.integers(1, num_records))
+    for k in range(num_records):
+        yield (start + k * stride) % num_records
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
     """Video-caption pairs for pre-training / fine-tuning ("train") and retrieval evaluation ("test").
 
-    train item: {"video": float [3, T, S, S], "caption": str, "index": i, "epoch": e, "skipped": int,
+    train item: {"video": float [3, T, S, S], "caption": str, "index": i, "epoch": e,
+                 "read": 1 if the sample's own video was opened (0 when excluded), "broken": 1 if it was broken,
+                 "broken_videos": [(path, error)] every broken file this sample met,
                  "video_mask": bool [N] (with mask_generator)} — VideoMAE sampling and multi-scale crop.
     test item:  {"video": float [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
                  "index": i}.
-    In training a broken video is skipped (warned once per file and process, counted in the item's "skipped"
-    and in self.num_skipped) and another, drawn from sample_rng(..., "retry"), is used; after max_retries more
-    failures a RuntimeError lists the bad files. In test mode a broken video is an error: the test set is never
-    silently changed.
+    In training a broken video is replaced by the next readable one along fallthrough_order (its caption goes with
+    it; crop and frame draws stay the sample's). Files in `self.broken` (known broken: found by this process, or
+    told by the main process) are not opened again; records in `excluded` are never opened. A BrokenDataError is
+    raised only when no record of the list can be read. In test mode a broken video is an error: the test set is
+    never silently changed.
 
     Call set_epoch(e) before each epoch (data-loader workers copy the dataset when an epoch's iterator starts,
-    so do not use persistent_workers).
+    so do not use persistent_workers; that copy also carries the broken files the main process knows by then).
     """
 
     def __init__(self, records: Sequence[VideoRecord], mode: str = "train", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
-                 mask_generator=None, max_retries: int = 10) -> None:
+                 mask_generator=None, excluded: Collection[int] = ()) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if not records:
@@ -846,9 +967,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{len(empty)} training records have no caption, e.g. {empty[0]}")
         if mode == "test" and short_side_size < input_size:
             raise ValueError(f"short_side_size {short_side_size} must be >= input_size {input_size}")
-        if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop) < 1 or max_retries < 0:
-            raise ValueError("num_frames, sampling_rate, input_size, test_num_segment and test_num_crop must be >= 1 "
-                             "and max_retries >= 0")
+        if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop) < 1:
+            raise ValueError("num_frames, sampling_rate, input_size, test_num_segment and test_num_crop must be >= 1")
+        self.excluded = frozenset(int(i) for i in excluded)
+        if mode == "test" and self.excluded:
+            raise ValueError("an exclude list applies to training only (the test set is never silently changed)")
+        if len(self.excluded) >= len(records):
+            raise ValueError(f"the exclude list names all {len(records)} videos of the training list")
         self.records = list(records)
         self.mode = mode
         self.num_frames, self.sampling_rate = int(num_frames), int(sampling_rate)
@@ -860,10 +985,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.fallback_backend = "pyav" if video_backend == "auto" and self.backend == "decord" else None
         self.seed = int(seed)
         self.mask_generator = mask_generator
-        self.max_retries = int(max_retries)
         self.epoch = 0
-        self.num_skipped = 0  # broken reads skipped by this copy of the dataset (one per worker process)
-        self.broken: dict[str, str] = {}  # path -> error, known broken in this process (not retried)
+        self.broken: dict[str, str] = {}  # path -> error of files known broken (not opened again)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -886,30 +1009,32 @@ class VideoTextDataset(torch.utils.data.Dataset):
     # -- training
 
     def _train_item(self, index: int) -> dict[str, Any]:
-        record_index, failures, retry_rng = index, [], None
-        for _ in range(self.max_retries + 1):
+        met: dict[str, str] = {}  # broken files this sample tried (or knew), in order
+        for record_index in fallthrough_order(index, len(self.records), self.rng(index, "retry")):
+            if record_index in self.excluded:
+                continue
             record = self.records[record_index]
             try:
                 video = self._train_clip(record.path, index)
                 break
             except VideoDecodeError as e:
-                failures.append((record.path, one_line(e)))
-                self.num_skipped += 1
-                self.broken.setdefault(record.path, one_line(e))
-                _warn_broken(record.path, e)
-                retry_rng = retry_rng or self.rng(index, "retry")
-                record_index = int(retry_rng.integers(len(self.records)))
+                met[record.path] = self.broken.setdefault(record.path, one_line(e))
         else:
-            examples = "\n".join(f"  {p}: {err}" for p, err in dict(failures).items())
-            raise RuntimeError(f"sample {index}: {len(failures)} videos in a row failed to decode (max_retries="
-                               f"{self.max_retries}); most files look broken. Check the list with "
-                               f"`python video_tools.py check`. Failures:\n{examples}")
+            raise BrokenDataError(self._all_broken_message())
+        read = index not in self.excluded
         caption = record.captions[int(self.rng(index, "caption").integers(len(record.captions)))]
-        item = {"video": video, "caption": caption, "index": index, "epoch": self.epoch, "skipped": len(failures)}
+        item = {"video": video, "caption": caption, "index": index, "epoch": self.epoch, "read": int(read),
+                "broken": int(read and self.records[index].path in met), "broken_videos": list(met.items())}
         if self.mask_generator is not None:
             item["video_mask"] = torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, "video_mask")),
                                                              dtype=bool))
         return item
+
+    def _all_broken_message(self) -> str:
+        examples = "; ".join(list(self.broken.values())[:3])
+        left = " left after the exclude list" if self.excluded else ""
+        return (f"none of the {len(self.records) - len(self.excluded)} training videos{left} can be read (100% "
+                f"broken; is --data_root right?), e.g. {examples}. To see why, {check_hint()}")
 
     def _decode(self, path: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:
         """Frames plan(num_frames) of a video -> (uint8 [T, H, W, 3], num_frames); PyAV retries decord's failures
@@ -962,8 +1087,9 @@ def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]]) -
 class VideoTextCollator:
     """Stacks dataset items and tokenises captions in one batched call of the fast tokenizer.
 
-    train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], skipped (sum,
-    long scalar), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
+    train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], videos_read /
+    videos_broken (the items' read / broken summed, long scalars), broken_videos (the items' [(path, error)],
+    each file once), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
     masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row.
     text_mask_mode: "mask" (the release: every chosen word becomes [MASK]) or "bert" (80% [MASK], 10% a random
@@ -1002,7 +1128,9 @@ class VideoTextCollator:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
         batch["epoch"] = torch.tensor([int(it.get("epoch", 0)) for it in items], dtype=torch.long)
-        batch["skipped"] = torch.tensor(sum(int(it.get("skipped", 0)) for it in items), dtype=torch.long)
+        batch["videos_read"] = torch.tensor(sum(int(it.get("read", 1)) for it in items), dtype=torch.long)
+        batch["videos_broken"] = torch.tensor(sum(int(it.get("broken", 0)) for it in items), dtype=torch.long)
+        batch["broken_videos"] = list(dict(pair for it in items for pair in it.get("broken_videos", ())).items())
         batch["caption"] = [it["caption"] for it in items]
         batch.update(self.tokenize(batch["caption"]))
         if self.text_mask_ratio:

@@ -1,6 +1,7 @@
 """The training loop every run uses (pre-training and retrieval fine-tuning, any model family): epochs with save,
 evaluation and logging; inside an epoch, autocast forward/backward, gradient accumulation, agreed skipping of
-non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints.
+non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints; and the run's
+view of broken training videos (BrokenVideos: each named once, listed in broken_videos.txt, the stop rule).
 
 The model is seen only through the model contract (model_registry.py): `model(batch, gather=...)` returns
 {"loss", other scalars}; every tensor of the batch goes to the device and every scalar returned is logged.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import datasets
 import distributed
 import utils
 
@@ -38,7 +40,9 @@ class TrainState:
     global_step: int = 0            # optimizer steps taken or skipped since the start: the schedules' index
     bad_streak: int = 0
     skipped_steps: int = 0
-    skipped_videos: float = 0.0
+    videos_read: int = 0            # training samples (all ranks) whose own video was opened (not excluded) ...
+    videos_broken: int = 0          # ... and found broken (the sample used the next readable video)
+    broken_window: list = field(default_factory=list)  # [read, broken] of the latest steps (BrokenVideos' window)
     stop: bool = False              # --max_steps reached
     eval_pending: int | None = None  # epoch saved whose evaluation has not finished (run first on resume)
     pending_record: dict = field(default_factory=dict)  # that epoch's log.txt record so far
@@ -88,18 +92,20 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
                     scaler: torch.amp.GradScaler, batches_per_epoch: int, lr_schedule: np.ndarray,
                     wd_schedule: np.ndarray, cfg: StepConfig, state: TrainState,
                     tb: utils.TensorboardLogger | None = None,
-                    save_mid_epoch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                    save_mid_epoch: Callable[[int, int], None] | None = None,
+                    broken: "BrokenVideos | None" = None) -> dict[str, float]:
     """Train epoch `state.epoch` from micro-batch `state.micro_in_epoch` (the loader starts there) to its end, or
     to cfg.max_steps overall. Returns the epoch's averaged scalars.
 
     Micro-batches form windows of cfg.accum_iter (the epoch's last window may be shorter: it is stepped, each
     loss divided by the window's real size). A non-finite loss on any rank skips that window's step on every
-    rank; cfg.max_bad_steps in a row raise NonFiniteLossError.
+    rank; cfg.max_bad_steps in a row raise NonFiniteLossError. The batches' broken-video counts ride on the
+    step's one collective; `broken` names the files and may stop the run (datasets.BrokenDataError).
     """
     model.train()
     log = _StepLog(cfg, state, tb)
     epoch = state.epoch
-    window: list[torch.Tensor] = []  # per micro-batch: [non-finite flag, skipped videos]
+    window: list[torch.Tensor] = []  # per micro-batch: [non-finite flag, videos read, videos broken]
     optimizer.zero_grad(set_to_none=True)
     iterator = log.metrics.log_every(loader, total=batches_per_epoch, header=f"Epoch [{epoch}]",
                                      start=state.micro_in_epoch, before_print=log.flush)
@@ -112,15 +118,21 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
             utils.apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
         out, bad = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg, scale=1.0 / size,
                                      sync=len(window) == size - 1)
-        window.append(torch.stack([bad.float(), batch.get("skipped", torch.tensor(0)).to(cfg.device).float()]))
+        counts = [batch.get(k, torch.tensor(0)).to(cfg.device).float() for k in ("videos_read", "videos_broken")]
+        window.append(torch.stack([bad.float(), *counts]))
+        if broken is not None:
+            broken.note(batch.get("broken_videos", ()))
         state.micro_in_epoch += 1
         state.samples_in_epoch += len(batch["video"]) * distributed.get_world_size()
         if len(window) < size:
             continue
-        bad_ranks, skipped = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
+        bad_ranks, read, n_broken = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
         window = []
-        state.skipped_videos += skipped
+        state.videos_read += int(read)
+        state.videos_broken += int(n_broken)
         state.global_step += 1
+        if broken is not None:
+            broken.check(state, int(read), int(n_broken))
         if bad_ranks:
             _skip_step(optimizer, state, cfg, epoch)
         else:
@@ -131,13 +143,16 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
         if save_mid_epoch is not None and cfg.save_every_steps > 0 and state.micro_in_epoch < batches_per_epoch \
                 and state.global_step % cfg.save_every_steps == 0:
             log.flush()
+            if broken is not None:
+                broken.sync()
             save_mid_epoch(epoch, step_in_epoch)
         if cfg.max_steps and state.global_step >= cfg.max_steps:
             state.stop = True
             break
     log.flush()
     summary = log.metrics.summary()
-    summary["skipped_videos_total"] = state.skipped_videos
+    summary["videos_read_total"] = state.videos_read
+    summary["videos_broken_total"] = state.videos_broken
     summary["skipped_steps_total"] = state.skipped_steps
     return summary
 
@@ -246,13 +261,14 @@ class Run:
     save: Callable[[int, int | None], None]
     tb: utils.TensorboardLogger | None = None
     save_ckpt_freq: int = 0
+    broken: "BrokenVideos | None" = None
 
 
 def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.ResumableDistributedSampler,
               dataset: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr_schedule: np.ndarray,
               wd_schedule: np.ndarray, dtype: torch.dtype) -> Run:
     """The run scripts' common start: resume (reporting or refusing changed settings), args.json with the history
-    of resumes, the DDP wrapper, and the Run the epoch loop drives."""
+    of resumes, the broken-video tracker, the DDP wrapper, and the Run the epoch loop drives."""
     from torch.nn.parallel import DistributedDataParallel
     if args.batch_size * args.world_size < 2:
         print("WARNING: the global batch holds 1 clip: the contrastive and matching losses compare the clips of a "
@@ -263,6 +279,9 @@ def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.Res
         state.restore(resumed[0])
         state.dataset_size = len(dataset)
     utils.save_args_json(args, args.output_dir, resumed[1] if resumed is not None else None)
+    broken = BrokenVideos(dataset, args.output_dir, args.max_broken_fraction, resumed=resumed is not None,
+                          hint=datasets.check_hint(args.data_path, args.data_root,
+                                                   os.path.join(args.output_dir, "check.json")))
     train_model = model
     if args.distributed:
         train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
@@ -271,7 +290,7 @@ def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.Res
                cfg=StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size, epochs=args.epochs,
                output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
                save=checkpoint.training_saver(args, model, optimizer, scaler, state),
-               save_ckpt_freq=args.save_ckpt_freq)
+               save_ckpt_freq=args.save_ckpt_freq, broken=broken)
 
 
 EpochHook = Callable[[int], dict[str, float]]  # epoch -> evaluation metrics (may save a best checkpoint)
@@ -305,9 +324,13 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
         run.sampler.set_start(state.samples_in_epoch)
         state.micro_in_epoch = batches - len(run.sampler) // run.batch_size  # the same unless settings changed
         summary = train_one_epoch(run.train_model, run.loader, run.optimizer, run.scaler, batches, run.lr_schedule,
-                                  run.wd_schedule, run.cfg, state, run.tb, save_mid_epoch=run.save)
+                                  run.wd_schedule, run.cfg, state, run.tb, save_mid_epoch=run.save,
+                                  broken=run.broken)
         run.sampler.set_start(0)
         record = {"epoch": epoch, "global_step": state.global_step, **{f"train_{k}": v for k, v in summary.items()}}
+        if run.broken is not None:
+            run.broken.sync()
+            record.update(run.broken.summary(state))
         if state.micro_in_epoch < batches:  # --max_steps inside the epoch: save where we are, evaluate the end
             run.save(epoch, steps_in_epoch(state.micro_in_epoch, run.cfg.accum_iter))
             finish(epoch, {**record, "partial_epoch": True}, evaluate_now=evaluate is not None)
@@ -317,6 +340,8 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
         state.eval_pending, state.pending_record = (epoch if due else None), record
         run.save(epoch, None)
         finish(epoch, record, evaluate_now=due)
+    if run.broken is not None:
+        run.broken.report(state)
     return summary
 
 
@@ -349,3 +374,118 @@ class _EpochFinisher:
         checkpoint.keep_periodic(run.output_dir, epoch, run.save_ckpt_freq, run.epochs - 1)
         state.eval_pending, state.pending_record = None, {}
         distributed.barrier()
+
+# ----------------------------------------------------------------------------------------------- broken videos
+
+BROKEN_LIST = "broken_videos.txt"  # in the output folder: one "<path>\t<error>" line per broken training video
+BROKEN_WINDOW = 1000  # videos drawn that the stop rule judges (a shorter list: its length)
+NAMED_IN_LOG = 20     # broken files printed one by one; every one goes to broken_videos.txt
+
+
+class BrokenVideos:
+    """The run's view of its broken training videos, kept by the main process of each rank.
+
+    Data-loader workers are separate processes, so the batches carry the broken files they met. Each file is
+    named once per run: rank 0 prints it (the first NAMED_IN_LOG) and appends it to <output_dir>/broken_videos.txt;
+    other ranks' files reach rank 0 at sync() (every epoch end and checkpoint: one small object gather, never per
+    step). Known files go into the dataset, so the next epoch's workers skip them unopened. A resumed run reads the
+    list back. The stop rule: when more than `max_fraction` of the videos drawn in the latest steps (at least
+    `window` of them, counted on every rank and summed in the step's one collective) were broken, every rank stops
+    together with datasets.BrokenDataError.
+    """
+
+    def __init__(self, dataset: Any, output_dir: str, max_fraction: float, resumed: bool,
+                 window: int | None = None, hint: str | None = None) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"--max_broken_fraction must be in [0, 1], got {max_fraction}")
+        self.dataset, self.max_fraction = dataset, float(max_fraction)
+        self.hint = hint or datasets.check_hint()  # how to find them all (the stop message)
+        self.window = window or min(BROKEN_WINDOW, len(dataset) - len(dataset.excluded))
+        self.path = os.path.join(output_dir, BROKEN_LIST)
+        self.log_path = os.path.join(output_dir, "log.txt")
+        self.known: dict[str, str] = read_broken_list(self.path) if resumed else {}
+        self.pending: dict[str, str] = {}  # found on this rank, not yet sent to rank 0
+        if not resumed and distributed.is_main_process():
+            open(self.path, "w").close()  # a fresh run starts a fresh list
+        dataset.broken.update(self.known)
+
+    def note(self, found: Iterable[tuple[str, str]]) -> None:
+        """A batch's broken files: new ones are named (rank 0) or kept for the next sync (other ranks)."""
+        for path, error in found:
+            if path in self.known:
+                continue
+            self.known[path] = self.dataset.broken[path] = error
+            if distributed.is_main_process():
+                self._name(path, error)
+            else:
+                self.pending[path] = error
+
+    def sync(self) -> None:
+        """Every rank calls this at the same points: rank 0 names the other ranks' new files, all learn them."""
+        if distributed.get_world_size() == 1:
+            return
+        parts = distributed.gather_objects(self.pending)
+        self.pending = {}
+        for part in parts:
+            for path, error in part.items():
+                if path not in self.known:
+                    self.known[path] = self.dataset.broken[path] = error
+                    if distributed.is_main_process():
+                        self._name(path, error)
+
+    def _name(self, path: str, error: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{path}\t{error}\n")
+        n = len(self.known)
+        if n <= NAMED_IN_LOG:
+            shown = error if error.startswith(path) else f"{path}: {error}"
+            print(f"WARNING: broken training video {n}, replaced by the next readable one: {shown}", flush=True)
+        if n == NAMED_IN_LOG:
+            print(f"WARNING: further broken training videos are listed in {self.path} only", flush=True)
+
+    def check(self, state: TrainState, read: int, broken: int) -> None:
+        """One step's counts (summed over ranks) into the window; stop when its broken share is too high."""
+        window = state.broken_window
+        window.append([read, broken])
+        while len(window) > 1 and sum(r for r, _ in window) - window[0][0] >= self.window:
+            window.pop(0)
+        total, bad = sum(r for r, _ in window), sum(b for _, b in window)
+        if total >= self.window and bad > self.max_fraction * total:
+            self._stop(state, bad / total, total)
+
+    def _stop(self, state: TrainState, fraction: float, drawn: int) -> None:
+        self.sync()
+        utils.append_json_line(self.log_path, {
+            "epoch": state.epoch, "global_step": state.global_step, "stopped": "too many broken training videos",
+            "broken_fraction": fraction, "broken_video_files": len(self.known), "broken_list": BROKEN_LIST})
+        examples = ", ".join(list(self.known)[:3])
+        raise datasets.BrokenDataError(
+            f"stopped at epoch {state.epoch}, step {state.global_step}: {fraction:.0%} of the last {drawn} training "
+            f"videos drawn were broken (more than --max_broken_fraction {self.max_fraction:g}); "
+            f"{len(self.known)} broken files so far, e.g. {examples}; all are listed in {self.path}. To go on, "
+            f"{self.hint} (or pass --exclude_list {self.path}), or raise --max_broken_fraction; "
+            "the run resumes from its last checkpoint")
+
+    def summary(self, state: TrainState) -> dict[str, float]:
+        """log.txt's broken-video fields: files so far (not reads), and their share of the videos drawn."""
+        return {"broken_video_files": len(self.known),
+                "broken_fraction": state.videos_broken / state.videos_read if state.videos_read else 0.0}
+
+    def report(self, state: TrainState) -> None:
+        if self.known or state.videos_broken:
+            share = self.summary(state)["broken_fraction"]
+            print(f"Broken training videos: {len(self.known)} files ({share:.1%} of the {state.videos_read} videos "
+                  f"drawn), each replaced by the next readable one; listed in {self.path}")
+
+
+def read_broken_list(path: str) -> dict[str, str]:
+    """A run's broken_videos.txt -> {path: error} ({} when there is none yet)."""
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            name, _, error = line.rstrip("\n").partition("\t")
+            if name:
+                out[name] = error
+    return out

@@ -336,7 +336,8 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
-                                        seed=args.seed, max_retries=args.max_retries)
+                                        seed=args.seed,
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
                          f"({args.batch_size} x {args.world_size} processes)")
@@ -448,4 +449,4 @@ def exit_status(result: dict) -> int:
 
 if __name__ == "__main__":
     utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError,
-                          datasets.VideoDecodeError, exit_status=exit_status)
+                          datasets.VideoDecodeError, datasets.BrokenDataError, exit_status=exit_status)

@@ -76,7 +76,8 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
-                                        mask_generator=mask_gen, max_retries=args.max_retries)
+                                        mask_generator=mask_gen,
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
                                           text_mask_mode=model.text_masking or "mask", seed=args.seed)
@@ -148,11 +149,10 @@ def main(args: argparse.Namespace) -> dict:
                            if eval_set is not None else None,
                            eval_due=lambda e: (e + 1) % max(args.eval_every, 1) == 0 or e + 1 == args.epochs,
                            eval_name="zs")
-    if state.skipped_videos:
-        print(f"Skipped {int(state.skipped_videos)} broken video reads in total (see warnings above)")
     print(f"Pre-training done in {time.time() - t_start:.0f} s; outputs in {args.output_dir}")
     return {"summary": summary, "history": state.history}
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, datasets.VideoDecodeError)
+    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, datasets.VideoDecodeError,
+                          datasets.BrokenDataError)

@@ -79,8 +79,13 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--short_side_size", type=int, default=None, help="evaluation: frames resized to this short "
                        "side before the centre/three crops (default: --input_size)")
     group.add_argument("--num_workers", type=int, default=4, help="data-loader processes")
-    group.add_argument("--max_retries", type=int, default=10, help="training only: other samples tried after a "
-                       "broken video (a broken test/val video is an error)")
+    group.add_argument("--exclude_list", default=None, help="training only: videos never opened, as a "
+                       "`video_tools.py check --report` JSON (its unreadable videos) or a text file of paths, one a "
+                       "line (absolute, or relative to --data_root; e.g. a run's broken_videos.txt)")
+    group.add_argument("--max_broken_fraction", type=float, default=0.5, help="training only: a broken video is "
+                       "replaced by the next readable one and listed once in <output_dir>/broken_videos.txt; the run "
+                       "stops when more than this share of the last 1000 videos drawn (fewer for a shorter list) "
+                       "were broken (1 = never; a broken test/val video is always an error)")
     group.add_argument("--tokenizer", default=None, help="BERT directory or vocab.txt (None: the shipped "
                        "bert-base-uncased vocabulary)")
     group.add_argument("--max_text_len", type=int, default=32, help="caption tokens kept")

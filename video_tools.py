@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full_decode", action="store_true",
                    help="decode every frame, not only first/middle/last (slower; finds corruption mid-file)")
     c.add_argument("--allow_short", action="store_true", help="exit 0 when short videos are the only problem")
-    c.add_argument("--report", default=None, help="also write every problem to this JSON file")
+    c.add_argument("--report", default=None, help="also write every problem to this JSON file (training takes it "
+                   "as --exclude_list: its unreadable videos are never opened)")
     c.add_argument("--max_listed", type=int, default=200, help="problems printed (all go to --report; default 200)")
     c.set_defaults(func=run_check)
 

@@ -7,9 +7,11 @@ Fixtures (all session-scoped):
   frame carries its own index as a binary code (read it back with ``frame_index_of``).
 - ``broken_videos``: dict kind -> Path for the broken-media policy: "missing", "empty" (0 bytes), "truncated"
   (half an mp4), "not_a_video" (a text file named .mp4).
+``mostly_broken_list`` writes a training list of good synthetic clips, missing files and those unreadable files.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -69,6 +71,21 @@ def free_port() -> int:
 def _write(path: Path, width: int, height: int, fps: int, n: int, codec: str, faststart: bool = False) -> Path:
     synthetic_dataset.write_video(path, index_frames(width, height, n), fps, codec, faststart=faststart)
     return path
+
+
+def mostly_broken_list(synthetic_root: Path, broken_videos: dict[str, Path], folder: Path, good: int,
+                       missing: int) -> tuple[str, set[str]]:
+    """A release JSON dict: `good` synthetic clips and `missing` absent files (relative to --data_root), plus the
+    three unreadable files of the broken_videos fixture (absolute paths) -> (annotation path, broken full paths)."""
+    records = json.load(open(os.path.join(synthetic_root, "annotations", "pretrain.json")))
+    entries = dict(list(records.items())[:good])
+    entries.update({f"train/gone_{i:02d}.mp4": f"a clip that was never downloaded {i}" for i in range(missing)})
+    unreadable = [str(p) for k, p in broken_videos.items() if k != "missing"]
+    entries.update({p: f"an unreadable clip {os.path.basename(p)}" for p in unreadable})
+    anno = folder / "mostly_broken.json"
+    anno.write_text(json.dumps(entries))
+    broken = {os.path.join(str(synthetic_root), f"train/gone_{i:02d}.mp4") for i in range(missing)} | set(unreadable)
+    return str(anno), broken
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@ clip transforms, per-sample determinism, the broken-media policy, collate and th
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -378,7 +378,8 @@ def test_train_item_is_a_pure_function_of_seed_epoch_index(synthetic_root, backe
     item = ds[3]
     assert item["video"].shape == (3, 4, 32, 32) and item["video"].dtype == torch.float32
     assert item["video_mask"].shape == (8,) and item["video_mask"].dtype == torch.bool
-    assert item["caption"] in ds.records[3].captions and item["index"] == 3 and item["skipped"] == 0
+    assert item["caption"] in ds.records[3].captions and item["index"] == 3
+    assert (item["read"], item["broken"], item["broken_videos"]) == (1, 0, [])
     np_state, py_state = np.random.get_state(), random.getstate()
     assert _same(item, other[3]) and _same(item, ds[3])
     assert np.random.get_state()[1].tolist() == np_state[1].tolist() and random.getstate() == py_state
@@ -428,40 +429,159 @@ def _fresh_broken(broken_videos, tmp_path):
     return out
 
 
-def test_broken_training_videos_are_skipped_counted_warned_once_and_replaced_deterministically(
+def test_broken_training_videos_fall_through_to_the_same_readable_video_in_every_process(
         synthetic_root, broken_videos, tmp_path):
     good = datasets.read_annotations(synthetic_root / "annotations" / "pretrain.json", synthetic_root)[:6]
-    broken = _fresh_broken(broken_videos, tmp_path)
-    recs = good + [VideoRecord(str(p), [f"broken {k}"], k) for k, p in broken.items()]
+    recs = good + [VideoRecord(str(p), [f"broken {k}"], k) for k, p in broken_videos.items()]
+    broken_paths = {str(p) for p in broken_videos.values()}
 
     def make():
         return datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32, seed=3)
 
     ds = make()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        items = [ds[i] for i in range(len(recs))] + [ds[len(recs) - 1]]
-    messages = [str(w.message) for w in caught if issubclass(w.category, datasets.BrokenVideoWarning)]
-    for path in broken.values():
-        assert sum(str(path) in m for m in messages) == 1, path  # once per file, though read twice
-    assert all(it["skipped"] == 0 for it in items[:6])
-    assert all(it["skipped"] >= 1 and it["video"].shape == (3, 4, 32, 32) for it in items[6:])
-    assert all(not it["caption"].startswith("broken") for it in items)  # a good video's caption
-    assert ds.num_skipped == sum(it["skipped"] for it in items) >= 5
-    assert set(ds.broken) == {str(p) for p in broken.values()}
-    again = make()[len(recs) - 1]  # a new process would pick the same substitute, crop and caption
-    assert torch.equal(again["video"], items[-1]["video"]) and again["caption"] == items[-1]["caption"]
+    items = [ds[i] for i in range(len(recs))]
+    assert all(it["read"] == 1 and it["broken"] == 0 and it["broken_videos"] == [] for it in items[:6])
+    for it in items[6:]:  # the sample's own broken video is reported first, then any met on the walk
+        assert it["broken"] == 1 and it["broken_videos"][0][0] == recs[it["index"]].path
+        assert {p for p, _ in it["broken_videos"]} <= broken_paths and it["video"].shape == (3, 4, 32, 32)
+        assert not it["caption"].startswith("broken")  # a good video's caption
+    assert "file does not exist" in dict(items[6]["broken_videos"])[str(broken_videos["missing"])]
+    assert set(ds.broken) == broken_paths  # every broken file was met (there are only 6 good ones)
+    # a process that starts fresh and one that already knows every broken file pick the same substitute
+    knows = make()
+    knows.broken.update(ds.broken)
+    for other in (make(), knows):
+        for it in items[6:]:
+            again = other[it["index"]]
+            assert torch.equal(again["video"], it["video"]) and again["caption"] == it["caption"]
+            assert again["broken_videos"] == it["broken_videos"]
 
 
-def test_mostly_broken_training_list_raises_listing_files(broken_videos, tmp_path):
-    broken = _fresh_broken(broken_videos, tmp_path)
-    recs = [VideoRecord(str(p), ["x"], k) for k, p in broken.items()]
-    ds = datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32, max_retries=6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", datasets.BrokenVideoWarning)
-        with pytest.raises(RuntimeError, match="7 videos in a row failed") as info:
-            ds[0]
-    assert str(broken["missing"]) in str(info.value) and "file does not exist" in str(info.value)
+def test_fallthrough_order_visits_every_record_once_after_its_own():
+    for n in (1, 2, 12, 13, 97, 360):
+        for index in (0, n - 1, n // 2):
+            order = list(datasets.fallthrough_order(index, n, datasets.sample_rng(1, 2, index, "retry")))
+            assert order[0] == index and sorted(order[1:]) == list(range(n)), (n, index)
+            assert order == list(datasets.fallthrough_order(index, n, datasets.sample_rng(1, 2, index, "retry")))
+    starts = {tuple(datasets.fallthrough_order(0, 97, datasets.sample_rng(0, e, 0, "retry")))[1:3] for e in range(5)}
+    assert len(starts) == 5  # the walk is the sample's own (seed, epoch, index) draw
+
+
+def test_one_readable_video_among_many_broken_is_found_by_every_sample(synthetic_root, tmp_path):
+    """The old rule gave up after max_retries broken videos in a row, at the same sample on every restart."""
+    good = datasets.read_annotations(synthetic_root / "annotations" / "pretrain.json", synthetic_root)[0]
+    recs = [VideoRecord(str(tmp_path / f"gone_{i}.mp4"), [f"gone {i}"], str(i)) for i in range(40)]
+    recs.insert(17, good)
+    ds = datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32, seed=0)
+    for index in range(len(recs)):
+        item = ds[index]
+        assert item["caption"] in good.captions and item["broken"] == int(index != 17)
+    assert len(ds.broken) == 40
+
+
+def test_an_entirely_broken_list_raises_with_the_checker_hint_also_through_a_worker(broken_videos):
+    recs = [VideoRecord(str(p), ["x"], k) for k, p in broken_videos.items()]
+    ds = datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32)
+    all_broken = r"none of the 4 training videos can be read \(100% broken"
+    with pytest.raises(datasets.BrokenDataError, match=all_broken) as info:
+        ds[0]
+    assert "file does not exist" in str(info.value) and "video_tools.py check" in str(info.value)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=lambda items: items)
+    with pytest.raises(datasets.BrokenDataError) as info:
+        next(iter(loader))
+    assert str(info.value).startswith("none of the 4 training videos") and "Traceback" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- exclude lists
+
+
+def _check_report(anno, data_root, report):
+    import video_tools
+    video_tools.main(["check", "--anno", str(anno), "--data_root", str(data_root), "--num_frames", "4",
+                      "--sampling_rate", "2", "--workers", "1", "--report", str(report)])
+    return report
+
+
+@pytest.fixture()
+def list_with_broken(synthetic_root, broken_videos, tmp_path):
+    """A copy of 6 synthetic clips and the broken files under one root; annotations with relative paths."""
+    root = tmp_path / "root"
+    (root / "clips").mkdir(parents=True)
+    good = datasets.read_annotations(synthetic_root / "annotations" / "pretrain.json", synthetic_root)[:6]
+    entries = {}
+    for rec in good:
+        shutil.copyfile(rec.path, root / "clips" / (rec.video_id.split("/")[-1] + ".mp4"))
+        entries[f"clips/{rec.video_id.split('/')[-1]}.mp4"] = rec.captions[0]
+    for kind, path in broken_videos.items():
+        if path.exists():
+            shutil.copyfile(path, root / "clips" / path.name)
+        entries[f"clips/{path.name}"] = f"broken {kind}"
+    anno = tmp_path / "anno.json"
+    anno.write_text(json.dumps(entries))
+    return anno, root
+
+
+def test_a_check_report_excludes_exactly_its_unreadable_videos_also_under_another_data_root(
+        list_with_broken, tmp_path):
+    anno, root = list_with_broken
+    report = _check_report(anno, root, tmp_path / "check.json")
+    exclude = datasets.read_exclude_list(report)
+    assert sorted(os.path.basename(p) for p in exclude.paths) == ["empty.mp4", "missing.mp4", "not_a_video.mp4",
+                                                                  "truncated.mp4"]
+    recs = datasets.read_annotations(anno, root)
+    broken_idx = {i for i, r in enumerate(recs) if r.captions[0].startswith("broken")}
+    assert datasets.excluded_indices(recs, exclude, root) == (broken_idx, 0)
+    copy = tmp_path / "copy"  # e.g. the re-encoded videos of `video_tools.py preprocess`
+    shutil.copytree(root, copy)
+    copy_recs = datasets.read_annotations(anno, copy)
+    assert datasets.excluded_indices(copy_recs, exclude, copy) == (broken_idx, 0)
+    assert datasets.excluded_indices(copy_recs, datasets.ExcludeList("x", exclude.paths), copy) == (set(), 4)
+
+
+def test_a_text_exclude_list_matches_absolute_and_data_root_relative_paths(list_with_broken, tmp_path):
+    anno, root = list_with_broken
+    recs = datasets.read_annotations(anno, root)
+    text = tmp_path / "broken_videos.txt"
+    text.write_text(f"# known dead\n{root}/clips/empty.mp4\tempty file (0 bytes)\n\nclips/missing.mp4\n"
+                    "clips/not_listed.mp4\n")
+    exclude = datasets.read_exclude_list(text)
+    assert exclude.paths == [f"{root}/clips/empty.mp4", "clips/missing.mp4", "clips/not_listed.mp4"]
+    found, unmatched = datasets.excluded_indices(recs, exclude, root)
+    assert {os.path.basename(recs[i].path) for i in found} == {"empty.mp4", "missing.mp4"} and unmatched == 1
+
+
+def test_excluded_videos_are_never_opened_and_excluding_broken_ones_changes_no_sample(list_with_broken, tmp_path):
+    anno, root = list_with_broken
+    recs = datasets.read_annotations(anno, root)
+    excluded = datasets.exclusions_for(recs, str(_check_report(anno, root, tmp_path / "check.json")), root)
+    kw = dict(num_frames=4, sampling_rate=2, input_size=32, seed=2)
+    plain, ds = datasets.VideoTextDataset(recs, **kw), datasets.VideoTextDataset(recs, excluded=excluded, **kw)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        for i in range(len(recs)):
+            item, found = ds[i], plain[i]
+            assert item["broken_videos"] == [] and item["broken"] == 0 and item["read"] == int(i not in excluded)
+            assert found["broken"] == int(i in excluded)
+            assert torch.equal(item["video"], found["video"]) and item["caption"] == found["caption"]
+    assert ds.broken == {} and len(plain.broken) == 4  # the excluded files were never opened
+    first_good = min(set(range(len(recs))) - excluded)
+    no_good = datasets.VideoTextDataset(recs, excluded=excluded | {first_good}, **kw)
+    assert all(no_good[i]["caption"] != recs[first_good].captions[0] for i in range(len(recs)))
+
+
+def test_bad_exclude_lists_are_clear_errors(tmp_path, list_with_broken):
+    anno, root = list_with_broken
+    recs = datasets.read_annotations(anno, root)
+    with pytest.raises(FileNotFoundError, match="exclude list .*nowhere.json does not exist"):
+        datasets.read_exclude_list(tmp_path / "nowhere.json")
+    with pytest.raises(ValueError, match="bad.json: bad JSON at line 1"):
+        datasets.read_exclude_list(_write(tmp_path, "bad.json", "{\"problems\": [}"))
+    with pytest.raises(ValueError, match="other.json: a JSON exclude list must be a `video_tools.py check --report`"):
+        datasets.read_exclude_list(_write(tmp_path, "other.json", "{\"a\": 1}"))
+    everything = _write(tmp_path, "all.txt", "\n".join(r.path for r in recs))
+    with pytest.raises(ValueError, match=f"names all {len(recs)} videos"):
+        datasets.VideoTextDataset(recs, excluded=datasets.exclusions_for(recs, str(everything), root))
 
 
 def test_broken_video_in_evaluation_is_an_error_naming_the_file(synthetic_root, broken_videos):
@@ -540,19 +660,23 @@ def test_tokenizer_paths(tmp_path):
         datasets.build_tokenizer(tmp_path)
 
 
-def _item(index, caption, epoch=0, skipped=0):
+def _item(index, caption, epoch=0, broken=()):
     return {"video": torch.full((3, 4, 8, 8), float(index)), "caption": caption, "index": index, "epoch": epoch,
-            "skipped": skipped, "video_mask": torch.tensor([True, False] * 4)}
+            "read": 1, "broken": int(bool(broken)), "broken_videos": [(p, "gone") for p in broken],
+            "video_mask": torch.tensor([True, False] * 4)}
 
 
 def test_collate_pads_truncates_and_masks_per_sample(tokenizer):
     collate = datasets.VideoTextCollator(tokenizer, max_text_len=8, text_mask_ratio=0.5, seed=1)
-    items = [_item(0, "a red circle"), _item(1, "a very long caption " * 10, skipped=2), _item(2, "hi", epoch=0)]
+    items = [_item(0, "a red circle"), _item(1, "a very long caption " * 10, broken=["a", "b"]),
+             _item(2, "hi", epoch=0, broken=["a"])]
     batch = collate(items)
     assert batch["video"].shape == (3, 3, 4, 8, 8) and batch["video_mask"].shape == (3, 8)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)  # truncated to max_text_len
     assert batch["input_ids"][1, -1] == 102 and batch["attention_mask"][2].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert batch["index"].tolist() == [0, 1, 2] and int(batch["skipped"]) == 2
+    assert batch["index"].tolist() == [0, 1, 2]
+    assert (int(batch["videos_read"]), int(batch["videos_broken"])) == (3, 2)
+    assert batch["broken_videos"] == [("a", "gone"), ("b", "gone")]  # each file once per batch
     assert batch["caption"][0] == "a red circle"
     masked = batch["mlm_labels"] != -100
     assert masked.any(dim=1).all() and (batch["mlm_input_ids"][masked] == 103).all()
@@ -623,7 +747,7 @@ def test_auto_backend_falls_back_to_pyav_where_decord_cannot_read(tmp_path):
         datasets.open_video(path, "decord").get_frames([0])
     recs = [VideoRecord(str(path), ["narrow"], "w48")]
     item = datasets.VideoTextDataset(recs, num_frames=4, sampling_rate=2, input_size=32)[0]
-    assert item["skipped"] == 0 and item["video"].shape == (3, 4, 32, 32)
+    assert item["broken"] == 0 and item["video"].shape == (3, 4, 32, 32)
     views = datasets.VideoTextDataset(recs, mode="test", num_frames=4, sampling_rate=2, input_size=32,
                                       short_side_size=32)[0]["video"]
     assert views.shape == (1, 3, 4, 32, 32)

@@ -1,6 +1,6 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
-pre-training entry point."""
+pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once)."""
 import json
 import os
 import subprocess
@@ -12,7 +12,8 @@ from timm.models import create_model
 
 import modeling_simvtp  # noqa: F401
 import distributed
-from conftest import free_port
+import utils
+from conftest import free_port, mostly_broken_list
 from masking_generator import TubeMaskingGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,3 +128,29 @@ def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_r
     # the collectives in use are the current API: no deprecation warning on any rank
     for run in (full, resumed):
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
+
+
+def test_torchrun_two_processes_name_every_ranks_broken_videos_once(tmp_path, synthetic_root, broken_videos):
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=10, missing=12)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
+           "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
+           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+           "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
+           "--max_broken_fraction", "0.9", "--seed", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    listed = [line.split("\t")[0] for line in (out / "broken_videos.txt").read_text().splitlines()]
+    assert len(listed) == len(set(listed)) and set(listed) <= broken
+    paths = list(json.load(open(anno)))
+    full = [p if os.path.isabs(p) else os.path.join(str(synthetic_root), p) for p in paths]
+    for rank in (0, 1):  # the broken videos each rank drew itself are all listed, rank 1's too
+        sampler = utils.ResumableDistributedSampler(full, num_replicas=2, rank=rank, seed=4, shuffle=True)
+        drawn = {full[i] for i in sampler} & broken
+        assert drawn and drawn <= set(listed), rank
+    named = [line for line in run.stdout.splitlines() if line.startswith("WARNING: broken training video")]
+    assert len(named) == len(listed)  # printed once, by rank 0
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["broken_video_files"] == len(listed)

@@ -1,6 +1,7 @@
 """The retrieval entry point on the tiny synthetic set: fine-tuning from a pre-training checkpoint with selection on
 val and a final test, --only_test on given weights (never auto-resumed over), zero-shot and re-ranking, embedding
-export, layer-wise lr decay over both branches, broken test videos, and a 2-process torchrun with --dist_eval.
+export, layer-wise lr decay over both branches, broken test videos, broken training videos (--exclude_list, the
+broken_videos.txt list), and a 2-process torchrun with --dist_eval.
 
 The release's full-size fine-tuned key list loading strictly is tested in test_modeling.py
 (test_release_checkpoint_loads_strictly_into_base_model); here the release's DeepSpeed file layout ("module")
@@ -22,7 +23,7 @@ import engine_for_finetuning as engine
 import model_registry
 import run_simvtp_finetuning as run
 import utils
-from conftest import free_port
+from conftest import free_port, mostly_broken_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_frames", "4", "--input_size", "32", "--short_side_size", "32", "--batch_size", "4",
@@ -360,6 +361,21 @@ def test_text_file_with_blank_lines_is_refused_naming_them(finetuned, synthetic_
         run.main(_args(synthetic_root, tmp_path, "--export_embeddings", str(tmp_path / "emb.npy"),
                        "--finetune", str(src / "checkpoint-best.pth"), "--text_file", str(texts)))
     assert not (tmp_path / "emb.npy").exists()
+
+
+def test_finetuning_replaces_broken_training_videos_and_never_opens_excluded_ones(synthetic_root, pretrain_ckpt,
+                                                                                    broken_videos, tmp_path):
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=10, missing=12)
+    missing = sorted(p for p in broken if "gone_" in p)
+    exclude = tmp_path / "dead.txt"  # relative to --data_root, as in the annotation file
+    exclude.write_text("".join(os.path.relpath(p, synthetic_root) + "\n" for p in missing))
+    out = tmp_path / "out"
+    run.main(_args(synthetic_root, out, "--model", "simvtp_dual_tiny_patch16", "--finetune", pretrain_ckpt,
+                   "--data_path", anno, "--exclude_list", str(exclude), "--epochs", "1", "--warmup_epochs", "0"))
+    listed = [line.split("\t")[0] for line in (out / "broken_videos.txt").read_text().splitlines()]
+    assert listed and len(listed) == len(set(listed)) and set(listed) <= broken - set(missing)
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["broken_video_files"] == len(listed) and record["train_videos_read_total"] < 24
 
 
 def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain_ckpt, tmp_path):

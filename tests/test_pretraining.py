@@ -1,5 +1,8 @@
 """The real pre-training entry point on the tiny synthetic set: outputs, resume equivalence (epoch boundary and
-mid-epoch), non-finite losses, broken videos in the training list."""
+mid-epoch), non-finite losses, broken videos in the training list (fall-through, the list of broken files, resume,
+the --max_broken_fraction stop, --exclude_list)."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +17,8 @@ import torch
 import checkpoint
 import engine_for_pretraining
 import run_simvtp_pretraining
+import video_tools
+from conftest import mostly_broken_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,21 +117,6 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthe
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_broken_videos_in_the_training_list_are_skipped_and_counted(synthetic_root, broken_videos, tmp_path,
-                                                                    capsys):
-    records = json.load(open(os.path.join(synthetic_root, "annotations", "pretrain.json")))
-    records = {os.path.join(synthetic_root, k): v for k, v in records.items()}
-    for kind, path in broken_videos.items():
-        records[str(path)] = f"a broken video ({kind})"
-    anno = tmp_path / "with_broken.json"
-    anno.write_text(json.dumps(records))
-    args = _args(synthetic_root, tmp_path / "out", "--epochs", "1")
-    args.data_path, args.data_root = str(anno), None
-    result = run_simvtp_pretraining.main(args)
-    assert result["summary"]["skipped_videos_total"] >= 1
-    assert "Skipped" in capsys.readouterr().out
-
-
 def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_root, tmp_path):
     val = os.path.join(synthetic_root, "annotations", "val.json")
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--eval_every", "1",
@@ -208,12 +198,7 @@ def test_a_global_batch_of_one_clip_is_warned_about(synthetic_root, tmp_path, ca
 
 
 def _entry_argv(synthetic_root, out_dir, *extra) -> list[str]:
-    args = vars(_args(synthetic_root, out_dir))
-    argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py")]
-    for flag in ("data_path", "data_root", "model", "num_frames", "input_size", "batch_size", "epochs",
-                 "warmup_epochs", "lr", "num_workers", "precision", "output_dir", "print_freq", "seed"):
-        argv += [f"--{flag}", str(args[flag])]
-    return argv + list(extra)
+    return [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), *_argv(synthetic_root, out_dir, *extra)]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -224,7 +209,7 @@ def _entry_argv(synthetic_root, out_dir, *extra) -> list[str]:
 def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, flags, message):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder\n")
-    argv = _entry_argv(synthetic_root, tmp_path / "out", "--device", "cpu")
+    argv = _entry_argv(synthetic_root, tmp_path / "out")
     argv += [f.replace("{file}", str(a_file)) for f in flags]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -232,7 +217,7 @@ def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, flags,
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root, tmp_path):
-    argv = _entry_argv(synthetic_root, tmp_path, "--device", "cpu", "--save_every_steps", "1")
+    argv = _entry_argv(synthetic_root, tmp_path, "--save_every_steps", "1")
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not checkpoint.list_checkpoints(str(tmp_path)) and time.time() < deadline and proc.poll() is None:
@@ -300,3 +285,104 @@ def test_bad_records_of_a_webvid_csv_are_all_listed_or_dropped_with_skip_bad_rec
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     assert "dropped 3 bad record(s) of 27 (--skip_bad_records)" in ran.stdout
     assert "Data: 24 videos" in ran.stdout
+
+
+# ----------------------------------------------------------------------------------------------- broken videos
+
+
+def _train_on_list(synthetic_root, out, anno, *extra):
+    """The real entry point on a list of our own (2 data-loader workers); -> (result, stdout)."""
+    args = _args(synthetic_root, out, "--data_path", anno, "--num_workers", "2", *extra)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = run_simvtp_pretraining.main(args)
+    return result, stdout.getvalue()
+
+
+def _broken_list(out):
+    return [line.split("\t")[0] for line in (out / engine_for_pretraining.BROKEN_LIST).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mostly_broken(synthetic_root, broken_videos, tmp_path_factory):
+    """60% of the list broken (10 good, 12 missing, 3 unreadable), 2 epochs with 2 loader workers, not stopped."""
+    folder = tmp_path_factory.mktemp("mostly_broken")
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
+    result, stdout = _train_on_list(synthetic_root, folder / "out", anno, "--max_broken_fraction", "0.9")
+    return anno, broken, folder / "out", result, stdout
+
+
+def test_a_list_60_percent_broken_trains_and_names_each_broken_file_once(mostly_broken):
+    """Before: `N videos in a row failed to decode` stopped the run, at the same sample on every restart."""
+    _, broken, out, result, stdout = mostly_broken
+    lines = [json.loads(x) for x in open(out / "log.txt")]
+    assert [x["epoch"] for x in lines] == [0, 1] and os.path.isfile(out / "checkpoint-1.pth")
+    listed = _broken_list(out)  # 2 workers x 2 epochs met them: each file once, every broken file
+    assert sorted(listed) == sorted(broken)
+    named = [line for line in stdout.splitlines() if line.startswith("WARNING: broken training video")]
+    for path in broken:
+        assert sum(f"one: {path}:" in line for line in named) == 1, path  # named once in the log too
+    assert len(named) == len(broken)
+    for record in lines:  # log.txt: files, not reads; and their share of the videos drawn
+        assert record["broken_video_files"] == len(broken)
+        assert record["broken_fraction"] == record["train_videos_broken_total"] / record["train_videos_read_total"]
+    assert lines[1]["train_videos_broken_total"] > len(broken)  # read again in epoch 1, still 15 files
+    assert 0.5 < lines[1]["broken_fraction"] < 0.7
+    assert f"Broken training videos: {len(broken)} files" in stdout
+
+
+def test_resuming_a_mostly_broken_run_reaches_the_same_samples(mostly_broken, synthetic_root, tmp_path):
+    anno, broken, full_out, full, _ = mostly_broken
+    extra = ("--max_broken_fraction", "0.9")
+    first, _ = _train_on_list(synthetic_root, tmp_path, anno, *extra, "--max_steps", "8")  # inside epoch 1
+    assert os.path.basename(checkpoint.find_latest(str(tmp_path))) == "checkpoint-1-step2.pth"
+    second, stdout = _train_on_list(synthetic_root, tmp_path, anno, *extra)
+    resumed = first["history"] + second["history"]
+    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
+    assert [a["loss"] for a in resumed] == [b["loss"] for b in full["history"]]  # the same samples, bitwise
+    for k, v in _weights(full_out).items():
+        assert torch.equal(_weights(tmp_path)[k], v), k
+    assert sorted(_broken_list(tmp_path)) == sorted(broken)  # the resumed run read the list back
+    assert "WARNING: broken training video" not in stdout  # and named none of them again
+
+
+def test_a_check_report_as_exclude_list_means_its_files_are_never_opened(mostly_broken, synthetic_root, tmp_path):
+    anno, broken, full_out, full, _ = mostly_broken
+    report = tmp_path / "check.json"
+    status = video_tools.main(["check", "--anno", anno, "--data_root", str(synthetic_root), "--num_frames", "4",
+                               "--sampling_rate", "4", "--workers", "1", "--report", str(report)])
+    assert status == video_tools.EXIT_ERRORS
+    # the default --max_broken_fraction 0.5 would stop this list; excluded files are not drawn, not counted
+    result, stdout = _train_on_list(synthetic_root, tmp_path / "out", anno, "--exclude_list", str(report))
+    assert f"{len(broken)} of the 25 training videos are never opened" in stdout
+    assert _broken_list(tmp_path / "out") == [] and "WARNING: broken" not in stdout
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "log.txt")]
+    assert [(x["epoch"], x["broken_video_files"], x["train_videos_broken_total"]) for x in lines] == [(0, 0, 0),
+                                                                                                     (1, 0, 0)]
+    # never opened, yet the same samples as the run that found them broken: excluding changes no sample
+    assert [a["loss"] for a in result["history"]] == [b["loss"] for b in full["history"]]
+
+
+def test_too_many_broken_videos_stop_the_run_with_the_share_the_files_and_the_checker(
+        synthetic_root, broken_videos, tmp_path):
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=2, missing=15)  # 90%
+    args = vars(_args(synthetic_root, tmp_path / "out"))
+    argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
+            "--max_broken_fraction", "0.5"]
+    for flag in ("data_root", "model", "num_frames", "input_size", "batch_size", "epochs", "warmup_epochs",
+                 "num_workers", "device", "precision", "output_dir", "seed"):
+        argv += [f"--{flag}", str(args[flag])]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-2000:]
+    error = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    message = error[0]
+    share = int(message.split("% of the last")[0].rsplit(" ", 1)[1])
+    assert share > 50 and "(more than --max_broken_fraction 0.5)" in message
+    assert f"video_tools.py check --anno {anno} --data_root {synthetic_root}" in message
+    listed = _broken_list(tmp_path / "out")
+    assert len(listed) == len(set(listed)) and set(listed) <= broken
+    assert all(p in listed for p in message.split("e.g. ")[1].split("; all are")[0].split(", "))
+    stop = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[-1])
+    assert stop["stopped"] == "too many broken training videos" and stop["broken_video_files"] == len(listed)
+    assert stop["broken_fraction"] > 0.5
