@@ -180,7 +180,7 @@ def profile_stages(records, backend: str, clip: dict, samples: int, tokenizer) -
         t = tick("normalise", t)
         mask = torch.from_numpy(masker(datasets.sample_rng(0, 0, i, "video_mask")))
         t = tick("video mask", t)
-        items.append({"video": out, "caption": record.captions[0], "index": i, "epoch": 0, "skipped": 0,
+        items.append({"video": out, "caption": record.captions[0], "index": i, "epoch": 0,
                       "video_mask": mask})
     for start in range(0, len(items), 8):
         t = time.perf_counter()
