@@ -10,6 +10,7 @@ non-finite check), not several per micro-batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -40,6 +41,7 @@ class TrainState:
     global_step: int = 0            # optimizer steps taken or skipped since the start: the schedules' index
     bad_streak: int = 0
     skipped_steps: int = 0
+    scaler_skipped_steps: int = 0   # fp16: steps the loss scaler skipped (inf/nan gradients; the scale backs off)
     videos_read: int = 0            # training samples (all ranks) whose own video was opened (not excluded) ...
     videos_broken: int = 0          # ... and found broken (the sample used the next readable video)
     broken_window: list = field(default_factory=list)  # [read, broken] of the latest steps (BrokenVideos' window)
@@ -137,8 +139,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
             _skip_step(optimizer, state, cfg, epoch)
         else:
             state.bad_streak = 0
-            norm = _optimizer_step(model, optimizer, scaler, cfg)
-            log.step(out, optimizer, norm, batch["video"].shape[0] * size)
+            norm, scaler_scalars = _optimizer_step(model, optimizer, scaler, cfg)
+            log.step({**out, **scaler_scalars}, optimizer, norm, batch["video"].shape[0] * size)
         step_in_epoch = steps_in_epoch(state.micro_in_epoch, cfg.accum_iter)
         if save_mid_epoch is not None and cfg.save_every_steps > 0 and state.micro_in_epoch < batches_per_epoch \
                 and state.global_step % cfg.save_every_steps == 0:
@@ -154,6 +156,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
     summary["videos_read_total"] = state.videos_read
     summary["videos_broken_total"] = state.videos_broken
     summary["skipped_steps_total"] = state.skipped_steps
+    if scaler.is_enabled():
+        summary["scaler_skipped_steps_total"] = state.scaler_skipped_steps
     return summary
 
 
@@ -161,33 +165,44 @@ def _forward_backward(model: torch.nn.Module, batch: dict, scaler: torch.amp.Gra
                       scale: float = 1.0, sync: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward + backward of one micro-batch (loss x `scale`) -> (the model's scalars, detached; a bool tensor:
     the loss is non-finite). Nothing is read on the host here. Gradients of a non-finite micro-batch are
-    dropped with its window."""
+    dropped with its window. Inside an accumulation window (sync=False) both passes run under DDP's no_sync():
+    DDP decides at forward time whether the backward all-reduces."""
     no_sync = getattr(model, "no_sync", None)
-    with utils.autocast(cfg.device, cfg.dtype):
-        out = model(batch, gather=distributed.gather_with_grad)
-    loss = out["loss"]
-    if no_sync is not None and not sync:
-        with no_sync():
-            scaler.scale(loss * scale).backward()
-    else:
+    with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
+        with utils.autocast(cfg.device, cfg.dtype):
+            out = model(batch, gather=distributed.gather_with_grad)
+        loss = out["loss"]
         scaler.scale(loss * scale).backward()
     scalars = {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     return scalars, ~torch.isfinite(loss.detach())
 
 
 def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    cfg: StepConfig) -> torch.Tensor:
-    """Unscale, clip (or measure) the gradient norm, step, clear -> the norm (a tensor: not read here)."""
+                    cfg: StepConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unscale, clip (or measure) the gradient norm, step, clear -> (the norm, the loss scaler's scalars: its scale
+    and whether it skipped this step (fp16 only)); tensors, not read here."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.clip_grad:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     else:
         norm = utils.grad_norm(params)
+    before = _loss_scale(scaler)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    if before is None:
+        return norm, {}
+    after = _loss_scale(scaler)
+    return norm, {"loss_scale": after, "scaler_skipped": (after < before).float()}  # a skip backs the scale off
+
+
+def _loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """The scaler's current scale as a device tensor (a copy: update() changes it in place); None when disabled."""
+    if not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale.detach().clone().reshape(()) if scale is not None else torch.tensor(scaler.get_scale())
 
 
 def _skip_step(optimizer: torch.optim.Optimizer, state: TrainState, cfg: StepConfig, epoch: int) -> None:
@@ -231,6 +246,7 @@ class _StepLog:
         for (step, _, host), keys in zip(self.pending, names):
             scalars = {**dict(zip(keys, values[pos:pos + len(keys)])), **host, "clips_per_s": rate}
             pos += len(keys)
+            self.state.scaler_skipped_steps += int(scalars.pop("scaler_skipped", 0))
             self.metrics.update(**scalars)
             self.state.history.append({"step": step, **scalars})
             if self.tb is not None:
@@ -264,12 +280,20 @@ class Run:
     broken: "BrokenVideos | None" = None
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP for training: gradients all-reduced straight from their buckets (gradient_as_bucket_view: no second copy
+    of the gradients), and no buffer broadcast before every forward (forward_sync_buffers=False, torch 2.14's name):
+    our buffers are constant tables (sin-cos positions, id buffers) that the start-up sync already made equal."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+        forward_sync_buffers=False)
+
+
 def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.ResumableDistributedSampler,
               dataset: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr_schedule: np.ndarray,
               wd_schedule: np.ndarray, dtype: torch.dtype) -> Run:
     """The run scripts' common start: resume (reporting or refusing changed settings), args.json with the history
     of resumes, the broken-video tracker, the DDP wrapper, and the Run the epoch loop drives."""
-    from torch.nn.parallel import DistributedDataParallel
     if args.batch_size * args.world_size < 2:
         print("WARNING: the global batch holds 1 clip: the contrastive and matching losses compare the clips of a "
               "batch and are 0 here; they need at least 2 (raise --batch_size or the number of processes)")
@@ -284,7 +308,7 @@ def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.Res
                                                    os.path.join(args.output_dir, "check.json")))
     train_model = model
     if args.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device_obj.type == "cuda" else None)
+        train_model = wrap_ddp(model, args.device_obj)
     return Run(model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset,
                optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                cfg=StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size, epochs=args.epochs,

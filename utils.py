@@ -130,6 +130,8 @@ def add_run_args(parser: Any, *, output_dir: str, save_ckpt_freq: int, keep_last
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype. auto: bf16 where the device runs it natively (Ampere+ GPUs, AVX512-BF16/AMX "
                    "CPUs), else fp16 with loss scaling on CUDA, else fp32")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: fp32 matmuls and convolutions in TF32 (Ampere and later; --no-tf32 for full fp32)")
     g.add_argument("--seed", type=int, default=0, help="every random choice of the run derives from it")
     g.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, args.json, tb/")
     g.add_argument("--log_dir", default=None, help="tensorboard folder (default: <output_dir>/tb)")
@@ -151,6 +153,8 @@ def setup_run(args: Any) -> torch.dtype:
     if args.device_obj.type == "cuda" and args.distributed:
         args.device_obj = torch.device("cuda", args.gpu)
     dtype = resolve_precision(args.precision, args.device_obj)
+    if args.device_obj.type == "cuda":
+        configure_cuda_math(args.tf32)
     if args.device_obj.type == "cpu":
         set_cpu_threads(args.num_workers)
     torch.manual_seed(args.seed + args.rank)
@@ -229,6 +233,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
     return device
+
+
+def configure_cuda_math(tf32: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions (or full fp32), and cuDNN's autotuner: the tube embedding is a Conv3d
+    of one fixed shape, so the best algorithm is found once and reused."""
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = True
 
 
 def auto_precision(device_type: str, native_bf16: bool) -> str:

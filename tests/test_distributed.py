@@ -154,3 +154,41 @@ def test_torchrun_two_processes_name_every_ranks_broken_videos_once(tmp_path, sy
     assert len(named) == len(listed)  # printed once, by rank 0
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert record["broken_video_files"] == len(listed)
+
+
+def _accumulation_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Count DDP's gradient all-reduces (a counting comm hook) over one accumulation window of two micro-batches."""
+    import engine_for_pretraining as engine
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ddp = engine.wrap_ddp(create_model("simvtp_tiny_patch16", **TINY), torch.device("cpu"))
+    calls = []
+
+    def counting_allreduce(state, bucket):
+        calls.append(1)
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    batch = _global_batch()
+    local = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+    cfg = engine.StepConfig(device=torch.device("cpu"), dtype=torch.float32, accum_iter=2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    engine._forward_backward(ddp, local, scaler, cfg, scale=0.5, sync=False)
+    inside_window = len(calls)
+    engine._forward_backward(ddp, local, scaler, cfg, scale=0.5, sync=True)
+    json.dump({"inside_window": inside_window, "window_end": len(calls) - inside_window,
+               "forward_sync_buffers": ddp.forward_sync_buffers, "bucket_view": ddp.gradient_as_bucket_view},
+              open(os.path.join(out_dir, f"calls{rank}.json"), "w"))
+    torch.distributed.destroy_process_group()
+
+
+def test_accumulation_all_reduces_only_at_the_end_of_the_window(tmp_path):
+    """DDP decides at forward time whether a backward all-reduces: the window's first micro-batch must run its
+    forward under no_sync too, or every micro-batch pays a full gradient all-reduce."""
+    mp.spawn(_accumulation_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        calls = json.load(open(tmp_path / f"calls{rank}.json"))
+        assert calls["inside_window"] == 0 and calls["window_end"] >= 1, calls
+        assert calls["forward_sync_buffers"] is False and calls["bucket_view"] is True

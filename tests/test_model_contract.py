@@ -196,3 +196,30 @@ def test_a_last_partial_window_is_stepped_with_its_own_mean():
     for lo, hi in ((0, 4), (4, 6)):
         expected = expected - 2 * x[lo:hi].t() @ (x[lo:hi] @ expected - y[lo:hi]) / (hi - lo)
     torch.testing.assert_close(w, expected, rtol=0, atol=1e-12)
+
+
+class Quadratic32(nn.Module):
+    """A float32 loss that overflows once multiplied by a huge loss scale (as fp16 gradients overflow on GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, 3))
+
+    def forward(self, batch: dict, gather=None) -> dict:
+        return {"loss": 1e6 * ((batch["x"].float() @ self.w - batch["y"].float()) ** 2).mean()}
+
+
+def test_steps_the_loss_scaler_skips_are_counted_and_its_scale_is_logged():
+    x, y = _data(8)
+    loader = [{"x": x[i:i + 2], "y": y[i:i + 2], "video": x[i:i + 2]} for i in range(0, 8, 2)]
+    model, state = Quadratic32(), engine.TrainState()
+    start = model.w.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=1000)  # x gradients ~1e6: inf
+    cfg = engine.StepConfig(device=torch.device("cpu"), dtype=torch.float32, print_freq=100)
+    summary = engine.train_one_epoch(model, loader, optimizer, scaler, 4, np.ones(4), np.zeros(4), cfg, state)
+    scales = [h["loss_scale"] for h in state.history]
+    assert scales == [2.0 ** 126, 2.0 ** 125, 2.0 ** 124, 2.0 ** 123]  # each overflow halves the scale ...
+    assert state.scaler_skipped_steps == 4 and summary["scaler_skipped_steps_total"] == 4  # ... and is counted
+    assert torch.equal(model.w.detach(), start)  # no skipped step changed the weights
+    assert "scaler_skipped" not in state.history[0]  # counted, not logged as a per-step scalar

@@ -127,3 +127,17 @@ def test_error_message_of_a_data_loader_worker_is_the_original_error_only(broken
     message = utils.error_message(info.value)
     assert message.startswith(f"{broken_videos['missing']}: file does not exist") and "\n" not in message
     assert utils.error_message(ValueError("plain")) == "plain"
+
+
+@pytest.mark.parametrize("tf32, expected", [(True, "tf32"), (False, "ieee")])
+def test_cuda_math_settings_follow_the_tf32_flag(tf32, expected):
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark)
+    try:
+        utils.configure_cuda_math(tf32)
+        assert torch.backends.cuda.matmul.fp32_precision == expected
+        assert torch.backends.cudnn.conv.fp32_precision == expected
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cudnn.benchmark) = saved
