@@ -217,7 +217,7 @@ def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, flags,
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root, tmp_path):
-    argv = _entry_argv(synthetic_root, tmp_path, "--save_every_steps", "1")
+    argv = _entry_argv(synthetic_root, tmp_path, "--save_every_steps", "1", "--epochs", "50")  # still running
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not checkpoint.list_checkpoints(str(tmp_path)) and time.time() < deadline and proc.poll() is None:
