@@ -5,8 +5,10 @@ Flow (one direction)::
 
     read_annotations(file) -> [VideoRecord(path, captions, video_id)]
     VideoTextDataset[i]    -> decode only the sampled frames (decord | PyAV), one crop for the whole clip,
-                              ImageNet-normalised video [C, T, H, W] (+ tube mask [N], a caption)
-    VideoTextCollator      -> batch: video [B, C, T, H, W], input_ids / attention_mask [B, L], MLM ids / labels
+                              uint8 video [C, T, H, W] (+ tube mask [N], a caption)
+    VideoTextCollator      -> batch: uint8 video [B, C, T, H, W], input_ids / attention_mask [B, L], MLM ids /
+                              labels (through the loader workers' shared memory: 1 byte a pixel value)
+    normalize_video(video) -> on the device, right before the model: ImageNet-normalised float32 video
 
 Every random choice about a sample (start frame, crop, tube mask, text mask, caption, retry) comes from
 ``sample_rng(seed, epoch, index, stream)``: a batch split over processes, a resumed run and a re-run all see the
@@ -53,6 +55,7 @@ __all__ = [
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
     "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
+    "normalize_video",
     "EvalListError", "find_unusable_videos", "format_unusable", "check_eval_lists", "MAX_LISTED",
     "ExcludeList", "read_exclude_list", "excluded_indices", "exclusions_for", "fallthrough_order", "check_hint",
 ]
@@ -823,18 +826,32 @@ def _resize(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def _normalize(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 [T, 3, H, W] -> float32 [3, T, H, W], ImageNet mean/std; one copy, one fused multiply-add."""
-    out = torch.empty((clip.shape[1], clip.shape[0], *clip.shape[2:]), dtype=torch.float32)
-    out.copy_(clip.permute(1, 0, 2, 3))
-    return torch.addcmul(_SHIFT, out, _INV_STD_255, out=out)
+def _channels_first(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> uint8 [3, T, H, W], contiguous (the layout the models take, still 1 byte a value)."""
+    return clip.permute(1, 0, 2, 3).contiguous()
+
+
+def normalize_video(video: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, T, H, W] (what the loader yields) -> float32 ImageNet-normalised, on video's device.
+
+    Clips stay uint8 through the data-loader workers' shared memory (4x fewer bytes than float32) and are
+    normalised here, on the device, right before the model (whose contract takes normalised float video). One
+    fused multiply-add with the same constants on every device. A floating tensor is taken as normalised already
+    (batches built by hand, e.g. the benchmarks) and returned unchanged."""
+    if video.is_floating_point():
+        return video
+    if video.dtype != torch.uint8:
+        raise TypeError(f"video must be uint8 pixels or normalised float, got {video.dtype}")
+    scale, shift = _INV_STD_255.to(video.device), _SHIFT.to(video.device)
+    return torch.addcmul(shift, video.float(), scale)
 
 
 def train_clip_transform(frames: np.ndarray, input_size: int, rng: np.random.Generator) -> torch.Tensor:
     """Pre-training augmentation: one multi-scale corner/centre crop for every frame (on uint8), one resize to
-    input_size, no flip, normalise. frames uint8 [T, H, W, 3] -> float32 [3, T, input_size, input_size]."""
+    input_size, no flip. frames uint8 [T, H, W, 3] -> uint8 [3, T, input_size, input_size] (normalize_video makes
+    the model's input on the device)."""
     top, left, h, w = multi_scale_crop_box(frames.shape[1], frames.shape[2], input_size, rng)
-    return _normalize(_resize(frames[:, top:top + h, left:left + w], (input_size, input_size)))
+    return _channels_first(_resize(frames[:, top:top + h, left:left + w], (input_size, input_size)))
 
 
 def _short_side_resize(frames: np.ndarray, short_side: int) -> torch.Tensor:
@@ -848,8 +865,8 @@ def test_views(frames: np.ndarray, clips: Sequence[Sequence[int]], input_size: i
     """Evaluation views: frames uint8 [U, H, W, 3] (the decoded frames), clips = rows of positions into them.
 
     The short side is resized to short_side_size once; each clip gives num_crops input_size squares spaced
-    along the long side (centred on the short side). -> float32 [V, 3, T, input_size, input_size], V = clips x
-    crops, clip-major."""
+    along the long side (centred on the short side). -> uint8 [V, 3, T, input_size, input_size], V = clips x
+    crops, clip-major (normalize_video makes the model's input on the device)."""
     if short_side_size < input_size:
         raise ValueError(f"short_side_size {short_side_size} < input_size {input_size}")
     resized = _short_side_resize(frames, short_side_size)  # [U, 3, h, w]
@@ -866,7 +883,7 @@ def test_views(frames: np.ndarray, clips: Sequence[Sequence[int]], input_size: i
         clip = resized[list(rows)]
         for a in along:
             top, left = (across, a) if long_is_w else (a, across)
-            views.append(_normalize(clip[:, :, top:top + input_size, left:left + input_size]))
+            views.append(_channels_first(clip[:, :, top:top + input_size, left:left + input_size]))
     return torch.stack(views)
 
 
@@ -937,11 +954,11 @@ def fallthrough_order(index: int, num_records: int, rng: np.random.Generator) ->
 class VideoTextDataset(torch.utils.data.Dataset):
     """Video-caption pairs for pre-training / fine-tuning ("train") and retrieval evaluation ("test").
 
-    train item: {"video": float [3, T, S, S], "caption": str, "index": i, "epoch": e,
+    train item: {"video": uint8 [3, T, S, S], "caption": str, "index": i, "epoch": e,
                  "read": 1 if the sample's own video was opened (0 when excluded), "broken": 1 if it was broken,
                  "broken_videos": [(path, error)] every broken file this sample met,
                  "video_mask": bool [N] (with mask_generator)} — VideoMAE sampling and multi-scale crop.
-    test item:  {"video": float [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
+    test item:  {"video": uint8 [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
                  "index": i}.
     In training a broken video is replaced by the next readable one along fallthrough_order (its caption goes with
     it; crop and frame draws stay the sample's). Files in `self.broken` (known broken: found by this process, or
@@ -998,6 +1015,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def video_nbytes(self) -> int:
+        """Bytes of one item's video (uint8): what one sample puts in a loader worker's shared memory."""
+        views = 1 if self.mode == "train" else self.test_num_segment * self.test_num_crop
+        return views * 3 * self.num_frames * self.input_size * self.input_size
 
     def rng(self, index: int, stream: str) -> np.random.Generator:
         return sample_rng(self.seed, self.epoch, index, stream)

@@ -1,5 +1,6 @@
 """torch.distributed plumbing: initialisation from torchrun / SLURM variables (NCCL on CUDA, gloo on CPU), rank
-queries, and the few collectives the training loops need (gather with gradient, object gather, sums)."""
+queries, and the few collectives the training loops need (gather with gradient, row gather of variable-length
+tensors, object gather, sums)."""
 from __future__ import annotations
 
 import datetime
@@ -67,6 +68,16 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node), else 1: they
+    share the machine's memory and /dev/shm."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]  # SLURM may write "8(x2)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def is_main_process() -> bool:
     return get_rank() == 0
 
@@ -87,8 +98,53 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n_r, ...] on each rank (n_r may differ, 0 too) -> [sum n_r, ...] in rank order, with tensor collectives.
+
+    Unlike gather_objects, nothing is pickled: a view (a row of a larger batch) would pickle its whole storage.
+    One all_gather of the ranks' shapes, then one all_gather of each rank's rows copied into a contiguous buffer
+    padded to the largest rank's row count, trimmed after. The dtype must agree on all ranks; a rank with no rows
+    may give any trailing shape (e.g. torch.zeros(0, 0)). Runs on CUDA under NCCL, else on the CPU; the result
+    is on x's device.
+    """
+    if get_world_size() == 1:
+        return x
+    comm = _collective_device()
+    shapes = _gather_shapes(x, comm)
+    rows = [int(s[0]) for s in shapes]
+    filled = [tuple(int(d) for d in s[1:]) for s, n in zip(shapes, rows) if n > 0]
+    if not filled:
+        return x[:0]
+    trailing = filled[0]
+    if any(t != trailing for t in filled):
+        raise ValueError(f"gather_rows: ranks hold rows of different shapes {sorted(set(filled))}")
+    buffer = torch.zeros((max(rows), *trailing), dtype=x.dtype, device=comm)
+    if x.shape[0]:
+        buffer[:x.shape[0]] = x
+    parts = [torch.empty_like(buffer) for _ in rows]
+    dist.all_gather(parts, buffer)
+    return torch.cat([part[:n] for part, n in zip(parts, rows)]).to(x.device)
+
+
+def _gather_shapes(x: torch.Tensor, comm: torch.device) -> list[torch.Tensor]:
+    """Every rank's x.shape (all ranks must give tensors of the same number of dimensions)."""
+    shape = torch.tensor(x.shape, dtype=torch.long, device=comm)
+    shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
+    dist.all_gather(shapes, shape)
+    return [s.cpu() for s in shapes]
+
+
+def _collective_device() -> torch.device:
+    """Where tensor collectives run: NCCL needs the rank's CUDA device, gloo takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_objects(obj: object) -> list:
-    """Every rank's picklable object, in rank order (small things: features, scores, generator states)."""
+    """Every rank's picklable object, in rank order (small things: scores, file names, generator states).
+
+    Tensors go through gather_rows: a pickled tensor view carries its whole underlying storage."""
     if get_world_size() == 1:
         return [obj]
     out: list = [None] * get_world_size()

@@ -156,8 +156,8 @@ def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio:
 @torch.no_grad()
 def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence[int],
                   cfg: EvalConfig) -> torch.Tensor:
-    """video [B, V, C, T, H, W] (V views) -> [B, D]: each view embedded and normalised, views averaged,
-    renormalised."""
+    """video [B, V, C, T, H, W] (V views; uint8 pixels from the loader, normalised here chunk by chunk on the
+    device) -> [B, D]: each view embedded and L2-normalised, views averaged, renormalised."""
     b, v = video.shape[:2]
     clips = video.flatten(0, 1)
     masks = None
@@ -169,7 +169,7 @@ def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence
         masks = masks.repeat_interleave(v, dim=0)
     feats = []
     for start in range(0, len(clips), cfg.chunk):
-        x = clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True)
+        x = datasets.normalize_video(clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True))
         with utils.autocast(cfg.device, cfg.dtype):
             if masks is None:
                 f = model.encode_video(x)
@@ -207,33 +207,46 @@ def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg
     was_training = model.training
     model.eval()
     logger = utils.MetricLogger(cfg.print_freq)
-    local = []
+    videos, texts, indices, captions = [], [], [], []
     total = len(loader) if hasattr(loader, "__len__") else 0
     for batch in logger.log_every(loader, total=total, header="Embed",
                                    items_per_step=getattr(loader, "batch_size", None) or 1, unit="videos"):
         idx = [int(i) for i in batch["index"]]
-        vfeat = encode_videos(model, batch["video"], idx, cfg)
+        videos.append(encode_videos(model, batch["video"], idx, cfg))
         caps = [list(c) if with_text else [] for c in batch["captions"]]
-        tfeat = encode_texts(model, tokenizer, [c for cs in caps for c in cs], cfg)
-        counts = [len(c) for c in caps]
-        for j, (i, tf) in enumerate(zip(idx, tfeat.split(counts) if sum(counts) else [None] * len(idx))):
-            local.append((i, vfeat[j], tf if counts[j] else None, caps[j]))
+        texts.append(encode_texts(model, tokenizer, [c for cs in caps for c in cs], cfg))
+        indices += idx
+        captions += caps
     model.train(was_training)
-    items = {}
-    for part in distributed.gather_objects(local):
-        for i, vf, tf, caps in part:
-            items.setdefault(i, (vf, tf, caps))
-    order = sorted(items)
-    texts, t2v, captions = [], [], []
-    for pos, i in enumerate(order):
-        _, tf, caps = items[i]
-        if tf is not None:
-            texts.append(tf)
-            t2v += [pos] * len(caps)
-            captions += caps
-    return {"video": torch.stack([items[i][0] for i in order]) if order else torch.zeros(0, 0),
-            "text": torch.cat(texts) if texts else torch.zeros(0, 0),
-            "text_to_video": torch.tensor(t2v, dtype=torch.long), "captions": captions, "indices": order}
+    return _merge_ranks(_rows(videos), _rows(texts), indices, captions)
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Batches' features [b, D] -> one contiguous [n, D] (torch.zeros(0, 0) when there are none)."""
+    parts = [p for p in parts if p.numel()]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def _merge_ranks(video: torch.Tensor, text: torch.Tensor, indices: list[int], captions: list[list[str]]) -> dict:
+    """This rank's features -> every rank's, in dataset-index order (the first copy of an index a padded sampler
+    repeats is kept). Features and indices travel as contiguous tensors (distributed.gather_rows); only the
+    caption strings are pickled."""
+    video = distributed.gather_rows(video)
+    text = distributed.gather_rows(text)
+    indices = distributed.gather_rows(torch.tensor(indices, dtype=torch.long)).tolist()
+    captions = [caps for part in distributed.gather_objects(captions) for caps in part]
+    starts = np.cumsum([0] + [len(c) for c in captions]).tolist()
+    first = {}
+    for row, i in enumerate(indices):
+        first.setdefault(i, row)
+    order = sorted(first)
+    rows = [first[i] for i in order]
+    text_rows = [r for row in rows for r in range(starts[row], starts[row + 1])]
+    t2v = [pos for pos, row in enumerate(rows) for _ in captions[row]]
+    return {"video": video[rows] if order else torch.zeros(0, 0),
+            "text": text[text_rows] if text_rows else torch.zeros(0, 0),
+            "text_to_video": torch.tensor(t2v, dtype=torch.long),
+            "captions": [c for row in rows for c in captions[row]], "indices": order}
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: EvalConfig) -> dict:
@@ -245,32 +258,145 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: Eva
     return {**emb, "sim": sim, "metrics": metrics, "ranks": ranks}
 
 
+# ----------------------------------------------------------------------------------------------- eval loader
+
+DEFAULT_EVAL_HOST_MEMORY_GB = 8.0  # per process: the views a test loader may hold at once (--eval_host_memory_gb)
+PREFETCH_FACTORS = (2, 1)          # batches each loader worker keeps ready: torch's default first
+GB = 1e9
+SHARED_MEMORY_DIR = "/dev/shm"     # where loader workers put the batches they hand to the main process (Linux)
+
+
+@dataclass(frozen=True)
+class EvalLoaderPlan:
+    """How an evaluation loader is sized, and the host memory its batches of uint8 views take at most.
+
+    A batch holds batch_size videos of video_nbytes each. With workers, every worker keeps prefetch_factor
+    batches ready in shared memory and the main process holds the one being embedded: num_workers x
+    prefetch_factor + 1 batches in flight (1 without workers). Items being decoded in a worker and the encoder's
+    float chunk (cfg.chunk clips) come on top; they are small next to the batches of many views.
+    """
+    batch_size: int
+    num_workers: int
+    prefetch_factor: int  # 0 without workers
+    video_nbytes: int
+    host_bound: int       # bytes allowed in flight per process
+    shm_bound: int | None = None  # this process's share of /dev/shm (batches from workers live there)
+
+    @property
+    def batches_in_flight(self) -> int:
+        return self.num_workers * self.prefetch_factor + 1
+
+    @property
+    def batch_nbytes(self) -> int:
+        return self.batch_size * self.video_nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return eval_loader_bytes(self.video_nbytes, self.batch_size, self.num_workers, self.prefetch_factor)
+
+    @property
+    def fits(self) -> bool:
+        in_shm = self.num_workers > 0 and self.shm_bound is not None
+        return self.nbytes <= self.host_bound and not (in_shm and self.nbytes > self.shm_bound)
+
+    def describe(self, asked_batch: int, asked_workers: int) -> str:
+        """The start-up line: the estimate, what it counts, and what was changed to stay under the bound."""
+        bound = f"--eval_host_memory_gb {self.host_bound / GB:g}"
+        if self.shm_bound is not None and self.shm_bound < self.host_bound:
+            bound += f", this process's share of {SHARED_MEMORY_DIR} {_size(self.shm_bound)}"
+        changed = []
+        if self.batch_size != asked_batch:
+            changed.append(f"batch {asked_batch} -> {self.batch_size} video(s)")
+        if self.num_workers != asked_workers:
+            changed.append(f"workers {asked_workers} -> {self.num_workers}")
+        workers = (f"{self.num_workers} workers x prefetch {self.prefetch_factor} + 1 = {self.batches_in_flight} "
+                   "batches in flight" if self.num_workers else "no loader workers: 1 batch in flight")
+        line = (f"Evaluation loader: {self.batch_size} video(s)/batch x {_size(self.video_nbytes)} of uint8 views "
+                f"= {_size(self.batch_nbytes)} a batch; {workers}: estimated {_size(self.nbytes)} host memory per "
+                f"process (bound: {bound})")
+        if changed:
+            line += "; to stay under it: " + ", ".join(changed)
+        if not self.fits:
+            line = ("WARNING: " + line + "; even one video exceeds the bound: evaluating without loader workers, "
+                    "raise --eval_host_memory_gb (or the container's shared memory, e.g. docker --shm-size)")
+        return line
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"
+
+
+def eval_loader_bytes(video_nbytes: int, batch_size: int, num_workers: int, prefetch_factor: int) -> int:
+    """Bytes of the batches an evaluation loader holds at once: one batch x (workers x prefetch + 1)."""
+    return video_nbytes * batch_size * (num_workers * prefetch_factor + 1)
+
+
+def plan_eval_loader(video_nbytes: int, batch_size: int, num_workers: int, host_bound: int,
+                     shm_bound: int | None = None) -> EvalLoaderPlan:
+    """The largest loader whose batches in flight stay under the bounds (see EvalLoaderPlan).
+
+    Keeps the asked workers and prefetch 2 and lowers the videos per batch first (the encoder's chunk of clips
+    per forward does not change, so neither does the speed on the device); then prefetch 1; then fewer workers,
+    down to none (no shared memory at all). When not even one video fits: one video per batch, no workers, and
+    the plan says it does not fit."""
+    for workers in range(num_workers, -1, -1):
+        for prefetch in PREFETCH_FACTORS if workers else (0,):
+            per_batch = eval_loader_bytes(video_nbytes, 1, workers, prefetch)
+            bound = host_bound if not workers or shm_bound is None else min(host_bound, shm_bound)
+            videos = min(batch_size, bound // per_batch)
+            if videos >= 1:
+                return EvalLoaderPlan(int(videos), workers, prefetch, video_nbytes, host_bound, shm_bound)
+    return EvalLoaderPlan(1, 0, 0, video_nbytes, host_bound, shm_bound)
+
+
+def shared_memory_share() -> int | None:
+    """This process's share of the machine's shared memory (/dev/shm's size / local processes), or None where
+    there is no such folder. A container's /dev/shm is often 64 MB: loader workers' batches must fit in it."""
+    try:
+        st = os.statvfs(SHARED_MEMORY_DIR)
+    except OSError:
+        return None
+    return st.f_frsize * st.f_blocks // distributed.local_world_size()
+
+
 def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0, max_text_len: int = 32,
-                      dist_eval: bool = False) -> torch.utils.data.DataLoader:
-    """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later)."""
+                      dist_eval: bool = False,
+                      host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB) -> torch.utils.data.DataLoader:
+    """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later).
+
+    Sized by plan_eval_loader so its batches of uint8 views stay under host_memory_gb per process (and this
+    process's share of /dev/shm); prints the estimate. The loader's batch_size may be below the asked one."""
+    if host_memory_gb <= 0:
+        raise ValueError(f"--eval_host_memory_gb must be > 0, got {host_memory_gb}")
+    plan = plan_eval_loader(dataset.video_nbytes(), batch_size, num_workers, int(host_memory_gb * GB),
+                            shared_memory_share() if num_workers else None)
+    print(plan.describe(batch_size, num_workers), flush=True)
     sampler = None
     if dist_eval and distributed.get_world_size() > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=distributed.get_world_size(),
                                                       rank=distributed.get_rank(), shuffle=False)
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                                       num_workers=num_workers, collate_fn=collator, drop_last=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, shuffle=False,
+                                       num_workers=plan.num_workers, collate_fn=collator, drop_last=False,
+                                       prefetch_factor=plan.prefetch_factor or None)
 
 
 def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: torch.device | str = "cpu",
                        dtype: torch.dtype = torch.float32, batch_size: int = 4, video_mask_ratio: float = 0.0,
                        seed: int = 0, max_text_len: int = 32, num_workers: int = 0,
-                       dist_eval: bool = False) -> dict[str, float]:
+                       dist_eval: bool = False,
+                       host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB) -> dict[str, float]:
     """Zero-shot retrieval metrics of a pre-training model (its unimodal video and text passes).
 
     dataset: a test-mode datasets.VideoTextDataset. video_mask_ratio 0 shows every tube; 0.9 applies the
     pre-training tube-mask ratio with a fixed mask per video. Leaves the model in the mode it was in.
     Pass the unwrapped model (not DDP); with dist_eval every rank must call this (features are all-gathered).
+    host_memory_gb bounds the loader's batches in flight (build_eval_loader).
     Returns retrieval_metrics' dict: "t2v_R@1" ... "v2t_MnR", "r1_sum".
     """
     cfg = EvalConfig(device=torch.device(device), dtype=dtype, chunk=batch_size, max_text_len=max_text_len,
                      video_mask_ratio=video_mask_ratio, seed=seed)
-    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval)
+    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb)
     return evaluate(model, loader, tokenizer, cfg)["metrics"]
 
 # ----------------------------------------------------------------------------------------------- re-ranking
@@ -292,9 +418,9 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
                         cfg: EvalConfig) -> dict[tuple[int, int], float]:
     """P(match) from the pre-training model's joint pass + matching head (softmax of match_logits, class 1).
 
-    Each video is decoded once (`load_video(pos) -> [C, T, H, W]`) and paired with all its candidate texts in
-    chunks; a model with `match_video_cache` also computes its video-only part once per video. Videos are split
-    over ranks and the scores gathered.
+    Each video is decoded once (`load_video(pos) -> uint8 [C, T, H, W]`, normalised on the device) and paired
+    with all its candidate texts in chunks; a model with `match_video_cache` also computes its video-only part
+    once per video. Videos are split over ranks and the scores gathered.
     """
     was_training = match_model.training
     match_model.eval()
@@ -306,7 +432,7 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
     probs = {}
     cache_video = getattr(match_model, "match_video_cache", None)  # optional in the contract
     for v in mine:
-        clip = load_video(v).unsqueeze(0).to(cfg.device)
+        clip = datasets.normalize_video(load_video(v).unsqueeze(0).to(cfg.device))
         cached = None
         if cache_video is not None:
             with utils.autocast(cfg.device, cfg.dtype):

@@ -79,8 +79,12 @@ class StepConfig:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Every tensor of the batch on the device (non_blocking pairs with pin_memory on CUDA); the rest as is."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Every tensor of the batch on the device (non_blocking pairs with pin_memory on CUDA); the rest as is. The
+    loader's uint8 video becomes the model's normalised float video there (datasets.normalize_video)."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(moved.get("video"), torch.Tensor):
+        moved["video"] = datasets.normalize_video(moved["video"])
+    return moved
 
 
 def steps_in_epoch(batches: int, accum_iter: int) -> int:

@@ -64,6 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
     g = p.add_argument_group("evaluation")
     g.add_argument("--dist_eval", action="store_true", help="each process embeds its share; features gathered")
+    g.add_argument("--eval_host_memory_gb", type=float, default=engine.DEFAULT_EVAL_HOST_MEMORY_GB,
+                   help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight: "
+                   "videos per batch x views x 3 x T x S x S bytes (uint8) x (workers x prefetch + 1); the loader "
+                   "takes fewer videos per batch, then prefetch 1, then fewer workers to stay under it (and under "
+                   "this process's share of /dev/shm); the estimate is printed at start-up")
     g.add_argument("--only_test", action="store_true", help="evaluate --finetune / --resume weights on test once")
     g.add_argument("--zero_shot", action="store_true", help="retrieval with a pre-training model, no training")
     g.add_argument("--zero_shot_video_mask_ratio", type=float, default=0.0,
@@ -217,7 +222,7 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
     cfg = eval_config(args, dtype, mask_ratio)
     loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
                                       tokenizer, args.batch_size, args.num_workers, args.max_text_len,
-                                      args.dist_eval)
+                                      args.dist_eval, args.eval_host_memory_gb)
     res = engine.evaluate(model, loader, tokenizer, cfg)
     video_ids = [records[i].video_id for i in res["indices"]]
     out = {**res["metrics"], "views": f"{args.test_num_segment}x{args.test_num_crop}"}
@@ -289,7 +294,7 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     if records:
         loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
                                           tokenizer, args.batch_size, args.num_workers, args.max_text_len,
-                                          args.dist_eval)
+                                          args.dist_eval, args.eval_host_memory_gb)
         emb = engine.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
         video, video_ids = emb["video"], [records[i].video_id for i in emb["indices"]]
     text = engine.encode_texts(model, tokenizer, texts, cfg) if texts else None
@@ -402,7 +407,8 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     validate = None
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
-                                              args.num_workers, args.max_text_len, args.dist_eval)
+                                              args.num_workers, args.max_text_len, args.dist_eval,
+                                              args.eval_host_memory_gb)
 
         def validate(epoch: int) -> dict:
             val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]

@@ -51,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_data_path", default=None, help="validation annotation file (never the test set)")
     g.add_argument("--eval_mask_ratio", type=float, default=0.0,
                    help="tube-mask ratio of the video pass in zero-shot evaluation (0 = every tube visible)")
+    g.add_argument("--eval_host_memory_gb", type=float, default=engine_for_finetuning.DEFAULT_EVAL_HOST_MEMORY_GB,
+                   help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
+                   "(uint8 clips x (workers x prefetch + 1)); the estimate is printed at each evaluation")
     return p
 
 
@@ -118,7 +121,7 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
     metrics = engine_for_finetuning.evaluate_zero_shot(
         model, dataset, tokenizer, device=args.device_obj, dtype=dtype, batch_size=args.batch_size,
         video_mask_ratio=args.eval_mask_ratio, seed=args.seed, max_text_len=args.max_text_len,
-        num_workers=min(args.num_workers, 2), dist_eval=args.distributed)
+        num_workers=min(args.num_workers, 2), dist_eval=args.distributed, host_memory_gb=args.eval_host_memory_gb)
     print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
           f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
           f"(chance R@1 {100.0 / len(dataset):.1f})")

@@ -146,7 +146,8 @@ def read_frames(path: str, indices: list[int], backend: str = "auto") -> np.ndar
 def clip_tensor(frames: np.ndarray, input_size: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float32 [3, T, S, S], ImageNet-normalised as the datasets do. The short side is
     resized to S first and the centre square cut after (the release cut first and lost the frame's edges)."""
-    return datasets.test_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)[0]
+    views = datasets.test_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)
+    return datasets.normalize_video(views[0])
 
 
 def mask_inputs(args: argparse.Namespace, grid: tuple[int, int, int], tokenizer) -> tuple[torch.Tensor, dict]:

@@ -147,10 +147,11 @@ def time_loader(loader, warmup: int, timed: int, batch_size: int) -> tuple[float
 
 def profile_stages(records, backend: str, clip: dict, samples: int, tokenizer) -> dict[str, float]:
     """Milliseconds per clip of each stage of one training sample, in this process, one thread: open, decode
-    the sampled frames (to RGB), crop + resize, normalise, tube mask, and collate per clip."""
-    from datasets import _normalize, _resize  # internal steps of train_clip_transform, timed separately
+    the sampled frames (to RGB), crop + resize, to channels-first uint8 (normalising happens on the device, after
+    the loader), tube mask, and collate per clip."""
+    from datasets import _channels_first, _resize  # internal steps of train_clip_transform, timed separately
 
-    stages = dict.fromkeys(("open", "decode", "crop+resize", "normalise", "video mask", "collate"), 0.0)
+    stages = dict.fromkeys(("open", "decode", "crop+resize", "channels-first", "video mask", "collate"), 0.0)
     grid = (clip["num_frames"] // 2, clip["input_size"] // 16, clip["input_size"] // 16)
     masker = masking_generator.build_mask_generator("tube", grid, 0.9)
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=32, text_mask_ratio=0.75)
@@ -176,8 +177,8 @@ def profile_stages(records, backend: str, clip: dict, samples: int, tokenizer) -
                                                         datasets.sample_rng(0, 0, i, "crop"))
         resized = _resize(frames[:, top:top + h, left:left + w], (size, size))
         t = tick("crop+resize", t)
-        out = _normalize(resized)
-        t = tick("normalise", t)
+        out = _channels_first(resized)
+        t = tick("channels-first", t)
         mask = torch.from_numpy(masker(datasets.sample_rng(0, 0, i, "video_mask")))
         t = tick("video mask", t)
         items.append({"video": out, "caption": record.captions[0], "index": i, "epoch": 0,

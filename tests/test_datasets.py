@@ -338,10 +338,10 @@ def test_multi_scale_crop_box_stays_inside(h, w, size, seed):
 def test_train_transform_uses_one_crop_for_every_frame():
     frame = np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8)
     clip = datasets.train_clip_transform(np.stack([frame] * 6), 48, np.random.default_rng(1))
-    assert clip.shape == (3, 6, 48, 48) and clip.dtype == torch.float32
+    assert clip.shape == (3, 6, 48, 48) and clip.dtype == torch.uint8  # normalised on the device, not here
     assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(6))
     mean, std = torch.tensor(datasets.IMAGENET_MEAN), torch.tensor(datasets.IMAGENET_STD)
-    pixels = clip * std.view(3, 1, 1, 1) + mean.view(3, 1, 1, 1)
+    pixels = datasets.normalize_video(clip) * std.view(3, 1, 1, 1) + mean.view(3, 1, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
@@ -351,7 +351,8 @@ def test_test_views_are_clip_major_crops_along_the_long_side():
     frames[2:] += 50  # clip 1 (frames 2, 3) brighter than clip 0
     views = datasets.test_views(frames, [[0, 1], [2, 3]], 48, 60, 3)
     assert views.shape == (6, 3, 2, 48, 48)
-    means = views.mean(dim=(1, 2, 3, 4))
+    assert views.dtype == torch.uint8
+    means = views.float().mean(dim=(1, 2, 3, 4))
     assert means[0] < means[1] < means[2] and means[3] < means[4] < means[5]  # left, centre, right
     assert all(means[3 + k] > means[k] for k in range(3))
 
@@ -376,7 +377,7 @@ def _same(a, b):
 def test_train_item_is_a_pure_function_of_seed_epoch_index(synthetic_root, backend):
     ds, other = _train_set(synthetic_root, video_backend=backend), _train_set(synthetic_root, video_backend=backend)
     item = ds[3]
-    assert item["video"].shape == (3, 4, 32, 32) and item["video"].dtype == torch.float32
+    assert item["video"].shape == (3, 4, 32, 32) and item["video"].dtype == torch.uint8
     assert item["video_mask"].shape == (8,) and item["video_mask"].dtype == torch.bool
     assert item["caption"] in ds.records[3].captions and item["index"] == 3
     assert (item["read"], item["broken"], item["broken_videos"]) == (1, 0, [])
@@ -392,7 +393,7 @@ def test_train_item_is_a_pure_function_of_seed_epoch_index(synthetic_root, backe
 def test_backends_give_the_same_training_clip(synthetic_root):
     a, b = _train_set(synthetic_root, video_backend="decord")[5], _train_set(synthetic_root, video_backend="pyav")[5]
     assert a["caption"] == b["caption"] and torch.equal(a["video_mask"], b["video_mask"])
-    assert (a["video"] - b["video"]).abs().mean() < 0.02
+    assert (datasets.normalize_video(a["video"]) - datasets.normalize_video(b["video"])).abs().mean() < 0.02
 
 
 def test_sample_rng_streams():

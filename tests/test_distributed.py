@@ -1,6 +1,7 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
-pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once)."""
+pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once), and
+features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views."""
 import json
 import os
 import subprocess
@@ -192,3 +193,83 @@ def test_accumulation_all_reduces_only_at_the_end_of_the_window(tmp_path):
         calls = json.load(open(tmp_path / f"calls{rank}.json"))
         assert calls["inside_window"] == 0 and calls["window_end"] >= 1, calls
         assert calls["forward_sync_buffers"] is False and calls["bucket_view"] is True
+
+
+# ----------------------------------------------------------------------------------------------- row gather
+
+_ROWS = {0: 3, 1: 5}  # rows each rank holds: different counts
+_STORAGE_ROWS = 1000  # ... as views into a much larger batch
+
+
+def _rank_rows(rank: int) -> torch.Tensor:
+    """Rank r's rows: a view (rows 10r .. 10r + n) into a [1000, 8] storage, values telling rank and row apart."""
+    big = torch.arange(_STORAGE_ROWS * 8, dtype=torch.float32).view(_STORAGE_ROWS, 8) + 100_000 * rank
+    return big[10 * rank:10 * rank + _ROWS[rank]]
+
+
+def _merge_inputs(rank: int) -> tuple:
+    """One rank's embed_dataset output before the merge: video rows, caption rows, indices, captions (rank 1's
+    last index repeats rank 0's first, as a padded DistributedSampler does)."""
+    indices = {0: [0, 2, 4], 1: [1, 3, 0]}[rank]
+    captions = [[f"v{i} c{k}" for k in range(1 + i % 3)] for i in indices]
+    n_texts = sum(len(c) for c in captions)
+    text = (torch.arange(50 * 4, dtype=torch.float32).view(50, 4) + 1000 * rank)[5:5 + n_texts]
+    return _rank_rows(rank)[:, :4], text, indices, captions
+
+
+def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import engine_for_finetuning as engine
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sent, pickled = [], []
+    real_all_gather, real_all_gather_object = dist.all_gather, dist.all_gather_object
+
+    def recording_all_gather(outputs, tensor, *a, **kw):  # what goes on the wire, then the real collective
+        sent.append({"shape": list(tensor.shape), "nbytes": tensor.nbytes,
+                     "storage_nbytes": tensor.untyped_storage().nbytes()})
+        return real_all_gather(outputs, tensor, *a, **kw)
+
+    def recording_all_gather_object(outputs, obj, *a, **kw):
+        pickled.append(obj)
+        return real_all_gather_object(outputs, obj, *a, **kw)
+
+    dist.all_gather, dist.all_gather_object = recording_all_gather, recording_all_gather_object
+    rows = _rank_rows(rank)
+    assert rows.untyped_storage().nbytes() == _STORAGE_ROWS * 8 * 4  # a pickle would send all of this
+    gathered = distributed.gather_rows(rows)
+    empty = distributed.gather_rows(rows if rank == 0 else torch.zeros(0, 0))  # a rank with nothing
+    row_sends, row_pickles = list(sent), list(pickled)
+    merged = engine._merge_ranks(*_merge_inputs(rank))
+    torch.save({"gathered": gathered, "empty": empty, "sent": row_sends, "pickled": len(row_pickles),
+                "merge_pickled": pickled[len(row_pickles):], "merged": merged},
+               os.path.join(out_dir, f"rows{rank}.pth"))
+    dist.destroy_process_group()
+
+
+def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(tmp_path):
+    import engine_for_finetuning as engine
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = torch.cat([_rank_rows(0), _rank_rows(1)])
+    row_bytes, most = 8 * 4, max(_ROWS.values())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rows{rank}.pth", weights_only=False)
+        assert torch.equal(got["gathered"], expected) and torch.equal(got["empty"], _rank_rows(0))
+        assert got["pickled"] == 0  # tensors only: no all_gather_object
+        # per call: the shapes (2 longs), then the rows padded to the largest rank's count in a buffer of their
+        # own: 5 rows, then 3 (rank 1 had none) - never the 32 KB storage the views live in
+        shape_sends, row_sends = got["sent"][0::2], got["sent"][1::2]
+        assert [s["shape"] for s in shape_sends] == [[2], [2]] and all(s["nbytes"] == 16 for s in shape_sends)
+        assert [s["shape"] for s in row_sends] == [[most, 8], [_ROWS[0], 8]]
+        assert all(s["nbytes"] == s["storage_nbytes"] == s["shape"][0] * row_bytes for s in row_sends)
+        # embed_dataset's merge over 2 ranks equals one process merging the concatenation; only captions pickled
+        parts = [_merge_inputs(r) for r in range(2)]
+        single = engine._merge_ranks(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                     parts[0][2] + parts[1][2], parts[0][3] + parts[1][3])
+        merged = got["merged"]
+        assert merged["indices"] == single["indices"] == [0, 1, 2, 3, 4]
+        assert torch.equal(merged["video"], single["video"]) and torch.equal(merged["text"], single["text"])
+        assert merged["captions"] == single["captions"] and torch.equal(merged["text_to_video"],
+                                                                        single["text_to_video"])
+        assert all(isinstance(c, str) for obj in got["merge_pickled"] for caps in obj for c in caps)
