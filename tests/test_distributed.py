@@ -405,3 +405,80 @@ def test_every_rank_tests_the_best_weights_rank_0_found(decisions):
 def test_an_error_leaves_the_process_group(decisions):
     """run_entry_point destroys the process group on the way out, also when main raised (exit status 1)."""
     assert [d["error_exit"] for d in decisions] == [{"exit": 1, "group_left": True}] * 2
+
+
+# ----------------------------------------------------------------------------------------------- as srun starts them
+
+
+def _free_job_port() -> tuple[str, int]:
+    """A SLURM job id whose derived rendezvous port (distributed.port_for_job) is free right now."""
+    import random
+    import socket
+    for _ in range(200):
+        job = str(random.randrange(1, 10 ** 6))
+        port = distributed.port_for_job(job)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return job, port
+    raise RuntimeError("no free port in the job-port range")
+
+
+def _srun(argvs: list[list[str]], job: str) -> list[subprocess.CompletedProcess]:
+    """Start one process per argv with the variables srun gives its tasks (no MASTER_ADDR, no MASTER_PORT, no
+    RANK: the SLURM branch derives them) and wait for all."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SLURM_JOB_ID=job, SLURM_STEP_ID="0",
+                SLURM_NTASKS=str(len(argvs)), SLURM_STEP_NUM_TASKS=str(len(argvs)), SLURM_STEP_NODELIST="localhost")
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r, argv in enumerate(argvs)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _pretrain_argv(synthetic_root, out, *extra) -> list[str]:
+    return [os.path.join(ROOT, "run_simvtp_pretraining.py"),
+            "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
+            "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+            "--precision", "fp32", "--output_dir", str(out), "--print_freq", "1", *extra]
+
+
+def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthetic_root):
+    """Rank 1 is given another folder, as a node-local path would be. Before: each rank resumed from its own view
+    (or wrote nowhere shared); now every rank stops at start-up, rank 0 says why in one line."""
+    job, _ = _free_job_port()
+    runs = _srun([_pretrain_argv(synthetic_root, tmp_path / "node0"),
+                  _pretrain_argv(synthetic_root, tmp_path / "node1")], job)
+    assert [r.returncode for r in runs] == [1, 1], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    lines = runs[0].stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in runs[0].stderr + runs[1].stderr, runs[0].stderr
+    assert lines[0].startswith(f"error: --output_dir {tmp_path / 'node0'}: not shared by all processes: rank 1 on ")
+    assert f"(its --output_dir {tmp_path / 'node1'})" in lines[0] and "shared storage" in lines[0]
+    assert runs[1].stderr == ""  # the same error on rank 1, printed once (by rank 0)
+    assert not [f for f in os.listdir(tmp_path / "node0") if f.startswith(distributed.SHARED_CHECK)]
+
+
+def test_srun_tasks_train_and_resume_together_with_no_rendezvous_exported(tmp_path, synthetic_root):
+    """The SLURM branch end to end: rank, world size, MASTER_ADDR (the node list's first host) and MASTER_PORT
+    (from the job id) derived from what srun gives; --device auto is gloo on this CPU machine. The second job
+    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error)."""
+    import checkpoint
+    out = tmp_path / "run"
+    job, port = _free_job_port()
+    first = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "1")] * 2, job)
+    assert [r.returncode for r in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
+    assert f"2 processes started by srun, backend gloo, rank 0 on cpu, rendezvous localhost:{port}" in first[0].stdout
+    saved = checkpoint.find_latest(str(out))
+    job, _ = _free_job_port()
+    second = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "2")] * 2, job)
+    assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:] + second[1].stderr[-3000:]
+    assert f"Resumed from {saved}: epoch 0" in second[0].stdout and second[1].stdout == ""
+    assert checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["global_step"] == 2
