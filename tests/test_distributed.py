@@ -1,6 +1,9 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
-pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once)."""
+pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once).
+The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
+environments of GPU nodes; rank 0's decisions when ranks see the file system differently; the SLURM branch end to
+end as srun starts tasks, and an --output_dir that is not shared."""
 import argparse
 import datetime
 import json
@@ -369,7 +372,8 @@ def decisions(tmp_path_factory) -> list[dict]:
     # only rank 0 sees checkpoint-best.pth
     (root / "best_file_unseen" / "rank1").mkdir()
     best = torch.nn.Linear(3, 2)
-    checkpoint.save_atomic({"model": best.state_dict()}, str(root / "best_file_unseen" / "rank0" / "checkpoint-best.pth"))
+    best_file = root / "best_file_unseen" / "rank0" / "checkpoint-best.pth"
+    checkpoint.save_atomic({"model": best.state_dict()}, str(best_file))
     (root / "best_weights.json").write_text(json.dumps(best.weight.flatten().tolist()))
     mp.spawn(_decisions_worker, args=(2, [free_port(), free_port()], str(root)), nprocs=2, join=True)
     return [{**json.loads((root / f"rank{r}.json").read_text()), "root": root} for r in range(2)]
