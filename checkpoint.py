@@ -373,6 +373,23 @@ def find_latest(output_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def agreed_latest(output_dir: str) -> str | None:
+    """find_latest as rank 0 sees it, on every rank (its file name, joined to this rank's --output_dir): another
+    node may still see an older `latest` (NFS caching), and ranks resuming at different steps hang."""
+    latest = distributed.main_value(lambda: find_latest(output_dir))
+    return os.path.join(output_dir, os.path.basename(latest)) if latest else None
+
+
+def check_same_position(path: str, train_state: dict) -> None:
+    """Every rank must have read the same training position from `path`; else (storage showing the ranks
+    different files) a CheckpointError on every rank, instead of collectives that never match."""
+    views = distributed.gather_objects((int(train_state["global_step"]), int(train_state["samples_in_epoch"])))
+    if len(set(views)) > 1:
+        raise CheckpointError(f"{path}: the processes read different training positions from it (global step, "
+                              f"samples per rank: {views}); --output_dir must be shared storage every node sees "
+                              "the same way")
+
+
 def restore_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                            scaler: torch.amp.GradScaler | None, ckpt: dict | None = None) -> dict:
     """Load model/optimizer/scaler and this rank's generators from one of our checkpoints; returns the loop's
@@ -482,7 +499,7 @@ def resume_if_any(args: Any, model: torch.nn.Module, optimizer: torch.optim.Opti
     """--resume, else (with --auto_resume) the newest checkpoint in --output_dir -> (its train_state to continue
     from, a record of the resume for args.json); None for a fresh run. Changed settings are reported in one line,
     a change that cannot be honoured is refused (CheckpointError naming the flag that restores it)."""
-    path = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
+    path = args.resume or (agreed_latest(args.output_dir) if args.auto_resume else None)
     if not path:
         return None
     if os.path.isdir(path):
@@ -496,6 +513,7 @@ def resume_if_any(args: Any, model: torch.nn.Module, optimizer: torch.optim.Opti
     mid_epoch = int(ckpt.get("step_in_epoch", -1)) >= 0
     check_resume_settings(changes, mid_epoch, (int(state.get("dataset_size", 0)), dataset_size), path)
     train_state = restore_training_state(path, model, optimizer, scaler, ckpt=ckpt)
+    check_same_position(path, train_state)
     print(f"Resumed from {path}: epoch {train_state['epoch']}, sample {train_state['samples_in_epoch']} of it "
           f"(global step {train_state['global_step']})")
     if changes:

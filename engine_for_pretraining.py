@@ -383,7 +383,7 @@ class _EpochFinisher:
 
     def __call__(self, epoch: int, record: dict, evaluate_now: bool) -> None:
         run, state = self.run, self.run.state
-        done = checkpoint.read_eval_state(run.output_dir)
+        done = distributed.main_value(lambda: checkpoint.read_eval_state(run.output_dir))  # rank 0's view decides
         if evaluate_now and self.evaluate is not None and done.get("global_step", -1) < record["global_step"]:
             metrics = self.evaluate(epoch)
             record = {**record, **{f"{self.name}_{k}": v for k, v in metrics.items()}}
@@ -391,7 +391,7 @@ class _EpochFinisher:
                 run.tb.scalars(record["global_step"], self.name, metrics)
             done = {**done, "epoch": epoch, "global_step": record["global_step"]}
             score = metrics.get(self.select_on) if self.select_on else None
-            if score is not None and score > done.get("best", float("-inf")):
+            if distributed.main_value(lambda: score is not None and score > done.get("best", float("-inf"))):
                 done.update(best=score, best_epoch=epoch, metric=self.select_on)
                 if self.on_best is not None:
                     self.on_best(epoch, metrics)
@@ -431,7 +431,7 @@ class BrokenVideos:
         self.window = window or min(BROKEN_WINDOW, len(dataset) - len(dataset.excluded))
         self.path = os.path.join(output_dir, BROKEN_LIST)
         self.log_path = os.path.join(output_dir, "log.txt")
-        self.known: dict[str, str] = read_broken_list(self.path) if resumed else {}
+        self.known: dict[str, str] = distributed.main_value(lambda: read_broken_list(self.path)) if resumed else {}
         self.pending: dict[str, str] = {}  # found on this rank, not yet sent to rank 0
         if not resumed and distributed.is_main_process():
             open(self.path, "w").close()  # a fresh run starts a fresh list

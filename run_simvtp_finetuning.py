@@ -419,12 +419,20 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     return test_best(args, model, test_records, dtype, tokenizer)
 
 
+def load_if_present(model: torch.nn.Module, path: str) -> bool:
+    """Load `path`'s weights strictly into `model` if the file exists; whether it did."""
+    if not os.path.isfile(path):
+        return False
+    model.load_state_dict(checkpoint.read_checkpoint_file(path)["model"], strict=True)
+    return True
+
+
 def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: list | None, dtype: torch.dtype,
               tokenizer) -> dict:
     """The best-val weights (or the last ones when there is no validation set) on the test set."""
     best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
-    if os.path.isfile(best_path):
-        model.load_state_dict(checkpoint.read_checkpoint_file(best_path)["model"], strict=True)
+    if distributed.main_value(lambda: load_if_present(model, best_path)):  # rank 0 decides and reads ...
+        distributed.broadcast_module(model)  # ... every rank gets its weights
         print(f"Testing {best_path} (best on validation)")
     else:
         print("No validation set: testing the last weights")

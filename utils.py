@@ -126,7 +126,8 @@ def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: t
 def add_run_args(parser: Any, *, output_dir: str, save_ckpt_freq: int, keep_last: int) -> Any:
     """Device, precision, seed, outputs, checkpointing and resume flags both run scripts share."""
     g = parser.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU), cpu, cuda, "
+                   "cuda:N (one process); under torchrun / srun each process takes its local rank's GPU")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype. auto: bf16 where the device runs it natively (Ampere+ GPUs, AVX512-BF16/AMX "
                    "CPUs), else fp16 with loss scaling on CUDA, else fp32")
@@ -146,12 +147,10 @@ def add_run_args(parser: Any, *, output_dir: str, save_ckpt_freq: int, keep_last
 
 
 def setup_run(args: Any) -> torch.dtype:
-    """A run script's start: distributed init, device (this rank's GPU), precision, CPU threads left after the
-    data workers, seeds, output folders. Sets args.device_obj and args.log_dir; returns the autocast dtype."""
+    """A run script's start: the device (this rank's GPU) and distributed init (distributed.plan decides both),
+    precision, CPU threads left after the data workers, seeds, output folders (--output_dir checked to be shared
+    by every process). Sets args.device_obj and args.log_dir; returns the autocast dtype."""
     distributed.init_distributed(args)
-    args.device_obj = resolve_device(args.device)
-    if args.device_obj.type == "cuda" and args.distributed:
-        args.device_obj = torch.device("cuda", args.gpu)
     dtype = resolve_precision(args.precision, args.device_obj)
     if args.device_obj.type == "cuda":
         configure_cuda_math(args.tf32)
@@ -162,6 +161,7 @@ def setup_run(args: Any) -> torch.dtype:
     if getattr(args, "input_size", None):
         args.short_side_size = args.short_side_size or args.input_size
     make_output_dir(args.output_dir)
+    distributed.check_shared_dir(args.output_dir)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
 
@@ -191,6 +191,8 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
     except KeyboardInterrupt:
         print(interrupted_message(getattr(args, "output_dir", None)), file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        distributed.shutdown()  # also after an error: the process group is left, not abandoned
     if exit_status is not None:
         sys.exit(exit_status(result))
 
@@ -224,15 +226,8 @@ def error_message(err: BaseException) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-    return device
+    """--device of a single-process tool (the figure): distributed.choose_device's rules, one process."""
+    return torch.device(distributed.choose_device(name, torch.cuda.device_count()))
 
 
 def configure_cuda_math(tf32: bool) -> None:

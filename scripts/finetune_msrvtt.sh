@@ -10,13 +10,15 @@
 #   bash scripts/finetune_msrvtt.sh TRAIN_ANNO TEST_ANNO DATA_ROOT PRETRAIN_CKPT OUTPUT_DIR [extra flags...]
 #   TRAIN_ANNO: MSR-VTT 9k training list (e.g. Singularity msrvtt_train9k.json, several captions per video)
 #   TEST_ANNO:  MSR-VTT 1k-A test list (e.g. MSRVTT_JSFUSION_test.csv)
-# Environment (defaults): GPUS_PER_NODE=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29501
-#   VAL_DATA_PATH (validation annotations, optional) LAYER_DECAY=0.75 DRY_RUN=1 prints the command.
+# Under SLURM, submit scripts/slurm_finetune.sbatch instead. Relative paths are taken from the folder you run it in.
+# Environment (defaults): GPUS_PER_NODE=8 NNODES=1 NODE_RANK=0 MASTER_ADDR (required with NNODES > 1)
+#   MASTER_PORT=29501 (with SLURM_JOB_ID: derived from it) VAL_DATA_PATH (validation annotations, optional)
+#   LAYER_DECAY=0.75 DRY_RUN=1 prints the command. The launch is scripts/launcher.sh, shared by the recipes.
 # Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
 # nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
 # PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 
 if [ $# -lt 5 ]; then
   echo "usage: bash scripts/finetune_msrvtt.sh TRAIN_ANNO TEST_ANNO DATA_ROOT PRETRAIN_CKPT OUTPUT_DIR [flags]" >&2
@@ -26,13 +28,9 @@ fi
 TRAIN_ANNO="$1"; TEST_ANNO="$2"; DATA_ROOT="$3"; PRETRAIN_CKPT="$4"; OUTPUT_DIR="$5"
 shift 5
 
-if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
-  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
-fi
-cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
-     --nnodes "${NNODES:-1}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
-     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29501}"
-     run_simvtp_finetuning.py
+launcher_paths TRAIN_ANNO TEST_ANNO DATA_ROOT PRETRAIN_CKPT OUTPUT_DIR VAL_DATA_PATH
+launcher_command run_simvtp_finetuning.py 1 29501
+cmd=("${LAUNCH[@]}"
      --model simvtp_dual_base_patch16 --data_set MSRVTT
      --data_path "$TRAIN_ANNO" --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT"
      --finetune "$PRETRAIN_CKPT" --output_dir "$OUTPUT_DIR" --log_dir "$OUTPUT_DIR/tb"
@@ -48,5 +46,4 @@ else
 fi
 cmd+=("$@")
 
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+launcher_run "${cmd[@]}"

@@ -7,12 +7,15 @@
 # Usage:
 #   bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [extra flags...]
 #   e.g. add --rerank_k 16 --rerank_ckpt PRETRAIN_CKPT to re-rank each query's top 16 with the matching head.
-# Environment (defaults): GPUS_PER_NODE=8 MASTER_PORT=29502 DRY_RUN=1 prints the command.
+# Relative paths are taken from the folder you run it in.
+# Environment (defaults): GPUS_PER_NODE=8 NNODES=1 NODE_RANK=0 MASTER_ADDR (required with NNODES > 1)
+#   MASTER_PORT=29502 (with SLURM_JOB_ID: derived from it) DRY_RUN=1 prints the command. The launch is
+#   scripts/launcher.sh, shared by the recipes.
 # Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
 # nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
 # PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 
 if [ $# -lt 4 ]; then
   echo "usage: bash scripts/only_test_msrvtt.sh TEST_ANNO DATA_ROOT FINETUNED_CKPT OUTPUT_DIR [flags]" >&2
@@ -22,17 +25,14 @@ fi
 TEST_ANNO="$1"; DATA_ROOT="$2"; CKPT="$3"; OUTPUT_DIR="$4"
 shift 4
 
-if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
-  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
-fi
-cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
-     --nnodes 1 --nproc_per_node "${GPUS_PER_NODE:-8}" --master_port "${MASTER_PORT:-29502}"
-     run_simvtp_finetuning.py --only_test
+launcher_paths TEST_ANNO DATA_ROOT CKPT OUTPUT_DIR
+launcher_command run_simvtp_finetuning.py 1 29502
+cmd=("${LAUNCH[@]}"
+     --only_test
      --model simvtp_dual_base_patch16 --data_set MSRVTT
      --test_data_path "$TEST_ANNO" --data_root "$DATA_ROOT" --finetune "$CKPT" --output_dir "$OUTPUT_DIR"
      --batch_size 8 --num_sample 1 --input_size 224 --short_side_size 224 --num_frames 16 --sampling_rate 4
      --dist_eval --test_num_segment 15 --test_num_crop 3 --num_workers 10 --device cuda --precision auto)
 cmd+=("$@")
 
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+launcher_run "${cmd[@]}"

@@ -5,14 +5,18 @@
 #
 # Usage (run once per node):
 #   NODE_RANK=0 MASTER_ADDR=node0 bash scripts/pretrain_webvid.sh DATA_PATH DATA_ROOT OUTPUT_DIR [extra flags...]
-# Environment (defaults): NNODES=8 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
-#   INIT_CKPT (VideoMAE checkpoint, optional) BERT_PATH (local bert-base-uncased dir, optional)
-#   DRY_RUN=1 prints the command instead of running it (and skips the .venv set-up).
+# Under SLURM, submit scripts/slurm_pretrain.sbatch instead (srun starts one task per GPU; nothing to export).
+# Relative paths are taken from the folder you run it in (the three above are printed absolute). OUTPUT_DIR must be
+# on storage every node sees.
+# Environment (defaults): NNODES=8 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR (required with NNODES > 1)
+#   MASTER_PORT=29500 (with SLURM_JOB_ID: derived from it) INIT_CKPT (VideoMAE checkpoint, optional)
+#   BERT_PATH (local bert-base-uncased dir, optional) DRY_RUN=1 prints the command instead of running it.
 # Runs in the project's .venv (made or updated by scripts/setup_env.sh on first use, as demo.sh does; with several
 # nodes run `bash scripts/setup_env.sh` once before starting them) - nothing needs to be activated, no torchrun on
 # PATH. PY=/path/to/python runs it in an environment you manage instead (e.g. a cluster's conda env).
+# The launch itself (torchrun or srun, port, paths) is scripts/launcher.sh, shared by the recipes.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 
 DATA_PATH="${1:-${DATA_PATH:-}}"
 DATA_ROOT="${2:-${DATA_ROOT:-}}"
@@ -24,13 +28,9 @@ if [ -z "$DATA_PATH" ] || [ -z "$DATA_ROOT" ]; then
   exit 2
 fi
 
-if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
-  source scripts/setup_env.sh requirements.txt  # sets PY, the .venv's python
-fi
-cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
-     --nnodes "${NNODES:-8}" --nproc_per_node "${GPUS_PER_NODE:-8}" --node_rank "${NODE_RANK:-0}"
-     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
-     run_simvtp_pretraining.py
+launcher_paths DATA_PATH DATA_ROOT OUTPUT_DIR INIT_CKPT BERT_PATH
+launcher_command run_simvtp_pretraining.py 8 29500
+cmd=("${LAUNCH[@]}"
      --data_path "$DATA_PATH" --data_root "$DATA_ROOT" --output_dir "$OUTPUT_DIR"
      --model simvtp_base_patch16 --decoder_depth 4
      --mask_type tube --mask_ratio 0.9 --text_mask_ratio 0.75
@@ -42,5 +42,4 @@ cmd=("${PY:-$PWD/.venv/bin/python}" -m torch.distributed.run
 [ -n "${BERT_PATH:-}" ] && cmd+=(--bert_path "$BERT_PATH")
 cmd+=("$@")
 
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+launcher_run "${cmd[@]}"

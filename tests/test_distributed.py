@@ -1,12 +1,18 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
-pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once), and
-features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views."""
+pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once);
+features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views.
+The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
+environments of GPU nodes; rank 0's decisions when ranks see the file system differently; the SLURM branch end to
+end as srun starts tasks, and an --output_dir that is not shared."""
+import argparse
+import datetime
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from timm.models import create_model
@@ -273,3 +279,329 @@ def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storag
         assert merged["captions"] == single["captions"] and torch.equal(merged["text_to_video"],
                                                                         single["text_to_video"])
         assert all(isinstance(c, str) for obj in got["merge_pickled"] for caps in obj for c in caps)
+
+
+# ----------------------------------------------------------------------------------------------- the launch plan
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+SRUN = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "13", "SLURM_NTASKS": "64",
+        "SLURM_STEP_NUM_TASKS": "64", "SLURM_LOCALID": "5", "SLURM_STEP_NODELIST": "gpu[07-08,10],gpu-b1"}
+
+
+@pytest.mark.parametrize("device, env, gpus, want", [
+    # --device auto (the default) on a GPU node: NCCL on this rank's GPU (before: gloo, every rank on GPU 0)
+    ("auto", TORCHRUN, 8, ("torchrun", "nccl", "cuda:3", 3, 16)),
+    ("auto", TORCHRUN, 0, ("torchrun", "gloo", "cpu", 3, 16)),
+    ("cpu", TORCHRUN, 8, ("torchrun", "gloo", "cpu", 3, 16)),
+    ("cuda", TORCHRUN, 8, ("torchrun", "nccl", "cuda:3", 3, 16)),
+    ("auto", SRUN, 8, ("srun", "nccl", "cuda:5", 13, 64)),
+    # SLURM binding one GPU per task: each task sees only its own, as cuda:0 (before: set_device(5) failed)
+    ("auto", SRUN, 1, ("srun", "nccl", "cuda:0", 13, 64)),
+    ("auto", {**SRUN, "SLURM_LOCALID": "5"}, 4, ("srun", "nccl", "cuda:1", 13, 64)),
+    ("auto", {}, 8, ("single", None, "cuda", 0, 1)),
+    ("auto", {}, 0, ("single", None, "cpu", 0, 1)),
+    ("cuda:1", {}, 2, ("single", None, "cuda:1", 0, 1)),
+    ("auto", {**TORCHRUN, "RANK": "0", "WORLD_SIZE": "1"}, 8, ("single", None, "cuda", 0, 1)),
+    # `srun --ntasks 1` inside a 64-task allocation: one process
+    ("auto", {**SRUN, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, 8, ("single", None, "cuda", 0, 1)),
+])
+def test_plan_resolves_the_device_before_the_backend(device, env, gpus, want):
+    p = distributed.plan(device, env, gpus)
+    assert (p.launcher, p.backend, p.device, p.rank, p.world_size) == want
+
+
+def test_plan_under_srun_derives_the_rendezvous_from_the_job():
+    p = distributed.plan("auto", SRUN, 8)
+    assert (p.master_addr, p.master_port, p.local_rank) == ("gpu07", str(10000 + 4242), 5)
+    given = distributed.plan("auto", {**SRUN, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}, 8)
+    assert (given.master_addr, given.master_port) == ("head", "1234")
+    no_step_list = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_NODELIST"}
+    assert distributed.plan("auto", {**no_step_list, "SLURM_JOB_NODELIST": "a[3-4]"}, 8).master_addr == "a3"
+    with pytest.raises(distributed.LaunchError, match="export MASTER_ADDR"):
+        distributed.plan("auto", no_step_list, 8)
+    assert distributed.port_for_job("123456") == 13456 and distributed.port_for_job(None, 29501) == 29501
+
+
+@pytest.mark.parametrize("step", [{}, {"SLURM_STEP_ID": "4294967291"}])
+def test_a_batch_script_without_srun_is_refused_at_once(step):
+    """Before: the SLURM branch, then 30 minutes of waiting for 63 ranks that were never started."""
+    batch = {k: v for k, v in SRUN.items() if not k.startswith("SLURM_STEP")} | {"SLURM_PROCID": "0"} | step
+    with pytest.raises(distributed.LaunchError, match=r"SLURM job 4242 with 64 tasks.*without srun.*srun python"):
+        distributed.plan("auto", batch, 8)
+
+
+@pytest.mark.parametrize("device, env, gpus, message", [
+    ("cuda:1", TORCHRUN, 8, "names one GPU"),
+    ("auto", {**TORCHRUN, "LOCAL_RANK": "5"}, 4, "local rank 5 but 4 GPU"),
+    ("cuda", {}, 0, "CUDA is not available on this machine"),
+    ("cuda:2", {}, 2, "shows 2 GPU"),
+    ("gpu", {}, 0, "not a device name"),
+    ("auto", {"RANK": "1", "WORLD_SIZE": "2"}, 0, "MASTER_ADDR / MASTER_PORT are not"),
+])
+def test_plan_refuses_what_cannot_work_in_one_line(device, env, gpus, message):
+    with pytest.raises(ValueError, match=message) as err:
+        distributed.plan(device, env, gpus)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node[01-03,07],gpu-a1", ["node01", "node02", "node03", "node07", "gpu-a1"]),
+    ("gpu-a1", ["gpu-a1"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-100]", ["n098", "n099", "n100"]),
+    ("r[1-2]-g[1,3]", ["r1-g1", "r1-g3", "r2-g1", "r2-g3"]),
+    ("a,b[2],c", ["a", "b2", "c"]),
+])
+def test_slurm_node_lists_expand_without_scontrol(nodelist, hosts):
+    assert distributed.expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-03", "node]1[", "n[a-b]", "n[5-2]"])
+def test_a_malformed_node_list_is_named(nodelist):
+    with pytest.raises(distributed.LaunchError, match="SLURM_JOB_NODELIST"):
+        distributed.expand_nodelist(nodelist, "SLURM_JOB_NODELIST")
+
+
+# ----------------------------------------------------------------------------------------------- rank 0 decides
+# Two gloo ranks whose views of the file system differ, as on storage that is not shared or lags behind (NFS
+# attribute caching): one spawn runs every scenario (each in its own folders; the process start-up is most of the
+# cost here), the tests below read what each rank did.
+
+
+def _join(rank: int, world: int, port: int) -> argparse.Namespace:
+    """This worker as rank `rank` of a torchrun-style launch, through the real init_distributed (gloo here)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    distributed.INIT_TIMEOUT = datetime.timedelta(seconds=30)  # a mismatch fails the test instead of hanging it
+    args = argparse.Namespace(device="auto")
+    distributed.init_distributed(args)
+    return args
+
+
+def _save_epochs(folder, epochs: int) -> None:
+    """Training checkpoints of a tiny model after each of `epochs` epochs; `latest` names the last."""
+    import checkpoint
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for epoch in range(epochs):
+        with torch.no_grad():
+            model.weight.fill_(epoch + 1.0)
+        state = {"epoch": epoch + 1, "micro_in_epoch": 0, "samples_in_epoch": 0, "global_step": 10 * (epoch + 1)}
+        checkpoint.save_training_state(str(folder), model=model, optimizer=optimizer, scaler=None, epoch=epoch,
+                                       step_in_epoch=None, global_step=10 * (epoch + 1), args={},
+                                       train_state=state, rng_states=[checkpoint.rng_state()] * 2)
+
+
+def _resume(args: argparse.Namespace, folder: str) -> dict:
+    import checkpoint
+    args.output_dir, args.resume, args.auto_resume = folder, "", True
+    model = torch.nn.Linear(3, 2)
+    try:
+        state, _ = checkpoint.resume_if_any(args, model, torch.optim.AdamW(model.parameters()), None)
+    except checkpoint.CheckpointError as err:
+        return {"error": str(err).replace(folder, "<its folder>")}
+    return {"global_step": state["global_step"], "weight": model.weight[0, 0].item()}
+
+
+def _finish_epochs(args: argparse.Namespace, folder: str) -> dict:
+    import engine_for_pretraining as engine
+    evaluated, best = [], []
+
+    def evaluate(epoch: int) -> dict:
+        distributed.gather_objects(epoch)  # evaluation gathers features from every rank
+        evaluated.append(epoch)
+        return {"r1_sum": 30.0}
+
+    run = engine.Run(model=None, train_model=None, loader=None, sampler=None, dataset=None, optimizer=None,
+                     scaler=None, lr_schedule=None, wd_schedule=None, cfg=None, state=engine.TrainState(),
+                     batch_size=1, epochs=5, output_dir=folder, save=None)
+    finish = engine._EpochFinisher(run, evaluate, "val", "r1_sum", lambda epoch, metrics: best.append(epoch))
+    finish(1, {"epoch": 1, "global_step": 6}, evaluate_now=True)  # rank 0's record: evaluated already
+    finish(2, {"epoch": 2, "global_step": 9}, evaluate_now=True)  # 30 is below rank 0's best (50)
+    return {"evaluated": evaluated, "best": best}
+
+
+def _test_best(args: argparse.Namespace, folder: str) -> dict:
+    import run_simvtp_finetuning
+    args.output_dir = folder
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(-1.0 - args.rank)  # each rank's last weights differ from the best ones
+    run_simvtp_finetuning.test_best(args, model, None, torch.float32, None)
+    return {"weight": model.weight.flatten().tolist()}
+
+
+def _error_exit(rank: int, world: int, port: int) -> dict:
+    """An entry point whose main fails after the process group started."""
+    os.environ.update(MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="auto")
+    sys.argv = ["run_something.py"]
+
+    def main(args: argparse.Namespace) -> None:
+        distributed.init_distributed(args)
+        raise ValueError("a user mistake found after the process group started")
+
+    try:
+        utils.run_entry_point(main, parser)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return {"exit": code, "group_left": not torch.distributed.is_initialized()}
+
+
+SCENARIOS = {"stale_latest": _resume, "stale_file": _resume, "stale_eval_state": _finish_epochs,
+             "best_file_unseen": _test_best}
+
+
+def _decisions_worker(rank: int, world: int, ports: list, root: str) -> None:
+    args = _join(rank, world, ports[0])
+    results = {}
+    for name, scenario in SCENARIOS.items():
+        results[name] = scenario(args, os.path.join(root, name, f"rank{rank}"))
+    distributed.shutdown()
+    results["error_exit"] = _error_exit(rank, world, ports[1])
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def decisions(tmp_path_factory) -> list[dict]:
+    """Per rank, what each scenario did. The folders rank r sees are <scenario>/rank<r>."""
+    import shutil
+    import checkpoint
+    root = tmp_path_factory.mktemp("decisions")
+    for name in SCENARIOS:
+        (root / name / "rank0").mkdir(parents=True)
+    # rank 1's `latest` still names epoch 0's checkpoint
+    _save_epochs(root / "stale_latest" / "rank0", 2)
+    shutil.copytree(root / "stale_latest" / "rank0", root / "stale_latest" / "rank1")
+    (root / "stale_latest" / "rank1" / "latest").write_text("checkpoint-0.pth\n")
+    # rank 1 reads an old copy of the checkpoint rank 0 chose
+    _save_epochs(root / "stale_file" / "rank0", 2)
+    _save_epochs(root / "stale_file" / "old", 1)
+    shutil.copytree(root / "stale_file" / "rank0", root / "stale_file" / "rank1")
+    shutil.copy(root / "stale_file" / "old" / "checkpoint-0.pth", root / "stale_file" / "rank1" / "checkpoint-1.pth")
+    # rank 1's eval_state.json is older: evaluated up to step 3, best 10 (rank 0's: step 6, best 50)
+    for rank, (step, best) in enumerate(((6, 50.0), (3, 10.0))):
+        folder = root / "stale_eval_state" / f"rank{rank}"
+        folder.mkdir(exist_ok=True)
+        (folder / "eval_state.json").write_text(json.dumps({"epoch": 1, "global_step": step, "best": best,
+                                                            "best_epoch": 0, "metric": "r1_sum"}))
+    # only rank 0 sees checkpoint-best.pth
+    (root / "best_file_unseen" / "rank1").mkdir()
+    best = torch.nn.Linear(3, 2)
+    best_file = root / "best_file_unseen" / "rank0" / "checkpoint-best.pth"
+    checkpoint.save_atomic({"model": best.state_dict()}, str(best_file))
+    (root / "best_weights.json").write_text(json.dumps(best.weight.flatten().tolist()))
+    mp.spawn(_decisions_worker, args=(2, [free_port(), free_port()], str(root)), nprocs=2, join=True)
+    return [{**json.loads((root / f"rank{r}.json").read_text()), "root": root} for r in range(2)]
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(decisions):
+    """Before: rank 1 resumed from its own stale `latest` at global step 10, rank 0 at 20: collectives hung."""
+    assert [d["stale_latest"] for d in decisions] == [{"global_step": 20, "weight": 2.0}] * 2
+
+
+def test_ranks_reading_different_contents_of_one_checkpoint_stop_with_one_line(decisions):
+    """Rank 1 reads an old copy of the file rank 0 chose: every rank stops with the same error, none hangs."""
+    errors = [d["stale_file"]["error"] for d in decisions]
+    assert errors[0] == errors[1] and errors[0].startswith("<its folder>/checkpoint-1.pth: the processes read "
+                                                           "different training positions")
+    assert "must be shared storage" in errors[0] and "\n" not in errors[0]
+
+
+def test_the_best_and_the_evaluations_done_are_rank_0s_decision(decisions):
+    """Before: rank 1 evaluated epoch 1 again (its eval_state said step 3) and called epoch 2 the best (saving
+    checkpoint-best behind a barrier rank 0 never reached)."""
+    assert [d["stale_eval_state"] for d in decisions] == [{"evaluated": [2], "best": []}] * 2
+    record = json.loads((decisions[0]["root"] / "stale_eval_state" / "rank0" / "eval_state.json").read_text())
+    assert record["best"] == 50.0 and record["global_step"] == 9
+
+
+def test_every_rank_tests_the_best_weights_rank_0_found(decisions):
+    """Only rank 0's folder shows checkpoint-best.pth. Before: rank 1 tested its own last weights."""
+    best = json.loads((decisions[0]["root"] / "best_weights.json").read_text())
+    assert [d["best_file_unseen"] for d in decisions] == [{"weight": best}] * 2
+
+
+def test_an_error_leaves_the_process_group(decisions):
+    """run_entry_point destroys the process group on the way out, also when main raised (exit status 1)."""
+    assert [d["error_exit"] for d in decisions] == [{"exit": 1, "group_left": True}] * 2
+
+
+# ----------------------------------------------------------------------------------------------- as srun starts them
+
+
+def _free_job_port() -> tuple[str, int]:
+    """A SLURM job id whose derived rendezvous port (distributed.port_for_job) is free right now."""
+    import random
+    import socket
+    for _ in range(200):
+        job = str(random.randrange(1, 10 ** 6))
+        port = distributed.port_for_job(job)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return job, port
+    raise RuntimeError("no free port in the job-port range")
+
+
+def _srun(argvs: list[list[str]], job: str) -> list[subprocess.CompletedProcess]:
+    """Start one process per argv with the variables srun gives its tasks (no MASTER_ADDR, no MASTER_PORT, no
+    RANK: the SLURM branch derives them) and wait for all."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SLURM_JOB_ID=job, SLURM_STEP_ID="0",
+                SLURM_NTASKS=str(len(argvs)), SLURM_STEP_NUM_TASKS=str(len(argvs)), SLURM_STEP_NODELIST="localhost")
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r, argv in enumerate(argvs)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _pretrain_argv(synthetic_root, out, *extra) -> list[str]:
+    return [os.path.join(ROOT, "run_simvtp_pretraining.py"),
+            "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
+            "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+            "--precision", "fp32", "--output_dir", str(out), "--print_freq", "1", *extra]
+
+
+def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthetic_root):
+    """Rank 1 is given another folder, as a node-local path would be. Before: each rank resumed from its own view
+    (or wrote nowhere shared); now every rank stops at start-up, rank 0 says why in one line."""
+    job, _ = _free_job_port()
+    runs = _srun([_pretrain_argv(synthetic_root, tmp_path / "node0"),
+                  _pretrain_argv(synthetic_root, tmp_path / "node1")], job)
+    assert [r.returncode for r in runs] == [1, 1], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    lines = runs[0].stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in runs[0].stderr + runs[1].stderr, runs[0].stderr
+    assert lines[0].startswith(f"error: --output_dir {tmp_path / 'node0'}: not shared by all processes: rank 1 on ")
+    assert f"(its --output_dir {tmp_path / 'node1'})" in lines[0] and "shared storage" in lines[0]
+    assert runs[1].stderr == ""  # the same error on rank 1, printed once (by rank 0)
+    assert not [f for f in os.listdir(tmp_path / "node0") if f.startswith(distributed.SHARED_CHECK)]
+
+
+def test_srun_tasks_train_and_resume_together_with_no_rendezvous_exported(tmp_path, synthetic_root):
+    """The SLURM branch end to end: rank, world size, MASTER_ADDR (the node list's first host) and MASTER_PORT
+    (from the job id) derived from what srun gives; --device auto is gloo on this CPU machine. The second job
+    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error)."""
+    import checkpoint
+    out = tmp_path / "run"
+    job, port = _free_job_port()
+    first = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "1")] * 2, job)
+    assert [r.returncode for r in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
+    assert f"2 processes started by srun, backend gloo, rank 0 on cpu, rendezvous localhost:{port}" in first[0].stdout
+    saved = checkpoint.find_latest(str(out))
+    job, _ = _free_job_port()
+    second = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "2")] * 2, job)
+    assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:] + second[1].stderr[-3000:]
+    assert f"Resumed from {saved}: epoch 0" in second[0].stdout and second[1].stdout == ""
+    assert checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["global_step"] == 2

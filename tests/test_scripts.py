@@ -20,15 +20,21 @@ from conftest import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _dry_run(script: str, *args: str, **env: str) -> list[str]:
+def _clean_env(**env: str) -> dict:
+    """This environment without what would change a recipe's launch (PY, SLURM's job, a rendezvous)."""
+    drop = ("PY", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "LAUNCHER", "REPO")
+    return {**{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}, **env}
+
+
+def _dry_run(script: str, *args: str, cwd: str | None = None, **env: str) -> list[str]:
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script), *args], capture_output=True, text=True,
-                         env={**{k: v for k, v in os.environ.items() if k != "PY"}, "DRY_RUN": "1", **env},
-                         check=True)
+                         env=_clean_env(DRY_RUN="1", **env), check=True, cwd=cwd)
     return shlex.split(out.stdout)
 
 
 def _script_args(cmd: list[str], entry: str) -> list[str]:
-    return cmd[cmd.index(entry) + 1:]
+    """The entry point's flags: what follows the repository's ENTRY (launched by its absolute path)."""
+    return cmd[cmd.index(os.path.join(REPO, entry)) + 1:]
 
 
 def _flag(cmd: list[str], name: str) -> str:
@@ -39,14 +45,16 @@ def _launches_with_the_projects_python(cmd: list[str], python: str = os.path.joi
     assert cmd[:3] == [python, "-m", "torch.distributed.run"], cmd[:3]
 
 
-def test_pretrain_webvid_is_the_papers_recipe_with_quoted_paths():
+def test_pretrain_webvid_is_the_papers_recipe_with_quoted_paths(tmp_path):
     cmd = _dry_run("pretrain_webvid.sh", "/data/web vid/results_2M_train.csv", "/data/web vid/videos", "out dir",
-                   "--keep_last", "5", NODE_RANK="3", MASTER_ADDR="node0", INIT_CKPT="/ckpt/video mae.pth")
+                   "--keep_last", "5", NODE_RANK="3", MASTER_ADDR="node0", INIT_CKPT="/ckpt/video mae.pth",
+                   cwd=str(tmp_path))
     _launches_with_the_projects_python(cmd)
     assert (_flag(cmd, "--nnodes"), _flag(cmd, "--nproc_per_node"), _flag(cmd, "--node_rank")) == ("8", "8", "3")
     assert _flag(cmd, "--master_addr") == "node0"
     args = run_simvtp_pretraining.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_pretraining.py"))
-    assert args.data_path == "/data/web vid/results_2M_train.csv" and args.output_dir == "out dir"
+    # a relative path is taken from where the recipe was started, and printed absolute
+    assert args.data_path == "/data/web vid/results_2M_train.csv" and args.output_dir == str(tmp_path / "out dir")
     assert args.init_ckpt == "/ckpt/video mae.pth" and args.keep_last == 5
     assert (args.batch_size, args.epochs, args.lr, args.warmup_epochs) == (16, 200, 1.5e-4, 40)
     assert (args.mask_type, args.mask_ratio, args.text_mask_ratio) == ("tube", 0.9, 0.75)
@@ -54,20 +62,23 @@ def test_pretrain_webvid_is_the_papers_recipe_with_quoted_paths():
     assert args.model == "simvtp_base_patch16" and args.decoder_depth == 4
 
 
-def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test():
-    cmd = _dry_run("finetune_msrvtt.sh", "train 9k.json", "test 1k.csv", "/videos", "pre.pth", "out")
+def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test(tmp_path):
+    cmd = _dry_run("finetune_msrvtt.sh", "train 9k.json", "./test 1k.csv", "/videos", "pre.pth", "out",
+                   cwd=str(tmp_path))
     args = run_simvtp_finetuning.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_finetuning.py"))
-    assert args.data_path == "train 9k.json" and args.test_data_path == "test 1k.csv"
+    assert args.data_path == str(tmp_path / "train 9k.json") and args.test_data_path == str(tmp_path / "test 1k.csv")
+    assert (args.finetune, args.output_dir, args.log_dir) == (str(tmp_path / "pre.pth"), str(tmp_path / "out"),
+                                                              str(tmp_path / "out" / "tb"))
     assert args.val_fraction > 0 and args.val_data_path is None
     assert (args.batch_size, args.epochs, args.lr, args.test_num_segment, args.test_num_crop) == (8, 100, 3e-4, 3, 3)
     assert _flag(cmd, "--nproc_per_node") == "8"
     _launches_with_the_projects_python(cmd)
 
 
-def test_only_test_msrvtt_uses_15_by_3_views():
-    cmd = _dry_run("only_test_msrvtt.sh", "test 1k.csv", "/videos", "best.pth", "out")
+def test_only_test_msrvtt_uses_15_by_3_views(tmp_path):
+    cmd = _dry_run("only_test_msrvtt.sh", "test 1k.csv", "/videos", "best.pth", "out", cwd=str(tmp_path))
     args = run_simvtp_finetuning.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_finetuning.py"))
-    assert args.only_test and args.finetune == "best.pth"
+    assert args.only_test and args.finetune == str(tmp_path / "best.pth")
     assert (args.test_num_segment, args.test_num_crop) == (15, 3)
     _launches_with_the_projects_python(cmd)
     given = _dry_run("only_test_msrvtt.sh", "t.csv", "/v", "b.pth", "o", PY="/opt/conda env/bin/python")
@@ -112,3 +123,105 @@ def test_only_test_recipe_runs_without_an_activated_environment(synthetic_root, 
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["v2t_queries"] == 8
+
+
+# ----------------------------------------------------------------------------------------------- the shared launcher
+
+RECIPES = {"pretrain_webvid.sh": ("/d/train.csv", "/d/videos", "/out"),
+           "finetune_msrvtt.sh": ("/d/train.json", "/d/test.csv", "/d/videos", "/pre.pth", "/out"),
+           "only_test_msrvtt.sh": ("/d/test.csv", "/d/videos", "/best.pth", "/out")}
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_several_nodes_without_master_addr_are_refused(script):
+    """Before: MASTER_ADDR defaulted to 127.0.0.1, so nodes 1-7 each waited out the rendezvous on themselves."""
+    run = subprocess.run(["bash", os.path.join(REPO, "scripts", script), *RECIPES[script]], capture_output=True,
+                         text=True, env=_clean_env(DRY_RUN="1", NNODES="2"))
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.startswith("error: NNODES=2 needs MASTER_ADDR") and len(run.stderr.splitlines()) == 1
+    assert f"bash scripts/{script}" in run.stderr
+    cmd = _dry_run(script, *RECIPES[script], NNODES="2", MASTER_ADDR="node0", NODE_RANK="1")
+    assert (_flag(cmd, "--nnodes"), _flag(cmd, "--master_addr"), _flag(cmd, "--node_rank")) == ("2", "node0", "1")
+
+
+def test_pretraining_needs_master_addr_by_default():
+    """The paper's recipe is 8 nodes: run with no environment it says what is missing instead of hanging."""
+    run = subprocess.run(["bash", os.path.join(REPO, "scripts", "pretrain_webvid.sh"), "/a.csv", "/v"],
+                         capture_output=True, text=True, env=_clean_env(DRY_RUN="1"))
+    assert run.returncode == 2 and "NNODES=8 needs MASTER_ADDR" in run.stderr
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_the_port_derives_from_the_job_id(script):
+    """Two jobs sharing a node no longer collide on the recipe's fixed port; the number is the one python
+    derives under srun (distributed.port_for_job), and MASTER_PORT still wins."""
+    import distributed
+    cmd = _dry_run(script, *RECIPES[script], SLURM_JOB_ID="7654321", MASTER_ADDR="n0")
+    assert _flag(cmd, "--master_port") == str(distributed.port_for_job("7654321")) == "24321"
+    assert _flag(_dry_run(script, *RECIPES[script], SLURM_JOB_ID="7654321", MASTER_PORT="29999", MASTER_ADDR="n0"),
+                 "--master_port") == "29999"
+    default = {"pretrain_webvid.sh": "29500", "finetune_msrvtt.sh": "29501", "only_test_msrvtt.sh": "29502"}
+    assert _flag(_dry_run(script, *RECIPES[script], MASTER_ADDR="n0"), "--master_port") == default[script]
+
+
+def test_the_recipes_share_one_launcher():
+    for script in RECIPES:
+        text = open(os.path.join(REPO, "scripts", script)).read()
+        assert 'source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"' in text
+        assert "torch.distributed.run" not in text and "\ncd " not in text, script
+
+
+# ----------------------------------------------------------------------------------------------- SLURM batch files
+
+SBATCH = {"slurm_pretrain.sbatch": ("pretrain_webvid.sh", run_simvtp_pretraining, 8,
+                                    dict(DATA_PATH="webvid.csv", DATA_ROOT="/d/videos", OUTPUT_DIR="/shared/out")),
+          "slurm_finetune.sbatch": ("finetune_msrvtt.sh", run_simvtp_finetuning, 1,
+                                    dict(TRAIN_ANNO="/d/train.json", TEST_ANNO="/d/test.csv", DATA_ROOT="/d/videos",
+                                         PRETRAIN_CKPT="/shared/pre.pth", OUTPUT_DIR="/shared/ft"))}
+
+
+def _directives(path: str) -> dict[str, str]:
+    """The #SBATCH options of a batch file (those sbatch reads: before the first command)."""
+    out = {}
+    for line in open(path):
+        if not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].strip().partition("=")
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("name", SBATCH)
+def test_sbatch_files_start_one_task_per_gpu_with_srun(name, tmp_path):
+    recipe, entry, nodes, paths = SBATCH[name]
+    path = os.path.join(REPO, "scripts", name)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    opts = _directives(path)
+    assert int(opts["nodes"]) == nodes and opts["ntasks-per-node"] == opts["gpus-per-node"] == "8"
+    assert opts["partition"] and opts["time"] and int(opts["cpus-per-task"]) > 10  # 10 loader workers + the task
+    out = subprocess.run(["bash", path, "--seed", "1"], capture_output=True, text=True, cwd=str(tmp_path),
+                         env=_clean_env(DRY_RUN="1", SLURM_CPUS_PER_TASK="12", **paths), check=True)
+    cmd = shlex.split(out.stdout)
+    # srun starts python itself: each task is a rank of the SLURM branch (no torchrun, nothing exported)
+    assert cmd[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12"]
+    assert cmd[3] == os.path.join(REPO, ".venv", "bin", "python") and "torch.distributed.run" not in cmd
+    args = entry.get_args_parser().parse_args(_script_args(cmd, entry.__name__ + ".py"))
+    assert args.output_dir == paths["OUTPUT_DIR"] and args.seed == 1 and args.device == "cuda"
+    if "DATA_PATH" in paths:  # relative: from the folder sbatch ran it in
+        assert args.data_path == str(tmp_path / "webvid.csv")
+
+
+@pytest.mark.parametrize("name", SBATCH)
+def test_sbatch_files_refuse_their_placeholders_and_a_foreign_folder(name, tmp_path):
+    path = os.path.join(REPO, "scripts", name)
+    paths = SBATCH[name][3]
+    unedited = subprocess.run(["bash", path], capture_output=True, text=True, env=_clean_env(DRY_RUN="1"))
+    assert unedited.returncode == 2 and "is still the placeholder /path/to/" in unedited.stderr
+    assert name in unedited.stderr and len(unedited.stderr.splitlines()) == 1
+    elsewhere = subprocess.run(["bash", path], capture_output=True, text=True,
+                               env=_clean_env(DRY_RUN="1", SLURM_SUBMIT_DIR=str(tmp_path), **paths))
+    assert elsewhere.returncode == 2 and f"{tmp_path} is not the SimVTP repository" in elsewhere.stderr
+    submitted = subprocess.run(["bash", path], capture_output=True, text=True, check=True,
+                               env=_clean_env(DRY_RUN="1", SLURM_SUBMIT_DIR=REPO, **paths))
+    assert submitted.stdout.startswith("srun ")
