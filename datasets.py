@@ -30,9 +30,9 @@ exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one 
 A video listed several times becomes one record with all its captions (else retrieval would count the copies as
 different videos, and contrastive batches could pair a video with itself as a negative).
 
-Memory: a list of VideoRecord objects costs about 1.2 KB a WebVid record, and every forked data-loader worker
+Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
 copies the pages it touches (reference counts are written into every object). The training dataset therefore keeps
-a RecordTable: a few numpy byte arrays with offsets, about 150 bytes a record, read but never written by workers.
+a RecordTable: a few byte blobs with numpy offsets, about 140 bytes a record, read but never written by workers.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str],
     bad ones are judged after the whole file is read (one AnnotationError for all, or dropped and counted). A CSV
     is read line by line, never held whole."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark; \r\n read as \n
             first = _first_visible_char(f)
             if not first:
                 raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
@@ -313,7 +313,7 @@ def _list_row(where: str, item: Any) -> Row:
 
 
 def _read_csv(path: str, lines: Iterable[str]) -> Iterator[Callable[[], Row]]:
-    """The parsers of a CSV file's records, read lazily from lines (a file opened with newline="")."""
+    """The parsers of a CSV file's records, read lazily from lines (a text file)."""
     reader = csv.reader(lines)
     try:
         header = [h.strip() for h in next(reader)]
@@ -392,8 +392,8 @@ def _offsets(ends: array.array) -> np.ndarray:
 
 
 class RecordTable(collections.abc.Sequence):
-    """The records of a training list as numpy columns: paths, video ids and captions each one UTF-8 byte array
-    with offsets, and each record's range of captions. About 150 bytes a WebVid record instead of about 1.2 KB of
+    """The records of a training list as columns: paths, video ids and captions each one UTF-8 bytes blob with
+    numpy offsets, and each record's range of captions. About 140 bytes a WebVid record instead of about 460 of
     Python objects, and nothing per record that Python's reference counting writes to, so forked data-loader
     workers share it instead of copying it page by page (benchmarks/bench_records.py).
 
@@ -446,7 +446,7 @@ class RecordTable(collections.abc.Sequence):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the numpy buffers (what the table holds, apart from a few small objects)."""
+        """Bytes of the blobs and offsets (what the table holds, apart from a few small objects)."""
         return sum(c.nbytes for c in (self._paths, self._video_ids, self._captions)) + self._caption_ends.nbytes
 
     def iter_paths(self) -> Iterator[str]:

@@ -1,8 +1,8 @@
 """Memory of a training list at WebVid scale: a list of VideoRecord objects (datasets.read_annotations) vs the
 RecordTable the training dataset keeps (datasets.read_record_table).
 
-    .venv/bin/python benchmarks/bench_records.py                  # 500k rows (about a minute on 2 cores)
-    .venv/bin/python benchmarks/bench_records.py --rows 2500000   # WebVid-2.5M (a few minutes, ~3 GB at peak)
+    .venv/bin/python benchmarks/bench_records.py                  # 500k rows (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_records.py --rows 2500000   # WebVid-2.5M (about 10 minutes, 2.5 GiB)
     .venv/bin/python benchmarks/bench_records.py --anno results_2M_train.csv   # a real annotation file
 
 The CSV is synthetic_dataset.write_webvid_scale_csv (WebVid's columns and row shape, no videos), written to a
@@ -46,10 +46,11 @@ import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
 import synthetic_dataset  # noqa: E402
+import utils  # noqa: E402
 
 WEBVID_RECORDS = 2_500_000
 RANKS_PER_NODE = 8
-MIB, GB = 2 ** 20, 1e9
+MIB, GIB = 2 ** 20, 2 ** 30
 REPRESENTATIONS = {"list of VideoRecord": datasets.read_annotations, "RecordTable": datasets.read_record_table}
 
 
@@ -142,26 +143,25 @@ def print_figures(results: dict[str, dict], workers: int) -> None:
               f"{r['access_s'] / n * 1e6:>11.2f}")
     print(f"\nAt WebVid-2.5M ({WEBVID_RECORDS:,} records; the per-record figures above scaled):")
     node = f"per 8-GPU node ({RANKS_PER_NODE} ranks x (1 + {workers} workers))"
-    header = f"{'representation':<22}{'held per rank GB':>18}{'copied per worker GB':>22}  {node}"
+    header = f"{'representation':<22}{'held per rank GiB':>19}{'copied per worker GiB':>23}  {node}"
     print(header + "\n" + "-" * len(header))
     for name, r in results.items():
         held = r["held"] / r["records"] * WEBVID_RECORDS
         copied = r["copied"] / r["records"] * WEBVID_RECORDS
-        print(f"{name:<22}{held / GB:>18.2f}{copied / GB:>22.2f}  "
-              f"{RANKS_PER_NODE * (held + workers * copied) / GB:.1f} GB")
+        print(f"{name:<22}{held / GIB:>19.2f}{copied / GIB:>23.2f}  "
+              f"{RANKS_PER_NODE * (held + workers * copied) / GIB:.1f} GiB")
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--rows", type=int, default=500_000, help="rows of the synthetic WebVid-style CSV")
-    p.add_argument("--anno", default=None, help="measure this annotation file instead of a synthetic CSV")
+    p.add_argument("--anno", default=None, help="measure this annotation file instead of a synthetic CSV (default: a synthetic CSV of --rows rows)")
     p.add_argument("--data_root", default="/data/webvid/videos",
                    help="joined to the video paths (nothing is opened; it only sets the paths' length)")
     p.add_argument("--workers", type=int, default=4,
                    help="data-loader workers per rank for the per-node figure (--num_workers of the run scripts)")
-    p.add_argument("--dir", default=None, help="folder for the temporary CSV (default: the system's temp folder)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic CSV")
+    p.add_argument("--dir", default=None, help="folder for the temporary CSV (default: the system's temporary folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic CSV (default: 0)")
     return p.parse_args(argv)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def test_every_field_of_every_format_round_trips(synthetic_root, name):
     assert table.num_captions == sum(len(r.captions) for r in records)
     assert list(table.iter_paths()) == [r.path for r in records]
     assert list(RecordTable.from_records(records)) == records
+    assert list(pickle.loads(pickle.dumps(table))) == records  # what a spawned loader worker receives
     if name == "train.json":  # the Singularity list: several captions per video
         assert table.caption_counts().max() > 1
 
@@ -69,6 +71,19 @@ def test_unicode_repeated_videos_and_several_captions(tmp_path):
     assert _table_fields(table) == _fields(datasets.read_annotations(csv_path, "/w")) == [
         ("/w/p1/7.mp4", ['Café "au lait", 2 × 3 = ⑥', "Café again"], "7"),
         ("/w/p1/8.mp4", ["a caption\nover two lines"], "8")]
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_read_alike(tmp_path):
+    """The reader peeks at the first character, then reads from the start again: the mark must stay skipped."""
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes("\ufeffvideoid,contentUrl,duration,page_dir,name\r\n1,u,PT1S,p,Crème brûlée\r\n\r\n"
+                         "2,u,PT1S,p,\"two\r\nlines\"\r\n".encode("utf-8"))
+    json_path = tmp_path / "dict.json"
+    json_path.write_bytes("\ufeff\r\n  {\"a.mp4\": \"Ünïcode\"}\r\n".encode("utf-8"))
+    for path, expected in [(csv_path, [("p/1.mp4", ["Crème brûlée"], "1"), ("p/2.mp4", ["two\nlines"], "2")]),
+                           (json_path, [("a.mp4", ["Ünïcode"], "a")])]:
+        assert _fields(datasets.read_annotations(path)) == expected
+        assert _table_fields(datasets.read_record_table(path)) == expected
 
 
 def test_many_repeats_merge_like_the_list_reader(tmp_path):
