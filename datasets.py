@@ -3,7 +3,8 @@ policy and the collate step.
 
 Flow (one direction)::
 
-    read_annotations(file) -> [VideoRecord(path, captions, video_id)]
+    read_annotations(file) -> [VideoRecord(path, captions, video_id)]    (evaluation lists, tools)
+    read_record_table(file) -> RecordTable: the same records as numpy columns (training lists of millions)
     VideoTextDataset[i]    -> decode only the sampled frames (decord | PyAV), one crop for the whole clip,
                               uint8 video [C, T, H, W] (+ tube mask [N], a caption)
     VideoTextCollator      -> batch: uint8 video [B, C, T, H, W], input_ids / attention_mask [B, L], MLM ids /
@@ -30,9 +31,15 @@ exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one 
 
 A video listed several times becomes one record with all its captions (else retrieval would count the copies as
 different videos, and contrastive batches could pair a video with itself as a negative).
+
+Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
+copies the pages it touches (reference counts are written into every object). The training dataset therefore keeps
+a RecordTable: a few byte blobs with numpy offsets, about 140 bytes a record, read but never written by workers.
 """
 from __future__ import annotations
 
+import array
+import collections.abc
 import csv
 import functools
 import io
@@ -52,6 +59,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "AnnotationError", "VideoDecodeError", "BrokenDataError", "VideoRecord", "read_annotations", "sample_rng",
+    "RecordTable", "read_record_table",
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
     "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
@@ -140,36 +148,72 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
     one AnnotationError (the first MAX_LISTED with record numbers, 1-based over data records, and a count); a
     2.5 M-row file is not fixed one row per attempt. skip_bad_records drops them instead, printing the count.
     A file that is not one of the formats at all (bad JSON, unknown CSV header) stops at once.
+    A list of Python objects (about 1 KB a record): for evaluation lists and tools; a training list of millions
+    of videos is read with read_record_table.
     """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e}); expected {_FORMATS_HELP}") from None
-    head = text.lstrip()
-    if not head:
-        raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
-    is_json = head[0] in "[{\"" or path.lower().endswith(".json")
-    rows, bad = _read_json(path, text) if is_json else _read_csv(path, text)
-    if bad and not skip_bad_records:
-        raise AnnotationError(_bad_records_message(path, bad, len(rows) + len(bad)))
-    if bad:
-        print(f"{path}: dropped {len(bad)} bad record(s) of {len(rows) + len(bad)} (--skip_bad_records), e.g. "
-              f"{bad[0]}", flush=True)
-    if not rows:
-        raise AnnotationError(f"{path}: no records" + (f" left after dropping {len(bad)} bad ones" if bad else ""))
     root = os.fspath(data_root) if data_root else None
     merged: dict[str, VideoRecord] = {}
-    for rel, captions, video_id in rows:
-        full = os.path.join(root, rel) if root and not os.path.isabs(rel) else rel
+
+    def add(rel: str, captions: list[str], video_id: str) -> None:
+        full = _under_root(root, rel)
         if full in merged:
             merged[full].captions.extend(c for c in captions if c not in merged[full].captions)
         else:
             merged[full] = VideoRecord(full, list(captions), video_id)
+
+    _read_rows(os.fspath(path), skip_bad_records, add)
     return list(merged.values())
+
+
+def read_record_table(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                      skip_bad_records: bool = False) -> "RecordTable":
+    """The records of read_annotations (same formats, errors, merging and order) as a compact RecordTable: rows
+    are streamed into byte buffers, so no object per record is built or kept (a training list of millions)."""
+    root = os.fspath(data_root) if data_root else None
+    builder = _TableBuilder(merge_duplicates=True)
+    _read_rows(os.fspath(path), skip_bad_records,
+               lambda rel, captions, video_id: builder.add(_under_root(root, rel), captions, video_id))
+    return builder.finish()
+
+
+def _under_root(root: str | None, rel: str) -> str:
+    return os.path.join(root, rel) if root and not os.path.isabs(rel) else rel
+
+
+def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str], str], None]) -> None:
+    """Every good record of an annotation file, in file order, into add(relative path, captions, video id); the
+    bad ones are judged after the whole file is read (one AnnotationError for all, or dropped and counted). A CSV
+    is read line by line, never held whole."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark; \r\n read as \n
+            first = _first_visible_char(f)
+            if not first:
+                raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
+            f.seek(0)
+            is_json = first in "[{\"" or path.lower().endswith(".json")
+            good, bad = _consume(_read_json(path, f.read()) if is_json else _read_csv(path, f), add)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e}); expected {_FORMATS_HELP}") from None
+    if bad and not skip_bad_records:
+        raise AnnotationError(_bad_records_message(path, bad, good + len(bad)))
+    if bad:
+        print(f"{path}: dropped {len(bad)} bad record(s) of {good + len(bad)} (--skip_bad_records), e.g. "
+              f"{bad[0]}", flush=True)
+    if not good:
+        raise AnnotationError(f"{path}: no records" + (f" left after dropping {len(bad)} bad ones" if bad else ""))
+
+
+def _first_visible_char(f: io.TextIOBase, chunk: int = 1 << 16) -> str:
+    """The first non-whitespace character of a text file ("" when there is none), read a chunk at a time."""
+    while True:
+        text = f.read(chunk)
+        if not text:
+            return ""
+        stripped = text.lstrip()
+        if stripped:
+            return stripped[0]
 
 
 MAX_LISTED = 20  # bad records / bad files named in one error; the rest are counted
@@ -219,27 +263,33 @@ def _file_of_id(video_id: str) -> tuple[str, str]:
     return video_id + VIDEO_EXTENSION, video_id
 
 
-def _collect(records: Iterable[Callable[[], Row]]) -> tuple[list[Row], list[str]]:
-    """Parse every record, keeping the good rows and the problems of the bad ones (in file order)."""
-    rows, bad = [], []
+def _consume(records: Iterable[Callable[[], Row]],
+             add: Callable[[str, list[str], str], None]) -> tuple[int, list[str]]:
+    """Parse every record, passing the good rows to add and keeping the problems of the bad ones (in file order)
+    -> (good rows, problems)."""
+    good, bad = 0, []
     for parse in records:
         try:
-            rows.append(parse())
+            row = parse()
         except _BadRecord as e:
             bad.append(str(e))
-    return rows, bad
+            continue
+        add(*row)
+        good += 1
+    return good, bad
 
 
-def _read_json(path: str, text: str) -> tuple[list[Row], list[str]]:
+def _read_json(path: str, text: str) -> Iterator[Callable[[], Row]]:
+    """The parsers of a JSON file's records (the whole file is parsed first: JSON has no records to stream)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if isinstance(obj, dict):  # the release: {video_path: caption}
-        return _collect(functools.partial(_dict_row, f"record {n} ({video!r:.80})", video, caption)
-                        for n, (video, caption) in enumerate(obj.items(), 1))
+        return (functools.partial(_dict_row, f"record {n} ({video!r:.80})", video, caption)
+                for n, (video, caption) in enumerate(obj.items(), 1))
     if isinstance(obj, list):  # Singularity / SViTT: [{"video": path, "caption": str | [str]}]
-        return _collect(functools.partial(_list_row, f"record {n}", item) for n, item in enumerate(obj, 1))
+        return (functools.partial(_list_row, f"record {n}", item) for n, item in enumerate(obj, 1))
     raise AnnotationError(f"{path}: top-level JSON must be a dict or a list, got {type(obj).__name__}; "
                           f"expected {_FORMATS_HELP}")
 
@@ -265,8 +315,9 @@ def _list_row(where: str, item: Any) -> Row:
     return rel, [_caption(f"{where} caption {k}", c) for k, c in enumerate(caps, 1)], _id_of(rel)
 
 
-def _read_csv(path: str, text: str) -> tuple[list[Row], list[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv(path: str, lines: Iterable[str]) -> Iterator[Callable[[], Row]]:
+    """The parsers of a CSV file's records, read lazily from lines (a text file)."""
+    reader = csv.reader(lines)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -282,17 +333,17 @@ def _read_csv(path: str, text: str) -> tuple[list[Row], list[str]]:
 
     def records() -> Iterator[Callable[[], Row]]:
         n = 0
-        for row in reader:
-            if not row or not "".join(row).strip():
-                continue  # blank line
-            n += 1
-            where = f"record {n} (line {reader.line_num})"
-            yield functools.partial(_csv_row, where, header, row, parse_row)
+        try:
+            for row in reader:
+                if not row or not "".join(row).strip():
+                    continue  # blank line
+                n += 1
+                where = f"record {n} (line {reader.line_num})"
+                yield functools.partial(_csv_row, where, header, row, parse_row)
+        except csv.Error as e:
+            raise AnnotationError(f"{path}: bad CSV near line {reader.line_num}: {e}") from None
 
-    try:
-        return _collect(records())
-    except csv.Error as e:
-        raise AnnotationError(f"{path}: bad CSV near line {reader.line_num}: {e}") from None
+    return records()
 
 
 def _csv_row(where: str, header: list[str], row: list[str], parse_row: Callable[[str, dict], Row]) -> Row:
@@ -314,6 +365,173 @@ def _msrvtt_row(where: str, rec: dict) -> Row:
     caption = _caption(where, rec["sentence"])
     file, video_id = _file_of_id(vid)
     return file, [caption], video_id
+
+
+# ----------------------------------------------------------------------------------------------- record table
+
+
+class _Strings:
+    """Many strings as one UTF-8 bytes blob and a numpy array of their end offsets: two objects, however many
+    strings, so forked data-loader workers read these pages without writing to them and they stay shared. Strings
+    round-trip exactly, lone surrogates included ("surrogatepass")."""
+
+    def __init__(self, data: bytes, ends: np.ndarray) -> None:
+        self.data, self.ends = data, ends  # string i is data[ends[i - 1]:ends[i]] (from 0 for i = 0)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.ends[i - 1] if i else 0:self.ends[i]].decode("utf-8", "surrogatepass")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.ends.nbytes
+
+
+def _offsets(ends: array.array) -> np.ndarray:
+    """Offsets as a numpy array: 4 bytes each while they fit."""
+    return np.array(ends, dtype=np.uint32 if not ends or ends[-1] < 2 ** 32 else np.int64)
+
+
+class RecordTable(collections.abc.Sequence):
+    """The records of a training list as columns: paths, video ids and captions each one UTF-8 bytes blob with
+    numpy offsets, and each record's range of captions. About 140 bytes a WebVid record instead of about 460 of
+    Python objects, and nothing per record that Python's reference counting writes to, so forked data-loader
+    workers share it instead of copying it page by page (benchmarks/bench_records.py).
+
+    path(i), video_id(i) and captions(i) decode one field; table[i] is a VideoRecord built on the spot (so code
+    written for a list of records works), table[a:b] and take(indices) are smaller tables.
+    """
+
+    def __init__(self, paths: _Strings, video_ids: _Strings, captions: _Strings, caption_ends: np.ndarray) -> None:
+        if not len(paths) == len(video_ids) == len(caption_ends):
+            raise ValueError("RecordTable columns differ in length")
+        self._paths, self._video_ids, self._captions, self._caption_ends = paths, video_ids, captions, caption_ends
+
+    @classmethod
+    def from_records(cls, records: Iterable[VideoRecord]) -> "RecordTable":
+        """A table of the records as given (in order, repeated videos kept as separate records)."""
+        builder = _TableBuilder(merge_duplicates=False)
+        for r in records:
+            builder.add(r.path, r.captions, r.video_id)
+        return builder.finish()
+
+    def __len__(self) -> int:
+        return len(self._caption_ends)
+
+    def _index(self, i: int) -> int:
+        n = len(self._caption_ends)
+        if 0 <= i < n:
+            return int(i)
+        if not -n <= i < 0:
+            raise IndexError(f"record {i} out of range for a table of {n}")
+        return int(i) + n
+
+    def path(self, i: int) -> str:
+        return self._paths[self._index(i)]
+
+    def video_id(self, i: int) -> str:
+        return self._video_ids[self._index(i)]
+
+    def captions(self, i: int) -> list[str]:
+        i = self._index(i)
+        start = int(self._caption_ends[i - 1]) if i > 0 else 0
+        return [self._captions[k] for k in range(start, int(self._caption_ends[i]))]
+
+    def caption_counts(self) -> np.ndarray:
+        """int64 [len]: how many captions each record has."""
+        return np.diff(self._caption_ends.astype(np.int64), prepend=0)
+
+    @property
+    def num_captions(self) -> int:
+        return int(self._caption_ends[-1]) if len(self) else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blobs and offsets (what the table holds, apart from a few small objects)."""
+        return sum(c.nbytes for c in (self._paths, self._video_ids, self._captions)) + self._caption_ends.nbytes
+
+    def iter_paths(self) -> Iterator[str]:
+        return (self._paths[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        i = self._index(i)
+        return VideoRecord(self._paths[i], self.captions(i), self._video_ids[i])
+
+    def __iter__(self) -> Iterator[VideoRecord]:
+        return (self[i] for i in range(len(self)))
+
+    def take(self, indices: Iterable[int]) -> "RecordTable":
+        """A new table of these records, in the order given."""
+        builder = _TableBuilder(merge_duplicates=False)
+        for i in indices:
+            builder.add(self.path(i), self.captions(i), self.video_id(i))
+        return builder.finish()
+
+    def __repr__(self) -> str:
+        return f"RecordTable({len(self)} records, {self.num_captions} captions, {self.nbytes / 2 ** 20:.1f} MiB)"
+
+
+class _TableBuilder:
+    """Appends records to growing byte buffers; finish() freezes them into a RecordTable. With merge_duplicates,
+    records of the same path become one (as read_annotations merges them), found after the fact from a hash of
+    each path, so no dictionary of every path is built."""
+
+    def __init__(self, merge_duplicates: bool) -> None:
+        self.merge_duplicates = merge_duplicates
+        self._columns = [(bytearray(), array.array("q")) for _ in range(3)]  # path, video id, caption: data, ends
+        self._caption_ends = array.array("q")
+        self._path_hashes = array.array("q")
+
+    def add(self, path: str, captions: Sequence[str], video_id: str) -> None:
+        (paths, path_ends), (ids, id_ends), (texts, text_ends) = self._columns
+        paths += path.encode("utf-8", "surrogatepass")
+        path_ends.append(len(paths))
+        ids += video_id.encode("utf-8", "surrogatepass")
+        id_ends.append(len(ids))
+        for caption in captions:
+            texts += caption.encode("utf-8", "surrogatepass")
+            text_ends.append(len(texts))
+        self._caption_ends.append(len(text_ends))
+        if self.merge_duplicates:
+            self._path_hashes.append(hash(path))
+
+    def finish(self) -> RecordTable:
+        columns = []
+        while self._columns:  # one column's buffers copied at a time, then dropped
+            data, ends = self._columns.pop(0)
+            columns.append(_Strings(bytes(data), _offsets(ends)))
+            del data, ends
+        table = RecordTable(*columns, _offsets(self._caption_ends))
+        hashes = np.frombuffer(self._path_hashes, dtype=np.int64)
+        if self.merge_duplicates and len(np.unique(hashes)) < len(hashes):
+            return _merge_repeated_paths(table, hashes)
+        return table
+
+
+def _merge_repeated_paths(table: RecordTable, hashes: np.ndarray) -> RecordTable:
+    """One record per path, at its first place, with the captions of every repeat added in order (a caption it
+    has already is not added again), as read_annotations merges them. Only the rows whose path hash repeats are
+    compared by path."""
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    first_row: dict[str, int] = {}
+    merged_captions: dict[int, list[str]] = {}
+    repeats: set[int] = set()
+    for row in np.flatnonzero(counts[inverse] > 1).tolist():
+        owner = first_row.setdefault(table.path(row), row)
+        if owner != row:
+            repeats.add(row)
+            captions = merged_captions.setdefault(owner, table.captions(owner))
+            captions.extend(c for c in table.captions(row) if c not in captions)
+    builder = _TableBuilder(merge_duplicates=False)
+    for row in range(len(table)):
+        if row not in repeats:
+            captions = merged_captions[row] if row in merged_captions else table.captions(row)
+            builder.add(table.path(row), captions, table.video_id(row))
+    return builder.finish()
 
 
 # ----------------------------------------------------------------------------------------------- exclude lists
@@ -365,18 +583,17 @@ def _same_file_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def excluded_indices(records: Sequence[VideoRecord], exclude: ExcludeList,
+def excluded_indices(records: Sequence[VideoRecord] | RecordTable, exclude: ExcludeList,
                      data_root: str | os.PathLike | None) -> tuple[set[int], int]:
     """Indices of the records an exclude list names -> (indices, entries matching no record).
 
     An entry matches a record's path as given (absolute, or relative to the working directory as the annotation
     reader leaves it) or relative to data_root, like an annotation path. A check report's paths also match by their
     place under the report's own data root, so a report of the original videos excludes their re-encoded copies
-    under another --data_root."""
+    under another --data_root. The records are scanned once against the list's keys (no map of every path)."""
     root = os.fspath(data_root) if data_root else None
-    index_of = {_same_file_key(r.path): i for i, r in enumerate(records)}
-    found, unmatched = set(), 0
-    for entry in exclude.paths:
+    entries_of: dict[str, list[int]] = {}  # a path key -> the entries that name it
+    for n, entry in enumerate(exclude.paths):
         keys = {_same_file_key(entry)}
         if root and not os.path.isabs(entry):
             keys.add(_same_file_key(os.path.join(root, entry)))
@@ -384,13 +601,22 @@ def excluded_indices(records: Sequence[VideoRecord], exclude: ExcludeList,
             rel = os.path.relpath(_same_file_key(entry), _same_file_key(exclude.root))
             if not rel.startswith(os.pardir):
                 keys.add(_same_file_key(os.path.join(root, rel)))
-        hits = {index_of[k] for k in keys if k in index_of}
-        found |= hits
-        unmatched += not hits
-    return found, unmatched
+        for key in keys:
+            entries_of.setdefault(key, []).append(n)
+    found, matched = set(), set()
+    for i, path in enumerate(_paths_of(records)):
+        hit = entries_of.get(_same_file_key(path))
+        if hit:
+            found.add(i)
+            matched.update(hit)
+    return found, len(exclude.paths) - len(matched)
 
 
-def exclusions_for(records: Sequence[VideoRecord], exclude_list: str | None,
+def _paths_of(records: Sequence[VideoRecord] | RecordTable) -> Iterator[str]:
+    return records.iter_paths() if isinstance(records, RecordTable) else (r.path for r in records)
+
+
+def exclusions_for(records: Sequence[VideoRecord] | RecordTable, exclude_list: str | None,
                    data_root: str | os.PathLike | None) -> set[int]:
     """--exclude_list applied to a training list: the record indices never to open (one line says how many)."""
     if not exclude_list:
@@ -966,22 +1192,25 @@ class VideoTextDataset(torch.utils.data.Dataset):
     raised only when no record of the list can be read. In test mode a broken video is an error: the test set is
     never silently changed.
 
+    records: a RecordTable (read_record_table) or a list of VideoRecord, which is turned into one.
     Call set_epoch(e) before each epoch (data-loader workers copy the dataset when an epoch's iterator starts,
     so do not use persistent_workers; that copy also carries the broken files the main process knows by then).
     """
 
-    def __init__(self, records: Sequence[VideoRecord], mode: str = "train", num_frames: int = 16,
+    def __init__(self, records: Sequence[VideoRecord] | RecordTable, mode: str = "train", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
                  mask_generator=None, excluded: Collection[int] = ()) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if not isinstance(records, RecordTable):
+            records = RecordTable.from_records(records)
         if not records:
             raise ValueError("no records: the annotation file listed no videos")
         if mode == "train":
-            empty = [r.path for r in records if not r.captions]
-            if empty:
-                raise ValueError(f"{len(empty)} training records have no caption, e.g. {empty[0]}")
+            empty = np.flatnonzero(records.caption_counts() == 0)
+            if len(empty):
+                raise ValueError(f"{len(empty)} training records have no caption, e.g. {records.path(empty[0])}")
         if mode == "test" and short_side_size < input_size:
             raise ValueError(f"short_side_size {short_side_size} must be >= input_size {input_size}")
         if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop) < 1:
@@ -991,7 +1220,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
             raise ValueError("an exclude list applies to training only (the test set is never silently changed)")
         if len(self.excluded) >= len(records):
             raise ValueError(f"the exclude list names all {len(records)} videos of the training list")
-        self.records = list(records)
+        self.records = records  # columns, not objects: forked loader workers share them, not copy them
         self.mode = mode
         self.num_frames, self.sampling_rate = int(num_frames), int(sampling_rate)
         self.input_size, self.short_side_size = int(input_size), int(short_side_size)
@@ -1035,18 +1264,19 @@ class VideoTextDataset(torch.utils.data.Dataset):
         for record_index in fallthrough_order(index, len(self.records), self.rng(index, "retry")):
             if record_index in self.excluded:
                 continue
-            record = self.records[record_index]
+            path = self.records.path(record_index)
             try:
-                video = self._train_clip(record.path, index)
+                video = self._train_clip(path, index)
                 break
             except VideoDecodeError as e:
-                met[record.path] = self.broken.setdefault(record.path, one_line(e))
+                met[path] = self.broken.setdefault(path, one_line(e))
         else:
             raise BrokenDataError(self._all_broken_message())
         read = index not in self.excluded
-        caption = record.captions[int(self.rng(index, "caption").integers(len(record.captions)))]
+        captions = self.records.captions(record_index)
+        caption = captions[int(self.rng(index, "caption").integers(len(captions)))]
         item = {"video": video, "caption": caption, "index": index, "epoch": self.epoch, "read": int(read),
-                "broken": int(read and self.records[index].path in met), "broken_videos": list(met.items())}
+                "broken": int(read and self.records.path(index) in met), "broken_videos": list(met.items())}
         if self.mask_generator is not None:
             item["video_mask"] = torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, "video_mask")),
                                                              dtype=bool))
@@ -1085,9 +1315,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return test_clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.test_num_segment)
 
     def _test_item(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        path = self.records.path(index)
         try:
-            frames, n = self._decode(record.path, lambda n: sorted({i for c in self._test_clips(n) for i in c}))
+            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n) for i in c}))
         except VideoDecodeError as e:
             raise VideoDecodeError(f"{e} [evaluation: broken videos are not skipped, so the test set never changes "
                                    f"silently; repair or remove this video from the annotation file]") from e
@@ -1095,7 +1325,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         pos = {i: k for k, i in enumerate(sorted({i for c in clips for i in c}))}
         views = test_views(frames, [[pos[i] for i in clip] for clip in clips], self.input_size,
                            self.short_side_size, self.test_num_crop)
-        return {"video": views, "captions": list(record.captions), "index": index}
+        return {"video": views, "captions": self.records.captions(index), "index": index}
 
 
 def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:

@@ -112,9 +112,13 @@ def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float 
                              print_freq=args.print_freq)
 
 
-def read_records(path: str, args: argparse.Namespace) -> list:
-    records = datasets.read_annotations(path, args.data_root, args.skip_bad_records)
-    print(f"Data: {len(records)} videos, {sum(len(r.captions) for r in records)} captions from {path}")
+def read_records(path: str, args: argparse.Namespace, table: bool = False) -> list | datasets.RecordTable:
+    """An annotation file's records: a list, or with table a datasets.RecordTable (the training list: numpy
+    columns that forked loader workers share instead of copying)."""
+    read = datasets.read_record_table if table else datasets.read_annotations
+    records = read(path, args.data_root, args.skip_bad_records)
+    captions = records.num_captions if table else sum(len(r.captions) for r in records)
+    print(f"Data: {len(records)} videos, {captions} captions from {path}")
     return records
 
 
@@ -142,12 +146,16 @@ def read_text_lines(path: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def split_val(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded held-out fraction of the training videos (all captions of a video go to the same side)."""
+def split_val(records: list | datasets.RecordTable, fraction: float,
+              seed: int) -> tuple[list | datasets.RecordTable, list | datasets.RecordTable]:
+    """A seeded held-out fraction of the training videos (all captions of a video go to the same side), both
+    sides in file order and of the type given (a list, or a RecordTable)."""
     order = np.random.default_rng(seed).permutation(len(records))
     n_val = max(1, int(round(fraction * len(records))))
-    val = set(order[:n_val].tolist())
-    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+    is_val = np.zeros(len(records), dtype=bool)
+    is_val[order[:n_val]] = True
+    take = records.take if isinstance(records, datasets.RecordTable) else (lambda idx: [records[i] for i in idx])
+    return take(np.flatnonzero(~is_val).tolist()), take(np.flatnonzero(is_val).tolist())
 
 
 def check_disjoint(val: list | None, test: list | None) -> None:
@@ -386,7 +394,7 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     """Train on --data_path, select on val (R@1 t2v + v2t), then test the best weights."""
     if not args.data_path:
         raise ValueError("fine-tuning needs --data_path (the training annotations)")
-    train_records = read_records(args.data_path, args)
+    train_records = read_records(args.data_path, args, table=True)
     val_records = read_records(args.val_data_path, args) if args.val_data_path else None
     if val_records is None and args.val_fraction > 0:
         train_records, val_records = split_val(train_records, args.val_fraction, args.seed)

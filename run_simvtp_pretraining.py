@@ -71,7 +71,8 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
 def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) -> tuple[
         torch.utils.data.DataLoader, datasets.VideoTextDataset, utils.ResumableDistributedSampler]:
     """Training data shaped by what the model asks for: a video mask on its token grid, MLM captions."""
-    records = datasets.read_annotations(args.data_path, args.data_root, args.skip_bad_records)
+    # numpy columns, not a list of objects: forked loader workers share them instead of copying them
+    records = datasets.read_record_table(args.data_path, args.data_root, args.skip_bad_records)
     mask_gen = None
     if model.takes_video_mask:
         grid = model.token_grid(args.num_frames, args.input_size, args.input_size)

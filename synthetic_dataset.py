@@ -344,6 +344,43 @@ def write_annotations(root: Path, specs: dict[str, list[ClipSpec]], seconds: flo
     _write_json(ann / "metadata.json", [asdict(s) for split in SPLITS for s in specs[split]])
 
 
+# words of the scale CSV's captions (a few with accents: real captions are not all ASCII)
+_SCALE_WORDS = tuple("""aerial view of a young woman man child dog cat walking running sitting on the beach at sunset
+in slow motion close up shot city street traffic night timelapse forest river mountain snow winter summer
+happy smiling business people working office laptop cooking kitchen fresh vegetables water waves ocean sky
+clouds flying drone footage over green field autumn leaves falling rain background abstract light bokeh
+café niño façade crème""".split())
+
+
+def write_webvid_scale_csv(path: str | os.PathLike, num_rows: int, seed: int = 0) -> Path:
+    """A WebVid-2M CSV of num_rows records with no videos behind it, shaped like the real file (unique 9-10 digit
+    ids, a preview URL that repeats the caption, page_dir folders of 50, captions of 4-18 words, some with
+    commas): for measuring annotation reading and record memory at scale (benchmarks/bench_records.py)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(num_rows) + 1_000_000_000 - num_rows // 2
+    lengths = rng.integers(4, 19, size=num_rows)
+    words = rng.integers(len(_SCALE_WORDS), size=int(lengths.sum()))
+    commas = rng.random(num_rows) < 0.2
+    seconds = rng.integers(5, 60, size=num_rows)
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
+        start = 0
+        for row in range(num_rows):
+            caption_words = [_SCALE_WORDS[k] for k in words[start:start + lengths[row]]]
+            start += lengths[row]
+            slug = "-".join(caption_words)
+            if commas[row]:
+                caption_words[1] += ","
+            caption = " ".join(caption_words)
+            page = row // 50 * 50
+            w.writerow([int(ids[row]), f"https://example.com/videos/{ids[row]}/preview/stock-footage-{slug}.mp4",
+                        f"PT00H00M{seconds[row]:02d}S", f"{page + 1:06d}_{page + 50:06d}",
+                        caption[0].upper() + caption[1:]])
+    return path
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
