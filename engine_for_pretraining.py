@@ -116,6 +116,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
     iterator = log.metrics.log_every(loader, total=batches_per_epoch, header=f"Epoch [{epoch}]",
                                      start=state.micro_in_epoch, before_print=log.flush)
     for batch in iterator:
+        utils.raise_if_interrupted()
         window_start = state.micro_in_epoch - len(window)
         size = min(cfg.accum_iter, batches_per_epoch - window_start)
         if not window:  # the schedules' index is the position in training (= global_step unless settings changed)

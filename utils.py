@@ -8,7 +8,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -183,6 +185,7 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
     checkpoint is and how to resume (exit status 130). `exit_status(result)` turns what main returned into the
     exit status (e.g. 3: finished, but some inputs were skipped)."""
     args = parser.parse_args()
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         result = main(args)
     except (FileNotFoundError, ValueError, *expected) as err:
@@ -195,6 +198,22 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
         distributed.shutdown()  # also after an error: the process group is left, not abandoned
     if exit_status is not None:
         sys.exit(exit_status(result))
+
+
+INTERRUPTED = threading.Event()  # set by Ctrl-C; the training loop also checks it between micro-batches
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: raise KeyboardInterrupt as Python does, and remember it: when the signal lands inside a finaliser
+    (a video reader being closed, say) Python drops that exception, and the loop raises it again at its next
+    micro-batch."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def interrupted_message(output_dir: str | None) -> str:

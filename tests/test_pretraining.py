@@ -223,7 +223,11 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root,
     while not checkpoint.list_checkpoints(str(tmp_path)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     latest = checkpoint.find_latest(str(tmp_path))
     assert f"The last checkpoint is {latest}" in err and "run_simvtp_pretraining.py" in err
