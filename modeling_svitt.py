@@ -92,10 +92,14 @@ class RelativePositionBias3D(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(relative_table_rows(*grid), num_heads))
 
     def patch_rows(self, q_coords: torch.Tensor, k_coords: torch.Tensor) -> torch.Tensor:
-        """Table rows for query/key coordinate sets [..., Nq, 3] x [..., Nk, 3] -> [..., Nq, Nk]."""
+        """Table rows for query/key coordinate sets [..., Nq, 3] x [..., Nk, 3] -> [..., Nq, Nk]:
+        (dt+T-1)*(2h-1)*(2w-1) + (dh+h-1)*(2w-1) + (dw+w-1) is linear in the coordinates, so it is
+        code(query) - code(key) + code(T-1, h-1, w-1) with code(t, h, w) = t*(2h-1)*(2w-1) + h*(2w-1) + w."""
         T, h, w = self.grid
-        d = q_coords.unsqueeze(-2) - k_coords.unsqueeze(-3)
-        return (d[..., 0] + T - 1) * ((2 * h - 1) * (2 * w - 1)) + (d[..., 1] + h - 1) * (2 * w - 1) + d[..., 2] + w - 1
+        weights = torch.tensor([(2 * h - 1) * (2 * w - 1), 2 * w - 1, 1], device=q_coords.device)
+        centre = (T - 1) * int(weights[0]) + (h - 1) * (2 * w - 1) + w - 1
+        q_code, k_code = (q_coords * weights).sum(-1), (k_coords * weights).sum(-1)
+        return q_code.unsqueeze(-1) - k_code.unsqueeze(-2) + centre
 
     def cls_row(self, which: int) -> int:
         return self.relative_position_bias_table.shape[0] + which
@@ -203,27 +207,33 @@ class SViTTSelfAttention(nn.Module):
         return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
 
     def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool) -> torch.Tensor:
-        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered into one
-        [B, H, nb, 1 + K*bs, d] layout, one scaled_dot_product_attention call with an additive mask."""
+        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered (one index_select)
+        into a [B, H, nb, 1 + K*bs, d] layout, one scaled_dot_product_attention call with an additive mask."""
         rpb, bs = self.relative_position_bias, pattern.block_size
         B, H, L, d = q.shape
         n = L - 1
         nb, K = pattern.key_blocks.shape
         pad = nb * bs - n
         key_blocks = pattern.key_blocks.to(q.device)
-        qp, kp, vp = (F.pad(t[:, :, 1:], (0, 0, 0, pad)).unflatten(2, (nb, bs)) for t in (q, k, v))
-        kg, vg = (t[:, :, key_blocks].flatten(3, 4) for t in (kp, vp))  # [B, H, nb, K*bs, d]
-        kg = torch.cat([k[:, :, None, :1].expand(B, H, nb, 1, d), kg], dim=3)
-        vg = torch.cat([v[:, :, None, :1].expand(B, H, nb, 1, d), vg], dim=3)
-        cp = F.pad(coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B, nb, bs, 3]
-        rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B, nb, bs, K*bs]
+        key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=q.device)  # [nb, K, bs] patch positions
+        key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
+        qp = F.pad(q[:, :, 1:], (0, 0, 0, pad)).unflatten(2, (nb, bs))
+        kg, vg = (F.pad(t, (0, 0, 0, pad)).index_select(2, key_tokens).unflatten(2, (nb, -1)) for t in (k, v))
+        if coords.stride(0) == 0:  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
+            coords = coords[:1]
+        cp = F.pad(coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
+        rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
         rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
-        key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=q.device)
         key_ok = pattern.valid.to(q.device)[:, :, None] & (bool(release_padding) | (key_pos < n))
         key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
-        bias = rpb.lookup(rows).masked_fill(~key_ok[None, None, :, None, :], float("-inf"))
-        out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=bias.to(q.dtype), scale=self.scale)
-        return out.flatten(2, 3)[:, :, :n]
+        masked_row = rpb.relative_position_bias_table.shape[0]  # one extra -inf row stands for "not allowed"
+        rows = rows.masked_fill(~key_ok[None, :, None, :], masked_row)
+        table = F.pad(rpb.relative_position_bias_table.t(), (0, 1), value=float("-inf"))  # [H, rows + 1]
+        bias = table[:, rows].transpose(0, 1)  # [B or 1, H, nb, bs, 1 + K*bs]
+        # heads and blocks share one dim: 4-D inputs take torch's fused CPU kernel (5-D falls back to a slow path)
+        qp, kg, vg, bias = (t.flatten(1, 2) for t in (qp, kg, vg, bias.to(q.dtype)))
+        out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=bias, scale=self.scale)
+        return out.unflatten(1, (H, nb)).flatten(2, 3)[:, :, :n]
 
 
 class SViTTAttentionOutput(nn.Module):
