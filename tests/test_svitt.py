@@ -1,0 +1,211 @@
+"""modeling_svitt.py: the SViTT vision tower. Block-sparse attention against dense attention under the explicit
+mask it stands for (with padding, with pruning), [CLS]-attention pruning and its carried coordinates, the 3-D
+relative bias table and lookups, reproducible random blocks, gradients, and the release's vision key names."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling_svitt as S
+
+RELEASE_VISION_KEYS = Path(__file__).parent / "data" / "svitt_vision_keys.json"  # release pretrain, 4 frames
+
+
+def tower(**kw) -> S.SViTTVisionTower:
+    """Tiny tower with random (non-zero) relative bias tables so that a wrong lookup shows."""
+    torch.manual_seed(0)
+    model = S.SViTTVisionTower(S.svitt_tiny_config(**kw)).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.attention.attention.relative_position_bias.relative_position_bias_table.normal_()
+    return model
+
+
+def clip(batch: int = 2, frames: int = 8, size: int = 112) -> torch.Tensor:
+    return torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def reference_mask(pattern: S.BlockPattern, n: int) -> torch.Tensor:
+    """The explicit [L, L] mask of a block pattern, built pair by pair (independent of pattern_to_dense_mask)."""
+    bs = pattern.block_size
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    mask[0, :] = True
+    mask[:, 0] = True
+    for qb in range(pattern.key_blocks.shape[0]):
+        for kb, ok in zip(pattern.key_blocks[qb].tolist(), pattern.valid[qb].tolist()):
+            if ok:
+                mask[1 + qb * bs: 1 + min((qb + 1) * bs, n), 1 + kb * bs: 1 + min((kb + 1) * bs, n)] = True
+    return mask
+
+
+def sparse_vs_dense(model: S.SViTTVisionTower, seed: int = 0):
+    video = clip()
+    with torch.no_grad():
+        sparse = model(video, generator=torch.Generator().manual_seed(seed))
+        masks, n = [], model.patch_coords.shape[0]
+        for i, pattern in enumerate(sparse.patterns):
+            masks.append(reference_mask(pattern, n)[None])
+            if i in model.config.token_drop_loc and model.config.token_keep_rate < 1:
+                n = S.keep_count(n, model.config.token_keep_rate)
+        dense = model(video, dense_masks=masks)
+    return sparse, dense, masks
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sparse_local_attn=3, sparse_random_attn=2),  # 392 tokens in 7 full blocks of 56
+    dict(sparse_local_attn=1, sparse_random_attn=3, attn_block_size=40),  # 392 = 9*40 + 32: padded last block
+    dict(sparse_local_attn=3, sparse_random_attn=1, token_keep_rate=0.7, token_drop_loc=(0, 2)),  # 392 -> 275 -> 193
+])
+def test_sparse_equals_dense_under_explicit_mask(kw):
+    sparse, dense, masks = sparse_vs_dense(tower(**kw))
+    assert all(p is not None for p in sparse.patterns)
+    assert all(not bool(m.all()) for m in masks)  # every layer really is sparse
+    assert torch.equal(sparse.coords, dense.coords)
+    torch.testing.assert_close(sparse.tokens, dense.tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.pooled, dense.pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_local_window_one_is_block_diagonal_plus_cls():
+    pattern = S.sample_block_pattern(5, 1, 0, 4)
+    assert torch.equal(pattern.key_blocks[:, 0], torch.arange(5)) and bool(pattern.valid.all())
+    n = 18  # last block padded (5 blocks of 4 = 20)
+    expected = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    expected[0, :] = expected[:, 0] = True
+    for i in range(n):
+        for j in range(n):
+            expected[1 + i, 1 + j] = i // 4 == j // 4
+    assert torch.equal(S.pattern_to_dense_mask(pattern, n), expected)
+    assert torch.equal(reference_mask(pattern, n), expected)
+    sparse, dense, _ = sparse_vs_dense(tower(sparse_local_attn=1, sparse_random_attn=0, attn_block_size=48))
+    torch.testing.assert_close(sparse.tokens, dense.tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_keys_masked_unless_release_mode():
+    video = clip()
+    masked, released = (tower(depth=1, sparse_local_attn=1, attn_block_size=40, release_sparse_padding=r)
+                         for r in (False, True))
+    with torch.no_grad():
+        a, b = masked(video), released(video)
+    # one layer: only the last block (tokens 360..391) sees padding; [CLS] and the other blocks agree
+    torch.testing.assert_close(a.tokens[:, :1 + 360], b.tokens[:, :1 + 360], atol=1e-6, rtol=1e-6)
+    assert (a.tokens[:, 1 + 360:] - b.tokens[:, 1 + 360:]).abs().max() > 1e-4
+
+
+def test_random_blocks_reproducible_and_outside_window():
+    draw = lambda seed: S.sample_block_pattern(12, 3, 3, 56, torch.Generator().manual_seed(seed))
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a.key_blocks, b.key_blocks) and torch.equal(a.valid, b.valid)
+    assert not torch.equal(a.key_blocks, c.key_blocks)
+    rand = a.key_blocks[:, 3:]
+    assert ((rand - torch.arange(12)[:, None]).abs() > 1).all()  # random blocks avoid the local window
+    assert all(len(set(r.tolist())) == 3 for r in rand)  # distinct
+    model = tower(sparse_local_attn=1, sparse_random_attn=2)
+    video = clip()
+    with torch.no_grad():
+        runs = [model(video, generator=torch.Generator().manual_seed(s)).pooled for s in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
+def test_too_few_blocks_for_random_are_marked_invalid():
+    p = S.sample_block_pattern(3, 3, 2, 8, torch.Generator().manual_seed(0))
+    assert p.valid[:, 3:].sum() == 2  # only blocks 0 and 2 have one block outside their window each
+    assert p.valid[:, :3].sum() == 7  # local windows clipped at the edges
+
+
+def test_pruning_keeps_cls_and_top_k_in_order_with_coordinates():
+    model = tower(sparse_local_attn=0, token_keep_rate=0.6, token_drop_loc=(1,))
+    video = clip()
+    with torch.no_grad():
+        x = model.embeddings(video)
+        coords = model.patch_coords.expand(2, -1, -1)
+        for layer in model.encoder.layer[:2]:
+            x, cls_attn = layer(x, coords)
+        out = model(video)
+    k = math.ceil(0.6 * 392)
+    keep = out.kept[0]
+    assert keep.shape == (2, k) and out.coords.shape == (2, k, 3)
+    for b in range(2):
+        expected = sorted(sorted(range(392), key=lambda i: -cls_attn[b, i].item())[:k])
+        assert keep[b].tolist() == expected
+        assert torch.equal(out.coords[b], model.patch_coords[keep[b]])
+    assert out.tokens.shape == (2, 1 + k, 192)
+    # [CLS] survives as token 0: rerun the last layers by hand on the kept tokens and compare
+    with torch.no_grad():
+        kept_x = torch.cat([x[:, :1], torch.stack([x[b, 1:][keep[b]] for b in range(2)])], dim=1)
+        for layer in model.encoder.layer[2:]:
+            kept_x, _ = layer(kept_x, out.coords)
+    torch.testing.assert_close(out.tokens, kept_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, model.pooler.layernorm(kept_x[:, 1:].mean(1)), atol=1e-5, rtol=1e-5)
+
+
+def test_random_pruning_is_seeded():
+    model = tower(sparse_local_attn=1, token_keep_rate=0.5, token_drop_loc=(0,), token_drop_method="random")
+    video = clip()
+    with torch.no_grad():
+        kept = [model(video, generator=torch.Generator().manual_seed(s)).kept[0] for s in (3, 3, 4)]
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+    assert kept[0].shape == (2, 196) and bool((kept[0].diff(dim=1) > 0).all())
+
+
+@pytest.mark.parametrize("grid", [(1, 14, 14), (4, 14, 14), (8, 14, 14), (8, 7, 7), (3, 5, 9)])
+def test_relative_table_rows(grid):
+    T, h, w = grid
+    rpb = S.RelativePositionBias3D(grid, 2)
+    assert rpb.relative_position_bias_table.shape == ((2 * T - 1) * (2 * h - 1) * (2 * w - 1) + 3, 2)
+    rows = rpb.full_rows(S.patch_coordinates(*grid)[None])[0]
+    n = T * h * w
+    assert rows.shape == (n + 1, n + 1)
+    assert int(rows[1:, 1:].min()) == 0 and int(rows[1:, 1:].max()) == rpb.relative_position_bias_table.shape[0] - 4
+    r = rpb.relative_position_bias_table.shape[0]
+    assert (rows[0, 0], rows[0, 5 % n + 1], rows[n, 0]) == (r - 1, r - 3, r - 2)
+
+
+def test_release_index_formula_at_224():
+    rpb = S.RelativePositionBias3D((4, 14, 14), 1)
+    coords = S.patch_coordinates(4, 14, 14)
+    q, k = coords[[0, 200, 783]], coords[[783, 5, 0]]
+    rows = rpb.patch_rows(q, k)
+    for i in range(3):
+        for j in range(3):
+            dt, dh, dw = (q[i] - k[j]).tolist()
+            assert rows[i, j] == (dt + 3) * 729 + (dh + 13) * 27 + (dw + 13)
+
+
+def test_bias_after_pruning_matches_dense_bias_at_kept_coordinates():
+    grid = (8, 7, 7)
+    rpb = S.RelativePositionBias3D(grid, 3)
+    torch.nn.init.normal_(rpb.relative_position_bias_table)
+    full = rpb.lookup(rpb.full_rows(S.patch_coordinates(*grid)[None]))[0]  # [H, 393, 393]
+    keep = torch.randperm(392, generator=torch.Generator().manual_seed(0))[:100].sort().values
+    kept_bias = rpb.lookup(rpb.full_rows(S.patch_coordinates(*grid)[keep][None]))[0]
+    idx = torch.cat([torch.zeros(1, dtype=torch.long), keep + 1])
+    assert torch.equal(kept_bias, full[:, idx][:, :, idx])
+
+
+def test_tiny_tower_forward_backward_reaches_every_parameter():
+    model = tower(sparse_local_attn=3, sparse_random_attn=1, token_keep_rate=0.7, token_drop_loc=(1,),
+                  drop_path_rate=0.1).train()
+    out = model(clip(), generator=torch.Generator().manual_seed(0))
+    (out.pooled.square().mean() + out.tokens[:, 0].square().mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert out.pooled.shape == (2, 192) and torch.isfinite(out.pooled).all()
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="sparse_local_attn"):
+        S.svitt_tiny_config(sparse_local_attn=2)
+    with pytest.raises(ValueError, match="token_drop_method"):
+        S.svitt_tiny_config(token_drop_method="norm")
+
+
+def test_base_tower_names_and_shapes_match_release_vision_keys():
+    release = {k: v for k, v in json.loads(RELEASE_VISION_KEYS.read_text())["keys"]}
+    assert len(release) == 233
+    ours = {k: list(v.shape) for k, v in S.SViTTVisionTower(S.svitt_base_config(num_frames=4)).state_dict().items()}
+    mapped = S.release_vision_state_dict(release)
+    assert mapped == ours
+    dropped = set(release) - {S.RELEASE_VISION_PREFIX + k for k in mapped}
+    assert len(dropped) == 12 and all(k.endswith("relative_position_index") for k in dropped)
