@@ -460,7 +460,8 @@ def check_same_model(ckpt: dict, path: str, model: torch.nn.Module) -> None:
 # run plumbing: where things go, how they are printed or loaded; changing these on resume changes nothing learnt
 RESUME_PLUMBING = {"output_dir", "log_dir", "resume", "auto_resume", "num_workers", "pin_mem", "print_freq",
                    "device", "device_obj", "rank", "gpu", "distributed", "dist_url", "dist_eval", "save_ckpt_freq",
-                   "save_every_steps", "keep_last", "max_steps", "video_backend", "eval_every", "skip_eval_check"}
+                   "save_every_steps", "keep_last", "max_steps", "video_backend", "eval_every", "skip_eval_check",
+                   "eval_host_memory_gb"}
 
 
 def setting_changes(saved: dict, args: Any) -> dict[str, tuple[Any, Any]]:

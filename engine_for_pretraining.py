@@ -38,7 +38,7 @@ class TrainState:
     micro_in_epoch: int = 0         # micro-batches of it already consumed (in this run's batch size)
     samples_in_epoch: int = 0       # samples of it consumed by all ranks: the resume position (any batch size)
     dataset_size: int = 0           # the training list's length (a mid-epoch position is only valid for it)
-    global_step: int = 0            # optimizer steps taken or skipped since the start: the schedules' index
+    global_step: int = 0            # optimizer steps taken or skipped since the start (tensorboard's x-axis)
     bad_streak: int = 0
     skipped_steps: int = 0
     scaler_skipped_steps: int = 0   # fp16: steps the loss scaler skipped (inf/nan gradients; the scale backs off)
