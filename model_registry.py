@@ -11,7 +11,8 @@ The contract of a model (see README, "Add a model family"):
 - `encode_video(video, video_mask=None) -> [B, D]`, `encode_text(input_ids, attention_mask) -> [B, D]`,
   `match_logits(video, input_ids, attention_mask) -> [B, 2]` (class 1 = match): retrieval, zero-shot, re-ranking.
 - What it needs from the data: `takes_video_mask` (bool) and `token_grid(num_frames, height, width)` for the video
-  mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) for its MLM captions.
+  mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) and `default_text_mask_ratio` for its
+  MLM captions.
 - Layer-wise lr decay: `num_layers` and `layer_id(name) -> 0 .. num_layers + 1`; `no_weight_decay()` (optional).
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch.nn as nn
 from timm.models import register_model as timm_register_model
 
 # the family modules shipped with the codebase, imported at the end of this module so their models are registered
-FAMILY_MODULES = ("modeling_simvtp",)
-# flags every family shares: constructor argument -> run-script flag
-COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path"}
+FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
+# flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
+COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
+                "vtm_negatives": "vtm_negatives", "w_mlm": "w_mlm"}
 
 
 @dataclass
@@ -123,6 +125,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=model_help)
     g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
+    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random"], help="matching-loss negatives: "
+                   "hard (default, drawn by contrastive similarity, never the same video) or random (SimVTP's release)")
+    g.add_argument("--w_mlm", type=float, default=None, help="weight of the masked-word loss (default 1)")
     for family in families():
         family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))
     return g

@@ -392,6 +392,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
 
     optional_keys = ("temp",)  # learnable temperature: absent from release files, tolerated by strict loads
 
+    default_text_mask_ratio = 0.75
+
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "temp"}
 
@@ -615,13 +617,11 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--decoder_depth", type=int, default=None, help="pixel decoder blocks (pre-training model)")
     g.add_argument("--vtc_text", default=None, choices=["full", "masked"],
                    help="caption of the contrastive text pass: full (default) or masked (the release's behaviour)")
-    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random"],
-                   help="matching negatives: hard (default, by similarity) or random (the release's)")
     g.add_argument("--release_pooling", action="store_true", default=None,
                    help="average padding into text means, as the release did")
     g.add_argument("--temperature", type=float, default=None, help="contrastive temperature (default 0.05)")
     g.add_argument("--learnable_temp", action="store_true", default=None, help="learn the temperature")
-    for term in ("pixel", "mlm", "vtc", "vtm"):
+    for term in ("pixel", "vtc", "vtm"):
         g.add_argument(f"--w_{term}", type=float, default=None, help=f"weight of the {term} loss (default 1)")
 
 

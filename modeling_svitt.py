@@ -13,13 +13,18 @@ nb blocks, K key blocks per query block, bs block size.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+
+from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
+from modeling_simvtp import build_text_embeddings, mlm_loss
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 
@@ -391,6 +396,421 @@ class SViTTVisionTower(nn.Module):
         return SViTTVisionOutput(x, pooled, coords, patterns, kept)
 
 
+# ------------------------------------------------------------------------------------------- text tower (BERT)
+
+
+@dataclass
+class SViTTTextConfig:
+    """BERT text tower: layers below `fusion_layer` read text only; from it on each layer also cross-attends to the
+    video tokens (the joint encoder, sharing those layers' weights with the text encoder, ALBEF style)."""
+    vocab_size: int = 30522
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    intermediate: int = 3072
+    fusion_layer: int = 9
+    vision_width: int = 768
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fusion_layer < self.depth:
+            raise ValueError(f"fusion_layer must be in [0, {self.depth}), got {self.fusion_layer}")
+
+
+class BertSelfAttentionParams(nn.Module):
+    """query / key / value of BERT's attention (all with bias); keys and values may read another width."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+
+
+class BertAddNorm(nn.Module):
+    """BERT's post-norm residual: LayerNorm(x + dense(h))."""
+
+    def __init__(self, in_dim: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_dim, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dense(h))
+
+
+class BertAttentionBlock(nn.Module):
+    """`attention.*` or `crossattention.*` of a BERT layer: `self` holds q/k/v, `output` the add & norm."""
+
+    def __init__(self, cfg: SViTTTextConfig, kv_dim: int) -> None:
+        super().__init__()
+        self.self = BertSelfAttentionParams(cfg.width, kv_dim, cfg.num_heads)
+        self.output = BertAddNorm(cfg.width, cfg.width, cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_bias: torch.Tensor | None,
+                want_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, Lq, D] attends to context [B, Lk, Dk]; key_bias [B, 1, 1, Lk] additive (-inf on padding).
+        Returns (x after add & norm, head-mean attention [B, Lq, Lk] when want_probs)."""
+        p = self.self
+        q, k, v = (t.unflatten(-1, (p.num_heads, -1)).transpose(1, 2)
+                   for t in (p.query(x), p.key(context), p.value(context)))
+        probs = None
+        if want_probs:  # the explicit form: token selection needs the attention weights
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if key_bias is not None:
+                logits = logits + key_bias
+            weights = logits.softmax(dim=-1)
+            out, probs = weights @ v, weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
+        return self.output(out.transpose(1, 2).flatten(2), x), probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: SViTTTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.intermediate)
+
+
+class BertLayer(nn.Module):
+    """Post-norm BERT layer; with `cross` a cross-attention block to the video tokens after self-attention."""
+
+    def __init__(self, cfg: SViTTTextConfig, cross: bool) -> None:
+        super().__init__()
+        self.attention = BertAttentionBlock(cfg, cfg.width)
+        if cross:
+            self.crossattention = BertAttentionBlock(cfg, cfg.vision_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAddNorm(cfg.intermediate, cfg.width, cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, text_bias: torch.Tensor, video: torch.Tensor | None = None,
+                video_bias: torch.Tensor | None = None, want_probs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, _ = self.attention(x, x, text_bias)
+        probs = None
+        if video is not None:
+            x, probs = self.crossattention(x, video, video_bias, want_probs)
+        return self.output(F.gelu(self.intermediate.dense(x)), x), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: SViTTTextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.depth))
+
+
+class TextBert(nn.Module):
+    """`text_encoder.bert`: BERT embeddings (transformers' BertEmbeddings) and the layers."""
+
+    def __init__(self, cfg: SViTTTextConfig) -> None:
+        super().__init__()
+        self.embeddings = build_text_embeddings(cfg.vocab_size, cfg.width, cfg.max_positions)
+        self.encoder = BertEncoder(cfg)
+
+
+class BertPredictionTransform(nn.Module):
+    def __init__(self, cfg: SViTTTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPrediction(nn.Module):
+    """BERT's MLM head; the decoder's weight is the word embedding matrix and its bias is `bias` (tied: the
+    release stores each pair under both names, and so do we)."""
+
+    def __init__(self, cfg: SViTTTextConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = BertPredictionTransform(cfg)
+        self.decoder = nn.Linear(cfg.width, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.weight = word_embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class BertMLMHead(nn.Module):
+    def __init__(self, cfg: SViTTTextConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = BertLMPrediction(cfg, word_embeddings)
+
+
+class SViTTTextTower(nn.Module):
+    """The release's `text_encoder` (pre-training names: `bert.*` and the MLM head `cls.*`)."""
+
+    def __init__(self, cfg: SViTTTextConfig, mlm_head: bool = True) -> None:
+        super().__init__()
+        self.config = cfg
+        self.bert = TextBert(cfg)
+        if mlm_head:
+            self.cls = BertMLMHead(cfg, self.bert.embeddings.word_embeddings)
+
+    def text_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings + the text-only layers -> [B, L, D] (its [CLS] is the text embedding)."""
+        x = self.bert.embeddings(input_ids=input_ids)
+        bias = key_padding_bias(attention_mask, x.dtype)
+        for layer in self.bert.encoder.layer[:self.config.fusion_layer]:
+            x, _ = layer(x, bias)
+        return x
+
+    def fusion_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
+                      selection: "FusionTokenSelection | None" = None) -> torch.Tensor:
+        """Text states [B, L, D] from text_layers + video tokens [B, Lv, Dv] -> fused states [B, L, D]. With a
+        `selection`, after each of its layers only the video tokens the text attends to most stay for the next."""
+        text_bias = key_padding_bias(attention_mask, x.dtype)
+        video_bias = None
+        first = self.config.fusion_layer
+        for i, layer in enumerate(self.bert.encoder.layer[first:], start=first):
+            prune = selection is not None and selection.after(i)
+            x, probs = layer(x, text_bias, video, video_bias, want_probs=prune and selection.needs_attention)
+            if prune:
+                video = selection.select(video, probs, attention_mask)
+        return x
+
+
+def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """attention_mask [B, L] (1 = token) -> additive bias [B, 1, 1, L]: 0 on tokens, -inf on padding."""
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None]
+
+
+@dataclass
+class FusionTokenSelection:
+    """Text-guided video token selection in the fusion layers: after each layer in `drop_loc` (text-tower layer
+    indices) keep the video [CLS] and ceil(keep_rate * N) other video tokens by the attention the text [CLS]
+    (cls_attn) or every real text token on average (avg_attn) gives them, or at random."""
+    keep_rate: float
+    drop_loc: tuple[int, ...]
+    strategy: str = "cls_attn"
+    generator: torch.Generator | None = None
+
+    STRATEGIES = ("cls_attn", "avg_attn", "random")
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.strategy != "random"
+
+    def after(self, layer: int) -> bool:
+        return self.keep_rate < 1.0 and layer in self.drop_loc
+
+    def select(self, video: torch.Tensor, probs: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
+        """video [B, 1 + N, D], probs [B, L, 1 + N] (head mean) -> [B, 1 + keep, D] in the original order."""
+        if self.strategy == "random":
+            scores = torch.rand(video.shape[:2], generator=self.generator).to(video.device)[:, 1:]
+        elif self.strategy == "cls_attn":
+            scores = probs[:, 0, 1:]
+        else:
+            w = attention_mask.to(probs.dtype)[..., None]
+            scores = ((probs * w).sum(1) / w.sum(1))[:, 1:]
+        keep = scores.detach().topk(keep_count(scores.shape[1], self.keep_rate), dim=1).indices.sort(dim=1).values
+        kept = torch.gather(video[:, 1:], 1, keep[..., None].expand(-1, -1, video.shape[-1]))
+        return torch.cat([video[:, :1], kept], dim=1)
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def itc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor | float,
+             video_ids: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Contrastive loss with every pair of the same video counted as a positive (targets spread evenly over
+    them). With `gather` ([b, ...] -> [world*b, ...], with gradient) the local rows are scored against the
+    global batch (ALBEF/Singularity's form; the mean over ranks is the global loss)."""
+    v = F.normalize(video_feat.float(), dim=-1)
+    t = F.normalize(text_feat.float(), dim=-1)
+    v_all, t_all, ids_all = (gather(v), gather(t), gather(video_ids)) if gather is not None else (v, t, video_ids)
+    positives = (video_ids[:, None] == ids_all[None, :]).float()
+    targets = positives / positives.sum(1, keepdim=True)
+    v2t = (v @ t_all.t() / temperature).log_softmax(dim=1)
+    t2v = (t @ v_all.t() / temperature).log_softmax(dim=1)
+    return -((v2t * targets).sum(1).mean() + (t2v * targets).sum(1).mean()) / 2
+
+
+def sample_other_video(sim: torch.Tensor, same_video: torch.Tensor, hard: bool = True) -> torch.Tensor:
+    """One column per row of sim [B, B] that is not the same video (same_video bool [B, B], diagonal included):
+    drawn with probability softmax(sim) (hard) or uniformly. A row whose every column is the same video falls
+    back to any other column (such a batch has no true negative for it)."""
+    logits = torch.nan_to_num(sim.detach().float(), nan=0.0) if hard else torch.zeros_like(sim, dtype=torch.float)
+    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    exclude = same_video & ~(same_video.all(dim=1, keepdim=True))
+    return torch.multinomial(logits.masked_fill(exclude | eye, float("-inf")).softmax(dim=1), 1).squeeze(1)
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+class SViTTPretrain(nn.Module):
+    """SViTT pre-training model (the release's names): vision tower, text tower with fusion layers, projections,
+    matching head, temperature. Losses ITC + ITM (hard negatives) + MLM, weights `w_itc`, `w_itm`, `w_mlm`."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 4, vision_width: int = 768,
+                 vision_depth: int = 12, vision_heads: int = 12, text_width: int = 768, text_depth: int = 12,
+                 text_heads: int = 12, text_intermediate: int = 3072, fusion_layer: int = 9,
+                 vocab_size: int = 30522, embed_dim: int = 256, drop_path_rate: float = 0.1,
+                 attn_block_size: int = 56, sparse_local_attn: int | None = None, sparse_random_attn: int = 0,
+                 token_keep_rate: float = 1.0, token_drop_loc: tuple[int, ...] = (),
+                 token_keep_strategy: str = "cls_attn", fusion_keep_rate: float = 1.0,
+                 fusion_drop_loc: tuple[int, ...] = (), fusion_keep_strategy: str = "cls_attn",
+                 release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
+                 w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0) -> None:
+        super().__init__()
+        if token_keep_strategy not in ("cls_attn", "random"):
+            raise ValueError(f"token_keep_strategy must be cls_attn or random, got {token_keep_strategy!r}")
+        if fusion_keep_strategy not in FusionTokenSelection.STRATEGIES:
+            raise ValueError(f"fusion_keep_strategy must be one of {FusionTokenSelection.STRATEGIES}, got "
+                             f"{fusion_keep_strategy!r}")
+        if vtm_negatives not in ("hard", "random"):
+            raise ValueError(f"vtm_negatives must be hard or random, got {vtm_negatives!r}")
+        if sparse_local_attn is None:  # --sparse_random_attn alone turns block-sparse attention on, local width 1
+            sparse_local_attn = 1 if sparse_random_attn else 0
+        self.vision_encoder = SViTTVisionTower(SViTTVisionConfig(
+            image_size=img_size, patch_size=patch_size, num_frames=num_frames, width=vision_width,
+            depth=vision_depth, num_heads=vision_heads, drop_path_rate=drop_path_rate,
+            attn_block_size=attn_block_size, sparse_local_attn=sparse_local_attn,
+            sparse_random_attn=sparse_random_attn, token_keep_rate=token_keep_rate,
+            token_drop_loc=tuple(token_drop_loc),
+            token_drop_method="cls_attention" if token_keep_strategy == "cls_attn" else "random",
+            release_sparse_padding=release_sparse_padding))
+        self.vision_layernorm = nn.LayerNorm(vision_width, eps=1e-12)
+        text_cfg = SViTTTextConfig(vocab_size=vocab_size, width=text_width, depth=text_depth, num_heads=text_heads,
+                                   intermediate=text_intermediate, fusion_layer=fusion_layer, vision_width=vision_width)
+        self.text_encoder = SViTTTextTower(text_cfg)
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.fusion_selection = FusionTokenSelection(fusion_keep_rate, tuple(fusion_drop_loc), fusion_keep_strategy)
+        self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm)
+        self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
+        self.patch_size = patch_size
+        for module in (self.vision_layernorm, self.text_encoder, self.vision_proj, self.text_proj, self.itm_head):
+            module.apply(init_bert_weights)
+
+    # -- the model contract
+    takes_video_mask = False
+    text_masking = "bert"
+    default_text_mask_ratio = 0.5
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        return num_frames, height // self.patch_size, width // self.patch_size
+
+    @property
+    def num_layers(self) -> int:
+        return max(len(self.vision_encoder.encoder.layer), len(self.text_encoder.bert.encoder.layer))
+
+    def layer_id(self, name: str) -> int:
+        return layer_id_from_name(name, self.num_layers)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temp", "cls_token"}
+
+    def current_temperature(self) -> torch.Tensor:
+        return self.temp.clamp(0.001, 0.5)
+
+    # -- passes
+    def _generator(self) -> torch.Generator | None:
+        """Random blocks and random pruning: the run's global RNG in training (seeded, saved with checkpoints);
+        at evaluation a generator seeded with `eval_seed` at every call, so a test number never changes."""
+        return None if self.training else torch.Generator().manual_seed(self.eval_seed)
+
+    def vision(self, video: torch.Tensor) -> SViTTVisionOutput:
+        """video [B, 3, T, H, W] (the loaders' layout) -> the tower's output."""
+        return self.vision_encoder(video.transpose(1, 2), generator=self._generator())
+
+    def fused_cls(self, text_states: torch.Tensor, attention_mask: torch.Tensor, video_tokens: torch.Tensor
+                  ) -> torch.Tensor:
+        """Fusion layers over text states and (vision_layernorm'ed) video tokens -> fused [CLS] [B, D]."""
+        return self.text_encoder.fusion_layers(text_states, attention_mask, video_tokens, self._selection())[:, 0]
+
+    def _selection(self) -> FusionTokenSelection:
+        s = self.fusion_selection
+        return FusionTokenSelection(s.keep_rate, s.drop_loc, s.strategy, self._generator())
+
+    def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids):
+        """ITM over 3B pairs: positives, a negative video per caption, a negative caption per video; negatives by
+        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy)."""
+        b = len(video_tokens)
+        with torch.no_grad():
+            sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
+            sim = sim / self.current_temperature()
+            same = video_ids[:, None] == video_ids[None, :]
+            hard = self.vtm_negatives == "hard"
+            neg_video = sample_other_video(sim.t(), same, hard)
+            neg_text = sample_other_video(sim, same, hard)
+        videos = torch.cat([video_tokens, video_tokens[neg_video], video_tokens])
+        texts = torch.cat([text_states, text_states, text_states[neg_text]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        logits = self.itm_head(self.fused_cls(texts, masks, videos)).float()
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+    def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
+        """MLM through the text layers and the fusion layers (with the video), BERT's head on masked positions."""
+        states = self.text_encoder.text_layers(mlm_input_ids, attention_mask)
+        states = self.text_encoder.fusion_layers(states, attention_mask, video_tokens, self._selection())
+        sel = mlm_labels != -100
+        logits = self.text_encoder.cls.predictions(states[sel])
+        return mlm_loss(logits, mlm_labels[sel], sel.nonzero()[:, 0], len(mlm_labels))
+
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """The model contract's training step: video [B, 3, T, H, W], input_ids / attention_mask / mlm_input_ids /
+        mlm_labels [B, L], index [B] (the video's dataset index: same index = same video) -> losses."""
+        video_ids = batch.get("video_id", batch["index"]).to(batch["input_ids"].device)
+        attention_mask = batch["attention_mask"]
+        vis = self.vision(batch["video"])
+        video_tokens = self.vision_layernorm(vis.tokens)
+        text_states = self.text_encoder.text_layers(batch["input_ids"], attention_mask)
+        video_feat, text_feat = self.vision_proj(vis.pooled), self.text_proj(text_states[:, 0])
+        loss_itc = itc_loss(video_feat, text_feat, self.current_temperature(), video_ids,
+                            None if self.itc_local else gather)
+        loss_itm, itm_acc = self.matching_loss(video_tokens, text_states, attention_mask, video_feat, text_feat,
+                                               video_ids)
+        loss_mlm = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask, batch["mlm_labels"])
+        terms = dict(itc=loss_itc, itm=loss_itm, mlm=loss_mlm)
+        out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
+        out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
+        out["itm_acc"] = itm_acc.detach()
+        out["temp"] = self.current_temperature().detach()
+        return out
+
+    # -- inference
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, T, H, W] -> projected pooled video [B, embed_dim] (zero-shot retrieval)."""
+        return self.vision_proj(self.vision(video).pooled)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> projected text [CLS] after the text-only layers [B, embed_dim]."""
+        return self.text_proj(self.text_encoder.text_layers(input_ids, attention_mask)[:, 0])
+
+    def match_video_cache(self, video: torch.Tensor) -> torch.Tensor:
+        """The video side of matching, computed once per video in re-ranking: its normalised tokens [B, Lv, D]."""
+        return self.vision_layernorm(self.vision(video).tokens)
+
+    def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused [CLS] -> itm_head -> [B, 2] (class 1 = match)."""
+        tokens = video_cache if video_cache is not None else self.match_video_cache(video)
+        states = self.text_encoder.text_layers(input_ids, attention_mask)
+        return self.itm_head(self.fused_cls(states, attention_mask, tokens))
+
+
+def init_bert_weights(m: nn.Module) -> None:
+    """BERT's initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            m.weight.data[m.padding_idx].zero_()
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 def init_weights(m: nn.Module) -> None:
     """BEiT's initialisation: truncated normal 0.02 for Linear/Conv weights, zero biases, unit LayerNorms."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -409,3 +829,75 @@ def release_vision_state_dict(state_dict: dict) -> dict:
     """The tower's tensors out of a release state dict: `vision_encoder.` dropped, rebuilt index buffers skipped."""
     return {k[len(RELEASE_VISION_PREFIX):]: v for k, v in state_dict.items()
             if k.startswith(RELEASE_VISION_PREFIX) and not k.endswith("relative_position_index")}
+
+
+# ------------------------------------------------------------------------------------------------- registry
+
+TINY = dict(img_size=112, num_frames=8, vision_width=192, vision_depth=4, vision_heads=3, text_width=192,
+            text_depth=4, text_heads=3, text_intermediate=768, fusion_layer=2, embed_dim=64, drop_path_rate=0.0)
+BASE: dict = {}  # the constructor's defaults are the paper's BEiT-B/16 + BERT-base
+_TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(defaults: dict, kwargs: dict) -> SViTTPretrain:
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained=True: load weights with --beit_path / --bert_path / --init_ckpt, nothing is "
+                         "downloaded")
+    return SViTTPretrain(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
+
+
+@register_model("svitt")
+def svitt_tiny_patch16(**kwargs) -> SViTTPretrain:
+    """CPU-sized SViTT: 4 vision layers of width 192, 4 text layers (fusion from layer 2), 8 frames of 112 px."""
+    return _build(TINY, kwargs)
+
+
+@register_model("svitt", aliases=("svitt_base",))
+def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
+    """The paper's SViTT: BEiT-B/16 over the clip, BERT-base with fusion from layer 9, 4 frames of 224 px."""
+    return _build(BASE, kwargs)
+
+
+def add_model_args(g: argparse._ArgumentGroup) -> None:
+    """SViTT's own flags; unset (None) means the model's default."""
+    g.add_argument("--sparse_local_attn", type=int, default=None, help="edge sparsity: odd width of each query "
+                   "block's local window of key blocks (default: 1 when --sparse_random_attn is set, else 0 = dense)")
+    g.add_argument("--sparse_random_attn", type=int, default=None, help="edge sparsity: random key blocks per query "
+                   "block (paper: 3; default 0: dense attention unless --sparse_local_attn is set)")
+    g.add_argument("--attn_block_size", type=int, default=None, help="tokens per attention block (default 56)")
+    g.add_argument("--token_keep_rate", type=float, default=None, help="node sparsity: share of video tokens kept "
+                   "after each --token_drop_loc layer (paper: 0.7 at 4 frames, 0.6 at 8; default 1 = keep all)")
+    g.add_argument("--token_drop_loc", type=int, nargs="+", default=None,
+                   help="vision layers after which tokens are pruned (paper: 3 6 9)")
+    g.add_argument("--token_keep_strategy", default=None, choices=["cls_attn", "random"],
+                   help="which video tokens survive: most [CLS] attention (default) or random")
+    g.add_argument("--fusion_layer", type=int, default=None, help="first text layer with cross-attention to the "
+                   "video (default 9 base, 2 tiny)")
+    g.add_argument("--fusion_keep_rate", type=float, default=None, help="text-guided selection: share of video "
+                   "tokens kept after each --fusion_drop_loc layer (default 1 = off)")
+    g.add_argument("--fusion_drop_loc", type=int, nargs="+", default=None,
+                   help="text layers (fusion layers) after whose cross-attention video tokens are selected")
+    g.add_argument("--fusion_keep_strategy", default=None, choices=list(FusionTokenSelection.STRATEGIES),
+                   help="selection by the text [CLS]'s attention (default), every text token's mean, or random")
+    g.add_argument("--release_sparse_padding", action="store_true", default=None,
+                   help="let zero-padded keys of the last block into the softmax, as the release does (its "
+                   "checkpoints are tuned to it)")
+    g.add_argument("--itc_local", action="store_true", default=None,
+                   help="contrastive negatives from this process's batch only (the release), not the global batch")
+    g.add_argument("--eval_seed", type=int, default=None, help="seed of the random attention blocks at evaluation "
+                   "(fixed, so a test number does not change between runs; default 0)")
+    for term in ("itc", "itm"):
+        g.add_argument(f"--w_{term}", type=float, default=None, help=f"weight of the {term} loss (default 1)")
+
+
+def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
+    """Our own SViTT checkpoints: names as they are (rebuilt index buffers dropped)."""
+    return {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}, "svitt"
+
+
+def recognise_release(keys: list[str]) -> str | None:
+    return None
+
+
+register_family(ModelFamily(name="svitt", add_args=add_model_args, convert_state_dict=convert_state_dict,
+                            recognise=recognise_release))

@@ -1,9 +1,10 @@
-"""SimVTP pre-training entry point (one CPU, or torchrun / SLURM on many GPUs).
+"""Pre-training entry point of every model family (SimVTP, SViTT: `--model`), on one CPU or torchrun / SLURM.
 
     python run_simvtp_pretraining.py --data_path data/synthetic/annotations/pretrain.json \
         --data_root data/synthetic --model simvtp_tiny_patch16 --num_frames 8 --input_size 112 \
         --batch_size 8 --epochs 2 --output_dir output/pretrain --device cpu
     torchrun --nproc_per_node 8 run_simvtp_pretraining.py ... (see scripts/pretrain_webvid.sh)
+    ... --model svitt_tiny_patch16 --sparse_random_attn 3 --token_keep_rate 0.6 --token_drop_loc 1 2 (SViTT)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimVTP pre-training", add_help=True,
+    p = argparse.ArgumentParser("SimVTP / SViTT pre-training", add_help=True,
                                 formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
@@ -32,14 +33,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"],
                    help="tube: one spatial mask for all frames (SimVTP); random: per token")
     g.add_argument("--mask_ratio", type=float, default=0.9, help="share of video tubes masked")
-    g.add_argument("--text_mask_ratio", type=float, default=0.75, help="share of caption words masked")
+    g.add_argument("--text_mask_ratio", type=float, default=None, help="share of caption words masked (default: "
+                   "the model's: 0.75 for SimVTP, 0.5 for SViTT)")
     g = model_registry.add_model_args(p, model="simvtp_base_patch16",
                                       model_help="registered pre-training model (model_registry.py; the release's "
                                       "pretrain_simvtp_base_patch16_224 is an alias of simvtp_base_patch16)")
     g.add_argument("--init_ckpt", default=None, help="weights the model starts from (loaded non-strictly, a report "
-                   "printed): a VideoMAE or SimVTP pre-training checkpoint")
-    g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file: its word "
-                   "embeddings initialise the text embeddings")
+                   "printed): a VideoMAE or SimVTP pre-training checkpoint, or a SViTT one (ours or the release's; "
+                   "another frame count is expanded: the next stage of the 4 -> 8 -> 16 frame curriculum)")
+    g.add_argument("--beit_path", default=None, help="SViTT: local Hugging Face BEiT directory or weights file "
+                   "(e.g. beit-base-patch16-224-pt22k-ft22k) that initialises the vision tower (its 2-D relative "
+                   "position tables repeated over the frame offsets)")
+    g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file: SimVTP "
+                   "takes its word embeddings, SViTT its whole text tower and MLM head")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass: "
                    "less memory, about a third more compute")
     utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,
@@ -60,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     """The model named by --model with its family's flags; --init_ckpt / --bert_path weights on top."""
     model = model_registry.create(args.model, **model_registry.model_kwargs(args, args.model, vocab_size=vocab_size))
-    for path in (args.init_ckpt, args.bert_path):
+    for path in (args.init_ckpt, args.beit_path, args.bert_path):
         if path:
             checkpoint.load_pretrained(model, path, strict=False)
     if args.grad_checkpointing:
@@ -135,6 +141,8 @@ def main(args: argparse.Namespace) -> dict:
     eval_set = build_eval_dataset(args)  # first: a broken evaluation list stops the run before anything else
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     model = build_model(args, len(tokenizer)).to(args.device_obj)
+    if args.text_mask_ratio is None:
+        args.text_mask_ratio = getattr(model, "default_text_mask_ratio", None)
     loader, dataset, sampler = build_loader(args, tokenizer, model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Model {model.model_cfg['name']}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device "
