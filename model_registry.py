@@ -81,14 +81,17 @@ def register_model(family: str, aliases: tuple[str, ...] = (), retrieval_model: 
 
 
 def families() -> list[ModelFamily]:
+    load_family_modules()
     return list(_FAMILIES.values())
 
 
 def canonical_name(name: str) -> str:
+    load_family_modules()
     return _ALIASES.get(name, name)
 
 
 def model_spec(name: str) -> ModelSpec:
+    load_family_modules()
     spec = _MODELS.get(canonical_name(name))
     if spec is None:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODELS))} "
@@ -99,6 +102,7 @@ def model_spec(name: str) -> ModelSpec:
 def family_of(model: nn.Module) -> ModelFamily:
     """The family a built model belongs to (DDP's .module unwrapped)."""
     model = getattr(model, "module", model)
+    load_family_modules()
     for spec in _MODELS.values():
         if type(model) is spec.cls:
             return _FAMILIES[spec.family]
@@ -180,5 +184,8 @@ def layer_id_from_name(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-for _module in FAMILY_MODULES:  # last: a family module imports this one (all of it is defined by now)
-    importlib.import_module(_module)
+def load_family_modules() -> None:
+    """Import the shipped family modules (they register themselves). Called by every lookup rather than at import
+    time: a family module imports this one and may import another family module for shared parts."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)

@@ -103,8 +103,13 @@ def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
     assert record["zs_v2t_queries"] == 8 and 0.0 <= record["zs_t2v_R@1"] <= 100.0
 
 
+SVITT_ALL_ON = ("--model", "svitt_tiny_patch16", "--attn_block_size", "4", "--sparse_random_attn", "1",
+                "--token_keep_rate", "0.5", "--token_drop_loc", "1")  # 16 patches: 4 blocks, 3 random draws
+
+
 def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProcess:
-    """2 processes, VTM on and drop-path on, so every rank's own generator shapes the weights."""
+    """2 processes, VTM on and drop-path on, so every rank's own generator shapes the weights (a later --model
+    in `extra` overrides the SimVTP one)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
            "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
@@ -118,15 +123,17 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
     return run
 
 
-def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root):
+@pytest.mark.parametrize("model", [(), SVITT_ALL_ON], ids=["simvtp", "svitt"])
+def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
+    """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
     import checkpoint
-    full = _torchrun_pretrain(synthetic_root, tmp_path / "full")
+    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *model)
     part = tmp_path / "part"
-    _torchrun_pretrain(synthetic_root, part, "--max_steps", "2")
+    _torchrun_pretrain(synthetic_root, part, "--max_steps", "2", *model)
     saved = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    resumed = _torchrun_pretrain(synthetic_root, part)
+    resumed = _torchrun_pretrain(synthetic_root, part, *model)
     assert "Resumed from" in resumed.stdout
     want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
     got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]

@@ -1,0 +1,215 @@
+"""modeling_svitt.py: the SViTT pre-training model. The contrastive loss with several captions per video, hard
+negatives that never pair a video with itself, text-guided token selection in the fusion layers, the model
+contract (losses and gradients, encoders, matching with a cached video side, fixed random blocks at evaluation),
+and the 2-process contrastive gradient against one process on the concatenated batch (gloo)."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import distributed
+import model_registry
+import modeling_svitt as S
+from conftest import free_port
+
+# every part switched on at a size that runs in a second: 4 frames of 32 px (16 patches), blocks of 4 tokens
+TINY = dict(img_size=32, num_frames=4, vocab_size=64, attn_block_size=4, sparse_random_attn=1,
+            token_keep_rate=0.5, token_drop_loc=(1,), fusion_keep_rate=0.5, fusion_drop_loc=(2,))
+
+
+def tiny_model(**kw) -> S.SViTTPretrain:
+    torch.manual_seed(0)
+    return model_registry.create("svitt_tiny_patch16", **{**TINY, **kw})
+
+
+def batch(b: int = 4, video_ids=(0, 0, 1, 2)) -> dict:
+    """Captions of uneven length (padding), one masked word each; rows 0 and 1 show the same video."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [6, 4, 5, 3][:b]
+    ids = torch.zeros(b, 6, dtype=torch.long)
+    mask = torch.zeros(b, 6, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(5, 64, (n,), generator=g)
+        mask[i, :n] = 1
+    mlm_ids, labels = ids.clone(), torch.full_like(ids, -100)
+    mlm_ids[:, 1], labels[:, 1] = 3, ids[:, 1]
+    return dict(video=torch.randn(b, 3, 4, 32, 32, generator=g), input_ids=ids, attention_mask=mask,
+                mlm_input_ids=mlm_ids, mlm_labels=labels, index=torch.tensor(video_ids[:b]))
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def test_itc_with_distinct_videos_is_the_symmetric_infonce():
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    logits = F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t() / 0.1
+    labels = torch.arange(5)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    torch.testing.assert_close(S.itc_loss(v, t, 0.1, torch.arange(5)), want)
+
+
+def test_itc_counts_every_caption_of_the_same_video_as_a_positive():
+    g = torch.Generator().manual_seed(1)
+    v, t = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    ids = torch.tensor([7, 7, 2, 5])
+    logits = F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t() / 0.1
+    targets = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    want = -((logits.log_softmax(1) * targets).sum(1).mean() + (logits.t().log_softmax(1) * targets).sum(1).mean()) / 2
+    got = S.itc_loss(v, t, 0.1, ids)
+    torch.testing.assert_close(got, want)
+    assert not torch.isclose(got, S.itc_loss(v, t, 0.1, torch.arange(4)))
+
+
+def test_hard_negatives_never_pair_a_video_with_itself():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    same = ids[:, None] == ids[None, :]
+    sim = torch.randn(6, 6) * 5
+    for hard in (True, False):
+        picks = torch.stack([S.sample_other_video(sim, same, hard) for _ in range(300)])
+        assert not (ids[picks] == ids[None, :]).any()
+        if not hard:  # uniform: row 5 (a video alone) reaches every other row
+            assert len(torch.unique(picks[:, 5])) == 5
+
+
+def test_a_batch_of_one_video_falls_back_to_other_rows():
+    same = torch.ones(3, 3, dtype=torch.bool)
+    picks = torch.stack([S.sample_other_video(torch.zeros(3, 3), same) for _ in range(50)])
+    assert (picks != torch.arange(3)).all()
+
+
+def test_hard_negatives_follow_the_similarity():
+    torch.manual_seed(0)
+    sim = torch.zeros(3, 3)
+    sim[0, 2] = 6.0  # row 0: column 2 is by far the most similar other video
+    picks = torch.stack([S.sample_other_video(sim, torch.eye(3, dtype=torch.bool)) for _ in range(200)])
+    assert (picks[:, 0] == 2).float().mean() > 0.9
+
+# ------------------------------------------------------------------------------------------ token selection
+
+
+def test_selection_keeps_the_video_cls_and_the_most_attended_tokens_in_order():
+    video = torch.arange(7.0)[None, :, None].expand(2, 7, 3)  # token i holds the value i
+    probs = torch.tensor([[0.0, .1, .5, .0, .3, .05, .05], [0.0, .4, .0, .1, .0, .3, .2]])[:, None].expand(2, 3, 7)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    kept = S.FusionTokenSelection(0.5, (0,), "cls_attn").select(video, probs, mask)
+    assert kept[:, :, 0].tolist() == [[0, 1, 2, 4], [0, 1, 5, 6]]
+
+
+def test_avg_attn_ignores_padding_text_tokens():
+    video = torch.arange(5.0)[None, :, None]
+    probs = torch.tensor([[[0, .9, .1, 0, 0], [0, .0, .1, .9, 0], [0, 0, 0, 0, 1.0]]])  # last text token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    kept = S.FusionTokenSelection(0.5, (0,), "avg_attn").select(video, probs, mask)
+    assert kept[0, :, 0].tolist() == [0, 1, 3]
+
+
+def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_output():
+    model = tiny_model(token_keep_rate=1.0).eval()
+    b = batch()
+    with torch.no_grad():
+        video = model.match_video_cache(b["video"])[:1].expand(2, -1, -1)
+        states = model.text_encoder.text_layers(b["input_ids"][:2], b["attention_mask"][:2])
+        layer = model.text_encoder.bert.encoder.layer[2]
+        _, probs = layer(states, S.key_padding_bias(b["attention_mask"][:2], states.dtype), video, None,
+                         want_probs=True)
+        kept = S.FusionTokenSelection(0.5, (2,), "cls_attn").select(torch.arange(17.0)[None, :, None].expand(2, -1, 1),
+                                                                     probs, b["attention_mask"][:2])
+        assert not torch.equal(kept[0], kept[1])  # two captions of one clip keep different video tokens
+        full = tiny_model(token_keep_rate=1.0, fusion_keep_rate=1.0).eval()
+        args = (b["video"], b["input_ids"], b["attention_mask"])
+        assert not torch.allclose(model.match_logits(*args), full.match_logits(*args))
+        # selecting after the last fusion layer leaves nothing downstream to change
+        last = tiny_model(token_keep_rate=1.0, fusion_drop_loc=(3,)).eval()
+        torch.testing.assert_close(last.match_logits(*args), full.match_logits(*args))
+
+# ------------------------------------------------------------------------------------------ the contract
+
+
+def test_forward_returns_every_loss_and_reaches_every_parameter():
+    model = tiny_model().train()
+    out = model(batch())
+    assert set(out) >= {"loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc"}
+    assert all(torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"].detach(), out["loss_itc"] + out["loss_itm"] + out["loss_mlm"])
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_loss_weights_and_flags_reach_the_model():
+    model = tiny_model(w_itm=0.0, w_mlm=2.0)
+    out = model(batch())
+    torch.testing.assert_close(out["loss"].detach(), out["loss_itc"] + 2 * out["loss_mlm"])
+
+
+def test_encoders_and_cached_matching_agree_with_the_plain_path():
+    model = tiny_model().eval()
+    b = batch()
+    with torch.no_grad():
+        assert model.encode_video(b["video"]).shape == (4, 64)
+        assert model.encode_text(b["input_ids"], b["attention_mask"]).shape == (4, 64)
+        plain = model.match_logits(b["video"], b["input_ids"], b["attention_mask"])
+        cache = model.match_video_cache(b["video"])
+        cached = model.match_logits(None, b["input_ids"], b["attention_mask"], video_cache=cache)
+    torch.testing.assert_close(plain, cached)
+
+
+def test_random_blocks_are_fixed_at_evaluation_and_redrawn_in_training():
+    model = tiny_model(token_keep_rate=1.0, token_keep_strategy="random")
+    video = batch()["video"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_video(video), model.encode_video(video))
+        other = tiny_model(token_keep_rate=1.0, token_keep_strategy="random", eval_seed=1).eval()
+        assert not torch.allclose(model.encode_video(video), other.encode_video(video))
+        model.train()
+        assert not torch.allclose(model.encode_video(video), model.encode_video(video))
+
+
+def test_a_flag_of_the_other_family_is_refused_by_name():
+    import argparse
+    args = argparse.Namespace(model="svitt_tiny_patch16", mask_type=None, decoder_depth=4)
+    with pytest.raises(ValueError, match="--decoder_depth belongs to the simvtp model family"):
+        model_registry.model_kwargs(args, "svitt_tiny_patch16")
+    args = argparse.Namespace(token_keep_rate=0.6)
+    with pytest.raises(ValueError, match="--token_keep_rate belongs to the svitt model family"):
+        model_registry.model_kwargs(args, "simvtp_tiny_patch16")
+
+# -------------------------------------------------------------------------------- 2-process ITC gradient
+
+
+def _features(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    proj = torch.nn.Linear(6, 5)
+    x = torch.randn(8, 6)
+    y = torch.randn(8, 6)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])  # same-video pairs inside a rank's half and across the halves
+    return proj, x, y, ids
+
+
+def _itc(proj, x, y, ids, gather) -> torch.Tensor:
+    return S.itc_loss(proj(x), proj(y) * 2, 0.1, ids, gather)
+
+
+def _itc_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    proj, x, y, ids = _features()
+    ddp = torch.nn.parallel.DistributedDataParallel(proj)
+    part = slice(rank * 4, rank * 4 + 4)
+    loss = S.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
+    loss.backward()
+    torch.save({n: p.grad for n, p in proj.named_parameters()}, os.path.join(out_dir, f"grad{rank}.pth"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(tmp_path):
+    proj, x, y, ids = _features()
+    _itc(proj, x, y, ids, None).backward()
+    mp.spawn(_itc_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grad{rank}.pth", weights_only=True)
+        for name, p in proj.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
