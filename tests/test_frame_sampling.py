@@ -3,14 +3,17 @@ real mp4 whose frames carry their own index, the flags' defaults and how a chang
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
 import datasets
+import model_registry
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import synthetic_dataset
@@ -195,3 +198,25 @@ def test_a_changed_sample_type_is_a_reported_setting_change_also_against_older_c
     assert checkpoint.setting_changes(older, now) == checkpoint.setting_changes(saved, now)
     assert checkpoint.setting_changes(older, _parsed(p, "--data_path", "x.json")) == {}
     assert checkpoint.setting_changes({}, now) == {}  # a bare weights file has no settings to compare
+
+
+def test_the_evaluation_flag_reaches_the_test_clips_of_a_real_run(synthetic_root, tmp_path):
+    """Embedding export (the --only_test / --zero_shot data path) of the synthetic test set: --sample_type rand makes
+    its clips segment middles, which embed differently from stride windows, and the metadata says which."""
+    model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4, depth=1, embed_dim=64,
+                                  num_heads=2, vocab_size=len(datasets.build_tokenizer()))
+    ckpt = tmp_path / "dual.pth"
+    torch.save({"model": model.state_dict(), "model_cfg": model.model_cfg}, ckpt)
+    exported = {}
+    for flags in ([], ["--sample_type", "rand"]):
+        out = tmp_path / f"emb{len(flags)}.npy"
+        run_simvtp_finetuning.main(run_simvtp_finetuning.get_args_parser().parse_args([
+            "--export_embeddings", str(out), "--finetune", str(ckpt), "--data_root", str(synthetic_root),
+            "--data_path", str(synthetic_root / "annotations" / "test.json"), "--output_dir", str(tmp_path),
+            "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32", "--test_num_segment", "2",
+            "--test_num_crop", "1", "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--precision",
+            "fp32", "--skip_eval_check", *flags]))
+        exported[json.load(open(out.with_suffix(".json")))["sample_type_test"]] = np.load(out)
+    assert set(exported) == {"stride", "middle"}
+    assert exported["stride"].shape == exported["middle"].shape == (8, 64)
+    assert not np.allclose(exported["stride"], exported["middle"], atol=1e-4)
