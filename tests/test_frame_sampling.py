@@ -83,8 +83,9 @@ def test_middle_views_properties(n, t, k):
         assert all(a <= i < b for i in column) and column == sorted(column)  # view j before view j + 1
         if b - a >= k:
             assert len(set(column)) == k  # enough frames: every view its own frame
-        # view j sits at (j + 0.5) / k of the segment: within one frame of that position
-        assert all(abs(i + 0.5 - (a + (j + 0.5) / k * (b - a))) <= 0.5 for j, i in enumerate(column))
+        # view j is the frame holding position (j + 0.5) / k of the segment (a boundary: the earlier frame), in
+        # exact integers: i - a < (2j + 1)(b - a) / 2k <= i - a + 1
+        assert all(2 * k * (i - a) < (2 * j + 1) * (b - a) <= 2 * k * (i - a + 1) for j, i in enumerate(column))
 
 
 def test_rand_evaluation_views_are_drawn_from_the_generator():
@@ -220,3 +221,27 @@ def test_the_evaluation_flag_reaches_the_test_clips_of_a_real_run(synthetic_root
     assert set(exported) == {"stride", "middle"}
     assert exported["stride"].shape == exported["middle"].shape == (8, 64)
     assert not np.allclose(exported["stride"], exported["middle"], atol=1e-4)
+
+
+def _as_after_setup_run(args: argparse.Namespace) -> None:
+    """The values utils.setup_run gives a one-process CPU run (without its output folder and process group)."""
+    args.device_obj, args.world_size, args.rank = torch.device("cpu"), 1, 0
+    args.short_side_size = args.short_side_size or args.input_size
+
+
+def test_both_training_loaders_sample_by_the_flag(synthetic_root):
+    tokenizer = datasets.build_tokenizer()
+    common = ["--data_root", str(synthetic_root), "--num_frames", "4", "--input_size", "32", "--batch_size", "2",
+              "--num_workers", "0", "--sample_type", "rand"]
+    args = _parsed(run_simvtp_pretraining.get_args_parser(), "--data_path",
+                   str(synthetic_root / "annotations" / "pretrain.json"), *common)
+    _as_after_setup_run(args)
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, depth=1, embed_dim=64,
+                                  num_heads=2, decoder_depth=1, vocab_size=len(tokenizer))
+    _, pretrain_set, _ = run_simvtp_pretraining.build_loader(args, tokenizer, model)
+    args = _parsed(run_simvtp_finetuning.get_args_parser(), *common)
+    _as_after_setup_run(args)
+    records = datasets.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)
+    _, finetune_set, _ = run_simvtp_finetuning.build_train_loader(records, args, tokenizer)
+    for ds in (pretrain_set, finetune_set):
+        assert ds.sample_type == "rand" and "rand of equal segments" in repr(ds)
