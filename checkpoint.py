@@ -464,11 +464,18 @@ RESUME_PLUMBING = {"output_dir", "log_dir", "resume", "auto_resume", "num_worker
                    "eval_host_memory_gb"}
 
 
+# settings added after checkpoints were first written -> the behaviour such a checkpoint's run had without them
+SETTINGS_BEFORE_THEY_EXISTED = {"sample_type": "stride", "sample_type_test": "stride"}
+
+
 def setting_changes(saved: dict, args: Any) -> dict[str, tuple[Any, Any]]:
     """Settings of a resumed run that differ from the checkpoint's (flag -> (old, new)); plumbing and values
-    derived from others (abs_lr ...) are left out."""
+    derived from others (abs_lr ...) are left out. A flag newer than the checkpoint counts as the behaviour the
+    run had before it existed (SETTINGS_BEFORE_THEY_EXISTED)."""
     import utils
     now = utils.plain_args(args)
+    if saved:
+        saved = {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
     keys = (set(saved) & set(now)) - RESUME_PLUMBING
     return {k: (saved[k], now[k]) for k in sorted(keys) if not k.startswith("abs_") and saved[k] != now[k]}
 

@@ -11,7 +11,7 @@ Flow (one direction)::
                               labels (through the loader workers' shared memory: 1 byte a pixel value)
     normalize_video(video) -> on the device, right before the model: ImageNet-normalised float32 video
 
-Every random choice about a sample (start frame, crop, tube mask, text mask, caption, retry) comes from
+Every random choice about a sample (frames, crop, tube mask, text mask, caption, retry) comes from
 ``sample_rng(seed, epoch, index, stream)``: a batch split over processes, a resumed run and a re-run all see the
 same samples. Global ``np.random`` / ``random`` are never used here.
 
@@ -61,6 +61,8 @@ __all__ = [
     "AnnotationError", "VideoDecodeError", "BrokenDataError", "VideoRecord", "read_annotations", "sample_rng",
     "RecordTable", "read_record_table",
     "resolve_backend", "open_video", "VideoFile", "pretrain_frame_indices", "test_clip_indices",
+    "SAMPLE_TYPES", "default_test_sample_type", "segment_bounds", "segment_frame_indices", "segment_clip_indices",
+    "train_frame_indices", "eval_clip_indices",
     "multi_scale_crop_box", "train_clip_transform", "test_views", "build_tokenizer", "VideoTextDataset",
     "VideoTextCollator", "IMAGENET_MEAN", "IMAGENET_STD", "BERT_VOCAB_SIZE", "VIDEO_EXTENSIONS", "one_line",
     "normalize_video",
@@ -1018,6 +1020,86 @@ def test_clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int
 
 test_clip_indices.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by name
 
+# How a clip's frames are chosen (--sample_type / --sample_type_test):
+# stride: VideoMAE's num_frames at stride --sampling_rate (training: a random window; evaluation: windows spread
+#         over the video); rand / middle: the whole video cut into num_frames equal segments (Singularity / ALBEF /
+#         SViTT), one frame of each: a uniformly random one (rand) or the middle one (middle).
+SAMPLE_TYPES = ("stride", "rand", "middle")
+
+
+def default_test_sample_type(sample_type: str) -> str:
+    """Evaluation clips follow the training family: segment-middle after segment training, else stride."""
+    return "middle" if sample_type in ("rand", "middle") else "stride"
+
+
+def _check_sample_type(sample_type: str) -> None:
+    if sample_type not in SAMPLE_TYPES:
+        raise ValueError(f"unknown sample type {sample_type!r}; choose one of {', '.join(SAMPLE_TYPES)}")
+
+
+def segment_bounds(num_video_frames: int, num_frames: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of num_frames equal segments of the whole video: edges i * n // num_frames (the
+    integer linspace of Singularity / ALBEF), so the segments tile [0, n) with lengths differing by at most one.
+
+    A video shorter than num_frames has segments narrower than a frame; each then holds the one frame its start
+    falls in, so frames repeat in order, evenly (3 frames, 6 segments: 0 0 1 1 2 2; Singularity instead pads the
+    end with the last frame: 0 1 2 2 2 2)."""
+    _check_sampling(num_video_frames, num_frames, 1)
+    edges = [i * num_video_frames // num_frames for i in range(num_frames + 1)]
+    return [(a, max(b, a + 1)) for a, b in zip(edges, edges[1:])]
+
+
+def segment_frame_indices(num_video_frames: int, num_frames: int, sample_type: str,
+                          rng: np.random.Generator | None = None, view: int = 0, num_views: int = 1) -> list[int]:
+    """One frame of each of num_frames equal segments: uniformly random over the segment (rand, drawn from rng;
+    Singularity's never drew a segment's last frame) or, for middle, the frame at relative position
+    (view + 0.5) / num_views of its segment, a position on a frame boundary taking the earlier frame (one view:
+    the middle frame, the earlier of two middles, as Singularity / SViTT evaluate). Integer arithmetic."""
+    bounds = segment_bounds(num_video_frames, num_frames)
+    if sample_type == "rand":
+        if rng is None:
+            raise ValueError("rand sampling needs the sample's generator (rng)")
+        starts, ends = np.array(bounds).T
+        return [int(i) for i in rng.integers(starts, ends)]
+    if sample_type != "middle":
+        raise ValueError(f"segment sampling is rand or middle, got {sample_type!r}")
+    if not 0 <= view < num_views:
+        raise ValueError(f"need 0 <= view < num_views, got view {view} of {num_views}")
+    return [a + ((2 * view + 1) * (b - a) - 1) // (2 * num_views) for a, b in bounds]
+
+
+def segment_clip_indices(num_video_frames: int, num_frames: int, num_views: int, sample_type: str,
+                         rng: np.random.Generator | None = None) -> list[list[int]]:
+    """num_views evaluation clips of segment sampling. middle: view j takes, in every segment, the frame at
+    relative position (j + 0.5) / num_views (one view: the middle), so the views spread through each segment;
+    rand: each view one independent random frame per segment, drawn from rng in view order."""
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if sample_type == "rand":
+        return [segment_frame_indices(num_video_frames, num_frames, "rand", rng) for _ in range(num_views)]
+    return [segment_frame_indices(num_video_frames, num_frames, sample_type, view=j, num_views=num_views)
+            for j in range(num_views)]
+
+
+def train_frame_indices(num_video_frames: int, num_frames: int, sampling_rate: int, sample_type: str,
+                        rng: np.random.Generator) -> list[int]:
+    """A training clip's frames under --sample_type (sampling_rate is used by stride only)."""
+    _check_sample_type(sample_type)
+    if sample_type == "stride":
+        return pretrain_frame_indices(num_video_frames, num_frames, sampling_rate, rng)
+    return segment_frame_indices(num_video_frames, num_frames, sample_type, rng)
+
+
+def eval_clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int, num_views: int,
+                      sample_type: str, rng: np.random.Generator | None = None) -> list[list[int]]:
+    """An evaluation video's num_views clips under --sample_type_test (sampling_rate is used by stride only; rng
+    by rand only)."""
+    _check_sample_type(sample_type)
+    if sample_type == "stride":
+        return test_clip_indices(num_video_frames, num_frames, sampling_rate, num_views)
+    return segment_clip_indices(num_video_frames, num_frames, num_views, sample_type, rng)
+
+
 # ----------------------------------------------------------------------------------------------- clip transforms
 
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) * 255
@@ -1183,9 +1265,14 @@ class VideoTextDataset(torch.utils.data.Dataset):
     train item: {"video": uint8 [3, T, S, S], "caption": str, "index": i, "epoch": e,
                  "read": 1 if the sample's own video was opened (0 when excluded), "broken": 1 if it was broken,
                  "broken_videos": [(path, error)] every broken file this sample met,
-                 "video_mask": bool [N] (with mask_generator)} — VideoMAE sampling and multi-scale crop.
+                 "video_mask": bool [N] (with mask_generator)} — frames by sample_type, multi-scale crop.
     test item:  {"video": uint8 [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
                  "index": i}.
+    sample_type (SAMPLE_TYPES) is how this dataset's clips take their frames: stride (VideoMAE: a random window at
+    sampling_rate in training, test_num_segment windows spread over the video in evaluation), rand (one random
+    frame of each of num_frames equal segments of the whole video) or middle (each segment's middle frame; with
+    test_num_segment = k views, view j the frame at (j + 0.5) / k of each segment). Random frames come from
+    sample_rng: (seed, epoch, index) in training, (seed, 0, index) in evaluation (the same at every evaluation).
     In training a broken video is replaced by the next readable one along fallthrough_order (its caption goes with
     it; crop and frame draws stay the sample's). Files in `self.broken` (known broken: found by this process, or
     told by the main process) are not opened again; records in `excluded` are never opened. A BrokenDataError is
@@ -1200,9 +1287,10 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[VideoRecord] | RecordTable, mode: str = "train", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
-                 mask_generator=None, excluded: Collection[int] = ()) -> None:
+                 mask_generator=None, excluded: Collection[int] = (), sample_type: str = "stride") -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        _check_sample_type(sample_type)
         if not isinstance(records, RecordTable):
             records = RecordTable.from_records(records)
         if not records:
@@ -1223,6 +1311,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.records = records  # columns, not objects: forked loader workers share them, not copy them
         self.mode = mode
         self.num_frames, self.sampling_rate = int(num_frames), int(sampling_rate)
+        self.sample_type = sample_type
         self.input_size, self.short_side_size = int(input_size), int(short_side_size)
         self.test_num_segment, self.test_num_crop = int(test_num_segment), int(test_num_crop)
         self.backend = resolve_backend(video_backend)
@@ -1239,8 +1328,10 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         views = "" if self.mode == "train" else f", views {self.test_num_segment}x{self.test_num_crop}"
-        return (f"VideoTextDataset({len(self)} videos, {self.mode}, {self.num_frames} frames x rate "
-                f"{self.sampling_rate}, {self.input_size} px{views}, {self.backend})")
+        frames = (f"{self.num_frames} frames x rate {self.sampling_rate}" if self.sample_type == "stride"
+                  else f"{self.num_frames} frames ({self.sample_type} of equal segments)")
+        return (f"VideoTextDataset({len(self)} videos, {self.mode}, {frames}, {self.input_size} px{views}, "
+                f"{self.backend})")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -1305,23 +1396,26 @@ class VideoTextDataset(torch.utils.data.Dataset):
         """Randomness is keyed on the requested index, so a substitute video still gets this sample's draws."""
         if path in self.broken:  # decoding it again would fail again
             raise VideoDecodeError(self.broken[path])
-        frames, _ = self._decode(path, lambda n: pretrain_frame_indices(  # a fresh rng per call: same draw on retry
-            n, self.num_frames, self.sampling_rate, self.rng(index, "frames")))
+        frames, _ = self._decode(path, lambda n: train_frame_indices(  # a fresh rng per call: same draw on retry
+            n, self.num_frames, self.sampling_rate, self.sample_type, self.rng(index, "frames")))
         return train_clip_transform(frames, self.input_size, self.rng(index, "crop"))
 
     # -- evaluation
 
-    def _test_clips(self, num_video_frames: int) -> list[list[int]]:
-        return test_clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.test_num_segment)
+    def _test_clips(self, num_video_frames: int, index: int) -> list[list[int]]:
+        """A fresh generator per call (epoch 0: every evaluation draws the same rand frames), so the decode plan
+        and the views agree."""
+        return eval_clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.test_num_segment,
+                                 self.sample_type, sample_rng(self.seed, 0, index, "frames"))
 
     def _test_item(self, index: int) -> dict[str, Any]:
         path = self.records.path(index)
         try:
-            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n) for i in c}))
+            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n, index) for i in c}))
         except VideoDecodeError as e:
             raise VideoDecodeError(f"{e} [evaluation: broken videos are not skipped, so the test set never changes "
                                    f"silently; repair or remove this video from the annotation file]") from e
-        clips = self._test_clips(n)
+        clips = self._test_clips(n, index)
         pos = {i: k for k, i in enumerate(sorted({i for c in clips for i in c}))}
         views = test_views(frames, [[pos[i] for i in clip] for clip in clips], self.input_size,
                            self.short_side_size, self.test_num_crop)

@@ -47,7 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     utils.add_clip_args(g)
     g.add_argument("--num_sample", type=int, default=1, help="the release's repeated augmentation; only 1 is "
                    "supported: repeated clips of one video would be false negatives of the contrastive loss")
-    g.add_argument("--test_num_segment", type=int, default=3, help="clips per test video (views averaged)")
+    g.add_argument("--test_num_segment", type=int, default=3, help="clips per test video (views "
+                   "averaged): windows spread over the video (stride) or positions in each segment (middle, rand; "
+                   "see --sample_type_test)")
     g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
     g = model_registry.add_model_args(
         p, model=None, drop_path=0.1,
@@ -172,7 +174,8 @@ def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: 
     return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=segments,
-                                     test_num_crop=crops, video_backend=args.video_backend, seed=args.seed)
+                                     test_num_crop=crops, video_backend=args.video_backend, seed=args.seed,
+                                     sample_type=args.sample_type_test)
 
 
 def read_weights(path: str, flag: str) -> dict:
@@ -233,7 +236,8 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
                                       args.dist_eval, args.eval_host_memory_gb)
     res = engine.evaluate(model, loader, tokenizer, cfg)
     video_ids = [records[i].video_id for i in res["indices"]]
-    out = {**res["metrics"], "views": f"{args.test_num_segment}x{args.test_num_crop}"}
+    out = {**res["metrics"], "views": f"{args.test_num_segment}x{args.test_num_crop}",
+           "sample_type_test": args.sample_type_test}
     if mask_ratio:
         out["video_mask_ratio"] = mask_ratio
     table = {"similarity": res["metrics"]}
@@ -308,6 +312,7 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     text = engine.encode_texts(model, tokenizer, texts, cfg) if texts else None
     meta = {"model": model.model_cfg["name"], "checkpoint": args.finetune, "num_frames": args.num_frames,
             "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}",
+            "sample_type_test": args.sample_type_test,
             "skipped_videos": skipped}
     written = []
     if distributed.is_main_process():
@@ -349,7 +354,7 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
-                                        seed=args.seed,
+                                        seed=args.seed, sample_type=args.sample_type,
                                         excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "

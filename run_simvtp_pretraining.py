@@ -86,7 +86,7 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
-                                        mask_generator=mask_gen,
+                                        mask_generator=mask_gen, sample_type=args.sample_type,
                                         excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
@@ -107,8 +107,9 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
 
 
 def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | None:
-    """The validation set of --eval_every: one centre clip per video, read strictly (a broken video is an error),
-    so every video of it is checked now, before any training (unless --skip_eval_check)."""
+    """The validation set of --eval_every: one centre clip per video (frames by --sample_type_test), read strictly
+    (a broken video is an error), so every video of it is checked now, before any training (unless
+    --skip_eval_check)."""
     if args.eval_every <= 0:
         return None
     if not args.eval_data_path:
@@ -119,7 +120,8 @@ def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | 
     return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=1,
-                                     test_num_crop=1, video_backend=args.video_backend, seed=args.seed)
+                                     test_num_crop=1, video_backend=args.video_backend, seed=args.seed,
+                                     sample_type=args.sample_type_test)
 
 
 def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,

@@ -76,7 +76,17 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"],
                        help="decoder; auto = decord when it imports, else PyAV")
     group.add_argument("--num_frames", type=int, default=16, help="frames per clip")
-    group.add_argument("--sampling_rate", type=int, default=4, help="frames between sampled frames")
+    group.add_argument("--sampling_rate", type=int, default=4, help="frames between sampled frames (stride "
+                       "sampling only; rand and middle ignore it)")
+    group.add_argument("--sample_type", default="stride", choices=["stride", "rand", "middle"],
+                       help="training clips' frames: stride = VideoMAE/SimVTP, num_frames every --sampling_rate "
+                       "frames from a random start; rand = Singularity/SViTT, the whole video cut into num_frames "
+                       "equal segments, one random frame of each; middle = each segment's middle frame")
+    group.add_argument("--sample_type_test", default=None, choices=["stride", "middle", "rand"],
+                       help="evaluation clips' frames: stride = windows at --sampling_rate spread over the video, "
+                       "one a view; middle = segment middles (k views: view j the frame at (j + 0.5) / k of each "
+                       "segment); rand = one random frame a segment, fixed by --seed (default: middle when "
+                       "--sample_type is rand or middle, else stride)")
     group.add_argument("--input_size", type=int, default=224, help="clip side in pixels")
     group.add_argument("--short_side_size", type=int, default=None, help="evaluation: frames resized to this short "
                        "side before the centre/three crops (default: --input_size)")
@@ -162,10 +172,19 @@ def setup_run(args: Any) -> torch.dtype:
     np.random.seed(args.seed + args.rank)
     if getattr(args, "input_size", None):
         args.short_side_size = args.short_side_size or args.input_size
+    resolve_sample_types(args)
     make_output_dir(args.output_dir)
     distributed.check_shared_dir(args.output_dir)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
+
+
+def resolve_sample_types(args: Any) -> None:
+    """--sample_type_test's default follows --sample_type (segment-trained models are evaluated on segment
+    middles); set here, before the run's settings are saved or compared on resume, so they hold the value used."""
+    if hasattr(args, "sample_type") and getattr(args, "sample_type_test", None) is None:
+        import datasets
+        args.sample_type_test = datasets.default_test_sample_type(args.sample_type)
 
 
 def make_output_dir(path: str) -> None:
