@@ -62,6 +62,33 @@ def test_pretrain_webvid_is_the_papers_recipe_with_quoted_paths(tmp_path):
     assert args.model == "simvtp_base_patch16" and args.decoder_depth == 4
 
 
+def test_svitt_recipe_is_the_papers_and_its_flags_build_the_sparse_model(tmp_path):
+    cmd = _dry_run("svitt_pretrain_webvid.sh", "/d/webvid.csv", "/d/videos", "out", "--keep_last", "2",
+                   BEIT_PATH="/w/beit dir", BERT_PATH="/w/bert", cwd=str(tmp_path))
+    _launches_with_the_projects_python(cmd)
+    assert (_flag(cmd, "--nnodes"), _flag(cmd, "--nproc_per_node")) == ("1", "8")
+    args = run_simvtp_pretraining.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_pretraining.py"))
+    assert args.model == "svitt_base_patch16_224" and args.beit_path == "/w/beit dir" and args.bert_path == "/w/bert"
+    assert (args.num_frames, args.input_size, args.sample_type, args.sample_type_test) == (4, 224, "rand", "middle")
+    assert (args.batch_size, args.lr, args.min_lr, args.weight_decay, args.epochs, args.warmup_epochs) == \
+        (32, 3e-5, 3e-7, 0.02, 10, 1)
+    kwargs = model_registry.model_kwargs(args, args.model, vocab_size=30522)
+    assert kwargs["token_keep_rate"] == 0.7 and kwargs["token_drop_loc"] == [3, 6, 9]
+    assert (kwargs["sparse_local_attn"], kwargs["sparse_random_attn"], kwargs["attn_block_size"]) == (1, 3, 56)
+    assert args.text_mask_ratio == 0.5 and args.output_dir == str(tmp_path / "out")
+
+
+def test_svitt_expand_starts_the_next_stage_from_the_checkpoint(tmp_path):
+    cmd = _dry_run("svitt_expand.sh", "stage1/ck.pth", "8", "0.6", "/d/webvid.csv", "/d/videos", "/out8",
+                   "--epochs", "5", cwd=str(tmp_path))
+    args = run_simvtp_pretraining.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_pretraining.py"))
+    assert args.init_ckpt == str(tmp_path / "stage1" / "ck.pth")
+    assert (args.num_frames, args.token_keep_rate, args.epochs) == (8, 0.6, 5)
+    run = subprocess.run(["bash", os.path.join(REPO, "scripts", "svitt_expand.sh"), "/no/such.pth", "8", "0.6",
+                          "/d/a.csv", "/d/v", "/out"], capture_output=True, text=True, env=_clean_env())
+    assert run.returncode == 2 and run.stderr.strip() == "error: checkpoint not found: /no/such.pth"
+
+
 def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test(tmp_path):
     cmd = _dry_run("finetune_msrvtt.sh", "train 9k.json", "./test 1k.csv", "/videos", "pre.pth", "out",
                    cwd=str(tmp_path))
@@ -85,7 +112,8 @@ def test_only_test_msrvtt_uses_15_by_3_views(tmp_path):
     _launches_with_the_projects_python(given, "/opt/conda env/bin/python")  # PY= chooses another environment
 
 
-@pytest.mark.parametrize("script", ["pretrain_webvid.sh", "finetune_msrvtt.sh", "only_test_msrvtt.sh"])
+@pytest.mark.parametrize("script", ["pretrain_webvid.sh", "finetune_msrvtt.sh", "only_test_msrvtt.sh",
+                                    "svitt_pretrain_webvid.sh", "svitt_expand.sh"])
 def test_missing_arguments_print_usage_and_exit_2(script):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "DATA_ROOT")}
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script)], capture_output=True, text=True, env=env)
@@ -128,6 +156,7 @@ def test_only_test_recipe_runs_without_an_activated_environment(synthetic_root, 
 # ----------------------------------------------------------------------------------------------- the shared launcher
 
 RECIPES = {"pretrain_webvid.sh": ("/d/train.csv", "/d/videos", "/out"),
+           "svitt_pretrain_webvid.sh": ("/d/train.csv", "/d/videos", "/out"),
            "finetune_msrvtt.sh": ("/d/train.json", "/d/test.csv", "/d/videos", "/pre.pth", "/out"),
            "only_test_msrvtt.sh": ("/d/test.csv", "/d/videos", "/best.pth", "/out")}
 
@@ -160,7 +189,8 @@ def test_the_port_derives_from_the_job_id(script):
     assert _flag(cmd, "--master_port") == str(distributed.port_for_job("7654321")) == "24321"
     assert _flag(_dry_run(script, *RECIPES[script], SLURM_JOB_ID="7654321", MASTER_PORT="29999", MASTER_ADDR="n0"),
                  "--master_port") == "29999"
-    default = {"pretrain_webvid.sh": "29500", "finetune_msrvtt.sh": "29501", "only_test_msrvtt.sh": "29502"}
+    default = {"pretrain_webvid.sh": "29500", "finetune_msrvtt.sh": "29501", "only_test_msrvtt.sh": "29502",
+               "svitt_pretrain_webvid.sh": "29503"}
     assert _flag(_dry_run(script, *RECIPES[script], MASTER_ADDR="n0"), "--master_port") == default[script]
 
 
