@@ -757,8 +757,9 @@ class SViTTPretrain(nn.Module):
         return mlm_loss(logits, mlm_labels[sel], sel.nonzero()[:, 0], len(mlm_labels))
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-        """The model contract's training step: video [B, 3, T, H, W], input_ids / attention_mask / mlm_input_ids /
-        mlm_labels [B, L], index [B] (the video's dataset index: same index = same video) -> losses."""
+        """The model contract's training step: video [B, 3, T, H, W], input_ids / attention_mask [B, L], index [B]
+        (the record's position in the training list, whose records are merged per video: same index = same video),
+        mlm_input_ids / mlm_labels [B, L] when the loader masks captions -> losses."""
         video_ids = batch.get("video_id", batch["index"]).to(batch["input_ids"].device)
         attention_mask = batch["attention_mask"]
         vis = self.vision(batch["video"])
@@ -769,8 +770,10 @@ class SViTTPretrain(nn.Module):
                             None if self.itc_local else gather)
         loss_itm, itm_acc = self.matching_loss(video_tokens, text_states, attention_mask, video_feat, text_feat,
                                                video_ids)
-        loss_mlm = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask, batch["mlm_labels"])
-        terms = dict(itc=loss_itc, itm=loss_itm, mlm=loss_mlm)
+        terms = dict(itc=loss_itc, itm=loss_itm)
+        if "mlm_input_ids" in batch:  # a retrieval fine-tuning batch has no MLM captions: ITC + ITM, as the release
+            terms["mlm"] = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask,
+                                                 batch["mlm_labels"])
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         out["itm_acc"] = itm_acc.detach()
