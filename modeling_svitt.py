@@ -409,6 +409,7 @@ def init_weights(m: nn.Module) -> None:
 #   svitt_pretrain   the release's pre-training model: text_encoder.bert.*, MLM head text_encoder.cls.*
 #   svitt_retrieval  the release's retrieval model: text_encoder.* without "bert.", no MLM head
 #   svitt_qa         the release's QA model: adds text_decoder.*
+#   svitt_vision     vision_encoder.* only (a release file's vision tower kept on its own)
 #   beit             a Hugging Face BEiT (beit.*), or the same names without the prefix (e.g. our bare tower's)
 #   bert             a Hugging Face BERT (bert.*, cls.*), or embeddings.* / encoder.* without the prefix
 # Everything is mapped onto the names of the model being loaded, read from its own state_dict (with or without
@@ -502,18 +503,20 @@ def config_frames(file_config: dict | None) -> int | None:
 
 
 def detect_source(keys: list[str]) -> str:
-    """svitt_pretrain | svitt_retrieval | svitt_qa | beit | bert, from a checkpoint's tensor names."""
+    """svitt_pretrain | svitt_retrieval | svitt_qa | svitt_vision | beit | bert, from a checkpoint's tensor names."""
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
     if has("text_decoder."):
         return "svitt_qa"
     if has("text_encoder.bert."):
         return "svitt_pretrain"
-    if has(RELEASE_VISION_PREFIX, TEXT_PREFIX):
+    if has(TEXT_PREFIX):
         return "svitt_retrieval"
+    if has(RELEASE_VISION_PREFIX):
+        return "svitt_vision"
     if has("bert.", "cls.predictions.", "embeddings.word_embeddings.", "encoder.layer.0.attention.self."):
         return "bert"
-    if has("beit.", "embeddings.patch_embeddings.", "embeddings.cls_token"):
+    if has("beit.", "embeddings.patch_embeddings.", "embeddings.cls_token", "layers.0.attention.q_proj."):
         return "beit"
     raise ValueError(f"unrecognised checkpoint ({len(keys)} tensors, first {keys[:5]}): expected a SViTT release "
                      "(pretrain, retrieval, qa), Hugging Face BEiT or BERT checkpoint")
@@ -530,13 +533,35 @@ def recognise_release(keys: list[str]) -> str | None:
 BEIT_TOWER_PARTS = ("embeddings.cls_token", "embeddings.patch_embeddings.", "encoder.layer.", "pooler.")
 
 
+# transformers >= 5 names a BEiT's modules differently in memory (its files keep the names above): -> file names
+BEIT_MEMORY_NAMES = ((r"^layers\.(\d+)\.relative_position_bias\.",
+                      r"encoder.layer.\1.attention.attention.relative_position_bias."),
+                     (r"^layers\.(\d+)\.attention\.([qkv])_proj\.", r"encoder.layer.\1.attention.attention.\2_proj."),
+                     (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+                     (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+                     (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+                     (r"^layers\.", "encoder.layer."), (r"^shared_position_bias\.", "encoder.relative_position_bias."),
+                     (r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."), (r"\.v_proj\.", ".value."))
+
+
+def beit_file_name(name: str) -> str:
+    """A BEiT name without `beit.`, as its files spell it ('layers.0.mlp.fc1.weight' ->
+    'encoder.layer.0.intermediate.dense.weight'); file names pass unchanged."""
+    if not name.startswith(("layers.", "shared_position_bias.")):
+        return name
+    for pattern, repl in BEIT_MEMORY_NAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
 def map_beit(state_dict: dict) -> dict:
-    """Hugging Face BEiT names (with or without `beit.`) -> `vision_encoder.*`. A shared table
-    (`encoder.relative_position_bias.*`, pre-training-only checkpoints) is copied to every layer; heads, mask
-    token and final layernorm keep their names (reported unused). Tables stay 2-D sized (T = 1) here."""
+    """Hugging Face BEiT names (with or without `beit.`; file or transformers-5 module names) ->
+    `vision_encoder.*`. A shared table (`encoder.relative_position_bias.*`, pre-training-only checkpoints) is
+    copied to every layer; heads, mask token and final layernorm keep their names (reported unused). Tables
+    stay 2-D sized (T = 1) here."""
     out, shared, layers = {}, None, set()
     for k, v in state_dict.items():
-        name = k[len("beit."):] if k.startswith("beit.") else k
+        name = beit_file_name(k[len("beit."):] if k.startswith("beit.") else k)
         if name == "encoder.relative_position_bias.relative_position_bias_table":
             shared = v
         elif name.startswith("encoder.relative_position_bias."):
@@ -574,7 +599,7 @@ def map_bert(state_dict: dict) -> dict:
     return out
 
 
-def _to_target_names(state_dict: dict, target_keys: set[str]) -> dict:
+def to_target_names(state_dict: dict, target_keys: set[str]) -> dict:
     """Release-style names -> the target model's: `text_encoder.` with or without `bert.` as the model has it,
     and no `vision_encoder.` for a bare vision tower."""
     def has(prefix: str) -> bool:
@@ -653,7 +678,7 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
     target_keys = set(own)
     mapped = map_beit(state_dict) if kind == "beit" else map_bert(state_dict) if kind == "bert" else dict(state_dict)
     mapped = {k: v for k, v in mapped.items() if k in target_keys or not k.endswith(REBUILT_BUFFERS)}
-    mapped = _fill_tied(_to_target_names(mapped, target_keys), target_keys)
+    mapped = _fill_tied(to_target_names(mapped, target_keys), target_keys)
     mode = expand_mode or getattr(model, "temporal_expand_mode", None) or "release"
     if mode not in EXPAND_MODES:
         raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {mode!r}")
