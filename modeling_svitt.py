@@ -445,7 +445,7 @@ def temporal_source_slices(src_frames: int, dst_frames: int, expand_mode: str = 
     """For each of the 2*dst-1 temporal offsets of the new table, the source slice it copies.
 
     release: nearest neighbour as the release resizes, slice i <- floor(i*(2*src-1)/(2*dst-1)) (4 -> 8:
-    0,0,0,1,1,2,2,3,3,4,4,5,5,6,6; offset 0 takes source offset -1 x 1/7 ... not centred).
+    0,0,0,1,1,2,2,3,3,4,4,5,5,6,6: not symmetric, offset -1 takes source offset -1 but +1 takes 0).
     symmetric: offset dt <- the source offset nearest dt*(src-1)/(dst-1) (halves away from 0), so offset 0 <- 0
     and dt, -dt take mirrored slices."""
     n_src, n_dst = 2 * src_frames - 1, 2 * dst_frames - 1
@@ -593,10 +593,7 @@ def map_bert(state_dict: dict) -> dict:
     """Hugging Face BERT (BertForMaskedLM / BertModel, old gamma/beta names too) -> `text_encoder.bert.*` and
     `text_encoder.cls.*`; pooler and next-sentence head keep their names (reported unused). Cross-attention has
     no source: it stays randomly initialised (missing in a non-strict load), as ALBEF does."""
-    out = {}
-    for k, v in state_dict.items():
-        out[_bert_name(k) or k] = v
-    return out
+    return {_bert_name(k) or k: v for k, v in state_dict.items()}
 
 
 def to_target_names(state_dict: dict, target_keys: set[str]) -> dict:

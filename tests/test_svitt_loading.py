@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import checkpoint
+import model_registry
 import modeling_simvtp
 import modeling_svitt as S
 from svitt_release import (omegaconf_like, omegaconf_names, release_keys, seeded_state_dict,
@@ -224,6 +225,40 @@ def test_tables_of_another_image_size_are_refused():
         S.convert_state_dict(small.state_dict(), tower(4))
 
 
+class TowerModel(nn.Module):
+    """A model holding our tower as `vision_encoder` (the release's names), registered in a test family whose
+    converter is SViTT's, so files load through checkpoint.load_pretrained as every entry point loads them."""
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.vision_encoder = S.SViTTVisionTower(S.svitt_tiny_config(**{"depth": 2, **config}))
+
+
+model_registry.register_family(model_registry.ModelFamily(
+    name="svitt_loading_test", add_args=lambda g: None, convert_state_dict=S.convert_state_dict))
+
+
+@model_registry.register_model("svitt_loading_test")
+def svitt_loading_test_tower(**kwargs) -> TowerModel:
+    return TowerModel(**kwargs)
+
+
+def test_load_pretrained_expands_a_release_file_and_checks_its_config(tmp_path, capsys):
+    src = randomised(tower(4), 7)
+    release = {S.RELEASE_VISION_PREFIX + k: v for k, v in src.state_dict().items()}
+    write_release_file(tmp_path / "r4.pth", release, num_frames=4)
+    model = model_registry.create("svitt_loading_test_tower", num_frames=8)
+    report = checkpoint.load_pretrained(model, str(tmp_path / "r4.pth"), strict=True)
+    assert not report.missing and not report.unexpected
+    assert "as svitt_vision (relative position tables 4 -> 8 frames, release mapping)" in capsys.readouterr().out
+    assert torch.equal(model.vision_encoder.embeddings.cls_token, src.embeddings.cls_token)
+    write_release_file(tmp_path / "r2.pth", release, num_frames=2)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path / 'r2.pth'}: the file's config.video_input"
+                                                         r".num_frames is 2 but its relative position tables are "
+                                                         "sized for 4 frames$"):
+        checkpoint.load_pretrained(model, str(tmp_path / "r2.pth"))
+
+
 # ----------------------------------------------------------------------------------- release key lists
 
 
@@ -286,11 +321,13 @@ def test_huggingface_beit_gives_the_same_outputs(tmp_path):
     path = checkpoint._resolve_weights_path(str(tmp_path / "beit"))
     state = checkpoint.unwrapped_state_dict(checkpoint.read_checkpoint_file(path))
     assert S.detect_source(list(state)) == "beit"
-    ours = S.SViTTVisionTower(S.SViTTVisionConfig(image_size=64, patch_size=16, num_frames=1, width=48, depth=2,
-                                                  num_heads=3, sparse_local_attn=0)).eval()
+    model = TowerModel(image_size=64, patch_size=16, num_frames=1, width=48, depth=2, num_heads=3,
+                       sparse_local_attn=0).eval()
+    report = checkpoint.load_pretrained(model, str(tmp_path / "beit"))  # the directory, as --beit_path takes it
+    assert not report.missing and not report.unexpected
+    ours = model.vision_encoder
     mapped, kind = S.convert_state_dict({"beit." + k: v for k, v in state.items()}, ours)
-    report = checkpoint.load_weights(ours, mapped, strict=False)
-    assert not report.missing and kind == "beit"
+    assert kind == "beit"
     for other in (state, beit.state_dict()):  # without "beit."; transformers 5's module names (layers.N.mlp...)
         mapped_other, _ = S.convert_state_dict(other, ours)
         assert mapped_other.keys() == mapped.keys() and all(torch.equal(mapped_other[k], mapped[k]) for k in mapped)
