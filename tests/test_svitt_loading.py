@@ -410,6 +410,16 @@ def test_huggingface_bert_maps_onto_text_encoder(tmp_path):
     assert all(k.startswith("cls.") or k.startswith("text_encoder.cls.") for k in report.unexpected)
 
 
+def test_bert_pretraining_heads_are_reported_unused():
+    from transformers import BertForMaskedLM, BertForPreTraining
+    model = TextAndVision(BertForMaskedLM(tiny_bert_config()))
+    mapped, kind = S.convert_state_dict(BertForPreTraining(tiny_bert_config()).state_dict(), model)
+    report = checkpoint.load_weights(model, mapped, strict=False)
+    assert kind == "bert" and {k.rsplit(".", 1)[0] for k in report.unexpected} == {
+        "bert.pooler.dense", "cls.seq_relationship"}
+    assert all(k.startswith("vision_encoder.") for k in report.missing)
+
+
 def test_tied_mlm_decoder_is_filled_from_the_word_embeddings():
     from transformers import BertForMaskedLM
     model = TextAndVision(BertForMaskedLM(tiny_bert_config()))
