@@ -1,8 +1,9 @@
 """Checkpoint files: safe reading of ours and the release's, atomic writing, resume, pruning, safetensors.
 
-Every read goes through `read_checkpoint_file`: `torch.load(weights_only=True)` with exactly one extra allowed
-type, `argparse.Namespace` (the release's and VideoMAE's files pickle their args). Our own checkpoints hold only
-tensors and plain Python values. Writing goes to a temporary file in the same folder, then `os.replace`, so a
+Every read goes through `read_checkpoint_file`: `torch.load(weights_only=True)` with one extra allowed type,
+`argparse.Namespace` (the release's and VideoMAE's files pickle their args), and inert stand-ins for the classes of
+a pickled OmegaConf config (the SViTT release's "config"), read as plain dicts: nothing in a file is imported or
+run. Our own checkpoints hold only tensors and plain Python values. Writing goes to a temporary file in the same folder, then `os.replace`, so a
 crash never leaves a half-written checkpoint behind a valid name; new files get the permissions the umask gives
 (0644 under the usual umask 022), so colleagues and evaluation accounts can read them.
 
@@ -14,6 +15,7 @@ Both outputs load wherever a checkpoint is taken (--finetune, --ckpt, build_mode
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -38,7 +40,10 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint_file(path: str) -> dict:
-    """Load a .pth/.bin (weights_only) or .safetensors file into a dict, with errors that name the file."""
+    """Load a .pth/.bin (weights_only) or .safetensors file into a dict, with errors that name the file.
+
+    A pickled OmegaConf config (the SViTT release's "config") is read into plain dicts and lists without importing
+    or running anything (see PickledConfigNode); any other global outside torch's allow-list is refused."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -46,13 +51,102 @@ def read_checkpoint_file(path: str) -> dict:
     if _is_safetensors(path):
         return _read_safetensors(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *pickled_config_stand_ins()]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(_refused_global_message(path, refused.group(1))) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
+    return {k: plain_data(v) if _holds_stand_in(v) else v for k, v in obj.items()}
+
+
+def _refused_global_message(path: str, name: str) -> str:
+    keep = f"{path}.weights.pth"
+    return (f"{path}: refused to unpickle {name} (loading it could run code; only tensors, plain values and "
+            "OmegaConf configs are read); if you trust the file, keep its weights once in the environment that wrote "
+            f"it: python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'model': c['model']}}, '{keep}')\" and load {keep}")
+
+
+# ---------------------------------------------------------------------------------- pickled OmegaConf configs
+
+# every global a pickled OmegaConf config references (omegaconf 2.0-2.4): its node classes, its metadata, the
+# types its metadata names, and the resolver cache's defaultdict. Each is replaced by an inert stand-in.
+OMEGACONF_CLASSES = (
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.Metadata",
+    "omegaconf.base.ContainerMetadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
+    "omegaconf.nodes.BytesNode", "omegaconf.nodes.PathNode")
+CONFIG_TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int", "builtins.float",
+                     "builtins.str", "builtins.bool", "builtins.bytes", "builtins.object")
+
+
+class PickledConfigNode:
+    """Stand-in for an OmegaConf class: the unpickler creates it (NEWOBJ, or a call on REDUCE) and hands it its
+    state (BUILD -> __setstate__); it stores both as plain data and never imports, calls or evaluates anything."""
+    pickled_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.state = args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class PickledTypeName:
+    """Stand-in for a type or typing object a config's metadata names (`typing.Any`, `dict`): only its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _plain_defaultdict(*args: Any) -> dict:
+    """collections.defaultdict(factory) as the unpickler rebuilds it: an empty plain dict (factory never kept)."""
+    return {}
+
+
+@functools.lru_cache(maxsize=1)
+def pickled_config_stand_ins() -> tuple[tuple[Any, str], ...]:
+    """(stand-in, "module.QualName") pairs for torch.serialization.safe_globals: OmegaConf's classes become
+    PickledConfigNode subclasses, the types their metadata names become PickledTypeName values."""
+    classes = tuple((type(name.rsplit(".", 1)[1], (PickledConfigNode,), {"pickled_name": name}), name)
+                    for name in OMEGACONF_CLASSES)
+    names = tuple((PickledTypeName(name), name) for name in CONFIG_TYPE_NAMES)
+    return classes + names + ((_plain_defaultdict, "collections.defaultdict"),)
+
+
+def _holds_stand_in(value: Any) -> bool:
+    return isinstance(value, (PickledConfigNode, PickledTypeName))
+
+
+def plain_data(value: Any, depth: int = 0) -> Any:
+    """A read OmegaConf config -> plain dicts, lists and values (DictConfig -> dict, ListConfig -> list, a value
+    node -> its value; interpolations stay strings). Plain data passes through unchanged."""
+    if depth > 100:
+        raise CheckpointError("pickled config nested deeper than 100 levels")
+    if isinstance(value, PickledConfigNode):
+        state = value.state if isinstance(value.state, dict) else {}
+        content = state.get("_content", state.get("_val"))
+        return plain_data(content, depth + 1)
+    if isinstance(value, PickledTypeName):
+        return value.name
+    if isinstance(value, dict):
+        return {k: plain_data(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, depth + 1) for v in value]
+    return value
+
+
+def file_config(ckpt: dict) -> dict:
+    """The training config a release file carries ("config", read as plain data), or {}."""
+    config = ckpt.get("config")
+    return config if isinstance(config, dict) else {}
 
 
 def saved_args(ckpt: dict) -> dict:
@@ -122,15 +216,23 @@ def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, ver
     """The one loading function of every entry point: read a file, map its keys onto `model` with the converter
     of the model's family (e.g. SimVTP's maps the release's, VideoMAE's and BERT's files), load, report.
 
-    Returns the LoadReport; a shape mismatch raises a ValueError naming the key and both shapes.
+    Returns the LoadReport; a file that does not fit (shape mismatch, unknown source) is a CheckpointError naming
+    the file, the key and both shapes.
     `ckpt`: the file's contents when the caller has read them already, so a large file is read once.
     """
     if ckpt is None:
         path = _resolve_weights_path(path)
         ckpt = read_checkpoint_file(path)
     state = unwrapped_state_dict(ckpt, path)
-    mapped, kind = model_registry.family_of(model).convert_state_dict(state, getattr(model, "module", model))
-    report = load_weights(model, mapped, strict=strict)
+    convert = model_registry.family_of(model).convert_state_dict
+    config = {"file_config": file_config(ckpt)} if file_config(ckpt) else {}  # a release's config (SViTT)
+    try:
+        mapped, kind = convert(state, getattr(model, "module", model), **config)
+        report = load_weights(model, mapped, strict=strict)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     if verbose:
         print(f"Loaded {path} as {kind}: {report}")
     return report
@@ -160,7 +262,8 @@ def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = 
     try:
         load_pretrained(model, path, strict=strict, ckpt=ckpt)
     except ValueError as e:
-        raise CheckpointError(f"{path}: does not load into {chosen} ({e}); pass the right --model") from e
+        reason = str(e).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: does not load into {chosen} ({reason}); pass the right --model") from e
     return model
 
 

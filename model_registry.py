@@ -40,7 +40,9 @@ class ModelFamily:
     constructor arguments, its checkpoint key converter, and how to recognise a file that names no model."""
     name: str
     add_args: Callable[[argparse._ArgumentGroup], None]
-    convert_state_dict: Callable[[dict, nn.Module], tuple[dict, str]]
+    # (state_dict, model) -> (mapped state_dict, source kind); also given file_config= (the file's "config" as
+    # plain data) when the file carries one
+    convert_state_dict: Callable[..., tuple[dict, str]]
     recognise: Callable[[list[str]], str | None] = lambda keys: None  # keys -> a registered model name, or None
     flag_to_kwarg: dict[str, str] = field(default_factory=dict)  # renames; others pass under their own name
     flags: tuple[str, ...] = ()  # filled by register_family: the dest names add_args creates

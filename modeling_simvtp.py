@@ -644,7 +644,7 @@ def detect_source(keys: list[str]) -> str:
     """simvtp_finetune | simvtp_pretrain | videomae_pretrain | bert, from the tensor names of a checkpoint."""
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
-    if has("video_encoder.", "text_encoder."):
+    if has("video_encoder.", "text_encoder.text_embeddings."):  # not SViTT's text_encoder.*
         return "simvtp_finetune"
     if has("encoder.blocks.", "encoder.patch_embed."):
         return "simvtp_pretrain" if has("text_embeddings.", "text_cls.", "vtm_head.") else "videomae_pretrain"
@@ -691,8 +691,9 @@ def _map_pretrain_to_dual(state_dict: dict) -> dict:
     return out
 
 
-def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
-    """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source."""
+def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | None = None) -> tuple[dict, str]:
+    """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source.
+    `file_config` (a file's own training config, e.g. the SViTT release's) tells SimVTP nothing."""
     model = getattr(model, "module", model)
     kind = detect_source(list(state_dict))
     dual = isinstance(model, SimVTPDualEncoder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -656,7 +657,8 @@ class SViTTPretrain(nn.Module):
                  token_keep_strategy: str = "cls_attn", fusion_keep_rate: float = 1.0,
                  fusion_drop_loc: tuple[int, ...] = (), fusion_keep_strategy: str = "cls_attn",
                  release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
-                 w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0) -> None:
+                 w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
+                 temporal_expand_mode: str = "release") -> None:
         super().__init__()
         if token_keep_strategy not in ("cls_attn", "random"):
             raise ValueError(f"token_keep_strategy must be cls_attn or random, got {token_keep_strategy!r}")
@@ -685,7 +687,10 @@ class SViTTPretrain(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self.fusion_selection = FusionTokenSelection(fusion_keep_rate, tuple(fusion_drop_loc), fusion_keep_strategy)
         self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm)
+        if temporal_expand_mode not in EXPAND_MODES:
+            raise ValueError(f"temporal_expand_mode must be one of {EXPAND_MODES}, got {temporal_expand_mode!r}")
         self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
+        self.temporal_expand_mode = temporal_expand_mode  # read by convert_state_dict when a file has other frames
         self.patch_size = patch_size
         for module in (self.vision_layernorm, self.text_encoder, self.vision_proj, self.text_proj, self.itm_head):
             module.apply(init_bert_weights)
@@ -825,13 +830,284 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+# ------------------------------------------------------------------------------------- checkpoint conversion
+#
+# Sources `convert_state_dict` recognises by their tensor names (see detect_source):
+#   svitt_pretrain   the release's pre-training model: text_encoder.bert.*, MLM head text_encoder.cls.*
+#   svitt_retrieval  the release's retrieval model: text_encoder.* without "bert.", no MLM head
+#   svitt_qa         the release's QA model: adds text_decoder.*
+#   svitt_vision     vision_encoder.* only (a release file's vision tower kept on its own)
+#   beit             a Hugging Face BEiT (beit.*), or the same names without the prefix (e.g. our bare tower's)
+#   bert             a Hugging Face BERT (bert.*, cls.*), or embeddings.* / encoder.* without the prefix
+# Everything is mapped onto the names of the model being loaded, read from its own state_dict (with or without
+# "bert." in its text names, with or without "vision_encoder."), and the relative position tables are resized to
+# its frame count (temporal expansion).
+
 RELEASE_VISION_PREFIX = "vision_encoder."
+TEXT_PREFIX = "text_encoder."
+TABLE_SUFFIX = "relative_position_bias.relative_position_bias_table"
+REBUILT_BUFFERS = ("relative_position_index", "embeddings.position_ids")  # saved by the release, rebuilt by us
+EXPAND_MODES = ("release", "symmetric")
+RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224"}  # source kind -> registered model of that file
 
 
 def release_vision_state_dict(state_dict: dict) -> dict:
     """The tower's tensors out of a release state dict: `vision_encoder.` dropped, rebuilt index buffers skipped."""
     return {k[len(RELEASE_VISION_PREFIX):]: v for k, v in state_dict.items()
             if k.startswith(RELEASE_VISION_PREFIX) and not k.endswith("relative_position_index")}
+
+
+def table_frames(rows: int, grid_hw: tuple[int, int]) -> int:
+    """Frame count T of a bias table with `rows` = (2T-1)*(2h-1)*(2w-1) + 3 rows at an h x w patch grid."""
+    h, w = grid_hw
+    spatial = (2 * h - 1) * (2 * w - 1)
+    slices, rest = divmod(rows - 3, spatial)
+    if rows <= 3 or rest or slices % 2 == 0:
+        raise ValueError(f"a relative position table of {rows} rows fits no frame count at a {h}x{w} patch grid "
+                         f"(rows = (2T-1)*{spatial} + 3); was it trained at another image size?")
+    return (slices + 1) // 2
+
+
+def temporal_source_slices(src_frames: int, dst_frames: int, expand_mode: str = "release") -> list[int]:
+    """For each of the 2*dst-1 temporal offsets of the new table, the source slice it copies.
+
+    release: nearest neighbour as the release resizes, slice i <- floor(i*(2*src-1)/(2*dst-1)) (4 -> 8:
+    0,0,0,1,1,2,2,3,3,4,4,5,5,6,6: not symmetric, offset -1 takes source offset -1 but +1 takes 0).
+    symmetric: offset dt <- the source offset nearest dt*(src-1)/(dst-1) (halves away from 0), so offset 0 <- 0
+    and dt, -dt take mirrored slices."""
+    n_src, n_dst = 2 * src_frames - 1, 2 * dst_frames - 1
+    if expand_mode == "release":
+        return [i * n_src // n_dst for i in range(n_dst)]
+    if expand_mode == "symmetric":
+        ratio = (src_frames - 1) / (dst_frames - 1) if dst_frames > 1 else 0.0
+        offsets = [(i - (dst_frames - 1)) * ratio for i in range(n_dst)]
+        return [src_frames - 1 + int(math.copysign(math.floor(abs(o) + 0.5), o)) for o in offsets]
+    raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {expand_mode!r}")
+
+
+def resize_relative_table(table: torch.Tensor, src_frames: int, dst_frames: int, grid_hw: tuple[int, int],
+                          expand_mode: str = "release") -> torch.Tensor:
+    """[(2*src-1)*S + 3, H] -> [(2*dst-1)*S + 3, H]: temporal slices of S = (2h-1)(2w-1) rows picked by
+    temporal_source_slices, the three [CLS] rows copied."""
+    expected = relative_table_rows(src_frames, *grid_hw)
+    if table.shape[0] != expected:
+        raise ValueError(f"table of {table.shape[0]} rows, expected {expected} for {src_frames} frames at "
+                         f"{grid_hw[0]}x{grid_hw[1]} patches")
+    slices = table[:-3].unflatten(0, (2 * src_frames - 1, -1))
+    index = torch.tensor(temporal_source_slices(src_frames, dst_frames, expand_mode), device=table.device)
+    return torch.cat([slices[index].flatten(0, 1), table[-3:]])
+
+
+def resize_relative_tables(state_dict: dict, src_frames: int, dst_frames: int, grid: tuple[int, ...],
+                           expand_mode: str = "release") -> dict:
+    """Every `...relative_position_bias_table` of a state dict resized from src to dst frames (temporal
+    expansion); `grid` is (h, w) or (T, h, w) of patches (only h, w are used). Other tensors pass unchanged."""
+    grid_hw = tuple(grid[-2:])
+    return {k: resize_relative_table(v, src_frames, dst_frames, grid_hw, expand_mode)
+            if k.endswith(TABLE_SUFFIX) else v for k, v in state_dict.items()}
+
+
+def state_dict_frames(state_dict: dict, grid: tuple[int, ...]) -> int | None:
+    """The frame count the state dict's bias tables were trained at (None without tables); tables of different
+    frame counts are a ValueError."""
+    found = {}
+    for k, v in state_dict.items():
+        if k.endswith(TABLE_SUFFIX):
+            try:
+                found[k] = table_frames(v.shape[0], tuple(grid[-2:]))
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+    if len(set(found.values())) > 1:
+        raise ValueError(f"relative position tables of different frame counts: {sorted(set(found.values()))}")
+    return next(iter(found.values()), None)
+
+
+def config_frames(file_config: dict | None) -> int | None:
+    """config.video_input.num_frames of a release file (read as plain data by checkpoint.read_checkpoint_file)."""
+    video_input = (file_config or {}).get("video_input")
+    frames = video_input.get("num_frames") if isinstance(video_input, dict) else None
+    return int(frames) if isinstance(frames, (int, float, str)) and str(frames).isdigit() else None
+
+
+def detect_source(keys: list[str]) -> str:
+    """svitt_pretrain | svitt_retrieval | svitt_qa | svitt_vision | beit | bert, from a checkpoint's tensor names."""
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+    if has("text_decoder."):
+        return "svitt_qa"
+    if has("text_encoder.bert."):
+        return "svitt_pretrain"
+    if has(TEXT_PREFIX):
+        return "svitt_retrieval"
+    if has(RELEASE_VISION_PREFIX):
+        return "svitt_vision"
+    if has("bert.", "cls.predictions.", "embeddings.word_embeddings.", "encoder.layer.0.attention.self."):
+        return "bert"
+    if has("beit.", "embeddings.patch_embeddings.", "embeddings.cls_token", "layers.0.attention.q_proj."):
+        return "beit"
+    raise ValueError(f"unrecognised checkpoint ({len(keys)} tensors, first {keys[:5]}): expected a SViTT release "
+                     "(pretrain, retrieval, qa), Hugging Face BEiT or BERT checkpoint")
+
+
+def recognise_release(keys: list[str]) -> str | None:
+    """A file without model_cfg: the registered model its keys identify (the release's pre-training model)."""
+    try:
+        return RELEASE_MODELS.get(detect_source(keys))
+    except ValueError:
+        return None
+
+
+BEIT_TOWER_PARTS = ("embeddings.cls_token", "embeddings.patch_embeddings.", "encoder.layer.", "pooler.")
+
+
+# transformers >= 5 names a BEiT's modules differently in memory (its files keep the names above): -> file names
+BEIT_MEMORY_NAMES = ((r"^layers\.(\d+)\.relative_position_bias\.",
+                      r"encoder.layer.\1.attention.attention.relative_position_bias."),
+                     (r"^layers\.(\d+)\.attention\.([qkv])_proj\.", r"encoder.layer.\1.attention.attention.\2_proj."),
+                     (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+                     (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+                     (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+                     (r"^layers\.", "encoder.layer."), (r"^shared_position_bias\.", "encoder.relative_position_bias."),
+                     (r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."), (r"\.v_proj\.", ".value."))
+
+
+def beit_file_name(name: str) -> str:
+    """A BEiT name without `beit.`, as its files spell it ('layers.0.mlp.fc1.weight' ->
+    'encoder.layer.0.intermediate.dense.weight'); file names pass unchanged."""
+    if not name.startswith(("layers.", "shared_position_bias.")):
+        return name
+    for pattern, repl in BEIT_MEMORY_NAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def map_beit(state_dict: dict) -> dict:
+    """Hugging Face BEiT names (with or without `beit.`; file or transformers-5 module names) ->
+    `vision_encoder.*`. A shared table (`encoder.relative_position_bias.*`, pre-training-only checkpoints) is
+    copied to every layer; heads, mask token and final layernorm keep their names (reported unused). Tables
+    stay 2-D sized (T = 1) here."""
+    out, shared, layers = {}, None, set()
+    for k, v in state_dict.items():
+        name = beit_file_name(k[len("beit."):] if k.startswith("beit.") else k)
+        if name == "encoder.relative_position_bias.relative_position_bias_table":
+            shared = v
+        elif name.startswith("encoder.relative_position_bias."):
+            continue  # the shared index buffer: rebuilt
+        elif name.startswith(BEIT_TOWER_PARTS):
+            out[RELEASE_VISION_PREFIX + name] = v
+            if name.startswith("encoder.layer."):
+                layers.add(int(name.split(".")[2]))
+        else:
+            out[k] = v
+    for i in sorted(layers) if shared is not None else ():
+        out.setdefault(f"{RELEASE_VISION_PREFIX}encoder.layer.{i}.attention.attention.{TABLE_SUFFIX}", shared)
+    return out
+
+
+def _bert_name(key: str) -> str | None:
+    """'bert.encoder.layer.0.output.LayerNorm.gamma' -> 'text_encoder.bert.encoder.layer.0.output.LayerNorm.weight';
+    None for BERT parts SViTT has no place for (pooler, next-sentence head)."""
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+    name = key[len("bert."):] if key.startswith("bert.") else key
+    if name.startswith(("embeddings.", "encoder.")):
+        return TEXT_PREFIX + "bert." + name
+    if key.startswith("cls.predictions."):
+        return TEXT_PREFIX + key
+    return None
+
+
+def map_bert(state_dict: dict) -> dict:
+    """Hugging Face BERT (BertForMaskedLM / BertModel, old gamma/beta names too) -> `text_encoder.bert.*` and
+    `text_encoder.cls.*`; pooler and next-sentence head keep their names (reported unused). Cross-attention has
+    no source: it stays randomly initialised (missing in a non-strict load), as ALBEF does."""
+    return {_bert_name(k) or k: v for k, v in state_dict.items()}
+
+
+def to_target_names(state_dict: dict, target_keys: set[str]) -> dict:
+    """Release-style names -> the target model's: `text_encoder.` with or without `bert.` as the model has it,
+    and no `vision_encoder.` for a bare vision tower."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in target_keys)
+    text_bert = has(TEXT_PREFIX + "bert.")
+    text_plain = has(TEXT_PREFIX) and not text_bert
+    bare_tower = not has(RELEASE_VISION_PREFIX) and "embeddings.cls_token" in target_keys
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(TEXT_PREFIX):
+            rest = k[len(TEXT_PREFIX):]
+            if text_bert and not rest.startswith(("bert.", "cls.")):
+                k = TEXT_PREFIX + "bert." + rest
+            elif text_plain and rest.startswith("bert."):
+                k = TEXT_PREFIX + rest[len("bert."):]
+        elif bare_tower and k.startswith(RELEASE_VISION_PREFIX):
+            k = k[len(RELEASE_VISION_PREFIX):]
+        out[k] = v
+    return out
+
+
+def _fill_tied(state_dict: dict, target_keys: set[str]) -> dict:
+    """The MLM decoder's weight and bias are tied to the word embeddings and `predictions.bias`: a file holding
+    only one name of a pair (Hugging Face drops the tied copy) fills the other."""
+    out = dict(state_dict)
+    for key in target_keys:
+        if key.endswith("cls.predictions.decoder.weight"):
+            owner = key[:-len("cls.predictions.decoder.weight")]
+            pairs = ((key, owner + "bert.embeddings.word_embeddings.weight"),
+                     (owner + "cls.predictions.decoder.bias", owner + "cls.predictions.bias"))
+            for tied, source in pairs:
+                if tied in target_keys and tied not in out and source in out:
+                    out[tied] = out[source]
+    return out
+
+
+def model_grid(model: nn.Module) -> tuple[int, int, int] | None:
+    """(T, h, w) patch grid of the model's vision tower (None: the model has no SViTT tower)."""
+    for m in model.modules():
+        if isinstance(m, RelativePositionBias3D):
+            return m.grid
+    return None
+
+
+def _expand_frames(state_dict: dict, own: dict, model: nn.Module, declared: int | None,
+                   expand_mode: str) -> tuple[dict, str]:
+    """Resize the source's bias tables to the model's frame count -> (state dict, note for the load report)."""
+    grid = model_grid(model)
+    if grid is None:
+        return state_dict, ""
+    dst = state_dict_frames({k: v for k, v in own.items() if k.endswith(TABLE_SUFFIX)}, grid)
+    src = state_dict_frames({k: v for k, v in state_dict.items() if k in own}, grid)
+    if src is None:
+        return state_dict, ""
+    if declared is not None and declared != src:
+        raise ValueError(f"the file's config.video_input.num_frames is {declared} but its relative position "
+                         f"tables are sized for {src} frames")
+    if dst is None or src == dst:
+        return state_dict, ""
+    resized = {k: resize_relative_table(v, src, dst, grid[-2:], expand_mode) if k in own and k.endswith(TABLE_SUFFIX)
+               else v for k, v in state_dict.items()}
+    return resized, f" (relative position tables {src} -> {dst} frames, {expand_mode} mapping)"
+
+
+def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | None = None,
+                       expand_mode: str | None = None) -> tuple[dict, str]:
+    """Map a checkpoint's tensors onto `model`'s names -> (mapped state dict, source kind and any resizing).
+
+    Sources: see detect_source. Saved index buffers / position_ids the model rebuilds are dropped; text names
+    follow the model's (with or without `bert.`); bias tables of another frame count are resized to the model's
+    (temporal expansion, `expand_mode` "release" or "symmetric", default the model's `temporal_expand_mode` or
+    "release"). `file_config`: the release file's config (its num_frames must agree with its tables)."""
+    model = getattr(model, "module", model)
+    kind = detect_source(list(state_dict))
+    own = model.state_dict()
+    target_keys = set(own)
+    mapped = map_beit(state_dict) if kind == "beit" else map_bert(state_dict) if kind == "bert" else dict(state_dict)
+    mapped = {k: v for k, v in mapped.items() if k in target_keys or not k.endswith(REBUILT_BUFFERS)}
+    mapped = _fill_tied(to_target_names(mapped, target_keys), target_keys)
+    mode = expand_mode or getattr(model, "temporal_expand_mode", None) or "release"
+    if mode not in EXPAND_MODES:
+        raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {mode!r}")
+    mapped, note = _expand_frames(mapped, own, model, config_frames(file_config), mode)
+    return mapped, kind + note
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -889,17 +1165,11 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    help="contrastive negatives from this process's batch only (the release), not the global batch")
     g.add_argument("--eval_seed", type=int, default=None, help="seed of the random attention blocks at evaluation "
                    "(fixed, so a test number does not change between runs; default 0)")
+    g.add_argument("--temporal_expand_mode", default=None, choices=list(EXPAND_MODES), help="how the relative "
+                   "position tables of a checkpoint with another frame count are resized on loading: release "
+                   "(nearest neighbour as the release, default) or symmetric (offset 0 from offset 0, +-dt mirrored)")
     for term in ("itc", "itm"):
         g.add_argument(f"--w_{term}", type=float, default=None, help=f"weight of the {term} loss (default 1)")
-
-
-def convert_state_dict(state_dict: dict, model: nn.Module) -> tuple[dict, str]:
-    """Our own SViTT checkpoints: names as they are (rebuilt index buffers dropped)."""
-    return {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}, "svitt"
-
-
-def recognise_release(keys: list[str]) -> str | None:
-    return None
 
 
 register_family(ModelFamily(name="svitt", add_args=add_model_args, convert_state_dict=convert_state_dict,

@@ -41,11 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_ckpt", default=None, help="weights the model starts from (loaded non-strictly, a report "
                    "printed): a VideoMAE or SimVTP pre-training checkpoint, or a SViTT one (ours or the release's; "
                    "another frame count is expanded: the next stage of the 4 -> 8 -> 16 frame curriculum)")
-    g.add_argument("--beit_path", default=None, help="SViTT: local Hugging Face BEiT directory or weights file "
-                   "(e.g. beit-base-patch16-224-pt22k-ft22k) that initialises the vision tower (its 2-D relative "
-                   "position tables repeated over the frame offsets)")
-    g.add_argument("--bert_path", default=None, help="local bert-base-uncased directory or weights file: SimVTP "
-                   "takes its word embeddings, SViTT its whole text tower and MLM head")
+    g.add_argument("--beit_path", default=None, help="SViTT: Hugging Face BEiT weights for the vision tower (e.g. "
+                   "beit-base-patch16-224-pt22k-ft22k): a local directory with model.safetensors or "
+                   "pytorch_model.bin, or the file itself (names with or without `beit.`); its image tables are "
+                   "repeated over every temporal offset, its heads reported unused")
+    g.add_argument("--bert_path", default=None, help="Hugging Face BERT weights (local bert-base-uncased directory "
+                   "or file; bert.*, cls.predictions.* or unprefixed names, old gamma/beta accepted): SimVTP takes "
+                   "its embeddings, SViTT its text tower and MLM head (cross-attention stays randomly initialised)")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass: "
                    "less memory, about a third more compute")
     utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,

@@ -213,3 +213,40 @@ def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(tmp_path
         got = torch.load(tmp_path / f"grad{rank}.pth", weights_only=True)
         for name, p in proj.named_parameters():
             torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
+
+# ---------------------------------------------------------------------------------------- release files
+
+
+def _constant_release_state() -> dict[str, torch.Tensor]:
+    """The release's pretrain state dict (base shapes, 4 frames) with one constant per tensor, so where each
+    tensor lands is visible; the tied pairs equal, as the release stores them; its int buffers as it saves them."""
+    from svitt_release import release_keys
+    tied = {"text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
+            "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias"}
+    state = {}
+    for i, (key, shape) in enumerate(release_keys("pretrain")):
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(shape[-1]).expand(shape).clone()
+        elif key.endswith("relative_position_index"):
+            state[key] = torch.zeros(shape, dtype=torch.int64)
+        else:
+            state[key] = torch.full(shape, 1e-3 * i)
+    for copy, source in tied.items():
+        state[copy] = state[source]
+    return state
+
+
+def test_a_release_pretrain_file_is_recognised_and_loads_strictly_without_unpickling_its_config(tmp_path):
+    import checkpoint
+    from svitt_release import write_release_file
+    state = _constant_release_state()
+    path = tmp_path / "svitt_release.pth"
+    write_release_file(path, state, num_frames=4)  # its "config" is a pickled OmegaConf object
+    ckpt = checkpoint.read_checkpoint_file(str(path))
+    model = checkpoint.build_model_from(ckpt, str(path))  # no model_cfg: recognised by its keys, loaded strictly
+    assert model.model_cfg["name"] == "svitt_base_patch16_224"
+    own = model.state_dict()
+    skipped = [k for k in state if k not in own]
+    assert all(k.endswith(("relative_position_index", "position_ids")) for k in skipped) and len(skipped) == 13
+    for key, tensor in own.items():
+        assert torch.equal(tensor, state[key]), key
