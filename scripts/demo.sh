@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# From nothing to a pre-trained tiny SimVTP, a zero-shot and a fine-tuned retrieval table (beside the same
-# fine-tuning from random initialisation) and a reconstruction figure, on CPU. Safe to run again: the dataset is
+# From nothing to a pre-trained tiny SimVTP and a tiny sparse SViTT, a zero-shot and a fine-tuned retrieval table
+# (beside the same fine-tuning from random initialisation; SViTT with and without matching-head re-ranking) and a
+# reconstruction figure, on CPU. Safe to run again: the dataset is
 # reused, finished runs auto-resume and stop at once, and the evaluations are simply repeated.
-# Knobs (environment): DEMO_PRETRAIN_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_OUT.
+# Knobs (environment): DEMO_PRETRAIN_EPOCHS, DEMO_SVITT_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh requirements.txt
@@ -11,6 +12,7 @@ DATA=data/synthetic
 ANN="$DATA/annotations"
 OUT="${DEMO_OUT:-output/demo}"
 PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-20}"
+SVITT_EPOCHS="${DEMO_SVITT_EPOCHS:-10}"
 FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-5}"
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false
@@ -21,10 +23,10 @@ timed() { local t0=$SECONDS; "$@"; echo "[demo] took $((SECONDS - t0)) s"; }
 CLIP=(--num_frames 8 --sampling_rate 4 --input_size 112 --device cpu --precision auto --num_workers 1)
 EVAL=(--short_side_size 112 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
 
-step "1/6 synthetic video-text dataset -> $DATA"
+step "1/8 synthetic video-text dataset -> $DATA"
 timed "$PY" synthetic_dataset.py --out "$DATA"
 
-step "2/6 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
+step "2/8 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
 timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
   --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_epochs 2 \
   --lr 5e-3 --min_lr 1e-5 --print_freq 10 --save_ckpt_freq 0 --keep_last 1 \
@@ -32,14 +34,30 @@ timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_ro
 PRETRAINED="$OUT/pretrain/latest"
 PRETRAINED="$OUT/pretrain/$(cat "$PRETRAINED")"
 
-step "3/6 zero-shot retrieval on the test split (all tubes, then the pre-training 90% tube mask)"
+step "3/8 zero-shot retrieval on the test split (all tubes, then the pre-training 90% tube mask)"
 for ratio in 0.0 0.9; do
   timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
     --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
     --zero_shot_video_mask_ratio "$ratio" --output_dir "$OUT/zero_shot_mask$ratio"
 done
 
-step "4/6 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
+step "4/8 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot on val every 5) -> $OUT/svitt_pretrain"
+# 392 patch tokens in 7 blocks of 56: each query block sees its own block and 1 random one (2 of 7, near the
+# paper's 4 of 14 at 4 frames); 60% of the video tokens kept after vision layers 1 and 2; one random frame of each
+# of 8 equal segments (evaluation: the middle frames)
+timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
+  --model svitt_tiny_patch16 "${CLIP[@]}" --sample_type rand --sparse_local_attn 1 --sparse_random_attn 1 \
+  --attn_block_size 56 --token_keep_rate 0.6 --token_drop_loc 1 2 --batch_size 16 --epochs "$SVITT_EPOCHS" \
+  --warmup_epochs 1 --lr 5e-3 --min_lr 1e-5 --print_freq 10 --save_ckpt_freq 0 --keep_last 1 \
+  --eval_every 5 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
+SVITT="$OUT/svitt_pretrain/$(cat "$OUT/svitt_pretrain/latest")"
+
+step "5/8 SViTT zero-shot retrieval on the test split, then each query's top 16 re-ranked by the matching head"
+timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$SVITT" --rerank_k 16 \
+  --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" --sample_type rand \
+  --output_dir "$OUT/svitt_zero_shot"
+
+step "6/8 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
 FINETUNE=(--model simvtp_dual_tiny_patch16 --data_path "$ANN/train.json" --val_data_path "$ANN/val.json"
   --data_root "$DATA" "${CLIP[@]}" --batch_size 16 --epochs "$FINETUNE_EPOCHS" --warmup_epochs 1 --lr 5e-3
   --drop_path 0.0 --print_freq 10 --keep_last 1 --short_side_size 112 --test_num_segment 2 --test_num_crop 1)
@@ -47,12 +65,12 @@ timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --finetune "$PRETRAINED" -
 timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --test_data_path "$ANN/test.json" \
   --output_dir "$OUT/finetune_random_init"
 
-step "5/6 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
+step "7/8 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
 timed "$PY" run_simvtp_finetuning.py --only_test \
   --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
   "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
 
-step "6/6 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
+step "8/8 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
 VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
 CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
 timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
@@ -68,6 +86,9 @@ tables = {"zero-shot, all tubes": "zero_shot_mask0.0/zero_shot_metrics.json",
           "fine-tuned": "finetune/test_metrics.json",
           "random init, same steps": "finetune_random_init/test_metrics.json"}
 rows = {name: json.load(open(os.path.join(out, rel))) for name, rel in tables.items()}
+svitt = json.load(open(os.path.join(out, "svitt_zero_shot/zero_shot_metrics.json")))
+rows["SViTT zero-shot"] = svitt
+rows[f"SViTT re-ranked top {svitt['rerank']['rerank_k']}"] = svitt["rerank"]
 print(format_table(rows, title="Test split"))
 videos = json.load(open(os.path.join(out, "finetune/test_metrics.json")))["v2t_queries"]
 print(f"chance: R@1 about {100 / videos:.1f} in both directions ({videos} test videos)")
@@ -77,6 +98,7 @@ echo "Outputs:"
 echo "  dataset:          $DATA (annotations in $ANN)"
 echo "  pre-training:     $OUT/pretrain (checkpoints, log.txt with zero-shot val metrics, args.json, tb/)"
 echo "  zero-shot:        $OUT/zero_shot_mask0.0, $OUT/zero_shot_mask0.9 (*_metrics.json, *_per_query.jsonl)"
+echo "  SViTT:            $OUT/svitt_pretrain (pre-training), $OUT/svitt_zero_shot (zero-shot and re-ranked)"
 echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json, test_per_query.jsonl, log.txt)"
 echo "  baseline:         $OUT/finetune_random_init (the same fine-tuning from random initialisation)"
 echo "  figure:           $OUT/reconstruction.png"
