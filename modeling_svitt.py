@@ -126,6 +126,7 @@ class BlockPattern:
     key_blocks: torch.Tensor
     valid: torch.Tensor
     block_size: int
+    layout: tuple | None = field(default=None, repr=False, compare=False)  # sparse_layout's cache
 
 
 def sample_block_pattern(num_blocks: int, local: int, num_random: int, block_size: int,
@@ -181,13 +182,11 @@ class SViTTSelfAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L, D], coords [B, N, 3] -> (context [B, L, D], head-mean [CLS] attention on patches [B, N]).
         Dense when `pattern` is None (`mask` [B or 1, L, L] bool optionally restricts it)."""
-        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        q, k, v = self.query(x), self.key(x), self.value(x)
         if pattern is None:
-            out, cls_attn = self.dense(q, k, v, coords, mask)
-        else:
-            cls_out, cls_attn = self.cls_row(q, k, v, coords)
-            out = torch.cat([cls_out, self.block_sparse(q, k, v, coords, pattern, release_padding)], dim=2)
-        return out.transpose(1, 2).flatten(2), cls_attn
+            out, cls_attn = self.dense(*(self.heads(t) for t in (q, k, v)), coords, mask)
+            return out.transpose(1, 2).flatten(2), cls_attn
+        return self.block_sparse(q, k, v, coords, pattern, release_padding)
 
     def dense(self, q, k, v, coords, mask):
         logits = (q * self.scale) @ k.transpose(-2, -1)
@@ -197,43 +196,78 @@ class SViTTSelfAttention(nn.Module):
         probs = logits.softmax(dim=-1)
         return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
 
-    def cls_row(self, q, k, v, coords):
-        """[CLS] attends to every token (unpadded): returns its context [B, H, 1, d] and its patch attention."""
-        rpb = self.relative_position_bias
-        rows = torch.full((coords.shape[0], 1, coords.shape[1] + 1), rpb.cls_row(CLS_TO_PATCH), device=coords.device)
-        rows[:, :, 0] = rpb.cls_row(CLS_TO_CLS)
-        logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1) + rpb.lookup(rows)
-        probs = logits.softmax(dim=-1)
-        return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
+    def cls_row(self, q, k, v):
+        """[CLS] attends to every token: q, k, v [B, L, D] (unpadded) -> its context [B, D] and its head-mean
+        attention on the patches [B, N]. A per-head dot product (einsum) and one bmm: no head-major copies of k, v."""
+        B, L, D = k.shape
+        H = self.num_heads
+        table = self.relative_position_bias.relative_position_bias_table
+        cls_bias = torch.stack([table[CLS_TO_CLS], table[CLS_TO_PATCH]])  # [2, H]: key [CLS], key patch
+        q0 = (q[:, 0] * self.scale).view(B, H, -1)
+        logits = torch.einsum("blhd,bhd->blh", k.view(B, L, H, -1), q0)
+        logits = torch.cat([logits[:, :1] + cls_bias[0], logits[:, 1:] + cls_bias[1]], dim=1)
+        probs = logits.softmax(dim=1)  # [B, L, H]
+        ctx = torch.bmm(probs.transpose(1, 2).to(v.dtype), v)  # [B, H, D]: head h's own slice is its context
+        ctx = ctx.view(B, H, H, -1).diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(B, D)
+        return ctx, probs[:, 1:].mean(dim=2)
 
-    def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool) -> torch.Tensor:
-        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered (one index_select)
-        into a [B, H, nb, 1 + K*bs, d] layout, one scaled_dot_product_attention call with an additive mask."""
-        rpb, bs = self.relative_position_bias, pattern.block_size
-        B, H, L, d = q.shape
-        n = L - 1
-        nb, K = pattern.key_blocks.shape
+    def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered (one index_select
+        per k and v) into a [B, nb*(1 + K*bs), D] layout; per batch element one 4-D scaled_dot_product_attention
+        call over (blocks, heads) with the bias as additive mask. q, k, v stay token-major [B, L, D]: the
+        (block, head) views of them need no copy. The gather indices come from `sparse_layout` (cached)."""
+        B, L, D = q.shape
+        H, n, bs = self.num_heads, L - 1, pattern.block_size
+        nb = pattern.key_blocks.shape[0]
+        cls_ctx, cls_attn = self.cls_row(q, k, v)
+        key_tokens, bias_index = sparse_layout(pattern, coords, self.relative_position_bias, release_padding)
         pad = nb * bs - n
-        key_blocks = pattern.key_blocks.to(q.device)
-        key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=q.device)  # [nb, K, bs] patch positions
-        key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
-        qp = F.pad(q[:, :, 1:], (0, 0, 0, pad)).unflatten(2, (nb, bs))
-        kg, vg = (F.pad(t, (0, 0, 0, pad)).index_select(2, key_tokens).unflatten(2, (nb, -1)) for t in (k, v))
-        if coords.stride(0) == 0:  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
-            coords = coords[:1]
-        cp = F.pad(coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
-        rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
-        rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
-        key_ok = pattern.valid.to(q.device)[:, :, None] & (bool(release_padding) | (key_pos < n))
-        key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
-        masked_row = rpb.relative_position_bias_table.shape[0]  # one extra -inf row stands for "not allowed"
-        rows = rows.masked_fill(~key_ok[None, :, None, :], masked_row)
-        table = F.pad(rpb.relative_position_bias_table.t(), (0, 1), value=float("-inf"))  # [H, rows + 1]
-        bias = table[:, rows].transpose(0, 1)  # [B or 1, H, nb, bs, 1 + K*bs]
-        # heads and blocks share one dim: 4-D inputs take torch's fused CPU kernel (5-D falls back to a slow path)
-        qp, kg, vg, bias = (t.flatten(1, 2) for t in (qp, kg, vg, bias.to(q.dtype)))
-        out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=bias, scale=self.scale)
-        return out.unflatten(1, (H, nb)).flatten(2, 3)[:, :, :n]
+        if pad:  # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        kg, vg = (t.index_select(1, key_tokens) for t in (k, v))  # [B, nb*S, D]
+        table = F.pad(self.relative_position_bias.relative_position_bias_table.t(), (0, 1), value=float("-inf"))
+        bias = table.to(q.dtype).flatten().index_select(0, bias_index.flatten()).view(bias_index.shape)
+        out = q.new_empty(B, L, D)
+        out[:, 0] = cls_ctx.to(q.dtype)
+        for b in range(B):  # heads and blocks as the two leading dims: torch's fused CPU kernel (5-D is slow)
+            qb = q[b, 1:].view(nb, bs, H, -1).transpose(1, 2)
+            kb, vb = (t[b].view(nb, -1, H, qb.shape[-1]).transpose(1, 2) for t in (kg, vg))
+            ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[b if bias.shape[0] > 1 else 0],
+                                                 scale=self.scale)  # [nb, H, bs, d]
+            out[b, 1:] = ctx.transpose(1, 2).reshape(nb * bs, D)[:n]
+        return out, cls_attn
+
+
+def sparse_layout(pattern: BlockPattern, coords: torch.Tensor, rpb: RelativePositionBias3D,
+                  release_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of a block pattern over one coordinate set, cached on the pattern (every layer that uses the
+    pattern with the same `coords` tensor reuses them; only the per-layer bias table differs):
+    key_tokens [nb*(1 + K*bs)]: sequence positions of [CLS] + each query block's key blocks (padded sequence);
+    bias_index [B or 1, nb, H, bs, 1 + K*bs]: positions in a layer's table.t() padded with one -inf column and
+    flattened, the -inf one where the key is not allowed (invalid block; padding unless release_padding)."""
+    cached = pattern.layout
+    if cached is not None and cached[0] is coords and cached[1] == release_padding:
+        return cached[2], cached[3]
+    bs, device = pattern.block_size, coords.device
+    nb, K = pattern.key_blocks.shape
+    n, H = coords.shape[1], rpb.relative_position_bias_table.shape[1]
+    pad = nb * bs - n
+    key_blocks = pattern.key_blocks.to(device)
+    key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=device)  # [nb, K, bs] patch positions
+    key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
+    shared = coords.stride(0) == 0  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
+    cp = F.pad(coords[:1] if shared else coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
+    rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
+    rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
+    key_ok = pattern.valid.to(device)[:, :, None] & (bool(release_padding) | (key_pos < n))
+    key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
+    table_rows = rpb.relative_position_bias_table.shape[0]
+    rows = rows.masked_fill(~key_ok[None, :, None, :], table_rows)  # the extra -inf column: "not allowed"
+    head_offset = torch.arange(H, device=device).view(1, 1, H, 1, 1) * (table_rows + 1)
+    bias_index = rows.unsqueeze(2) + head_offset
+    pattern.layout = (coords, release_padding, key_tokens, bias_index)
+    return key_tokens, bias_index
 
 
 class SViTTAttentionOutput(nn.Module):
@@ -372,13 +406,17 @@ class SViTTVisionTower(nn.Module):
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None,
                 dense_masks: list | None = None) -> SViTTVisionOutput:
         """video [B, T, C, H, W]. `generator` draws the random blocks and random pruning (global RNG when None).
+        The random blocks are drawn once per forward and token count: every layer between two pruning layers
+        uses the same pattern (shared by the batch and heads), so its gather indices are built once.
         `dense_masks` (per layer a bool [B or 1, L, L] or None) forces dense attention under explicit masks."""
         cfg = self.config
         x = self.embeddings(video)
         coords = self.patch_coords.expand(x.shape[0], -1, -1)
-        patterns, kept = [], []
+        patterns, kept, drawn = [], [], {}
         for i, layer in enumerate(self.encoder.layer):
-            pattern = None if dense_masks is not None else self.pattern_for(coords.shape[1], generator)
+            if dense_masks is None and coords.shape[1] not in drawn:  # one pattern per forward and token count
+                drawn[coords.shape[1]] = self.pattern_for(coords.shape[1], generator)
+            pattern = None if dense_masks is not None else drawn[coords.shape[1]]
             mask = dense_masks[i] if dense_masks is not None else None
             x, cls_attn = layer(x, coords, pattern, mask, cfg.release_sparse_padding)
             patterns.append(pattern)
