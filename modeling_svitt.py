@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
+MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
+SPARSE_CHUNK_BYTES = 8 << 20  # block-sparse attention gathers the keys of this many bytes' worth of blocks at once
 
 
 @dataclass
@@ -213,10 +215,12 @@ class SViTTSelfAttention(nn.Module):
 
     def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered (one index_select
-        per k and v) into a [B, nb*(1 + K*bs), D] layout; per batch element one 4-D scaled_dot_product_attention
-        call over (blocks, heads) with the bias as additive mask. q, k, v stay token-major [B, L, D]: the
-        (block, head) views of them need no copy. The gather indices come from `sparse_layout` (cached)."""
+        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks, gathered (index_select)
+        into a [c, 1 + K*bs, D] layout for a chunk of c query blocks, then one 4-D scaled_dot_product_attention
+        call over (blocks, heads) with the bias as additive mask, per chunk and batch element. q, k, v stay
+        token-major [B, L, D]: their (block, head) views need no copy. Chunks keep every temporary under
+        SPARSE_CHUNK_BYTES, far below glibc's mmap threshold, so the allocator reuses them instead of mapping
+        and page-faulting fresh memory for each. The gather indices come from `sparse_layout` (cached)."""
         B, L, D = q.shape
         H, n, bs = self.num_heads, L - 1, pattern.block_size
         nb = pattern.key_blocks.shape[0]
@@ -225,17 +229,27 @@ class SViTTSelfAttention(nn.Module):
         pad = nb * bs - n
         if pad:  # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        kg, vg = (t.index_select(1, key_tokens) for t in (k, v))  # [B, nb*S, D]
         table = F.pad(self.relative_position_bias.relative_position_bias_table.t(), (0, 1), value=float("-inf"))
-        bias = table.to(q.dtype).flatten().index_select(0, bias_index.flatten()).view(bias_index.shape)
+        table = table.to(q.dtype).flatten()
+        key_tokens = key_tokens.view(nb, -1)
+        S, d = key_tokens.shape[1], D // H
         out = q.new_empty(B, L, D)
         out[:, 0] = cls_ctx.to(q.dtype)
-        for b in range(B):  # heads and blocks as the two leading dims: torch's fused CPU kernel (5-D is slow)
-            qb = q[b, 1:].view(nb, bs, H, -1).transpose(1, 2)
-            kb, vb = (t[b].view(nb, -1, H, qb.shape[-1]).transpose(1, 2) for t in (kg, vg))
-            ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[b if bias.shape[0] > 1 else 0],
-                                                 scale=self.scale)  # [nb, H, bs, d]
-            out[b, 1:] = ctx.transpose(1, 2).reshape(nb * bs, D)[:n]
+        chunk = max(1, SPARSE_CHUNK_BYTES // (S * D * q.element_size()))
+        for j0 in range(0, nb, chunk):  # a few query blocks at a time: small temporaries, reused by the allocator
+            j1 = min(nb, j0 + chunk)
+            tokens = key_tokens[j0:j1].flatten()
+            bias = None
+            for b in range(B):
+                if bias is None or bias_index.shape[0] > 1:  # unpruned: one bias for the whole batch
+                    idx = bias_index[b if bias_index.shape[0] > 1 else 0, j0:j1]
+                    bias = table.index_select(0, idx.flatten()).view(idx.shape)  # [c, H, bs, S]
+                qb = q[b, 1 + j0 * bs:1 + j1 * bs].view(j1 - j0, bs, H, d).transpose(1, 2)
+                kb, vb = (t[b].index_select(0, tokens).view(j1 - j0, S, H, d).transpose(1, 2) for t in (k, v))
+                # heads and blocks as the two leading dims: torch's fused CPU kernel (5-D falls back to a slow path)
+                ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=self.scale)  # [c, H, bs, d]
+                rows = min(j1 * bs, n) - j0 * bs
+                out[b, 1 + j0 * bs:1 + j0 * bs + rows] = ctx.transpose(1, 2).reshape(-1, D)[:rows]
         return out, cls_attn
 
 
@@ -319,8 +333,16 @@ class SViTTLayer(nn.Module):
     def forward(self, x, coords, pattern=None, mask=None, release_padding=False):
         a, cls_attn = self.attention(self.layernorm_before(x), coords, pattern, mask, release_padding)
         x = x + self.drop_path(self.lambda_1 * a)
-        mlp = self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
-        return x + self.drop_path(self.lambda_2 * mlp), cls_attn
+        return x + self.drop_path(self.lambda_2 * self.mlp(self.layernorm_after(x))), cls_attn
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The GELU MLP over at most MLP_CHUNK_ROWS tokens at a time: its 4x-wide hidden activations stay small
+        enough for the allocator to reuse (larger ones are mapped and page-faulted afresh on every call)."""
+        rows = h.flatten(0, -2)
+        if rows.shape[0] <= MLP_CHUNK_ROWS:
+            return self.output.dense(F.gelu(self.intermediate.dense(h)))
+        parts = [self.output.dense(F.gelu(self.intermediate.dense(r))) for r in rows.split(MLP_CHUNK_ROWS)]
+        return torch.cat(parts).view_as(h)
 
 
 # ---------------------------------------------------------------------------------------------------- tower
