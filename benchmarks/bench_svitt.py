@@ -134,8 +134,25 @@ def tower_job(job: dict) -> dict:
             lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v)}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         call()
+    by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    attention = sum(v for k, v in by_op.items() if "attention" in k)
     return dict(job, warmup_s=warmup, times_s=times, seconds=statistics.median(times), peak_rss_mib=rss,
-                gflop=counter.get_total_flops() / 1e9, torch=torch.__version__, threads=torch.get_num_threads())
+                gflop=counter.get_total_flops() / 1e9, attention_gflop=attention, gflop_by_op=by_op,
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def matmul_peak_job(job: dict) -> dict:
+    """Best fp32 GFLOP/s of the tower's MLP matmul ([3136, 768] x [768, 3072], batch 2 x 8 frames of tokens)."""
+    import torch
+    torch.set_num_threads(job["threads"])
+    a, w = torch.randn(3136, 768), torch.randn(3072, 768)
+    torch.nn.functional.linear(a, w)
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        best = min(best, time.perf_counter() - t0)
+    return dict(job, gflops=2 * 3136 * 768 * 3072 / best / 1e9)
 
 
 def attention_memory_job(job: dict) -> dict:
@@ -233,7 +250,7 @@ def print_attention_memory(results: list[dict]) -> None:
     print("flat KiB per added token = memory linear in tokens; rising = super-linear (dense: [B, H, L, L] logits)")
 
 
-def print_target(results: list[dict]) -> None:
+def print_target(results: list[dict], peak: float | None) -> None:
     t = TARGET
     pick = {r["variant"]: r for r in results
             if (r["frames"], r["precision"], r["passes"]) == (t["frames"], t["precision"], t["passes"])}
@@ -242,8 +259,15 @@ def print_target(results: list[dict]) -> None:
     if t["variant"] not in pick:
         print("  not measured in this run")
         return
-    s = pick[t["variant"]]["seconds"]
+    r = pick[t["variant"]]
+    s = r["seconds"]
     print(f"  time   {s:.3f} s  (target <= {t['max_s']} s)  {'PASS' if s <= t['max_s'] else 'MISS'}")
+    if peak:
+        floor = (r["gflop"] - r["attention_gflop"]) / peak
+        print(f"  its {r['gflop'] - r['attention_gflop']:.0f} GFLOP of projections, MLP and patch convolution alone "
+              f"take {floor:.2f} s at the fp32 matmul peak measured in this run ({peak:.0f} GFLOP/s); attention "
+              f"({r['attention_gflop']:.0f} GFLOP), gathers, GELU, norms and residuals get the other "
+              f"{s - floor:.2f} s")
     if "dense" in pick:
         ratio = pick["dense"]["seconds"] / s
         print(f"  vs dense {ratio:.2f}x  (target >= {t['min_ratio']:.0f}x)  "
@@ -283,6 +307,9 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                         continue
                     tower.append(dict(kind="tower", frames=frames, precision=precision, passes=passes,
                                       variant=variant, repeats=args.repeats, threads=args.threads))
+    if any((j["frames"], j["precision"], j["passes"]) == (TARGET["frames"], TARGET["precision"], TARGET["passes"])
+           for j in tower):
+        memory.append(dict(kind="matmul_peak", threads=args.threads))
     if not args.no_attn_memory:
         for variant in ("dense", "sparse"):
             for frames in args.attn_memory_frames:
@@ -307,7 +334,7 @@ def main(argv=None) -> dict:
     args = get_args(argv)
     if args.job:
         job = json.loads(args.job)
-        result = tower_job(job) if job["kind"] == "tower" else attention_memory_job(job)
+        result = dict(tower=tower_job, attn_memory=attention_memory_job, matmul_peak=matmul_peak_job)[job["kind"]](job)
         with open(args.job_out, "w") as f:
             json.dump(result, f)
         return result
@@ -315,7 +342,7 @@ def main(argv=None) -> dict:
     load_before = load_average()
     print(f"bench_svitt: {machine()}, {args.threads} torch threads, load average {load_before} (1/5/15 min) "
           f"before the run; {len(tower) + len(memory)} jobs, each in a fresh process", flush=True)
-    start, results, mem_results = time.perf_counter(), [], []
+    start, results, mem_results, peak = time.perf_counter(), [], [], None
     with tempfile.TemporaryDirectory(prefix="bench_svitt_") as folder:
         for i, job in enumerate(tower + memory):
             r = run_in_subprocess(job, folder, i)
@@ -324,6 +351,9 @@ def main(argv=None) -> dict:
                 print(f"[{i + 1}/{len(tower) + len(memory)}] {r['frames']} frames {r['precision']} {r['passes']} "
                       f"{r['variant']}: {r['seconds']:.3f} s (runs {' '.join(f'{t:.2f}' for t in r['times_s'])}; "
                       f"warm-up {r['warmup_s']:.2f}), {time.perf_counter() - start:.0f} s so far", flush=True)
+            elif job["kind"] == "matmul_peak":
+                peak = r["gflops"]
+                print(f"[{i + 1}/{len(tower) + len(memory)}] fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
             else:
                 mem_results.append(r)
                 print(f"[{i + 1}/{len(tower) + len(memory)}] attention memory {r['variant']} {r['frames']} frames: "
@@ -331,14 +361,14 @@ def main(argv=None) -> dict:
     load_after = load_average()
     if results:
         print_tower_table(results, args.repeats)
-        print_target(results)
+        print_target(results, peak)
     if mem_results:
         print_attention_memory(mem_results)
     torch_version = results[0]["torch"] if results else "?"
     print(f"\ntorch {torch_version}; {machine()}; load average {load_before} before, {load_after} after "
           f"(1/5/15 min); whole run {time.perf_counter() - start:.0f} s")
     report = dict(machine=machine(), load_before=load_before, load_after=load_after, tower=results,
-                  attention_memory=mem_results)
+                  attention_memory=mem_results, fp32_matmul_peak_gflops=peak)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
