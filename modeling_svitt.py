@@ -5,8 +5,9 @@ sequence [CLS] + T*h*w patch tokens (frame-major), each layer adds a learned 3-D
 Edge sparsity: patch tokens attend block-sparsely (a local window of blocks plus random blocks), [CLS] attends to
 and is attended by every token. The random blocks are drawn once per forward and token count (shared by the batch,
 the heads and the layers between two pruning layers; the release redraws them on every forward), so the gather
-indices of a pattern are built once and reused by those layers. Node sparsity: after the layers in `token_drop_loc` only the patch tokens with the
-most [CLS] attention survive; each keeps its original (t, h, w) so the relative bias stays right.
+indices of a pattern are built once and reused by those layers. Node sparsity: after the layers in
+`token_drop_loc` only the patch tokens with the most [CLS] attention survive; each keeps its original (t, h, w) so
+the relative bias stays right.
 
 Parameter names follow the release's Hugging Face BEiT names: a release state dict's `vision_encoder.*` keys map
 onto this module's by dropping that prefix (`relative_position_index` buffers excepted: we rebuild them).

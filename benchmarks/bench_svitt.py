@@ -33,11 +33,11 @@ How each figure is obtained
   no_grad on x [2, 1 + T*196, 768], dense vs sparse (local 1 + 3 random blocks of 56), each in a fresh
   interpreter with no warm-up (a warm-up would set the peak): the process builds the layer and the input, reads
   its current RSS (/proc/self/statm), runs one forward and reads ru_maxrss; the growth is the difference, i.e. the
-  call's transient working set (q, k, v, gathered keys and values, bias and its cached index for sparse; the
-  [B, H, L, L] bias, logits and probabilities for dense) plus any one-off buffers of the first call. Reported per
-  token (growth / L) and per added token between successive frame counts: flat for sparse (memory linear in the
-  tokens), rising for dense (quadratic). The analytic size of the sparse layout's largest tensors is printed next
-  to it as a cross-check.
+  call's transient working set (q, k, v, output and the cached bias index for sparse, plus its gathered keys,
+  values and bias one chunk of query blocks at a time; the [B, H, L, L] bias, logits and probabilities for dense)
+  plus one-off buffers of the first call. Reported per token (growth / L) and per added token between successive
+  frame counts: flat for sparse (memory linear in the tokens), rising for dense (quadratic). The analytic size of
+  the sparse tensors that grow with L is printed next to it as a cross-check (about 46 KiB per token).
 
 Targets (printed with PASS/MISS): base, batch 2, fp32, forward, 8 frames, edge+node (local 1, random 3, block 56,
 keep 0.6 after layers 3 6 9): at most 1.35 s and at least 3x faster than our dense in the same run. Other
@@ -179,12 +179,11 @@ def attention_memory_job(job: dict) -> dict:
 
 
 def sparse_layout_mib(frames: int) -> float:
-    """Analytic size of one sparse layer's gathered layout at batch 2 (fp32): gathered keys and values, bias and
-    its cached int64 index, all [nb, ..., 1 + K*bs] with nb = tokens / 56: linear in the token count."""
-    nb, keys, heads, width = -(-frames * 196 // BLOCK), 1 + (LOCAL + RANDOM) * BLOCK, 12, 768
-    kv = 2 * BATCH * nb * keys * width * 4
-    bias = nb * heads * BLOCK * keys * (4 + 8)
-    return (kv + bias) / 2 ** 20
+    """Analytic size of what grows with the tokens in one sparse layer's forward at batch 2 (fp32): q, k, v and
+    the output [2, L, 768], and the cached bias index [nb, 12, 56, 1 + K*56] (int64, nb = L / 56). The gathered
+    keys, values and bias exist one chunk of query blocks at a time (at most SPARSE_CHUNK_BYTES each): constant."""
+    tokens, nb, keys = 1 + frames * 196, -(-frames * 196 // BLOCK), 1 + (LOCAL + RANDOM) * BLOCK
+    return (4 * BATCH * tokens * 768 * 4 + nb * 12 * BLOCK * keys * 8) / 2 ** 20
 
 
 def run_in_subprocess(job: dict, folder: str, index: int) -> dict:
@@ -246,7 +245,7 @@ def print_attention_memory(results: list[dict]) -> None:
             rows.append([variant, r["frames"], r["tokens"], f"{r['growth_mib']:.0f}",
                          f"{r['growth_mib'] * 1024 / r['tokens']:.1f}", step, layout])
     table(["attention", "frames", "tokens L", "peak growth MiB", "KiB / token", "KiB per added token",
-           "sparse layout MiB (analytic)"], rows, left=1)
+           "sparse, growing with L: MiB (analytic)"], rows, left=1)
     print("flat KiB per added token = memory linear in tokens; rising = super-linear (dense: [B, H, L, L] logits)")
 
 
