@@ -281,7 +281,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16], help="frame counts to run")
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                    help="fp32 and/or bf16 (autocast)")
-    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="forward and/or forward + backward")
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES,
+                   help="forward and/or forward + backward")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="attention variants")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (median reported)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
