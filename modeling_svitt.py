@@ -3,8 +3,11 @@
 A BEiT-B/16 runs jointly over the whole clip: every frame is patch-embedded on its own, the clip becomes one
 sequence [CLS] + T*h*w patch tokens (frame-major), each layer adds a learned 3-D relative position bias.
 Edge sparsity: patch tokens attend block-sparsely (a local window of blocks plus random blocks), [CLS] attends to
-and is attended by every token. Node sparsity: after the layers in `token_drop_loc` only the patch tokens with the
-most [CLS] attention survive; each keeps its original (t, h, w) so the relative bias stays right.
+and is attended by every token. The random blocks are drawn once per forward and token count (shared by the batch,
+the heads and the layers between two pruning layers; the release redraws them on every forward), so the gather
+indices of a pattern are built once and reused by those layers. Node sparsity: after the layers in
+`token_drop_loc` only the patch tokens with the most [CLS] attention survive; each keeps its original (t, h, w) so
+the relative bias stays right.
 
 Parameter names follow the release's Hugging Face BEiT names: a release state dict's `vision_encoder.*` keys map
 onto this module's by dropping that prefix (`relative_position_index` buffers excepted: we rebuild them).
@@ -28,6 +31,8 @@ from model_registry import ModelFamily, layer_id_from_name, register_family, reg
 from modeling_simvtp import build_text_embeddings, mlm_loss
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
+MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
+SPARSE_CHUNK_BYTES = 8 << 20  # block-sparse attention gathers the keys of this many bytes' worth of blocks at once
 
 
 @dataclass
@@ -132,6 +137,7 @@ class BlockPattern:
     key_blocks: torch.Tensor
     valid: torch.Tensor
     block_size: int
+    layout: tuple | None = field(default=None, repr=False, compare=False)  # sparse_layout's cache
 
 
 def sample_block_pattern(num_blocks: int, local: int, num_random: int, block_size: int,
@@ -187,13 +193,11 @@ class SViTTSelfAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L, D], coords [B, N, 3] -> (context [B, L, D], head-mean [CLS] attention on patches [B, N]).
         Dense when `pattern` is None (`mask` [B or 1, L, L] bool optionally restricts it)."""
-        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        q, k, v = self.query(x), self.key(x), self.value(x)
         if pattern is None:
-            out, cls_attn = self.dense(q, k, v, coords, mask)
-        else:
-            cls_out, cls_attn = self.cls_row(q, k, v, coords)
-            out = torch.cat([cls_out, self.block_sparse(q, k, v, coords, pattern, release_padding)], dim=2)
-        return out.transpose(1, 2).flatten(2), cls_attn
+            out, cls_attn = self.dense(*(self.heads(t) for t in (q, k, v)), coords, mask)
+            return out.transpose(1, 2).flatten(2), cls_attn
+        return self.block_sparse(q, k, v, coords, pattern, release_padding)
 
     def dense(self, q, k, v, coords, mask):
         logits = (q * self.scale) @ k.transpose(-2, -1)
@@ -203,43 +207,90 @@ class SViTTSelfAttention(nn.Module):
         probs = logits.softmax(dim=-1)
         return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
 
-    def cls_row(self, q, k, v, coords):
-        """[CLS] attends to every token (unpadded): returns its context [B, H, 1, d] and its patch attention."""
-        rpb = self.relative_position_bias
-        rows = torch.full((coords.shape[0], 1, coords.shape[1] + 1), rpb.cls_row(CLS_TO_PATCH), device=coords.device)
-        rows[:, :, 0] = rpb.cls_row(CLS_TO_CLS)
-        logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1) + rpb.lookup(rows)
-        probs = logits.softmax(dim=-1)
-        return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
+    def cls_row(self, q, k, v):
+        """[CLS] attends to every token: q, k, v [B, L, D] (unpadded) -> its context [B, D] and its head-mean
+        attention on the patches [B, N]. A per-head dot product (einsum) and one bmm: no head-major copies of k, v."""
+        B, L, D = k.shape
+        H = self.num_heads
+        table = self.relative_position_bias.relative_position_bias_table
+        cls_bias = torch.stack([table[CLS_TO_CLS], table[CLS_TO_PATCH]])  # [2, H]: key [CLS], key patch
+        q0 = (q[:, 0] * self.scale).view(B, H, -1)
+        logits = torch.einsum("blhd,bhd->blh", k.view(B, L, H, -1), q0)
+        logits = torch.cat([logits[:, :1] + cls_bias[0], logits[:, 1:] + cls_bias[1]], dim=1)
+        probs = logits.softmax(dim=1)  # [B, L, H]
+        ctx = torch.bmm(probs.transpose(1, 2).to(v.dtype), v)  # [B, H, D]: head h's own slice is its context
+        ctx = ctx.view(B, H, H, -1).diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(B, D)
+        return ctx, probs[:, 1:].mean(dim=2)
 
-    def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool) -> torch.Tensor:
-        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks gathered (one index_select)
-        into a [B, H, nb, 1 + K*bs, d] layout, one scaled_dot_product_attention call with an additive mask."""
-        rpb, bs = self.relative_position_bias, pattern.block_size
-        B, H, L, d = q.shape
-        n = L - 1
-        nb, K = pattern.key_blocks.shape
+    def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks, gathered (index_select)
+        into a [c, 1 + K*bs, D] layout for a chunk of c query blocks, then one 4-D scaled_dot_product_attention
+        call over (blocks, heads) with the bias as additive mask, per chunk and batch element. q, k, v stay
+        token-major [B, L, D]: their (block, head) views need no copy. Chunks keep every temporary under
+        SPARSE_CHUNK_BYTES, far below glibc's mmap threshold, so the allocator reuses them instead of mapping
+        and page-faulting fresh memory for each. The gather indices come from `sparse_layout` (cached)."""
+        B, L, D = q.shape
+        H, n, bs = self.num_heads, L - 1, pattern.block_size
+        nb = pattern.key_blocks.shape[0]
+        cls_ctx, cls_attn = self.cls_row(q, k, v)
+        key_tokens, bias_index = sparse_layout(pattern, coords, self.relative_position_bias, release_padding)
         pad = nb * bs - n
-        key_blocks = pattern.key_blocks.to(q.device)
-        key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=q.device)  # [nb, K, bs] patch positions
-        key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
-        qp = F.pad(q[:, :, 1:], (0, 0, 0, pad)).unflatten(2, (nb, bs))
-        kg, vg = (F.pad(t, (0, 0, 0, pad)).index_select(2, key_tokens).unflatten(2, (nb, -1)) for t in (k, v))
-        if coords.stride(0) == 0:  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
-            coords = coords[:1]
-        cp = F.pad(coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
-        rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
-        rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
-        key_ok = pattern.valid.to(q.device)[:, :, None] & (bool(release_padding) | (key_pos < n))
-        key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
-        masked_row = rpb.relative_position_bias_table.shape[0]  # one extra -inf row stands for "not allowed"
-        rows = rows.masked_fill(~key_ok[None, :, None, :], masked_row)
-        table = F.pad(rpb.relative_position_bias_table.t(), (0, 1), value=float("-inf"))  # [H, rows + 1]
-        bias = table[:, rows].transpose(0, 1)  # [B or 1, H, nb, bs, 1 + K*bs]
-        # heads and blocks share one dim: 4-D inputs take torch's fused CPU kernel (5-D falls back to a slow path)
-        qp, kg, vg, bias = (t.flatten(1, 2) for t in (qp, kg, vg, bias.to(q.dtype)))
-        out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=bias, scale=self.scale)
-        return out.unflatten(1, (H, nb)).flatten(2, 3)[:, :, :n]
+        if pad:  # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        table = F.pad(self.relative_position_bias.relative_position_bias_table.t(), (0, 1), value=float("-inf"))
+        table = table.to(q.dtype).flatten()
+        key_tokens = key_tokens.view(nb, -1)
+        S, d = key_tokens.shape[1], D // H
+        out = q.new_empty(B, L, D)
+        out[:, 0] = cls_ctx.to(q.dtype)
+        chunk = max(1, SPARSE_CHUNK_BYTES // (S * D * q.element_size()))
+        for j0 in range(0, nb, chunk):  # a few query blocks at a time: small temporaries, reused by the allocator
+            j1 = min(nb, j0 + chunk)
+            tokens = key_tokens[j0:j1].flatten()
+            bias = None
+            for b in range(B):
+                if bias is None or bias_index.shape[0] > 1:  # unpruned: one bias for the whole batch
+                    idx = bias_index[b if bias_index.shape[0] > 1 else 0, j0:j1]
+                    bias = table.index_select(0, idx.flatten()).view(idx.shape)  # [c, H, bs, S]
+                qb = q[b, 1 + j0 * bs:1 + j1 * bs].view(j1 - j0, bs, H, d).transpose(1, 2)
+                kb, vb = (t[b].index_select(0, tokens).view(j1 - j0, S, H, d).transpose(1, 2) for t in (k, v))
+                # heads and blocks as the two leading dims: torch's fused CPU kernel (5-D falls back to a slow path)
+                ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=self.scale)  # [c, H, bs, d]
+                rows = min(j1 * bs, n) - j0 * bs
+                out[b, 1 + j0 * bs:1 + j0 * bs + rows] = ctx.transpose(1, 2).reshape(-1, D)[:rows]
+        return out, cls_attn
+
+
+def sparse_layout(pattern: BlockPattern, coords: torch.Tensor, rpb: RelativePositionBias3D,
+                  release_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of a block pattern over one coordinate set, cached on the pattern (every layer that uses the
+    pattern with the same `coords` tensor reuses them; only the per-layer bias table differs):
+    key_tokens [nb*(1 + K*bs)]: sequence positions of [CLS] + each query block's key blocks (padded sequence);
+    bias_index [B or 1, nb, H, bs, 1 + K*bs]: positions in a layer's table.t() padded with one -inf column and
+    flattened, the -inf one where the key is not allowed (invalid block; padding unless release_padding)."""
+    cached = pattern.layout
+    if cached is not None and cached[0] is coords and cached[1] == release_padding:
+        return cached[2], cached[3]
+    bs, device = pattern.block_size, coords.device
+    nb, K = pattern.key_blocks.shape
+    n, H = coords.shape[1], rpb.relative_position_bias_table.shape[1]
+    pad = nb * bs - n
+    key_blocks = pattern.key_blocks.to(device)
+    key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=device)  # [nb, K, bs] patch positions
+    key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
+    shared = coords.stride(0) == 0  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
+    cp = F.pad(coords[:1] if shared else coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
+    rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
+    rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
+    key_ok = pattern.valid.to(device)[:, :, None] & (bool(release_padding) | (key_pos < n))
+    key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
+    table_rows = rpb.relative_position_bias_table.shape[0]
+    rows = rows.masked_fill(~key_ok[None, :, None, :], table_rows)  # the extra -inf column: "not allowed"
+    head_offset = torch.arange(H, device=device).view(1, 1, H, 1, 1) * (table_rows + 1)
+    bias_index = rows.unsqueeze(2) + head_offset
+    pattern.layout = (coords, release_padding, key_tokens, bias_index)
+    return key_tokens, bias_index
 
 
 class SViTTAttentionOutput(nn.Module):
@@ -291,8 +342,16 @@ class SViTTLayer(nn.Module):
     def forward(self, x, coords, pattern=None, mask=None, release_padding=False):
         a, cls_attn = self.attention(self.layernorm_before(x), coords, pattern, mask, release_padding)
         x = x + self.drop_path(self.lambda_1 * a)
-        mlp = self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
-        return x + self.drop_path(self.lambda_2 * mlp), cls_attn
+        return x + self.drop_path(self.lambda_2 * self.mlp(self.layernorm_after(x))), cls_attn
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The GELU MLP over at most MLP_CHUNK_ROWS tokens at a time: its 4x-wide hidden activations stay small
+        enough for the allocator to reuse (larger ones are mapped and page-faulted afresh on every call)."""
+        rows = h.flatten(0, -2)
+        if rows.shape[0] <= MLP_CHUNK_ROWS:
+            return self.output.dense(F.gelu(self.intermediate.dense(h)))
+        parts = [self.output.dense(F.gelu(self.intermediate.dense(r))) for r in rows.split(MLP_CHUNK_ROWS)]
+        return torch.cat(parts).view_as(h)
 
 
 # ---------------------------------------------------------------------------------------------------- tower
@@ -378,13 +437,17 @@ class SViTTVisionTower(nn.Module):
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None,
                 dense_masks: list | None = None) -> SViTTVisionOutput:
         """video [B, T, C, H, W]. `generator` draws the random blocks and random pruning (global RNG when None).
+        The random blocks are drawn once per forward and token count: every layer between two pruning layers
+        uses the same pattern (shared by the batch and heads), so its gather indices are built once.
         `dense_masks` (per layer a bool [B or 1, L, L] or None) forces dense attention under explicit masks."""
         cfg = self.config
         x = self.embeddings(video)
         coords = self.patch_coords.expand(x.shape[0], -1, -1)
-        patterns, kept = [], []
+        patterns, kept, drawn = [], [], {}
         for i, layer in enumerate(self.encoder.layer):
-            pattern = None if dense_masks is not None else self.pattern_for(coords.shape[1], generator)
+            if dense_masks is None and coords.shape[1] not in drawn:  # one pattern per forward and token count
+                drawn[coords.shape[1]] = self.pattern_for(coords.shape[1], generator)
+            pattern = None if dense_masks is not None else drawn[coords.shape[1]]
             mask = dense_masks[i] if dense_masks is not None else None
             x, cls_attn = layer(x, coords, pattern, mask, cfg.release_sparse_padding)
             patterns.append(pattern)

@@ -209,3 +209,42 @@ def test_base_tower_names_and_shapes_match_release_vision_keys():
     assert mapped == ours
     dropped = set(release) - {S.RELEASE_VISION_PREFIX + k for k in mapped}
     assert len(dropped) == 12 and all(k.endswith("relative_position_index") for k in dropped)
+
+
+def test_one_pattern_per_forward_and_token_count():
+    model = tower(sparse_local_attn=1, sparse_random_attn=2, token_keep_rate=0.5, token_drop_loc=(1,))
+    with torch.no_grad():
+        out = model(clip(), generator=torch.Generator().manual_seed(0))
+    p = out.patterns
+    assert p[0] is p[1] and p[2] is p[3] and p[1] is not p[2]  # redrawn after pruning only
+    assert p[0].key_blocks.shape[0] == 7 and p[2].key_blocks.shape[0] == math.ceil(196 / 56)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3])
+def test_chunked_sparse_attention_and_mlp_match_unchunked(monkeypatch, chunk_blocks):
+    """Query blocks in chunks (3 blocks: a partial last chunk; pruning leaves a padded last block) and the MLP
+    in row chunks give the same result as one chunk; and the sparse result still equals masked dense."""
+    kw = dict(sparse_local_attn=3, sparse_random_attn=1, token_keep_rate=0.7, token_drop_loc=(1,))
+    video = clip()
+    with torch.no_grad():
+        whole = tower(**kw)(video, generator=torch.Generator().manual_seed(0))
+    key_bytes = (1 + 4 * 56) * 192 * 4  # one query block's gathered keys (float32, width 192)
+    monkeypatch.setattr(S, "SPARSE_CHUNK_BYTES", chunk_blocks * key_bytes)
+    monkeypatch.setattr(S, "MLP_CHUNK_ROWS", 100)
+    sparse, dense, _ = sparse_vs_dense(tower(**kw))
+    torch.testing.assert_close(sparse.tokens, whole.tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.tokens, dense.tokens, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sparse.coords, whole.coords)
+
+
+def test_sparse_layout_is_built_once_per_pattern_and_coordinates():
+    model = tower(sparse_local_attn=1, sparse_random_attn=1)
+    pattern = model.pattern_for(392, torch.Generator().manual_seed(0))
+    rpb = model.encoder.layer[0].attention.attention.relative_position_bias
+    coords = model.patch_coords.expand(2, -1, -1)
+    first = S.sparse_layout(pattern, coords, rpb, False)
+    assert all(a is b for a, b in zip(first, S.sparse_layout(pattern, coords, rpb, False)))
+    per_sample = coords.clone()  # as after pruning: one coordinate set per sample (here equal values)
+    again = S.sparse_layout(pattern, per_sample, rpb, False)
+    assert again[1].shape[0] == 2 and first[1].shape[0] == 1  # per-sample bias rows once coordinates differ
+    assert torch.equal(again[1][0], first[1][0]) and torch.equal(again[1][1], first[1][0])
