@@ -1,4 +1,9 @@
-"""SViTT (sparse video-text transformer, Li et al., CVPR 2023): the vision tower and its two sparsities.
+"""SViTT (sparse video-text transformer, Li et al., CVPR 2023): the second model family.
+
+Sections: the vision tower and its two sparsities; the BERT text tower whose layers from `fusion_layer` on
+cross-attend to the video (text-guided token selection there); the losses (ITC with several captions per video,
+ITM negatives never of the same video); the pre-training model on the model contract (model_registry.py);
+checkpoint conversion (the release's files, Hugging Face BEiT / BERT, temporal expansion); registration.
 
 A BEiT-B/16 runs jointly over the whole clip: every frame is patch-embedded on its own, the clip becomes one
 sequence [CLS] + T*h*w patch tokens (frame-major), each layer adds a learned 3-D relative position bias.
