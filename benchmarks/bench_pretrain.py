@@ -59,7 +59,6 @@ import functools
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench_common import print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter
 
 
@@ -467,39 +467,20 @@ def run_job(job: dict) -> dict:
 def run_in_subprocess(job: dict, folder: str) -> dict:
     """A fresh interpreter per job (its peak RSS is its own); its progress lines go straight to our stdout."""
     out_path = os.path.join(folder, f"{job['config']}_{job['precision']}.json")
-    sys.stdout.flush()
     env = dict(os.environ, **MALLOC_ENV) if job["malloc_env"] else None
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job), "--job_out",
-                           out_path], env=env)
-    if proc.returncode != 0 or not os.path.isfile(out_path):
-        raise RuntimeError(f"benchmark job {job['config']} {job['precision']} failed (exit {proc.returncode})")
-    with open(out_path) as f:
-        return json.load(f)
+    return run_job_in_subprocess(os.path.abspath(__file__), job, out_path, f"{job['config']} {job['precision']}", env)
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
-    """Print rows under a header; the first `left` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-    print(line(header))
-    print("-" * len(line(header)))
-    for r in rows:
-        print(line(r))
-
-
-def print_step_table(results: list[dict]) -> None:
+def print_stepprint_table(results: list[dict]) -> None:
     print("\nStep = engine forward (every pass and loss) + backward + grad norm + fused AdamW, mean of the timed steps")
     rows = [[r["config"], r["precision"], r["batch_size"], f"{r['num_frames']}x{r['input_size']}",
              f"{r['video_tokens']}/{r['all_video_tokens']}+{r['text_tokens']}", f"{r['s_per_step']:.2f}",
              f"{min(r['step_times_s']):.2f}-{max(r['step_times_s']):.2f}", f"{r['clips_per_s']:.2f}",
              f"{r['peak_rss_gib']:.2f}"] for r in results]
-    _table(["config", "prec", "batch", "clip", "tokens v+t", "s/step", "range", "clips/s", "peak RSS GiB"], rows,
+    print_table(["config", "prec", "batch", "clip", "tokens v+t", "s/step", "range", "clips/s", "peak RSS GiB"], rows,
            left=2)
     print("tokens v+t: visible/all video tokens + text tokens per clip; range: fastest-slowest timed step")
     print("\nFLOPs from FlopCounterMode (fwd + bwd); MFU = FLOPs / (s/step) / matmul peak measured in the same "
@@ -513,7 +494,7 @@ def print_step_table(results: list[dict]) -> None:
                      f"{100 * r['mfu']['fp32']:.0f}% | {100 * r['mfu']['bf16']:.0f}%",
                      f"{(u['user_s'] + u['sys_s']) / r['s_per_step']:.2f}", f"{u['sys_s']:.2f}",
                      f"{u['minor_page_faults'] / 1e3:.0f}k"])
-    _table(["config", "prec", "GFLOP/step", "fwd GFLOP", "TFLOP/s", "peak TFLOP/s", "MFU", "cores used",
+    print_table(["config", "prec", "GFLOP/step", "fwd GFLOP", "TFLOP/s", "peak TFLOP/s", "MFU", "cores used",
             "sys s/step", "faults/step"], rows, left=2)
     print("cores used: (user + system CPU s) / wall s over the timed steps; sys s, faults: system CPU seconds and "
           "minor page faults per step\n(mostly memory the allocator gave back to the OS and touches again)")
@@ -536,7 +517,7 @@ def print_breakdown(r: dict) -> None:
     rows.append(["step (sum of the rows)", f"{r['forward_s']:.3f}", f"{r['backward_s']:.3f}", f"{total:.3f}",
                  f"{100 * total / r['s_per_step']:.1f}%", f"{r['forward_flops'] / 1e9:.1f}",
                  f"{r['forward_flops'] / r['forward_s'] / 1e12:.3f}"])
-    _table(["part", "fwd s", "bwd s", "total s", "of step", "fwd GFLOP", "fwd TFLOP/s"], rows)
+    print_table(["part", "fwd s", "bwd s", "total s", "of step", "fwd GFLOP", "fwd TFLOP/s"], rows)
     bwd_flops = r["step_flops"] - r["forward_flops"]
     print(f"backward: {bwd_flops / 1e9:.1f} GFLOP in {r['backward_s']:.3f} s = "
           f"{bwd_flops / r['backward_s'] / 1e12:.3f} TFLOP/s; optimizer step {r['optimizer_s']:.3f} s")
@@ -596,7 +577,7 @@ def print_targets(results: list[dict]) -> None:
 
 
 def print_report(results: list[dict]) -> None:
-    print_step_table(results)
+    print_stepprint_table(results)
     for r in results:
         print_breakdown(r)
     print_comparisons(results)

@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402
+from bench_common import print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
 
 KEEP_RATE = {4: 0.7, 8: 0.6, 16: 0.5}  # the paper's keep rates per frame count
 DROP_LOC = (3, 6, 9)
@@ -187,30 +188,10 @@ def sparse_layout_mib(frames: int) -> float:
 
 
 def run_in_subprocess(job: dict, folder: str, index: int) -> dict:
-    out_path = os.path.join(folder, f"job{index}.json")
-    sys.stdout.flush()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job), "--job_out",
-                           out_path])
-    if proc.returncode != 0 or not os.path.isfile(out_path):
-        raise RuntimeError(f"benchmark job {job} failed (exit {proc.returncode})")
-    with open(out_path) as f:
-        return json.load(f)
+    return run_job_in_subprocess(os.path.abspath(__file__), job, os.path.join(folder, f"job{index}.json"), str(job))
 
 
 # ----------------------------------------------------------------------------------------------- report
-
-
-def table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
-    """Rows under a header; the first `left` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-    print(line(header))
-    print("-" * len(line(header)))
-    for r in rows:
-        print(line(r))
 
 
 def print_tower_table(results: list[dict], repeats: int) -> None:
@@ -224,7 +205,7 @@ def print_tower_table(results: list[dict], repeats: int) -> None:
                      f"{r['gflop']:.0f}", f"{r['gflop'] / r['seconds']:.0f}", f"{r['peak_rss_mib'] / 1024:.2f}"])
     print(f"\nSViTT vision tower, base (768 wide, 12 layers, 224 px), batch {BATCH}: median of {repeats} timed calls "
           f"after one warm-up; ratio = our dense s / this s (same run)")
-    table(["frames", "prec", "pass", "variant", "keep", "s", "vs dense", "GFLOP", "GFLOP/s", "peak RSS GiB"], rows,
+    print_table(["frames", "prec", "pass", "variant", "keep", "s", "vs dense", "GFLOP", "GFLOP/s", "peak RSS GiB"], rows,
           left=4)
 
 
@@ -244,7 +225,7 @@ def print_attention_memory(results: list[dict]) -> None:
             layout = f"{sparse_layout_mib(r['frames']):.0f}" if variant == "sparse" else "-"
             rows.append([variant, r["frames"], r["tokens"], f"{r['growth_mib']:.0f}",
                          f"{r['growth_mib'] * 1024 / r['tokens']:.1f}", step, layout])
-    table(["attention", "frames", "tokens L", "peak growth MiB", "KiB / token", "KiB per added token",
+    print_table(["attention", "frames", "tokens L", "peak growth MiB", "KiB / token", "KiB per added token",
            "sparse, growing with L: MiB (analytic)"], rows, left=1)
     print("flat KiB per added token = memory linear in tokens; rising = super-linear (dense: [B, H, L, L] logits)")
 

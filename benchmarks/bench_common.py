@@ -1,0 +1,34 @@
+"""What the benchmarks share: a job in a fresh interpreter (so its peak RSS is its own) and a plain-text table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_job_in_subprocess(script: str, job: dict, out_path: str, name: str, env: dict | None = None) -> dict:
+    """Run `script --job JSON --job_out out_path` in a new interpreter (its progress lines go straight to our
+    stdout) and return the JSON it wrote; a failed job is a RuntimeError naming it."""
+    sys.stdout.flush()
+    proc = subprocess.run([sys.executable, script, "--job", json.dumps(job), "--job_out", out_path], env=env)
+    try:
+        with open(out_path) as f:
+            result = json.load(f) if proc.returncode == 0 else None
+    except FileNotFoundError:
+        result = None
+    if result is None:
+        raise RuntimeError(f"benchmark job {name} failed (exit {proc.returncode})")
+    return result
+
+
+def print_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """Rows under a header; the first `left` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(header))
+    print("-" * len(line(header)))
+    for r in rows:
+        print(line(r))
