@@ -70,9 +70,10 @@ class PatchEmbed(nn.Module):
         return self.proj(video).flatten(2).transpose(1, 2)
 
 
-def padding_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """keep: bool [B, S] (True = real token) -> additive [B, 1, 1, S]: 0 on real keys, -10000 on padding."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, PADDING_BIAS)[:, None, None]
+def padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
+    """keep: bool [B, S] (True = real token) -> additive [B, 1, 1, S]: 0 on real keys, `value` on padding
+    (SimVTP: the release's -10000)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, value)[:, None, None]
 
 
 class Attention(nn.Module):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
-from modeling_simvtp import build_text_embeddings, mlm_loss
+from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
@@ -646,8 +646,7 @@ class SViTTTextTower(nn.Module):
 
 def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """attention_mask [B, L] (1 = token) -> additive bias [B, 1, 1, L]: 0 on tokens, -inf on padding."""
-    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-    return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None]
+    return padding_bias(attention_mask != 0, dtype, float("-inf"))
 
 
 @dataclass
