@@ -20,7 +20,8 @@ Annotation formats (detected from the contents, not the file name; ``data_root``
 - WebVid-2M/10M CSV ``videoid,contentUrl,duration,page_dir,name``: video ``<root>/<page_dir>/<videoid>.mp4``,
   caption ``name``;
 - the release's JSON dict ``{video_path: caption}`` (one caption per video);
-- the Singularity/SViTT JSON list ``[{"video": path, "caption": str or [str, ...]}]``;
+- the Singularity/SViTT JSON list ``[{"video": path or [path, ...], "caption": str or [str, ...]}]``, optional
+  ``"start"`` / ``"end"`` seconds (the record's span of its video: clips sample only those frames);
 - the MSR-VTT 1k-A CSV ``key,vid_key,video_id,sentence``: video ``<root>/<video_id>.mp4``.
 
 Broken training videos (missing, empty, undecodable) never stop a run by themselves: a sample whose video is broken
@@ -29,7 +30,11 @@ index), so every process and every resume picks the same substitute. Items carry
 main process can name each once and measure the broken share (engine_for_pretraining.BrokenVideos). Files of an
 exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one path per line) are never opened.
 
-A video listed several times becomes one record with all its captions (else retrieval would count the copies as
+A benchmark's AnnotationFormat (``annotation_format(--data_set)``) joins a record's sentences into one paragraph
+(DiDeMo, ActivityNet), cleans captions as the SViTT recipes (clean_caption) and says whether training positives
+and evaluation queries go by video or by caption string (SSv2's one caption for many videos).
+
+A video listed several times (with the same span) becomes one record with all its captions (else retrieval would count the copies as
 different videos, and contrastive batches could pair a video with itself as a negative).
 
 Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
