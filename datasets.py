@@ -34,8 +34,8 @@ A benchmark's AnnotationFormat (``annotation_format(--data_set)``) joins a recor
 (DiDeMo, ActivityNet), cleans captions as the SViTT recipes (clean_caption) and says whether training positives
 and evaluation queries go by video or by caption string (SSv2's one caption for many videos).
 
-A video listed several times (with the same span) becomes one record with all its captions (else retrieval would count the copies as
-different videos, and contrastive batches could pair a video with itself as a negative).
+A video listed several times (with the same span) becomes one record with all its captions (else retrieval would
+count the copies as different videos, and contrastive batches could pair a video with itself as a negative).
 
 Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
 copies the pages it touches (reference counts are written into every object). The training dataset therefore keeps
@@ -133,7 +133,7 @@ def sample_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Gene
 # ----------------------------------------------------------------------------------------------- annotations
 
 
-Span = tuple  # (start, end) seconds of a record's video, either None (from the start / to the end)
+Span = tuple[float | None, float | None]  # (start, end) seconds of a record's video; None: its start / its end
 
 
 @dataclass
@@ -252,9 +252,9 @@ def _under_root(root: str | None, rel: str) -> str:
 
 def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str], str, Span | None], None],
                fmt: AnnotationFormat | None = None) -> None:
-    """Every good record of an annotation file, in file order, into add(relative path, captions, video id); the
-    bad ones are judged after the whole file is read (one AnnotationError for all, or dropped and counted). A CSV
-    is read line by line, never held whole."""
+    """Every good record of an annotation file, in file order, into add(relative path, captions, video id, span),
+    captions after fmt's paragraph joining and cleaning; the bad ones are judged after the whole file is read (one
+    AnnotationError for all, or dropped and counted). A CSV is read line by line, never held whole."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark; \r\n read as \n
             first = _first_visible_char(f)
@@ -305,7 +305,7 @@ class _BadRecord(ValueError):
     """One malformed record (its place and problem); collected, not raised to the caller."""
 
 
-Row = tuple  # (relative video path, captions, video id, span or None)
+Row = tuple[str, list[str], str, "Span | None"]  # (relative video path, captions, video id, span)
 
 
 def _caption(where: str, value: Any) -> str:
@@ -591,7 +591,8 @@ class RecordTable(collections.abc.Sequence):
     def nbytes(self) -> int:
         """Bytes of the blobs and offsets (what the table holds, apart from a few small objects)."""
         spans = 0 if self._spans is None else self._spans.nbytes
-        return sum(c.nbytes for c in (self._paths, self._video_ids, self._captions)) + self._caption_ends.nbytes + spans
+        strings = sum(c.nbytes for c in (self._paths, self._video_ids, self._captions))
+        return strings + self._caption_ends.nbytes + spans
 
     def iter_paths(self) -> Iterator[str]:
         return (self._paths[i] for i in range(len(self)))

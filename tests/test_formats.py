@@ -314,3 +314,24 @@ def test_zero_shot_entry_point_on_ssv2(synthetic_root, tmp_path):
     t2v = [r for r in lines if r["direction"] == "t2v"]
     assert [r["text"] for r in t2v] == ["moving something to the right", "something falling like a rock"]
     assert t2v[0]["gt"] == ["test/test_00000", "test/test_00002"] and t2v[1]["gt"] == ["test/test_00001"]
+
+
+def test_svitt_takes_the_batch_match_id_as_its_positives():
+    import model_registry
+
+    torch.manual_seed(0)
+    model = model_registry.create("svitt_tiny_patch16", img_size=32, num_frames=4, vocab_size=64,
+                                  attn_block_size=4, sparse_random_attn=1).eval()  # eval: fixed random blocks
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 64, (4, 5), generator=g)
+    base = dict(video=torch.randn(4, 3, 4, 32, 32, generator=g), input_ids=ids,
+                attention_mask=torch.ones_like(ids), index=torch.arange(4))
+
+    def itc(**extra) -> float:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return float(model({**base, **extra})["loss_itc"])
+
+    same_caption = itc(match_id=torch.tensor([0, 0, 1, 2]))  # rows 0 and 1: one caption, two videos
+    assert same_caption == pytest.approx(itc(index=torch.tensor([0, 0, 1, 2])), rel=1e-6)
+    assert same_caption != pytest.approx(itc(), rel=1e-4)
