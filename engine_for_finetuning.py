@@ -3,8 +3,9 @@ gathered), zero-shot scoring, re-ranking with the matching head, and export. The
 contract's encode_video / encode_text / match_logits (training runs through engine_for_pretraining.train).
 
 Ranks are 1-based. Ties are broken AGAINST the ground truth: a candidate whose score equals the ground truth's
-counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. Model selection uses
-"r1_sum" = text-to-video R@1 + video-to-text R@1 on the validation set.
+counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. A query with several ground
+truths (a video's captions; the videos of one SSv2 caption) takes the rank of its best-ranked one. Model selection
+uses "r1_sum" = text-to-video R@1 + video-to-text R@1 on the validation set.
 """
 from __future__ import annotations
 
