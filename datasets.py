@@ -20,7 +20,8 @@ Annotation formats (detected from the contents, not the file name; ``data_root``
 - WebVid-2M/10M CSV ``videoid,contentUrl,duration,page_dir,name``: video ``<root>/<page_dir>/<videoid>.mp4``,
   caption ``name``;
 - the release's JSON dict ``{video_path: caption}`` (one caption per video);
-- the Singularity/SViTT JSON list ``[{"video": path, "caption": str or [str, ...]}]``;
+- the Singularity/SViTT JSON list ``[{"video": path or [path, ...], "caption": str or [str, ...]}]``, optional
+  ``"start"`` / ``"end"`` seconds (the record's span of its video: clips sample only those frames);
 - the MSR-VTT 1k-A CSV ``key,vid_key,video_id,sentence``: video ``<root>/<video_id>.mp4``.
 
 Broken training videos (missing, empty, undecodable) never stop a run by themselves: a sample whose video is broken
@@ -29,8 +30,12 @@ index), so every process and every resume picks the same substitute. Items carry
 main process can name each once and measure the broken share (engine_for_pretraining.BrokenVideos). Files of an
 exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one path per line) are never opened.
 
-A video listed several times becomes one record with all its captions (else retrieval would count the copies as
-different videos, and contrastive batches could pair a video with itself as a negative).
+A benchmark's AnnotationFormat (``annotation_format(--data_set)``) joins a record's sentences into one paragraph
+(DiDeMo, ActivityNet), cleans captions as the SViTT recipes (clean_caption) and says whether training positives
+and evaluation queries go by video or by caption string (SSv2's one caption for many videos).
+
+A video listed several times (with the same span) becomes one record with all its captions (else retrieval would
+count the copies as different videos, and contrastive batches could pair a video with itself as a negative).
 
 Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
 copies the pages it touches (reference counts are written into every object). The training dataset therefore keeps
@@ -45,6 +50,7 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import math
 import tempfile
@@ -68,6 +74,7 @@ __all__ = [
     "normalize_video",
     "EvalListError", "find_unusable_videos", "format_unusable", "check_eval_lists", "MAX_LISTED",
     "ExcludeList", "read_exclude_list", "excluded_indices", "exclusions_for", "fallthrough_order", "check_hint",
+    "DATA_SETS", "MATCH_BY", "AnnotationFormat", "annotation_format", "clean_caption", "span_frames",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,12 +133,69 @@ def sample_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Gene
 # ----------------------------------------------------------------------------------------------- annotations
 
 
+Span = tuple[float | None, float | None]  # (start, end) seconds of a record's video; None: its start / its end
+
+
 @dataclass
 class VideoRecord:
-    """One video and its captions (several for retrieval sets, one for WebVid)."""
+    """One video and its captions (several for retrieval sets, one for WebVid); span (start, end) in seconds
+    restricts the clip to that part of the file (None: the whole video)."""
     path: str
     captions: list[str] = field(default_factory=list)
     video_id: str = ""
+    span: Span | None = None
+
+
+# ----------------------------------------------------------------------------------------------- benchmark formats
+
+DATA_SETS = ("msrvtt", "webvid", "didemo", "charades", "anet", "ssv2_label", "ssv2_template")
+MATCH_BY = ("video", "caption")
+_PARAGRAPH_SETS = frozenset({"didemo", "anet"})  # the sentences of a video are one paragraph query (SViTT recipes)
+_CLEANED_SETS = frozenset({"didemo", "charades", "anet", "ssv2_label", "ssv2_template"})
+_CAPTION_MATCH_SETS = frozenset({"ssv2_label", "ssv2_template"})  # one caption <-> many videos
+
+
+@dataclass(frozen=True)
+class AnnotationFormat:
+    """How a benchmark's captions are read and matched (the layout itself is detected from the file).
+
+    paragraphs: the captions of a record are joined, in order, into one caption (DiDeMo / ActivityNet paragraph
+    retrieval). clean_text: clean_caption on every caption (the SViTT / Singularity recipes). match_by "caption":
+    videos with the same caption are positives of each other in training, and in evaluation each distinct caption
+    is one text query whose ground truths are all the videos carrying it (SSv2 label / template retrieval)."""
+    paragraphs: bool = False
+    clean_text: bool = False
+    match_by: str = "video"
+
+    def __post_init__(self) -> None:
+        if self.match_by not in MATCH_BY:
+            raise ValueError(f"match_by must be one of {MATCH_BY}, got {self.match_by!r}")
+
+
+def annotation_format(data_set: str | None = "msrvtt", paragraphs: bool | None = None,
+                      clean_text: bool | None = None, match_by: str | None = None) -> AnnotationFormat:
+    """The format of a --data_set (case-insensitive), each choice overridable (None: the data set's default):
+    didemo / anet join paragraphs; didemo, charades, anet and ssv2_* clean captions; ssv2_* match by caption;
+    msrvtt and webvid change nothing."""
+    name = (data_set or "msrvtt").lower()
+    if name not in DATA_SETS:
+        raise ValueError(f"unknown --data_set {data_set!r}; choose one of {', '.join(DATA_SETS)} (case-insensitive)")
+    return AnnotationFormat(
+        paragraphs=name in _PARAGRAPH_SETS if paragraphs is None else bool(paragraphs),
+        clean_text=name in _CLEANED_SETS if clean_text is None else bool(clean_text),
+        match_by=("caption" if name in _CAPTION_MATCH_SETS else "video") if match_by is None else match_by)
+
+
+_DROPPED_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+def clean_caption(text: str) -> str:
+    """A caption as the SViTT / Singularity recipes feed it to the text encoder: lower case; the marks
+    , . ' ! ? " ( ) * # : ; ~ removed; - and / become spaces; Charades' `<person>` becomes `person`; runs of
+    white space one space, none at the ends."""
+    text = _DROPPED_PUNCTUATION.sub("", text.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    return " ".join(text.split())
 
 
 _WEBVID_REQUIRED = ("videoid", "page_dir", "name")
@@ -142,7 +206,7 @@ _FORMATS_HELP = ("WebVid CSV (videoid,contentUrl,duration,page_dir,name), MSR-VT
 
 
 def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                     skip_bad_records: bool = False) -> list[VideoRecord]:
+                     skip_bad_records: bool = False, fmt: AnnotationFormat | None = None) -> list[VideoRecord]:
     """Records of an annotation file in any of the four formats (see the module docstring), in file order.
 
     The format is detected from the contents (CSV header, JSON top-level type). Relative video paths are joined
@@ -150,31 +214,35 @@ def read_annotations(path: str | os.PathLike, data_root: str | os.PathLike | Non
     one AnnotationError (the first MAX_LISTED with record numbers, 1-based over data records, and a count); a
     2.5 M-row file is not fixed one row per attempt. skip_bad_records drops them instead, printing the count.
     A file that is not one of the formats at all (bad JSON, unknown CSV header) stops at once.
+    fmt (a benchmark's AnnotationFormat) joins paragraphs and cleans captions; records of one file with the same
+    video and span are merged (a video with two spans is two records).
     A list of Python objects (about 1 KB a record): for evaluation lists and tools; a training list of millions
     of videos is read with read_record_table.
     """
     root = os.fspath(data_root) if data_root else None
-    merged: dict[str, VideoRecord] = {}
+    merged: dict[tuple, VideoRecord] = {}
 
-    def add(rel: str, captions: list[str], video_id: str) -> None:
+    def add(rel: str, captions: list[str], video_id: str, span: Span | None) -> None:
         full = _under_root(root, rel)
-        if full in merged:
-            merged[full].captions.extend(c for c in captions if c not in merged[full].captions)
+        key = (full, span)
+        if key in merged:
+            merged[key].captions.extend(c for c in captions if c not in merged[key].captions)
         else:
-            merged[full] = VideoRecord(full, list(captions), video_id)
+            merged[key] = VideoRecord(full, list(captions), video_id, span)
 
-    _read_rows(os.fspath(path), skip_bad_records, add)
+    _read_rows(os.fspath(path), skip_bad_records, add, fmt)
     return list(merged.values())
 
 
 def read_record_table(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                      skip_bad_records: bool = False) -> "RecordTable":
+                      skip_bad_records: bool = False, fmt: AnnotationFormat | None = None) -> "RecordTable":
     """The records of read_annotations (same formats, errors, merging and order) as a compact RecordTable: rows
     are streamed into byte buffers, so no object per record is built or kept (a training list of millions)."""
     root = os.fspath(data_root) if data_root else None
     builder = _TableBuilder(merge_duplicates=True)
     _read_rows(os.fspath(path), skip_bad_records,
-               lambda rel, captions, video_id: builder.add(_under_root(root, rel), captions, video_id))
+               lambda rel, captions, video_id, span: builder.add(_under_root(root, rel), captions, video_id, span),
+               fmt)
     return builder.finish()
 
 
@@ -182,10 +250,11 @@ def _under_root(root: str | None, rel: str) -> str:
     return os.path.join(root, rel) if root and not os.path.isabs(rel) else rel
 
 
-def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str], str], None]) -> None:
-    """Every good record of an annotation file, in file order, into add(relative path, captions, video id); the
-    bad ones are judged after the whole file is read (one AnnotationError for all, or dropped and counted). A CSV
-    is read line by line, never held whole."""
+def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str], str, Span | None], None],
+               fmt: AnnotationFormat | None = None) -> None:
+    """Every good record of an annotation file, in file order, into add(relative path, captions, video id, span),
+    captions after fmt's paragraph joining and cleaning; the bad ones are judged after the whole file is read (one
+    AnnotationError for all, or dropped and counted). A CSV is read line by line, never held whole."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark; \r\n read as \n
             first = _first_visible_char(f)
@@ -193,7 +262,8 @@ def _read_rows(path: str, skip_bad_records: bool, add: Callable[[str, list[str],
                 raise AnnotationError(f"{path}: empty file; expected {_FORMATS_HELP}")
             f.seek(0)
             is_json = first in "[{\"" or path.lower().endswith(".json")
-            good, bad = _consume(_read_json(path, f.read()) if is_json else _read_csv(path, f), add)
+            good, bad = _consume(_read_json(path, f.read()) if is_json else _read_csv(path, f), add,
+                                 fmt or AnnotationFormat())
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file {path} does not exist") from None
     except UnicodeDecodeError as e:
@@ -235,7 +305,7 @@ class _BadRecord(ValueError):
     """One malformed record (its place and problem); collected, not raised to the caller."""
 
 
-Row = tuple[str, list[str], str]  # (relative video path, captions, video id)
+Row = tuple[str, list[str], str, "Span | None"]  # (relative video path, captions, video id, span)
 
 
 def _caption(where: str, value: Any) -> str:
@@ -265,20 +335,38 @@ def _file_of_id(video_id: str) -> tuple[str, str]:
     return video_id + VIDEO_EXTENSION, video_id
 
 
-def _consume(records: Iterable[Callable[[], Row]],
-             add: Callable[[str, list[str], str], None]) -> tuple[int, list[str]]:
-    """Parse every record, passing the good rows to add and keeping the problems of the bad ones (in file order)
-    -> (good rows, problems)."""
+def _consume(records: Iterable[Callable[[], Row | list[Row]]], add: Callable[..., None],
+             fmt: AnnotationFormat) -> tuple[int, list[str]]:
+    """Parse every record (a parser gives a row, or a list of rows for a record naming several videos), apply the
+    format to its captions, pass the good rows to add and keep the problems of the bad ones (in file order)
+    -> (good records, problems)."""
     good, bad = 0, []
     for parse in records:
         try:
-            row = parse()
+            rows = parse()
+            rows = [_formatted(parse.args[0], row, fmt) for row in (rows if isinstance(rows, list) else [rows])]
         except _BadRecord as e:
             bad.append(str(e))
             continue
-        add(*row)
+        for row in rows:
+            add(*row)
         good += 1
     return good, bad
+
+
+def _formatted(where: str, row: Row, fmt: AnnotationFormat) -> Row:
+    """A row's captions as the format wants them: joined into one paragraph, cleaned."""
+    rel, captions, video_id, span = row
+    if fmt.paragraphs:
+        captions = [" ".join(captions)]
+    if fmt.clean_text:
+        cleaned = [clean_caption(c) for c in captions]
+        empty = [k for k, c in enumerate(cleaned, 1) if not c]
+        if empty:
+            raise _BadRecord(f"{where}: caption {empty[0]} {captions[empty[0] - 1]!r:.60} is empty after text "
+                             "cleaning (--no_clean_text keeps captions as written)")
+        captions = list(dict.fromkeys(cleaned))  # two captions that clean alike are one
+    return rel, captions, video_id, span
 
 
 def _read_json(path: str, text: str) -> Iterator[Callable[[], Row]]:
@@ -301,20 +389,46 @@ def _dict_row(where: str, video: Any, caption: Any) -> Row:
     if isinstance(caption, list):
         raise _BadRecord(f"{where}: the JSON dict format has one caption string per video, got a list (use the "
                          f"list format [{{\"video\", \"caption\": [...]}}])")
-    return rel, [_caption(where, caption)], _id_of(rel)
+    return rel, [_caption(where, caption)], _id_of(rel), None
 
 
-def _list_row(where: str, item: Any) -> Row:
+def _list_row(where: str, item: Any) -> list[Row]:
+    """A Singularity / SViTT record -> one row per video: "video" a path or a list of paths (SSv2's evaluation
+    layout: one caption, several videos), "caption" a string or a list, optional "start" / "end" seconds."""
     if not isinstance(item, dict):
         raise _BadRecord(f"{where}: expected an object {{\"video\", \"caption\"}}, got {type(item).__name__}")
     for key in ("video", "caption"):
         if key not in item:
             raise _BadRecord(f"{where}: missing field '{key}' (has {sorted(item)})")
-    rel = _video_path(where, item["video"])
+    videos = item["video"] if isinstance(item["video"], list) else [item["video"]]
+    if not videos:
+        raise _BadRecord(f"{where}: empty video list")
+    rels = [_video_path(where, v) for v in videos]
     caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
     if not caps:
         raise _BadRecord(f"{where}: empty caption list")
-    return rel, [_caption(f"{where} caption {k}", c) for k, c in enumerate(caps, 1)], _id_of(rel)
+    captions = [_caption(f"{where} caption {k}", c) for k, c in enumerate(caps, 1)]
+    span = _span(where, item)
+    return [(rel, captions, _id_of(rel), span) for rel in rels]
+
+
+def _seconds(where: str, item: dict, key: str) -> float | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _BadRecord(f"{where}: '{key}' must be a number of seconds >= 0, got {value!r:.60}")
+    return float(value)
+
+
+def _span(where: str, item: dict) -> Span | None:
+    """Optional "start" / "end" seconds of a record -> (start, end) with None for a missing side, or None."""
+    start, end = _seconds(where, item, "start"), _seconds(where, item, "end")
+    if start is None and end is None:
+        return None
+    if start is not None and end is not None and end <= start:
+        raise _BadRecord(f"{where}: 'end' {end:g} s must be after 'start' {start:g} s")
+    return start, end
 
 
 def _read_csv(path: str, lines: Iterable[str]) -> Iterator[Callable[[], Row]]:
@@ -359,14 +473,14 @@ def _webvid_row(where: str, rec: dict) -> Row:
     page = _video_path(where, rec["page_dir"], "page_dir")
     caption = _caption(where, rec["name"])
     file, video_id = _file_of_id(vid)
-    return os.path.join(page, file), [caption], video_id
+    return os.path.join(page, file), [caption], video_id, None
 
 
 def _msrvtt_row(where: str, rec: dict) -> Row:
     vid = _video_path(where, rec["video_id"], "video_id")
     caption = _caption(where, rec["sentence"])
     file, video_id = _file_of_id(vid)
-    return file, [caption], video_id
+    return file, [caption], video_id, None
 
 
 # ----------------------------------------------------------------------------------------------- record table
@@ -402,21 +516,26 @@ class RecordTable(collections.abc.Sequence):
     Python objects, and nothing per record that Python's reference counting writes to, so forked data-loader
     workers share it instead of copying it page by page (benchmarks/bench_records.py).
 
-    path(i), video_id(i) and captions(i) decode one field; table[i] is a VideoRecord built on the spot (so code
-    written for a list of records works), table[a:b] and take(indices) are smaller tables.
+    path(i), video_id(i), captions(i) and span(i) decode one field; table[i] is a VideoRecord built on the spot (so
+    code written for a list of records works), table[a:b] and take(indices) are smaller tables. Spans are a float
+    [n, 2] column (NaN: no bound) only when some record has one.
     """
 
-    def __init__(self, paths: _Strings, video_ids: _Strings, captions: _Strings, caption_ends: np.ndarray) -> None:
+    def __init__(self, paths: _Strings, video_ids: _Strings, captions: _Strings, caption_ends: np.ndarray,
+                 spans: np.ndarray | None = None) -> None:
         if not len(paths) == len(video_ids) == len(caption_ends):
             raise ValueError("RecordTable columns differ in length")
+        if spans is not None and spans.shape != (len(paths), 2):
+            raise ValueError("RecordTable spans must be [records, 2]")
         self._paths, self._video_ids, self._captions, self._caption_ends = paths, video_ids, captions, caption_ends
+        self._spans = spans
 
     @classmethod
     def from_records(cls, records: Iterable[VideoRecord]) -> "RecordTable":
         """A table of the records as given (in order, repeated videos kept as separate records)."""
         builder = _TableBuilder(merge_duplicates=False)
         for r in records:
-            builder.add(r.path, r.captions, r.video_id)
+            builder.add(r.path, r.captions, r.video_id, r.span)
         return builder.finish()
 
     def __len__(self) -> int:
@@ -436,10 +555,29 @@ class RecordTable(collections.abc.Sequence):
     def video_id(self, i: int) -> str:
         return self._video_ids[self._index(i)]
 
-    def captions(self, i: int) -> list[str]:
+    def caption_range(self, i: int) -> tuple[int, int]:
+        """Record i's captions are captions k in [start, end) of the whole table (caption_match_ids' order)."""
         i = self._index(i)
-        start = int(self._caption_ends[i - 1]) if i > 0 else 0
-        return [self._captions[k] for k in range(start, int(self._caption_ends[i]))]
+        return (int(self._caption_ends[i - 1]) if i > 0 else 0), int(self._caption_ends[i])
+
+    def captions(self, i: int) -> list[str]:
+        start, end = self.caption_range(i)
+        return [self._captions[k] for k in range(start, end)]
+
+    def span(self, i: int) -> Span | None:
+        if self._spans is None:
+            return None
+        start, end = self._spans[self._index(i)].tolist()
+        if math.isnan(start) and math.isnan(end):
+            return None
+        return (None if math.isnan(start) else start), (None if math.isnan(end) else end)
+
+    def caption_match_ids(self) -> np.ndarray:
+        """int64 [num_captions]: one id per distinct caption string (numbered in order of first appearance), so
+        videos carrying the same caption share its id (training's match by caption)."""
+        ids: dict[str, int] = {}
+        return np.array([ids.setdefault(self._captions[k], len(ids)) for k in range(self.num_captions)],
+                        dtype=np.int64)
 
     def caption_counts(self) -> np.ndarray:
         """int64 [len]: how many captions each record has."""
@@ -452,7 +590,9 @@ class RecordTable(collections.abc.Sequence):
     @property
     def nbytes(self) -> int:
         """Bytes of the blobs and offsets (what the table holds, apart from a few small objects)."""
-        return sum(c.nbytes for c in (self._paths, self._video_ids, self._captions)) + self._caption_ends.nbytes
+        spans = 0 if self._spans is None else self._spans.nbytes
+        strings = sum(c.nbytes for c in (self._paths, self._video_ids, self._captions))
+        return strings + self._caption_ends.nbytes + spans
 
     def iter_paths(self) -> Iterator[str]:
         return (self._paths[i] for i in range(len(self)))
@@ -461,7 +601,7 @@ class RecordTable(collections.abc.Sequence):
         if isinstance(i, slice):
             return self.take(range(*i.indices(len(self))))
         i = self._index(i)
-        return VideoRecord(self._paths[i], self.captions(i), self._video_ids[i])
+        return VideoRecord(self._paths[i], self.captions(i), self._video_ids[i], self.span(i))
 
     def __iter__(self) -> Iterator[VideoRecord]:
         return (self[i] for i in range(len(self)))
@@ -470,7 +610,7 @@ class RecordTable(collections.abc.Sequence):
         """A new table of these records, in the order given."""
         builder = _TableBuilder(merge_duplicates=False)
         for i in indices:
-            builder.add(self.path(i), self.captions(i), self.video_id(i))
+            builder.add(self.path(i), self.captions(i), self.video_id(i), self.span(i))
         return builder.finish()
 
     def __repr__(self) -> str:
@@ -479,16 +619,17 @@ class RecordTable(collections.abc.Sequence):
 
 class _TableBuilder:
     """Appends records to growing byte buffers; finish() freezes them into a RecordTable. With merge_duplicates,
-    records of the same path become one (as read_annotations merges them), found after the fact from a hash of
-    each path, so no dictionary of every path is built."""
+    records of the same path and span become one (as read_annotations merges them), found after the fact from a
+    hash of each, so no dictionary of every path is built."""
 
     def __init__(self, merge_duplicates: bool) -> None:
         self.merge_duplicates = merge_duplicates
         self._columns = [(bytearray(), array.array("q")) for _ in range(3)]  # path, video id, caption: data, ends
         self._caption_ends = array.array("q")
         self._path_hashes = array.array("q")
+        self._spans: array.array | None = None  # start, end per record (NaN: none), once a record has a span
 
-    def add(self, path: str, captions: Sequence[str], video_id: str) -> None:
+    def add(self, path: str, captions: Sequence[str], video_id: str, span: Span | None = None) -> None:
         (paths, path_ends), (ids, id_ends), (texts, text_ends) = self._columns
         paths += path.encode("utf-8", "surrogatepass")
         path_ends.append(len(paths))
@@ -498,8 +639,12 @@ class _TableBuilder:
             texts += caption.encode("utf-8", "surrogatepass")
             text_ends.append(len(texts))
         self._caption_ends.append(len(text_ends))
+        if span is not None and self._spans is None:
+            self._spans = array.array("d", [math.nan] * (2 * (len(self._caption_ends) - 1)))
+        if self._spans is not None:
+            self._spans.extend(math.nan if t is None else float(t) for t in (span or (None, None)))
         if self.merge_duplicates:
-            self._path_hashes.append(hash(path))
+            self._path_hashes.append(hash((path, span)))
 
     def finish(self) -> RecordTable:
         columns = []
@@ -507,7 +652,8 @@ class _TableBuilder:
             data, ends = self._columns.pop(0)
             columns.append(_Strings(bytes(data), _offsets(ends)))
             del data, ends
-        table = RecordTable(*columns, _offsets(self._caption_ends))
+        spans = None if self._spans is None else np.frombuffer(self._spans, dtype=np.float64).reshape(-1, 2).copy()
+        table = RecordTable(*columns, _offsets(self._caption_ends), spans)
         hashes = np.frombuffer(self._path_hashes, dtype=np.int64)
         if self.merge_duplicates and len(np.unique(hashes)) < len(hashes):
             return _merge_repeated_paths(table, hashes)
@@ -515,15 +661,15 @@ class _TableBuilder:
 
 
 def _merge_repeated_paths(table: RecordTable, hashes: np.ndarray) -> RecordTable:
-    """One record per path, at its first place, with the captions of every repeat added in order (a caption it
-    has already is not added again), as read_annotations merges them. Only the rows whose path hash repeats are
-    compared by path."""
+    """One record per (path, span), at its first place, with the captions of every repeat added in order (a
+    caption it has already is not added again), as read_annotations merges them. Only the rows whose hash repeats
+    are compared by path and span."""
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    first_row: dict[str, int] = {}
+    first_row: dict[tuple, int] = {}
     merged_captions: dict[int, list[str]] = {}
     repeats: set[int] = set()
     for row in np.flatnonzero(counts[inverse] > 1).tolist():
-        owner = first_row.setdefault(table.path(row), row)
+        owner = first_row.setdefault((table.path(row), table.span(row)), row)
         if owner != row:
             repeats.add(row)
             captions = merged_captions.setdefault(owner, table.captions(owner))
@@ -532,7 +678,7 @@ def _merge_repeated_paths(table: RecordTable, hashes: np.ndarray) -> RecordTable
     for row in range(len(table)):
         if row not in repeats:
             captions = merged_captions[row] if row in merged_captions else table.captions(row)
-            builder.add(table.path(row), captions, table.video_id(row))
+            builder.add(table.path(row), captions, table.video_id(row), table.span(row))
     return builder.finish()
 
 
@@ -1279,7 +1425,10 @@ class VideoTextDataset(torch.utils.data.Dataset):
     raised only when no record of the list can be read. In test mode a broken video is an error: the test set is
     never silently changed.
 
-    records: a RecordTable (read_record_table) or a list of VideoRecord, which is turned into one.
+    records: a RecordTable (read_record_table) or a list of VideoRecord, which is turned into one. A record's span
+    restricts every frame plan (train and test) to that part of its video (span_frames).
+    match_by "caption" (training): items carry "match_id", the id of the drawn caption's string, so videos with the
+    same caption are positives of each other in the contrastive loss (AnnotationFormat).
     Call set_epoch(e) before each epoch (data-loader workers copy the dataset when an epoch's iterator starts,
     so do not use persistent_workers; that copy also carries the broken files the main process knows by then).
     """
@@ -1287,9 +1436,12 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[VideoRecord] | RecordTable, mode: str = "train", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
-                 mask_generator=None, excluded: Collection[int] = (), sample_type: str = "stride") -> None:
+                 mask_generator=None, excluded: Collection[int] = (), sample_type: str = "stride",
+                 match_by: str = "video") -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if match_by not in MATCH_BY:
+            raise ValueError(f"match_by must be one of {MATCH_BY}, got {match_by!r}")
         _check_sample_type(sample_type)
         if not isinstance(records, RecordTable):
             records = RecordTable.from_records(records)
@@ -1322,6 +1474,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.mask_generator = mask_generator
         self.epoch = 0
         self.broken: dict[str, str] = {}  # path -> error of files known broken (not opened again)
+        # one id per caption string of the table (numpy: shared by forked workers, not copied)
+        self.caption_ids = records.caption_match_ids() if match_by == "caption" and mode == "train" else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -1357,7 +1511,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 continue
             path = self.records.path(record_index)
             try:
-                video = self._train_clip(path, index)
+                video = self._train_clip(path, index, self.records.span(record_index))
                 break
             except VideoDecodeError as e:
                 met[path] = self.broken.setdefault(path, one_line(e))
@@ -1365,9 +1519,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
             raise BrokenDataError(self._all_broken_message())
         read = index not in self.excluded
         captions = self.records.captions(record_index)
-        caption = captions[int(self.rng(index, "caption").integers(len(captions)))]
-        item = {"video": video, "caption": caption, "index": index, "epoch": self.epoch, "read": int(read),
+        k = int(self.rng(index, "caption").integers(len(captions)))
+        item = {"video": video, "caption": captions[k], "index": index, "epoch": self.epoch, "read": int(read),
                 "broken": int(read and self.records.path(index) in met), "broken_videos": list(met.items())}
+        if self.caption_ids is not None:
+            item["match_id"] = int(self.caption_ids[self.records.caption_range(record_index)[0] + k])
         if self.mask_generator is not None:
             item["video_mask"] = torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, "video_mask")),
                                                              dtype=bool))
@@ -1379,25 +1535,27 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return (f"none of the {len(self.records) - len(self.excluded)} training videos{left} can be read (100% "
                 f"broken; is --data_root right?), e.g. {examples}. To see why, {check_hint()}")
 
-    def _decode(self, path: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:
-        """Frames plan(num_frames) of a video -> (uint8 [T, H, W, 3], num_frames); PyAV retries decord's failures
-        under "auto" (both backends number frames alike, so the sample is the same)."""
+    def _decode(self, path: str, plan: Callable[[int], list[int]],
+                span: Span | None = None) -> tuple[np.ndarray, int]:
+        """Frames plan(n) of a video (or of its span: n its frames, plan's indices counted from its first) ->
+        (uint8 [T, H, W, 3], n); PyAV retries decord's failures under "auto" (both backends number frames alike,
+        so the sample is the same)."""
         try:
-            return _decode_planned(path, self.backend, plan)
+            return _decode_planned(path, self.backend, plan, span)
         except VideoDecodeError as first:
             if self.fallback_backend is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
                 raise
             try:
-                return _decode_planned(path, self.fallback_backend, plan)
+                return _decode_planned(path, self.fallback_backend, plan, span)
             except VideoDecodeError as second:
                 raise VideoDecodeError(f"{first} (PyAV failed too: {one_line(second)})") from second
 
-    def _train_clip(self, path: str, index: int) -> torch.Tensor:
+    def _train_clip(self, path: str, index: int, span: Span | None = None) -> torch.Tensor:
         """Randomness is keyed on the requested index, so a substitute video still gets this sample's draws."""
         if path in self.broken:  # decoding it again would fail again
             raise VideoDecodeError(self.broken[path])
         frames, _ = self._decode(path, lambda n: train_frame_indices(  # a fresh rng per call: same draw on retry
-            n, self.num_frames, self.sampling_rate, self.sample_type, self.rng(index, "frames")))
+            n, self.num_frames, self.sampling_rate, self.sample_type, self.rng(index, "frames")), span)
         return train_clip_transform(frames, self.input_size, self.rng(index, "crop"))
 
     # -- evaluation
@@ -1411,7 +1569,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def _test_item(self, index: int) -> dict[str, Any]:
         path = self.records.path(index)
         try:
-            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n, index) for i in c}))
+            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n, index) for i in c}),
+                                     self.records.span(index))
         except VideoDecodeError as e:
             raise VideoDecodeError(f"{e} [evaluation: broken videos are not skipped, so the test set never changes "
                                    f"silently; repair or remove this video from the annotation file]") from e
@@ -1422,9 +1581,23 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return {"video": views, "captions": self.records.captions(index), "index": index}
 
 
-def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]]) -> tuple[np.ndarray, int]:
+def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]],
+                    span: Span | None = None) -> tuple[np.ndarray, int]:
     with open_video(path, backend) as video:
-        return video.get_frames(plan(video.num_frames)), video.num_frames
+        first, count = span_frames(video.num_frames, video.fps, span)
+        return video.get_frames([first + i for i in plan(count)]), count
+
+
+def span_frames(num_video_frames: int, fps: float, span: Span | None) -> tuple[int, int]:
+    """A span (start, end) in seconds -> (first frame, frame count) of the video's frames in it: from frame
+    floor(start x fps) to ceil(end x fps) (exclusive), None meaning the video's start / end. A span beyond the
+    video keeps at least its last frame, so a record never has no frames."""
+    if span is None or fps <= 0:
+        return 0, num_video_frames
+    start, end = span
+    first = min(int(math.floor((start or 0.0) * fps)), num_video_frames - 1)
+    stop = num_video_frames if end is None else min(int(math.ceil(end * fps)), num_video_frames)
+    return first, max(1, stop - first)
 
 
 # ----------------------------------------------------------------------------------------------- collate
@@ -1433,7 +1606,8 @@ def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]]) -
 class VideoTextCollator:
     """Stacks dataset items and tokenises captions in one batched call of the fast tokenizer.
 
-    train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], videos_read /
+    train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], match_id long
+    [B] (when the items carry one: the contrastive positives' id, see VideoTextDataset), videos_read /
     videos_broken (the items' read / broken summed, long scalars), broken_videos (the items' [(path, error)],
     each file once), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
@@ -1473,6 +1647,8 @@ class VideoTextCollator:
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+        if "match_id" in items[0]:
+            batch["match_id"] = torch.tensor([int(it["match_id"]) for it in items], dtype=torch.long)
         batch["epoch"] = torch.tensor([int(it.get("epoch", 0)) for it in items], dtype=torch.long)
         batch["videos_read"] = torch.tensor(sum(int(it.get("read", 1)) for it in items), dtype=torch.long)
         batch["videos_broken"] = torch.tensor(sum(int(it.get("broken", 0)) for it in items), dtype=torch.long)

@@ -3,8 +3,9 @@ gathered), zero-shot scoring, re-ranking with the matching head, and export. The
 contract's encode_video / encode_text / match_logits (training runs through engine_for_pretraining.train).
 
 Ranks are 1-based. Ties are broken AGAINST the ground truth: a candidate whose score equals the ground truth's
-counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. Model selection uses
-"r1_sum" = text-to-video R@1 + video-to-text R@1 on the validation set.
+counts as ranked above it, so a constant model gets the worst rank, never a lucky R@1. A query with several ground
+truths (a video's captions; the videos of one SSv2 caption) takes the rank of its best-ranked one. Model selection
+uses "r1_sum" = text-to-video R@1 + video-to-text R@1 on the validation set.
 """
 from __future__ import annotations
 
@@ -62,20 +63,34 @@ def text_video_masks(text_to_video: torch.Tensor, num_videos: int) -> torch.Tens
     return text_to_video[:, None] == torch.arange(num_videos)[None, :]
 
 
+def ground_truth_mask(text_to_video: Sequence[int] | torch.Tensor, num_texts: int, num_videos: int) -> torch.Tensor:
+    """The ground truth of a retrieval set as bool [T, V] (True where text t describes video v), from either form
+    the engine passes around: long [T], each text's one video (several texts may share a video), or already a
+    bool [T, V] (a text with several videos: SSv2's one caption for many videos)."""
+    gt = torch.as_tensor(text_to_video).cpu()
+    if gt.dtype == torch.bool:
+        if gt.shape != (num_texts, num_videos):
+            raise ValueError(f"the text_to_video mask is {tuple(gt.shape)}, the scores [{num_texts}, {num_videos}]")
+        return gt
+    gt = gt.long()
+    if gt.shape != (num_texts,) or (num_texts and (gt.min() < 0 or gt.max() >= num_videos)):
+        raise ValueError(f"text_to_video must be [{num_texts}] indices into {num_videos} videos")
+    return text_video_masks(gt, num_videos)
+
+
 def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor) -> tuple[dict, dict]:
     """Text-to-video and video-to-text metrics of a similarity matrix.
 
-    sim: [num_texts, num_videos]; text_to_video: [num_texts], the ground-truth video of each text (several texts
-    may share one). A video's v2t rank is the best rank of its captions; videos without a caption are no query.
+    sim: [num_texts, num_videos]; text_to_video: the ground truth, long [num_texts] (each text's video; several
+    texts may share one) or bool [num_texts, num_videos] (a text may have several videos). Each query's rank is
+    the rank of its best-ranked ground truth: a video's v2t rank is the best rank of its captions, a text's t2v
+    rank the best of its videos; videos without a caption are no query.
     Returns (metrics, ranks) with metrics "t2v_R@1" ... "v2t_MnR" plus "r1_sum" (= t2v R@1 + v2t R@1, the model
     selection key) and ranks {"t2v": [T], "v2t": [V'], "v2t_videos": [V'] (the video of each v2t query)}.
     """
     sim = sim.float().cpu()
-    t2v = torch.as_tensor(text_to_video, dtype=torch.long).cpu()
     num_texts, num_videos = sim.shape
-    if t2v.shape != (num_texts,) or (num_texts and (t2v.min() < 0 or t2v.max() >= num_videos)):
-        raise ValueError(f"text_to_video must be [{num_texts}] indices into {num_videos} videos")
-    mask = text_video_masks(t2v, num_videos)
+    mask = ground_truth_mask(text_to_video, num_texts, num_videos)
     queried = mask.any(dim=0).nonzero().squeeze(1)
     ranks = {"t2v": gt_ranks(sim, mask), "v2t": gt_ranks(sim.t()[queried], mask.t()[queried]),
              "v2t_videos": queried}
@@ -101,19 +116,21 @@ def format_table(results: dict[str, dict], title: str = "Retrieval") -> str:
 
 def per_query_records(sim: torch.Tensor, text_to_video: torch.Tensor, ranks: dict, video_ids: Sequence[str],
                       captions: Sequence[str], top: int = 10) -> list[dict]:
-    """For error analysis: each query's top-`top` candidates with scores, its ground truth and gt rank."""
+    """For error analysis: each query's top-`top` candidates with scores, its ground truths (video ids for a
+    text, text indices for a video) and gt rank; text_to_video in either form of retrieval_metrics."""
     sim = sim.float().cpu()
-    t2v = torch.as_tensor(text_to_video, dtype=torch.long)
+    mask = ground_truth_mask(text_to_video, *sim.shape)
     records = []
     scores, idx = sim.topk(min(top, sim.shape[1]), dim=1)
     for t in range(sim.shape[0]):
-        records.append({"direction": "t2v", "query": t, "text": captions[t], "gt": [video_ids[int(t2v[t])]],
+        gt = [video_ids[v] for v in mask[t].nonzero().squeeze(1).tolist()]
+        records.append({"direction": "t2v", "query": t, "text": captions[t], "gt": gt,
                         "gt_rank": int(ranks["t2v"][t]),
                         "top": [{"video_id": video_ids[int(j)], "score": round(float(s), 6)}
                                 for s, j in zip(scores[t], idx[t])]})
     scores, idx = sim.t().topk(min(top, sim.shape[0]), dim=1)
     for q, v in enumerate(ranks["v2t_videos"].tolist()):
-        gt = (t2v == v).nonzero().squeeze(1).tolist()
+        gt = mask[:, v].nonzero().squeeze(1).tolist()
         records.append({"direction": "v2t", "query": v, "video_id": video_ids[v], "gt": gt,
                         "gt_rank": int(ranks["v2t"][q]),
                         "top": [{"text_index": int(j), "text": captions[int(j)], "score": round(float(s), 6)}
@@ -145,6 +162,7 @@ class EvalConfig:
     video_mask_ratio: float = 0.0   # zero-shot only: a fixed tube mask per video (0 = every tube seen)
     seed: int = 0
     print_freq: int = 20
+    distinct_captions: bool = False  # each distinct caption string is one query with all its videos (SSv2)
 
 
 def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
@@ -202,7 +220,8 @@ def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg
 
     Returns {"video": [V, D], "text": [T, D], "text_to_video": long [T], "captions": [T], "indices": [V]} with
     videos in dataset-index order (duplicates a padded distributed sampler adds are dropped) and each video's
-    captions in annotation order.
+    captions in annotation order. With cfg.distinct_captions the texts are the distinct caption strings (in order
+    of first appearance) and "text_to_video" is bool [T, V]: every video that carries the caption.
     """
     was_training = model.training
     model.eval()
@@ -218,7 +237,7 @@ def embed_dataset(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg
         indices += idx
         captions += caps
     model.train(was_training)
-    return _merge_ranks(_rows(videos), _rows(texts), indices, captions)
+    return _merge_ranks(_rows(videos), _rows(texts), indices, captions, cfg.distinct_captions)
 
 
 def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -227,10 +246,12 @@ def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def _merge_ranks(video: torch.Tensor, text: torch.Tensor, indices: list[int], captions: list[list[str]]) -> dict:
+def _merge_ranks(video: torch.Tensor, text: torch.Tensor, indices: list[int], captions: list[list[str]],
+                 distinct_captions: bool = False) -> dict:
     """This rank's features -> every rank's, in dataset-index order (the first copy of an index a padded sampler
     repeats is kept). Features and indices travel as contiguous tensors (distributed.gather_rows); only the
-    caption strings are pickled."""
+    caption strings are pickled. distinct_captions: one text per distinct string, its ground truth every video
+    that carries it (bool [T, V] "text_to_video")."""
     video = distributed.gather_rows(video)
     text = distributed.gather_rows(text)
     indices = distributed.gather_rows(torch.tensor(indices, dtype=torch.long)).tolist()
@@ -243,10 +264,26 @@ def _merge_ranks(video: torch.Tensor, text: torch.Tensor, indices: list[int], ca
     rows = [first[i] for i in order]
     text_rows = [r for row in rows for r in range(starts[row], starts[row + 1])]
     t2v = [pos for pos, row in enumerate(rows) for _ in captions[row]]
-    return {"video": video[rows] if order else torch.zeros(0, 0),
-            "text": text[text_rows] if text_rows else torch.zeros(0, 0),
-            "text_to_video": torch.tensor(t2v, dtype=torch.long),
-            "captions": [c for row in rows for c in captions[row]], "indices": order}
+    texts = [c for row in rows for c in captions[row]]
+    merged = {"video": video[rows] if order else torch.zeros(0, 0),
+              "text": text[text_rows] if text_rows else torch.zeros(0, 0),
+              "text_to_video": torch.tensor(t2v, dtype=torch.long), "captions": texts, "indices": order}
+    return _by_distinct_caption(merged) if distinct_captions else merged
+
+
+def _by_distinct_caption(merged: dict) -> dict:
+    """One text query per distinct caption string (its first copy's features: the same string embeds alike), its
+    ground truths every video carrying it: bool [T, V] "text_to_video"."""
+    first: dict[str, int] = {}
+    for k, caption in enumerate(merged["captions"]):
+        first.setdefault(caption, k)
+    position = {caption: q for q, caption in enumerate(first)}
+    gt = torch.zeros(len(first), len(merged["indices"]), dtype=torch.bool)
+    for caption, v in zip(merged["captions"], merged["text_to_video"].tolist()):
+        gt[position[caption], v] = True
+    keep = list(first.values())
+    return {**merged, "text": merged["text"][keep] if keep else merged["text"], "text_to_video": gt,
+            "captions": list(first)}
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: EvalConfig) -> dict:

@@ -285,15 +285,23 @@ def visible_pixel_stats(tubes: torch.Tensor, video_mask: torch.Tensor,
 
 
 def vtc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: float | torch.Tensor,
-             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             match_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE on L2-normalised features [b, D] (pair i matches), over the global batch when `gather`
-    ([b, D] -> [world*b, D], with gradient) is given: every rank computes the same global x global loss."""
+    ([b, D] -> [world*b, D], with gradient) is given: every rank computes the same global x global loss.
+    match_ids long [b] (e.g. SSv2's caption ids): pairs i, j with the same id are positives too, the target
+    spread evenly over a row's positives."""
     v = F.normalize(video_feat.float(), dim=-1)
     t = F.normalize(text_feat.float(), dim=-1)
     if gather is not None:
         v, t = gather(v), gather(t)
+        match_ids = gather(match_ids) if match_ids is not None else None
     logits = v @ t.t() / temperature
-    labels = torch.arange(len(v), device=v.device)
+    if match_ids is None:
+        labels = torch.arange(len(v), device=v.device)
+    else:
+        positives = (match_ids[:, None] == match_ids[None, :]).float()
+        labels = positives / positives.sum(dim=1, keepdim=True)  # symmetric: one target for both directions
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
@@ -563,9 +571,10 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
         return self.text_encoder.encode_text(self.text_encoder.text_embeddings(input_ids), attention_mask)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-        """Retrieval fine-tuning's loss: the symmetric InfoNCE of pre-training's VTC over the global batch."""
+        """Retrieval fine-tuning's loss: the symmetric InfoNCE of pre-training's VTC over the global batch (with
+        the batch's "match_id", same id = positives: --match_by caption)."""
         loss = vtc_loss(self.encode_video(batch["video"]), self.encode_text(batch["input_ids"], batch["attention_mask"]),
-                        self.temperature, gather)
+                        self.temperature, gather, batch.get("match_id"))
         return {"loss": loss}
 
 # ----------------------------------------------------------------------------------------------- registry

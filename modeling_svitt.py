@@ -830,9 +830,10 @@ class SViTTPretrain(nn.Module):
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: video [B, 3, T, H, W], input_ids / attention_mask [B, L], index [B]
-        (the record's position in the training list, whose records are merged per video: same index = same video),
-        mlm_input_ids / mlm_labels [B, L] when the loader masks captions -> losses."""
-        video_ids = batch.get("video_id", batch["index"]).to(batch["input_ids"].device)
+        (the record's position in the training list, whose records are merged per video: same index = same video)
+        or match_id [B] when the loader gives one (--match_by caption: same caption = positives), mlm_input_ids /
+        mlm_labels [B, L] when the loader masks captions -> losses."""
+        video_ids = batch.get("match_id", batch["index"]).to(batch["input_ids"].device)
         attention_mask = batch["attention_mask"]
         vis = self.vision(batch["video"])
         video_tokens = self.vision_layernorm(vis.tokens)

@@ -37,7 +37,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimVTP retrieval fine-tuning and evaluation",
                                 formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data_set", default="MSRVTT", help="informational (the release's flag); formats are detected")
+    g.add_argument("--data_set", default="MSRVTT", help="the benchmark (case-insensitive): "
+                   f"{', '.join(datasets.DATA_SETS)}. The file layout is detected; this picks the defaults of "
+                   "--paragraph_retrieval (didemo, anet), text cleaning (didemo, charades, anet, ssv2_*) and "
+                   "--match_by caption (ssv2_*); msrvtt and webvid change nothing (DATA.md)")
+    g.add_argument("--paragraph_retrieval", dest="paragraph_retrieval", action="store_const", const=True,
+                   default=None, help="join the captions of each record, in order and separated by a space, into "
+                   "one paragraph caption (default: on for --data_set didemo / anet)")
+    g.add_argument("--no_paragraph_retrieval", dest="paragraph_retrieval", action="store_const", const=False,
+                   help="keep each caption of a record a caption of its own, whatever --data_set")
+    g.add_argument("--clean_text", dest="clean_text", action="store_const", const=True, default=None,
+                   help="clean captions as the SViTT recipes: lower case, no punctuation, <person> -> person "
+                   "(default: on for didemo, charades, anet, ssv2_label, ssv2_template)")
+    g.add_argument("--no_clean_text", dest="clean_text", action="store_const", const=False,
+                   help="keep captions as written, whatever --data_set")
+    g.add_argument("--match_by", default=None, choices=list(datasets.MATCH_BY),
+                   help="video: a caption's positive is its own video; caption: videos with the same caption are "
+                   "positives of each other in training, and in evaluation each distinct caption is one query "
+                   "whose ground truths are all its videos (default: caption for ssv2_label / ssv2_template, "
+                   "else video)")
     g.add_argument("--data_path", default=None, help="training annotation file (several captions per video "
                    "allowed); the test set in --only_test / --zero_shot when --test_data_path is not given")
     g.add_argument("--val_data_path", default=None, help="validation annotations for model selection")
@@ -99,6 +117,10 @@ def setup(args: argparse.Namespace) -> torch.dtype:
     dtype = utils.setup_run(args)
     if args.enable_deepspeed:
         print("--enable_deepspeed: accepted for the release's scripts; DeepSpeed is not used, native AMP + DDP are")
+    fmt = annotation_format(args)  # an unknown --data_set stops here, before any file is read
+    if fmt != datasets.AnnotationFormat():
+        print(f"Captions ({args.data_set}): paragraphs {'on' if fmt.paragraphs else 'off'}, cleaning "
+              f"{'on' if fmt.clean_text else 'off'}, match by {fmt.match_by}")
     if args.num_sample != 1:
         raise ValueError(f"--num_sample {args.num_sample}: only 1 is supported (repeated clips of one video in a "
                          "batch would be false negatives of the contrastive loss)")
@@ -111,14 +133,21 @@ def setup(args: argparse.Namespace) -> torch.dtype:
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0) -> engine.EvalConfig:
     return engine.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
                              max_text_len=args.max_text_len, video_mask_ratio=mask_ratio, seed=args.seed,
-                             print_freq=args.print_freq)
+                             print_freq=args.print_freq,
+                             distinct_captions=annotation_format(args).match_by == "caption")
+
+
+def annotation_format(args: argparse.Namespace) -> datasets.AnnotationFormat:
+    """--data_set's caption handling with --paragraph_retrieval / --clean_text / --match_by applied."""
+    return datasets.annotation_format(getattr(args, "data_set", None), getattr(args, "paragraph_retrieval", None),
+                                      getattr(args, "clean_text", None), getattr(args, "match_by", None))
 
 
 def read_records(path: str, args: argparse.Namespace, table: bool = False) -> list | datasets.RecordTable:
-    """An annotation file's records: a list, or with table a datasets.RecordTable (the training list: numpy
-    columns that forked loader workers share instead of copying)."""
+    """An annotation file's records (in --data_set's format): a list, or with table a datasets.RecordTable (the
+    training list: numpy columns that forked loader workers share instead of copying)."""
     read = datasets.read_record_table if table else datasets.read_annotations
-    records = read(path, args.data_root, args.skip_bad_records)
+    records = read(path, args.data_root, args.skip_bad_records, annotation_format(args))
     captions = records.num_captions if table else sum(len(r.captions) for r in records)
     print(f"Data: {len(records)} videos, {captions} captions from {path}")
     return records
@@ -355,7 +384,8 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
                                         seed=args.seed, sample_type=args.sample_type,
-                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                        match_by=annotation_format(args).match_by)
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
                          f"({args.batch_size} x {args.world_size} processes)")
