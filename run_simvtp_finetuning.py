@@ -453,10 +453,11 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
                                               args.num_workers, args.max_text_len, args.dist_eval,
                                               args.eval_host_memory_gb)
 
-        def validate(epoch: int) -> dict:
+        def validate_epoch(epoch: int) -> dict:
             val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]
             print(engine.format_table({f"val epoch {epoch}": val}, title="Validation"))
             return val
+        validate = validate_epoch
     engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="r1_sum",
                                  on_best=lambda epoch, val: save_best(args, model, epoch, val))
     return test_best(args, model, test_records, dtype, tokenizer)
