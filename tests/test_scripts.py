@@ -89,6 +89,54 @@ def test_svitt_expand_starts_the_next_stage_from_the_checkpoint(tmp_path):
     assert run.returncode == 2 and run.stderr.strip() == "error: checkpoint not found: /no/such.pth"
 
 
+SVITT_RET = {  # dataset -> (max text length, paragraphs, match by caption, test file, has a val file)
+    "msrvtt": (64, False, False, "msrvtt_ret_test1k.json", False),
+    "didemo": (64, True, False, "didemo_ret_test.json", True),
+    "charades": (48, False, False, "charades-script_test.json", False),
+    "ssv2_label": (25, False, True, "ssv2_ret_label_val_small.json", False),
+    "ssv2_template": (25, False, True, "ssv2_ret_template_val_small.json", False),
+    "anet": (150, True, False, "anet_ret_val_1.json", False)}
+
+
+@pytest.mark.parametrize("dataset", SVITT_RET)
+def test_svitt_retrieval_recipes_parse_and_carry_the_release_settings(dataset, tmp_path):
+    """Both recipes for every dataset: the flags parse, the family's flags build the sparse model, the dataset's
+    own settings apply, and fine-tuning selects on a validation split, never on the test file."""
+    max_len, paragraphs, by_caption, test_file, has_val = SVITT_RET[dataset]
+    parser = run_simvtp_finetuning.get_args_parser()
+    for script in ("svitt_train_ret.sh", "svitt_eval_ret.sh"):
+        cmd = _dry_run(script, dataset, "ck.pth", "out", "--seed", "3", cwd=str(tmp_path), DATA_DIR="sl data")
+        _launches_with_the_projects_python(cmd)
+        args = parser.parse_args(_script_args(cmd, "run_simvtp_finetuning.py"))
+        assert args.test_data_path == str(tmp_path / "sl data" / "anno_downstream" / test_file)
+        assert args.finetune == str(tmp_path / "ck.pth") and args.seed == 3
+        assert (args.model, args.num_frames, args.num_frames_test, args.eval_frame_ensemble) == \
+            ("svitt_base_patch16_224", 4, 12, "lse")
+        assert (args.sample_type, args.sample_type_test, args.rerank_k, args.max_text_len) == \
+            ("rand", "middle", 128, max_len)
+        fmt = run_simvtp_finetuning.annotation_format(args)
+        assert (fmt.paragraphs, fmt.match_by == "caption") == (paragraphs, by_caption)
+        kwargs = model_registry.model_kwargs(args, args.model, vocab_size=30522)
+        assert (kwargs["sparse_local_attn"], kwargs["sparse_random_attn"], kwargs["token_keep_rate"]) == (1, 3, 0.7)
+        if script == "svitt_train_ret.sh":
+            assert (args.lr, args.min_lr, args.warmup_epochs, args.epochs, args.weight_decay, args.batch_size) == \
+                (1e-5, 1e-6, 0, 10, 0.02, 32)
+            assert (args.val_data_path is not None) == has_val and (has_val or args.val_fraction > 0)
+            assert args.val_data_path != args.test_data_path
+        else:
+            assert args.only_test or args.zero_shot
+
+
+def test_svitt_retrieval_recipes_refuse_an_unknown_dataset_and_a_missing_checkpoint(tmp_path):
+    for script in ("svitt_train_ret.sh", "svitt_eval_ret.sh"):
+        run = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "kinetics", "ck.pth", "out"],
+                             capture_output=True, text=True, env=_clean_env(DRY_RUN="1"))
+        assert run.returncode == 2 and "unknown DATASET 'kinetics'" in run.stderr and "msrvtt didemo" in run.stderr
+        run = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "msrvtt", str(tmp_path / "no.pth"),
+                              "out"], capture_output=True, text=True, env=_clean_env())
+        assert run.returncode == 2 and run.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'no.pth'}"
+
+
 def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test(tmp_path):
     cmd = _dry_run("finetune_msrvtt.sh", "train 9k.json", "./test 1k.csv", "/videos", "pre.pth", "out",
                    cwd=str(tmp_path))
@@ -113,7 +161,8 @@ def test_only_test_msrvtt_uses_15_by_3_views(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["pretrain_webvid.sh", "finetune_msrvtt.sh", "only_test_msrvtt.sh",
-                                    "svitt_pretrain_webvid.sh", "svitt_expand.sh"])
+                                    "svitt_pretrain_webvid.sh", "svitt_expand.sh", "svitt_train_ret.sh",
+                                    "svitt_eval_ret.sh"])
 def test_missing_arguments_print_usage_and_exit_2(script):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "DATA_ROOT")}
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script)], capture_output=True, text=True, env=env)
