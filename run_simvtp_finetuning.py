@@ -95,8 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
     g.add_argument("--rerank_k", type=int, default=0, help="re-score each query's top K with the matching head")
     g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
-                   "one) whose match_logits re-score the top K (loaded strictly); default with --zero_shot: the "
-                   "evaluated model itself")
+                   "one) whose match_logits re-score the top K (loaded strictly); default: the evaluated model "
+                   "itself when it has a matching head (SViTT; a SimVTP pre-training model with --zero_shot)")
     g.add_argument("--rerank_model", default=None, help="its model name (default: the one the checkpoint names)")
     g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors. "
                    "Videos that cannot be read are left out, named on the console and in the metadata "
@@ -241,9 +241,20 @@ def build_from_file(path: str, name: str | None, args: argparse.Namespace) -> to
 
 def load_match_model(args: argparse.Namespace) -> torch.nn.Module:
     """--rerank_ckpt (with --rerank_model): a model with the contract's match_logits."""
+    if not args.rerank_ckpt:
+        raise ValueError(f"--rerank_k {args.rerank_k}: the evaluated model has no matching head; give --rerank_ckpt "
+                         "a checkpoint of one that has (e.g. a SimVTP pre-training checkpoint)")
     model = build_from_file(args.rerank_ckpt, args.rerank_model, args)
     check_can_match(model, args.rerank_ckpt)
     return model
+
+
+def own_match_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module | None:
+    """Re-ranking without --rerank_ckpt: the evaluated model itself when it has a matching head (a SViTT model,
+    pre-trained or fine-tuned, scores its own top k as the release does); None sends run_test to --rerank_ckpt."""
+    if args.rerank_k > 0 and not args.rerank_ckpt and callable(getattr(model, "match_logits", None)):
+        return model
+    return None
 
 
 def check_can_match(model: torch.nn.Module, path: str) -> None:
@@ -299,7 +310,7 @@ def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     records = read_records(path, args)
     check_eval_lists(args, {f"test list {path}": records})
     model = build_from_file(weights, args.model, args)
-    return run_test(model, records, args, tokenizer, dtype)
+    return run_test(model, records, args, tokenizer, dtype, match_model=own_match_model(model, args))
 
 
 def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
@@ -483,7 +494,7 @@ def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: li
     if test_records is None:
         print("No --test_data_path: skipping the test evaluation")
         return {}
-    return run_test(model, test_records, args, tokenizer, dtype)
+    return run_test(model, test_records, args, tokenizer, dtype, match_model=own_match_model(model, args))
 
 
 def main(args: argparse.Namespace) -> dict:

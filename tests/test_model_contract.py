@@ -134,6 +134,29 @@ def test_zero_shot_and_reranking_of_a_second_family_without_model_flag(toy_run, 
     assert result["rerank"]["rerank_k"] == 2 and "t2v_R@1" in result["rerank"]
 
 
+def test_only_test_reranks_with_the_tested_models_own_matching_head(toy_run, synthetic_root, tmp_path):
+    """A model with match_logits (SViTT, fine-tuned or not) re-ranks its own top k under --only_test, as the
+    release evaluates; the same re-ranking as --zero_shot gives on the same weights."""
+    out, _ = toy_run
+    argv = ["--finetune", str(out / "checkpoint-1.pth"), "--data_root", str(synthetic_root),
+            "--test_data_path", os.path.join(synthetic_root, "annotations", "test.json"), "--num_frames", "4",
+            "--input_size", "32", "--test_num_segment", "1", "--test_num_crop", "1", "--rerank_k", "3",
+            "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--precision", "fp32"]
+    parser = run_simvtp_finetuning.get_args_parser()
+    tested = run_simvtp_finetuning.main(parser.parse_args(argv + ["--only_test", "--output_dir", str(tmp_path / "t")]))
+    zero = run_simvtp_finetuning.main(parser.parse_args(argv + ["--zero_shot", "--output_dir", str(tmp_path / "z")]))
+    assert tested["rerank"] == {**zero["rerank"], "seconds": tested["rerank"]["seconds"]}
+    assert json.loads((tmp_path / "t" / "test_metrics.json").read_text())["rerank"]["rerank_k"] == 3
+
+
+def test_reranking_a_model_without_matching_head_asks_for_rerank_ckpt():
+    model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    args = run_simvtp_finetuning.get_args_parser().parse_args(["--rerank_k", "4"])
+    assert run_simvtp_finetuning.own_match_model(model, args) is None
+    with pytest.raises(ValueError, match="has no matching head; give --rerank_ckpt"):
+        run_simvtp_finetuning.load_match_model(args)
+
+
 def test_a_flag_of_another_family_is_an_error_naming_its_family(synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="--decoder_depth belongs to the simvtp model family; --model toy_tiny"):
         run_simvtp_pretraining.main(_pretrain_args(synthetic_root, tmp_path, "--decoder_depth", "2"))
