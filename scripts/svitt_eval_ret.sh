@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# SViTT's retrieval evaluation recipe (the release's eval of ret_<dataset>.yaml, in our flags): a SViTT checkpoint
-# (pre-training: zero-shot; or fine-tuned) on the dataset's test split, 12 test frames in 3 clips of 4 (middle
-# frames), contrastive similarities averaged over clips, then each text's top 128 videos and each video's top 128
-# texts re-scored by the matching head (logits log-sum-exp'd over clips); both rankings are reported. Settings per
-# dataset: scripts/svitt_ret_datasets.sh.
+# SViTT's retrieval evaluation recipe (the release's evaluation of ret_<dataset>.yaml, in our flags): a SViTT
+# checkpoint (pre-trained: zero-shot; or fine-tuned) tested with `--only_test` on the dataset's test split: 12 test
+# frames in 3 clips of 4 (middle frames), contrastive similarities averaged over clips, then each text's top 128
+# videos and each video's top 128 texts re-scored by the model's own matching head (logits log-sum-exp'd over
+# clips); both rankings are reported. Settings per dataset: scripts/svitt_ret_datasets.sh.
 #
 # Usage (run once per node):
 #   bash scripts/svitt_eval_ret.sh DATASET CKPT OUTPUT_DIR [extra flags...]
@@ -31,7 +31,7 @@ if [ -z "${DRY_RUN:-}" ]; then
 fi
 
 launcher_command run_simvtp_finetuning.py 1 29505
-cmd=("${LAUNCH[@]}" "${SVITT_RET_MODEL[@]}" "${DATASET_FLAGS[@]}" --zero_shot
+cmd=("${LAUNCH[@]}" "${SVITT_RET_MODEL[@]}" "${DATASET_FLAGS[@]}" --only_test
      --test_data_path "$TEST_ANNO" --data_root "$VIDEO_ROOT" --finetune "$CKPT" --output_dir "$OUTPUT_DIR"
      --batch_size 32)
 cmd+=("$@")

@@ -124,7 +124,7 @@ def test_svitt_retrieval_recipes_parse_and_carry_the_release_settings(dataset, t
             assert (args.val_data_path is not None) == has_val and (has_val or args.val_fraction > 0)
             assert args.val_data_path != args.test_data_path
         else:
-            assert args.only_test or args.zero_shot
+            assert args.only_test and not args.zero_shot
 
 
 def test_svitt_retrieval_recipes_refuse_an_unknown_dataset_and_a_missing_checkpoint(tmp_path):
