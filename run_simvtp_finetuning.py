@@ -8,6 +8,9 @@
     python run_simvtp_finetuning.py --only_test --finetune output/finetune/checkpoint-best.pth --data_path test.json
     # zero-shot with the pre-training model's unimodal passes, then re-rank the top 16 with its matching head
     python run_simvtp_finetuning.py --zero_shot --finetune pretrain.pth --test_data_path test.json --rerank_k 16
+    # SViTT's evaluation: 16 frames as 2 clips of 8 (lse over clips), re-rank the top 128, temporal sensitivity
+    python run_simvtp_finetuning.py --zero_shot --finetune svitt.pth --test_data_path test.json --num_frames 8 \
+        --num_frames_test 16 --test_num_segment 1 --rerank_k 128 --eval_frame_order none reverse shuffle freeze
     # embeddings for search elsewhere
     python run_simvtp_finetuning.py --export_embeddings emb.safetensors --finetune best.pth --video_dir videos/
 See scripts/finetune_msrvtt.sh and scripts/only_test_msrvtt.sh for the paper's MSR-VTT runs.
@@ -95,7 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero_shot", action="store_true", help="retrieval with a pre-training model, no training")
     g.add_argument("--zero_shot_video_mask_ratio", type=float, default=0.0,
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
-    g.add_argument("--rerank_k", type=int, default=0, help="re-score each query's top K with the matching head")
+    g.add_argument("--rerank_k", type=int, default=0, help="re-score every text's top K videos and every video's top K texts "
+                   "with the matching head: ranked by its log-odds of match, aggregated over clips by "
+                   "--eval_frame_ensemble; both rankings are reported (0: no re-ranking)")
     g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
                    "one) whose match_logits re-score the top K (loaded strictly); default with --zero_shot: the "
                    "evaluated model itself")

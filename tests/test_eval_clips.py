@@ -256,3 +256,12 @@ def test_concat_rebuilds_the_model_at_the_test_frames(synthetic_root, tokenizer,
     result = run.main(_argv(synthetic_root, tmp_path, ckpt, "--num_frames_test", "8", "--test_num_segment", "1",
                             "--eval_frame_ensemble", "concat"))
     assert "rebuilt for 8-frame clips" in capsys.readouterr().out and result["clips"] == 2
+
+
+def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set):
+    args = run.get_args_parser().parse_args(["--device", "cpu"])
+    args.device_obj = torch.device("cpu")
+    wide = run.at_frames(svitt, 8, args)
+    assert wide.model_cfg["kwargs"]["num_frames"] == 8 and run.at_frames(svitt, 4, args) is svitt
+    with torch.no_grad():
+        assert wide.encode_video(datasets.normalize_video(test_set[0][:1])).shape == (1, 64)
