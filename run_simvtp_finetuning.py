@@ -130,6 +130,7 @@ def setup(args: argparse.Namespace) -> torch.dtype:
     if args.model and model_registry.canonical_name(args.model) != args.model:
         print(f"--model {args.model} is another name of {model_registry.canonical_name(args.model)}")
         args.model = model_registry.canonical_name(args.model)
+    test_frames(args)  # an inconsistent clip set-up stops before any training or loading
     return dtype
 
 
@@ -295,7 +296,8 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
         match_model = load_match_model(args)
     if args.eval_frame_ensemble == "concat":
         model = at_frames(model, frames, args)
-        match_model = match_model and (model if match_model is model else at_frames(match_model, frames, args))
+        if match_model is not None:
+            match_model = model if match_model is model else at_frames(match_model, frames, args)
     dataset = eval_dataset(records, args, args.test_num_segment, args.test_num_crop, frames)
     loader = engine.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers, args.max_text_len,
                                       args.dist_eval, args.eval_host_memory_gb)
