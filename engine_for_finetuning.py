@@ -163,6 +163,83 @@ class EvalConfig:
     seed: int = 0
     print_freq: int = 20
     distinct_captions: bool = False  # each distinct caption string is one query with all its videos (SSv2)
+    num_clips: int = 1              # clips each view of num_frames_test frames is split into (clip ensemble)
+    sparse_clips: bool = False      # clip j = frames j, j+k, ... (interleaved) instead of the j-th consecutive chunk
+    ensemble: str = "lse"           # matching logits over clips: lse | mean | max | concat (one clip of all frames)
+    frame_order: str = "none"       # none | reverse | shuffle | freeze: each clip's frames, for temporal tests
+    offload: bool = False           # features (and similarities) on the CPU instead of the device
+
+    def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"eval_frame_ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.frame_order not in FRAME_ORDERS:
+            raise ValueError(f"eval_frame_order must be one of {FRAME_ORDERS}, got {self.frame_order!r}")
+        if self.num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
+
+    @property
+    def feature_device(self) -> torch.device:
+        """Where features and similarity matrices live: the CPU with offload, else the encoding device."""
+        return torch.device("cpu") if self.offload else self.device
+
+
+ENSEMBLES = ("lse", "mean", "max", "concat")
+FRAME_ORDERS = ("none", "reverse", "shuffle", "freeze")
+
+
+def frame_permutation(num_frames: int, seed: int) -> torch.Tensor:
+    """The shuffle order of --eval_frame_order shuffle: one permutation per (seed, clip length), never the
+    identity when the clip has more than one frame (else shuffling would test nothing)."""
+    rng = np.random.default_rng([seed, num_frames, 7])
+    perm = rng.permutation(num_frames)
+    while num_frames > 1 and (perm == np.arange(num_frames)).all():
+        perm = rng.permutation(num_frames)
+    return torch.from_numpy(perm)
+
+
+def reorder_frames(clip: torch.Tensor, order: str, seed: int = 0) -> torch.Tensor:
+    """clip [..., C, T, H, W] with its T frames reversed, shuffled (frame_permutation), or frozen (the middle frame
+    repeated T times); "none" returns it unchanged."""
+    t = clip.shape[-3]
+    if order == "none":
+        return clip
+    if order == "reverse":
+        return clip.flip(-3)
+    if order == "shuffle":
+        return clip.index_select(-3, frame_permutation(t, seed).to(clip.device))
+    if order == "freeze":
+        return clip.narrow(-3, t // 2, 1).expand_as(clip).contiguous()
+    raise ValueError(f"unknown frame order {order!r}; one of {FRAME_ORDERS}")
+
+
+def split_clips(video: torch.Tensor, num_clips: int, sparse: bool = False) -> torch.Tensor:
+    """video [..., C, T, H, W] -> [..., k, C, T/k, H, W]: k consecutive chunks, or with sparse k interleaved clips
+    (clip j = frames j, j+k, j+2k, ...), each spanning the whole video."""
+    t = video.shape[-3]
+    if t % num_clips:
+        raise ValueError(f"{t} frames do not split into {num_clips} clips")
+    if sparse:
+        return video.unflatten(-3, (t // num_clips, num_clips)).movedim(-3, -5)
+    return video.unflatten(-3, (num_clips, t // num_clips)).movedim(-4, -5)
+
+
+def eval_clips(video: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """A view's frames [..., C, T', H, W] -> the clips the model sees [..., k, C, T, H, W] in cfg's frame order
+    (one clip of all T' frames with the concat ensemble)."""
+    k = 1 if cfg.ensemble == "concat" else cfg.num_clips
+    return reorder_frames(split_clips(video, k, cfg.sparse_clips), cfg.frame_order, cfg.seed)
+
+
+def aggregate_clip_scores(scores: torch.Tensor, ensemble: str) -> torch.Tensor:
+    """[k, ...] matching scores of k clips -> [...]: logsumexp (SViTT's default), mean or max over clips
+    (concat scores one clip: k = 1)."""
+    if ensemble in ("lse", "concat"):
+        return torch.logsumexp(scores, dim=0)
+    if ensemble == "mean":
+        return scores.mean(dim=0)
+    if ensemble == "max":
+        return scores.amax(dim=0)
+    raise ValueError(f"unknown ensemble {ensemble!r}; one of {ENSEMBLES}")
 
 
 def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
@@ -174,17 +251,21 @@ def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio:
 @torch.no_grad()
 def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence[int],
                   cfg: EvalConfig) -> torch.Tensor:
-    """video [B, V, C, T, H, W] (V views; uint8 pixels from the loader, normalised here chunk by chunk on the
-    device) -> [B, D]: each view embedded and L2-normalised, views averaged, renormalised."""
+    """video [B, V, C, T', H, W] (V views; uint8 pixels from the loader, normalised here chunk by chunk on the
+    device) -> [B, D]. Each view is split into cfg's k clips (eval_clips); every clip is embedded and
+    L2-normalised; the views of a clip are averaged and renormalised (as with one clip); the k clip features are
+    then averaged WITHOUT renormalising, so text . video = the mean over clips of the cosine similarity."""
     b, v = video.shape[:2]
-    clips = video.flatten(0, 1)
+    clips = eval_clips(video, cfg)  # [B, V, k, C, T, H, W]
+    k = clips.shape[2]
+    clips = clips.flatten(0, 2)
     masks = None
     if cfg.video_mask_ratio > 0:
         if not model.takes_video_mask:
             raise ValueError(f"{type(model).__name__} takes no video mask: evaluate it with video mask ratio 0")
         _, _, t, h, w = clips.shape
         masks = fixed_video_masks(indices, model.token_grid(t, h, w), cfg.video_mask_ratio, cfg.seed)
-        masks = masks.repeat_interleave(v, dim=0)
+        masks = masks.repeat_interleave(v * k, dim=0)
     feats = []
     for start in range(0, len(clips), cfg.chunk):
         x = datasets.normalize_video(clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True))
@@ -193,8 +274,9 @@ def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence
                 f = model.encode_video(x)
             else:
                 f = model.encode_video(x, video_mask=masks[start:start + cfg.chunk].to(cfg.device))
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
-    return F.normalize(torch.cat(feats).view(b, v, -1).mean(dim=1), dim=-1)
+        feats.append(F.normalize(f.float(), dim=-1).to(cfg.feature_device))
+    per_clip = F.normalize(torch.cat(feats).view(b, v, k, -1).mean(dim=1), dim=-1)
+    return per_clip.mean(dim=1)
 
 
 @torch.no_grad()
@@ -207,7 +289,7 @@ def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], cfg: E
         tok = tokenize(texts[start:start + batch_size])
         with utils.autocast(cfg.device, cfg.dtype):
             f = model.encode_text(tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device))
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
+        feats.append(F.normalize(f.float(), dim=-1).to(cfg.feature_device))
     if not feats:
         return torch.zeros(0, 0)
     return torch.cat(feats)
@@ -290,7 +372,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], tokenizer, cfg: Eva
     """Embed, score (cosine similarity [T, V]) and rank. Returns the embed_dataset dict plus "sim",
     "metrics" and "ranks"."""
     emb = embed_dataset(model, loader, tokenizer, cfg)
-    sim = emb["text"] @ emb["video"].t()
+    sim = emb["text"].to(cfg.feature_device) @ emb["video"].to(cfg.feature_device).t()
     metrics, ranks = retrieval_metrics(sim, emb["text_to_video"])
     return {**emb, "sim": sim, "metrics": metrics, "ranks": ranks}
 
@@ -440,7 +522,9 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: to
 
 
 def candidate_pairs(sim: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """(text, video) pairs of every text's top-k videos and every video's top-k texts; sim [T, V]."""
+    """(text, video) pairs of every text's top-k videos and every video's top-k texts; sim [T, V]. A pair in both
+    top-k lists is scored once: T x k + V x k pairs minus the overlap."""
+    sim = sim.float().cpu()
     pairs = set()
     top_v = sim.topk(min(k, sim.shape[1]), dim=1).indices
     pairs.update((t, int(v)) for t in range(sim.shape[0]) for v in top_v[t])
@@ -449,15 +533,23 @@ def candidate_pairs(sim: torch.Tensor, k: int) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (p[1], p[0]))
 
 
-@torch.no_grad()
-def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
-                        load_video: Callable[[int], torch.Tensor], captions: Sequence[str], tokenizer,
-                        cfg: EvalConfig) -> dict[tuple[int, int], float]:
-    """P(match) from the pre-training model's joint pass + matching head (softmax of match_logits, class 1).
+def match_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """[..., 2] matching-head logits -> log P(match) / P(no match) = logit_1 - logit_0 (the class-1 logit relative
+    to the other class, so two-class heads of any offset rank alike)."""
+    return logits[..., 1] - logits[..., 0]
 
-    Each video is decoded once (`load_video(pos) -> uint8 [C, T, H, W]`, normalised on the device) and paired
-    with all its candidate texts in chunks; a model with `match_video_cache` also computes its video-only part
-    once per video. Videos are split over ranks and the scores gathered.
+
+@torch.no_grad()
+def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
+                 load_video: Callable[[int], torch.Tensor], captions: Sequence[str], tokenizer,
+                 cfg: EvalConfig) -> dict[tuple[int, int], float]:
+    """Matching-head score of each (text, video) pair: the log-odds of match (match_log_odds) of each of the
+    video's clips (eval_clips: cfg's k clips, frame order and ensemble), aggregated over clips by cfg.ensemble.
+
+    Each video is decoded once (`load_video(pos) -> uint8 [C, T', H, W]`, normalised on the device) and paired
+    with all its candidate texts in chunks of cfg.chunk; a model with `match_video_cache` computes its video-only
+    part once per clip. Videos are dealt to ranks in turn (each scores its share, with progress and ETA); the
+    scores are gathered once at the end.
     """
     was_training = match_model.training
     match_model.eval()
@@ -466,50 +558,62 @@ def match_probabilities(match_model: torch.nn.Module, pairs: Sequence[tuple[int,
         by_video.setdefault(v, []).append(t)
     mine = sorted(by_video)[distributed.get_rank()::distributed.get_world_size()]
     tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
-    probs = {}
-    cache_video = getattr(match_model, "match_video_cache", None)  # optional in the contract
-    for v in mine:
-        clip = datasets.normalize_video(load_video(v).unsqueeze(0).to(cfg.device))
-        cached = None
-        if cache_video is not None:
-            with utils.autocast(cfg.device, cfg.dtype):
-                cached = cache_video(clip)
+    scores: dict[tuple[int, int], float] = {}
+    logger = utils.MetricLogger(cfg.print_freq)
+    for v in logger.log_every(mine, total=len(mine), header="Re-rank", unit="videos"):
+        clips = eval_clips(load_video(v).to(cfg.device), cfg)  # [k, C, T, H, W]
         texts = by_video[v]
-        for start in range(0, len(texts), cfg.chunk):
-            ts = texts[start:start + cfg.chunk]
-            tok = tokenize([captions[t] for t in ts])
-            ids, mask = tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device)
-            with utils.autocast(cfg.device, cfg.dtype):
-                if cached is not None:
-                    logits = match_model.match_logits(None, ids, mask,
-                                                      video_cache=cached.expand(len(ts), *cached.shape[1:]))
-                else:
-                    logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]), ids, mask)
-            p = logits.float().softmax(dim=-1)[:, 1].cpu()
-            probs.update({(t, v): float(x) for t, x in zip(ts, p)})
+        per_clip = torch.stack([_score_clip(match_model, datasets.normalize_video(clip.unsqueeze(0)), texts,
+                                            captions, tokenize, cfg) for clip in clips])
+        agg = aggregate_clip_scores(per_clip, cfg.ensemble).tolist()
+        scores.update({(t, v): x for t, x in zip(texts, agg)})
     match_model.train(was_training)
     merged = {}
-    for part in distributed.gather_objects(probs):
+    for part in distributed.gather_objects(scores):
         merged.update(part)
     return merged
 
 
-def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, probs: dict[tuple[int, int], float],
-                   k: int) -> dict[str, float]:
-    """Metrics after re-ordering each query's top-k by match probability (the rest keep their order below).
+def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[int], captions: Sequence[str],
+                tokenize: Callable, cfg: EvalConfig) -> torch.Tensor:
+    """Log-odds [len(texts)] of one normalised clip [1, C, T, H, W] with each text, the video part cached once."""
+    cached = None
+    if getattr(match_model, "match_video_cache", None) is not None:  # optional in the contract
+        with utils.autocast(cfg.device, cfg.dtype):
+            cached = match_model.match_video_cache(clip)
+    out = []
+    for start in range(0, len(texts), cfg.chunk):
+        ts = texts[start:start + cfg.chunk]
+        tok = tokenize([captions[t] for t in ts])
+        ids, mask = tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device)
+        with utils.autocast(cfg.device, cfg.dtype):
+            if cached is not None:
+                logits = match_model.match_logits(None, ids, mask,
+                                                  video_cache=cached.expand(len(ts), *cached.shape[1:]))
+            else:
+                logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]), ids, mask)
+        out.append(match_log_odds(logits.float()).cpu())
+    return torch.cat(out)
 
-    Re-scored candidates are lifted above every similarity (max + 1 + p), so a ground truth outside the top-k
-    keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
+
+def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[tuple[int, int], float],
+                   k: int) -> dict[str, float]:
+    """Metrics after re-ordering each query's top-k by matching score (the rest keep their order below).
+
+    Re-scored candidates are lifted above every similarity (max + 1 + score - the lowest score), so a ground truth
+    outside the top-k keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
     """
-    lift = float(sim.max()) + 1.0
-    s_t2v, s_v2t = sim.clone().float(), sim.clone().float()
+    sim = sim.float().cpu()
+    low = min(scores.values()) if scores else 0.0
+    lift = float(sim.max()) + 1.0 - low
+    s_t2v, s_v2t = sim.clone(), sim.clone()
     for t, v_idx in enumerate(sim.topk(min(k, sim.shape[1]), dim=1).indices.tolist()):
         for v in v_idx:
-            s_t2v[t, v] = lift + probs[(t, v)]
+            s_t2v[t, v] = lift + scores[(t, v)]
     top_t = sim.topk(min(k, sim.shape[0]), dim=0).indices
     for v in range(sim.shape[1]):
         for t in top_t[:, v].tolist():
-            s_v2t[t, v] = lift + probs[(t, v)]
+            s_v2t[t, v] = lift + scores[(t, v)]
     m_t2v, _ = retrieval_metrics(s_t2v, text_to_video)
     m_v2t, _ = retrieval_metrics(s_v2t, text_to_video)
     out = {**{x: y for x, y in m_t2v.items() if x.startswith("t2v_")},

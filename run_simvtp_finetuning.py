@@ -8,6 +8,9 @@
     python run_simvtp_finetuning.py --only_test --finetune output/finetune/checkpoint-best.pth --data_path test.json
     # zero-shot with the pre-training model's unimodal passes, then re-rank the top 16 with its matching head
     python run_simvtp_finetuning.py --zero_shot --finetune pretrain.pth --test_data_path test.json --rerank_k 16
+    # SViTT's evaluation: 16 frames as 2 clips of 8 (lse over clips), re-rank the top 128, temporal sensitivity
+    python run_simvtp_finetuning.py --zero_shot --finetune svitt.pth --test_data_path test.json --num_frames 8 \
+        --num_frames_test 16 --test_num_segment 1 --rerank_k 128 --eval_frame_order none reverse shuffle freeze
     # embeddings for search elsewhere
     python run_simvtp_finetuning.py --export_embeddings emb.safetensors --finetune best.pth --video_dir videos/
 See scripts/finetune_msrvtt.sh and scripts/only_test_msrvtt.sh for the paper's MSR-VTT runs.
@@ -69,6 +72,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "averaged): windows spread over the video (stride) or positions in each segment (middle, rand; "
                    "see --sample_type_test)")
     g.add_argument("--test_num_crop", type=int, default=3, help="crops per clip of a test video")
+    g.add_argument("--num_frames_test", type=int, default=None, help="frames read per test video (a multiple "
+                   "of --num_frames; default: --num_frames), split into k = num_frames_test / num_frames clips, "
+                   "each encoded alone: the contrastive score is the mean over clips of the cosine similarity. "
+                   "With k > 1 the clips are the temporal views: --test_num_segment must be 1 (crops are still "
+                   "averaged)")
+    g.add_argument("--eval_sparse_sampling", action="store_true", help="with k > 1 clips: clip j takes frames "
+                   "j, j+k, j+2k, ... of the num_frames_test (each clip spans the whole video) instead of the j-th "
+                   "consecutive chunk")
+    g.add_argument("--eval_frame_ensemble", default="lse", choices=engine.ENSEMBLES, help="matching-head scores "
+                   "(re-ranking) over the k clips: lse = logsumexp (SViTT's default), mean, max; concat = the "
+                   "num_frames_test frames as ONE clip, for the contrastive pass too: the model is rebuilt at "
+                   "num_frames_test frames (SViTT expands its relative position tables; SimVTP's fixed 1-D "
+                   "sinusoid table just runs on to positions it never saw in training)")
+    g.add_argument("--eval_frame_order", nargs="+", default=["none"], choices=engine.FRAME_ORDERS,
+                   help="temporal sensitivity: each clip's frames as read (none), reversed, shuffled (one "
+                   "permutation fixed by --seed) or frozen (the middle frame repeated); with several orders the "
+                   "test is repeated per order (model loaded once) and a table of R@1 per order is printed and "
+                   "written to the metrics JSON")
     g = model_registry.add_model_args(
         p, model=None, drop_path=0.1,
         model_help="registered model (model_registry.py); default: when fine-tuning, the retrieval model of the "
@@ -89,11 +110,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "videos per batch x views x 3 x T x S x S bytes (uint8) x (workers x prefetch + 1); the loader "
                    "takes fewer videos per batch, then prefetch 1, then fewer workers to stay under it (and under "
                    "this process's share of /dev/shm); the estimate is printed at start-up")
+    g.add_argument("--eval_offload", action="store_true", help="keep the features and the similarity matrix on "
+                   "the CPU (moved there chunk by chunk) for large test sets; default: on the evaluation device")
     g.add_argument("--only_test", action="store_true", help="evaluate --finetune / --resume weights on test once")
     g.add_argument("--zero_shot", action="store_true", help="retrieval with a pre-training model, no training")
     g.add_argument("--zero_shot_video_mask_ratio", type=float, default=0.0,
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
-    g.add_argument("--rerank_k", type=int, default=0, help="re-score each query's top K with the matching head")
+    g.add_argument("--rerank_k", type=int, default=0, help="re-score every text's top K videos and every video's top K texts "
+                   "with the matching head: ranked by its log-odds of match, aggregated over clips by "
+                   "--eval_frame_ensemble; both rankings are reported (0: no re-ranking)")
     g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
                    "one) whose match_logits re-score the top K (loaded strictly); default: the evaluated model "
                    "itself when it has a matching head (SViTT; a SimVTP pre-training model with --zero_shot)")
@@ -127,14 +152,48 @@ def setup(args: argparse.Namespace) -> torch.dtype:
     if args.model and model_registry.canonical_name(args.model) != args.model:
         print(f"--model {args.model} is another name of {model_registry.canonical_name(args.model)}")
         args.model = model_registry.canonical_name(args.model)
+    test_frames(args)  # an inconsistent clip set-up stops before any training or loading
     return dtype
 
 
-def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0) -> engine.EvalConfig:
+def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0, num_clips: int = 1,
+                frame_order: str = "none") -> engine.EvalConfig:
     return engine.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
                              max_text_len=args.max_text_len, video_mask_ratio=mask_ratio, seed=args.seed,
-                             print_freq=args.print_freq,
+                             print_freq=args.print_freq, num_clips=num_clips,
+                             sparse_clips=args.eval_sparse_sampling, ensemble=args.eval_frame_ensemble,
+                             frame_order=frame_order, offload=args.eval_offload,
                              distinct_captions=annotation_format(args).match_by == "caption")
+
+
+def test_frames(args: argparse.Namespace) -> tuple[int, int]:
+    """(frames read per test view, clips k they are split into) from --num_frames_test; a combination that
+    cannot work is one clear error."""
+    frames = args.num_frames_test or args.num_frames
+    if frames < args.num_frames or frames % args.num_frames:
+        raise ValueError(f"--num_frames_test {frames} must be a multiple of --num_frames {args.num_frames}")
+    clips = frames // args.num_frames
+    if clips > 1 and args.test_num_segment != 1:
+        raise ValueError(f"--num_frames_test {frames} makes {clips} clips per video, which are the temporal views: "
+                         f"use --test_num_segment 1, not {args.test_num_segment} (crops are still averaged)")
+    if args.eval_sparse_sampling and (clips == 1 or args.eval_frame_ensemble == "concat"):
+        raise ValueError("--eval_sparse_sampling interleaves k > 1 clips: give --num_frames_test > --num_frames "
+                         "and an --eval_frame_ensemble other than concat")
+    return frames, clips
+
+
+test_frames.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by name
+
+
+def at_frames(model: torch.nn.Module, num_frames: int, args: argparse.Namespace) -> torch.nn.Module:
+    """The same weights in a model built for num_frames-frame clips (--eval_frame_ensemble concat): loaded the way
+    a checkpoint of other frames is (SViTT's relative tables expanded), strictly."""
+    if model.model_cfg.get("kwargs", {}).get("num_frames") == num_frames:
+        return model
+    held = {"model": model.state_dict(), "model_cfg": model.model_cfg}
+    rebuilt = checkpoint.build_model_from(held, "<the model under test>", num_frames=num_frames)
+    print(f"--eval_frame_ensemble concat: {model.model_cfg['name']} rebuilt for {num_frames}-frame clips")
+    return rebuilt.to(args.device_obj).eval()
 
 
 def annotation_format(args: argparse.Namespace) -> datasets.AnnotationFormat:
@@ -199,8 +258,9 @@ def check_disjoint(val: list | None, test: list | None) -> None:
                          "select on a validation set that is not the test set")
 
 
-def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: int) -> datasets.VideoTextDataset:
-    return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
+def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: int,
+                 frames: int | None = None) -> datasets.VideoTextDataset:
+    return datasets.VideoTextDataset(records, mode="test", num_frames=frames or args.num_frames,
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=segments,
                                      test_num_crop=crops, video_backend=args.video_backend, seed=args.seed,
@@ -268,34 +328,92 @@ def check_can_match(model: torch.nn.Module, path: str) -> None:
 
 def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, tokenizer, dtype: torch.dtype,
              prefix: str = "test", mask_ratio: float = 0.0, match_model: torch.nn.Module | None = None) -> dict:
-    """Evaluate on a test set (test_num_segment x test_num_crop views), optionally re-rank, print the table and
-    write <prefix>_metrics.json + <prefix>_per_query.jsonl."""
-    cfg = eval_config(args, dtype, mask_ratio)
-    loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
-                                      tokenizer, args.batch_size, args.num_workers, args.max_text_len,
+    """Evaluate on a test set once per --eval_frame_order (the first order's results are the main ones),
+    optionally re-rank, print the tables, write <prefix>_metrics.json + <prefix>_per_query.jsonl and the
+    scalars to tensorboard (<prefix>/..., <prefix>_rerank/...)."""
+    frames, clips = test_frames(args)
+    if args.rerank_k > 0 and match_model is None:
+        match_model = load_match_model(args)
+    if args.eval_frame_ensemble == "concat":
+        model = at_frames(model, frames, args)
+        if match_model is not None:
+            match_model = model if match_model is model else at_frames(match_model, frames, args)
+    dataset = eval_dataset(records, args, args.test_num_segment, args.test_num_crop, frames)
+    loader = engine.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers, args.max_text_len,
                                       args.dist_eval, args.eval_host_memory_gb)
-    res = engine.evaluate(model, loader, tokenizer, cfg)
-    video_ids = [records[i].video_id for i in res["indices"]]
-    out = {**res["metrics"], "views": f"{args.test_num_segment}x{args.test_num_crop}",
-           "sample_type_test": args.sample_type_test}
+    runs = {order: test_one_order(model, match_model, records, loader, args, tokenizer,
+                                  eval_config(args, dtype, mask_ratio, clips, order), frames, prefix)
+            for order in dict.fromkeys(args.eval_frame_order)}
+    first = next(iter(runs.values()))
+    out = {**first["out"], "views": f"{args.test_num_segment}x{args.test_num_crop}",
+           "sample_type_test": args.sample_type_test, "num_frames_test": frames, "clips": clips,
+           "clip_sampling": "sparse" if args.eval_sparse_sampling else "consecutive",
+           "frame_ensemble": args.eval_frame_ensemble, "frame_order": next(iter(runs))}
     if mask_ratio:
         out["video_mask_ratio"] = mask_ratio
-    table = {"similarity": res["metrics"]}
+    if len(runs) > 1:
+        out["frame_orders"] = {order: frame_order_row(r["out"]) for order, r in runs.items()}
+        print(format_frame_orders(out["frame_orders"]), flush=True)
+    engine.write_results(args.output_dir, prefix, out, first["per_query"])
+    write_tensorboard(args, prefix, out)
+    return out
+
+
+def test_one_order(model, match_model, records: list, loader, args: argparse.Namespace, tokenizer,
+                   cfg: engine.EvalConfig, frames: int, prefix: str) -> dict:
+    """One evaluation (and re-ranking) in cfg's frame order: {"out": metrics (+ "rerank"), "per_query": ...}."""
+    res = engine.evaluate(model, loader, tokenizer, cfg)
+    video_ids = [records[i].video_id for i in res["indices"]]
+    out = dict(res["metrics"])
+    table = {"contrastive": res["metrics"]}
     if args.rerank_k > 0:
-        if match_model is None:
-            match_model = load_match_model(args)
         t0 = time.time()
-        one_view = eval_dataset(records, args, 1, 1)
-        probs = engine.match_probabilities(
+        one_view = eval_dataset(records, args, 1, 1, frames)
+        scores = engine.match_scores(
             match_model, engine.candidate_pairs(res["sim"], args.rerank_k),
             lambda pos: one_view[res["indices"][pos]]["video"][0], res["captions"], tokenizer, cfg)
-        out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], probs, args.rerank_k)
-        out["rerank"]["seconds"] = time.time() - t0
+        out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores, args.rerank_k)
+        out["rerank"].update(seconds=time.time() - t0, pairs=len(scores),
+                             score="log-odds of match, " + args.eval_frame_ensemble + " over clips")
         table[f"re-ranked k={args.rerank_k}"] = out["rerank"]
-    print(engine.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos"), flush=True)
+    order = "" if cfg.frame_order == "none" else f", frames {cfg.frame_order}"
+    print(engine.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
     per_query = engine.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
-    engine.write_results(args.output_dir, prefix, out, per_query)
-    return out
+    return {"out": out, "per_query": per_query}
+
+
+def frame_order_row(out: dict) -> dict:
+    row = {"t2v_R@1": out["t2v_R@1"], "v2t_R@1": out["v2t_R@1"]}
+    if "rerank" in out:
+        row.update({"rerank_t2v_R@1": out["rerank"]["t2v_R@1"], "rerank_v2t_R@1": out["rerank"]["v2t_R@1"]})
+    return row
+
+
+def format_frame_orders(rows: dict[str, dict]) -> str:
+    """frame order -> t2v R@1, v2t R@1 (contrastive; and re-ranked when present)."""
+    reranked = any("rerank_t2v_R@1" in r for r in rows.values())
+    head = f"{'frame order':<12}{'t2v R@1':>9}{'v2t R@1':>9}" + (f"{'re-ranked t2v':>15}{'v2t':>7}" if reranked
+                                                                 else "")
+    lines = ["Temporal sensitivity (contrastive" + (", re-ranked" if reranked else "") + ")", head, "-" * len(head)]
+    for order, r in rows.items():
+        line = f"{order:<12}{r['t2v_R@1']:>9.1f}{r['v2t_R@1']:>9.1f}"
+        if reranked:
+            line += f"{r['rerank_t2v_R@1']:>15.1f}{r['rerank_v2t_R@1']:>7.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_tensorboard(args: argparse.Namespace, prefix: str, out: dict) -> None:
+    """The test's scalars next to training's (args.log_dir): <prefix>/t2v_R@1 ... and <prefix>_rerank/..., and
+    per frame order <prefix>_order_<order>/..."""
+    tb = utils.TensorboardLogger(args.log_dir)
+    numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
+    tb.scalars(0, prefix, numbers(out))
+    if "rerank" in out:
+        tb.scalars(0, f"{prefix}_rerank", numbers(out["rerank"]))
+    for order, row in out.get("frame_orders", {}).items():
+        tb.scalars(0, f"{prefix}_order_{order}", row)
+    tb.flush()
 
 
 def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:

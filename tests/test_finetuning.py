@@ -172,7 +172,7 @@ def test_rerank_with_a_pretraining_checkpoint_on_a_finetuned_model(finetuned, sy
                             "--test_data_path", _ann(synthetic_root, "test.json"),
                             "--rerank_k", "4", "--rerank_ckpt", pretrain_ckpt))
     table = capsys.readouterr().out
-    assert "similarity t2v" in table and "re-ranked k=4 t2v" in table and "re-ranked k=4 v2t" in table
+    assert "contrastive t2v" in table and "re-ranked k=4 t2v" in table and "re-ranked k=4 v2t" in table
     assert result["rerank"]["t2v_R@5"] == result["t2v_R@5"]
     assert json.load(open(tmp_path / "test_metrics.json"))["rerank"]["rerank_k"] == 4
 
