@@ -15,20 +15,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/svitt_ret_datasets.sh"
 
-if [ $# -lt 3 ]; then
-  echo "usage: bash scripts/svitt_eval_ret.sh DATASET CKPT OUTPUT_DIR [flags]  (DATASET: $SVITT_RET_DATASETS)" >&2
-  echo "  (runs in .venv via scripts/setup_env.sh; PY=/path/to/python for another environment)" >&2
-  exit 2
-fi
-DATASET="$1"; CKPT="$2"; OUTPUT_DIR="$3"
+svitt_ret_arguments svitt_eval_ret.sh "$@"
 shift 3
-DATA_DIR="${DATA_DIR:-data}"
-launcher_paths DATA_DIR CKPT OUTPUT_DIR
-svitt_ret_dataset "$DATASET"
-if [ -z "${DRY_RUN:-}" ]; then
-  [ -f "$CKPT" ] || launcher_fail "checkpoint not found: $CKPT"
-  [ -f "$TEST_ANNO" ] || launcher_fail "annotation file not found: $TEST_ANNO (DATA_DIR=$DATA_DIR: the Singularity layout, see scripts/svitt_ret_datasets.sh)"
-fi
 
 launcher_command run_simvtp_finetuning.py 1 29505
 cmd=("${LAUNCH[@]}" "${SVITT_RET_MODEL[@]}" "${DATASET_FLAGS[@]}" --only_test

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The SViTT retrieval recipes' per-dataset settings (sourced by svitt_train_ret.sh and svitt_eval_ret.sh; not run).
+# The SViTT retrieval recipes' per-dataset settings and shared start (sourced by svitt_train_ret.sh and
+# svitt_eval_ret.sh; not run).
 #   svitt_ret_dataset NAME   sets TRAIN_ANNO, VAL_ANNO (may be empty), TEST_ANNO, VIDEO_ROOT and the array
 #                            DATASET_FLAGS for NAME in: msrvtt didemo charades ssv2_label ssv2_template anet
 # Files follow the Singularity / SViTT layout under DATA_DIR (default: data):
@@ -39,6 +40,27 @@ svitt_ret_dataset() {
       exit 2 ;;
   esac
   DATASET_FLAGS+=(--data_set "$name")
+}
+
+# svitt_ret_arguments SCRIPT "$@": the recipes' shared start: DATASET CKPT OUTPUT_DIR (usage and exit 2 when
+# missing), paths made absolute, the dataset's settings, and (unless DRY_RUN) the checkpoint and test file checked.
+# The caller then drops the three arguments (shift 3) and passes the rest on as extra flags.
+svitt_ret_arguments() {
+  local script="$1"
+  shift
+  if [ $# -lt 3 ]; then
+    echo "usage: bash scripts/$script DATASET CKPT OUTPUT_DIR [flags]  (DATASET: $SVITT_RET_DATASETS)" >&2
+    echo "  (runs in .venv via scripts/setup_env.sh; PY=/path/to/python for another environment)" >&2
+    exit 2
+  fi
+  DATASET="$1"; CKPT="$2"; OUTPUT_DIR="$3"
+  DATA_DIR="${DATA_DIR:-data}"
+  launcher_paths DATA_DIR CKPT OUTPUT_DIR
+  svitt_ret_dataset "$DATASET"
+  if [ -z "${DRY_RUN:-}" ]; then
+    [ -f "$CKPT" ] || launcher_fail "checkpoint not found: $CKPT"
+    [ -f "$TEST_ANNO" ] || launcher_fail "annotation file not found: $TEST_ANNO (DATA_DIR=$DATA_DIR: the Singularity layout, see scripts/svitt_ret_datasets.sh)"
+  fi
 }
 
 # The model and evaluation flags of every recipe: sparsity as the release trained it, 12 test frames, lse, k 128.
