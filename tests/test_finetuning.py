@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from timm.models import create_model
 
 import checkpoint
 import datasets
@@ -48,7 +47,7 @@ def _per_query(path):
 def pretrain_ckpt(tmp_path_factory):
     """A tiny pre-training checkpoint as run_simvtp_pretraining writes it (weights + args with the model name)."""
     torch.manual_seed(0)
-    model = create_model("simvtp_tiny_patch16", img_size=32, num_frames=4,
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4,
                          vocab_size=len(datasets.build_tokenizer()))
     path = str(tmp_path_factory.mktemp("pretrain") / "checkpoint-0.pth")
     checkpoint.save_atomic({"model": model.state_dict(), "epoch": 0, "args": {"model": "simvtp_tiny_patch16"}},
@@ -93,7 +92,7 @@ def test_only_test_evaluates_the_given_weights_and_never_resumes(finetuned, synt
     torch.save({"module": checkpoint.read_checkpoint_file(str(src / "checkpoint-best.pth"))["model"]}, given)
     out = tmp_path / "out"
     torch.manual_seed(5)  # a newer training checkpoint with other weights sits in the output folder
-    other = create_model("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    other = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     checkpoint.save_training_state(str(out), model=other, optimizer=torch.optim.AdamW(other.parameters()),
                                    scaler=None, epoch=9, step_in_epoch=None, global_step=90, args={})
     result = run.main(_args(synthetic_root, out, "--only_test", "--model", "simvtp_dual_tiny_patch16",
@@ -148,7 +147,7 @@ def test_zero_shot_with_both_mask_ratios_and_reranking(synthetic_root, pretrain_
             assert result["rerank"][f"{d}_R@{k}"] == result[f"{d}_R@{k}"]
     assert (tmp_path / "zero_shot_per_query.jsonl").is_file()
     # the function the pre-training loop calls: mask 0 sees every tube, a mask changes the video features
-    model = create_model("simvtp_tiny_patch16", img_size=32, num_frames=4)
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4)
     checkpoint.load_pretrained(model, pretrain_ckpt, strict=True)
     records = datasets.read_annotations(_ann(synthetic_root, "test.json"), synthetic_root)
     dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, input_size=32, short_side_size=32)
@@ -222,7 +221,7 @@ def test_export_npy_and_safetensors(finetuned, synthetic_root, tmp_path):
 
 
 def test_layer_decay_reaches_every_block_of_both_branches():
-    model = create_model("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     args = run.get_args_parser().parse_args(["--layer_decay", "0.5"])
     args.abs_lr = 1.0
     optimizer = run.build_optimizer(model, args)

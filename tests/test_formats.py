@@ -10,11 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from timm.models import create_model
 
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
+import model_registry
 import run_simvtp_finetuning as run
 import synthetic_dataset
 from conftest import frame_index_of, index_frames
@@ -276,7 +276,7 @@ def test_ssv2_one_caption_several_videos_through_the_real_loader(synthetic_root,
     tokenizer = datasets.build_tokenizer()
     loader = engine.build_eval_loader(dataset, tokenizer, batch_size=2)
     torch.manual_seed(0)
-    model = create_model("simvtp_dual_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer)).eval()
+    model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer)).eval()
     cfg = engine.EvalConfig(device=torch.device("cpu"), distinct_captions=True)
     res = engine.evaluate(model, loader, tokenizer, cfg)
     assert res["captions"] == ["moving something to the right", "something falling like a rock"]
@@ -299,7 +299,7 @@ def test_zero_shot_entry_point_on_ssv2(synthetic_root, tmp_path):
     _, val = _ssv2_files(synthetic_root, tmp_path)
     tokenizer = datasets.build_tokenizer()
     torch.manual_seed(0)
-    model = create_model("simvtp_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer))
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer))
     ckpt = str(tmp_path / "pretrain.pth")
     checkpoint.save_atomic({"model": model.state_dict(), "epoch": 0, "args": {"model": "simvtp_tiny_patch16"}}, ckpt)
     out = tmp_path / "out"
