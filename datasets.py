@@ -1702,11 +1702,12 @@ def answer_weights(answers: str | Sequence[str]) -> tuple[list[str], list[float]
 
 
 def read_qa_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                        skip_bad_records: bool = False) -> list[QARecord]:
+                        skip_bad_records: bool = False, clean_text: bool = False) -> list[QARecord]:
     """The questions of an MSRVTT-QA / ActivityNet-QA / AGQA file in the Singularity QA layout (_QA_FORMAT_HELP),
     in file order. As read_annotations: relative videos joined to data_root; every bad record (missing field,
     empty question or answer, repeated question_id) reported in one AnnotationError naming file and record, or
-    dropped and counted with skip_bad_records."""
+    dropped and counted with skip_bad_records. clean_text: clean_caption on the questions, as the SViTT /
+    Singularity QA recipes do (answers are kept as written: they must match the answer list)."""
     path = os.fspath(path)
     root = os.fspath(data_root) if data_root else None
     items = _read_json_list(path, _QA_FORMAT_HELP)
@@ -1715,7 +1716,7 @@ def read_qa_annotations(path: str | os.PathLike, data_root: str | os.PathLike | 
     seen: dict[str | int, int] = {}
     for n, item in enumerate(items, 1):
         try:
-            record = _qa_record(f"record {n}", item, root)
+            record = _qa_record(f"record {n}", item, root, clean_text)
             if record.question_id in seen:
                 raise _BadRecord(f"record {n}: question_id {record.question_id!r} repeats record "
                                  f"{seen[record.question_id]}")
@@ -1755,7 +1756,7 @@ def _qa_text(where: str, value: Any, name: str) -> str:
     return value.strip()
 
 
-def _qa_record(where: str, item: Any, root: str | None) -> QARecord:
+def _qa_record(where: str, item: Any, root: str | None, clean_text: bool = False) -> QARecord:
     if not isinstance(item, dict):
         raise _BadRecord(f"{where}: expected an object {{\"video\", \"question\", \"answer\", \"question_id\"}}, "
                          f"got {type(item).__name__}")
@@ -1764,6 +1765,10 @@ def _qa_record(where: str, item: Any, root: str | None) -> QARecord:
             raise _BadRecord(f"{where}: missing field '{key}' (has {sorted(item)})")
     rel = _video_path(where, item["video"])
     question = _qa_text(where, item["question"], "question")
+    if clean_text:
+        question = clean_caption(question)
+        if not question:
+            raise _BadRecord(f"{where}: question {item['question']!r:.60} is empty after text cleaning")
     raw = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
     if not raw:
         raise _BadRecord(f"{where}: empty answer list")

@@ -97,6 +97,8 @@ def test_qa_reader_layouts(tmp_path):
     assert r.path == "v_1.mp4" and r.answers == ["yes", "no"] and r.weights == [pytest.approx(2 / 3),
                                                                                  pytest.approx(1 / 3)]
     assert datasets.top_answer(r) == "yes"
+    cleaned = datasets.read_qa_annotations(msrvtt, clean_text=True)
+    assert [r.question for r in cleaned] == ["what is a man doing", "who talks"]
 
 
 GOOD = {"video": "a.mp4", "question": "what?", "answer": "x", "question_id": 1}
