@@ -539,8 +539,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build the synthetic video-text dataset (moving coloured shapes, captions that need motion to "
                     "match) as H.264 mp4s with annotations in the WebVid CSV, release JSON, Singularity JSON and "
-                    "MSR-VTT 1k-A CSV formats, plus video QA files (qa_*.json). Skips the build when a finished one with the "
-                    "same options exists.",
+                    "MSR-VTT 1k-A CSV formats, plus video QA files (qa_*.json). Skips the build when a finished "
+                    "one with the same options exists.",
         epilog="Layout and formats: see the docstring of synthetic_dataset.py. Example: python synthetic_dataset.py "
                "--out data/synthetic && python run_simvtp_pretraining.py --data_path "
                "data/synthetic/annotations/pretrain.json --data_root data/synthetic ...")
