@@ -11,6 +11,10 @@ Flow (one direction)::
                               labels (through the loader workers' shared memory: 1 byte a pixel value)
     normalize_video(video) -> on the device, right before the model: ImageNet-normalised float32 video
 
+Video QA: read_qa_annotations(file) -> [QARecord(path, question, answers, weights, question_id, answer_type)],
+read_answer_list(file), VideoQADataset (the clips of VideoTextDataset + question and weighted answers),
+VideoQACollator (question and answer tokens, one answer row per distinct answer; its docstring lists the keys).
+
 Every random choice about a sample (frames, crop, tube mask, text mask, caption, retry) comes from
 ``sample_rng(seed, epoch, index, stream)``: a batch split over processes, a resumed run and a re-run all see the
 same samples. Global ``np.random`` / ``random`` are never used here.
@@ -75,6 +79,8 @@ __all__ = [
     "EvalListError", "find_unusable_videos", "format_unusable", "check_eval_lists", "MAX_LISTED",
     "ExcludeList", "read_exclude_list", "excluded_indices", "exclusions_for", "fallthrough_order", "check_hint",
     "DATA_SETS", "MATCH_BY", "AnnotationFormat", "annotation_format", "clean_caption", "span_frames",
+    "QARecord", "answer_weights", "read_qa_annotations", "read_answer_list", "UnlistedAnswers", "unlisted_answers",
+    "top_answer", "VideoQADataset", "VideoQACollator",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1664,3 +1670,261 @@ class VideoTextCollator:
                 vocab_size=len(self.tokenizer))
         return batch
 
+
+
+# ----------------------------------------------------------------------------------------------- question answering
+
+_QA_FORMAT_HELP = ('the Singularity QA JSON list [{"video": path, "question": str, "answer": str or [str, ...], '
+                   '"question_id": str or int, "answer_type": str (optional)}]')
+
+
+@dataclass
+class QARecord:
+    """One question about one video: its distinct answers with their shares of the annotators (summing to 1),
+    its id (str or int, as the file gives it) and answer type (None when the file gives none)."""
+    path: str
+    question: str
+    answers: list[str]
+    weights: list[float]
+    question_id: str | int
+    answer_type: str | None = None
+
+
+def answer_weights(answers: str | Sequence[str]) -> tuple[list[str], list[float]]:
+    """Distinct answers in first-seen order and each one's share of the annotators: ["a", "a", "b"] ->
+    (["a", "b"], [2/3, 1/3]); a single string has weight 1."""
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if not answers:
+        raise ValueError("no answers")
+    counts = collections.Counter(answers)
+    distinct = list(dict.fromkeys(answers))
+    return distinct, [counts[a] / len(answers) for a in distinct]
+
+
+def read_qa_annotations(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                        skip_bad_records: bool = False, clean_text: bool = False) -> list[QARecord]:
+    """The questions of an MSRVTT-QA / ActivityNet-QA / AGQA file in the Singularity QA layout (_QA_FORMAT_HELP),
+    in file order. As read_annotations: relative videos joined to data_root; every bad record (missing field,
+    empty question or answer, repeated question_id) reported in one AnnotationError naming file and record, or
+    dropped and counted with skip_bad_records. clean_text: clean_caption on the questions, as the SViTT /
+    Singularity QA recipes do (answers are kept as written: they must match the answer list)."""
+    path = os.fspath(path)
+    root = os.fspath(data_root) if data_root else None
+    items = _read_json_list(path, _QA_FORMAT_HELP)
+    records: list[QARecord] = []
+    bad: list[str] = []
+    seen: dict[str | int, int] = {}
+    for n, item in enumerate(items, 1):
+        try:
+            record = _qa_record(f"record {n}", item, root, clean_text)
+            if record.question_id in seen:
+                raise _BadRecord(f"record {n}: question_id {record.question_id!r} repeats record "
+                                 f"{seen[record.question_id]}")
+        except _BadRecord as e:
+            bad.append(str(e))
+            continue
+        seen[record.question_id] = n
+        records.append(record)
+    if bad and not skip_bad_records:
+        raise AnnotationError(_bad_records_message(path, bad, len(items)))
+    if bad:
+        print(f"{path}: dropped {len(bad)} bad question(s) of {len(items)} (--skip_bad_records), e.g. {bad[0]}",
+              flush=True)
+    if not records:
+        raise AnnotationError(f"{path}: no questions" + (f" left after dropping {len(bad)} bad ones" if bad else ""))
+    return records
+
+
+def _read_json_list(path: str, expected: str) -> list:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e}); expected {expected}") from None
+    if not isinstance(obj, list):
+        raise AnnotationError(f"{path}: top-level JSON must be a list, got {type(obj).__name__}; expected {expected}")
+    return obj
+
+
+def _qa_text(where: str, value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _BadRecord(f"{where}: '{name}' must be a non-empty string, got {value!r:.60}")
+    return value.strip()
+
+
+def _qa_record(where: str, item: Any, root: str | None, clean_text: bool = False) -> QARecord:
+    if not isinstance(item, dict):
+        raise _BadRecord(f"{where}: expected an object {{\"video\", \"question\", \"answer\", \"question_id\"}}, "
+                         f"got {type(item).__name__}")
+    for key in ("video", "question", "answer", "question_id"):
+        if key not in item:
+            raise _BadRecord(f"{where}: missing field '{key}' (has {sorted(item)})")
+    rel = _video_path(where, item["video"])
+    question = _qa_text(where, item["question"], "question")
+    if clean_text:
+        question = clean_caption(question)
+        if not question:
+            raise _BadRecord(f"{where}: question {item['question']!r:.60} is empty after text cleaning")
+    raw = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
+    if not raw:
+        raise _BadRecord(f"{where}: empty answer list")
+    answers, weights = answer_weights([_qa_text(f"{where} answer {k}", a, "answer") for k, a in enumerate(raw, 1)])
+    qid = item["question_id"]
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)) or (isinstance(qid, str) and not qid.strip()):
+        raise _BadRecord(f"{where}: 'question_id' must be a non-empty string or an integer, got {qid!r:.60}")
+    answer_type = item.get("answer_type")
+    if answer_type is not None:
+        answer_type = _qa_text(where, answer_type, "answer_type")
+    return QARecord(_under_root(root, rel), question, answers, weights, qid, answer_type)
+
+
+def read_answer_list(path: str | os.PathLike) -> list[str]:
+    """The closed answer list of a QA benchmark: a JSON list of distinct non-empty strings (answers are ranked
+    against it at evaluation)."""
+    path = os.fspath(path)
+    answers = _read_json_list(path, "a JSON list of answer strings")
+    for n, a in enumerate(answers, 1):
+        if not isinstance(a, str) or not a.strip():
+            raise AnnotationError(f"{path}: answer {n} must be a non-empty string, got {a!r:.60}")
+    stripped = [a.strip() for a in answers]
+    repeated = [a for a, c in collections.Counter(stripped).items() if c > 1]
+    if repeated:
+        raise AnnotationError(f"{path}: answer {repeated[0]!r} is listed {stripped.count(repeated[0])} times")
+    if not stripped:
+        raise AnnotationError(f"{path}: empty answer list")
+    return stripped
+
+
+@dataclass
+class UnlistedAnswers:
+    """Questions whose answer is not in the answer list: no ranking of the list can answer them right, so
+    evaluation counts them (as wrong) and reports them; they are never dropped."""
+    count: int
+    total: int
+    question_ids: list[str | int]  # the first MAX_LISTED
+    answers: list[str]  # their (top-weighted) answers, same order
+
+    def message(self, name: str = "questions") -> str:
+        if not self.count:
+            return f"{name}: every answer of the {self.total} questions is in the answer list"
+        examples = ", ".join(f"{q!r} ({a!r})" for q, a in zip(self.question_ids, self.answers))
+        return (f"{name}: {self.count} of {self.total} questions ({100 * self.count / self.total:.1f}%) have an "
+                f"answer outside the answer list (counted as wrong), e.g. {examples}")
+
+
+def unlisted_answers(records: Sequence[QARecord], answer_list: Collection[str]) -> UnlistedAnswers:
+    """Which questions' top-weighted answer (the one exact-match accuracy scores against) is not in the list."""
+    listed = set(answer_list)
+    missing = [r for r in records if top_answer(r) not in listed]
+    return UnlistedAnswers(len(missing), len(records), [r.question_id for r in missing[:MAX_LISTED]],
+                           [top_answer(r) for r in missing[:MAX_LISTED]])
+
+
+def top_answer(record: QARecord) -> str:
+    """The answer with the largest share (the first one on a tie): the ground truth of exact-match accuracy."""
+    return record.answers[int(np.argmax(record.weights))]
+
+
+class VideoQADataset(torch.utils.data.Dataset):
+    """A question about a clip: the clip exactly as VideoTextDataset decodes and transforms it (train: one random
+    crop of num_frames frames; test: views [V, 3, T, H, W]; same sample_type, seed and backend arguments, passed
+    through) plus the question, its answers and their weights.
+
+    Each question is one record of the underlying VideoTextDataset whose only "caption" is the question's index,
+    so a broken training video falls through to another question together with its own question and answers
+    (never a clip with someone else's question).
+    """
+
+    def __init__(self, records: Sequence[QARecord], mode: str = "train", **video_options: Any) -> None:
+        if not records:
+            raise ValueError("no questions: the QA annotation file listed none")
+        self.records = list(records)
+        video_records = [VideoRecord(r.path, [str(k)], _id_of(os.path.basename(r.path)))
+                         for k, r in enumerate(self.records)]
+        self.videos = VideoTextDataset(video_records, mode=mode, **video_options)
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"VideoQADataset({len(self)} questions; clips: {self.videos!r})"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.videos.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.videos[int(index)]
+        k = int(item["caption"]) if self.mode == "train" else int(index)
+        record = self.records[k]
+        out = {"video": item["video"], "index": int(index), "question": record.question,
+               "answers": list(record.answers), "weights": list(record.weights),
+               "question_id": record.question_id, "answer_type": record.answer_type}
+        for key in ("epoch", "read", "broken", "broken_videos", "video_mask"):
+            if key in item:
+                out[key] = item[key]
+        return out
+
+
+class VideoQACollator:
+    """Batches VideoQADataset items for an answer decoder trained by teacher forcing.
+
+    Batch keys (B questions, R = their distinct answers in all, R >= B):
+    - video uint8 [B, 3, T, H, W] (train) or [B, V, 3, T, H, W] (test: V views); video_mask bool [B, N] if given
+    - question_input_ids, question_mask long [B, Lq]: [CLS] question [SEP], padded to the longest, Lq <=
+      max_q_len (default 25)
+    - answer_ids, answer_mask long [R, La]: [CLS] answer [SEP] (the [CLS] is the decoder's start token), padded to
+      the longest, La <= max_a_len (default 5; longer answers are cut, keeping the final [SEP])
+    - answer_labels long [R, La]: answer_ids with -100 on padding and on the start token: the decoder predicts
+      answer_labels[:, 1:] from its outputs at [:, :-1]
+    - answer_weights float [R]: each answer's share of its question's annotators (sum 1 per question)
+    - answer_to_question long [R]: the row of the answer's question in the batch; the loss is
+      sum_r weight_r * NLL_r / B
+    - question_id (list of B, str or int, as in the file), answer_type (list of B, str or None), answers (list of
+      B lists of str: the distinct answers in first-seen order, as the rows), index long [B]
+    - epoch long [B], videos_read / videos_broken long scalars, broken_videos [(path, error)] (training items,
+      as VideoTextCollator)
+    """
+
+    def __init__(self, tokenizer, max_q_len: int = 25, max_a_len: int = 5) -> None:
+        if max_q_len < 2 or max_a_len < 3:
+            raise ValueError(f"need max_q_len >= 2 and max_a_len >= 3 ([CLS], a token, [SEP]), got {max_q_len} "
+                             f"and {max_a_len}")
+        self.tokenizer = tokenizer
+        self.max_q_len, self.max_a_len = int(max_q_len), int(max_a_len)
+
+    def _tokens(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,
+                             return_tensors="pt", return_token_type_ids=False)
+        return tok["input_ids"].long(), tok["attention_mask"].long()
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        if "video_mask" in items[0]:
+            batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
+        batch["question_input_ids"], batch["question_mask"] = self._tokens([it["question"] for it in items],
+                                                                           self.max_q_len)
+        answers = [a for it in items for a in it["answers"]]
+        batch["answer_ids"], batch["answer_mask"] = self._tokens(answers, self.max_a_len)
+        labels = batch["answer_ids"].masked_fill(batch["answer_mask"] == 0, -100)
+        labels[:, 0] = -100
+        batch["answer_labels"] = labels
+        batch["answer_weights"] = torch.tensor([w for it in items for w in it["weights"]], dtype=torch.float32)
+        batch["answer_to_question"] = torch.tensor([q for q, it in enumerate(items) for _ in it["answers"]],
+                                                   dtype=torch.long)
+        batch["question_id"] = [it["question_id"] for it in items]
+        batch["answer_type"] = [it.get("answer_type") for it in items]
+        batch["answers"] = [list(it["answers"]) for it in items]
+        batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+        if "epoch" in items[0]:
+            batch["epoch"] = torch.tensor([int(it["epoch"]) for it in items], dtype=torch.long)
+            batch["videos_read"] = torch.tensor(sum(int(it.get("read", 1)) for it in items), dtype=torch.long)
+            batch["videos_broken"] = torch.tensor(sum(int(it.get("broken", 0)) for it in items), dtype=torch.long)
+            batch["broken_videos"] = list(dict(p for it in items for p in it.get("broken_videos", ())).items())
+        return batch

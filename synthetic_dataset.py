@@ -27,6 +27,10 @@ Layout (``<root>`` = the --out directory; give it as ``--data_root`` for every a
     <root>/annotations/test_1k.csv        MSR-VTT 1k-A CSV (key,vid_key,video_id,sentence), test split, one
                                           caption per video; video = <root>/<video_id>.mp4, video_id = "test/test_00000"
     <root>/annotations/metadata.json      per clip: split, colour, shape, size, motion, background, captions
+    <root>/annotations/qa_train.json      Singularity QA list [{"video", "question", "answer", "question_id",
+    <root>/annotations/qa_val.json        "answer_type"}]: four questions per clip (shape colour, background
+    <root>/annotations/qa_test.json       colour, shape, motion) asked from its attributes
+    <root>/annotations/qa_answer_list.json  the closed answer list (every colour, shape and motion word)
 
 Every clip is a pure function of (seed, split, clip number): the same seed gives byte-identical pixels and
 captions, and growing one split does not change the clips of another.
@@ -48,12 +52,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the QA files (clips and the other files unchanged)
 SPLITS = ("train", "val", "test")
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 MANIFEST = "manifest.json"
 ANNOTATION_FILES = ("train_webvid.csv", "pretrain.json", "train.json", "val.json", "test.json", "test_1k.csv",
                     "metadata.json")
+QA_ANNOTATION_FILES = ("qa_train.json", "qa_val.json", "qa_test.json", "qa_answer_list.json")  # datasets.read_qa_*
 
 DEFAULTS: dict[str, Any] = dict(num_train=320, num_val=48, num_test=64, num_frames=32, fps=8, width=128,
                                 height=128, seed=0, codec="auto")
@@ -95,6 +100,16 @@ MOTIONS: dict[str, tuple[tuple[str, str], ...]] = {
              ("swells", "swelling")),
     "shrink": (("shrinks", "shrinking"), ("gets smaller", "getting smaller"), ("contracts", "contracting"),
                ("dwindles", "dwindling")),
+}
+# answer_type -> question. The motion question names the kind of motion (a move, or a change of size) but not its
+# direction: the direction needs more than one frame (a middle frame alone shows neither where the shape goes nor
+# whether it grows; the first frame of a grow/shrink clip does show its start size).
+QA_QUESTIONS: dict[str, str] = {
+    "colour": "what colour is the shape?",
+    "background": "what colour is the background?",
+    "shape": "what shape is it?",
+    "direction": "which way does the shape move?",
+    "size_change": "does the shape grow or shrink?",
 }
 # Words of each motion that a single frame cannot reveal (tests check the captions carry them).
 DIRECTION_WORDS: dict[str, tuple[str, ...]] = {
@@ -342,6 +357,27 @@ def write_annotations(root: Path, specs: dict[str, list[ClipSpec]], seconds: flo
         for i, s in enumerate(specs["test"]):
             w.writerow([f"ret{i}", f"syn{i}", f"{s.split}/{s.video_id}", s.captions[0]])
     _write_json(ann / "metadata.json", [asdict(s) for split in SPLITS for s in specs[split]])
+    write_qa_annotations(ann, specs)
+
+
+def qa_records(spec: ClipSpec) -> list[dict[str, str]]:
+    """The questions about one clip (Singularity QA layout), answered from its recorded attributes."""
+    motion_type = "size_change" if spec.motion in ("grow", "shrink") else "direction"
+    answers = {"colour": spec.colour, "background": spec.background, "shape": spec.shape, motion_type: spec.motion}
+    return [{"video": spec.rel_path, "question": QA_QUESTIONS[kind], "answer": answer,
+             "question_id": f"{spec.video_id}/{kind}", "answer_type": kind} for kind, answer in answers.items()]
+
+
+def qa_answer_list() -> list[str]:
+    """Every answer a synthetic question can have (a fixed list: the same for every build and split)."""
+    return list(dict.fromkeys([*COLOURS, *SHAPES, *MOTIONS]))
+
+
+def write_qa_annotations(ann: Path, specs: dict[str, list[ClipSpec]]) -> None:
+    """qa_<split>.json for every split and qa_answer_list.json (see the module docstring)."""
+    for split in SPLITS:
+        _write_json(ann / f"qa_{split}.json", [q for s in specs[split] for q in qa_records(s)])
+    _write_json(ann / "qa_answer_list.json", qa_answer_list())
 
 
 # words of the scale CSV's captions (a few with accents: real captions are not all ASCII)
@@ -446,7 +482,7 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, workers: int = 2, verbos
     seconds = time.perf_counter() - t0
     manifest = {"format_version": FORMAT_VERSION, "options": opts,
                 "counts": {split: len(specs[split]) for split in SPLITS},
-                "annotations": [f"annotations/{name}" for name in ANNOTATION_FILES],
+                "annotations": [f"annotations/{name}" for name in (*ANNOTATION_FILES, *QA_ANNOTATION_FILES)],
                 "build_seconds": round(seconds, 2), "workers": workers}
     _write_json(root / MANIFEST, manifest)  # last: its presence means the build finished
     if verbose:
@@ -503,7 +539,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build the synthetic video-text dataset (moving coloured shapes, captions that need motion to "
                     "match) as H.264 mp4s with annotations in the WebVid CSV, release JSON, Singularity JSON and "
-                    "MSR-VTT 1k-A CSV formats. Skips the build when a finished one with the same options exists.",
+                    "MSR-VTT 1k-A CSV formats, plus video QA files (qa_*.json). Skips the build when a finished "
+                    "one with the same options exists.",
         epilog="Layout and formats: see the docstring of synthetic_dataset.py. Example: python synthetic_dataset.py "
                "--out data/synthetic && python run_simvtp_pretraining.py --data_path "
                "data/synthetic/annotations/pretrain.json --data_root data/synthetic ...")
