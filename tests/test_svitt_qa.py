@@ -165,3 +165,20 @@ def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
                        release["text_decoder.bert.encoder.layer.2.crossattention.self.value.bias"])
     rebuilt = {k for k, _ in keys if k.endswith(S.REBUILT_BUFFERS)}
     assert len(own) == len(keys) - len(rebuilt)
+
+
+def test_qa_models_are_registered_and_take_the_family_flags():
+    import argparse
+
+    import model_registry
+    from timm.models import list_models
+    assert {"svitt_qa_tiny_patch16", "svitt_qa_base_patch16_224"} <= set(list_models("svitt_qa*"))
+    parser = argparse.ArgumentParser()
+    model_registry.add_model_args(parser, model="svitt_qa_tiny_patch16", model_help="model")
+    args = parser.parse_args(["--token_keep_rate", "0.6", "--token_drop_loc", "1", "--fusion_layer", "1"])
+    args.num_frames, args.input_size = 2, 32
+    model = model_registry.create("svitt_qa_tiny_patch16", vocab_size=300,
+                                  **model_registry.model_kwargs(args, "svitt_qa_tiny_patch16"))
+    assert isinstance(model, S.SViTTQA) and model_registry.family_of(model).name == "svitt"
+    assert model.vision_encoder.config.token_keep_rate == 0.6 and model.vision_encoder.config.num_frames == 2
+    assert len(model.text_decoder.bert.encoder.layer) == 3  # the text tower's fusion layers 1, 2, 3
