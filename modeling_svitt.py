@@ -1058,7 +1058,8 @@ DECODER_PREFIX = "text_decoder."
 TABLE_SUFFIX = "relative_position_bias.relative_position_bias_table"
 REBUILT_BUFFERS = ("relative_position_index", "embeddings.position_ids")  # saved by the release, rebuilt by us
 EXPAND_MODES = ("release", "symmetric")
-RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224"}  # source kind -> registered model of that file
+# source kind -> registered model of that file
+RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224"}
 
 
 def release_vision_state_dict(state_dict: dict) -> dict:
@@ -1160,7 +1161,8 @@ def detect_source(keys: list[str]) -> str:
 
 
 def recognise_release(keys: list[str]) -> str | None:
-    """A file without model_cfg: the registered model its keys identify (the release's pre-training model)."""
+    """A file without model_cfg: the registered model its keys identify (the release's pre-training or QA
+    model)."""
     try:
         return RELEASE_MODELS.get(detect_source(keys))
     except ValueError:

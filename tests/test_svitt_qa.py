@@ -155,7 +155,7 @@ def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
     release = seeded_state_dict(keys, seed=5)
     model = S.svitt_qa_base_patch16_224()
     mapped, kind = S.convert_state_dict(release, model)
-    assert kind == "svitt_qa"
+    assert kind == "svitt_qa" and S.recognise_release(list(release)) == "svitt_qa_base_patch16_224"
     report = checkpoint.load_weights(model, mapped, strict=True)
     assert not report.missing and not report.unexpected
     own = model.state_dict()
