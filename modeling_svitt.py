@@ -947,6 +947,15 @@ class SViTTQA(SViTTPretrain):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
 
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay: decoder layer i sits at the depth of the fusion layer it starts from."""
+        prefix = DECODER_PREFIX + "bert.encoder.layer."
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            fusion = self.text_encoder.config.fusion_layer
+            name = f"{TEXT_PREFIX}bert.encoder.layer.{fusion + int(index)}.{rest}"
+        return super().layer_id(name)
+
     # -- passes
     def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
                         ) -> torch.Tensor:

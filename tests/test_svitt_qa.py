@@ -182,3 +182,5 @@ def test_qa_models_are_registered_and_take_the_family_flags():
     assert isinstance(model, S.SViTTQA) and model_registry.family_of(model).name == "svitt"
     assert model.vision_encoder.config.token_keep_rate == 0.6 and model.vision_encoder.config.num_frames == 2
     assert len(model.text_decoder.bert.encoder.layer) == 3  # the text tower's fusion layers 1, 2, 3
+    assert [model.layer_id(f"text_decoder.bert.encoder.layer.{i}.output.dense.weight") for i in range(3)] == \
+        [model.layer_id(f"text_encoder.bert.encoder.layer.{i}.output.dense.weight") for i in (1, 2, 3)] == [2, 3, 4]
