@@ -112,7 +112,13 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 
 def constructor_args(cls: type) -> set[str]:
-    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+    """The keyword arguments `cls` takes; a subclass passing **kwargs on to its parent takes the parent's too."""
+    params = inspect.signature(cls.__init__).parameters
+    names = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    parent = cls.__mro__[1]
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and parent not in (nn.Module, object):
+        names |= constructor_args(parent)
+    return names
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:

@@ -400,7 +400,7 @@ class SViTTPooler(nn.Module):
 @dataclass
 class SViTTVisionOutput:
     tokens: torch.Tensor  # [B, L, D]: final [CLS] + surviving patch tokens (no final norm: the release has none)
-    pooled: torch.Tensor  # [B, D]: pooler LayerNorm of the mean of the surviving patch tokens
+    pooled: torch.Tensor | None  # [B, D]: pooler LayerNorm of the mean of the surviving patch tokens (QA: None)
     coords: torch.Tensor  # [B, N, 3]: original (t, h, w) of every surviving patch token
     patterns: list  # per layer: the BlockPattern used (None when dense)
     kept: list  # per pruning layer: indices [B, N_after] into that layer's patch tokens
@@ -461,7 +461,7 @@ class SViTTVisionTower(nn.Module):
                     torch.rand(cls_attn.shape, generator=generator).to(cls_attn.device)
                 x, coords, keep = select_patch_tokens(x, coords, scores.detach(), cfg.token_keep_rate)
                 kept.append(keep)
-        pooled = self.pooler.layernorm(x[:, 1:].mean(dim=1))
+        pooled = self.pooler.layernorm(x[:, 1:].mean(dim=1)) if "pooler" in self._modules else None  # QA: none
         return SViTTVisionOutput(x, pooled, coords, patterns, kept)
 
 
@@ -874,6 +874,156 @@ class SViTTPretrain(nn.Module):
         return self.itm_head(self.fused_cls(states, attention_mask, tokens))
 
 
+# ------------------------------------------------------------------------------------------------- video QA
+
+
+def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """attention_mask [N, L] -> additive bias [N, 1, L, L]: a token sees itself, earlier tokens, no padding."""
+    length = attention_mask.shape[1]
+    future = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).triu(1)
+    return key_padding_bias(attention_mask, dtype).masked_fill(future, float("-inf"))
+
+
+def answer_token_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder logits [N, La, V] over inputs [CLS] a_1 .. [SEP] -> per answer the summed NLL [N] of a_1 .. [SEP]
+    (position i predicts token i+1; padding ignored)."""
+    targets = answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return nll.sum(dim=1)
+
+
+def ensemble_clip_scores(scores: torch.Tensor, mode: str = "lse") -> torch.Tensor:
+    """Answer scores of several clips of a video [C, Q, A] -> [Q, A]: log-sum-exp, mean or max over clips (an
+    answer outside a clip's top k scores -inf there: lse and max ignore that clip, mean excludes the answer)."""
+    if mode == "lse":
+        return scores.logsumexp(dim=0)
+    if mode == "mean":
+        return scores.mean(dim=0)
+    if mode == "max":
+        return scores.amax(dim=0)
+    raise ValueError(f"ensemble mode must be lse, mean or max, got {mode!r}")
+
+
+def decoder_from_fusion_layers(state_dict: dict, fusion_layer: int, decoder_depth: int) -> dict:
+    """ALBEF/Singularity's initialisation of the answer decoder from a pre-trained text tower (names with
+    `text_encoder.bert.`): fusion layers fusion_layer + i -> `text_decoder.bert.encoder.layer.i`, the embeddings
+    and the MLM head copied to `text_decoder.*`. Entries the state dict already has under text_decoder stay."""
+    src_layer = TEXT_PREFIX + "bert.encoder.layer."
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        new = None
+        if k.startswith(src_layer):
+            index, rest = k[len(src_layer):].split(".", 1)
+            if 0 <= int(index) - fusion_layer < decoder_depth:
+                new = f"{DECODER_PREFIX}bert.encoder.layer.{int(index) - fusion_layer}.{rest}"
+        elif k.startswith((TEXT_PREFIX + "bert.embeddings.", TEXT_PREFIX + "cls.")):
+            new = DECODER_PREFIX + k[len(TEXT_PREFIX):]
+        if new is not None:
+            out.setdefault(new, v)
+    return out
+
+
+class SViTTQA(SViTTPretrain):
+    """SViTT for video QA (the release's `qa` names, ALBEF's VQA design): the question goes through the text
+    tower with cross-attention to the (pruned, vision_layernorm'ed) video tokens in its fusion layers; an answer
+    decoder `text_decoder` (BERT layers with causal self-attention and cross-attention to the question states,
+    plus BERT's LM head tied to its word embeddings) generates the answer. No projections, matching head,
+    temperature nor vision pooler. `decoder_depth` defaults to the number of fusion layers (3 at base), which
+    it is initialised from."""
+
+    def __init__(self, decoder_depth: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("vision_proj", "text_proj", "itm_head", "temp"):
+            delattr(self, name)
+        del self.vision_encoder.pooler
+        del self.text_encoder.cls  # the release's QA text encoder has no MLM head
+        enc = self.text_encoder.config
+        depth = decoder_depth if decoder_depth is not None else enc.depth - enc.fusion_layer
+        dec_cfg = SViTTTextConfig(vocab_size=enc.vocab_size, width=enc.width, depth=depth, num_heads=enc.num_heads,
+                                  intermediate=enc.intermediate, fusion_layer=0, vision_width=enc.width)
+        self.text_decoder = SViTTTextTower(dec_cfg)
+        self.text_decoder.apply(init_bert_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay: decoder layer i sits at the depth of the fusion layer it starts from."""
+        prefix = DECODER_PREFIX + "bert.encoder.layer."
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            fusion = self.text_encoder.config.fusion_layer
+            name = f"{TEXT_PREFIX}bert.encoder.layer.{fusion + int(index)}.{rest}"
+        return super().layer_id(name)
+
+    # -- passes
+    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+                        ) -> torch.Tensor:
+        """video [B, 3, T, H, W], question [B, Lq] -> question states fused with the video [B, Lq, D]."""
+        video_tokens = self.vision_layernorm(self.vision(video).tokens)
+        states = self.text_encoder.text_layers(question_ids, question_mask)
+        return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
+
+    def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
+               question_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
+        [N, Lq, D] -> next-token logits [N, La, vocab]."""
+        x = self.text_decoder.bert.embeddings(input_ids=answer_ids)
+        self_bias = causal_padding_bias(answer_mask, x.dtype)
+        question_bias = key_padding_bias(question_mask, x.dtype)
+        for layer in self.text_decoder.bert.encoder.layer:
+            x, _ = layer(x, self_bias, question_states, question_bias)
+        return self.text_decoder.cls.predictions(x)
+
+    def answer_nll(self, question_states, question_mask, answer_ids, answer_mask, answer_to_question
+                   ) -> torch.Tensor:
+        """Summed NLL [N] of each answer row given its question (answer_to_question [N] indexes the questions)."""
+        logits = self.decode(answer_ids, answer_mask, question_states[answer_to_question],
+                             question_mask[answer_to_question])
+        return answer_token_nll(logits, answer_ids, answer_mask)
+
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """The model contract's training step: video [B, 3, T, H, W], question_ids / question_mask [B, Lq],
+        answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded), answer_weights [N] (each distinct answer's
+        share of its question's annotators), answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
+        states = self.encode_question(batch["video"], batch["question_ids"], batch["question_mask"])
+        nll = self.answer_nll(states, batch["question_mask"], batch["answer_ids"], batch["answer_mask"],
+                              batch["answer_to_question"].to(states.device))
+        loss = (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_ids"])
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
+        top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
+        states = self.encode_question(video, question_ids, question_mask)
+        return rank_by_decoder(self, states, question_mask, answer_ids, answer_mask, k)
+
+    # -- the retrieval half of the model contract does not apply
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError("SViTTQA has no retrieval projections: use a svitt_* retrieval model")
+
+    encode_text = match_video_cache = match_logits = encode_video
+
+
+def rank_by_decoder(model: SViTTQA, states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
+                    answer_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank_answers after the question pass: states [Q, Lq, D] -> (best [Q], scores [Q, A])."""
+    num_q, num_a = len(states), len(answer_ids)
+    k = min(k, num_a)
+    start = answer_ids[:1, :1].expand(num_q, 1)
+    first = model.decode(start, torch.ones_like(start), states, question_mask)[:, 0].float().log_softmax(-1)
+    top = first[:, answer_ids[:, 1]].topk(k, dim=1).indices  # [Q, k]
+    rows = top.flatten()
+    owner = torch.arange(num_q, device=states.device).repeat_interleave(k)
+    ll = -model.answer_nll(states, question_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
+    scores = torch.full((num_q, num_a), float("-inf"), device=states.device).scatter(1, top, ll)
+    return scores.argmax(dim=1), scores
+
+
 def init_bert_weights(m: nn.Module) -> None:
     """BERT's initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases, unit LayerNorms."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -913,10 +1063,12 @@ def init_weights(m: nn.Module) -> None:
 
 RELEASE_VISION_PREFIX = "vision_encoder."
 TEXT_PREFIX = "text_encoder."
+DECODER_PREFIX = "text_decoder."
 TABLE_SUFFIX = "relative_position_bias.relative_position_bias_table"
 REBUILT_BUFFERS = ("relative_position_index", "embeddings.position_ids")  # saved by the release, rebuilt by us
 EXPAND_MODES = ("release", "symmetric")
-RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224"}  # source kind -> registered model of that file
+# source kind -> registered model of that file
+RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224"}
 
 
 def release_vision_state_dict(state_dict: dict) -> dict:
@@ -1018,7 +1170,8 @@ def detect_source(keys: list[str]) -> str:
 
 
 def recognise_release(keys: list[str]) -> str | None:
-    """A file without model_cfg: the registered model its keys identify (the release's pre-training model)."""
+    """A file without model_cfg: the registered model its keys identify (the release's pre-training or QA
+    model)."""
     try:
         return RELEASE_MODELS.get(detect_source(keys))
     except ValueError:
@@ -1170,12 +1323,17 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
     target_keys = set(own)
     mapped = map_beit(state_dict) if kind == "beit" else map_bert(state_dict) if kind == "bert" else dict(state_dict)
     mapped = {k: v for k, v in mapped.items() if k in target_keys or not k.endswith(REBUILT_BUFFERS)}
-    mapped = _fill_tied(to_target_names(mapped, target_keys), target_keys)
+    mapped = to_target_names(mapped, target_keys)
+    init_decoder = isinstance(model, SViTTQA) and not any(k.startswith(DECODER_PREFIX) for k in mapped)
+    if init_decoder:  # a pre-training (or BERT) checkpoint into the QA model: the decoder from the fusion layers
+        mapped = decoder_from_fusion_layers(mapped, model.text_encoder.config.fusion_layer,
+                                            len(model.text_decoder.bert.encoder.layer))
+    mapped = _fill_tied(mapped, target_keys)
     mode = expand_mode or getattr(model, "temporal_expand_mode", None) or "release"
     if mode not in EXPAND_MODES:
         raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {mode!r}")
     mapped, note = _expand_frames(mapped, own, model, config_frames(file_config), mode)
-    return mapped, kind + note
+    return mapped, kind + note + (" (answer decoder from the fusion layers)" if init_decoder else "")
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -1203,6 +1361,24 @@ def svitt_tiny_patch16(**kwargs) -> SViTTPretrain:
 def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
     """The paper's SViTT: BEiT-B/16 over the clip, BERT-base with fusion from layer 9, 4 frames of 224 px."""
     return _build(BASE, kwargs)
+
+
+def _build_qa(defaults: dict, kwargs: dict) -> SViTTQA:
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained=True: load weights with --init_ckpt, nothing is downloaded")
+    return SViTTQA(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
+
+
+@register_model("svitt")
+def svitt_qa_tiny_patch16(**kwargs) -> SViTTQA:
+    """CPU-sized SViTT QA model: svitt_tiny_patch16's towers and a 2-layer answer decoder (its fusion layers)."""
+    return _build_qa(TINY, kwargs)
+
+
+@register_model("svitt", aliases=("svitt_qa_base",))
+def svitt_qa_base_patch16_224(**kwargs) -> SViTTQA:
+    """The release's QA model: SViTT-base towers and a 3-layer answer decoder (the release's `qa` names)."""
+    return _build_qa(BASE, kwargs)
 
 
 def add_model_args(g: argparse._ArgumentGroup) -> None:

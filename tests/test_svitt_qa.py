@@ -1,0 +1,186 @@
+"""SViTT's video QA model: answer loss, closed-list ranking, clip ensembling, decoder initialisation, release keys."""
+import pytest
+import torch
+import torch.nn as nn
+
+import checkpoint
+import modeling_svitt as S
+from svitt_release import release_keys, seeded_state_dict
+
+SMALL = dict(img_size=32, num_frames=2, vocab_size=300)  # a tiny QA model that runs in milliseconds
+CLS, SEP = 101, 102
+
+
+def randomise(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
+    return module
+
+
+@pytest.fixture(scope="module")
+def qa_model() -> S.SViTTQA:
+    torch.manual_seed(0)
+    return randomise(S.svitt_qa_tiny_patch16(**SMALL), 1).eval()
+
+
+def padded(answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists (without [CLS] / [SEP]) -> answer_ids / answer_mask as the QA collator gives them."""
+    rows = [[CLS, *a, SEP] for a in answers]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+
+def question_inputs(num_questions: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(2)
+    video = torch.randn(num_questions, 3, 2, 32, 32, generator=g)
+    ids = torch.randint(110, 300, (num_questions, 5), generator=g)
+    ids[:, 0] = CLS
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0  # one padded question
+    return video, ids, mask
+
+
+def brute_force_log_likelihood(model: S.SViTTQA, states: torch.Tensor, q_mask: torch.Tensor,
+                               answer: list[int]) -> float:
+    """log p(answer + [SEP] | question), one unpadded answer at a time, token by token from the logits."""
+    ids = torch.tensor([[CLS, *answer, SEP]])
+    logits = model.decode(ids, torch.ones_like(ids), states[None], q_mask[None])[0].log_softmax(-1)
+    return sum(logits[i, ids[0, i + 1]].item() for i in range(ids.shape[1] - 1))
+
+
+ANSWERS = [[150], [151, 152], [150, 153, 154], [160], [161, 162]]
+
+
+def test_top_k_then_full_likelihood_equals_brute_force_when_k_is_the_list(qa_model):
+    video, q_ids, q_mask = question_inputs(2)
+    a_ids, a_mask = padded(ANSWERS)
+    best, scores = qa_model.rank_answers(video, q_ids, q_mask, a_ids, a_mask, k=len(ANSWERS))
+    states = qa_model.encode_question(video, q_ids, q_mask)
+    expected = torch.tensor([[brute_force_log_likelihood(qa_model, states[q], q_mask[q], a) for a in ANSWERS]
+                             for q in range(2)])
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(best, expected.argmax(1))
+
+
+def test_top_k_keeps_the_answers_with_the_likeliest_first_token(qa_model):
+    video, q_ids, q_mask = question_inputs(2)
+    a_ids, a_mask = padded(ANSWERS)
+    _, full = qa_model.rank_answers(video, q_ids, q_mask, a_ids, a_mask, k=len(ANSWERS))
+    best, scores = qa_model.rank_answers(video, q_ids, q_mask, a_ids, a_mask, k=2)
+    states = qa_model.encode_question(video, q_ids, q_mask)
+    start = torch.full((2, 1), CLS)
+    first = qa_model.decode(start, torch.ones_like(start), states, q_mask)[:, 0].log_softmax(-1)[:, a_ids[:, 1]]
+    for q in range(2):
+        kept = torch.isfinite(scores[q]).nonzero().flatten()
+        assert set(kept.tolist()) == set(first[q].topk(2).indices.tolist())
+        torch.testing.assert_close(scores[q, kept], full[q, kept])
+        assert best[q] == kept[scores[q, kept].argmax()]
+
+
+def test_loss_is_the_weighted_answer_nll_over_the_batch(qa_model):
+    video, q_ids, q_mask = question_inputs(2)
+    answers, owner, weights = [ANSWERS[1], ANSWERS[0], ANSWERS[2]], [0, 0, 1], [0.75, 0.25, 1.0]
+    a_ids, a_mask = padded(answers)
+    batch = dict(video=video, question_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
+                 answer_weights=torch.tensor(weights), answer_to_question=torch.tensor(owner))
+    loss = qa_model(batch)["loss"]
+    states = qa_model.encode_question(video, q_ids, q_mask)
+    nll = [-brute_force_log_likelihood(qa_model, states[q], q_mask[q], a) for a, q in zip(answers, owner)]
+    assert loss.item() == pytest.approx(sum(w * n for w, n in zip(weights, nll)) / 2, rel=1e-4)
+
+
+def test_loss_trains_the_decoder_and_both_towers():
+    model = S.svitt_qa_tiny_patch16(**SMALL).train()
+    video, q_ids, q_mask = question_inputs(2)
+    a_ids, a_mask = padded([ANSWERS[0], ANSWERS[3]])
+    model(dict(video=video, question_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
+               answer_weights=torch.ones(2), answer_to_question=torch.arange(2)))["loss"].backward()
+    for part in (model.vision_encoder.embeddings.cls_token, model.text_encoder.bert.encoder.layer[-1]
+                 .crossattention.self.key.weight, model.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight):
+        assert part.grad is not None and part.grad.abs().sum() > 0
+
+
+def test_clip_ensembling():
+    scores = torch.tensor([[[0.0, -1.0, float("-inf")]], [[-2.0, -1.0, -3.0]]])  # 2 clips, 1 question, 3 answers
+    torch.testing.assert_close(S.ensemble_clip_scores(scores, "max"), torch.tensor([[0.0, -1.0, -3.0]]))
+    torch.testing.assert_close(S.ensemble_clip_scores(scores, "mean"), torch.tensor([[-1.0, -1.0, float("-inf")]]))
+    lse = torch.tensor([[torch.tensor([0.0, -2.0]).logsumexp(0), torch.tensor([-1.0, -1.0]).logsumexp(0), -3.0]])
+    torch.testing.assert_close(S.ensemble_clip_scores(scores, "lse"), lse)
+    with pytest.raises(ValueError, match="lse, mean or max"):
+        S.ensemble_clip_scores(scores, "median")
+
+
+def test_pretraining_checkpoint_initialises_the_decoder_from_the_fusion_layers():
+    pretrain = randomise(S.svitt_tiny_patch16(**SMALL), 3)
+    source = pretrain.state_dict()
+    qa = S.svitt_qa_tiny_patch16(**SMALL)
+    mapped, kind = S.convert_state_dict(source, qa)
+    assert kind == "svitt_pretrain (answer decoder from the fusion layers)"
+    report = checkpoint.load_weights(qa, mapped, strict=False)
+    assert not report.missing
+    assert all(k.startswith(("vision_proj.", "text_proj.", "itm_head.", "temp", "vision_encoder.pooler.",
+                             "text_encoder.cls.")) for k in report.unexpected)
+    own = qa.state_dict()
+    fusion = qa.text_encoder.config.fusion_layer
+    assert len(qa.text_decoder.bert.encoder.layer) == 2 and fusion == 2
+    for i in range(2):
+        for rest, tensor in pretrain.text_encoder.bert.encoder.layer[fusion + i].state_dict().items():
+            assert torch.equal(own[f"text_decoder.bert.encoder.layer.{i}.{rest}"], tensor), (i, rest)
+    for part in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+                 "cls.predictions.transform.dense.weight", "cls.predictions.bias"):
+        assert torch.equal(own["text_decoder." + part], source["text_encoder." + part])
+    assert torch.equal(own["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"],
+                       source["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"])
+
+
+def test_decoder_copy_on_a_state_dict_keeps_an_existing_decoder():
+    state = {"text_encoder.bert.encoder.layer.9.output.dense.bias": torch.ones(2),
+             "text_encoder.bert.encoder.layer.8.output.dense.bias": torch.zeros(2),
+             "text_encoder.bert.encoder.layer.11.attention.self.query.bias": torch.full((2,), 3.0),
+             "text_encoder.bert.embeddings.position_embeddings.weight": torch.full((2,), 4.0),
+             "text_decoder.bert.encoder.layer.2.attention.self.query.bias": torch.full((2,), 5.0)}
+    out = S.decoder_from_fusion_layers(state, fusion_layer=9, decoder_depth=3)
+    assert set(out) - set(state) == {"text_decoder.bert.encoder.layer.0.output.dense.bias",
+                                     "text_decoder.bert.embeddings.position_embeddings.weight"}
+    assert out["text_decoder.bert.encoder.layer.0.output.dense.bias"] is state[
+        "text_encoder.bert.encoder.layer.9.output.dense.bias"]
+    assert out["text_decoder.bert.encoder.layer.2.attention.self.query.bias"][0] == 5.0
+
+
+def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
+    keys = release_keys("qa")
+    release = seeded_state_dict(keys, seed=5)
+    model = S.svitt_qa_base_patch16_224()
+    mapped, kind = S.convert_state_dict(release, model)
+    assert kind == "svitt_qa" and S.recognise_release(list(release)) == "svitt_qa_base_patch16_224"
+    report = checkpoint.load_weights(model, mapped, strict=True)
+    assert not report.missing and not report.unexpected
+    own = model.state_dict()
+    assert torch.equal(own["text_encoder.bert.encoder.layer.9.crossattention.self.key.weight"],
+                       release["text_encoder.encoder.layer.9.crossattention.self.key.weight"])
+    assert torch.equal(own["text_decoder.bert.encoder.layer.2.crossattention.self.value.bias"],
+                       release["text_decoder.bert.encoder.layer.2.crossattention.self.value.bias"])
+    rebuilt = {k for k, _ in keys if k.endswith(S.REBUILT_BUFFERS)}
+    assert len(own) == len(keys) - len(rebuilt)
+
+
+def test_qa_models_are_registered_and_take_the_family_flags():
+    import argparse
+
+    import model_registry
+    from timm.models import list_models
+    assert {"svitt_qa_tiny_patch16", "svitt_qa_base_patch16_224"} <= set(list_models("svitt_qa*"))
+    parser = argparse.ArgumentParser()
+    model_registry.add_model_args(parser, model="svitt_qa_tiny_patch16", model_help="model")
+    args = parser.parse_args(["--token_keep_rate", "0.6", "--token_drop_loc", "1", "--fusion_layer", "1"])
+    args.num_frames, args.input_size = 2, 32
+    model = model_registry.create("svitt_qa_tiny_patch16", vocab_size=300,
+                                  **model_registry.model_kwargs(args, "svitt_qa_tiny_patch16"))
+    assert isinstance(model, S.SViTTQA) and model_registry.family_of(model).name == "svitt"
+    assert model.vision_encoder.config.token_keep_rate == 0.6 and model.vision_encoder.config.num_frames == 2
+    assert len(model.text_decoder.bert.encoder.layer) == 3  # the text tower's fusion layers 1, 2, 3
+    assert [model.layer_id(f"text_decoder.bert.encoder.layer.{i}.output.dense.weight") for i in range(3)] == \
+        [model.layer_id(f"text_encoder.bert.encoder.layer.{i}.output.dense.weight") for i in (1, 2, 3)] == [2, 3, 4]
