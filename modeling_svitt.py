@@ -983,13 +983,14 @@ class SViTTQA(SViTTPretrain):
         return answer_token_nll(logits, answer_ids, answer_mask)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-        """The model contract's training step: video [B, 3, T, H, W], question_ids / question_mask [B, Lq],
+        """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],
+        question_input_ids / question_mask [B, Lq],
         answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded), answer_weights [N] (each distinct answer's
         share of its question's annotators), answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
-        states = self.encode_question(batch["video"], batch["question_ids"], batch["question_mask"])
+        states = self.encode_question(batch["video"], batch["question_input_ids"], batch["question_mask"])
         nll = self.answer_nll(states, batch["question_mask"], batch["answer_ids"], batch["answer_mask"],
                               batch["answer_to_question"].to(states.device))
-        loss = (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_ids"])
+        loss = (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_input_ids"])
         return {"loss": loss}
 
     @torch.no_grad()

@@ -84,7 +84,7 @@ def test_loss_is_the_weighted_answer_nll_over_the_batch(qa_model):
     video, q_ids, q_mask = question_inputs(2)
     answers, owner, weights = [ANSWERS[1], ANSWERS[0], ANSWERS[2]], [0, 0, 1], [0.75, 0.25, 1.0]
     a_ids, a_mask = padded(answers)
-    batch = dict(video=video, question_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
+    batch = dict(video=video, question_input_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
                  answer_weights=torch.tensor(weights), answer_to_question=torch.tensor(owner))
     loss = qa_model(batch)["loss"]
     states = qa_model.encode_question(video, q_ids, q_mask)
@@ -96,7 +96,7 @@ def test_loss_trains_the_decoder_and_both_towers():
     model = S.svitt_qa_tiny_patch16(**SMALL).train()
     video, q_ids, q_mask = question_inputs(2)
     a_ids, a_mask = padded([ANSWERS[0], ANSWERS[3]])
-    model(dict(video=video, question_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
+    model(dict(video=video, question_input_ids=q_ids, question_mask=q_mask, answer_ids=a_ids, answer_mask=a_mask,
                answer_weights=torch.ones(2), answer_to_question=torch.arange(2)))["loss"].backward()
     for part in (model.vision_encoder.embeddings.cls_token, model.text_encoder.bert.encoder.layer[-1]
                  .crossattention.self.key.weight, model.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight):
@@ -184,3 +184,19 @@ def test_qa_models_are_registered_and_take_the_family_flags():
     assert len(model.text_decoder.bert.encoder.layer) == 3  # the text tower's fusion layers 1, 2, 3
     assert [model.layer_id(f"text_decoder.bert.encoder.layer.{i}.output.dense.weight") for i in range(3)] == \
         [model.layer_id(f"text_encoder.bert.encoder.layer.{i}.output.dense.weight") for i in (1, 2, 3)] == [2, 3, 4]
+
+
+def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
+    """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
+    import datasets
+    tok = datasets.build_tokenizer()
+    records = datasets.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
+    data = datasets.VideoQADataset(records, mode="train", num_frames=2, sampling_rate=2, input_size=32,
+                                   sample_type="rand")
+    batch = datasets.VideoQACollator(tok, max_q_len=25, max_a_len=5)([data[i] for i in range(3)])
+    batch["video"] = datasets.normalize_video(batch["video"])
+    model = S.svitt_qa_tiny_patch16(img_size=32, num_frames=2, vocab_size=len(tok)).train()
+    loss = model(batch)["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert model.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight.grad.abs().sum() > 0
