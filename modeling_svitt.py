@@ -1345,11 +1345,12 @@ BASE: dict = {}  # the constructor's defaults are the paper's BEiT-B/16 + BERT-b
 _TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _build(defaults: dict, kwargs: dict) -> SViTTPretrain:
+def _build(defaults: dict, kwargs: dict, cls: type = None) -> SViTTPretrain:
+    """A registered size: `cls` (SViTTPretrain, or SViTTQA) from the size's defaults and timm's call arguments."""
     if kwargs.pop("pretrained", False):
         raise ValueError("pretrained=True: load weights with --beit_path / --bert_path / --init_ckpt, nothing is "
                          "downloaded")
-    return SViTTPretrain(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
+    return (cls or SViTTPretrain)(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
 @register_model("svitt")
@@ -1364,22 +1365,16 @@ def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
     return _build(BASE, kwargs)
 
 
-def _build_qa(defaults: dict, kwargs: dict) -> SViTTQA:
-    if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained=True: load weights with --init_ckpt, nothing is downloaded")
-    return SViTTQA(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
-
-
 @register_model("svitt")
 def svitt_qa_tiny_patch16(**kwargs) -> SViTTQA:
     """CPU-sized SViTT QA model: svitt_tiny_patch16's towers and a 2-layer answer decoder (its fusion layers)."""
-    return _build_qa(TINY, kwargs)
+    return _build(TINY, kwargs, SViTTQA)
 
 
 @register_model("svitt", aliases=("svitt_qa_base",))
 def svitt_qa_base_patch16_224(**kwargs) -> SViTTQA:
     """The release's QA model: SViTT-base towers and a 3-layer answer decoder (the release's `qa` names)."""
-    return _build_qa(BASE, kwargs)
+    return _build(BASE, kwargs, SViTTQA)
 
 
 def add_model_args(g: argparse._ArgumentGroup) -> None:
