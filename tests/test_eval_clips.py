@@ -265,3 +265,29 @@ def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set
     assert wide.model_cfg["kwargs"]["num_frames"] == 8 and run.at_frames(svitt, 4, args) is svitt
     with torch.no_grad():
         assert wide.encode_video(datasets.normalize_video(test_set[0][:1])).shape == (1, 64)
+
+
+def test_svitt_retrieval_fine_tuning_selects_on_val_and_tests_with_its_own_matching_head(synthetic_root, tokenizer,
+                                                                                       tmp_path):
+    """SViTT fine-tunes through the same entry point (ITC + ITM, no MLM in a fine-tuning batch), is selected on the
+    validation split and tested in clips with its own matching head re-ranking, as the recipes run it."""
+    torch.manual_seed(0)
+    model = model_registry.create("svitt_tiny_patch16", vocab_size=len(tokenizer), **SVITT_TINY)
+    ckpt = str(tmp_path / "svitt.pth")
+    checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": 0}, ckpt)
+    out = tmp_path / "ft"
+    ann = os.path.join(synthetic_root, "annotations")
+    argv = ["--model", "svitt_tiny_patch16", "--finetune", ckpt, "--data_root", str(synthetic_root),
+            "--data_path", os.path.join(ann, "train.json"), "--val_data_path", os.path.join(ann, "val.json"),
+            "--test_data_path", os.path.join(ann, "test.json"), "--output_dir", str(out), "--num_frames", "4",
+            "--input_size", "32", "--short_side_size", "32", "--sample_type", "rand", "--num_frames_test", "8",
+            "--test_num_segment", "1", "--test_num_crop", "1", "--rerank_k", "2", "--batch_size", "8",
+            "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-4", "--num_workers", "0", "--device", "cpu",
+            "--precision", "fp32", "--print_freq", "50", "--attn_block_size", "4", "--sparse_random_attn", "1",
+            "--token_keep_rate", "0.5", "--token_drop_loc", "1"]
+    result = run.main(run.get_args_parser().parse_args(argv))
+    assert (out / "checkpoint-best.pth").exists()
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert saved["clips"] == 2 and saved["rerank"]["rerank_k"] == 2 and result["t2v_queries"] == saved["t2v_queries"]
+    lines = [json.loads(x) for x in open(out / "log.txt")]
+    assert "train_loss_itm" in lines[0] and "train_loss_mlm" not in lines[0]
