@@ -42,6 +42,18 @@ VIDEO_SPECS = {
 _BITS, _CELL = 7, 8  # frame index as 7 black/white cells of 8x8 px in the top-left corner
 
 
+
+def randomised(module, seed: int, scale: float = 0.1):
+    """Replace every parameter with seeded noise of std `scale` (vectors such as LayerNorm weights around 1, so
+    the outputs stay in range): weights that differ from any initialisation, for loading and equality tests."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
+    return module
+
+
 def index_frames(width: int, height: int, num_frames: int) -> np.ndarray:
     """uint8 [T, H, W, 3]: a drifting colour gradient, with frame t's index t written as a binary code."""
     yy, xx = np.mgrid[0:height, 0:width]

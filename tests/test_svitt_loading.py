@@ -14,6 +14,7 @@ import checkpoint
 import model_registry
 import modeling_simvtp
 import modeling_svitt as S
+from conftest import randomised
 from svitt_release import (omegaconf_like, omegaconf_names, release_keys, seeded_state_dict,
                            write_release_file)
 
@@ -157,14 +158,6 @@ def test_resize_relative_table_copies_slices_and_cls_rows():
     image = torch.randn(S.relative_table_rows(1, h, w), heads)
     repeated = S.resize_relative_table(image, 1, 3, (h, w))
     assert torch.equal(repeated[:-3], image[:-3].repeat(5, 1)) and torch.equal(repeated[-3:], image[-3:])
-
-
-def randomised(module: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
-    return module
 
 
 def tower(frames: int, **overrides) -> S.SViTTVisionTower:

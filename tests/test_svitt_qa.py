@@ -1,28 +1,20 @@
 """SViTT's video QA model: answer loss, closed-list ranking, clip ensembling, decoder initialisation, release keys."""
 import pytest
 import torch
-import torch.nn as nn
 
 import checkpoint
 import modeling_svitt as S
+from conftest import randomised
 from svitt_release import release_keys, seeded_state_dict
 
 SMALL = dict(img_size=32, num_frames=2, vocab_size=300)  # a tiny QA model that runs in milliseconds
 CLS, SEP = 101, 102
 
 
-def randomise(module: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
-    return module
-
-
 @pytest.fixture(scope="module")
 def qa_model() -> S.SViTTQA:
     torch.manual_seed(0)
-    return randomise(S.svitt_qa_tiny_patch16(**SMALL), 1).eval()
+    return randomised(S.svitt_qa_tiny_patch16(**SMALL), 1, scale=0.2).eval()
 
 
 def padded(answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +106,7 @@ def test_clip_ensembling():
 
 
 def test_pretraining_checkpoint_initialises_the_decoder_from_the_fusion_layers():
-    pretrain = randomise(S.svitt_tiny_patch16(**SMALL), 3)
+    pretrain = randomised(S.svitt_tiny_patch16(**SMALL), 3, scale=0.2)
     source = pretrain.state_dict()
     qa = S.svitt_qa_tiny_patch16(**SMALL)
     mapped, kind = S.convert_state_dict(source, qa)
