@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from answer_ranking import rank_by_decoder, weighted_answer_loss
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias
 
@@ -884,24 +885,8 @@ def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     return key_padding_bias(attention_mask, dtype).masked_fill(future, float("-inf"))
 
 
-def answer_token_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Decoder logits [N, La, V] over inputs [CLS] a_1 .. [SEP] -> per answer the summed NLL [N] of a_1 .. [SEP]
-    (position i predicts token i+1; padding ignored)."""
-    targets = answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
-    return nll.sum(dim=1)
 
 
-def ensemble_clip_scores(scores: torch.Tensor, mode: str = "lse") -> torch.Tensor:
-    """Answer scores of several clips of a video [C, Q, A] -> [Q, A]: log-sum-exp, mean or max over clips (an
-    answer outside a clip's top k scores -inf there: lse and max ignore that clip, mean excludes the answer)."""
-    if mode == "lse":
-        return scores.logsumexp(dim=0)
-    if mode == "mean":
-        return scores.mean(dim=0)
-    if mode == "max":
-        return scores.amax(dim=0)
-    raise ValueError(f"ensemble mode must be lse, mean or max, got {mode!r}")
 
 
 def decoder_from_fusion_layers(state_dict: dict, fusion_layer: int, decoder_depth: int) -> dict:
@@ -975,22 +960,13 @@ class SViTTQA(SViTTPretrain):
             x, _ = layer(x, self_bias, question_states, question_bias)
         return self.text_decoder.cls.predictions(x)
 
-    def answer_nll(self, question_states, question_mask, answer_ids, answer_mask, answer_to_question
-                   ) -> torch.Tensor:
-        """Summed NLL [N] of each answer row given its question (answer_to_question [N] indexes the questions)."""
-        logits = self.decode(answer_ids, answer_mask, question_states[answer_to_question],
-                             question_mask[answer_to_question])
-        return answer_token_nll(logits, answer_ids, answer_mask)
-
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],
         question_input_ids / question_mask [B, Lq],
         answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded), answer_weights [N] (each distinct answer's
         share of its question's annotators), answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
         states = self.encode_question(batch["video"], batch["question_input_ids"], batch["question_mask"])
-        nll = self.answer_nll(states, batch["question_mask"], batch["answer_ids"], batch["answer_mask"],
-                              batch["answer_to_question"].to(states.device))
-        loss = (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_input_ids"])
+        loss = weighted_answer_loss(self, states, batch["question_mask"], batch)
         return {"loss": loss}
 
     @torch.no_grad()
@@ -1010,19 +986,6 @@ class SViTTQA(SViTTPretrain):
     encode_text = match_video_cache = match_logits = encode_video
 
 
-def rank_by_decoder(model: SViTTQA, states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
-                    answer_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rank_answers after the question pass: states [Q, Lq, D] -> (best [Q], scores [Q, A])."""
-    num_q, num_a = len(states), len(answer_ids)
-    k = min(k, num_a)
-    start = answer_ids[:1, :1].expand(num_q, 1)
-    first = model.decode(start, torch.ones_like(start), states, question_mask)[:, 0].float().log_softmax(-1)
-    top = first[:, answer_ids[:, 1]].topk(k, dim=1).indices  # [Q, k]
-    rows = top.flatten()
-    owner = torch.arange(num_q, device=states.device).repeat_interleave(k)
-    ll = -model.answer_nll(states, question_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
-    scores = torch.full((num_q, num_a), float("-inf"), device=states.device).scatter(1, top, ll)
-    return scores.argmax(dim=1), scores
 
 
 def init_bert_weights(m: nn.Module) -> None:

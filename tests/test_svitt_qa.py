@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import answer_ranking
 import checkpoint
 import modeling_svitt as S
 from conftest import randomised
@@ -96,13 +97,14 @@ def test_loss_trains_the_decoder_and_both_towers():
 
 
 def test_clip_ensembling():
+    ensemble = answer_ranking.ensemble_clip_scores
     scores = torch.tensor([[[0.0, -1.0, float("-inf")]], [[-2.0, -1.0, -3.0]]])  # 2 clips, 1 question, 3 answers
-    torch.testing.assert_close(S.ensemble_clip_scores(scores, "max"), torch.tensor([[0.0, -1.0, -3.0]]))
-    torch.testing.assert_close(S.ensemble_clip_scores(scores, "mean"), torch.tensor([[-1.0, -1.0, float("-inf")]]))
+    torch.testing.assert_close(ensemble(scores, "max"), torch.tensor([[0.0, -1.0, -3.0]]))
+    torch.testing.assert_close(ensemble(scores, "mean"), torch.tensor([[-1.0, -1.0, float("-inf")]]))
     lse = torch.tensor([[torch.tensor([0.0, -2.0]).logsumexp(0), torch.tensor([-1.0, -1.0]).logsumexp(0), -3.0]])
-    torch.testing.assert_close(S.ensemble_clip_scores(scores, "lse"), lse)
-    with pytest.raises(ValueError, match="lse, mean or max"):
-        S.ensemble_clip_scores(scores, "median")
+    torch.testing.assert_close(ensemble(scores, "lse"), lse)
+    with pytest.raises(ValueError, match="one of lse, mean, max"):
+        ensemble(scores, "median")
 
 
 def test_pretraining_checkpoint_initialises_the_decoder_from_the_fusion_layers():

@@ -1,0 +1,74 @@
+"""Scoring answers with an answer decoder (ALBEF's VQA design), shared by both families' QA models.
+
+A QA model that generates answers exposes `decode(answer_ids, answer_mask, memory, memory_mask) -> logits
+[N, La, vocab]`: teacher-forced next-token logits of answers ([CLS] answer [SEP], padded) over the states its
+question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state). Everything here is built on
+that one method, so training loss, closed-list ranking and clip ensembling are the same for every family.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+ENSEMBLES = ("lse", "mean", "max")
+
+
+class AnswerDecoder(Protocol):
+    def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
+               memory_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+def answer_token_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder logits [N, La, V] over inputs [CLS] a_1 .. [SEP] -> per answer the summed NLL [N] of a_1 .. [SEP]
+    (position i predicts token i+1; padding ignored)."""
+    targets = answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return nll.sum(dim=1)
+
+
+def answer_nll(model: AnswerDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, answer_ids: torch.Tensor,
+               answer_mask: torch.Tensor, answer_to_question: torch.Tensor) -> torch.Tensor:
+    """Summed NLL [N] of each answer row given its question (answer_to_question [N] indexes the questions)."""
+    logits = model.decode(answer_ids, answer_mask, memory[answer_to_question], memory_mask[answer_to_question])
+    return answer_token_nll(logits, answer_ids, answer_mask)
+
+
+def weighted_answer_loss(model: AnswerDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, batch: dict
+                         ) -> torch.Tensor:
+    """Teacher forcing on a VideoQACollator batch: sum over distinct answers of (share of the annotators) x NLL,
+    divided by the number of questions."""
+    nll = answer_nll(model, memory, memory_mask, batch["answer_ids"], batch["answer_mask"],
+                     batch["answer_to_question"].to(memory.device))
+    return (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_input_ids"])
+
+
+@torch.no_grad()
+def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, answer_ids: torch.Tensor,
+                    answer_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-list answering: the decoder's first-token distribution after [CLS] picks each question's top k
+    answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+    memory [Q, M, D] -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
+    num_q, num_a = len(memory), len(answer_ids)
+    k = min(k, num_a)
+    start = answer_ids[:1, :1].expand(num_q, 1)
+    first = model.decode(start, torch.ones_like(start), memory, memory_mask)[:, 0].float().log_softmax(-1)
+    top = first[:, answer_ids[:, 1]].topk(k, dim=1).indices  # [Q, k]
+    rows = top.flatten()
+    owner = torch.arange(num_q, device=memory.device).repeat_interleave(k)
+    ll = -answer_nll(model, memory, memory_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
+    scores = torch.full((num_q, num_a), float("-inf"), device=memory.device).scatter(1, top, ll)
+    return scores.argmax(dim=1), scores
+
+
+def ensemble_clip_scores(scores: torch.Tensor, mode: str = "lse") -> torch.Tensor:
+    """Answer scores of several clips of a video [C, Q, A] -> [Q, A]: log-sum-exp, mean or max over clips (an
+    answer outside a clip's top k scores -inf there: lse and max ignore that clip, mean excludes the answer)."""
+    if mode == "lse":
+        return scores.logsumexp(dim=0)
+    if mode == "mean":
+        return scores.mean(dim=0)
+    if mode == "max":
+        return scores.amax(dim=0)
+    raise ValueError(f"ensemble mode must be one of {', '.join(ENSEMBLES)}, got {mode!r}")
