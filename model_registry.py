@@ -55,6 +55,7 @@ class ModelSpec:
     cls: type
     factory: Callable[..., nn.Module]
     retrieval_model: str | None  # the model a checkpoint of this one fine-tunes into for retrieval (None: itself)
+    qa_model: str | None = None  # the model a checkpoint of this one fine-tunes into for video QA (None: itself)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -70,12 +71,14 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def register_model(family: str, aliases: tuple[str, ...] = (), retrieval_model: str | None = None):
+def register_model(family: str, aliases: tuple[str, ...] = (), retrieval_model: str | None = None,
+                   qa_model: str | None = None):
     """Decorator for a factory `name(**kwargs) -> nn.Module` whose return annotation is the model class: registers
-    it with timm (so timm.create_model works too) and with its family; `aliases` are other accepted names."""
+    it with timm (so timm.create_model works too) and with its family; `aliases` are other accepted names;
+    `retrieval_model` / `qa_model` name the models its checkpoints are fine-tuned into for those tasks."""
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         cls = inspect.signature(factory, eval_str=True).return_annotation
-        _MODELS[factory.__name__] = ModelSpec(factory.__name__, family, cls, factory, retrieval_model)
+        _MODELS[factory.__name__] = ModelSpec(factory.__name__, family, cls, factory, retrieval_model, qa_model)
         for alias in aliases:
             _ALIASES[alias] = factory.__name__
         return timm_register_model(factory)

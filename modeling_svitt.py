@@ -1316,13 +1316,13 @@ def _build(defaults: dict, kwargs: dict, cls: type = None) -> SViTTPretrain:
     return (cls or SViTTPretrain)(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
-@register_model("svitt")
+@register_model("svitt", qa_model="svitt_qa_tiny_patch16")
 def svitt_tiny_patch16(**kwargs) -> SViTTPretrain:
     """CPU-sized SViTT: 4 vision layers of width 192, 4 text layers (fusion from layer 2), 8 frames of 112 px."""
     return _build(TINY, kwargs)
 
 
-@register_model("svitt", aliases=("svitt_base",))
+@register_model("svitt", aliases=("svitt_base",), qa_model="svitt_qa_base_patch16_224")
 def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
     """The paper's SViTT: BEiT-B/16 over the clip, BERT-base with fusion from layer 9, 4 frames of 224 px."""
     return _build(BASE, kwargs)
