@@ -1857,6 +1857,19 @@ class VideoQADataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.videos.set_epoch(epoch)
 
+    def video_nbytes(self) -> int:
+        return self.videos.video_nbytes()
+
+    @property
+    def excluded(self) -> set[int]:
+        """Questions whose video is never opened (--exclude_list), as VideoTextDataset.excluded."""
+        return self.videos.excluded
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Broken videos known so far (path -> error), shared with the training engine as VideoTextDataset's."""
+        return self.videos.broken
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.videos[int(index)]
         k = int(item["caption"]) if self.mode == "train" else int(index)
@@ -1896,6 +1909,10 @@ class VideoQACollator:
                              f"and {max_a_len}")
         self.tokenizer = tokenizer
         self.max_q_len, self.max_a_len = int(max_q_len), int(max_a_len)
+
+    def answer_tokens(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A closed answer list tokenised as the batches' answers: (answer_ids, answer_mask) [A, La]."""
+        return self._tokens(answers, self.max_a_len)
 
     def _tokens(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,

@@ -479,9 +479,10 @@ def shared_memory_share() -> int | None:
 
 
 def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0, max_text_len: int = 32,
-                      dist_eval: bool = False,
-                      host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB) -> torch.utils.data.DataLoader:
+                      dist_eval: bool = False, host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB,
+                      collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
     """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later).
+    collate_fn: the batches' collator (default: a VideoTextCollator with max_text_len; QA passes its own).
 
     Sized by plan_eval_loader so its batches of uint8 views stay under host_memory_gb per process (and this
     process's share of /dev/shm); prints the estimate. The loader's batch_size may be below the asked one."""
@@ -494,7 +495,7 @@ def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0,
     if dist_eval and distributed.get_world_size() > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=distributed.get_world_size(),
                                                       rank=distributed.get_rank(), shuffle=False)
-    collator = datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
+    collator = collate_fn or datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
     return torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, shuffle=False,
                                        num_workers=plan.num_workers, collate_fn=collator, drop_last=False,
                                        prefetch_factor=plan.prefetch_factor or None)

@@ -600,12 +600,19 @@ def load_if_present(model: torch.nn.Module, path: str) -> bool:
     return True
 
 
+def load_if_present_everywhere(model: torch.nn.Module, path: str) -> bool:
+    """load_if_present on rank 0, its weights broadcast to every rank; whether the file was there."""
+    if distributed.main_value(lambda: load_if_present(model, path)):  # rank 0 decides and reads ...
+        distributed.broadcast_module(model)  # ... every rank gets its weights
+        return True
+    return False
+
+
 def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: list | None, dtype: torch.dtype,
               tokenizer) -> dict:
     """The best-val weights (or the last ones when there is no validation set) on the test set."""
     best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
-    if distributed.main_value(lambda: load_if_present(model, best_path)):  # rank 0 decides and reads ...
-        distributed.broadcast_module(model)  # ... every rank gets its weights
+    if load_if_present_everywhere(model, best_path):
         print(f"Testing {best_path} (best on validation)")
     else:
         print("No validation set: testing the last weights")

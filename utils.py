@@ -110,7 +110,7 @@ def add_clip_args(group: Any) -> None:
 
 
 def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: tuple[float, float], lr: float,
-                          min_lr: float, warmup_epochs: int) -> Any:
+                          min_lr: float, warmup_epochs: float) -> Any:
     """The optimiser / schedule flags both run scripts share (the release's names), with each script's defaults.
     Returns the argument group, for script-specific additions."""
     g = parser.add_argument_group("optimisation")
@@ -125,7 +125,8 @@ def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: t
     g.add_argument("--min_lr", type=float, default=min_lr, help="lr at the end of the cosine decay (per 256 clips)")
     g.add_argument("--warmup_lr", type=float, default=1e-6,
                    help="lr at the start of the linear warm-up (per 256 clips)")
-    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs, help="epochs of linear warm-up")
+    g.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="epochs of linear warm-up (may be "
+                   "a fraction: 0.5 = half an epoch)")
     g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when > 0")
     g.add_argument("--weight_decay", type=float, default=0.05,
                    help="AdamW weight decay (not on 1-D tensors, biases and the model's no_weight_decay() names)")

@@ -1,0 +1,157 @@
+"""Video QA evaluation: every question's answer picked from a closed list by the model's answer decoder (clips of a
+video ensembled), exact-match accuracy overall and per answer type, one prediction per question.
+
+Training needs nothing of its own: a QA model's forward(batch) returns the answer loss, so the pre-training
+engine's epoch loop, resume and checkpoints drive it unchanged (run_simvtp_qa.py).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+import answer_ranking
+import datasets
+import distributed
+import engine_for_finetuning
+import utils
+
+QA_ENSEMBLES = answer_ranking.ENSEMBLES
+
+
+@dataclass
+class QAEvalConfig:
+    """How questions are answered: clips as retrieval's EvalConfig cuts them (num_clips, sparse_clips,
+    frame_order, seed; `ensemble` is lse|mean|max over every clip and view), and the closed-list search."""
+    clips: engine_for_finetuning.EvalConfig
+    k_test: int = 128  # answers kept by the first-token distribution, then re-scored by full log-likelihood
+
+    def __post_init__(self) -> None:
+        if self.clips.ensemble not in QA_ENSEMBLES:
+            raise ValueError(f"QA ensembles clips by one of {', '.join(QA_ENSEMBLES)}, got {self.clips.ensemble!r}")
+        if self.k_test < 1:
+            raise ValueError(f"--k_test must be >= 1, got {self.k_test}")
+
+
+@torch.no_grad()
+def answer_questions(model: torch.nn.Module, loader: Iterable[dict], answer_list: Sequence[str],
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, cfg: QAEvalConfig,
+                     header: str = "QA") -> list[dict]:
+    """Every question of the loader (this rank's share) -> {"index", "prediction", "score"}: the answer of the
+    list with the best ensembled log-likelihood over the V views x k clips of its video."""
+    model.eval()
+    device, dtype = cfg.clips.device, cfg.clips.dtype
+    answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+    meters = utils.MetricLogger(print_freq=cfg.clips.print_freq)
+    out = []
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    for batch in meters.log_every(loader, total=total, header=header, unit="questions",
+                                  items_per_step=getattr(loader, "batch_size", None) or 1):
+        clips = engine_for_finetuning.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
+        q_ids, q_mask = batch["question_input_ids"].to(device), batch["question_mask"].to(device)
+        per_clip = []
+        for j in range(clips.shape[1]):
+            video = datasets.normalize_video(clips[:, j].to(device, non_blocking=True))
+            with utils.autocast(device, dtype):
+                _, scores = model.rank_answers(video, q_ids, q_mask, answer_ids, answer_mask, cfg.k_test)
+            per_clip.append(scores.float())
+        scores = answer_ranking.ensemble_clip_scores(torch.stack(per_clip), cfg.clips.ensemble)
+        best = scores.max(dim=1)
+        for i, a, s in zip(batch["index"].tolist(), best.indices.tolist(), best.values.tolist()):
+            out.append({"index": i, "prediction": answer_list[a], "score": s})
+    return out
+
+
+def merge_ranks(predictions: list[dict]) -> list[dict]:
+    """Every rank's predictions, one per question in dataset order (a padded sampler's repeats dropped)."""
+    merged = {}
+    for part in distributed.gather_objects(predictions):
+        for p in part:
+            merged.setdefault(p["index"], p)
+    return [merged[i] for i in sorted(merged)]
+
+
+def prediction_rows(predictions: list[dict], records: Sequence[datasets.QARecord]) -> list[dict]:
+    """Predictions joined with their questions: the rows of predictions.jsonl, each with `correct` (exact match
+    of the predicted string with the top-weighted answer)."""
+    rows = []
+    for p in predictions:
+        r = records[p["index"]]
+        truth = datasets.top_answer(r)
+        rows.append({"question_id": r.question_id, "video": r.path, "question": r.question,
+                     "prediction": p["prediction"], "answer": truth, "answers": list(r.answers),
+                     "answer_type": r.answer_type, "correct": p["prediction"] == truth,
+                     "score": round(p["score"], 4)})
+    return rows
+
+
+def qa_accuracy(rows: Sequence[dict]) -> dict:
+    """Exact-match accuracy (%) overall and per answer type (when the file gives types), with counts."""
+    if not rows:
+        raise ValueError("no predictions to score")
+    metrics = {"accuracy": 100.0 * sum(r["correct"] for r in rows) / len(rows), "questions": len(rows)}
+    by_type = collections.defaultdict(list)
+    for r in rows:
+        if r["answer_type"] is not None:
+            by_type[r["answer_type"]].append(r["correct"])
+    if by_type:
+        metrics["per_type"] = {t: {"accuracy": 100.0 * sum(c) / len(c), "questions": len(c)}
+                               for t, c in sorted(by_type.items())}
+    return metrics
+
+
+def majority_accuracy(answers: Sequence[str], truths: Sequence[str]) -> tuple[str, float]:
+    """The chance baseline: always answering the most frequent of `answers` -> (that answer, accuracy % on
+    `truths`)."""
+    if not answers or not truths:
+        raise ValueError("the majority baseline needs answers to count and questions to score")
+    common = collections.Counter(answers).most_common(1)[0][0]
+    return common, 100.0 * sum(t == common for t in truths) / len(truths)
+
+
+def question_prior_accuracy(train: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]]) -> float:
+    """A blind baseline: each test question answered with the most frequent training answer of the same question
+    text (the overall most frequent for a question never seen), never looking at the video. (question, answer)
+    pairs -> accuracy % on test."""
+    if not train or not test:
+        raise ValueError("the question-prior baseline needs training and test questions")
+    by_question = collections.defaultdict(collections.Counter)
+    for q, a in train:
+        by_question[q][a] += 1
+    overall = collections.Counter(a for _, a in train).most_common(1)[0][0]
+    guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    return 100.0 * sum(guess.get(q, overall) == a for q, a in test) / len(test)
+
+
+def format_qa_table(metrics: dict, title: str) -> str:
+    """Accuracy, the per-type breakdown and the baselines as a small table."""
+    lines = [title, f"{'':<24}{'accuracy':>9}{'questions':>11}", "-" * 44,
+             f"{'all':<24}{metrics['accuracy']:>9.1f}{metrics['questions']:>11}"]
+    for t, m in metrics.get("per_type", {}).items():
+        lines.append(f"{'  ' + str(t):<24}{m['accuracy']:>9.1f}{m['questions']:>11}")
+    for key, label in (("majority_train", "majority (train)"), ("majority_test", "majority (this set)")):
+        if key in metrics:
+            lines.append(f"{label:<24}{metrics[key]['accuracy']:>9.1f}   always {metrics[key]['answer']!r}")
+    if "question_prior_train" in metrics:
+        lines.append(f"{'question prior (train)':<24}{metrics['question_prior_train']:>9.1f}   each question's most "
+                     "frequent training answer, no video")
+    if metrics.get("unlisted"):
+        lines.append(f"{metrics['unlisted']} question(s) have an answer outside the list (never right): ceiling "
+                     f"{metrics['ceiling']:.1f}")
+    return "\n".join(lines)
+
+
+def write_predictions(output_dir: str, prefix: str, metrics: dict, rows: Sequence[dict]) -> None:
+    """<prefix>_metrics.json and <prefix>_predictions.jsonl (one line per question, with its question_id), rank 0."""
+    if not distributed.is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{prefix}_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(output_dir, f"{prefix}_predictions.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

@@ -1,0 +1,81 @@
+"""QA evaluation logic on hand-made cases: exact-match accuracy per answer type, the baselines, the validation split
+by video, and answering over several clips (each clip ranked by the real model, then ensembled)."""
+import pytest
+import torch
+
+import answer_ranking
+import datasets
+import engine_for_finetuning
+import engine_for_qa as engine
+import model_registry
+import run_simvtp_qa as run
+from conftest import randomised
+
+
+def record(video: str, question: str, answers, qtype=None, qid=None) -> datasets.QARecord:
+    names, weights = datasets.answer_weights(answers)
+    return datasets.QARecord(path=video, question=question, answers=names, weights=weights,
+                             question_id=qid or f"{video}/{question}", answer_type=qtype)
+
+
+def test_exact_match_accuracy_per_type_against_the_top_weighted_answer():
+    records = [record("a.mp4", "what colour?", "red", "colour"),
+               record("b.mp4", "what colour?", ["blue", "green", "green"], "colour"),
+               record("c.mp4", "which way?", "left", "direction"),
+               record("d.mp4", "which way?", "up", "direction")]
+    predictions = [{"index": 0, "prediction": "red", "score": -0.1},
+                   {"index": 1, "prediction": "blue", "score": -0.2},  # an annotator's answer, not the top one
+                   {"index": 2, "prediction": "Left", "score": -0.3},  # exact match is case-sensitive
+                   {"index": 3, "prediction": "up", "score": -0.4}]
+    rows = engine.prediction_rows(predictions, records)
+    assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert rows[1]["answer"] == "green" and rows[1]["answers"] == ["blue", "green"]
+    metrics = engine.qa_accuracy(rows)
+    assert metrics["accuracy"] == 50.0 and metrics["questions"] == 4
+    assert metrics["per_type"] == {"colour": {"accuracy": 50.0, "questions": 2},
+                                   "direction": {"accuracy": 50.0, "questions": 2}}
+    assert "per_type" not in engine.qa_accuracy([{**r, "answer_type": None} for r in rows])
+
+
+def test_baselines_majority_and_question_prior():
+    answer, acc = engine.majority_accuracy(["red", "red", "left"], ["red", "left", "up", "red"])
+    assert answer == "red" and acc == 50.0
+    train = [("what colour?", "red"), ("what colour?", "red"), ("which way?", "left"), ("which way?", "up"),
+             ("which way?", "left")]
+    test = [("what colour?", "red"), ("which way?", "left"), ("which way?", "up"), ("how big?", "red")]
+    assert engine.question_prior_accuracy(train, test) == 75.0  # the unseen question gets the overall "red"
+    with pytest.raises(ValueError, match="needs"):
+        engine.majority_accuracy([], ["red"])
+
+
+def test_validation_split_keeps_all_questions_of_a_video_together():
+    records = [record(f"v{i // 4}.mp4", f"q{i % 4}", "x") for i in range(40)]
+    train, val = run.split_val_by_video(records, 0.2, seed=3)
+    assert len(val) == 8 and len(train) == 32
+    assert not {r.path for r in train} & {r.path for r in val}
+    assert run.split_val_by_video(records, 0.2, seed=3) == (train, val)
+    with pytest.raises(ValueError, match="share 2 videos"):
+        run.check_disjoint(val, val[:8])
+
+
+def test_answering_ensembles_the_clips_ranked_by_the_model():
+    torch.manual_seed(0)
+    model = randomised(model_registry.create("svitt_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=300),
+                       4, scale=0.2).eval()
+    g = torch.Generator().manual_seed(1)
+    video = torch.randint(0, 256, (2, 1, 3, 4, 32, 32), generator=g, dtype=torch.uint8)  # 2 questions, 1 view
+    q_ids = torch.tensor([[101, 150, 160, 102], [101, 170, 102, 0]])
+    q_mask = (q_ids != 0).long()
+    a_ids = torch.tensor([[101, 200, 102, 0], [101, 201, 202, 102], [101, 203, 102, 0]])
+    a_mask = (a_ids != 0).long()
+    batch = {"video": video, "question_input_ids": q_ids, "question_mask": q_mask, "index": torch.tensor([5, 6])}
+    clips = engine_for_finetuning.EvalConfig(device=torch.device("cpu"), num_clips=2, ensemble="mean")
+    got = engine.answer_questions(model, [batch], ["a", "b", "c"], a_ids, a_mask, engine.QAEvalConfig(clips, 3))
+    per_clip = torch.stack([model.rank_answers(datasets.normalize_video(video[:, 0, :, 2 * c:2 * c + 2]), q_ids,
+                                               q_mask, a_ids, a_mask, 3)[1] for c in range(2)])
+    expected = answer_ranking.ensemble_clip_scores(per_clip, "mean")
+    assert [p["index"] for p in got] == [5, 6]
+    assert [p["prediction"] for p in got] == [["a", "b", "c"][i] for i in expected.argmax(1).tolist()]
+    assert [p["score"] for p in got] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="lse, mean, max"):
+        engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu"), ensemble="concat"))
