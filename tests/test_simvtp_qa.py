@@ -170,3 +170,22 @@ def test_qa_models_are_registered_as_the_pretraining_and_retrieval_models_qa_mod
     model_registry.add_model_args(parser, model="simvtp_qa_tiny_patch16", model_help="model")
     args = parser.parse_args(["--answer_decoder_depth", "1"])
     assert model_registry.model_kwargs(args, "simvtp_qa_tiny_patch16") == {"answer_decoder_depth": 1}
+
+
+def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
+    """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
+    import datasets
+    tok = datasets.build_tokenizer()
+    records = datasets.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
+    data = datasets.VideoQADataset(records, mode="train", num_frames=2, sampling_rate=2, input_size=32,
+                                   sample_type="rand")
+    batch = datasets.VideoQACollator(tok, max_q_len=25, max_a_len=5)([data[i] for i in range(3)])
+    batch["video"] = datasets.normalize_video(batch["video"])
+    model = model_registry.create("simvtp_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=len(tok)).train()
+    loss = model(batch)["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert model.answer_decoder.layers[0].cross_attn.qkv.weight.grad.abs().sum() > 0
+    best, scores = model.rank_answers(batch["video"], batch["question_input_ids"], batch["question_mask"],
+                                      batch["answer_ids"], batch["answer_mask"], k=2)
+    assert best.shape == (3,) and scores.shape == (3, len(batch["answer_ids"]))
