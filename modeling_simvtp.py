@@ -1,5 +1,5 @@
-"""SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the registry
-and the checkpoint key mapping.
+"""SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the video QA
+model, the registry and the checkpoint key mapping.
 
 Tensor names and shapes follow the release exactly (the release's key lists are in tests/data/), so its
 checkpoints, VideoMAE's K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch,
@@ -593,7 +593,7 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
 
 def causal_padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
     """keep: bool/0-1 [N, L] (real tokens) -> additive [N, 1, L, L]: query i sees the real keys j <= i."""
-    n, length = keep.shape
+    length = keep.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
     allowed = causal[None] & keep.bool()[:, None, :]
     return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill(~allowed, value)[:, None]
