@@ -1,5 +1,5 @@
-"""SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the registry
-and the checkpoint key mapping.
+"""SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the video QA
+model, the registry and the checkpoint key mapping.
 
 Tensor names and shapes follow the release exactly (the release's key lists are in tests/data/), so its
 checkpoints, VideoMAE's K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch,
@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
+from answer_ranking import rank_by_decoder, weighted_answer_loss
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
@@ -77,7 +78,9 @@ def padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with the release's bias layout cat(q_bias, 0, v_bias) (no key bias).
+    """Multi-head attention with the release's bias layout cat(q_bias, 0, v_bias) (no key bias): self-attention,
+    or cross-attention to a `context` (queries from rows 0..D of qkv, keys / values from rows D..3D of the same
+    weight, so a cross-attention starts as a copy of a pre-trained self-attention).
 
     `fused` (default True) is the one switch: F.scaled_dot_product_attention, else an explicit softmax."""
 
@@ -91,13 +94,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused = True
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, S, D]; keep: bool [B, S] or None (no padding) -> [B, S, D]."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, D]; keep: bool [B, S] or None (no padding) -> [B, S, D]. With `context` [B, M, D]: attention
+        to it instead of x. `bias`: additive [B, 1, S or 1, M] mask used instead of keep (causal + padding)."""
         b, s, d = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, s, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, S, d_head]
-        mask = None if keep is None else padding_bias(keep, q.dtype)
+        heads, dh = self.num_heads, d // self.num_heads
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        if context is None:
+            qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(b, s, 3, heads, dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, S, d_head]
+        else:
+            q = F.linear(x, self.qkv.weight[:d], self.q_bias).reshape(b, s, heads, dh).transpose(1, 2)
+            kv = F.linear(context, self.qkv.weight[d:], qkv_bias[d:]).reshape(b, context.shape[1], 2, heads, dh)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, M, d_head]
+        mask = bias.to(q.dtype) if bias is not None else None if keep is None else padding_bias(keep, q.dtype)
         if self.fused:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -577,6 +588,143 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
                         self.temperature, gather, batch.get("match_id"))
         return {"loss": loss}
 
+# ----------------------------------------------------------------------------------------------- video QA
+
+
+def causal_padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
+    """keep: bool/0-1 [N, L] (real tokens) -> additive [N, 1, L, L]: query i sees the real keys j <= i."""
+    length = keep.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
+    allowed = causal[None] & keep.bool()[:, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill(~allowed, value)[:, None]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: causal self-attention, cross-attention to the question pass's states, MLP. The
+    self-attention, MLP and norms are named as in Block, so a layer starts as a copy of an encoder block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor
+                ) -> torch.Tensor:
+        """x: [N, La, D], self_bias [N, 1, La, La], memory [N, M, D], memory_bias [N, 1, 1, M] -> [N, La, D]."""
+        x = x + self.drop_path(self.attn(self.norm1(x), bias=self_bias))
+        x = x + self.drop_path(self.cross_attn(self.cross_norm(x), context=memory, bias=memory_bias))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AnswerDecoder(nn.Module):
+    """`depth` decoder layers and a final LayerNorm over embedded answer tokens."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderLayer(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
+                ) -> torch.Tensor:
+        """x: [N, La, D] embedded answers, answer_mask [N, La], memory [N, M, D], memory_mask [N, M] -> [N, La, D]."""
+        self_bias = causal_padding_bias(answer_mask, x.dtype)
+        memory_bias = padding_bias(memory_mask.bool(), x.dtype)
+        for layer in self.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, self_bias, memory, memory_bias, use_reentrant=False)
+            else:
+                x = layer(x, self_bias, memory, memory_bias)
+        return self.norm(x)
+
+
+class SimVTPQA(TubeModelContract, nn.Module):
+    """SimVTP for video QA (ALBEF's VQA design on the unified encoder): the question pass is the joint pass of all
+    tubes and the embedded question; the answer decoder `answer_decoder` (causal self-attention, cross-attention to
+    every state of that pass, MLP) generates the answer with the pre-training's `text_embeddings` and word head
+    `text_cls`. No pixel decoder, matching head nor mask token. A pre-training checkpoint initialises the decoder
+    from the encoder's top `answer_decoder_depth` blocks (see answer_decoder_from_encoder_blocks)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
+                 answer_decoder_depth: int = 3) -> None:
+        super().__init__()
+        if not 1 <= answer_decoder_depth <= depth:
+            raise ValueError(f"answer_decoder_depth {answer_decoder_depth}: between 1 and the encoder depth {depth} "
+                             "(the decoder starts from the top encoder blocks)")
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
+                                      mlp_ratio, drop_path_rate, "norm")
+        self.text_embeddings = build_text_embeddings(vocab_size, embed_dim, max_text_positions)
+        self.answer_decoder = AnswerDecoder(embed_dim, answer_decoder_depth, num_heads, mlp_ratio)
+        self.text_cls = nn.Linear(embed_dim, vocab_size)
+        self.apply(init_weights)
+
+    # -- the model contract
+    takes_video_mask = False
+    text_masking = None
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = self.answer_decoder.grad_checkpointing = enable
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay: decoder layer i sits at the depth of the encoder block it starts from."""
+        prefix = "answer_decoder.layers."
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            block = self.num_layers - len(self.answer_decoder.layers) + int(index)
+            name = f"encoder.blocks.{block}.{rest}"
+        return super().layer_id(name)
+
+    # -- passes
+    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint pass of all tubes of video [B, 3, T, H, W] and the question [B, Lq] -> (memory [B, N + Lq, D],
+        memory_mask [B, N + Lq]: 1 on every video token and the question's real tokens)."""
+        vis = self.encoder.embed_video(video)
+        memory = self.encoder(vis, self.text_embeddings(question_ids), question_mask)
+        return memory, token_keep(vis.shape[1], question_mask).long()
+
+    def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
+               memory_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D]
+        -> next-token logits [N, La, vocab]."""
+        x = self.text_embeddings(answer_ids)
+        return self.text_cls(self.answer_decoder(x, answer_mask, memory, memory_mask))
+
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],
+        question_input_ids / question_mask [B, Lq], answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded),
+        answer_weights [N], answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
+        memory, memory_mask = self.encode_question(batch["video"], batch["question_input_ids"],
+                                                   batch["question_mask"])
+        return {"loss": weighted_answer_loss(self, memory, memory_mask, batch)}
+
+    @torch.no_grad()
+    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
+        top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
+        memory, memory_mask = self.encode_question(video, question_ids, question_mask)
+        return rank_by_decoder(self, memory, memory_mask, answer_ids, answer_mask, k)
+
+    # -- the retrieval half of the model contract does not apply
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError("SimVTPQA has no retrieval pass: use a simvtp_* or simvtp_dual_* model")
+
+    encode_text = match_video_cache = match_logits = encode_video
+
 # ----------------------------------------------------------------------------------------------- registry
 
 TINY = dict(embed_dim=192, depth=4, num_heads=3, img_size=112, num_frames=8)
@@ -592,39 +740,60 @@ def _build(cls: type, defaults: dict, kwargs: dict) -> nn.Module:
     return cls(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
-@register_model("simvtp", retrieval_model="simvtp_dual_tiny_patch16")
+@register_model("simvtp", retrieval_model="simvtp_dual_tiny_patch16", qa_model="simvtp_qa_tiny_patch16")
 def simvtp_tiny_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(TINY, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3), kwargs)
 
 
-@register_model("simvtp", retrieval_model="simvtp_dual_small_patch16")
+@register_model("simvtp", retrieval_model="simvtp_dual_small_patch16", qa_model="simvtp_qa_small_patch16")
 def simvtp_small_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(SMALL, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3), kwargs)
 
 
-@register_model("simvtp", aliases=("pretrain_simvtp_base_patch16_224",), retrieval_model="simvtp_dual_base_patch16")
+@register_model("simvtp", aliases=("pretrain_simvtp_base_patch16_224",), retrieval_model="simvtp_dual_base_patch16",
+                qa_model="simvtp_qa_base_patch16")
 def simvtp_base_patch16(**kwargs) -> SimVTPPretrain:
     return _build(SimVTPPretrain, dict(BASE, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6), kwargs)
 
 
-@register_model("simvtp")
+@register_model("simvtp", qa_model="simvtp_qa_tiny_patch16")
 def simvtp_dual_tiny_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, TINY, kwargs)
 
 
-@register_model("simvtp")
+@register_model("simvtp", qa_model="simvtp_qa_small_patch16")
 def simvtp_dual_small_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, SMALL, kwargs)
 
 
-@register_model("simvtp", aliases=("vit_base_patch16_224", "simvtp_dual_base_patch16_224"))
+@register_model("simvtp", aliases=("vit_base_patch16_224", "simvtp_dual_base_patch16_224"),
+                qa_model="simvtp_qa_base_patch16")
 def simvtp_dual_base_patch16(**kwargs) -> SimVTPDualEncoder:
     return _build(SimVTPDualEncoder, BASE, kwargs)
+
+
+@register_model("simvtp")
+def simvtp_qa_tiny_patch16(**kwargs) -> SimVTPQA:
+    """CPU-sized QA model: simvtp_tiny_patch16's encoder and a 2-layer answer decoder (its top 2 blocks)."""
+    return _build(SimVTPQA, dict(TINY, answer_decoder_depth=2), kwargs)
+
+
+@register_model("simvtp")
+def simvtp_qa_small_patch16(**kwargs) -> SimVTPQA:
+    return _build(SimVTPQA, dict(SMALL, answer_decoder_depth=3), kwargs)
+
+
+@register_model("simvtp", aliases=("simvtp_qa_base_patch16_224",))
+def simvtp_qa_base_patch16(**kwargs) -> SimVTPQA:
+    return _build(SimVTPQA, dict(BASE, answer_decoder_depth=3), kwargs)
 
 
 def add_model_args(g: argparse._ArgumentGroup) -> None:
     """SimVTP's own flags; unset (None) means the model's default."""
     g.add_argument("--decoder_depth", type=int, default=None, help="pixel decoder blocks (pre-training model)")
+    g.add_argument("--answer_decoder_depth", type=int, default=None,
+                   help="answer decoder layers of the QA model, started from the top encoder blocks (2 tiny, 3 "
+                        "small / base)")
     g.add_argument("--vtc_text", default=None, choices=["full", "masked"],
                    help="caption of the contrastive text pass: full (default) or masked (the release's behaviour)")
     g.add_argument("--release_pooling", action="store_true", default=None,
@@ -651,11 +820,13 @@ def _source_or_none(keys: list[str]) -> str | None:
 
 
 def detect_source(keys: list[str]) -> str:
-    """simvtp_finetune | simvtp_pretrain | videomae_pretrain | bert, from the tensor names of a checkpoint."""
+    """simvtp_finetune | simvtp_qa | simvtp_pretrain | videomae_pretrain | bert, from a checkpoint's tensor names."""
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
     if has("video_encoder.", "text_encoder.text_embeddings."):  # not SViTT's text_encoder.*
         return "simvtp_finetune"
+    if has("answer_decoder."):
+        return "simvtp_qa"
     if has("encoder.blocks.", "encoder.patch_embed."):
         return "simvtp_pretrain" if has("text_embeddings.", "text_cls.", "vtm_head.") else "videomae_pretrain"
     if has("bert.embeddings.", "embeddings.word_embeddings."):
@@ -701,15 +872,76 @@ def _map_pretrain_to_dual(state_dict: dict) -> dict:
     return out
 
 
+def _map_dual_to_qa(state_dict: dict) -> dict:
+    """A fine-tuned dual encoder into the QA model: its video branch is the unified encoder (patch_embed, blocks;
+    its fc_norm, the nearest trained output norm, as encoder.norm) with the branch's text_embeddings (the
+    pre-training's, frozen in retrieval fine-tuning); the text branch keeps its names and is reported unused."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(("video_encoder.patch_embed.", "video_encoder.blocks.")):
+            out["encoder." + k[len("video_encoder."):]] = v
+        elif k.startswith("video_encoder.fc_norm."):
+            out["encoder.norm." + k[len("video_encoder.fc_norm."):]] = v
+        elif k.startswith("video_encoder.text_embeddings."):
+            out[k[len("video_encoder."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def answer_decoder_from_encoder_blocks(state_dict: dict, depth: int, decoder_depth: int) -> dict:
+    """The QA model's answer decoder from a state dict with encoder.* names: decoder layer i <- encoder block
+    depth - decoder_depth + i (norm1, attn, norm2, mlp by name; cross_norm / cross_attn <- the same block's norm1 /
+    attn: SimVTP has no cross-attention, its own self-attention is the nearest pre-trained start), the final norm
+    <- encoder.norm (the one the word head was trained on). Entries the state dict already has stay."""
+    out = dict(state_dict)
+    first = depth - decoder_depth
+    for k, v in state_dict.items():
+        if k.startswith("encoder.norm."):
+            out.setdefault("answer_decoder.norm." + k[len("encoder.norm."):], v)
+            continue
+        if not k.startswith("encoder.blocks."):
+            continue
+        index, part, rest = k[len("encoder.blocks."):].split(".", 2)
+        i = int(index) - first
+        if not 0 <= i < decoder_depth:
+            continue
+        layer = f"answer_decoder.layers.{i}."
+        out.setdefault(f"{layer}{part}.{rest}", v)
+        cross = {"attn": "cross_attn", "norm1": "cross_norm"}.get(part)
+        if cross:
+            out.setdefault(f"{layer}{cross}.{rest}", v)
+    return out
+
+
+# what a pre-training / VideoMAE / dual-encoder file holds that the QA model has by design no place for: dropped
+# by convert_state_dict (named in the kind it returns), so a load report lists only real gaps
+QA_UNUSED = ("mask_token", "temp")
+QA_UNUSED_PREFIXES = ("decoder.", "encoder_to_decoder.", "vtm_head.", "text_encoder.")
+QA_UNUSED_PARTS = {"simvtp_pretrain": "pixel decoder and matching head", "videomae_pretrain": "pixel decoder",
+                   "simvtp_finetune": "text branch"}
+
+
 def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | None = None) -> tuple[dict, str]:
     """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source.
-    `file_config` (a file's own training config, e.g. the SViTT release's) tells SimVTP nothing."""
+    `file_config` (a file's own training config, e.g. the SViTT release's) tells SimVTP nothing. Into the QA
+    model, a source without an answer decoder starts it from the top encoder blocks, and the parts it has no place
+    for (pre-training heads, a dual encoder's text branch: QA_UNUSED*) are dropped and counted in the kind."""
     model = getattr(model, "module", model)
     kind = detect_source(list(state_dict))
-    dual = isinstance(model, SimVTPDualEncoder)
+    dual, qa = isinstance(model, SimVTPDualEncoder), isinstance(model, SimVTPQA)
     if kind == "bert":
         targets = ("video_encoder.text_embeddings.", "text_encoder.text_embeddings.") if dual else ("text_embeddings.",)
         return _map_bert(state_dict, targets), kind
+    if qa:
+        if kind == "simvtp_qa":
+            return dict(state_dict), kind
+        mapped = _map_dual_to_qa(state_dict) if kind == "simvtp_finetune" else dict(state_dict)
+        unused = [k for k in mapped if k in QA_UNUSED or k.startswith(QA_UNUSED_PREFIXES)]
+        mapped = answer_decoder_from_encoder_blocks({k: v for k, v in mapped.items() if k not in unused},
+                                                    len(model.encoder.blocks), len(model.answer_decoder.layers))
+        dropped = f"; {len(unused)} tensors of its {QA_UNUSED_PARTS[kind]} dropped" if unused else ""
+        return mapped, f"{kind} (answer decoder from the top encoder blocks{dropped})"
     if dual and kind != "simvtp_finetune":
         return _map_pretrain_to_dual(state_dict), kind
     if not dual and kind == "simvtp_finetune":

@@ -16,6 +16,7 @@ import modeling_simvtp as M
 REFERENCE = Path(__file__).parent / "data"  # the release's key lists
 PRETRAIN = ["simvtp_base_patch16", "simvtp_small_patch16", "simvtp_tiny_patch16"]
 DUAL = ["simvtp_dual_base_patch16", "simvtp_dual_small_patch16", "simvtp_dual_tiny_patch16"]
+QA = ["simvtp_qa_base_patch16", "simvtp_qa_small_patch16", "simvtp_qa_tiny_patch16"]
 SIZE = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_frames=4, vocab_size=64)  # grid (2, 2, 2)
 DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
@@ -60,7 +61,7 @@ def shapes(model: torch.nn.Module) -> dict:
 
 
 def test_registry_holds_exactly_our_names_and_tiny_defaults():
-    assert sorted(list_models("*simvtp*")) == sorted(PRETRAIN + DUAL)
+    assert sorted(list_models("*simvtp*")) == sorted(PRETRAIN + DUAL + QA)
     model = create_model("simvtp_tiny_patch16")
     assert model.encoder.patch_embed.proj.weight.shape == (192, 3, 2, 16, 16) and len(model.encoder.blocks) == 4
     assert model.decoder.head.weight.shape == (1536, 96) and len(model.decoder.blocks) == 2
