@@ -360,7 +360,8 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
             metrics, _ = answer(model, val_records, val_loader, answers, eval_config(args, dtype),
                                 f"val QA epoch {epoch}")
             print(engine.format_qa_table(metrics, f"Validation, epoch {epoch}"), flush=True)
-            return {k: v for k, v in metrics.items() if k != "per_type"}
+            per_type = {f"accuracy_{t}": m["accuracy"] for t, m in metrics.pop("per_type", {}).items()}
+            return {**metrics, **per_type}  # scalars only: log.txt and tensorboard
         validate = validate_epoch
     engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="accuracy",
                                  on_best=lambda epoch, val: save_best(args, model, epoch, val))

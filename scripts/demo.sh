@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # From nothing to a pre-trained tiny SimVTP and a tiny sparse SViTT, a zero-shot and a fine-tuned retrieval table
-# (beside the same fine-tuning from random initialisation; SViTT with and without matching-head re-ranking) and a
-# reconstruction figure, on CPU. Safe to run again: the dataset is
+# (beside the same fine-tuning from random initialisation; SViTT with and without matching-head re-ranking), video
+# question answering on the synthetic questions and a reconstruction figure, on CPU. Safe to run again: the dataset is
 # reused, finished runs auto-resume and stop at once, and the evaluations are simply repeated.
-# Knobs (environment): DEMO_PRETRAIN_EPOCHS, DEMO_SVITT_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_OUT.
+# Knobs (environment): DEMO_PRETRAIN_EPOCHS, DEMO_SVITT_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_QA_EPOCHS, DEMO_OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh requirements.txt
@@ -14,6 +14,7 @@ OUT="${DEMO_OUT:-output/demo}"
 PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-20}"
 SVITT_EPOCHS="${DEMO_SVITT_EPOCHS:-10}"
 FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-5}"
+QA_EPOCHS="${DEMO_QA_EPOCHS:-2}"
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false
 step() { echo; echo "=== $* ==="; }
@@ -25,10 +26,10 @@ timed() { local t0=$SECONDS; "$@"; echo "[demo] took $((SECONDS - t0)) s"; }
 CLIP=(--num_frames 8 --sampling_rate 4 --input_size 112 --device cpu --precision auto --num_workers 0)
 EVAL=(--short_side_size 112 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
 
-step "1/8 synthetic video-text dataset -> $DATA"
+step "1/9 synthetic video-text dataset -> $DATA"
 timed "$PY" synthetic_dataset.py --out "$DATA"
 
-step "2/8 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
+step "2/9 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
 timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
   --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_epochs 2 \
   --lr 5e-3 --min_lr 1e-5 --print_freq 10 --save_ckpt_freq 0 --keep_last 1 \
@@ -40,7 +41,7 @@ PRETRAINED="$OUT/pretrain/$(cat "$PRETRAINED")"
 # (the synthetic captions name a motion: "slides left", "grows"; a model that uses time loses R@1 without it).
 ORDERS=(--eval_frame_order none reverse shuffle freeze)
 
-step "3/8 zero-shot retrieval on the test split (all tubes in four frame orders, then the pre-training 90% tube mask)"
+step "3/9 zero-shot retrieval on the test split (all tubes in four frame orders, then the pre-training 90% tube mask)"
 timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" "${ORDERS[@]}" \
   --zero_shot_video_mask_ratio 0.0 --output_dir "$OUT/zero_shot_mask0.0"
@@ -48,7 +49,7 @@ timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
   --zero_shot_video_mask_ratio 0.9 --output_dir "$OUT/zero_shot_mask0.9"
 
-step "4/8 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot on val every 5) -> $OUT/svitt_pretrain"
+step "4/9 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot on val every 5) -> $OUT/svitt_pretrain"
 # 392 patch tokens in 7 blocks of 56: each query block sees its own block and 1 random one (2 of 7, near the
 # paper's 4 of 14 at 4 frames); 60% of the video tokens kept after vision layers 1 and 2; one random frame of each
 # of 8 equal segments (evaluation: the middle frames)
@@ -59,12 +60,12 @@ timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_ro
   --eval_every 5 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
 SVITT="$OUT/svitt_pretrain/$(cat "$OUT/svitt_pretrain/latest")"
 
-step "5/8 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head (four frame orders)"
+step "5/9 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head (four frame orders)"
 timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$SVITT" --rerank_k 16 \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" "${ORDERS[@]}" \
   --sample_type rand --output_dir "$OUT/svitt_zero_shot"
 
-step "6/8 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
+step "6/9 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
 FINETUNE=(--model simvtp_dual_tiny_patch16 --data_path "$ANN/train.json" --val_data_path "$ANN/val.json"
   --data_root "$DATA" "${CLIP[@]}" --batch_size 16 --epochs "$FINETUNE_EPOCHS" --warmup_epochs 1 --lr 5e-3
   --drop_path 0.0 --print_freq 10 --keep_last 1 --short_side_size 112 --test_num_segment 2 --test_num_crop 1)
@@ -72,12 +73,21 @@ timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --finetune "$PRETRAINED" -
 timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --test_data_path "$ANN/test.json" \
   --output_dir "$OUT/finetune_random_init"
 
-step "7/8 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
+step "7/9 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
 timed "$PY" run_simvtp_finetuning.py --only_test \
   --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
   "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
 
-step "8/8 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
+step "8/9 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights ($QA_EPOCHS epochs on the synthetic questions, selected on val), tested with normal and frozen frames -> $OUT/qa"
+# The answer decoder starts from the encoder's top blocks, answers come from the 19-word list; the test repeats with
+# every clip frozen to its middle frame, which hides the motion the direction and size questions ask about.
+timed "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train.json" \
+  --val_data_path "$ANN/qa_val.json" --test_data_path "$ANN/qa_test.json" --answer_list "$ANN/qa_answer_list.json" \
+  --data_root "$DATA" "${CLIP[@]}" --short_side_size 112 --batch_size 16 --epochs "$QA_EPOCHS" \
+  --warmup_epochs 0.25 --lr 1e-2 --min_lr 1e-5 --drop_path 0.0 --print_freq 20 --keep_last 1 \
+  --eval_frame_order none freeze --output_dir "$OUT/qa"
+
+step "9/9 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
 VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
 CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
 timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
@@ -104,6 +114,14 @@ for family, rel in (("SimVTP", "zero_shot_mask0.0"), ("SViTT", "svitt_zero_shot"
     orders = json.load(open(os.path.join(out, rel, "zero_shot_metrics.json")))["frame_orders"]
     print()
     print(format_frame_orders(orders).replace("Temporal sensitivity", f"{family} zero-shot, temporal sensitivity", 1))
+qa = json.load(open(os.path.join(out, "qa/test_metrics.json")))
+print()
+print(f"Video QA (SimVTP), test accuracy {qa['accuracy']:.1f}% on {qa['questions']} questions; frozen frames "
+      f"{qa['frame_orders']['freeze']['accuracy']:.1f}%; always the most frequent training answer "
+      f"{qa['majority_train']['accuracy']:.1f}%; each question's most frequent training answer (no video) "
+      f"{qa['question_prior_train']:.1f}%")
+from run_simvtp_qa import format_frame_orders as qa_orders
+print(qa_orders(qa["frame_orders"]).replace("Temporal sensitivity", "Video QA, temporal sensitivity", 1))
 PY
 echo
 echo "Outputs:"
@@ -113,5 +131,6 @@ echo "  zero-shot:        $OUT/zero_shot_mask0.0, $OUT/zero_shot_mask0.9 (*_metr
 echo "  SViTT:            $OUT/svitt_pretrain (pre-training), $OUT/svitt_zero_shot (zero-shot and re-ranked)"
 echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json, test_per_query.jsonl, log.txt)"
 echo "  baseline:         $OUT/finetune_random_init (the same fine-tuning from random initialisation)"
+echo "  video QA:         $OUT/qa (checkpoint-best.pth, test_metrics.json, test_predictions.jsonl, log.txt)"
 echo "  figure:           $OUT/reconstruction.png"
 echo "  tensorboard logs: $OUT/*/tb (view with TensorBoard: pip install tensorboard; tensorboard --logdir $OUT)"

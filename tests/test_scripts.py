@@ -15,6 +15,7 @@ import checkpoint
 import model_registry
 import run_simvtp_finetuning
 import run_simvtp_pretraining
+import run_simvtp_qa
 from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +138,45 @@ def test_svitt_retrieval_recipes_refuse_an_unknown_dataset_and_a_missing_checkpo
         assert run.returncode == 2 and run.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'no.pth'}"
 
 
+# dataset -> (training file, test file, video folder, epochs, warm-up, selection on a val file)
+SVITT_QA = {"msrvtt": ("msrvtt_qa_train.json", "msrvtt_qa_test.json", "msrvtt_videos", 10, 0.5, True),
+            "anet": ("anet_qa_train.json", "anet_qa_test.json", "anet_videos", 10, 0.5, True),
+            "agqa": ("agqa_train_balanced.json", "agqa_test_balanced.json", "charades_videos", 5, 0.25, False)}
+
+
+@pytest.mark.parametrize("dataset", SVITT_QA)
+def test_svitt_qa_recipe_parses_and_carries_the_release_settings(dataset, tmp_path):
+    """The release's qa_<dataset>.yaml in our flags; AGQA (whose val file is its test file) selects on held-out
+    training videos."""
+    train, test, videos, epochs, warmup, has_val = SVITT_QA[dataset]
+    cmd = _dry_run("svitt_train_qa.sh", dataset, "ck.pth", "out", "--seed", "3", cwd=str(tmp_path), DATA_DIR="sl d")
+    _launches_with_the_projects_python(cmd)
+    args = run_simvtp_qa.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_qa.py"))
+    anno = tmp_path / "sl d" / "anno_downstream"
+    assert (args.data_path, args.test_data_path, args.data_root) == (str(anno / train), str(anno / test),
+                                                                     str(tmp_path / "sl d" / videos))
+    assert args.answer_list.startswith(str(anno)) and args.answer_list.endswith("answer_list.json")
+    assert (args.val_data_path is not None) == has_val and (has_val or args.val_fraction > 0)
+    assert args.val_data_path != args.test_data_path and args.seed == 3
+    assert (args.model, args.num_frames, args.num_frames_test, args.eval_frame_ensemble, args.k_test) == \
+        ("svitt_qa_base_patch16_224", 8, 24, "lse", 128)
+    assert (args.lr, args.min_lr, args.epochs, args.warmup_epochs, args.batch_size, args.max_q_len,
+            args.max_a_len) == (1e-5, 1e-6, epochs, warmup, 32, 25, 5)
+    kwargs = model_registry.model_kwargs(args, args.model, vocab_size=30522)
+    assert (kwargs["token_keep_rate"], kwargs["sparse_random_attn"], kwargs["fusion_keep_rate"]) == (0.6, 3, 0.5)
+
+
+def test_svitt_qa_recipe_refuses_an_unknown_dataset_and_runs_the_synthetic_set_on_cpu(tmp_path):
+    run = subprocess.run(["bash", os.path.join(REPO, "scripts", "svitt_train_qa.sh"), "vqa", "ck.pth", "out"],
+                         capture_output=True, text=True, env=_clean_env(DRY_RUN="1"))
+    assert run.returncode == 2 and "unknown DATASET 'vqa'" in run.stderr and "msrvtt anet agqa" in run.stderr
+    cmd = _dry_run("svitt_train_qa.sh", "synthetic", "ck.pth", "out", cwd=str(tmp_path))
+    args = run_simvtp_qa.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_qa.py"))
+    assert (args.model, args.device, args.data_root) == ("svitt_qa_tiny_patch16", "cpu",
+                                                         str(tmp_path / "data" / "synthetic"))
+    assert _flag(cmd, "--nproc_per_node") == "1"
+
+
 def test_finetune_msrvtt_flags_parse_and_select_on_validation_not_test(tmp_path):
     cmd = _dry_run("finetune_msrvtt.sh", "train 9k.json", "./test 1k.csv", "/videos", "pre.pth", "out",
                    cwd=str(tmp_path))
@@ -162,7 +202,7 @@ def test_only_test_msrvtt_uses_15_by_3_views(tmp_path):
 
 @pytest.mark.parametrize("script", ["pretrain_webvid.sh", "finetune_msrvtt.sh", "only_test_msrvtt.sh",
                                     "svitt_pretrain_webvid.sh", "svitt_expand.sh", "svitt_train_ret.sh",
-                                    "svitt_eval_ret.sh"])
+                                    "svitt_eval_ret.sh", "svitt_train_qa.sh"])
 def test_missing_arguments_print_usage_and_exit_2(script):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "DATA_ROOT")}
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script)], capture_output=True, text=True, env=env)
