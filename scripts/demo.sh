@@ -14,7 +14,7 @@ OUT="${DEMO_OUT:-output/demo}"
 PRETRAIN_EPOCHS="${DEMO_PRETRAIN_EPOCHS:-20}"
 SVITT_EPOCHS="${DEMO_SVITT_EPOCHS:-10}"
 FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-5}"
-QA_EPOCHS="${DEMO_QA_EPOCHS:-2}"
+QA_EPOCHS="${DEMO_QA_EPOCHS:-3}"
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false
 step() { echo; echo "=== $* ==="; }
@@ -84,7 +84,7 @@ step "8/9 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights ($QA_EPO
 timed "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train.json" \
   --val_data_path "$ANN/qa_val.json" --test_data_path "$ANN/qa_test.json" --answer_list "$ANN/qa_answer_list.json" \
   --data_root "$DATA" "${CLIP[@]}" --short_side_size 112 --batch_size 16 --epochs "$QA_EPOCHS" \
-  --warmup_epochs 0.25 --lr 1e-2 --min_lr 1e-5 --drop_path 0.0 --print_freq 20 --keep_last 1 \
+  --warmup_epochs 0.5 --lr 1e-2 --print_freq 20 --keep_last 1 \
   --eval_frame_order none freeze --output_dir "$OUT/qa"
 
 step "9/9 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"

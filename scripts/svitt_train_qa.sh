@@ -62,7 +62,7 @@ case "$DATASET" in
            --token_keep_rate 0.6 --token_drop_loc 1 2 --num_frames 8 --sample_type rand --input_size 112
            --short_side_size 112 --num_frames_test 8 --k_test 128 --max_q_len 25 --max_a_len 5
            --device cpu --precision auto --num_workers 0)
-    OPTIM=(--batch_size 16 --lr 2e-3 --min_lr 1e-5 --weight_decay 0.02 --layer_decay 1.0 --drop_path 0.0
+    OPTIM=(--batch_size 16 --lr 1e-2 --min_lr 1e-6 --weight_decay 0.02 --layer_decay 1.0 --drop_path 0.1
            --epochs 3 --warmup_epochs 0.5 --keep_last 1)
     GPUS_PER_NODE="${GPUS_PER_NODE:-1}" ;;
   *)

@@ -1,0 +1,120 @@
+"""Does one modality help reconstruct the other? A probe of a SimVTP pre-training checkpoint (the paper's central
+claim: it "reconstructs the masked signal of one modality with the help from another").
+
+On a test list, with the pre-training masks (tube mask on the video, [MASK] on the caption's words; seeded, the
+same for every condition) it measures:
+- masked-word accuracy (top-1, top-5) with the clip's own video, another clip's video, and no video tokens;
+- pixel reconstruction error of the masked tubes (the pre-training loss: MSE on per-tube normalised pixels) with
+  the clip's own caption, another clip's caption, and no text.
+If the partner modality helps, "own" beats "other" and "none".
+
+    python cross_modal_probe.py --ckpt output/demo/pretrain/checkpoint-19.pth \
+        --data_path data/synthetic/annotations/test.json --data_root data/synthetic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+import datasets
+import masking_generator
+import utils
+
+CONDITIONS = ("own", "other", "none")
+
+
+@torch.no_grad()
+def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int = 0, batch_size: int = 16,
+          mask_ratio: float = 0.9, text_mask_ratio: float = 0.75, max_batches: int | None = None) -> dict:
+    """The probe's figures for the checkpoint's model on data_path's first caption per video."""
+    model = checkpoint.build_model_from(checkpoint.read_checkpoint_file(ckpt), ckpt).eval()
+    if not hasattr(model, "decode_pixels") or not hasattr(model, "text_cls"):
+        raise ValueError(f"{ckpt}: {type(model).__name__} is not a SimVTP pre-training model (no pixel decoder "
+                         "and word head to probe)")
+    cfg = model.model_cfg.get("kwargs", {})
+    frames, size = cfg.get("num_frames", 16), cfg.get("img_size", 224)
+    loader = _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size)
+    sums = {f"word_top{k}_{c}": 0.0 for k in (1, 5) for c in CONDITIONS}
+    sums.update({f"pixel_mse_{c}": 0.0 for c in CONDITIONS})
+    words = clips = 0
+    for n, batch in enumerate(loader):
+        if max_batches is not None and n >= max_batches:
+            break
+        if len(batch["video"]) < 2:  # "other" needs a second clip
+            continue
+        batch["video"] = datasets.normalize_video(batch["video"])
+        w, p = _batch_figures(model, batch)
+        count = int((batch["mlm_labels"] != -100).sum())
+        for key, value in w.items():
+            sums[key] += value * count
+        for key, value in p.items():
+            sums[key] += value * len(batch["video"])
+        words += count
+        clips += len(batch["video"])
+    out = {k: 100.0 * v / max(words, 1) if k.startswith("word") else v / max(clips, 1) for k, v in sums.items()}
+    return {**out, "masked_words": words, "clips": clips}
+
+
+def _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size):
+    records = datasets.read_annotations(data_path, data_root)
+    records = [datasets.VideoRecord(r.path, r.captions[:1], r.video_id) for r in records]
+    grid = model.token_grid(frames, size, size)
+    dataset = datasets.VideoTextDataset(records, mode="train", num_frames=frames, input_size=size, seed=seed,
+                                        mask_generator=masking_generator.build_mask_generator("tube", grid,
+                                                                                             mask_ratio))
+    collator = datasets.VideoTextCollator(datasets.build_tokenizer(), text_mask_ratio=text_mask_ratio,
+                                          text_mask_mode=model.text_masking, seed=seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+
+
+def _batch_figures(model, batch: dict) -> tuple[dict, dict]:
+    """Masked-word top-1/top-5 accuracy (fractions) and pixel MSE per condition for one batch (B >= 2: "other"
+    pairs each clip with the next one's partner)."""
+    video, mask = batch["video"], batch["video_mask"]
+    vis = model.encoder.embed_video(video, mask)
+    text = model.text_embeddings(batch["mlm_input_ids"])
+    attn = batch["attention_mask"]
+    labels = batch["mlm_labels"]
+    other = torch.roll(torch.arange(len(video)), 1)
+    words = {}
+    for cond, v in (("own", vis), ("other", vis[other]), ("none", None)):
+        out = model.encoder(v, text, attn)
+        logits = model.text_cls(out[:, 0 if v is None else v.shape[1]:][labels != -100]).float()
+        top5 = logits.topk(5, dim=-1).indices
+        target = labels[labels != -100]
+        words[f"word_top1_{cond}"] = (top5[:, 0] == target).float().mean().item()
+        words[f"word_top5_{cond}"] = (top5 == target[:, None]).any(-1).float().mean().item()
+    target = model.pixel_target(video, mask)
+    pixels = {}
+    for cond, t, a in (("own", text, attn), ("other", text[other], attn[other]), ("none", None, None)):
+        out = model.encoder(vis, t, a)
+        pred = model.decode_pixels(out[:, :vis.shape[1]], mask).float()
+        pixels[f"pixel_mse_{cond}"] = F.mse_loss(pred, target).item()
+    return words, pixels
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=utils.HelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a SimVTP pre-training checkpoint")
+    p.add_argument("--data_path", required=True, help="annotation file (the first caption of each video is used)")
+    p.add_argument("--data_root", default=None, help="folder relative video paths are joined to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--batch_size", type=int, default=16, help="clips per batch (>= 2)")
+    p.add_argument("--mask_ratio", type=float, default=0.9, help="tube-mask ratio")
+    p.add_argument("--text_mask_ratio", type=float, default=0.75, help="share of words masked")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    figures = probe(args.ckpt, args.data_path, args.data_root, seed=args.seed, batch_size=args.batch_size,
+                    mask_ratio=args.mask_ratio, text_mask_ratio=args.text_mask_ratio)
+    print(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    utils.run_entry_point(main, get_args_parser())

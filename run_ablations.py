@@ -1,0 +1,540 @@
+"""Do the papers' claims hold at toy scale? The ablation runner behind `bash scripts/ablate.sh`.
+
+Every study is a list of settings; every (setting, seed) is a run of our own entry points in subprocesses:
+pre-training (run_simvtp_pretraining.py), zero-shot retrieval, fine-tuning and its test (run_simvtp_finetuning.py),
+plus in-process measurements (GFLOPs of one training step; for study 6 the cross-modal probe,
+cross_modal_probe.py). A run is finished when its `result.json` exists, so a stopped runner resumes where it
+stopped and never repeats a finished run; a failed run is reported (`failed.json`, its log) and the rest go on.
+Identical pre-training (same model, flags, data and seed) is trained once and shared between studies. The tables
+(`claims.md`) and the figure (`claims.png`) are built from the runs' own result files.
+
+    python run_ablations.py --out output/ablations                        # every study, seeds 0 1
+    python run_ablations.py --out output/ablations --studies text_mask --seeds 0 1 2
+    python run_ablations.py --out output/ablations --report_only          # rebuild the table and figure
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import utils
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+MODELS = {"simvtp": ("simvtp_tiny_patch16", "simvtp_dual_tiny_patch16"),  # (pre-training, retrieval)
+          "svitt": ("svitt_tiny_patch16", "svitt_tiny_patch16")}
+
+
+@dataclass
+class Setting:
+    """One point of a study. `pretrain`: extra pre-training flags (None: no pre-training, fine-tuning from random
+    initialisation). `model_flags`: the part of them that shapes the model (passed to fine-tuning too). `stages`:
+    further pre-training stages, each from the previous stage's checkpoint (temporal expansion), with their epochs
+    a share `epochs_scale` of the budget each. `data_fraction`: share of the pre-training clips."""
+    name: str
+    pretrain: list[str] | None = field(default_factory=list)
+    family: str = "simvtp"
+    model_flags: list[str] = field(default_factory=list)
+    data_fraction: float = 1.0
+    epochs_scale: float = 1.0
+    stages: list[list[str]] = field(default_factory=list)
+    eval_orders: bool = False
+    cross_modal: bool = False
+
+    def frames(self, default: int) -> int:
+        """Frames of the last stage (its --num_frames, else the runner's)."""
+        flags = self.stages[-1] if self.stages else (self.pretrain or [])
+        return int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else default
+
+
+@dataclass
+class Study:
+    key: str
+    title: str
+    claim: str
+    settings: list[Setting]
+
+
+EDGE = ["--sparse_local_attn", "1", "--sparse_random_attn", "1", "--attn_block_size", "16"]
+NODE = ["--token_keep_rate", "0.6", "--token_drop_loc", "1", "2"]
+
+
+def _svitt(name: str, flags: list[str], **kw) -> Setting:
+    return Setting(name, list(flags), family="svitt", model_flags=list(flags), **kw)
+
+
+def all_studies() -> list[Study]:
+    """The studies of issue 14: SimVTP 1-5 (6 is built from the probes of 1-3), SViTT 7-9, frame order 10."""
+    probe = dict(cross_modal=True)
+    return [
+        Study("video_mask", "1. Video mask ratio and masking type (SimVTP)",
+              "a high tube-mask ratio (90%) works best, and tube masking beats random masking", [
+                  Setting("tube 0.75", ["--mask_ratio", "0.75"], **probe),
+                  Setting("tube 0.90", ["--mask_ratio", "0.9"], **probe),
+                  Setting("tube 0.95", ["--mask_ratio", "0.95"], **probe),
+                  Setting("random 0.90", ["--mask_ratio", "0.9", "--mask_type", "random"], **probe)]),
+        Study("text_mask", "2. Text mask ratio (SimVTP)", "masking 75% of the words beats BERT's 15%", [
+            Setting(f"words {r}", ["--text_mask_ratio", r], **probe) for r in ("0.15", "0.45", "0.75")]),
+        Study("objectives", "3. Objectives (SimVTP)", "adding VTC, then VTM with hard negatives, to pixel + word "
+              "reconstruction helps retrieval", [
+                  Setting("pixel + word", ["--w_vtc", "0", "--w_vtm", "0"], **probe),
+                  Setting("+ VTC", ["--w_vtm", "0"], **probe),
+                  Setting("+ VTC + VTM hard", ["--vtm_negatives", "hard"], **probe),
+                  Setting("+ VTC + VTM random", ["--vtm_negatives", "random"], **probe)]),
+        Study("data", "4. Data efficiency (SimVTP)", "pre-training on less data still helps", [
+            Setting("10% of clips", data_fraction=0.1), Setting("30% of clips", data_fraction=0.3),
+            Setting("100% of clips")]),
+        Study("scratch", "5. No pre-training (SimVTP)", "the floor: fine-tuning from random initialisation",
+              [Setting("from scratch", None)]),
+        Study("svitt_sparsity", "7. Edge and node sparsity (SViTT)", "sparse attention keeps accuracy at a "
+              "fraction of the compute", [
+                  _svitt("dense", []), _svitt("edge", EDGE), _svitt("edge + node 0.6", EDGE + NODE)]),
+        Study("svitt_keep", "8. Keep rate at 8 frames (SViTT)", "accuracy falls slowly as fewer tokens are kept", [
+            _svitt(f"keep {k}", EDGE + (["--token_keep_rate", k, "--token_drop_loc", "1", "2"] if k != "1.0" else []))
+            for k in ("1.0", "0.7", "0.5", "0.3")]),
+        Study("svitt_expand", "9. Temporal expansion (SViTT)", "4 -> 8 frames from the 4-frame checkpoint matches "
+              "8 frames from scratch with the same total steps", [
+                  Setting("4 frames", EDGE + ["--num_frames", "4"], family="svitt", model_flags=EDGE),
+                  Setting("4 -> 8 frames", EDGE + ["--num_frames", "4"], family="svitt", model_flags=EDGE,
+                          epochs_scale=0.5, stages=[list(EDGE)]),
+                  _svitt("8 frames", EDGE)]),
+        Study("frame_order", "10. Frame order at evaluation (both families)", "a model that uses time loses "
+              "accuracy when its frames are reversed, shuffled or frozen", [
+                  Setting("SimVTP", eval_orders=True), _svitt("SViTT", EDGE + NODE, eval_orders=True)]),
+    ]
+
+
+CROSS_MODAL = "cross_modal"  # study 6's table key: the probes of studies 1-3's runs
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Config:
+    out: str
+    data_root: str
+    epochs: int = 10
+    finetune_epochs: int = 3
+    input_size: int = 64
+    num_frames: int = 8
+    batch_size: int = 16
+    lr: float = 5e-3
+    python: str = sys.executable
+
+    @property
+    def ann(self) -> str:
+        return os.path.join(self.data_root, "annotations")
+
+    def clip_flags(self, frames: int) -> list[str]:
+        return ["--num_frames", str(frames), "--sampling_rate", "4", "--input_size", str(self.input_size),
+                "--short_side_size", str(self.input_size), "--device", "cpu", "--precision", "auto",
+                "--num_workers", "0", "--print_freq", "50", "--batch_size", str(self.batch_size),
+                "--data_root", self.data_root]
+
+
+def write_json(path: str, data) -> None:
+    """Atomically: a stopped runner never leaves half a result file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def run_step(cmd: list[str], log_path: str, label: str) -> float:
+    """One of our entry points in a subprocess, its output appended to log_path -> seconds taken. A non-zero exit
+    raises StepFailed with the last lines of its output."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    if status != 0:
+        with open(log_path) as f:
+            tail = [line for line in f.read().splitlines() if line.strip()][-3:]
+        raise StepFailed(f"{label} exited with status {status}: {' | '.join(tail)}")
+    return time.time() - t0
+
+
+# ----------------------------------------------------------------------------------------------- one run
+
+
+def subset_file(cfg: Config, fraction: float, seed: int) -> str:
+    """The pre-training list, or a seeded fraction of its clips, written once beside the runs."""
+    src = os.path.join(cfg.ann, "pretrain.json")
+    if fraction >= 1.0:
+        return src
+    path = os.path.join(cfg.out, "data", f"pretrain_{fraction:g}_seed{seed}.json")
+    if not os.path.exists(path):
+        with open(src) as f:
+            records = json.load(f)
+        keep = np.random.default_rng([seed, 14]).permutation(len(records))[:max(1, round(fraction * len(records)))]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, [records[i] for i in sorted(keep)])
+    return path
+
+
+def stage_key(setting: Setting, flags: list[str], seed: int, cfg: Config, parent: str) -> str:
+    """Pre-training runs with equal inputs share one folder: a hash of everything that changes the weights."""
+    text = json.dumps([setting.family, flags, setting.data_fraction, setting.epochs_scale, seed, cfg.epochs,
+                       cfg.input_size, cfg.num_frames, cfg.batch_size, cfg.lr, parent])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def pretrain(setting: Setting, seed: int, cfg: Config, log_path: str) -> tuple[str | None, float, int]:
+    """Every pre-training stage of a setting -> (last checkpoint, seconds, steps) summed over the stages (a shared
+    stage's figures are read back from its done.json)."""
+    if setting.pretrain is None:
+        return None, 0.0, 0
+    ckpt, parent, seconds, steps = None, "", 0.0, 0
+    for flags in [setting.pretrain, *setting.stages]:
+        key = stage_key(setting, flags, seed, cfg, parent)
+        folder = os.path.join(cfg.out, "pretrain", key)
+        done = os.path.join(folder, "done.json")
+        if not os.path.exists(done):
+            epochs = max(1, round(cfg.epochs * setting.epochs_scale))
+            frames = int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else cfg.num_frames
+            rest = [f for i, f in enumerate(flags) if f != "--num_frames" and (i == 0 or flags[i - 1] != "--num_frames")]
+            cmd = [cfg.python, "run_simvtp_pretraining.py", "--model", MODELS[setting.family][0], "--data_path",
+                   subset_file(cfg, setting.data_fraction, seed), *cfg.clip_flags(frames), "--epochs", str(epochs),
+                   "--warmup_epochs", str(max(1, epochs // 10)), "--lr", str(cfg.lr), "--min_lr", "1e-5",
+                   "--save_ckpt_freq", "0", "--keep_last", "1", "--seed", str(seed), "--output_dir", folder, *rest]
+            if setting.family == "svitt":
+                cmd += ["--sample_type", "rand"]
+            if ckpt:
+                cmd += ["--init_ckpt", ckpt]
+            took = run_step(cmd, log_path, f"pre-training ({setting.name})")
+            write_json(done, {"seconds": took, "steps": last_step(folder)})
+        with open(done) as f:
+            record = json.load(f)
+        seconds, steps = seconds + record["seconds"], steps + record["steps"]
+        with open(os.path.join(folder, "latest")) as f:
+            ckpt = os.path.join(folder, f.read().strip())
+        parent = key
+    return ckpt, seconds, steps
+
+
+def last_step(folder: str) -> int:
+    with open(os.path.join(folder, "log.txt")) as f:
+        lines = f.read().splitlines()
+    return int(json.loads(lines[-1])["global_step"]) if lines else 0
+
+
+def evaluate(setting: Setting, seed: int, cfg: Config, folder: str, ckpt: str | None, log_path: str) -> dict:
+    """Zero-shot retrieval (a pre-trained model) and fine-tuning + test on the test split -> their metrics."""
+    frames = setting.frames(cfg.num_frames)
+    common = cfg.clip_flags(frames) + ["--test_num_segment", "1", "--test_num_crop", "1", "--seed", str(seed),
+                                       "--test_data_path", os.path.join(cfg.ann, "test.json")]
+    if setting.family == "svitt":
+        common += ["--sample_type", "rand"]
+    out: dict = {}
+    if ckpt:
+        zero = os.path.join(folder, "zero_shot")
+        orders = ["--eval_frame_order", "none", "reverse", "shuffle", "freeze"] if setting.eval_orders else []
+        run_step([cfg.python, "run_simvtp_finetuning.py", "--zero_shot", "--finetune", ckpt, "--output_dir", zero,
+                  *common, *orders], log_path, f"zero-shot ({setting.name})")
+        with open(os.path.join(zero, "zero_shot_metrics.json")) as f:
+            out["zero_shot"] = json.load(f)
+    tuned = os.path.join(folder, "finetune")
+    cmd = [cfg.python, "run_simvtp_finetuning.py", "--model", MODELS[setting.family][1], "--data_path",
+           os.path.join(cfg.ann, "train.json"), "--val_data_path", os.path.join(cfg.ann, "val.json"),
+           "--epochs", str(cfg.finetune_epochs), "--warmup_epochs", "1", "--lr", str(cfg.lr), "--drop_path", "0.0",
+           "--keep_last", "1", "--output_dir", tuned, *common, *setting.model_flags]
+    if ckpt:
+        cmd += ["--finetune", ckpt]
+    run_step(cmd, log_path, f"fine-tuning ({setting.name})")
+    with open(os.path.join(tuned, "test_metrics.json")) as f:
+        out["finetune"] = json.load(f)
+    return out
+
+
+def step_gflops(setting: Setting, cfg: Config) -> float:
+    """Forward + backward GFLOPs of one pre-training step (a fine-tuning step without pre-training) at the runs'
+    batch size and clip shape, counted by torch's FlopCounterMode on a random batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import datasets
+    import masking_generator
+    import model_registry
+    import run_simvtp_pretraining
+    name = MODELS[setting.family][0 if setting.pretrain is not None else 1]
+    frames, size, b = setting.frames(cfg.num_frames), cfg.input_size, cfg.batch_size
+    flags = list((setting.stages[-1] if setting.stages else setting.pretrain) or [])
+    args = run_simvtp_pretraining.get_args_parser().parse_args(
+        ["--data_path", "-", "--model", name, *flags, "--num_frames", str(frames), "--input_size", str(size)])
+    model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=30522))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (b, 16), generator=g)
+    batch = {"video": torch.randn(b, 3, frames, size, size, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids.clone(),
+             "mlm_labels": torch.where(torch.rand(ids.shape, generator=g) < 0.5, ids, -100)}
+    if model.takes_video_mask:
+        gen = masking_generator.build_mask_generator(args.mask_type, model.token_grid(frames, size, size),
+                                                     args.mask_ratio)
+        batch["video_mask"] = torch.from_numpy(np.stack([gen(datasets.sample_rng(0, 0, i, "video_mask"))
+                                                         for i in range(b)]))
+    with FlopCounterMode(display=False) as counter:
+        model(batch)["loss"].backward()
+    return counter.get_total_flops() / 1e9
+
+
+def run_folder(cfg: Config, study: Study, setting: Setting, seed: int) -> str:
+    slug = "".join(c if c.isalnum() else "_" for c in setting.name).strip("_")
+    return os.path.join(cfg.out, "runs", study.key, slug, f"seed{seed}")
+
+
+def run_one(study: Study, setting: Setting, seed: int, cfg: Config) -> dict:
+    """One (setting, seed) -> its result.json: pre-training (shared), evaluations, cost, probe."""
+    folder = run_folder(cfg, study, setting, seed)
+    os.makedirs(folder, exist_ok=True)
+    log_path = os.path.join(folder, "run.log")
+    t0 = time.time()
+    ckpt, seconds, steps = pretrain(setting, seed, cfg, log_path)
+    result = {"study": study.key, "setting": setting.name, "seed": seed, "pretrain_seconds": seconds,
+              "pretrain_steps": steps, "checkpoint": ckpt, **evaluate(setting, seed, cfg, folder, ckpt, log_path),
+              "gflops_per_step": step_gflops(setting, cfg)}
+    if setting.cross_modal and ckpt:
+        import cross_modal_probe
+        result["cross_modal"] = cross_modal_probe.probe(ckpt, os.path.join(cfg.ann, "test.json"), cfg.data_root,
+                                                        seed=seed)
+    result["seconds"] = time.time() - t0
+    write_json(os.path.join(folder, "result.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- the runner
+
+
+def plan(studies: list[Study], seeds: list[int]) -> list[tuple[Study, Setting, int]]:
+    return [(study, setting, seed) for study in studies for setting in study.settings for seed in seeds]
+
+
+def run_all(runs: list[tuple[Study, Setting, int]], cfg: Config) -> list[str]:
+    """Every run not finished yet, with progress and an ETA from the runs timed so far -> failures (messages)."""
+    todo = [r for r in runs if not os.path.exists(os.path.join(run_folder(cfg, *r[:2], r[2]), "result.json"))]
+    print(f"Ablations: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go", flush=True)
+    failures, took, t0 = [], [], time.time()
+    for n, (study, setting, seed) in enumerate(todo, 1):
+        label = f"{study.key} / {setting.name} / seed {seed}"
+        eta = f", ETA {_clock(np.mean(took) * (len(todo) - n + 1))}" if took else ""
+        print(f"[{n}/{len(todo)}] {label} (elapsed {_clock(time.time() - t0)}{eta})", flush=True)
+        folder = run_folder(cfg, study, setting, seed)
+        start = time.time()
+        try:
+            run_one(study, setting, seed, cfg)
+            failed = os.path.join(folder, "failed.json")
+            if os.path.exists(failed):
+                os.remove(failed)
+        except StepFailed as e:
+            failures.append(f"{label}: {e}")
+            write_json(os.path.join(folder, "failed.json"), {"error": str(e)})
+            print(f"FAILED {label}: {e} (log: {os.path.join(folder, 'run.log')}); going on", flush=True)
+        took.append(time.time() - start)
+    return failures
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def load_results(cfg: Config, runs: list[tuple[Study, Setting, int]]) -> dict[tuple[str, str], list[dict]]:
+    """(study, setting) -> the result.json of each finished seed (from the files, never from memory)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for study, setting, seed in runs:
+        path = os.path.join(run_folder(cfg, study, setting, seed), "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out.setdefault((study.key, setting.name), []).append(json.load(f))
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    """"m +- s" over seeds (s: sample std; one seed: no spread)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} +- {np.std(values, ddof=1):.1f}"
+
+
+COLUMNS = (("zero-shot R@1", ("zero_shot", "t2v_R@1")), ("zero-shot R@5", ("zero_shot", "t2v_R@5")),
+           ("fine-tuned R@1", ("finetune", "t2v_R@1")), ("fine-tuned R@5", ("finetune", "t2v_R@5")))
+
+
+def _get(result: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def study_table(study: Study, results: dict, seeds: list[int], cfg: Config) -> str:
+    """One study's markdown table: mean +- std over seeds of t2v R@1 / R@5 (zero-shot, fine-tuned), the
+    pre-training wall time and GFLOPs per step; a setting without results says so."""
+    head = "| setting | " + " | ".join(c for c, _ in COLUMNS) + " | pre-training s | GFLOPs / step | seeds |"
+    lines = [f"### {study.title}", "", f"Claim: {study.claim}.", "", head, "|" + "---|" * (len(COLUMNS) + 4)]
+    for setting in study.settings:
+        done = results.get((study.key, setting.name), [])
+        failed = [s for s in seeds if os.path.exists(os.path.join(run_folder(cfg, study, setting, s), "failed.json"))]
+        cells = [mean_std([v for r in done if (v := _get(r, path)) is not None]) for _, path in COLUMNS]
+        cost = [mean_std([r["pretrain_seconds"] for r in done if r.get("pretrain_steps")]),
+                mean_std([r["gflops_per_step"] for r in done])]
+        note = f"{len(done)}" + (f" ({len(failed)} failed)" if failed else "")
+        lines.append(f"| {setting.name} | " + " | ".join(cells + cost) + f" | {note} |")
+    orders = [r for s in study.settings for r in results.get((study.key, s.name), [])
+              if _get(r, ("zero_shot", "frame_orders"))]
+    if orders:
+        lines += ["", "Zero-shot t2v R@1 per frame order:", "", "| setting | none | reverse | shuffle | freeze |",
+                  "|---|---|---|---|---|"]
+        for setting in study.settings:
+            done = [r for r in results.get((study.key, setting.name), []) if _get(r, ("zero_shot", "frame_orders"))]
+            if done:
+                cells = [mean_std([r["zero_shot"]["frame_orders"][o]["t2v_R@1"] for r in done])
+                         for o in ("none", "reverse", "shuffle", "freeze")]
+                lines.append(f"| {setting.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PROBE_COLUMNS = (("words top-1 own / other / none", "word_top1"), ("words top-5 own / other / none", "word_top5"),
+                 ("pixel MSE own / other / none", "pixel_mse"))
+
+
+def cross_modal_table(studies: list[Study], results: dict) -> str:
+    """Study 6: the probe of every pre-trained model of studies 1-3, means over seeds."""
+    lines = ["### 6. Cross-modal help (SimVTP)", "",
+             "Claim: the model reconstructs the masked signal of one modality with the help of the other. Masked-word "
+             "accuracy (%) with the clip's own video, another clip's video, no video; pixel error of the masked tubes "
+             "with the clip's own caption, another caption, no text (test split, pre-training masks).", "",
+             "| study / setting | " + " | ".join(c for c, _ in PROBE_COLUMNS) + " |", "|---|---|---|---|"]
+    for study in studies:
+        for setting in study.settings:
+            done = [r["cross_modal"] for r in results.get((study.key, setting.name), []) if "cross_modal" in r]
+            if not done:
+                continue
+            cells = []
+            for _, key in PROBE_COLUMNS:
+                fmt = "{:.3f}" if key == "pixel_mse" else "{:.1f}"
+                cells.append(" / ".join(fmt.format(np.mean([d[f"{key}_{c}"] for d in done]))
+                                        for c in ("own", "other", "none")))
+            lines.append(f"| {study.key} / {setting.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(cfg: Config, studies: list[Study], seeds: list[int], failures: list[str], seconds: float) -> str:
+    """claims.md and claims.png in cfg.out from the runs' result files -> the markdown."""
+    runs = plan(studies, seeds)
+    results = load_results(cfg, runs)
+    parts = ["# Claims at toy scale", "",
+             f"Synthetic set, {cfg.num_frames} frames of {cfg.input_size} px, pre-training {cfg.epochs} epochs, "
+             f"fine-tuning {cfg.finetune_epochs} epochs, batch {cfg.batch_size}, seeds {' '.join(map(str, seeds))}; "
+             f"text-to-video R@1 / R@5 on the test split (mean +- sample std over seeds). This run: "
+             f"{_clock(seconds)}.", ""]
+    for study in studies:
+        parts += [study_table(study, results, seeds, cfg), ""]
+    if any(s.cross_modal for st in studies for s in st.settings):
+        parts += [cross_modal_table(studies, results), ""]
+    if failures:
+        parts += ["Failed runs (see their run.log):", ""] + [f"- {f}" for f in failures] + [""]
+    text = "\n".join(parts)
+    with open(os.path.join(cfg.out, "claims.md"), "w") as f:
+        f.write(text)
+    draw(cfg, studies, results)
+    return text
+
+
+def draw(cfg: Config, studies: list[Study], results: dict) -> None:
+    """claims.png: one panel per study, fine-tuned (and zero-shot) t2v R@1 per setting with the seed spread."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(3, len(studies))
+    rows = -(-len(studies) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, study in zip(axes.flat, studies):
+        names = [s.name for s in study.settings]
+        x = np.arange(len(names))
+        for offset, (label, path) in ((-0.2, ("zero-shot", ("zero_shot", "t2v_R@1"))),
+                                      (0.2, ("fine-tuned", ("finetune", "t2v_R@1")))):
+            values = [[v for r in results.get((study.key, n), []) if (v := _get(r, path)) is not None]
+                      for n in names]
+            means = [np.mean(v) if v else np.nan for v in values]
+            errs = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+            ax.bar(x + offset, means, 0.4, yerr=errs, label=label, capsize=3)
+        ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(study.title, fontsize=9)
+        ax.set_ylabel("t2v R@1")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(studies):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "claims.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    keys = [s.key for s in all_studies()]
+    p = argparse.ArgumentParser("Ablation studies on the synthetic set: claims table and figure",
+                                formatter_class=utils.HelpFormatter)
+    p.add_argument("--out", default="output/ablations", help="runs, claims.md and claims.png")
+    p.add_argument("--data_root", default="data/synthetic_ablate", help="the synthetic set (synthetic_dataset.py)")
+    p.add_argument("--studies", nargs="+", default=keys, choices=keys + [CROSS_MODAL],
+                   help=f"studies to run ({CROSS_MODAL}: the probes of video_mask, text_mask and objectives)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every setting")
+    p.add_argument("--epochs", type=int, default=10, help="pre-training epochs of a run")
+    p.add_argument("--finetune_epochs", type=int, default=3, help="fine-tuning epochs of a run")
+    p.add_argument("--input_size", type=int, default=64, help="clip side in pixels")
+    p.add_argument("--num_frames", type=int, default=8, help="frames per clip (SViTT's 4-frame settings keep 4)")
+    p.add_argument("--batch_size", type=int, default=16, help="clips per step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak lr per 256 clips, pre-training and fine-tuning")
+    p.add_argument("--report_only", action="store_true", help="only rebuild claims.md / claims.png from the runs")
+    return p
+
+
+def selected(keys: list[str]) -> list[Study]:
+    """The studies asked for; cross_modal means the probed studies 1-3."""
+    wanted = set(keys) | ({"video_mask", "text_mask", "objectives"} if CROSS_MODAL in keys else set())
+    return [s for s in all_studies() if s.key in wanted]
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = Config(out=args.out, data_root=args.data_root, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                 input_size=args.input_size, num_frames=args.num_frames, batch_size=args.batch_size, lr=args.lr)
+    if not os.path.exists(os.path.join(cfg.ann, "pretrain.json")):
+        raise ValueError(f"--data_root {cfg.data_root}: no annotations/pretrain.json; build the set with "
+                         f"`python synthetic_dataset.py --out {cfg.data_root}`")
+    os.makedirs(cfg.out, exist_ok=True)
+    studies = selected(args.studies)
+    t0 = time.time()
+    failures = [] if args.report_only else run_all(plan(studies, args.seeds), cfg)
+    text = write_report(cfg, studies, args.seeds, failures, time.time() - t0)
+    print(text)
+    print(f"\nWrote {os.path.join(cfg.out, 'claims.md')} and {os.path.join(cfg.out, 'claims.png')}"
+          + (f"; {len(failures)} run(s) failed" if failures else ""))
+    if failures:
+        raise SystemExit(1)
+    return {"failures": failures}
+
+
+if __name__ == "__main__":
+    utils.run_entry_point(main, get_args_parser())
