@@ -179,10 +179,12 @@ def subset_file(cfg: Config, fraction: float, seed: int) -> str:
     path = os.path.join(cfg.out, "data", f"pretrain_{fraction:g}_seed{seed}.json")
     if not os.path.exists(path):
         with open(src) as f:
-            records = json.load(f)
-        keep = np.random.default_rng([seed, 14]).permutation(len(records))[:max(1, round(fraction * len(records)))]
+            records = json.load(f)  # the release's {video: caption} dict or the Singularity list: kept as it is
+        items = list(records.items()) if isinstance(records, dict) else records
+        keep = np.random.default_rng([seed, 14]).permutation(len(items))[:max(1, round(fraction * len(items)))]
+        chosen = [items[i] for i in sorted(keep.tolist())]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, [records[i] for i in sorted(keep)])
+        write_json(path, dict(chosen) if isinstance(records, dict) else chosen)
     return path
 
 
