@@ -544,13 +544,15 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
 
 
-def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
-    """checkpoint-best.pth: the weights, the model they fit (model_cfg) and the validation metrics."""
+def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict,
+              metric: str = "r1_sum", label: str = "val R@1 t2v+v2t") -> None:
+    """checkpoint-best.pth: the weights, the model they fit (model_cfg) and the validation metrics; `metric` (a
+    key of metrics) is the one selected on, recorded as val_<metric>."""
     if distributed.is_main_process():
         checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": epoch,
-                                "metric_name": "val_r1_sum", "metric": metrics["r1_sum"], "val_metrics": metrics,
+                                "metric_name": f"val_{metric}", "metric": metrics[metric], "val_metrics": metrics,
                                 "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
-        print(f"Saved checkpoint-best.pth (epoch {epoch}, val R@1 t2v+v2t = {metrics['r1_sum']:.2f})")
+        print(f"Saved checkpoint-best.pth (epoch {epoch}, {label} = {metrics[metric]:.2f})")
     distributed.barrier()
 
 

@@ -22,7 +22,6 @@ import torch
 
 import checkpoint
 import datasets
-import distributed
 import engine_for_finetuning
 import engine_for_pretraining
 import engine_for_qa as engine
@@ -319,16 +318,6 @@ def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     return run_test(model, records, answers, args, tokenizer, dtype)
 
 
-def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
-    """checkpoint-best.pth: the weights, the model they fit (model_cfg) and the validation accuracy."""
-    if distributed.is_main_process():
-        checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": epoch,
-                                "metric_name": "val_accuracy", "metric": metrics["accuracy"], "val_metrics": metrics,
-                                "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
-        print(f"Saved checkpoint-best.pth (epoch {epoch}, val accuracy {metrics['accuracy']:.2f})")
-    distributed.barrier()
-
-
 def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     """Train on --data_path, select on validation accuracy, then test the best weights."""
     if not args.data_path:
@@ -363,8 +352,8 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
             per_type = {f"accuracy_{t}": m["accuracy"] for t, m in metrics.pop("per_type", {}).items()}
             return {**metrics, **per_type}  # scalars only: log.txt and tensorboard
         validate = validate_epoch
-    engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="accuracy",
-                                 on_best=lambda epoch, val: save_best(args, model, epoch, val))
+    keep_best = lambda epoch, val: retrieval.save_best(args, model, epoch, val, "accuracy", "val accuracy")  # noqa: E731
+    engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="accuracy", on_best=keep_best)
     if retrieval.load_if_present_everywhere(model, os.path.join(args.output_dir, "checkpoint-best.pth")):
         print("Testing checkpoint-best.pth (best on validation)")
     else:

@@ -122,7 +122,7 @@ def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_onc
     model, video, q_ids, a_ids = _qa_inputs()
     single = _answer(model, video, q_ids, a_ids, [0, 1, 2, 3, 4])
     for rank in range(2):
-        merged = torch.load(tmp_path / f"rank{rank}.pt")
+        merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert [p["index"] for p in merged] == [0, 1, 2, 3, 4]
         assert [p["prediction"] for p in merged] == [p["prediction"] for p in single]
         assert [p["score"] for p in merged] == pytest.approx([p["score"] for p in single], abs=1e-5)

@@ -6,45 +6,14 @@ import answer_ranking
 import checkpoint
 import modeling_svitt as S
 from conftest import randomised
+from qa_inputs import ANSWERS, CLS, SMALL, brute_force_log_likelihood, padded, question_inputs
 from svitt_release import release_keys, seeded_state_dict
-
-SMALL = dict(img_size=32, num_frames=2, vocab_size=300)  # a tiny QA model that runs in milliseconds
-CLS, SEP = 101, 102
 
 
 @pytest.fixture(scope="module")
 def qa_model() -> S.SViTTQA:
     torch.manual_seed(0)
     return randomised(S.svitt_qa_tiny_patch16(**SMALL), 1, scale=0.2).eval()
-
-
-def padded(answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists (without [CLS] / [SEP]) -> answer_ids / answer_mask as the QA collator gives them."""
-    rows = [[CLS, *a, SEP] for a in answers]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-
-
-def question_inputs(num_questions: int) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(2)
-    video = torch.randn(num_questions, 3, 2, 32, 32, generator=g)
-    ids = torch.randint(110, 300, (num_questions, 5), generator=g)
-    ids[:, 0] = CLS
-    mask = torch.ones_like(ids)
-    mask[0, 3:] = 0  # one padded question
-    return video, ids, mask
-
-
-def brute_force_log_likelihood(model: S.SViTTQA, states: torch.Tensor, q_mask: torch.Tensor,
-                               answer: list[int]) -> float:
-    """log p(answer + [SEP] | question), one unpadded answer at a time, token by token from the logits."""
-    ids = torch.tensor([[CLS, *answer, SEP]])
-    logits = model.decode(ids, torch.ones_like(ids), states[None], q_mask[None])[0].log_softmax(-1)
-    return sum(logits[i, ids[0, i + 1]].item() for i in range(ids.shape[1] - 1))
-
-
-ANSWERS = [[150], [151, 152], [150, 153, 154], [160], [161, 162]]
 
 
 def test_top_k_then_full_likelihood_equals_brute_force_when_k_is_the_list(qa_model):
