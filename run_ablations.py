@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import run_simvtp_finetuning
+import run_simvtp_pretraining
 import utils
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -121,7 +123,7 @@ CROSS_MODAL = "cross_modal"  # study 6's table key: the probes of studies 1-3's 
 class Config:
     out: str
     data_root: str
-    epochs: int = 10
+    epochs: int = 5
     finetune_epochs: int = 3
     input_size: int = 64
     num_frames: int = 8
@@ -188,43 +190,56 @@ def subset_file(cfg: Config, fraction: float, seed: int) -> str:
     return path
 
 
-def stage_key(setting: Setting, flags: list[str], seed: int, cfg: Config, parent: str) -> str:
-    """Pre-training runs with equal inputs share one folder: a hash of everything that changes the weights."""
-    text = json.dumps([setting.family, flags, setting.data_fraction, setting.epochs_scale, seed, cfg.epochs,
-                       cfg.input_size, cfg.num_frames, cfg.batch_size, cfg.lr, parent])
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: str) -> tuple[str, dict]:
+    """Run one entry point (cmd without --output_dir) in a folder named by a hash of its parsed arguments -> (folder,
+    its done.json). Equal arguments written differently (a default spelled out, flags in another order) parse
+    alike, so settings that amount to the same training or evaluation share one folder and it runs once."""
+    script = os.path.basename(cmd[1])
+    parser = (run_simvtp_pretraining if script == "run_simvtp_pretraining.py" else run_simvtp_finetuning
+              ).get_args_parser()
+    try:
+        parsed = vars(parser.parse_args(cmd[2:]))
+    except SystemExit:  # argparse has printed why
+        raise StepFailed(f"{label}: {script} refused its arguments: {' '.join(cmd[2:])}") from None
+    parsed.pop("output_dir", None)
+    key = hashlib.sha1(json.dumps([script, parsed], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = os.path.join(cfg.out, kind, key)
+    done = os.path.join(folder, "done.json")
+    if os.path.exists(done):
+        with open(log_path, "a") as log:
+            log.write(f"\n{label}: shared, already in {folder}\n")
+    else:
+        took = run_step([*cmd, "--output_dir", folder], log_path, label)
+        write_json(done, {"seconds": took})
+    with open(done) as f:
+        return folder, json.load(f)
 
 
 def pretrain(setting: Setting, seed: int, cfg: Config, log_path: str) -> tuple[str | None, float, int]:
-    """Every pre-training stage of a setting -> (last checkpoint, seconds, steps) summed over the stages (a shared
-    stage's figures are read back from its done.json)."""
+    """Every pre-training stage of a setting -> (last checkpoint, seconds, steps) summed over the stages; a stage
+    that another setting already trained is shared (its figures are the first training's)."""
     if setting.pretrain is None:
         return None, 0.0, 0
-    ckpt, parent, seconds, steps = None, "", 0.0, 0
+    ckpt, seconds, steps = None, 0.0, 0
     for flags in [setting.pretrain, *setting.stages]:
-        key = stage_key(setting, flags, seed, cfg, parent)
-        folder = os.path.join(cfg.out, "pretrain", key)
-        done = os.path.join(folder, "done.json")
-        if not os.path.exists(done):
-            epochs = max(1, round(cfg.epochs * setting.epochs_scale))
-            frames = int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else cfg.num_frames
-            rest = [f for i, f in enumerate(flags) if f != "--num_frames" and (i == 0 or flags[i - 1] != "--num_frames")]
-            cmd = [cfg.python, "run_simvtp_pretraining.py", "--model", MODELS[setting.family][0], "--data_path",
-                   subset_file(cfg, setting.data_fraction, seed), *cfg.clip_flags(frames), "--epochs", str(epochs),
-                   "--warmup_epochs", str(max(1, epochs // 10)), "--lr", str(cfg.lr), "--min_lr", "1e-5",
-                   "--save_ckpt_freq", "0", "--keep_last", "1", "--seed", str(seed), "--output_dir", folder, *rest]
-            if setting.family == "svitt":
-                cmd += ["--sample_type", "rand"]
-            if ckpt:
-                cmd += ["--init_ckpt", ckpt]
-            took = run_step(cmd, log_path, f"pre-training ({setting.name})")
-            write_json(done, {"seconds": took, "steps": last_step(folder)})
-        with open(done) as f:
-            record = json.load(f)
+        epochs = max(1, round(cfg.epochs * setting.epochs_scale))
+        frames = int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else cfg.num_frames
+        rest = [f for i, f in enumerate(flags) if f != "--num_frames" and (i == 0 or flags[i - 1] != "--num_frames")]
+        cmd = [cfg.python, "run_simvtp_pretraining.py", "--model", MODELS[setting.family][0], "--data_path",
+               subset_file(cfg, setting.data_fraction, seed), *cfg.clip_flags(frames), "--epochs", str(epochs),
+               "--warmup_epochs", str(max(1, epochs // 10)), "--lr", str(cfg.lr), "--min_lr", "1e-5",
+               "--save_ckpt_freq", "0", "--keep_last", "1", "--seed", str(seed), *rest]
+        if setting.family == "svitt":
+            cmd += ["--sample_type", "rand"]
+        if ckpt:
+            cmd += ["--init_ckpt", ckpt]
+        folder, record = shared_step(cmd, "pretrain", cfg, log_path, f"pre-training ({setting.name})")
+        if "steps" not in record:
+            record["steps"] = last_step(folder)
+            write_json(os.path.join(folder, "done.json"), record)
         seconds, steps = seconds + record["seconds"], steps + record["steps"]
         with open(os.path.join(folder, "latest")) as f:
             ckpt = os.path.join(folder, f.read().strip())
-        parent = key
     return ckpt, seconds, steps
 
 
@@ -234,8 +249,9 @@ def last_step(folder: str) -> int:
     return int(json.loads(lines[-1])["global_step"]) if lines else 0
 
 
-def evaluate(setting: Setting, seed: int, cfg: Config, folder: str, ckpt: str | None, log_path: str) -> dict:
-    """Zero-shot retrieval (a pre-trained model) and fine-tuning + test on the test split -> their metrics."""
+def evaluate(setting: Setting, seed: int, cfg: Config, ckpt: str | None, log_path: str) -> dict:
+    """Zero-shot retrieval (a pre-trained model) and fine-tuning + test on the test split -> their metrics. Equal
+    evaluations of a shared checkpoint are shared too."""
     frames = setting.frames(cfg.num_frames)
     common = cfg.clip_flags(frames) + ["--test_num_segment", "1", "--test_num_crop", "1", "--seed", str(seed),
                                        "--test_data_path", os.path.join(cfg.ann, "test.json")]
@@ -243,20 +259,18 @@ def evaluate(setting: Setting, seed: int, cfg: Config, folder: str, ckpt: str | 
         common += ["--sample_type", "rand"]
     out: dict = {}
     if ckpt:
-        zero = os.path.join(folder, "zero_shot")
         orders = ["--eval_frame_order", "none", "reverse", "shuffle", "freeze"] if setting.eval_orders else []
-        run_step([cfg.python, "run_simvtp_finetuning.py", "--zero_shot", "--finetune", ckpt, "--output_dir", zero,
-                  *common, *orders], log_path, f"zero-shot ({setting.name})")
+        zero, _ = shared_step([cfg.python, "run_simvtp_finetuning.py", "--zero_shot", "--finetune", ckpt, *common,
+                               *orders], "evals", cfg, log_path, f"zero-shot ({setting.name})")
         with open(os.path.join(zero, "zero_shot_metrics.json")) as f:
             out["zero_shot"] = json.load(f)
-    tuned = os.path.join(folder, "finetune")
     cmd = [cfg.python, "run_simvtp_finetuning.py", "--model", MODELS[setting.family][1], "--data_path",
            os.path.join(cfg.ann, "train.json"), "--val_data_path", os.path.join(cfg.ann, "val.json"),
            "--epochs", str(cfg.finetune_epochs), "--warmup_epochs", "1", "--lr", str(cfg.lr), "--drop_path", "0.0",
-           "--keep_last", "1", "--output_dir", tuned, *common, *setting.model_flags]
+           "--keep_last", "1", *common, *setting.model_flags]
     if ckpt:
         cmd += ["--finetune", ckpt]
-    run_step(cmd, log_path, f"fine-tuning ({setting.name})")
+    tuned, _ = shared_step(cmd, "evals", cfg, log_path, f"fine-tuning ({setting.name})")
     with open(os.path.join(tuned, "test_metrics.json")) as f:
         out["finetune"] = json.load(f)
     return out
@@ -271,7 +285,6 @@ def step_gflops(setting: Setting, cfg: Config) -> float:
     import datasets
     import masking_generator
     import model_registry
-    import run_simvtp_pretraining
     name = MODELS[setting.family][0 if setting.pretrain is not None else 1]
     frames, size, b = setting.frames(cfg.num_frames), cfg.input_size, cfg.batch_size
     flags = list((setting.stages[-1] if setting.stages else setting.pretrain) or [])
@@ -306,7 +319,7 @@ def run_one(study: Study, setting: Setting, seed: int, cfg: Config) -> dict:
     t0 = time.time()
     ckpt, seconds, steps = pretrain(setting, seed, cfg, log_path)
     result = {"study": study.key, "setting": setting.name, "seed": seed, "pretrain_seconds": seconds,
-              "pretrain_steps": steps, "checkpoint": ckpt, **evaluate(setting, seed, cfg, folder, ckpt, log_path),
+              "pretrain_steps": steps, "checkpoint": ckpt, **evaluate(setting, seed, cfg, ckpt, log_path),
               "gflops_per_step": step_gflops(setting, cfg)}
     if setting.cross_modal and ckpt:
         import cross_modal_probe
@@ -503,7 +516,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", nargs="+", default=keys, choices=keys + [CROSS_MODAL],
                    help=f"studies to run ({CROSS_MODAL}: the probes of video_mask, text_mask and objectives)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every setting")
-    p.add_argument("--epochs", type=int, default=10, help="pre-training epochs of a run")
+    p.add_argument("--epochs", type=int, default=5, help="pre-training epochs of a run (5: 100 steps on the 320 clips)")
     p.add_argument("--finetune_epochs", type=int, default=3, help="fine-tuning epochs of a run")
     p.add_argument("--input_size", type=int, default=64, help="clip side in pixels")
     p.add_argument("--num_frames", type=int, default=8, help="frames per clip (SViTT's 4-frame settings keep 4)")

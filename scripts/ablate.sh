@@ -3,7 +3,7 @@
 # output/ablations/claims.md (one table per study) and output/ablations/claims.png (one panel per study).
 # Safe to stop and start again: finished runs are never repeated, failed ones are retried.
 # Knobs (environment): ABLATE_STUDIES (default: all; e.g. "video_mask text_mask"; see run_ablations.py --help),
-# ABLATE_SEEDS (default "0 1"), ABLATE_EPOCHS (pre-training epochs, default 10), ABLATE_FINETUNE_EPOCHS (3),
+# ABLATE_SEEDS (default "0 1"), ABLATE_EPOCHS (pre-training epochs, default 5), ABLATE_FINETUNE_EPOCHS (3),
 # ABLATE_OUT (output/ablations), ABLATE_DATA (data/synthetic_ablate: the bundled generator at 64 x 64 px).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,5 +15,5 @@ DATA="${ABLATE_DATA:-data/synthetic_ablate}"
 read -r -a STUDIES <<< "${ABLATE_STUDIES:-}"
 read -r -a SEEDS <<< "${ABLATE_SEEDS:-0 1}"
 "$PY" run_ablations.py --out "${ABLATE_OUT:-output/ablations}" --data_root "$DATA" --seeds "${SEEDS[@]}" \
-  --epochs "${ABLATE_EPOCHS:-10}" --finetune_epochs "${ABLATE_FINETUNE_EPOCHS:-3}" \
+  --epochs "${ABLATE_EPOCHS:-5}" --finetune_epochs "${ABLATE_FINETUNE_EPOCHS:-3}" \
   ${STUDIES[@]+--studies "${STUDIES[@]}"}

@@ -18,7 +18,8 @@ def micro(synthetic_root, tmp_path_factory):
                     python=sys.executable, **MICRO)
     study = ab.Study("micro", "Micro study", "nothing at this size", [
         ab.Setting("tube 0.9", ["--mask_ratio", "0.9"], cross_modal=True),
-        ab.Setting("broken", ["--mask_ratio", "1.5"])])  # refused by the pre-training script: a failing run
+        ab.Setting("broken", ["--mask_ratio", "1.5"]),  # refused by the pre-training script: a failing run
+        ab.Setting("default", [])])  # the same training as "tube 0.9" (0.9 is the default): shared, not repeated
     runs = ab.plan([study], [0])
     failures = ab.run_all(runs, cfg)
     return cfg, study, runs, failures
@@ -43,12 +44,29 @@ def test_a_failed_run_is_reported_and_the_others_finish(micro):
     assert {f"word_top1_{c}" for c in ("own", "other", "none")} <= set(result["cross_modal"])
 
 
+def test_a_setting_equal_to_another_shares_its_training_and_evaluations(micro):
+    cfg, study, _, _ = micro
+    results = []
+    for setting in (study.settings[0], study.settings[2]):
+        with open(os.path.join(ab.run_folder(cfg, study, setting, 0), "result.json")) as f:
+            results.append(json.load(f))
+    spelled_out, default = results
+    assert default["checkpoint"] == spelled_out["checkpoint"]
+    assert default["pretrain_seconds"] == spelled_out["pretrain_seconds"]
+    assert default["finetune"] == spelled_out["finetune"] and default["zero_shot"] == spelled_out["zero_shot"]
+    trained = [k for k in os.listdir(os.path.join(cfg.out, "pretrain"))
+               if os.path.exists(os.path.join(cfg.out, "pretrain", k, "done.json"))]
+    assert len(trained) == 1  # one finished pre-training for the two settings (the broken one never finished)
+    with open(os.path.join(ab.run_folder(cfg, study, study.settings[2], 0), "run.log")) as f:
+        assert f.read().count("shared, already in") == 3  # pre-training, zero-shot, fine-tuning
+
+
 def test_a_second_start_skips_finished_runs_and_retries_the_failed_one(micro, capsys):
     cfg, study, runs, _ = micro
     before = os.path.getmtime(_result(cfg, study, "ok"))
     failures = ab.run_all(runs, cfg)
     out = capsys.readouterr().out
-    assert "2 runs, 1 already finished, 1 to go" in out and "micro / broken / seed 0" in out
+    assert "3 runs, 2 already finished, 1 to go" in out and "micro / broken / seed 0" in out
     assert len(failures) == 1 and os.path.getmtime(_result(cfg, study, "ok")) == before
 
 
