@@ -383,12 +383,17 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
                  vtc_text: str = "full", vtm_negatives: str = "hard", release_pooling: bool = False,
                  temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
-                 w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0) -> None:
+                 w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
+                 vtm_negatives_per_pair: int = 2) -> None:
         super().__init__()
         if vtc_text not in ("full", "masked") or vtm_negatives not in ("hard", "random"):
             raise ValueError(f"vtc_text {vtc_text!r} (full|masked), vtm_negatives {vtm_negatives!r} (hard|random)")
+        if not 0.0 < decode_fraction <= 1.0 or vtm_negatives_per_pair not in (1, 2):
+            raise ValueError(f"decode_fraction {decode_fraction} must be in (0, 1], vtm_negatives_per_pair "
+                             f"{vtm_negatives_per_pair} 1 or 2")
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.vtc_text, self.vtm_negatives = vtc_text, vtm_negatives
+        self.decode_fraction, self.vtm_negatives_per_pair = decode_fraction, vtm_negatives_per_pair
         self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm)
         self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
                                       mlp_ratio, drop_path_rate, "norm", release_pooling=release_pooling)
@@ -430,13 +435,26 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         x = self.encoder(vis, text, attention_mask)
         return x, self.encoder.pool(x, token_keep(vis.shape[1], attention_mask))
 
-    def decode_pixels(self, video_out: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        """Joint output's video part [B, Nv, D] -> predicted normalised pixels of the masked tubes [B, Nm, P]."""
+    def decode_pixels(self, video_out: torch.Tensor, video_mask: torch.Tensor,
+                      decode_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint output's video part [B, Nv, D] -> predicted normalised pixels of the masked tubes [B, Nm, P], or of
+        the subset `decode_mask` of them (decoder masking)."""
         x = self.encoder_to_decoder(video_out)
         pos = self.decoder.pos_table(video_mask.shape[1]).to(x.dtype).expand(len(x), -1, -1)
         vis = x + select_tokens(pos, ~video_mask)
-        masked = self.mask_token.to(x.dtype) + select_tokens(pos, video_mask)
+        masked = self.mask_token.to(x.dtype) + select_tokens(pos, video_mask if decode_mask is None else decode_mask)
         return self.decoder(torch.cat([vis, masked], dim=1), masked.shape[1])
+
+    def tubes_to_decode(self, video_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder masking (as in VideoMAE V2): a random `decode_fraction` of each clip's masked tubes [B, N] bool
+        (the same count per clip), from torch's global RNG; all masked tubes at 1.0 (the paper)."""
+        if self.decode_fraction >= 1.0:
+            return video_mask
+        num_masked = int(video_mask[0].sum())
+        keep = max(1, round(self.decode_fraction * num_masked))
+        scores = torch.rand(video_mask.shape, device=video_mask.device).masked_fill(~video_mask, -1.0)
+        chosen = scores.topk(keep, dim=1).indices
+        return torch.zeros_like(video_mask).scatter_(1, chosen, True)
 
     def pixel_target(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
         """Normalised pixels of the masked tubes [B, Nm, P] (float32, no gradient)."""
@@ -452,7 +470,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
 
     def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat):
         """VTM: the B positives (pooled joint output, [B, D]) + one joint pass over 2B negatives: each caption with
-        a negative video, each video with a negative caption, drawn by similarity of the local VTC features.
+        a negative video, each video with a negative caption, drawn by similarity of the local VTC features. With
+        vtm_negatives_per_pair 1, B negatives: the first half of the captions get a negative video, the other half
+        of the videos a negative caption (half the negatives' joint pass).
         Returns (loss, accuracy). B = 1 has no negative: loss 0, still connected to the graph (DDP sees vtm_head)."""
         b = len(vis)
         pos_logits = self.vtm_head(pos_feat).float()
@@ -464,10 +484,15 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             hard = self.vtm_negatives == "hard"
             neg_video = sample_negatives(sim.t(), hard)  # [B]: a video for each caption
             neg_text = sample_negatives(sim, hard)  # [B]: a caption for each video
-        _, neg_feat = self.joint(torch.cat([vis[neg_video], vis]), torch.cat([text, text[neg_text]]),
-                                 torch.cat([attention_mask, attention_mask[neg_text]]))
+        own = torch.arange(b, device=neg_video.device)
+        if self.vtm_negatives_per_pair == 1:
+            first = own < b // 2
+            video_ids, text_ids = torch.where(first, neg_video, own), torch.where(first, own, neg_text)
+        else:
+            video_ids, text_ids = torch.cat([neg_video, own]), torch.cat([own, neg_text])
+        _, neg_feat = self.joint(vis[video_ids], text[text_ids], attention_mask[text_ids])
         logits = torch.cat([pos_logits, self.vtm_head(neg_feat).float()])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        labels = torch.cat([torch.ones(b), torch.zeros(len(video_ids))]).long().to(logits.device)
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -484,8 +509,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             masked_text, vtc_text = self.text_embeddings(torch.cat([mlm_input_ids, input_ids])).chunk(2)
         joint_out, pos_feat = self.joint(vis, masked_text, attention_mask)  # (a)
         nv = vis.shape[1]
-        loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask).float(),
-                                self.pixel_target(video, video_mask))
+        decode_mask = self.tubes_to_decode(video_mask)
+        loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask).float(),
+                                self.pixel_target(video, decode_mask))
         loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
         video_feat = self.encoder.pool(self.encoder(vis))  # (b)
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)
@@ -802,6 +828,12 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--learnable_temp", action="store_true", default=None, help="learn the temperature")
     for term in ("pixel", "vtc", "vtm"):
         g.add_argument(f"--w_{term}", type=float, default=None, help=f"weight of the {term} loss (default 1)")
+    g.add_argument("--decode_fraction", type=float, default=None,
+                   help="decoder masking (VideoMAE V2): reconstruct only this random share of the masked tubes "
+                        "(default 1.0, all of them, the paper's method); less decoder work")
+    g.add_argument("--vtm_negatives_per_pair", type=int, default=None, choices=[1, 2],
+                   help="matching negatives per positive pair: 2 (default: a negative video and a negative caption) "
+                        "or 1 (half the negatives' joint pass)")
 
 
 def recognise_release(keys: list[str]) -> str | None:

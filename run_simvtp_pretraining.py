@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "its embeddings, SViTT its text tower and MLM head (cross-attention stays randomly initialised)")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass: "
                    "less memory, about a third more compute")
+    g.add_argument("--compile_blocks", action="store_true",
+                   help="torch.compile every transformer block in place (Module.compile): the checkpoints keep "
+                        "the plain tensor names; the first steps pay the compilation (needs a C++ compiler on CPU)")
     utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,
                                 warmup_epochs=40)
     utils.add_run_args(p, output_dir="output/pretrain", save_ckpt_freq=20, keep_last=3)
@@ -73,6 +76,8 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
             checkpoint.load_pretrained(model, path, strict=False)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if args.compile_blocks:
+        print(f"torch.compile: {utils.compile_blocks(model)} transformer blocks compiled in place")
     return model
 
 

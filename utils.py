@@ -356,6 +356,18 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each transformer block (the items of every ModuleList named blocks / layer / layers) in
+    place with Module.compile, so state_dict names carry no `_orig_mod.` prefix -> the number compiled."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layer", "layers"):
+            for block in module:
+                block.compile()
+                count += 1
+    return count
+
+
 def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """The global L2 norm of the gradients, as a tensor on their device (reading it is the caller's choice)."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]

@@ -16,6 +16,10 @@ batches. Two data sets:
              640x272 file).
   640x360-pre  the same files after `video_tools.py preprocess --short_side 256 --fps 8 --keyframe_interval 2`
              (data/bench_cache/pre_256_8fps), 16 frames x rate 1 at 224 px: the same 2 s of video per clip.
+With --release_src DIR (a checkout of the public SimVTP release, github:wufeim/SimVTP at 4b54321) the release's own
+pre-training dataset (decord, its multi-scale crop and tube mask; benchmarks/release_simvtp.py) reads the same files
+with the same clip settings in one process, in the same run, and the ratios to our 0-worker rows are printed
+(target: ours >= 2x). Its items are timed without collate (it tokenises in the training step), ours with it.
 Every loading process gets one core (torch.set_num_threads(1), as data-loader workers have), so "per process" is
 clips/s / max(1, workers) and is comparable across rows.
 """
@@ -280,6 +284,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="time each stage of a sample (always done for 640x360 below target)")
     p.add_argument("--profile_samples", type=int, default=24)
+    p.add_argument("--release_src", default=None,
+                   help="a checkout of the SimVTP release: also time its loader on the same files (same run)")
     p.add_argument("--compare_readers", action="store_true",
                    help="time datasets' readers against the proposed faster PyAV reader (see proposed_pyav_frames)")
     args = p.parse_args(argv)
@@ -356,7 +362,44 @@ def main(argv=None) -> list[dict]:
                                                                   tokenizer), hw)
         if args.compare_readers and name != "synthetic":
             compare_readers(name, records, clip, args.profile_samples)
+    if args.release_src:
+        compare_with_release(args, sets, rows)
     return rows
+
+
+RELEASE_TARGET = 2.0  # ours (one process) over the release's clips/s on the same files
+
+
+def compare_with_release(args: argparse.Namespace, sets: dict, rows: list[dict]) -> None:
+    """The release's loader on each set's files in its own interpreter, then ours / theirs per backend."""
+    import tempfile
+
+    from bench_common import print_table, run_job_in_subprocess
+
+    script = str(Path(__file__).with_name("release_simvtp.py"))
+    if not os.path.exists(os.path.join(args.release_src, "modeling_pretrain.py")):
+        raise SystemExit(f"--release_src {args.release_src}: not a checkout of the SimVTP release")
+    table = []
+    with tempfile.TemporaryDirectory(prefix="bench_release_loader_") as folder:
+        for name, (records, clip) in sets.items():
+            anno = os.path.join(folder, f"{name}.json")
+            with open(anno, "w") as f:  # the release's format: {video path: caption}
+                json.dump({str(r.path): r.captions[0] for r in records}, f)
+            job = dict(kind="loader", src=args.release_src, vocab_dir=str(ROOT / "assets" / "bert-base-uncased"),
+                       annotation=anno, num_frames=clip["num_frames"], sampling_rate=clip["sampling_rate"],
+                       input_size=clip["input_size"], warmup=args.warmup * args.batch_size,
+                       clips=args.batches * args.batch_size)
+            print(f"\nthe release's loader on {name} ...", flush=True)
+            theirs = run_job_in_subprocess(script, job, os.path.join(folder, f"{name}.out.json"),
+                                           f"release loader {name}")["clips_per_s"]
+            ours = {r["backend"]: r["clips_per_s"] for r in rows if r["set"] == name and r["workers"] == 0}
+            for backend, rate in ours.items():
+                ratio = rate / theirs
+                table.append([name, backend, f"{theirs:.1f}", f"{rate:.1f}", f"{ratio:.2f}x",
+                              "PASS" if ratio >= RELEASE_TARGET else "MISS"])
+    print(f"\nThe release's loader vs ours, one process, same files and clips, this run (target >= "
+          f"{RELEASE_TARGET:.0f}x)")
+    print_table(["set", "ours with", "release clips/s", "ours clips/s", "ours faster", "target"], table, left=2)
 
 
 if __name__ == "__main__":

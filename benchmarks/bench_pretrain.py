@@ -5,6 +5,7 @@ goes, fp32 vs bf16, and the encoder alone at 90% vs 0% tube masking.
     .venv/bin/python benchmarks/bench_pretrain.py --configs tiny      # about 30 s
     .venv/bin/python benchmarks/bench_pretrain.py --configs base --precision bf16 --grad_checkpointing
     .venv/bin/python benchmarks/bench_pretrain.py --quick --json out.json   # smallest run (what the test runs)
+    .venv/bin/python benchmarks/bench_pretrain.py --configs base --release_src ../SimVTP   # + the release, same run
 
 Configs (clip shapes are the registered models' defaults): tiny = simvtp_tiny_patch16, 8 frames x 112 px, batch 16
 (the demo's pre-training batch); base = simvtp_base_patch16, 16 frames x 224 px, batch 4.
@@ -616,6 +617,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--malloc_env", action="store_true",
                    help="run the jobs with glibc malloc keeping freed memory (" + " ".join(
                        f"{k}={v}" for k, v in MALLOC_ENV.items()) + "): no page faults on reused memory")
+    p.add_argument("--release_src", default=None,
+                   help="a checkout of the public SimVTP release (github:wufeim/SimVTP, commit 4b54321): also time its "
+                        "own step at the base config in this run (its default fp32, and with bf16 autocast added) and "
+                        "print the ratios; see benchmarks/release_simvtp.py")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smallest run (tiny model at 4 x 32 px, batch 2, one step, fp32 and bf16) for the test")
@@ -645,6 +650,51 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
     return jobs
 
 
+def plan_release_jobs(args: argparse.Namespace, jobs: list[dict]) -> list[dict]:
+    """The release's step at every (base config, precision) of our jobs; the release has only the base model."""
+    if not args.release_src:
+        return []
+    if not os.path.exists(os.path.join(args.release_src, "modeling_pretrain.py")):
+        raise SystemExit(f"--release_src {args.release_src}: no modeling_pretrain.py there; point it to a checkout of "
+                         "the SimVTP release (github:wufeim/SimVTP, commit 4b54321)")
+    vocab = str(ROOT / "assets" / "bert-base-uncased")
+    base = [j for j in jobs if j["config"] == "base"]
+    if not base:
+        print("--release_src: the release has only the base model; add base to --configs to compare", flush=True)
+    return [dict(kind="step", src=args.release_src, vocab_dir=vocab, threads=j["threads"], precision=j["precision"],
+                 warmup=j["warmup"], steps=j["steps"], batch_size=j["cfg"]["batch_size"],
+                 num_frames=j["cfg"]["num_frames"], input_size=j["cfg"]["input_size"]) for j in base]
+
+
+def run_release_job(job: dict, folder: str) -> dict:
+    out_path = os.path.join(folder, f"release_{job['precision']}.json")
+    script = str(Path(__file__).with_name("release_simvtp.py"))
+    return run_job_in_subprocess(script, job, out_path, f"release base {job['precision']}")
+
+
+RELEASE_TARGET = 2.5  # ours at our defaults (bf16) vs the release at its defaults (fp32), same run
+
+
+def print_release_comparison(results: list[dict], release: list[dict]) -> None:
+    """Same-run ratios: the release's step vs ours at equal precision and at each code's defaults."""
+    ours = {r["precision"]: r for r in results if r["config"] == "base"}
+    theirs = {r["precision"]: r for r in release}
+    print("\nThe release's step vs ours, measured in this run (base, same batch and clip; the release: its own "
+          "train_one_epoch; fp32 is its default, bf16 = autocast added to it)")
+    rows = [[prec, f"{theirs[prec]['s_per_step']:.2f}", f"{ours[prec]['s_per_step']:.2f}",
+             f"{theirs[prec]['s_per_step'] / ours[prec]['s_per_step']:.2f}x"]
+            for prec in DTYPES if prec in ours and prec in theirs]
+    print_table(["precision", "release s/step", "ours s/step", "ours faster"], rows)
+    if "fp32" in theirs and "bf16" in ours:
+        ratio = theirs["fp32"]["s_per_step"] / ours["bf16"]["s_per_step"]
+        print(f"at each code's defaults (release fp32, ours bf16): ours {ratio:.2f}x faster "
+              f"[target >= {RELEASE_TARGET}x: {'PASS' if ratio >= RELEASE_TARGET else 'MISS'}]")
+    if "bf16" in ours:
+        mfu = ours["bf16"]["mfu"]["bf16"]
+        print(f"ours bf16 at {100 * mfu:.0f}% of the bf16 matmul peak measured in the same process "
+              f"[target >= 80%: {'PASS' if mfu >= 0.8 else 'MISS'}]")
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -657,26 +707,35 @@ def main(argv=None) -> list[dict]:
             json.dump(result, f)
         return [result]
     jobs = plan_jobs(args)
+    release_jobs = plan_release_jobs(args, jobs)
     load_before = load_average()
     print(f"bench_pretrain: {os.cpu_count()} CPU cores, {args.threads} torch threads, load average {load_before} "
           f"(1/5/15 min) before the run; {len(jobs)} jobs, each in a fresh process"
           + ("; grad checkpointing" if args.grad_checkpointing else "")
           + ("; glibc malloc keeps freed memory (--malloc_env)" if args.malloc_env else ""), flush=True)
-    start, results = time.perf_counter(), []
+    start, results, release = time.perf_counter(), [], []
+    total = len(jobs) + len(release_jobs)
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as folder:
         for i, job in enumerate(jobs):
-            print(f"\n[job {i + 1}/{len(jobs)}] {job['config']} {job['precision']}  (run time so far "
+            print(f"\n[job {i + 1}/{total}] {job['config']} {job['precision']}  (run time so far "
                   f"{time.perf_counter() - start:.0f} s)", flush=True)
             results.append(run_in_subprocess(job, folder))
+        for i, job in enumerate(release_jobs, len(jobs) + 1):
+            print(f"\n[job {i}/{total}] the release, base {job['precision']}  (run time so far "
+                  f"{time.perf_counter() - start:.0f} s)", flush=True)
+            release.append(run_release_job(job, folder))
     load_after = load_average()
     print_report(results)
+    if release:
+        print_release_comparison(results, release)
     print(f"\ntorch {results[0]['torch']} ({results[0]['cpu_capability']}), {results[0]['threads']} threads; load "
           f"average {load_before} before, {load_after} after (1/5/15 min; {os.cpu_count()} cores); whole run "
           f"{time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(load_average_before=load_before, load_average_after=load_after, cpu_count=os.cpu_count(),
-                           argv=sys.argv[1:] if argv is None else list(argv), results=results), f, indent=2)
+                           argv=sys.argv[1:] if argv is None else list(argv), results=results, release=release), f,
+                      indent=2)
         print(f"figures written to {args.json}")
     return results
 
