@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+RELEASE_COMMIT = "4b54321"  # github:wufeim/SimVTP, "release code"
 
 
 def run_job_in_subprocess(script: str, job: dict, out_path: str, name: str, env: dict | None = None) -> dict:
@@ -32,3 +35,10 @@ def print_table(header: list[str], rows: list[list[str]], left: int = 1) -> None
     print("-" * len(line(header)))
     for r in rows:
         print(line(r))
+
+
+def require_release_checkout(src: str) -> None:
+    """A --release_src that is not a checkout of the SimVTP release stops the benchmark with a one-line reason."""
+    if not os.path.exists(os.path.join(src, "modeling_pretrain.py")):
+        raise SystemExit(f"--release_src {src}: no modeling_pretrain.py there; point it to a checkout of "
+                         f"github:wufeim/SimVTP (commit {RELEASE_COMMIT})")

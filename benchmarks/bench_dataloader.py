@@ -374,11 +374,10 @@ def compare_with_release(args: argparse.Namespace, sets: dict, rows: list[dict])
     """The release's loader on each set's files in its own interpreter, then ours / theirs per backend."""
     import tempfile
 
-    from bench_common import print_table, run_job_in_subprocess
+    from bench_common import print_table, require_release_checkout, run_job_in_subprocess
 
     script = str(Path(__file__).with_name("release_simvtp.py"))
-    if not os.path.exists(os.path.join(args.release_src, "modeling_pretrain.py")):
-        raise SystemExit(f"--release_src {args.release_src}: not a checkout of the SimVTP release")
+    require_release_checkout(args.release_src)
     table = []
     with tempfile.TemporaryDirectory(prefix="bench_release_loader_") as folder:
         for name, (records, clip) in sets.items():

@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from bench_common import print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
+from bench_common import print_table, require_release_checkout, run_job_in_subprocess  # noqa: E402
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter
 
 
@@ -654,9 +654,7 @@ def plan_release_jobs(args: argparse.Namespace, jobs: list[dict]) -> list[dict]:
     """The release's step at every (base config, precision) of our jobs; the release has only the base model."""
     if not args.release_src:
         return []
-    if not os.path.exists(os.path.join(args.release_src, "modeling_pretrain.py")):
-        raise SystemExit(f"--release_src {args.release_src}: no modeling_pretrain.py there; point it to a checkout of "
-                         "the SimVTP release (github:wufeim/SimVTP, commit 4b54321)")
+    require_release_checkout(args.release_src)
     vocab = str(ROOT / "assets" / "bert-base-uncased")
     base = [j for j in jobs if j["config"] == "base"]
     if not base:

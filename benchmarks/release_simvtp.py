@@ -35,7 +35,8 @@ import sys
 import time
 import types
 
-RELEASE_COMMIT = "4b54321"
+from bench_common import require_release_checkout  # beside this file
+
 # The flags of the release's scripts/pretrain_webvid.sh that shape the step (the rest: paths and schedule).
 RELEASE_FLAGS = ["--mask_type", "tube", "--mask_ratio", "0.9", "--model", "pretrain_simvtp_base_patch16_224",
                  "--decoder_depth", "4", "--sampling_rate", "4", "--opt", "adamw", "--opt_betas", "0.9", "0.95",
@@ -71,9 +72,7 @@ def provide_timm_optimizers() -> None:
 def import_release(src: str, vocab_dir: str):
     """Put the checkout first on sys.path, apply the in-memory adjustments of the module docstring, and return the
     release's run_simvtp_pretraining module (which imports the rest)."""
-    if not os.path.exists(os.path.join(src, "modeling_pretrain.py")):
-        raise SystemExit(f"--release_src {src}: no modeling_pretrain.py there; point it to a checkout of "
-                         f"github:wufeim/SimVTP (commit {RELEASE_COMMIT})")
+    require_release_checkout(src)
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.abspath(src)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
     import math
