@@ -564,7 +564,7 @@ def check_same_model(ckpt: dict, path: str, model: torch.nn.Module) -> None:
 RESUME_PLUMBING = {"output_dir", "log_dir", "resume", "auto_resume", "num_workers", "pin_mem", "print_freq",
                    "device", "device_obj", "rank", "gpu", "distributed", "dist_url", "dist_eval", "save_ckpt_freq",
                    "save_every_steps", "keep_last", "max_steps", "video_backend", "eval_every", "skip_eval_check",
-                   "eval_host_memory_gb"}
+                   "eval_host_memory_gb", "decode_threads"}
 
 
 # settings added after checkpoints were first written -> the behaviour such a checkpoint's run had without them

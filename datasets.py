@@ -823,8 +823,9 @@ class VideoFile:
     """
     backend = "base"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, threads: int = 1) -> None:
         self.path = path
+        self.threads = int(threads)
         self.num_frames = 0
         self.fps = 0.0
 
@@ -870,11 +871,11 @@ class VideoFile:
 class _DecordVideo(VideoFile):
     backend = "decord"
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, threads: int = 1) -> None:
+        super().__init__(path, threads)
         import decord
-        # one thread per reader: data-loader workers already use the cores
-        self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        # one thread by default: data-loader workers already use the cores
+        self._reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=self.threads)
         self.num_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
         self._frame_at = self._time_index()
@@ -918,15 +919,17 @@ class _PyAVVideo(VideoFile):
     RESEEK_GAP = 250  # wanted frames farther apart than this: seek again rather than decode everything between
     PREROLL_MARGIN = 24  # frames before the first wanted one that are fully decoded again after a skipping pre-roll
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, threads: int = 1) -> None:
+        super().__init__(path, threads)
         import av
         self._container = av.open(path, metadata_errors="ignore")
         try:
             if not self._container.streams.video:
                 raise VideoDecodeError(f"{path}: no video stream")
             self._stream = self._container.streams.video[0]
-            self._stream.codec_context.thread_count = 1
+            self._stream.codec_context.thread_count = self.threads
+            if self.threads > 1:  # frame threads decode successive frames at once; slice threads split a frame
+                self._stream.thread_type = "AUTO"
             # one colour converter per video: frame.to_ndarray() builds a new swscale context for every frame
             from av.video.reformatter import VideoReformatter
             self._to_rgb = VideoReformatter()
@@ -1040,15 +1043,18 @@ def _check_file(path: str) -> None:
         raise VideoDecodeError(f"{path}: empty file (0 bytes)")
 
 
-def open_video(path: str | os.PathLike, backend: str = "auto") -> VideoFile:
-    """Open a video with decord or PyAV (see resolve_backend). Missing, empty, non-video or unreadable files raise
-    VideoDecodeError naming the file."""
+def open_video(path: str | os.PathLike, backend: str = "auto", threads: int = 1) -> VideoFile:
+    """Open a video with decord or PyAV (see resolve_backend), its decoder using `threads` threads (1 when
+    several loader processes already share the cores; more helps a single loading process). Missing, empty,
+    non-video or unreadable files raise VideoDecodeError naming the file."""
+    if threads < 1:
+        raise ValueError(f"decoder threads must be >= 1, got {threads}")
     path = os.fspath(path)
     backend = resolve_backend(backend)
     _check_file(path)
     cls = _DecordVideo if backend == "decord" else _PyAVVideo
     try:
-        video = cls(path)
+        video = cls(path, threads)
     except VideoDecodeError:
         raise
     except Exception as e:
@@ -1443,7 +1449,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
                  mask_generator=None, excluded: Collection[int] = (), sample_type: str = "stride",
-                 match_by: str = "video") -> None:
+                 match_by: str = "video", decode_threads: int = 1) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if match_by not in MATCH_BY:
@@ -1459,8 +1465,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{len(empty)} training records have no caption, e.g. {records.path(empty[0])}")
         if mode == "test" and short_side_size < input_size:
             raise ValueError(f"short_side_size {short_side_size} must be >= input_size {input_size}")
-        if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop) < 1:
-            raise ValueError("num_frames, sampling_rate, input_size, test_num_segment and test_num_crop must be >= 1")
+        if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop, decode_threads) < 1:
+            raise ValueError("num_frames, sampling_rate, input_size, test_num_segment, test_num_crop and "
+                             "decode_threads must be >= 1")
         self.excluded = frozenset(int(i) for i in excluded)
         if mode == "test" and self.excluded:
             raise ValueError("an exclude list applies to training only (the test set is never silently changed)")
@@ -1473,6 +1480,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.input_size, self.short_side_size = int(input_size), int(short_side_size)
         self.test_num_segment, self.test_num_crop = int(test_num_segment), int(test_num_crop)
         self.backend = resolve_backend(video_backend)
+        self.decode_threads = int(decode_threads)
         # "auto" also means: when decord fails on a file, try PyAV before calling it broken (decord 0.6 cannot
         # read some frame widths, e.g. 48 or 72 px, that PyAV decodes fine)
         self.fallback_backend = "pyav" if video_backend == "auto" and self.backend == "decord" else None
@@ -1547,12 +1555,12 @@ class VideoTextDataset(torch.utils.data.Dataset):
         (uint8 [T, H, W, 3], n); PyAV retries decord's failures under "auto" (both backends number frames alike,
         so the sample is the same)."""
         try:
-            return _decode_planned(path, self.backend, plan, span)
+            return _decode_planned(path, self.backend, plan, span, self.decode_threads)
         except VideoDecodeError as first:
             if self.fallback_backend is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
                 raise
             try:
-                return _decode_planned(path, self.fallback_backend, plan, span)
+                return _decode_planned(path, self.fallback_backend, plan, span, self.decode_threads)
             except VideoDecodeError as second:
                 raise VideoDecodeError(f"{first} (PyAV failed too: {one_line(second)})") from second
 
@@ -1588,8 +1596,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
 
 def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]],
-                    span: Span | None = None) -> tuple[np.ndarray, int]:
-    with open_video(path, backend) as video:
+                    span: Span | None = None, threads: int = 1) -> tuple[np.ndarray, int]:
+    with open_video(path, backend, threads) as video:
         first, count = span_frames(video.num_frames, video.fps, span)
         return video.get_frames([first + i for i in plan(count)]), count
 

@@ -83,7 +83,9 @@ def all_studies() -> list[Study]:
                   Setting("tube 0.95", ["--mask_ratio", "0.95"], **probe),
                   Setting("random 0.90", ["--mask_ratio", "0.9", "--mask_type", "random"], **probe)]),
         Study("text_mask", "2. Text mask ratio (SimVTP)", "masking 75% of the words beats BERT's 15%", [
-            Setting(f"words {r}", ["--text_mask_ratio", r], **probe) for r in ("0.15", "0.45", "0.75")]),
+            # 0.75 is SimVTP's own default, which the flag's default (None: the model's) stands for: shared runs
+            Setting(f"words {r}", ["--text_mask_ratio", r] if r != "0.75" else [], **probe)
+            for r in ("0.15", "0.45", "0.75")]),
         Study("objectives", "3. Objectives (SimVTP)", "adding VTC, then VTM with hard negatives, to pixel + word "
               "reconstruction helps retrieval", [
                   Setting("pixel + word", ["--w_vtc", "0", "--w_vtm", "0"], **probe),
@@ -199,9 +201,10 @@ def subset_file(cfg: Config, fraction: float, seed: int) -> str:
 
 
 def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: str) -> tuple[str, dict]:
-    """Run one entry point (cmd without --output_dir) in a folder named by a hash of its parsed arguments -> (folder,
-    its done.json). Equal arguments written differently (a default spelled out, flags in another order) parse
-    alike, so settings that amount to the same training or evaluation share one folder and it runs once."""
+    """Run one entry point (cmd without --output_dir) in a folder named by a hash of its parsed arguments that differ
+    from their defaults -> (folder, its done.json). Equal arguments written differently (a default spelled out, flags
+    in another order) parse alike, so settings that amount to the same training or evaluation share one folder and
+    it runs once; a flag added to an entry point later (at its default) keeps finished folders valid."""
     script = os.path.basename(cmd[1])
     parser = (run_simvtp_pretraining if script == "run_simvtp_pretraining.py" else run_simvtp_finetuning
               ).get_args_parser()
@@ -209,8 +212,8 @@ def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: st
         parsed = vars(parser.parse_args(cmd[2:]))
     except SystemExit:  # argparse has printed why
         raise StepFailed(f"{label}: {script} refused its arguments: {' '.join(cmd[2:])}") from None
-    parsed.pop("output_dir", None)
-    key = hashlib.sha1(json.dumps([script, parsed], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    changed = {k: v for k, v in parsed.items() if k != "output_dir" and v != parser.get_default(k)}
+    key = hashlib.sha1(json.dumps([script, changed], sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = os.path.join(cfg.out, kind, key)
     done = os.path.join(folder, "done.json")
     if os.path.exists(done):
@@ -466,11 +469,14 @@ def write_report(cfg: Config, studies: list[Study], seeds: list[int], failures: 
     """claims.md and claims.png in cfg.out from the runs' result files -> the markdown."""
     runs = plan(studies, seeds)
     results = load_results(cfg, runs)
+    finished = sum(len(done) for done in results.values())
+    spent = sum(r.get("seconds", 0.0) for done in results.values() for r in done)
     parts = ["# Claims at toy scale", "",
              f"Synthetic set, {cfg.num_frames} frames of {cfg.input_size} px, pre-training {cfg.epochs} epochs, "
              f"fine-tuning {cfg.finetune_epochs} epochs, batch {cfg.batch_size}, seeds {' '.join(map(str, seeds))}; "
-             f"text-to-video R@1 / R@5 on the test split (mean +- sample std over seeds). This run: "
-             f"{_clock(seconds)}.", ""]
+             f"text-to-video R@1 / R@5 on the test split (mean +- sample std over seeds). {finished} of "
+             f"{len(runs)} runs finished; their own times add up to {_clock(spent)} (a training or evaluation "
+             f"shared with an earlier run counts once); this invocation took {_clock(seconds)}.", ""]
     for study in studies:
         parts += [study_table(study, results, seeds, cfg), ""]
     if any(s.cross_modal for st in studies for s in st.settings):

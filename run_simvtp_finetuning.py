@@ -264,7 +264,7 @@ def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: 
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=segments,
                                      test_num_crop=crops, video_backend=args.video_backend, seed=args.seed,
-                                     sample_type=args.sample_type_test)
+                                     sample_type=args.sample_type_test, decode_threads=args.decode_threads)
 
 
 def read_weights(path: str, flag: str) -> dict:
@@ -513,7 +513,7 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
                                         seed=args.seed, sample_type=args.sample_type,
-                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                        decode_threads=args.decode_threads, excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
                                         match_by=annotation_format(args).match_by)
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "

@@ -93,7 +93,7 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
-                                        mask_generator=mask_gen, sample_type=args.sample_type,
+                                        decode_threads=args.decode_threads, mask_generator=mask_gen, sample_type=args.sample_type,
                                         excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
@@ -128,7 +128,7 @@ def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | 
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=1,
                                      test_num_crop=1, video_backend=args.video_backend, seed=args.seed,
-                                     sample_type=args.sample_type_test)
+                                     sample_type=args.sample_type_test, decode_threads=args.decode_threads)
 
 
 def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,

@@ -126,7 +126,8 @@ def check_eval_videos(args: argparse.Namespace, lists: dict[str, list | None]) -
 
 def video_options(args: argparse.Namespace) -> dict:
     return dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, input_size=args.input_size,
-                short_side_size=args.short_side_size, video_backend=args.video_backend, seed=args.seed)
+                short_side_size=args.short_side_size, video_backend=args.video_backend, seed=args.seed,
+                decode_threads=args.decode_threads)
 
 
 def collator(args: argparse.Namespace, tokenizer) -> datasets.VideoQACollator:

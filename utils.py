@@ -75,6 +75,9 @@ def add_clip_args(group: Any) -> None:
     group.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
     group.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"],
                        help="decoder; auto = decord when it imports, else PyAV")
+    group.add_argument("--decode_threads", type=int, default=1, help="threads of each video decoder: 1 when "
+                       "--num_workers processes share the cores; 2 or more speeds up loading with few or no workers "
+                       "(--num_workers 0)")
     group.add_argument("--num_frames", type=int, default=16, help="frames per clip")
     group.add_argument("--sampling_rate", type=int, default=4, help="frames between sampled frames (stride "
                        "sampling only; rand and middle ignore it)")

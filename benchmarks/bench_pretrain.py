@@ -116,8 +116,8 @@ UNTIED_BACKWARD = "backward not tied to a part (AccumulateGrad, grad sums, engin
 ADAMW, OPT_REST = "optimizer: fused AdamW", "optimizer: grad norm + zero_grad"
 BACKWARD_EVENT = "autograd::engine::evaluate_function"
 # --malloc_env: glibc malloc keeps freed memory instead of returning it to the OS and faulting it in again next step
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 34),
-              "MALLOC_TOP_PAD_": str(2 ** 30)}
+# (glibc ignores an mmap threshold above 32 MiB, so large blocks are kept off mmap by MALLOC_MMAP_MAX_=0)
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 34), "MALLOC_TOP_PAD_": str(2 ** 28)}
 
 # ----------------------------------------------------------------------------------------------- inputs
 

@@ -191,6 +191,18 @@ def test_every_frame_read_alone_is_the_right_one(video_files, backend):
         assert [frame_index_of(video.get_frames([k])[0]) for k in range(video.num_frames)] == list(range(90))
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_threaded_decoder_returns_the_same_frames(video_files, backend):
+    """Frame and slice threads change how fast, never what: bit-identical frames, seeks and skips included."""
+    indices = [0, 1, 29, 30, 31, 60, 89, 45, 2]
+    with datasets.open_video(video_files["large_30fps"], backend) as one, \
+            datasets.open_video(video_files["large_30fps"], backend, threads=2) as two:
+        assert np.array_equal(one.get_frames(indices), two.get_frames(indices))
+        assert [frame_index_of(two.get_frames([k])[0]) for k in (88, 3, 47)] == [88, 3, 47]
+    with pytest.raises(ValueError, match="decoder threads must be >= 1"):
+        datasets.open_video(video_files["large_30fps"], backend, threads=0)
+
+
 def test_pyav_reads_mpeg_ts(tmp_path):
     """No frame count in the container, a non-zero start time, seeks that land past the only keyframe.
     (decord 0.6 returns wrong frames for this file, so only PyAV is checked.)"""
@@ -388,6 +400,11 @@ def test_train_item_is_a_pure_function_of_seed_epoch_index(synthetic_root, backe
     later = other[3]
     assert later["epoch"] == 1 and not _same(item, later)
     assert not _same(item, _train_set(synthetic_root, video_backend=backend, seed=8)[3])
+
+
+def test_decode_threads_keep_the_training_item(synthetic_root):
+    assert _same(_train_set(synthetic_root, video_backend="pyav")[4],
+                 _train_set(synthetic_root, video_backend="pyav", decode_threads=2)[4])
 
 
 def test_backends_give_the_same_training_clip(synthetic_root):
