@@ -6,6 +6,7 @@ goes, fp32 vs bf16, and the encoder alone at 90% vs 0% tube masking.
     .venv/bin/python benchmarks/bench_pretrain.py --configs base --precision bf16 --grad_checkpointing
     .venv/bin/python benchmarks/bench_pretrain.py --quick --json out.json   # smallest run (what the test runs)
     .venv/bin/python benchmarks/bench_pretrain.py --configs base --release_src ../SimVTP   # + the release, same run
+    .venv/bin/python benchmarks/bench_pretrain.py --configs base --precision bf16 --speed_options  # + method options
 
 Configs (clip shapes are the registered models' defaults): tiny = simvtp_tiny_patch16, 8 frames x 112 px, batch 16
 (the demo's pre-training batch); base = simvtp_base_patch16, 16 frames x 224 px, batch 4.
@@ -95,7 +96,10 @@ CONFIGS = {
     "base": dict(model="simvtp_base_patch16", num_frames=16, input_size=224, batch_size=4),
 }
 QUICK = {"quick": dict(model="simvtp_tiny_patch16", num_frames=4, input_size=32, batch_size=2)}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names of torch dtypes (torch is imported by jobs only)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# --speed_options: the method options that cut work (modeling_simvtp.SimVTPPretrain; off by default)
+SPEED_OPTIONS = {"decode 50%": dict(decode_fraction=0.5), "1 negative": dict(vtm_negatives_per_pair=1),
+                 "both": dict(decode_fraction=0.5, vtm_negatives_per_pair=1)}  # names of torch dtypes (torch is imported by jobs only)
 MASK_RATIO, TEXT_MASK_RATIO, MAX_TEXT_LEN = 0.9, 0.75, 32
 TARGET = dict(config="base", batch_size=4, num_frames=16, input_size=224, precision="bf16",
               max_s_per_step=5.5, max_rss_gib=12.0, min_encoder_speedup=5.0)
@@ -139,7 +143,8 @@ def make_batch(cfg: dict, tokenizer, mask_ratio: float = MASK_RATIO) -> dict[str
 def build(cfg: dict, vocab_size: int, grad_checkpointing: bool):
     """Model (train mode) and fused AdamW with the parameter groups run_simvtp_pretraining.py makes."""
     t, s = cfg["num_frames"], cfg["input_size"]
-    model = create_model(cfg["model"], pretrained=False, img_size=s, num_frames=t, vocab_size=vocab_size)
+    model = create_model(cfg["model"], pretrained=False, img_size=s, num_frames=t, vocab_size=vocab_size,
+                         **cfg.get("model_kwargs", {}))
     model.set_grad_checkpointing(grad_checkpointing)
     groups = utils.param_groups(model, 0.05, no_decay_names=("mask_token", "temp"))
     for g in groups:
@@ -467,7 +472,7 @@ def run_job(job: dict) -> dict:
 
 def run_in_subprocess(job: dict, folder: str) -> dict:
     """A fresh interpreter per job (its peak RSS is its own); its progress lines go straight to our stdout."""
-    out_path = os.path.join(folder, f"{job['config']}_{job['precision']}.json")
+    out_path = os.path.join(folder, f"{job['config']}_{job['precision']}.json".replace(" ", "_"))
     env = dict(os.environ, **MALLOC_ENV) if job["malloc_env"] else None
     return run_job_in_subprocess(os.path.abspath(__file__), job, out_path, f"{job['config']} {job['precision']}", env)
 
@@ -577,12 +582,27 @@ def print_targets(results: list[dict]) -> None:
               f"CPU time among them ({r['per_step']['minor_page_faults'] / 1e3:.0f}k page faults per step)")
 
 
+def print_speed_options(results: list[dict]) -> None:
+    """Each method option's step against the paper's method at the same config and precision, this run."""
+    plain = {(r["config"], r["precision"]): r for r in results if not r.get("model_kwargs")}
+    rows = []
+    for r in results:
+        ref = plain.get((r["config"].split(" + ")[0], r["precision"]))
+        if r.get("model_kwargs") and ref:
+            rows.append([r["config"], r["precision"], f"{ref['s_per_step']:.2f}", f"{r['s_per_step']:.2f}",
+                         f"{ref['s_per_step'] / r['s_per_step']:.2f}x", f"{r['step_flops'] / 1e9:.0f}"])
+    if rows:
+        print("\nMethod options (off by default) against the paper's method, this run")
+        print_table(["config + option", "prec", "paper's s/step", "option s/step", "faster", "GFLOP/step"], rows)
+
+
 def print_report(results: list[dict]) -> None:
     print_stepprint_table(results)
     for r in results:
         print_breakdown(r)
     print_comparisons(results)
     print_targets(results)
+    print_speed_options(results)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -621,6 +641,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="a checkout of the public SimVTP release (github:wufeim/SimVTP, commit 4b54321): also time its "
                         "own step at the base config in this run (its default fp32, and with bf16 autocast added) and "
                         "print the ratios; see benchmarks/release_simvtp.py")
+    p.add_argument("--speed_options", action="store_true",
+                   help="also time each config and precision with each method option that cuts work (decode 50%% "
+                   "of the masked tubes; one VTM negative per pair; both), compared with the plain step")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smallest run (tiny model at 4 x 32 px, batch 2, one step, fp32 and bf16) for the test")
@@ -637,14 +660,16 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown config or precision: {bad}")
     sizes = parse_batch_sizes(args.batch_size, list(configs))
     encoder_precision = "bf16" if "bf16" in precisions else precisions[0]
+    variants = [("", {})] + (list(SPEED_OPTIONS.items()) if args.speed_options else [])
     jobs = []
-    for name, cfg in configs.items():
+    for (name, cfg), (option, kwargs) in [(c, v) for c in configs.items() for v in variants]:
         for precision in precisions:
-            jobs.append(dict(config=name, cfg=dict(cfg, batch_size=sizes.get(name, cfg["batch_size"])),
+            jobs.append(dict(config=f"{name} + {option}" if option else name,
+                             cfg=dict(cfg, batch_size=sizes.get(name, cfg["batch_size"]), model_kwargs=kwargs),
                              precision=precision, threads=args.threads, grad_checkpointing=args.grad_checkpointing,
                              malloc_env=args.malloc_env,
                              warmup=0 if args.quick else args.warmup, steps=1 if args.quick else args.steps,
-                             encoder=precision == encoder_precision,
+                             encoder=precision == encoder_precision and not option,
                              encoder_reps=1 if args.quick else args.encoder_reps,
                              matmul_size=256 if args.quick else args.matmul_size))
     return jobs

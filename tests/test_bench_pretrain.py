@@ -32,6 +32,19 @@ def test_quick_run_prints_and_writes_its_figures(tmp_path):
     assert encoder["0.9"]["tokens"] < encoder["0.0"]["tokens"] and encoder["speedup"] > 0
 
 
+def test_speed_options_are_timed_beside_the_plain_step(tmp_path):
+    """--speed_options adds one job per option at the same config and precision; each does less work."""
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--threads", "1", "--precision", "bf16",
+                           "--speed_options", "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Method options (off by default) against the paper's method" in proc.stdout
+    flops = {r["config"]: r["step_flops"] for r in json.loads(out.read_text())["results"]}
+    assert list(flops) == ["quick", "quick + decode 50%", "quick + 1 negative", "quick + both"]
+    assert flops["quick + both"] < min(flops["quick + decode 50%"], flops["quick + 1 negative"])
+    assert max(flops["quick + decode 50%"], flops["quick + 1 negative"]) < flops["quick"]
+
+
 def test_cpu_attention_is_counted():
     """torch's FlopCounterMode has no formula for the CPU attention kernel; the benchmark adds it."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
