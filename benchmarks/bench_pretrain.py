@@ -96,10 +96,10 @@ CONFIGS = {
     "base": dict(model="simvtp_base_patch16", num_frames=16, input_size=224, batch_size=4),
 }
 QUICK = {"quick": dict(model="simvtp_tiny_patch16", num_frames=4, input_size=32, batch_size=2)}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names of torch dtypes (torch is imported by jobs only)
 # --speed_options: the method options that cut work (modeling_simvtp.SimVTPPretrain; off by default)
 SPEED_OPTIONS = {"decode 50%": dict(decode_fraction=0.5), "1 negative": dict(vtm_negatives_per_pair=1),
-                 "both": dict(decode_fraction=0.5, vtm_negatives_per_pair=1)}  # names of torch dtypes (torch is imported by jobs only)
+                 "both": dict(decode_fraction=0.5, vtm_negatives_per_pair=1)}
 MASK_RATIO, TEXT_MASK_RATIO, MAX_TEXT_LEN = 0.9, 0.75, 32
 TARGET = dict(config="base", batch_size=4, num_frames=16, input_size=224, precision="bf16",
               max_s_per_step=5.5, max_rss_gib=12.0, min_encoder_speedup=5.0)
