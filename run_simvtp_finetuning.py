@@ -513,7 +513,8 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
                                         seed=args.seed, sample_type=args.sample_type,
-                                        decode_threads=args.decode_threads, excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                        decode_threads=args.decode_threads,
+                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
                                         match_by=annotation_format(args).match_by)
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "

@@ -93,7 +93,8 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
-                                        decode_threads=args.decode_threads, mask_generator=mask_gen, sample_type=args.sample_type,
+                                        decode_threads=args.decode_threads, mask_generator=mask_gen,
+                                        sample_type=args.sample_type,
                                         excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
