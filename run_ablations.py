@@ -6,7 +6,10 @@ plus in-process measurements (GFLOPs of one training step; for study 6 the cross
 cross_modal_probe.py). A run is finished when its `result.json` exists, so a stopped runner resumes where it
 stopped and never repeats a finished run; a failed run is reported (`failed.json`, its log) and the rest go on.
 Identical pre-training (same model, flags, data and seed) is trained once and shared between studies. The tables
-(`claims.md`) and the figure (`claims.png`) are built from the runs' own result files.
+(`claims.md`) and the figure (`claims.png`) are built from the runs' own result files. A pre-training keeps its
+checkpoint (fine-tunings and evaluations start from it); a tested fine-tuning keeps its metrics and best weights, not
+its training state. At start the runner prints the disk the trainings still to run will take and warns when the
+output's file system has less free.
 
     python run_ablations.py --out output/ablations                        # every study, seeds 0 1
     python run_ablations.py --out output/ablations --studies text_mask --seeds 0 1 2
@@ -15,19 +18,28 @@ Identical pre-training (same model, flags, data and seed) is trained once and sh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+import checkpoint
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import utils
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"simvtp": ("simvtp_tiny_patch16", "simvtp_dual_tiny_patch16"),  # (pre-training, retrieval)
@@ -200,11 +212,11 @@ def subset_file(cfg: Config, fraction: float, seed: int) -> str:
     return path
 
 
-def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: str) -> tuple[str, dict]:
-    """Run one entry point (cmd without --output_dir) in a folder named by a hash of its parsed arguments that differ
-    from their defaults -> (folder, its done.json). Equal arguments written differently (a default spelled out, flags
-    in another order) parse alike, so settings that amount to the same training or evaluation share one folder and
-    it runs once; a flag added to an entry point later (at its default) keeps finished folders valid."""
+def step_folder(cmd: list[str], kind: str, cfg: Config, label: str) -> str:
+    """The folder of one entry point's run (cmd without --output_dir): named by a hash of its parsed arguments that
+    differ from their defaults. Equal arguments written differently (a default spelled out, flags in another order)
+    parse alike, so settings that amount to the same training or evaluation share one folder; a flag added to an
+    entry point later (at its default) keeps finished folders valid."""
     script = os.path.basename(cmd[1])
     parser = (run_simvtp_pretraining if script == "run_simvtp_pretraining.py" else run_simvtp_finetuning
               ).get_args_parser()
@@ -214,9 +226,20 @@ def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: st
         raise StepFailed(f"{label}: {script} refused its arguments: {' '.join(cmd[2:])}") from None
     changed = {k: v for k, v in parsed.items() if k != "output_dir" and v != parser.get_default(k)}
     key = hashlib.sha1(json.dumps([script, changed], sort_keys=True, default=str).encode()).hexdigest()[:12]
-    folder = os.path.join(cfg.out, kind, key)
+    return os.path.join(cfg.out, kind, key)
+
+
+def finished(folder: str) -> bool:
+    """A shared training or evaluation is finished when its done.json exists (written after the step exits)."""
+    return os.path.exists(os.path.join(folder, "done.json"))
+
+
+def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: str) -> tuple[str, dict]:
+    """Run one entry point (cmd without --output_dir) in its step_folder unless it finished there already
+    -> (folder, its done.json): settings that amount to the same training or evaluation run it once."""
+    folder = step_folder(cmd, kind, cfg, label)
     done = os.path.join(folder, "done.json")
-    if os.path.exists(done):
+    if finished(folder):
         with open(log_path, "a") as log:
             log.write(f"\n{label}: shared, already in {folder}\n")
     else:
@@ -226,31 +249,45 @@ def shared_step(cmd: list[str], kind: str, cfg: Config, log_path: str, label: st
         return folder, json.load(f)
 
 
+def stage_flags(setting: Setting) -> list[list[str]]:
+    """The pre-training flags of each stage (none without pre-training)."""
+    return [] if setting.pretrain is None else [setting.pretrain, *setting.stages]
+
+
+def pretrain_command(setting: Setting, seed: int, cfg: Config, flags: list[str], init_ckpt: str | None) -> list[str]:
+    """One pre-training stage (without --output_dir), from init_ckpt when it follows another stage."""
+    epochs = max(1, round(cfg.epochs * setting.epochs_scale))
+    frames = int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else cfg.num_frames
+    rest = [f for i, f in enumerate(flags) if f != "--num_frames" and (i == 0 or flags[i - 1] != "--num_frames")]
+    cmd = [cfg.python, "run_simvtp_pretraining.py", "--model", MODELS[setting.family][0], "--data_path",
+           subset_file(cfg, setting.data_fraction, seed), *cfg.clip_flags(frames), "--epochs", str(epochs),
+           "--warmup_epochs", str(max(1, epochs // 10)), "--lr", str(cfg.lr), "--min_lr", "1e-5",
+           "--save_ckpt_freq", "0", "--keep_last", "1", "--seed", str(seed), *rest]
+    if setting.family == "svitt":
+        cmd += ["--sample_type", "rand"]
+    if init_ckpt:
+        cmd += ["--init_ckpt", init_ckpt]
+    return cmd
+
+
+def latest_checkpoint(folder: str) -> str:
+    """The checkpoint a finished pre-training left (its `latest` pointer)."""
+    with open(os.path.join(folder, "latest")) as f:
+        return os.path.join(folder, f.read().strip())
+
+
 def pretrain(setting: Setting, seed: int, cfg: Config, log_path: str) -> tuple[str | None, float, int]:
     """Every pre-training stage of a setting -> (last checkpoint, seconds, steps) summed over the stages; a stage
     that another setting already trained is shared (its figures are the first training's)."""
-    if setting.pretrain is None:
-        return None, 0.0, 0
     ckpt, seconds, steps = None, 0.0, 0
-    for flags in [setting.pretrain, *setting.stages]:
-        epochs = max(1, round(cfg.epochs * setting.epochs_scale))
-        frames = int(flags[flags.index("--num_frames") + 1]) if "--num_frames" in flags else cfg.num_frames
-        rest = [f for i, f in enumerate(flags) if f != "--num_frames" and (i == 0 or flags[i - 1] != "--num_frames")]
-        cmd = [cfg.python, "run_simvtp_pretraining.py", "--model", MODELS[setting.family][0], "--data_path",
-               subset_file(cfg, setting.data_fraction, seed), *cfg.clip_flags(frames), "--epochs", str(epochs),
-               "--warmup_epochs", str(max(1, epochs // 10)), "--lr", str(cfg.lr), "--min_lr", "1e-5",
-               "--save_ckpt_freq", "0", "--keep_last", "1", "--seed", str(seed), *rest]
-        if setting.family == "svitt":
-            cmd += ["--sample_type", "rand"]
-        if ckpt:
-            cmd += ["--init_ckpt", ckpt]
-        folder, record = shared_step(cmd, "pretrain", cfg, log_path, f"pre-training ({setting.name})")
+    for flags in stage_flags(setting):
+        folder, record = shared_step(pretrain_command(setting, seed, cfg, flags, ckpt), "pretrain", cfg, log_path,
+                                     f"pre-training ({setting.name})")
         if "steps" not in record:
             record["steps"] = last_step(folder)
             write_json(os.path.join(folder, "done.json"), record)
         seconds, steps = seconds + record["seconds"], steps + record["steps"]
-        with open(os.path.join(folder, "latest")) as f:
-            ckpt = os.path.join(folder, f.read().strip())
+        ckpt = latest_checkpoint(folder)
     return ckpt, seconds, steps
 
 
@@ -260,31 +297,48 @@ def last_step(folder: str) -> int:
     return int(json.loads(lines[-1])["global_step"]) if lines else 0
 
 
-def evaluate(setting: Setting, seed: int, cfg: Config, ckpt: str | None, log_path: str) -> dict:
-    """Zero-shot retrieval (a pre-trained model) and fine-tuning + test on the test split -> their metrics. Equal
-    evaluations of a shared checkpoint are shared too."""
-    frames = setting.frames(cfg.num_frames)
-    common = cfg.clip_flags(frames) + ["--test_num_segment", "1", "--test_num_crop", "1", "--seed", str(seed),
-                                       "--test_data_path", os.path.join(cfg.ann, "test.json")]
-    if setting.family == "svitt":
-        common += ["--sample_type", "rand"]
-    out: dict = {}
-    if ckpt:
-        orders = ["--eval_frame_order", "none", "reverse", "shuffle", "freeze"] if setting.eval_orders else []
-        zero, _ = shared_step([cfg.python, "run_simvtp_finetuning.py", "--zero_shot", "--finetune", ckpt, *common,
-                               *orders], "evals", cfg, log_path, f"zero-shot ({setting.name})")
-        with open(os.path.join(zero, "zero_shot_metrics.json")) as f:
-            out["zero_shot"] = json.load(f)
+def eval_flags(setting: Setting, seed: int, cfg: Config) -> list[str]:
+    """The clip, test-set and seed flags zero-shot retrieval and fine-tuning share."""
+    flags = cfg.clip_flags(setting.frames(cfg.num_frames)) + [
+        "--test_num_segment", "1", "--test_num_crop", "1", "--seed", str(seed),
+        "--test_data_path", os.path.join(cfg.ann, "test.json")]
+    return flags + (["--sample_type", "rand"] if setting.family == "svitt" else [])
+
+
+def finetune_command(setting: Setting, seed: int, cfg: Config, ckpt: str | None) -> list[str]:
+    """Fine-tuning + test (without --output_dir), from ckpt or, without one, from random initialisation."""
     cmd = [cfg.python, "run_simvtp_finetuning.py", "--model", MODELS[setting.family][1], "--data_path",
            os.path.join(cfg.ann, "train.json"), "--val_data_path", os.path.join(cfg.ann, "val.json"),
            "--epochs", str(cfg.finetune_epochs), "--warmup_epochs", "1", "--lr", str(cfg.lr), "--drop_path", "0.0",
-           "--keep_last", "1", *common, *setting.model_flags]
+           "--keep_last", "1", *eval_flags(setting, seed, cfg), *setting.model_flags]
+    return cmd + (["--finetune", ckpt] if ckpt else [])
+
+
+def evaluate(setting: Setting, seed: int, cfg: Config, ckpt: str | None, log_path: str) -> dict:
+    """Zero-shot retrieval (a pre-trained model) and fine-tuning + test on the test split -> their metrics. Equal
+    evaluations of a shared checkpoint are shared too. A fine-tuning's training state goes once it is tested."""
+    out: dict = {}
     if ckpt:
-        cmd += ["--finetune", ckpt]
-    tuned, _ = shared_step(cmd, "evals", cfg, log_path, f"fine-tuning ({setting.name})")
+        orders = ["--eval_frame_order", "none", "reverse", "shuffle", "freeze"] if setting.eval_orders else []
+        zero, _ = shared_step([cfg.python, "run_simvtp_finetuning.py", "--zero_shot", "--finetune", ckpt,
+                               *eval_flags(setting, seed, cfg), *orders], "evals", cfg, log_path,
+                              f"zero-shot ({setting.name})")
+        with open(os.path.join(zero, "zero_shot_metrics.json")) as f:
+            out["zero_shot"] = json.load(f)
+    tuned, _ = shared_step(finetune_command(setting, seed, cfg, ckpt), "evals", cfg, log_path,
+                           f"fine-tuning ({setting.name})")
     with open(os.path.join(tuned, "test_metrics.json")) as f:
         out["finetune"] = json.load(f)
+    drop_training_state(tuned)
     return out
+
+
+def build_model(name: str, flags: list[str], frames: int, size: int) -> tuple[torch.nn.Module, argparse.Namespace]:
+    """A registered model as the pre-training flags shape it -> (model, the parsed flags)."""
+    import model_registry
+    args = run_simvtp_pretraining.get_args_parser().parse_args(
+        ["--data_path", "-", "--model", name, *flags, "--num_frames", str(frames), "--input_size", str(size)])
+    return model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=30522)), args
 
 
 def step_gflops(setting: Setting, cfg: Config) -> float:
@@ -295,13 +349,10 @@ def step_gflops(setting: Setting, cfg: Config) -> float:
 
     import datasets
     import masking_generator
-    import model_registry
     name = MODELS[setting.family][0 if setting.pretrain is not None else 1]
     frames, size, b = setting.frames(cfg.num_frames), cfg.input_size, cfg.batch_size
     flags = list((setting.stages[-1] if setting.stages else setting.pretrain) or [])
-    args = run_simvtp_pretraining.get_args_parser().parse_args(
-        ["--data_path", "-", "--model", name, *flags, "--num_frames", str(frames), "--input_size", str(size)])
-    model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=30522))
+    model, args = build_model(name, flags, frames, size)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (b, 16), generator=g)
     batch = {"video": torch.randn(b, 3, frames, size, size, generator=g), "input_ids": ids,
@@ -342,6 +393,131 @@ def run_one(study: Study, setting: Setting, seed: int, cfg: Config) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------------- disk
+
+
+def drop_training_state(folder: str) -> int:
+    """A tested fine-tuning's resume checkpoints (checkpoint-N.pth, their keep-checkpoint-N.pth hard links, the
+    `latest` pointer) -> bytes freed. Nothing resumes a finished fine-tuning (the runner goes by done.json and reads
+    test_metrics.json) and checkpoint-best.pth keeps its weights; without that file (or before the test) nothing
+    is removed."""
+    best, metrics = (os.path.join(folder, name) for name in ("checkpoint-best.pth", "test_metrics.json"))
+    if not (finished(folder) and os.path.exists(best) and os.path.exists(metrics)):
+        return 0
+    paths = checkpoint.list_checkpoints(folder) + glob.glob(os.path.join(folder, "keep-checkpoint-*.pth"))
+    freed: dict[tuple[int, int], int] = {}  # by inode: a hard link frees its bytes with the last name
+    for path in paths:
+        stat = os.stat(path)
+        freed[(stat.st_dev, stat.st_ino)] = stat.st_size
+        os.remove(path)
+    pointer = os.path.join(folder, checkpoint.LATEST_POINTER)
+    if os.path.exists(pointer):  # it would name a file that is gone
+        os.remove(pointer)
+    return sum(freed.values())
+
+
+def drop_finished_training_states(cfg: Config) -> tuple[int, int]:
+    """drop_training_state on every tested fine-tuning in cfg.out (those a runner before this one kept)
+    -> (folders cleaned, bytes freed)."""
+    freed = [drop_training_state(folder) for folder in sorted(glob.glob(os.path.join(cfg.out, "evals", "*")))]
+    return sum(1 for b in freed if b), sum(freed)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A model's parameter count: its weights take 4 bytes a parameter (float32), a training state 4 more for each
+    of AdamW's two moments of every trainable one."""
+    params: int
+    trainable: int
+
+    @property
+    def weights_bytes(self) -> int:
+        return 4 * self.params
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 * (self.params + 2 * self.trainable)
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    leaves: int  # bytes the trainings still to run leave in the output folder
+    peak: int  # bytes they need at most while they run
+
+
+def disk_estimate(pretrainings: list[ModelSize], finetunings: list[ModelSize]) -> DiskEstimate:
+    """Each pre-training leaves its training state (the checkpoint later stages, evaluations and fine-tunings start
+    from), each fine-tuning its best weights (its training state is dropped once tested). While training, a run
+    holds up to two training states more: it writes the next before removing the last."""
+    leaves = sum(m.state_bytes for m in pretrainings) + sum(m.weights_bytes for m in finetunings)
+    in_flight = 2 * max((m.state_bytes for m in pretrainings + finetunings), default=0)
+    return DiskEstimate(leaves, leaves + in_flight)
+
+
+def model_sizes(family: str, cfg: Config) -> tuple[ModelSize, ModelSize]:
+    """(pre-training, retrieval) model of a family at the runs' clip shape and the models' default flags: built
+    once to count their parameters (the studies' flags change the counts little)."""
+    sizes = []
+    for name in MODELS[family]:
+        params = list(build_model(name, [], cfg.num_frames, cfg.input_size)[0].parameters())
+        sizes.append(ModelSize(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    return sizes[0], sizes[1]
+
+
+def trainings_to_run(runs: list[tuple[Study, Setting, int]], cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """The pre-training and fine-tuning folders the unfinished runs will train in -> their model family, each
+    once however many runs share it. A stage after an unfinished one gets a stand-in for the checkpoint it will
+    start from (the previous stage's folder): the real name is known only once that stage has trained, and the
+    stand-in tells the trainings apart just as well. A run whose arguments are refused is left out (it fails)."""
+    pretrainings: dict[str, str] = {}
+    finetunings: dict[str, str] = {}
+    for study, setting, seed in runs:
+        if os.path.exists(os.path.join(run_folder(cfg, study, setting, seed), "result.json")):
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # argparse's refusal is printed when the run fails
+                ckpt = None
+                for flags in stage_flags(setting):
+                    folder = step_folder(pretrain_command(setting, seed, cfg, flags, ckpt), "pretrain", cfg, "")
+                    if not finished(folder):
+                        pretrainings[folder] = setting.family
+                    ckpt = latest_checkpoint(folder) if finished(folder) else os.path.join(folder, "checkpoint")
+                folder = step_folder(finetune_command(setting, seed, cfg, ckpt), "evals", cfg, "")
+        except StepFailed:
+            continue
+        if not finished(folder):
+            finetunings[folder] = setting.family
+    return pretrainings, finetunings
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def disk_report(estimate: DiskEstimate, pretrainings: int, finetunings: int, free: int, out: str) -> str:
+    """What the trainings still to run take and how that is estimated; a warning when `free` bytes are less."""
+    text = (f"Disk: {pretrainings} pre-trainings and {finetunings} fine-tunings to train will leave about "
+            f"{_gb(estimate.leaves)} in {out} ({_gb(estimate.peak)} at peak); {_gb(free)} free there.\n"
+            "  (from the models' parameter counts: a pre-training keeps its checkpoint, 4 bytes a parameter + 8 for "
+            "AdamW's moments of a trainable one; a fine-tuning its best weights, 4 bytes a parameter; the peak adds "
+            "two training states of the largest model)")
+    if free < estimate.peak:
+        text += (f"\nWARNING: only {_gb(free)} free on the file system of {out}, the runs need about "
+                 f"{_gb(estimate.peak)}: free some space or pass --out on a larger disk")
+    return text
+
+
+def report_disk(runs: list[tuple[Study, Setting, int]], cfg: Config) -> DiskEstimate:
+    """Print the disk the trainings still to run will take, with a warning when the output's file system has less
+    free (an estimate: the runner goes on either way)."""
+    pretrainings, finetunings = trainings_to_run(runs, cfg)
+    sizes = {family: model_sizes(family, cfg) for family in {*pretrainings.values(), *finetunings.values()}}
+    estimate = disk_estimate([sizes[f][0] for f in pretrainings.values()], [sizes[f][1] for f in finetunings.values()])
+    print(disk_report(estimate, len(pretrainings), len(finetunings), shutil.disk_usage(cfg.out).free, cfg.out),
+          flush=True)
+    return estimate
+
+
 # ----------------------------------------------------------------------------------------------- the runner
 
 
@@ -353,6 +529,11 @@ def run_all(runs: list[tuple[Study, Setting, int]], cfg: Config) -> list[str]:
     """Every run not finished yet, with progress and an ETA from the runs timed so far -> failures (messages)."""
     todo = [r for r in runs if not os.path.exists(os.path.join(run_folder(cfg, *r[:2], r[2]), "result.json"))]
     print(f"Ablations: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go", flush=True)
+    cleaned, freed = drop_finished_training_states(cfg)
+    if cleaned:
+        print(f"Removed the training state of {cleaned} tested fine-tunings ({_gb(freed)}; checkpoint-best.pth "
+              "kept)", flush=True)
+    report_disk(todo, cfg)
     failures, took, t0 = [], [], time.time()
     for n, (study, setting, seed) in enumerate(todo, 1):
         label = f"{study.key} / {setting.name} / seed {seed}"

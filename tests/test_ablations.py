@@ -1,6 +1,8 @@
 """The ablation runner's bookkeeping on a one-epoch micro-study over the tiny synthetic set (real subprocesses of
 our entry points): a failed run is reported and the rest go on, a second start skips finished runs and retries
-only the failed one, and the table is built from the runs' own result files. Never assertions on accuracy."""
+only the failed one, the table is built from the runs' own result files, and a tested fine-tuning keeps its best
+weights and metrics but not its training state. Never assertions on accuracy."""
+import glob
 import json
 import os
 import sys
@@ -99,3 +101,80 @@ def test_a_data_fraction_keeps_a_seeded_share_of_the_clips_in_the_files_format(s
     half = datasets.read_annotations(path, synthetic_root)
     assert len(half) == round(0.5 * len(full)) and {r.path for r in half} < {r.path for r in full}
     assert ab.subset_file(cfg, 0.5, seed=3) == path and ab.subset_file(cfg, 1.0, seed=3).endswith("pretrain.json")
+
+
+def _tested_finetunings(cfg):
+    return [f for f in sorted(glob.glob(os.path.join(cfg.out, "evals", "*")))
+            if os.path.exists(os.path.join(f, "test_metrics.json"))]
+
+
+def test_a_tested_finetuning_keeps_its_best_weights_and_metrics_not_its_training_state(micro):
+    cfg, study, _, _ = micro
+    [tuned] = _tested_finetunings(cfg)  # "tube 0.9" and "default" share it
+    with open(os.path.join(ab.run_folder(cfg, study, study.settings[0], 0), "run.log")) as f:
+        assert f"Saved {tuned}/checkpoint-0.pth" in f.read()  # the training state was written ...
+    assert glob.glob(os.path.join(tuned, "*checkpoint-[0-9]*.pth")) == []  # ... and is gone, with its hard link
+    assert not os.path.exists(os.path.join(tuned, "latest"))
+    for kept in ("checkpoint-best.pth", "test_metrics.json", "test_per_query.jsonl", "log.txt", "done.json"):
+        assert os.path.getsize(os.path.join(tuned, kept)) > 0, kept
+    [pretrained] = [f for f in glob.glob(os.path.join(cfg.out, "pretrain", "*")) if ab.finished(f)]
+    assert os.path.exists(ab.latest_checkpoint(pretrained))  # pre-training checkpoints stay: runs start from them
+
+
+def test_a_run_redone_after_its_finetuning_was_cleaned_shares_it_instead_of_training_again(micro, capsys):
+    cfg, study, _, _ = micro
+    [tuned] = _tested_finetunings(cfg)
+    tested_at = os.path.getmtime(os.path.join(tuned, "test_metrics.json"))
+    run = (study, study.settings[2], 0)  # "default": its result file removed, the run is done again
+    os.remove(os.path.join(ab.run_folder(cfg, *run[:2], 0), "result.json"))
+    assert ab.run_all([run], cfg) == []
+    assert "Disk: 0 pre-trainings and 0 fine-tunings to train" in capsys.readouterr().out
+    with open(os.path.join(ab.run_folder(cfg, *run[:2], 0), "run.log")) as f:
+        assert f.read().count(f"fine-tuning (default): shared, already in {tuned}") == 2
+    assert os.path.getmtime(os.path.join(tuned, "test_metrics.json")) == tested_at
+    assert _tested_finetunings(cfg) == [tuned] and not glob.glob(os.path.join(tuned, "checkpoint-[0-9]*.pth"))
+
+
+def test_the_size_estimate_matches_the_files_the_micro_runs_wrote(micro):
+    cfg, _, _, _ = micro
+    pretraining, retrieval = ab.model_sizes("simvtp", cfg)
+    [tuned] = _tested_finetunings(cfg)
+    [pretrained] = [f for f in glob.glob(os.path.join(cfg.out, "pretrain", "*")) if ab.finished(f)]
+    for estimate, path in ((pretraining.state_bytes, ab.latest_checkpoint(pretrained)),
+                           (retrieval.weights_bytes, os.path.join(tuned, "checkpoint-best.pth"))):
+        assert abs(os.path.getsize(path) - estimate) < 0.05 * estimate, path  # pickling and config add a little
+
+
+def test_a_cleaned_folder_loses_the_training_state_and_its_hard_link_only(tmp_path):
+    tested, untested = tmp_path / "evals" / "a", tmp_path / "evals" / "b"
+    for folder in (tested, untested):
+        folder.mkdir(parents=True)
+        for name, size in (("done.json", 2), ("checkpoint-best.pth", 5), ("checkpoint-2.pth", 7), ("latest", 3)):
+            (folder / name).write_bytes(b"x" * size)
+        os.link(folder / "checkpoint-2.pth", folder / "keep-checkpoint-2.pth")
+    (tested / "test_metrics.json").write_text("{}")
+    cfg = ab.Config(out=str(tmp_path), data_root="-")
+    assert ab.drop_finished_training_states(cfg) == (1, 7)  # one folder, the linked file's bytes counted once
+    assert sorted(os.listdir(tested)) == ["checkpoint-best.pth", "done.json", "test_metrics.json"]
+    assert len(os.listdir(untested)) == 5  # not tested yet: a stopped fine-tuning resumes from it
+    assert ab.drop_finished_training_states(cfg) == (0, 0)
+
+
+def test_the_disk_estimate_counts_checkpoints_best_weights_and_two_states_in_flight():
+    pretraining, retrieval = ab.ModelSize(params=10, trainable=10), ab.ModelSize(params=10, trainable=4)
+    assert (pretraining.weights_bytes, pretraining.state_bytes) == (40, 120)
+    assert (retrieval.weights_bytes, retrieval.state_bytes) == (40, 72)  # AdamW moments of trainable ones only
+    assert ab.disk_estimate([pretraining] * 2, [retrieval] * 3) == ab.DiskEstimate(leaves=2 * 120 + 3 * 40,
+                                                                                   peak=360 + 2 * 120)
+    assert ab.disk_estimate([], [retrieval]) == ab.DiskEstimate(leaves=40, peak=40 + 2 * 72)
+    assert ab.disk_estimate([], []) == ab.DiskEstimate(0, 0)
+
+
+def test_the_disk_report_warns_only_when_free_space_is_short():
+    estimate = ab.DiskEstimate(leaves=8_100_000_000, peak=8_500_000_000)
+    roomy = ab.disk_report(estimate, 40, 40, free=37_600_000_000, out="out")
+    assert roomy.startswith("Disk: 40 pre-trainings and 40 fine-tunings to train will leave about 8.1 GB in out "
+                            "(8.5 GB at peak); 37.6 GB free there.") and "WARNING" not in roomy
+    short = ab.disk_report(estimate, 40, 40, free=8_000_000_000, out="out")
+    assert short.splitlines()[-1] == ("WARNING: only 8.0 GB free on the file system of out, the runs need about "
+                                      "8.5 GB: free some space or pass --out on a larger disk")
