@@ -1358,6 +1358,16 @@ test_views.__test__ = False  # type: ignore[attr-defined]
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
+def checkpoint_tokenizer(given: str | None, saved_args: dict):
+    """The tokenizer for a checkpoint: `given` (a flag), else the one its training run used (when that path exists
+    here), else the shipped vocabulary."""
+    path = given or saved_args.get("tokenizer")
+    if path and not given and not os.path.exists(path):
+        print(f"note: the checkpoint's tokenizer {path} is not here; using the shipped vocabulary")
+        path = None
+    return build_tokenizer(path)
+
+
 def build_tokenizer(path: str | os.PathLike | None = None):
     """BERT WordPiece tokenizer (transformers' BertTokenizerFast), from local files only.
 

@@ -386,6 +386,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
                  vtm_negatives_per_pair: int = 2) -> None:
         super().__init__()
+        self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if vtc_text not in ("full", "masked") or vtm_negatives not in ("hard", "random"):
             raise ValueError(f"vtc_text {vtc_text!r} (full|masked), vtm_negatives {vtm_negatives!r} (hard|random)")
         if not 0.0 < decode_fraction <= 1.0 or vtm_negatives_per_pair not in (1, 2):
@@ -576,6 +577,7 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
                  vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
                  release_pooling: bool = False, freeze_unused: bool = True, temperature: float = 0.05) -> None:
         super().__init__()
+        self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         self.patch_size, self.tubelet_size, self.temperature = patch_size, tubelet_size, temperature
         branch = dict(img_size=img_size, patch_size=patch_size, num_frames=num_frames, tubelet_size=tubelet_size,
                       embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -681,6 +683,7 @@ class SimVTPQA(TubeModelContract, nn.Module):
                  vocab_size: int = 30522, max_text_positions: int = 512, drop_path_rate: float = 0.0,
                  answer_decoder_depth: int = 3) -> None:
         super().__init__()
+        self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if not 1 <= answer_decoder_depth <= depth:
             raise ValueError(f"answer_decoder_depth {answer_decoder_depth}: between 1 and the encoder depth {depth} "
                              "(the decoder starts from the top encoder blocks)")

@@ -728,6 +728,7 @@ class SViTTPretrain(nn.Module):
                  w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
                  temporal_expand_mode: str = "release") -> None:
         super().__init__()
+        self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if token_keep_strategy not in ("cls_attn", "random"):
             raise ValueError(f"token_keep_strategy must be cls_attn or random, got {token_keep_strategy!r}")
         if fusion_keep_strategy not in FusionTokenSelection.STRATEGIES:

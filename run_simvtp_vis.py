@@ -96,11 +96,7 @@ def fill_defaults(args: argparse.Namespace, saved: dict) -> None:
 
 def load_tokenizer(args: argparse.Namespace, saved: dict):
     """--tokenizer, else the training run's (when that path exists here), else the shipped vocabulary."""
-    path = args.tokenizer or saved.get("tokenizer")
-    if path and not args.tokenizer and not os.path.exists(path):
-        print(f"note: the checkpoint's tokenizer {path} is not here; using the shipped vocabulary")
-        path = None
-    return datasets.build_tokenizer(path)
+    return datasets.checkpoint_tokenizer(args.tokenizer, saved)
 
 
 def build_model(args: argparse.Namespace, ckpt: dict) -> torch.nn.Module:

@@ -26,10 +26,10 @@ timed() { local t0=$SECONDS; "$@"; echo "[demo] took $((SECONDS - t0)) s"; }
 CLIP=(--num_frames 8 --sampling_rate 4 --input_size 112 --device cpu --precision auto --num_workers 0)
 EVAL=(--short_side_size 112 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
 
-step "1/9 synthetic video-text dataset -> $DATA"
+step "1/10 synthetic video-text dataset -> $DATA"
 timed "$PY" synthetic_dataset.py --out "$DATA"
 
-step "2/9 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
+step "2/10 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot on val every 5) -> $OUT/pretrain"
 timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
   --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_epochs 2 \
   --lr 5e-3 --min_lr 1e-5 --print_freq 10 --save_ckpt_freq 0 --keep_last 1 \
@@ -41,7 +41,7 @@ PRETRAINED="$OUT/pretrain/$(cat "$PRETRAINED")"
 # (the synthetic captions name a motion: "slides left", "grows"; a model that uses time loses R@1 without it).
 ORDERS=(--eval_frame_order none reverse shuffle freeze)
 
-step "3/9 zero-shot retrieval on the test split (all tubes in four frame orders, then the pre-training 90% tube mask)"
+step "3/10 zero-shot retrieval on the test split (all tubes in four frame orders, then the pre-training 90% tube mask)"
 timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" "${ORDERS[@]}" \
   --zero_shot_video_mask_ratio 0.0 --output_dir "$OUT/zero_shot_mask0.0"
@@ -49,7 +49,7 @@ timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
   --zero_shot_video_mask_ratio 0.9 --output_dir "$OUT/zero_shot_mask0.9"
 
-step "4/9 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot on val every 5) -> $OUT/svitt_pretrain"
+step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot on val every 5) -> $OUT/svitt_pretrain"
 # 392 patch tokens in 7 blocks of 56: each query block sees its own block and 1 random one (2 of 7, near the
 # paper's 4 of 14 at 4 frames); 60% of the video tokens kept after vision layers 1 and 2; one random frame of each
 # of 8 equal segments (evaluation: the middle frames)
@@ -60,12 +60,12 @@ timed "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_ro
   --eval_every 5 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
 SVITT="$OUT/svitt_pretrain/$(cat "$OUT/svitt_pretrain/latest")"
 
-step "5/9 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head (four frame orders)"
+step "5/10 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head (four frame orders)"
 timed "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$SVITT" --rerank_k 16 \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" "${ORDERS[@]}" \
   --sample_type rand --output_dir "$OUT/svitt_zero_shot"
 
-step "6/9 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
+step "6/10 fine-tuning the dual encoder ($FINETUNE_EPOCHS epochs, selected on val): from the pre-trained weights, then from random initialisation"
 FINETUNE=(--model simvtp_dual_tiny_patch16 --data_path "$ANN/train.json" --val_data_path "$ANN/val.json"
   --data_root "$DATA" "${CLIP[@]}" --batch_size 16 --epochs "$FINETUNE_EPOCHS" --warmup_epochs 1 --lr 5e-3
   --drop_path 0.0 --print_freq 10 --keep_last 1 --short_side_size 112 --test_num_segment 2 --test_num_crop 1)
@@ -73,12 +73,12 @@ timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --finetune "$PRETRAINED" -
 timed "$PY" run_simvtp_finetuning.py "${FINETUNE[@]}" --test_data_path "$ANN/test.json" \
   --output_dir "$OUT/finetune_random_init"
 
-step "7/9 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
+step "7/10 testing the best fine-tuned weights (--only_test, 2 clips x 1 crop per video)"
 timed "$PY" run_simvtp_finetuning.py --only_test \
   --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
   "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
 
-step "8/9 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights ($QA_EPOCHS epochs on the synthetic questions, selected on val), tested with normal and frozen frames -> $OUT/qa"
+step "8/10 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights ($QA_EPOCHS epochs on the synthetic questions, selected on val), tested with normal and frozen frames -> $OUT/qa"
 # The answer decoder starts from the encoder's top blocks, answers come from the 19-word list; the test repeats with
 # every clip frozen to its middle frame, which hides the motion the direction and size questions ask about.
 timed "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train.json" \
@@ -87,11 +87,18 @@ timed "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train
   --warmup_epochs 0.5 --lr 1e-2 --print_freq 20 --keep_last 1 \
   --eval_frame_order none freeze --output_dir "$OUT/qa"
 
-step "9/9 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
+step "9/10 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
 VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
 CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
 timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
   --frame_stride 4 --device cpu --save_path "$OUT/reconstruction.png"
+
+step "10/10 text-to-video search: an index of the test split with the fine-tuned model -> $OUT/search_index"
+# Embeds each test video (2 clips x 1 crop, as the test above) and writes a thumbnail strip per video; run again, it
+# only embeds new or changed files.
+timed "$PY" search.py index "$DATA/test" --ckpt "$OUT/finetune/checkpoint-best.pth" --out "$OUT/search_index" \
+  --device cpu --precision auto --print_freq 100
+"$PY" search.py query "$OUT/search_index" "$CAPTION" -k 3
 
 step "results"
 "$PY" - "$OUT" <<'PY'
@@ -133,4 +140,8 @@ echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json,
 echo "  baseline:         $OUT/finetune_random_init (the same fine-tuning from random initialisation)"
 echo "  video QA:         $OUT/qa (checkpoint-best.pth, test_metrics.json, test_predictions.jsonl, log.txt)"
 echo "  figure:           $OUT/reconstruction.png"
+echo "  search index:     $OUT/search_index (manifest.json, embeddings.safetensors, thumbs/)"
 echo "  tensorboard logs: $OUT/*/tb (view with TensorBoard: pip install tensorboard; tensorboard --logdir $OUT)"
+echo
+echo "Search the test split in a browser (http://127.0.0.1:7860; Ctrl+C stops):"
+echo "  $PY search.py serve $OUT/search_index"

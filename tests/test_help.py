@@ -7,6 +7,7 @@ import pytest
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import run_simvtp_vis
+import search
 import synthetic_dataset
 import video_tools
 
@@ -17,7 +18,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
            "run_simvtp_finetuning.py": run_simvtp_finetuning.get_args_parser(),
            "run_simvtp_vis.py": run_simvtp_vis.get_args_parser(),
            "synthetic_dataset.py": synthetic_dataset.get_args_parser(),
-           "video_tools.py": video_tools.build_parser()}
+           "video_tools.py": video_tools.build_parser(),
+           "search.py": search.get_args_parser()}
     found = dict(top)
     for name, parser in top.items():
         for action in parser._actions:
