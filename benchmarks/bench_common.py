@@ -42,3 +42,13 @@ def require_release_checkout(src: str) -> None:
     if not os.path.exists(os.path.join(src, "modeling_pretrain.py")):
         raise SystemExit(f"--release_src {src}: no modeling_pretrain.py there; point it to a checkout of "
                          f"github:wufeim/SimVTP (commit {RELEASE_COMMIT})")
+
+
+def machine() -> str:
+    """The CPU's model name and core count, as every speed figure must name its machine."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"

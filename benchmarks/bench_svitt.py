@@ -50,7 +50,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402
-from bench_common import print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
+from bench_common import machine, print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
 
 KEEP_RATE = {4: 0.7, 8: 0.6, 16: 0.5}  # the paper's keep rates per frame count
 DROP_LOC = (3, 6, 9)
@@ -296,15 +295,6 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             for frames in args.attn_memory_frames:
                 memory.append(dict(kind="attn_memory", frames=frames, variant=variant, threads=args.threads))
     return tower, memory
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def load_average() -> str:

@@ -135,12 +135,13 @@ def test_a_search_ranks_the_videos_as_the_retrieval_evaluation_does(tmp_path, sy
     assert [p["path"] for p in printed] == [h.path for h in top]
 
 
-def test_re_ranking_orders_the_top_k_by_the_matching_head_and_leaves_the_rest(tmp_path, synthetic_root):
+@pytest.mark.parametrize("name", ["simvtp_tiny_patch16", "svitt_tiny_patch16"])
+def test_re_ranking_orders_the_top_k_by_the_matching_head_and_leaves_the_rest(tmp_path, synthetic_root, name):
+    """Either family's pre-training checkpoint indexes, and re-ranks with its own matching head."""
     videos, out = tmp_path / "videos", tmp_path / "index"
     videos.mkdir()
     copy_videos(synthetic_root, videos, 6)
-    ckpt = save_model(tmp_path / "pretrain.pth", "simvtp_tiny_patch16", 5)
-    search.main(index_args(videos, ckpt, out, "--test_num_segment", "1"))
+    search.main(index_args(videos, save_model(tmp_path / "pretrain.pth", name, 5), out, "--test_num_segment", "1"))
     plain = search.Searcher(str(out)).search("a small red ball slides left", k=6)
     reranked_searcher = search.Searcher(str(out), rerank_k=3)
     reranked = reranked_searcher.search("a small red ball slides left", k=6)
@@ -150,12 +151,17 @@ def test_re_ranking_orders_the_top_k_by_the_matching_head_and_leaves_the_rest(tm
     assert [h.id for h in reranked_searcher.search("a small red ball slides left", k=6, rerank=False)] == \
         [h.id for h in plain]
 
-    dual_index = tmp_path / "dual_index"
-    search.main(index_args(videos, save_model(tmp_path / "dual.pth", "simvtp_dual_tiny_patch16", 6), dual_index))
+
+def test_a_model_without_a_matching_head_re_ranks_with_another_checkpoint(tmp_path, synthetic_root, dual_ckpt):
+    videos, out = tmp_path / "videos", tmp_path / "index"
+    videos.mkdir()
+    copy_videos(synthetic_root, videos, 3)
+    search.main(index_args(videos, dual_ckpt, out))
     with pytest.raises(ValueError, match="no matching head"):
-        search.Searcher(str(dual_index), rerank_k=3)
-    with_other = search.Searcher(str(dual_index), rerank_k=2, rerank_ckpt=str(ckpt))
-    assert with_other.search("a ball", k=2)[0].match is not None
+        search.Searcher(str(out), rerank_k=3)
+    matcher = save_model(tmp_path / "pretrain.pth", "simvtp_tiny_patch16", 6)
+    hits = search.Searcher(str(out), rerank_k=2, rerank_ckpt=str(matcher)).search("a ball", k=3)
+    assert [h.match is not None for h in hits] == [True, True, False]
 
 
 @pytest.fixture(scope="module")
