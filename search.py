@@ -317,7 +317,7 @@ def build_index(args: argparse.Namespace) -> dict:
     print(f"Index {args.out}: {len(files)} video files under {video_dir}; {len(plan.todo)} to embed"
           + (f" ({plan.reason})" if plan.reason else f", {len(plan.keep)} unchanged, {len(plan.removed)} removed")
           + f"; model {model.model_cfg['name']}, {clip['num_frames']} frames x {clip['input_size']} px, "
-          f"{clip['test_num_segment']} clips x {clip['test_num_crop']} crops per video", flush=True)
+          f"{clip['test_num_segment']} clip(s) x {clip['test_num_crop']} crop(s) per video", flush=True)
     cfg = eval_config(device, dtype, args.batch_size)
     t0 = time.time()
     manifest = state.write(args.out)  # removed files leave the index even when nothing is new
@@ -436,7 +436,7 @@ class Searcher:
         self.videos = manifest["videos"]
         self.by_id = {v["id"]: v for v in self.videos}
         self.device = utils.resolve_device(device)
-        self.dtype = utils.resolve_precision(precision or manifest["precision"], self.device)
+        self.dtype = utils.resolve_precision(precision or manifest.get("precision", "fp32"), self.device)
         path = ckpt or manifest["checkpoint"]["path"]
         if not os.path.exists(path):
             raise FileNotFoundError(f"the index was built with {path}, which is not here: pass --ckpt with that "
