@@ -491,7 +491,7 @@ class Searcher:
         return hits[:k]
 
     def _rerank(self, text: str, hits: list[Hit], rows: list[int]) -> list[Hit]:
-        clip = self.manifest["clip"]
+        clip = match_clip(self.manifest["clip"], self.match_model)
         one_view = clip_dataset([self.video_path(h.id) for h in hits], clip, self.manifest["backend"], (1, 1))
         with self.lock:
             scores = engine.match_scores(self.match_model, [(0, pos) for pos in range(len(hits))],
@@ -499,6 +499,12 @@ class Searcher:
         for pos, hit in enumerate(hits):
             hit.match = scores[(0, pos)]
         return sorted(hits, key=lambda h: -h.match)
+
+
+def match_clip(clip: dict, match_model: torch.nn.Module) -> dict:
+    """The index's clip settings at the matching model's own frames and side (another checkpoint may differ)."""
+    frames, side = getattr(match_model, "clip_shape", (clip["num_frames"], clip["input_size"]))
+    return {**clip, "num_frames": frames, "input_size": side, "short_side_size": max(clip["short_side_size"], side)}
 
 
 def hit_record(hit: Hit, entry: dict) -> dict:

@@ -23,9 +23,9 @@ from conftest import ROOT, randomised
 CLIP_FLAGS = ["--num_frames", "4", "--input_size", "64", "--sampling_rate", "2"]
 
 
-def save_model(path: Path, name: str, seed: int) -> Path:
-    """A randomised tiny model of 4 frames x 64 px as our runs save it (weights + model_cfg naming it)."""
-    model = randomised(model_registry.create(name, img_size=64, num_frames=4), seed)
+def save_model(path: Path, name: str, seed: int, frames: int = 4, side: int = 64) -> Path:
+    """A randomised tiny model (default 4 frames x 64 px) as our runs save it (weights + model_cfg naming it)."""
+    model = randomised(model_registry.create(name, img_size=side, num_frames=frames), seed)
     checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": 0}, str(path))
     return path
 
@@ -159,7 +159,7 @@ def test_a_model_without_a_matching_head_re_ranks_with_another_checkpoint(tmp_pa
     search.main(index_args(videos, dual_ckpt, out))
     with pytest.raises(ValueError, match="no matching head"):
         search.Searcher(str(out), rerank_k=3)
-    matcher = save_model(tmp_path / "pretrain.pth", "simvtp_tiny_patch16", 6)
+    matcher = save_model(tmp_path / "pretrain.pth", "simvtp_tiny_patch16", 6, frames=2, side=32)  # its own clips
     hits = search.Searcher(str(out), rerank_k=2, rerank_ckpt=str(matcher)).search("a ball", k=3)
     assert [h.match is not None for h in hits] == [True, True, False]
 
