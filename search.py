@@ -681,8 +681,8 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> Any:
+    """Run one command; gradients stay as they were (every model call here is under no_grad already)."""
     model_registry.load_family_modules()
-    torch.set_grad_enabled(False)
     if args.command == "index":
         try:
             return build_index(args)

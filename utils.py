@@ -74,7 +74,8 @@ def add_clip_args(group: Any) -> None:
     how captions are tokenised."""
     group.add_argument("--data_root", default=None, help="folder that relative video paths are joined to")
     group.add_argument("--video_backend", default="auto", choices=["auto", "decord", "pyav"],
-                       help="decoder; auto = decord when it imports, else PyAV")
+                       help="decoder; auto = PyAV when it imports, else decord (and the other one "
+                       "retries a file the first cannot read)")
     group.add_argument("--decode_threads", type=int, default=1, help="threads of each video decoder: 1 when "
                        "--num_workers processes share the cores; 2 or more speeds up loading with few or no workers "
                        "(--num_workers 0)")

@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--videos {args.videos}: no such folder (build the synthetic set with "
                          "`python synthetic_dataset.py --out data/synthetic`, or point to yours)")
     model_registry.load_family_modules()
-    torch.set_grad_enabled(False)
     print(f"bench_search: {bench_common.machine()}, {torch.get_num_threads()} torch threads, precision "
           f"{args.precision}, load average {os.getloadavg()[0]:.2f}; videos from {args.videos}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as work:

@@ -67,6 +67,7 @@ def test_the_index_adds_changed_and_new_files_drops_removed_ones_and_lists_broke
     (videos / "notes.txt").write_text("not a video file, never indexed")
 
     first = search.main(index_args(videos, dual_ckpt, out))
+    assert torch.is_grad_enabled()  # the command leaves the process as it found it
     manifest = first["manifest"]
     assert first["embedded"] == 5 and [b["path"] for b in manifest["broken"]] == ["broken.mp4"]
     assert "broken.mp4" in manifest["broken"][0]["error"]
