@@ -7,13 +7,19 @@ import subprocess
 import sys
 
 RELEASE_COMMIT = "4b54321"  # github:wufeim/SimVTP, "release code"
+SVITT_RELEASE_COMMIT = "c8806b3"  # github:JerryYLi/svitt, "Initial commit"
+SVITT_RELEASE_FILES = ("models/sparse_xbeit.py", "models/sparse_config.py",
+                       "configs/beit-base-patch16-224-pt22k-ft22k.json")
 
 
-def run_job_in_subprocess(script: str, job: dict, out_path: str, name: str, env: dict | None = None) -> dict:
-    """Run `script --job JSON --job_out out_path` in a new interpreter (its progress lines go straight to our
-    stdout) and return the JSON it wrote; a failed job is a RuntimeError naming it."""
+def run_job_in_subprocess(script: str, job: dict, out_path: str, name: str, env: dict | None = None,
+                          python: str | None = None, args: tuple[str, ...] = ()) -> dict:
+    """Run `script [args] --job JSON --job_out out_path` in a new interpreter (ours, or `python`: a release's own
+    environment; its progress lines go straight to our stdout) and return the JSON it wrote; a failed job is a
+    RuntimeError naming it."""
     sys.stdout.flush()
-    proc = subprocess.run([sys.executable, script, "--job", json.dumps(job), "--job_out", out_path], env=env)
+    proc = subprocess.run([python or sys.executable, script, *args, "--job", json.dumps(job), "--job_out", out_path],
+                          env=env)
     try:
         with open(out_path) as f:
             result = json.load(f) if proc.returncode == 0 else None
@@ -42,6 +48,14 @@ def require_release_checkout(src: str) -> None:
     if not os.path.exists(os.path.join(src, "modeling_pretrain.py")):
         raise SystemExit(f"--release_src {src}: no modeling_pretrain.py there; point it to a checkout of "
                          f"github:wufeim/SimVTP (commit {RELEASE_COMMIT})")
+
+
+def require_svitt_release_checkout(src: str) -> None:
+    """A --release_src that is not a checkout of the SViTT release stops the benchmark with a one-line reason."""
+    missing = [f for f in SVITT_RELEASE_FILES if not os.path.exists(os.path.join(src, f))]
+    if missing:
+        raise SystemExit(f"--release_src {src}: no {', '.join(missing)} there; point it to a checkout of "
+                         f"github:JerryYLi/svitt (commit {SVITT_RELEASE_COMMIT})")
 
 
 def machine() -> str:

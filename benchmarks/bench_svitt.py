@@ -5,6 +5,8 @@ forward + backward, and the per-token memory growth of one attention layer.
     .venv/bin/python benchmarks/bench_svitt.py                                   # everything (~15 min on 2 cores)
     .venv/bin/python benchmarks/bench_svitt.py --frames 8 --precision fp32 --passes fwd     # the target row
     .venv/bin/python benchmarks/bench_svitt.py --frames 4 --precision fp32 --passes fwd --repeats 1 --no_attn_memory
+    .venv/bin/python benchmarks/bench_svitt.py --frames 8 --precision fp32 --passes fwd --no_attn_memory \
+        --release_src ../svitt                             # the target row, and the release's tower in the same run
 
 Variants: dense = sparse_local_attn 0 (full attention, the tower's reference path: it materialises every
 [B, H, L, L] logit to return the [CLS] attention); edge = a local window of 1 block plus 3 random blocks of 56
@@ -42,6 +44,20 @@ How each figure is obtained
 Targets (printed with PASS/MISS): base, batch 2, fp32, forward, 8 frames, edge+node (local 1, random 3, block 56,
 keep 0.6 after layers 3 6 9): at most 1.35 s and at least 3x faster than our dense in the same run. Other
 processes on the same cores slow every figure: the load average is printed before and after.
+
+The release in the same run (--release_src DIR, a checkout of github:JerryYLi/svitt, commit c8806b3): every timed
+row (frames, precision, pass, variant) is also run with the release's own vision tower, its
+models/sparse_xbeit.BeitModel imported unchanged from DIR, right after ours, timed the same way (threads, input,
+seeds, warm-up, median, no_grad / train mode, bf16 autocast, loss), and a table gives the release's seconds,
+ours and the ratio. Its variants are its own settings of the same sparsity: dense = sparse_random_attn None (its
+full attention), edge = local 1 + random 3 blocks of 56, edge+node adds the same keep rates after layers 3 6 9.
+The release needs transformers <= 4.55, so it runs in an environment of its own outside this repository (the
+interpreter --release_python, default /tmp/svitt_env/bin/python), built once with
+
+    python3.11 -m venv /tmp/svitt_env
+    /tmp/svitt_env/bin/pip install torch==2.14.1 'transformers==4.55.*' einops
+
+How the release's tower is built, and the one in-memory adjustment it needs here: benchmarks/release_svitt.py.
 """
 from __future__ import annotations
 
@@ -60,7 +76,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402
-from bench_common import machine, print_table, run_job_in_subprocess  # noqa: E402 (beside this file)
+from bench_common import (SVITT_RELEASE_COMMIT, machine, print_table, require_svitt_release_checkout,  # noqa: E402
+                          run_job_in_subprocess)
 
 KEEP_RATE = {4: 0.7, 8: 0.6, 16: 0.5}  # the paper's keep rates per frame count
 DROP_LOC = (3, 6, 9)
@@ -69,6 +86,10 @@ VARIANTS = ("dense", "edge", "edge+node")
 PASSES = ("fwd", "fwd+bwd")
 PRECISIONS = ("fp32", "bf16")
 TARGET = dict(frames=8, precision="fp32", passes="fwd", variant="edge+node", max_s=1.35, min_ratio=3.0)
+RELEASE_PYTHON = "/tmp/svitt_env/bin/python"
+RELEASE_ENV = "python3.11 -m venv /tmp/svitt_env && /tmp/svitt_env/bin/pip install torch==2.14.1 " \
+              "'transformers==4.55.*' einops"
+RELEASE_SCRIPT = Path(__file__).with_name("release_svitt.py")
 
 
 def variant_config(variant: str, frames: int) -> dict:
@@ -78,6 +99,18 @@ def variant_config(variant: str, frames: int) -> dict:
     cfg = dict(num_frames=frames, sparse_local_attn=LOCAL, sparse_random_attn=RANDOM, attn_block_size=BLOCK)
     if variant == "edge+node":
         cfg.update(token_keep_rate=KEEP_RATE.get(frames, 0.6), token_drop_loc=DROP_LOC)
+    return cfg
+
+
+def release_encoder_args(variant: str, frames: int) -> dict:
+    """The release's `vision_encoder_args` for one variant: its own names, with dense = no random blocks (its
+    BeitSelfAttention then takes its full-attention path)."""
+    if variant == "dense":
+        return dict(sparse_random_attn=None)
+    cfg = variant_config(variant, frames)
+    del cfg["num_frames"]
+    if "token_drop_loc" in cfg:
+        cfg["token_drop_loc"] = list(cfg["token_drop_loc"])
     return cfg
 
 
@@ -190,6 +223,16 @@ def run_in_subprocess(job: dict, folder: str, index: int) -> dict:
     return run_job_in_subprocess(os.path.abspath(__file__), job, os.path.join(folder, f"job{index}.json"), str(job))
 
 
+def run_release_job(job: dict, folder: str, index: int, src: str, python: str) -> dict:
+    """One row of the release's tower in its own interpreter; a failure is kept as the row's error, not raised,
+    so that our figures are still printed."""
+    try:
+        return run_job_in_subprocess(str(RELEASE_SCRIPT), job, os.path.join(folder, f"job{index}.json"),
+                                     f"the release {job}", python=python, args=("--src", src))
+    except RuntimeError as e:
+        return dict(job, seconds=None, error=str(e))
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -204,8 +247,8 @@ def print_tower_table(results: list[dict], repeats: int) -> None:
                      f"{r['gflop']:.0f}", f"{r['gflop'] / r['seconds']:.0f}", f"{r['peak_rss_mib'] / 1024:.2f}"])
     print(f"\nSViTT vision tower, base (768 wide, 12 layers, 224 px), batch {BATCH}: median of {repeats} timed calls "
           f"after one warm-up; ratio = our dense s / this s (same run)")
-    print_table(["frames", "prec", "pass", "variant", "keep", "s", "vs dense", "GFLOP", "GFLOP/s", "peak RSS GiB"], rows,
-          left=4)
+    print_table(["frames", "prec", "pass", "variant", "keep", "s", "vs dense", "GFLOP", "GFLOP/s", "peak RSS GiB"],
+                rows, left=4)
 
 
 def print_attention_memory(results: list[dict]) -> None:
@@ -227,6 +270,38 @@ def print_attention_memory(results: list[dict]) -> None:
     print_table(["attention", "frames", "tokens L", "peak growth MiB", "KiB / token", "KiB per added token",
            "sparse, growing with L: MiB (analytic)"], rows, left=1)
     print("flat KiB per added token = memory linear in tokens; rising = super-linear (dense: [B, H, L, L] logits)")
+
+
+def row_key(r: dict) -> tuple:
+    return r["frames"], r["precision"], r["passes"], r["variant"]
+
+
+def release_rows(results: list[dict], release: list[dict]) -> list[list[str]]:
+    """One table row per row timed by both codes: the release's seconds, ours, the ratio, and both peak RSS."""
+    ours = {row_key(r): r for r in results}
+    rows = []
+    for theirs in release:
+        mine = ours.get(row_key(theirs))
+        if mine is None:
+            continue
+        ok = theirs.get("seconds") is not None
+        rows.append([*row_key(theirs), f"{theirs['seconds']:.3f}" if ok else "failed", f"{mine['seconds']:.3f}",
+                     f"{theirs['seconds'] / mine['seconds']:.2f}x" if ok else "-",
+                     f"{theirs['peak_rss_mib'] / 1024:.2f}" if ok else "-", f"{mine['peak_rss_mib'] / 1024:.2f}"])
+    return rows
+
+
+def print_release_comparison(results: list[dict], release: list[dict], src: str) -> None:
+    versions = next((f"torch {r['torch']}, transformers {r['transformers']}" for r in release if r.get("seconds")),
+                    "every job failed")
+    print(f"\nThe release's vision tower vs ours, measured in this run (github:JerryYLi/svitt {SVITT_RELEASE_COMMIT} "
+          f"from {src}: models.sparse_xbeit.BeitModel, random weights, its own interpreter with {versions}; "
+          f"bf16 = autocast added to it; same batch, input, threads and timing)")
+    print_table(["frames", "prec", "pass", "variant", "the release s", "ours s", "ours faster", "release GiB",
+                 "ours GiB"], release_rows(results, release), left=4)
+    for r in release:
+        if r.get("error"):
+            print(f"  {' '.join(map(str, row_key(r)))}: the release's job failed ({r['error']})")
 
 
 def print_target(results: list[dict], peak: float | None) -> None:
@@ -271,6 +346,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn_memory_frames", type=int, nargs="*", default=[4, 8, 16],
                    help="frame counts of the one-attention-layer memory measurement (none: skip it)")
     p.add_argument("--no_attn_memory", action="store_true", help="skip the attention memory measurement")
+    p.add_argument("--release_src", default=None,
+                   help="a checkout of the SViTT release (github:JerryYLi/svitt, commit "
+                        f"{SVITT_RELEASE_COMMIT}): also time its vision tower at every row, in this run, and print "
+                        "the ratios; see benchmarks/release_svitt.py")
+    p.add_argument("--release_python", default=None,
+                   help=f"the interpreter of the release's own environment (default {RELEASE_PYTHON}); build it "
+                        f"with: {RELEASE_ENV}")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one job in this process
     p.add_argument("--job_out", default=None, help=argparse.SUPPRESS)
@@ -297,6 +379,32 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return tower, memory
 
 
+def release_python(given: str | None) -> str:
+    """The release's interpreter: --release_python, else the default environment; missing, a one-line reason."""
+    path = given or RELEASE_PYTHON
+    if not os.path.exists(path):
+        raise SystemExit(f"--release_python {path}: no such interpreter; the release needs an environment of its "
+                         f"own (transformers <= 4.55), build it with: {RELEASE_ENV}")
+    return path
+
+
+def plan_release(args: argparse.Namespace, tower: list[dict]) -> list[dict]:
+    """The release's job for each of our tower rows (none without --release_src)."""
+    if not args.release_src:
+        return []
+    require_svitt_release_checkout(args.release_src)
+    return [dict(kind="release", frames=j["frames"], precision=j["precision"], passes=j["passes"],
+                 variant=j["variant"], encoder_args=release_encoder_args(j["variant"], j["frames"]),
+                 repeats=j["repeats"], threads=j["threads"]) for j in tower]
+
+
+def interleave(tower: list[dict], release: list[dict]) -> list[dict]:
+    """Each release row right after ours, so that both see the same load."""
+    if not release:
+        return list(tower)
+    return [job for pair in zip(tower, release) for job in pair]
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -310,36 +418,51 @@ def main(argv=None) -> dict:
             json.dump(result, f)
         return result
     tower, memory = plan(args)
+    release = plan_release(args, tower)
+    python = release_python(args.release_python) if release else None
+    jobs = interleave(tower, release) + memory
     load_before = load_average()
     print(f"bench_svitt: {machine()}, {args.threads} torch threads, load average {load_before} (1/5/15 min) "
-          f"before the run; {len(tower) + len(memory)} jobs, each in a fresh process", flush=True)
-    start, results, mem_results, peak = time.perf_counter(), [], [], None
+          f"before the run; {len(jobs)} jobs, each in a fresh process"
+          + (f" ({len(release)} of the release's, with {python})" if release else ""), flush=True)
+    start, results, rel_results, mem_results, peak = time.perf_counter(), [], [], [], None
     with tempfile.TemporaryDirectory(prefix="bench_svitt_") as folder:
-        for i, job in enumerate(tower + memory):
+        for i, job in enumerate(jobs):
+            head = f"[{i + 1}/{len(jobs)}]"
+            if job["kind"] == "release":
+                r = run_release_job(job, folder, i, args.release_src, python)
+                rel_results.append(r)
+                print(f"{head} the release: {' '.join(map(str, row_key(r)))}: " + (
+                      f"{r['seconds']:.3f} s (runs {' '.join(f'{t:.2f}' for t in r['times_s'])}; warm-up "
+                      f"{r['warmup_s']:.2f})" if r.get("seconds") is not None else "FAILED")
+                      + f", {time.perf_counter() - start:.0f} s so far", flush=True)
+                continue
             r = run_in_subprocess(job, folder, i)
             if job["kind"] == "tower":
                 results.append(r)
-                print(f"[{i + 1}/{len(tower) + len(memory)}] {r['frames']} frames {r['precision']} {r['passes']} "
+                print(f"{head} {r['frames']} frames {r['precision']} {r['passes']} "
                       f"{r['variant']}: {r['seconds']:.3f} s (runs {' '.join(f'{t:.2f}' for t in r['times_s'])}; "
                       f"warm-up {r['warmup_s']:.2f}), {time.perf_counter() - start:.0f} s so far", flush=True)
             elif job["kind"] == "matmul_peak":
                 peak = r["gflops"]
-                print(f"[{i + 1}/{len(tower) + len(memory)}] fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
+                print(f"{head} fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
             else:
                 mem_results.append(r)
-                print(f"[{i + 1}/{len(tower) + len(memory)}] attention memory {r['variant']} {r['frames']} frames: "
+                print(f"{head} attention memory {r['variant']} {r['frames']} frames: "
                       f"+{r['growth_mib']:.0f} MiB", flush=True)
     load_after = load_average()
     if results:
         print_tower_table(results, args.repeats)
         print_target(results, peak)
+    if rel_results:
+        print_release_comparison(results, rel_results, args.release_src)
     if mem_results:
         print_attention_memory(mem_results)
     torch_version = results[0]["torch"] if results else "?"
     print(f"\ntorch {torch_version}; {machine()}; load average {load_before} before, {load_after} after "
           f"(1/5/15 min); whole run {time.perf_counter() - start:.0f} s")
     report = dict(machine=machine(), load_before=load_before, load_after=load_after, tower=results,
-                  attention_memory=mem_results, fp32_matmul_peak_gflops=peak)
+                  attention_memory=mem_results, fp32_matmul_peak_gflops=peak, release=rel_results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
