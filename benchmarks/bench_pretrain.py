@@ -100,6 +100,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names of torch dtypes (torch
 # --speed_options: the method options that cut work (modeling_simvtp.SimVTPPretrain; off by default)
 SPEED_OPTIONS = {"decode 50%": dict(decode_fraction=0.5), "1 negative": dict(vtm_negatives_per_pair=1),
                  "both": dict(decode_fraction=0.5, vtm_negatives_per_pair=1)}
+COMPILED = ("compiled blocks", dict(compile_blocks=True))  # --compile_blocks: the paper's method, blocks compiled
 MASK_RATIO, TEXT_MASK_RATIO, MAX_TEXT_LEN = 0.9, 0.75, 32
 TARGET = dict(config="base", batch_size=4, num_frames=16, input_size=224, precision="bf16",
               max_s_per_step=5.5, max_rss_gib=12.0, min_encoder_speedup=5.0)
@@ -143,9 +144,12 @@ def make_batch(cfg: dict, tokenizer, mask_ratio: float = MASK_RATIO) -> dict[str
 def build(cfg: dict, vocab_size: int, grad_checkpointing: bool):
     """Model (train mode) and fused AdamW with the parameter groups run_simvtp_pretraining.py makes."""
     t, s = cfg["num_frames"], cfg["input_size"]
-    model = create_model(cfg["model"], pretrained=False, img_size=s, num_frames=t, vocab_size=vocab_size,
-                         **cfg.get("model_kwargs", {}))
+    kwargs = dict(cfg.get("model_kwargs", {}))
+    compiled = kwargs.pop("compile_blocks", False)
+    model = create_model(cfg["model"], pretrained=False, img_size=s, num_frames=t, vocab_size=vocab_size, **kwargs)
     model.set_grad_checkpointing(grad_checkpointing)
+    if compiled:  # as --compile_blocks does; the warm-up steps pay for the compilation
+        utils.compile_blocks(model)
     groups = utils.param_groups(model, 0.05, no_decay_names=("mask_token", "temp"))
     for g in groups:
         g.pop("names")
@@ -644,6 +648,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed_options", action="store_true",
                    help="also time each config and precision with each method option that cuts work (decode 50%% "
                    "of the masked tubes; one VTM negative per pair; both), compared with the plain step")
+    p.add_argument("--compile_blocks", action="store_true", help="also time the step with every transformer "
+                   "block compiled (torch.compile, as run_simvtp_pretraining.py --compile_blocks; the warm-up "
+                   "steps pay for the compilation)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smallest run (tiny model at 4 x 32 px, batch 2, one step, fp32 and bf16) for the test")
@@ -660,7 +667,8 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown config or precision: {bad}")
     sizes = parse_batch_sizes(args.batch_size, list(configs))
     encoder_precision = "bf16" if "bf16" in precisions else precisions[0]
-    variants = [("", {})] + (list(SPEED_OPTIONS.items()) if args.speed_options else [])
+    variants = [("", {})] + (list(SPEED_OPTIONS.items()) if args.speed_options else []) + \
+        ([COMPILED] if args.compile_blocks else [])
     jobs = []
     for (name, cfg), (option, kwargs) in [(c, v) for c in configs.items() for v in variants]:
         for precision in precisions:
