@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from typing import Callable
 
 RELEASE_COMMIT = "4b54321"  # github:wufeim/SimVTP, "release code"
 SVITT_RELEASE_COMMIT = "c8806b3"  # github:JerryYLi/svitt, "Initial commit"
@@ -66,3 +68,14 @@ def machine() -> str:
     except (OSError, StopIteration):
         name = "unknown CPU"
     return f"{name}, {os.cpu_count()} cores"
+
+
+def time_calls(call: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """One warm-up call (kernel creation, the allocator's first growth), then `repeats` timed calls: their seconds
+    by time.perf_counter (CPU ops are synchronous). Both SViTT towers are timed by this one function."""
+    def timed() -> float:
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
+    warmup = timed()
+    return warmup, [timed() for _ in range(repeats)]

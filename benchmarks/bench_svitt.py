@@ -77,7 +77,7 @@ if str(ROOT) not in sys.path:
 
 import utils  # noqa: E402
 from bench_common import (SVITT_RELEASE_COMMIT, machine, print_table, require_svitt_release_checkout,  # noqa: E402
-                          run_job_in_subprocess)
+                          run_job_in_subprocess, time_calls)
 
 KEEP_RATE = {4: 0.7, 8: 0.6, 16: 0.5}  # the paper's keep rates per frame count
 DROP_LOC = (3, 6, 9)
@@ -151,13 +151,7 @@ def tower_job(job: dict) -> dict:
             with torch.no_grad(), utils.autocast(torch.device("cpu"), dtype):
                 model(video, generator=generator)
 
-    def timed() -> float:
-        t0 = time.perf_counter()
-        call()
-        return time.perf_counter() - t0
-
-    warmup = timed()
-    times = [timed() for _ in range(job["repeats"])]
+    warmup, times = time_calls(call, job["repeats"])
     rss = peak_rss_mib()
     aten = torch.ops.aten
     cpu_attention = {

@@ -45,10 +45,9 @@ import os
 import resource
 import statistics
 import sys
-import time
 import types
 
-from bench_common import require_svitt_release_checkout  # beside this file
+from bench_common import require_svitt_release_checkout, time_calls  # beside this file
 
 BATCH, IMAGE_SIZE = 2, 224
 BEIT_CONFIG = os.path.join("configs", "beit-base-patch16-224-pt22k-ft22k.json")
@@ -129,13 +128,7 @@ def tower_job(job: dict) -> dict:
             with torch.no_grad(), autocast:
                 model(video)
 
-    def timed() -> float:
-        t0 = time.perf_counter()
-        call()
-        return time.perf_counter() - t0
-
-    warmup = timed()
-    times = [timed() for _ in range(job["repeats"])]
+    warmup, times = time_calls(call, job["repeats"])
     return dict(job, warmup_s=warmup, times_s=times, seconds=statistics.median(times), peak_rss_mib=peak_rss_mib(),
                 torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads())
 
