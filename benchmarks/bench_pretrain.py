@@ -123,6 +123,10 @@ BACKWARD_EVENT = "autograd::engine::evaluate_function"
 # --malloc_env: glibc malloc keeps freed memory instead of returning it to the OS and faulting it in again next step
 # (glibc ignores an mmap threshold above 32 MiB, so large blocks are kept off mmap by MALLOC_MMAP_MAX_=0)
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 34), "MALLOC_TOP_PAD_": str(2 ** 28)}
+# --allocators: malloc libraries a job can be started with (LD_PRELOAD) -> (file, the Debian package that has it)
+ALLOCATORS = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+              "jemalloc": ("libjemalloc.so.2", "libjemalloc2")}
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 # ----------------------------------------------------------------------------------------------- inputs
 
@@ -443,7 +447,8 @@ def run_job(job: dict) -> dict:
     scaler = utils.make_grad_scaler(CPU, dtype)
     step_cfg = engine.StepConfig(device=CPU, dtype=dtype)
     out = dict(config=job["config"], precision=job["precision"], **cfg, threads=torch.get_num_threads(),
-               grad_checkpointing=job["grad_checkpointing"], malloc_env=job["malloc_env"], torch=torch.__version__,
+               grad_checkpointing=job["grad_checkpointing"], malloc_env=job["malloc_env"],
+               allocator=job.get("allocator", "glibc"), torch=torch.__version__,
                cpu_capability=torch.backends.cpu.get_cpu_capability(),
                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                video_tokens=int((~batch["video_mask"][0]).sum()), all_video_tokens=batch["video_mask"].shape[1],
@@ -474,10 +479,28 @@ def run_job(job: dict) -> dict:
     return out
 
 
+def allocator_library(name: str, dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+    """The library file a job preloads for --allocators NAME (None for glibc, the default malloc); a missing one
+    is one clear error naming the package to install."""
+    if name == "glibc":
+        return None
+    if name not in ALLOCATORS:
+        raise SystemExit(f"unknown allocator {name!r}; one of glibc, {', '.join(ALLOCATORS)}")
+    file, package = ALLOCATORS[name]
+    found = next((os.path.join(d, file) for d in dirs if os.path.exists(os.path.join(d, file))), None)
+    if found is None:
+        raise SystemExit(f"--allocators {name}: {file} is not in {', '.join(dirs)}; install it (Debian / Ubuntu: "
+                         f"sudo apt-get install {package})")
+    return found
+
+
 def run_in_subprocess(job: dict, folder: str) -> dict:
     """A fresh interpreter per job (its peak RSS is its own); its progress lines go straight to our stdout."""
     out_path = os.path.join(folder, f"{job['config']}_{job['precision']}.json".replace(" ", "_"))
     env = dict(os.environ, **MALLOC_ENV) if job["malloc_env"] else None
+    library = allocator_library(job.get("allocator", "glibc"))
+    if library:
+        env = dict(env or os.environ, LD_PRELOAD=library)
     return run_job_in_subprocess(os.path.abspath(__file__), job, out_path, f"{job['config']} {job['precision']}", env)
 
 
@@ -587,16 +610,17 @@ def print_targets(results: list[dict]) -> None:
 
 
 def print_speed_options(results: list[dict]) -> None:
-    """Each method option's step against the paper's method at the same config and precision, this run."""
-    plain = {(r["config"], r["precision"]): r for r in results if not r.get("model_kwargs")}
+    """Each method option's (or allocator's) step against the paper's method at the same config and precision."""
+    plain = {(r["config"], r["precision"]): r for r in results if " + " not in r["config"]}
     rows = []
     for r in results:
         ref = plain.get((r["config"].split(" + ")[0], r["precision"]))
-        if r.get("model_kwargs") and ref:
+        if " + " in r["config"] and ref:
             rows.append([r["config"], r["precision"], f"{ref['s_per_step']:.2f}", f"{r['s_per_step']:.2f}",
                          f"{ref['s_per_step'] / r['s_per_step']:.2f}x", f"{r['step_flops'] / 1e9:.0f}"])
     if rows:
-        print("\nMethod options (off by default) against the paper's method, this run")
+        print("\nMethod options (off by default) and allocators against the paper's method with glibc malloc, "
+              "this run")
         print_table(["config + option", "prec", "paper's s/step", "option s/step", "faster", "GFLOP/step"], rows)
 
 
@@ -648,6 +672,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed_options", action="store_true",
                    help="also time each config and precision with each method option that cuts work (decode 50%% "
                    "of the masked tubes; one VTM negative per pair; both), compared with the plain step")
+    p.add_argument("--allocators", nargs="+", default=["glibc"], choices=["glibc", *ALLOCATORS],
+                   help="also time the plain step with each of these malloc libraries preloaded (LD_PRELOAD; "
+                   "tcmalloc from Debian's libtcmalloc-minimal4, jemalloc from libjemalloc2), beside glibc's")
     p.add_argument("--compile_blocks", action="store_true", help="also time the step with every transformer "
                    "block compiled (torch.compile, as run_simvtp_pretraining.py --compile_blocks; the warm-up "
                    "steps pay for the compilation)")
@@ -667,15 +694,18 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown config or precision: {bad}")
     sizes = parse_batch_sizes(args.batch_size, list(configs))
     encoder_precision = "bf16" if "bf16" in precisions else precisions[0]
-    variants = [("", {})] + (list(SPEED_OPTIONS.items()) if args.speed_options else []) + \
-        ([COMPILED] if args.compile_blocks else [])
+    variants = [("", {}, "glibc")] + [(o, k, "glibc") for o, k in SPEED_OPTIONS.items() if args.speed_options] + \
+        ([(*COMPILED, "glibc")] if args.compile_blocks else []) + \
+        [(a, {}, a) for a in args.allocators if a != "glibc"]
+    for allocator in args.allocators:
+        allocator_library(allocator)  # a missing library stops here, before any job
     jobs = []
-    for (name, cfg), (option, kwargs) in [(c, v) for c in configs.items() for v in variants]:
+    for (name, cfg), (option, kwargs, allocator) in [(c, v) for c in configs.items() for v in variants]:
         for precision in precisions:
             jobs.append(dict(config=f"{name} + {option}" if option else name,
                              cfg=dict(cfg, batch_size=sizes.get(name, cfg["batch_size"]), model_kwargs=kwargs),
                              precision=precision, threads=args.threads, grad_checkpointing=args.grad_checkpointing,
-                             malloc_env=args.malloc_env,
+                             malloc_env=args.malloc_env, allocator=allocator,
                              warmup=0 if args.quick else args.warmup, steps=1 if args.quick else args.steps,
                              encoder=precision == encoder_precision and not option,
                              encoder_reps=1 if args.quick else args.encoder_reps,

@@ -10,8 +10,10 @@
 # read rank, MASTER_ADDR and port from SLURM). torchrun: NNODES GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR (needed
 # with more than one node) MASTER_PORT (default: from SLURM_JOB_ID when there is one, as distributed.port_for_job,
 # else the recipe's). PY=/path/to/python, else the repository's .venv (made by scripts/setup_env.sh; torchrun
-# mode sets it up on first use, srun mode only uses it). DRY_RUN=1 prints the command.
+# mode sets it up on first use, srun mode only uses it). DRY_RUN=1 prints the command. SIMVTP_MALLOC: see
+# fast_malloc.sh (tcmalloc is preloaded when installed).
 LAUNCHER_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$LAUNCHER_REPO/scripts/fast_malloc.sh"  # launcher_run preloads tcmalloc when it is installed
 
 launcher_fail() {
   echo "error: $*" >&2
@@ -79,5 +81,6 @@ launcher_run() {
     echo
     exit 0
   fi
+  fast_malloc
   exec "$@"
 }

@@ -38,7 +38,7 @@ def test_speed_options_are_timed_beside_the_plain_step(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--threads", "1", "--precision", "bf16",
                            "--speed_options", "--json", str(out)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Method options (off by default) against the paper's method" in proc.stdout
+    assert "Method options (off by default) and allocators against the paper's method" in proc.stdout
     flops = {r["config"]: r["step_flops"] for r in json.loads(out.read_text())["results"]}
     assert list(flops) == ["quick", "quick + decode 50%", "quick + 1 negative", "quick + both"]
     assert flops["quick + both"] < min(flops["quick + decode 50%"], flops["quick + 1 negative"])
@@ -63,3 +63,18 @@ def test_cpu_attention_is_counted():
     forward, total = bench_pretrain.count_flops(Attend(), {"q": q}, torch.float32, clock)
     assert forward == 4 * 2 * 3 * 10 * 10 * 8  # QK^T and AV, 2 FLOPs per multiply-add
     assert total > 2 * forward
+
+
+def test_an_allocator_is_preloaded_from_its_library_file_or_named_with_its_package(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_pretrain
+    import pytest
+
+    assert bench_pretrain.allocator_library("glibc") is None  # the default malloc: nothing preloaded
+    with pytest.raises(SystemExit, match="apt-get install libtcmalloc-minimal4"):
+        bench_pretrain.allocator_library("tcmalloc", dirs=(str(tmp_path),))
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert bench_pretrain.allocator_library("tcmalloc", dirs=("/nonexistent", str(tmp_path))) == \
+        str(tmp_path / "libtcmalloc_minimal.so.4")
+    with pytest.raises(SystemExit, match="unknown allocator 'mimalloc'"):
+        bench_pretrain.allocator_library("mimalloc")

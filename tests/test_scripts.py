@@ -344,3 +344,40 @@ def test_sbatch_files_refuse_their_placeholders_and_a_foreign_folder(name, tmp_p
     submitted = subprocess.run(["bash", path], capture_output=True, text=True, check=True,
                                env=_clean_env(DRY_RUN="1", SLURM_SUBMIT_DIR=REPO, **paths))
     assert submitted.stdout.startswith("srun ")
+
+# ----------------------------------------------------------------------------------------------- the allocator
+
+
+def _fast_malloc(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """Source scripts/fast_malloc.sh, call fast_malloc, then print LD_PRELOAD as the runs after it would see it."""
+    script = f'source "{REPO}/scripts/fast_malloc.sh" && fast_malloc && echo "LD_PRELOAD=${{LD_PRELOAD:-}}"'
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SIMVTP_MALLOC")}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**base, **env}, cwd=tmp_path)
+
+
+def test_fast_malloc_preloads_the_chosen_library_once_or_keeps_glibc(tmp_path):
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"")
+    chosen = _fast_malloc(tmp_path, SIMVTP_MALLOC=str(lib), LD_PRELOAD=f"{lib}:/other.so")
+    assert chosen.returncode == 0 and chosen.stdout.splitlines()[-1] == f"LD_PRELOAD={lib}:/other.so"
+    kept = _fast_malloc(tmp_path, SIMVTP_MALLOC="glibc")
+    assert kept.returncode == 0 and kept.stdout.splitlines()[-1] == "LD_PRELOAD="
+    missing = _fast_malloc(tmp_path, SIMVTP_MALLOC=str(tmp_path / "absent.so"))
+    assert missing.returncode == 1 and "absent.so: no such library file" in missing.stderr
+
+
+def test_fast_malloc_puts_tcmalloc_under_a_real_process_when_installed(tmp_path):
+    """Where libtcmalloc-minimal4 is installed (CI installs it) a process started after fast_malloc maps it;
+    elsewhere fast_malloc keeps glibc and names the package."""
+    found = _fast_malloc(tmp_path)
+    assert found.returncode == 0
+    preload = found.stdout.splitlines()[-1].removeprefix("LD_PRELOAD=")
+    if not preload:
+        assert "sudo apt-get install libtcmalloc-minimal4" in found.stdout
+        return
+    assert preload.endswith("libtcmalloc_minimal.so.4")
+    probe = "import torch; torch.randn(512, 512) @ torch.randn(512, 512); print(open('/proc/self/maps').read())"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "LD_PRELOAD": preload}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "libtcmalloc_minimal.so.4" in run.stdout
