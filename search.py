@@ -485,12 +485,13 @@ class Searcher:
         top = sim.topk(min(depth, len(sim))).indices.tolist()
         hits = [Hit(0, self.videos[i]["id"], self.videos[i]["path"], float(sim[i])) for i in top]
         if rerank and self.match_model is not None:
-            hits = self._rerank(text, hits[:self.rerank_k], top[:self.rerank_k]) + hits[self.rerank_k:]
+            hits = self._rerank(text, hits[:self.rerank_k]) + hits[self.rerank_k:]
         for rank, hit in enumerate(hits[:k], 1):
             hit.rank = rank
         return hits[:k]
 
-    def _rerank(self, text: str, hits: list[Hit], rows: list[int]) -> list[Hit]:
+    def _rerank(self, text: str, hits: list[Hit]) -> list[Hit]:
+        """The hits ordered by the matching head's log-odds for the text (each video decoded once, one clip)."""
         clip = match_clip(self.manifest["clip"], self.match_model)
         one_view = clip_dataset([self.video_path(h.id) for h in hits], clip, self.manifest["backend"], (1, 1))
         with self.lock:
