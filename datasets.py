@@ -797,17 +797,20 @@ def _importable(module: str) -> bool:
         return False
 
 
+BACKEND_MODULES = {"decord": "decord", "pyav": "av"}  # video backend -> the package it needs
+
+
 def resolve_backend(name: str = "auto") -> str:
     """"auto" -> "pyav" when it imports, else "decord"; a named backend must import. PyAV comes first: it read
     clips 1.1-1.2x faster than decord in every row of bench_dataloader.py (same run), skips the frames it need
     not decode, and reads frame sizes decord 0.6 cannot (e.g. 48 or 72 px wide)."""
     if name == "auto":
-        return "pyav" if _importable("av") else "decord"
-    modules = {"decord": "decord", "pyav": "av"}
-    if name not in modules:
+        return "pyav" if _importable(BACKEND_MODULES["pyav"]) else "decord"
+    if name not in BACKEND_MODULES:
         raise ValueError(f"unknown video backend {name!r}; choose auto, decord or pyav")
-    if not _importable(modules[name]):
-        raise ImportError(f"video backend {name!r} needs the '{modules[name]}' package, which does not import")
+    if not _importable(BACKEND_MODULES[name]):
+        raise ImportError(f"video backend {name!r} needs the '{BACKEND_MODULES[name]}' package, which does not "
+                          "import")
     return name
 
 
@@ -1109,7 +1112,7 @@ def find_unusable_videos(records: Sequence[VideoRecord], backend: str = "auto", 
     import distributed
     import video_tools
 
-    probe_backend = "decord" if backend == "decord" or not _importable("av") else "pyav"
+    probe_backend = "decord" if backend == "decord" or not _importable(BACKEND_MODULES["pyav"]) else "pyav"
     paths = list(dict.fromkeys(r.path for r in records))
     mine = paths[distributed.get_rank()::distributed.get_world_size()]
 
@@ -1514,8 +1517,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.decode_threads = int(decode_threads)
         # "auto" also means: when the first backend fails on a file, try the other one (when it imports) before
         # calling the file broken (decord 0.6 cannot read some frame widths, e.g. 48 or 72 px, that PyAV decodes)
-        other = {"pyav": ("decord", "decord"), "decord": ("pyav", "av")}[self.backend]
-        self.fallback_backend = other[0] if video_backend == "auto" and _importable(other[1]) else None
+        other = "decord" if self.backend == "pyav" else "pyav"
+        self.fallback_backend = other if video_backend == "auto" and _importable(BACKEND_MODULES[other]) else None
         self.seed = int(seed)
         self.mask_generator = mask_generator
         self.epoch = 0
