@@ -124,6 +124,11 @@ def check_hint(anno: str = "<annotation file>", data_root: str | None = "<root>"
 # ----------------------------------------------------------------------------------------------- randomness
 
 
+def copy_stream(stream: str, copy: int) -> str:
+    """The random stream of a sample's copy-th clip (--clips_per_video): copy 0 keeps the single clip's stream."""
+    return stream if copy == 0 else f"{stream}/{copy}"
+
+
 def sample_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Generator:
     """The generator of one random choice about one sample: a pure function of (seed, epoch, index, stream).
 
@@ -1458,6 +1463,12 @@ class VideoTextDataset(torch.utils.data.Dataset):
                  "read": 1 if the sample's own video was opened (0 when excluded), "broken": 1 if it was broken,
                  "broken_videos": [(path, error)] every broken file this sample met,
                  "video_mask": bool [N] (with mask_generator)} — frames by sample_type, multi-scale crop.
+    clips_per_video C > 1 (repeated sampling, as in MAE-ST and VideoMAE V2): an item reads its video once and
+    gives C clips, each with its own frames, crop and mask ("video" [C, 3, T, S, S], "video_mask" [C, N],
+    "match_id" = i so the clips are each other's positives); the dataset then has ceil(videos / C) items per
+    epoch, a different share of the videos each epoch (every video once per C epochs), so an epoch keeps its
+    number of clips and steps while reading C times fewer videos. Item k of an epoch is video record_of(k); "index"
+    is always the record's index.
     test item:  {"video": uint8 [V, 3, T, S, S] (V = test_num_segment x test_num_crop), "captions": [str],
                  "index": i}.
     sample_type (SAMPLE_TYPES) is how this dataset's clips take their frames: stride (VideoMAE: a random window at
@@ -1483,7 +1494,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                  sampling_rate: int = 4, input_size: int = 224, short_side_size: int = 224,
                  test_num_segment: int = 1, test_num_crop: int = 1, video_backend: str = "auto", seed: int = 0,
                  mask_generator=None, excluded: Collection[int] = (), sample_type: str = "stride",
-                 match_by: str = "video", decode_threads: int = 1) -> None:
+                 match_by: str = "video", decode_threads: int = 1, clips_per_video: int = 1) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if match_by not in MATCH_BY:
@@ -1502,6 +1513,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
         if min(num_frames, sampling_rate, input_size, test_num_segment, test_num_crop, decode_threads) < 1:
             raise ValueError("num_frames, sampling_rate, input_size, test_num_segment, test_num_crop and "
                              "decode_threads must be >= 1")
+        if clips_per_video < 1 or (mode == "test" and clips_per_video != 1):
+            raise ValueError(f"clips_per_video must be >= 1 (and 1 in test mode), got {clips_per_video}")
         self.excluded = frozenset(int(i) for i in excluded)
         if mode == "test" and self.excluded:
             raise ValueError("an exclude list applies to training only (the test set is never silently changed)")
@@ -1521,16 +1534,20 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.fallback_backend = other if video_backend == "auto" and _importable(BACKEND_MODULES[other]) else None
         self.seed = int(seed)
         self.mask_generator = mask_generator
+        self.clips_per_video = int(clips_per_video)
         self.epoch = 0
+        self._video_order: np.ndarray | None = None  # with clips_per_video > 1: this block of epochs' permutation
         self.broken: dict[str, str] = {}  # path -> error of files known broken (not opened again)
         # one id per caption string of the table (numpy: shared by forked workers, not copied)
         self.caption_ids = records.caption_match_ids() if match_by == "caption" and mode == "train" else None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return -(-len(self.records) // self.clips_per_video)
 
     def __repr__(self) -> str:
         views = "" if self.mode == "train" else f", views {self.test_num_segment}x{self.test_num_crop}"
+        if self.clips_per_video > 1:
+            views = f", {self.clips_per_video} clips per video read"
         frames = (f"{self.num_frames} frames x rate {self.sampling_rate}" if self.sample_type == "stride"
                   else f"{self.num_frames} frames ({self.sample_type} of equal segments)")
         return (f"VideoTextDataset({len(self)} videos, {self.mode}, {frames}, {self.input_size} px{views}, "
@@ -1538,10 +1555,25 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self.clips_per_video > 1:  # computed here, once, so loader workers copy it rather than redraw it
+            self._video_order = self._order_of_block(self.epoch // self.clips_per_video)
+
+    def _order_of_block(self, block: int) -> np.ndarray:
+        """A permutation of the records shared by epochs block*C .. block*C + C-1, each taking its own slice."""
+        return sample_rng(self.seed, block, 0, "video_order").permutation(len(self.records))
+
+    def record_of(self, item: int) -> int:
+        """The record item `item` of the current epoch reads (itself unless clips_per_video > 1)."""
+        if self.clips_per_video == 1:
+            return item
+        if self._video_order is None:
+            self.set_epoch(self.epoch)
+        part = self.epoch % self.clips_per_video
+        return int(self._video_order[(part * len(self) + item) % len(self.records)])
 
     def video_nbytes(self) -> int:
         """Bytes of one item's video (uint8): what one sample puts in a loader worker's shared memory."""
-        views = 1 if self.mode == "train" else self.test_num_segment * self.test_num_crop
+        views = self.clips_per_video if self.mode == "train" else self.test_num_segment * self.test_num_crop
         return views * 3 * self.num_frames * self.input_size * self.input_size
 
     def rng(self, index: int, stream: str) -> np.random.Generator:
@@ -1549,7 +1581,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        return self._train_item(index) if self.mode == "train" else self._test_item(index)
+        return self._train_item(self.record_of(index)) if self.mode == "train" else self._test_item(index)
 
     # -- training
 
@@ -1560,7 +1592,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 continue
             path = self.records.path(record_index)
             try:
-                video = self._train_clip(path, index, self.records.span(record_index))
+                clips = self._train_clips(path, index, self.records.span(record_index))
                 break
             except VideoDecodeError as e:
                 met[path] = self.broken.setdefault(path, one_line(e))
@@ -1569,13 +1601,18 @@ class VideoTextDataset(torch.utils.data.Dataset):
         read = index not in self.excluded
         captions = self.records.captions(record_index)
         k = int(self.rng(index, "caption").integers(len(captions)))
-        item = {"video": video, "caption": captions[k], "index": index, "epoch": self.epoch, "read": int(read),
-                "broken": int(read and self.records.path(index) in met), "broken_videos": list(met.items())}
+        repeated = self.clips_per_video > 1
+        item = {"video": torch.stack(clips) if repeated else clips[0], "caption": captions[k], "index": index,
+                "epoch": self.epoch, "read": int(read), "broken": int(read and self.records.path(index) in met),
+                "broken_videos": list(met.items())}
         if self.caption_ids is not None:
             item["match_id"] = int(self.caption_ids[self.records.caption_range(record_index)[0] + k])
+        elif repeated:
+            item["match_id"] = index
         if self.mask_generator is not None:
-            item["video_mask"] = torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, "video_mask")),
-                                                             dtype=bool))
+            masks = [torch.from_numpy(np.asarray(self.mask_generator(self.rng(index, copy_stream("video_mask", c))),
+                                                 dtype=bool)) for c in range(self.clips_per_video)]
+            item["video_mask"] = torch.stack(masks) if repeated else masks[0]
         return item
 
     def _all_broken_message(self) -> str:
@@ -1599,13 +1636,21 @@ class VideoTextDataset(torch.utils.data.Dataset):
             except VideoDecodeError as second:
                 raise VideoDecodeError(f"{first} ({self.fallback_backend} failed too: {one_line(second)})") from second
 
-    def _train_clip(self, path: str, index: int, span: Span | None = None) -> torch.Tensor:
-        """Randomness is keyed on the requested index, so a substitute video still gets this sample's draws."""
+    def _train_clips(self, path: str, index: int, span: Span | None = None) -> list[torch.Tensor]:
+        """clips_per_video clips from one decode of the union of their frames. Randomness is keyed on the
+        requested index, so a substitute video still gets this sample's draws; clip 0 draws what a single-clip
+        dataset draws."""
         if path in self.broken:  # decoding it again would fail again
             raise VideoDecodeError(self.broken[path])
-        frames, _ = self._decode(path, lambda n: train_frame_indices(  # a fresh rng per call: same draw on retry
-            n, self.num_frames, self.sampling_rate, self.sample_type, self.rng(index, "frames")), span)
-        return train_clip_transform(frames, self.input_size, self.rng(index, "crop"))
+
+        def plans(n: int) -> list[np.ndarray]:  # fresh generators per call: the same draws on a retry
+            return [train_frame_indices(n, self.num_frames, self.sampling_rate, self.sample_type,
+                                        self.rng(index, copy_stream("frames", c))) for c in range(self.clips_per_video)]
+
+        frames, n = self._decode(path, lambda n: sorted({int(i) for p in plans(n) for i in p}), span)
+        row = {i: r for r, i in enumerate(sorted({int(i) for p in plans(n) for i in p}))}
+        return [train_clip_transform(frames[[row[int(i)] for i in p]], self.input_size,
+                                     self.rng(index, copy_stream("crop", c))) for c, p in enumerate(plans(n))]
 
     # -- evaluation
 
@@ -1663,6 +1708,8 @@ class VideoTextCollator:
     masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row.
     text_mask_mode: "mask" (the release: every chosen word becomes [MASK]) or "bert" (80% [MASK], 10% a random
     word of the tokenizer's vocabulary, 10% kept), for model families trained with BERT's rule.
+    Items with C clips each (VideoTextDataset's clips_per_video) give C rows each, in order: B = items x C;
+    num_items (int) is the number of dataset items (the sampler's position advances by it).
     test batch: video [B, V, 3, T, H, W], captions (list of lists), index long [B].
     """
 
@@ -1692,7 +1739,9 @@ class VideoTextCollator:
             return {"video": torch.stack([it["video"] for it in items]),
                     "captions": [list(it["captions"]) for it in items],
                     "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long)}
-        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        num_items = len(items)
+        items, copies = _one_clip_per_row(items)
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "num_items": num_items}
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
@@ -1706,13 +1755,34 @@ class VideoTextCollator:
         batch.update(self.tokenize(batch["caption"]))
         if self.text_mask_ratio:
             from masking_generator import mask_text_batch
-            rngs = [sample_rng(self.seed, int(e), int(i), "text_mask") for e, i in zip(batch["epoch"], batch["index"])]
+            rngs = [sample_rng(self.seed, int(e), int(i), copy_stream("text_mask", c))
+                    for e, i, c in zip(batch["epoch"], batch["index"], copies)]
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_text_batch(
                 batch["input_ids"], batch["attention_mask"], self.text_mask_ratio, rngs,
                 mask_token_id=self.tokenizer.mask_token_id, mode=self.text_mask_mode,
                 vocab_size=len(self.tokenizer))
         return batch
 
+
+
+def _one_clip_per_row(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Items of several clips (clips_per_video: video [C, 3, T, H, W]) -> one item per clip, and each row's clip
+    number (its text mask's stream). A video's read / broken counts stay on its first clip's row."""
+    rows, copies = [], []
+    for it in items:
+        if it["video"].dim() == 4:
+            rows.append(it)
+            copies.append(0)
+            continue
+        for c, clip in enumerate(it["video"]):
+            row = dict(it, video=clip)
+            if "video_mask" in it:
+                row["video_mask"] = it["video_mask"][c]
+            if c:
+                row.update(read=0, broken=0, broken_videos=())
+            rows.append(row)
+            copies.append(c)
+    return rows, copies
 
 
 # ----------------------------------------------------------------------------------------------- question answering
@@ -1965,7 +2035,9 @@ class VideoQACollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        num_items = len(items)
+        items, copies = _one_clip_per_row(items)
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "num_items": num_items}
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["question_input_ids"], batch["question_mask"] = self._tokens([it["question"] for it in items],

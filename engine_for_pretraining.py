@@ -130,7 +130,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
         if broken is not None:
             broken.note(batch.get("broken_videos", ()))
         state.micro_in_epoch += 1
-        state.samples_in_epoch += len(batch["video"]) * distributed.get_world_size()
+        state.samples_in_epoch += batch.get("num_items", len(batch["video"])) * distributed.get_world_size()
         if len(window) < size:
             continue
         bad_ranks, read, n_broken = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
@@ -276,7 +276,7 @@ class Run:
     wd_schedule: np.ndarray
     cfg: StepConfig
     state: TrainState
-    batch_size: int
+    batch_size: int                 # dataset items per micro-batch (the loader's: with --clips_per_video, clips / C)
     epochs: int
     output_dir: str
     save: Callable[[int, int | None], None]
@@ -316,7 +316,7 @@ def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.Res
         train_model = wrap_ddp(model, args.device_obj)
     return Run(model=model, train_model=train_model, loader=loader, sampler=sampler, dataset=dataset,
                optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-               cfg=StepConfig.from_args(args, dtype), state=state, batch_size=args.batch_size, epochs=args.epochs,
+               cfg=StepConfig.from_args(args, dtype), state=state, batch_size=loader.batch_size, epochs=args.epochs,
                output_dir=args.output_dir, tb=utils.TensorboardLogger(args.log_dir),
                save=checkpoint.training_saver(args, model, optimizer, scaler, state),
                save_ckpt_freq=args.save_ckpt_freq, broken=broken)

@@ -327,12 +327,16 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, caption: torch.Tensor,
     return (sums / counts).sum() / batch_size
 
 
-def sample_negatives(sim: torch.Tensor, hard: bool = True) -> torch.Tensor:
-    """One negative column per row of sim [B, B] (B >= 2), never the diagonal (the positive): drawn with
+def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One negative column per row of sim [B, B] (B >= 2), never the diagonal (the positive) nor, given match_ids
+    [B], a column of the row's id (another clip of the same video) unless the row has no other: drawn with
     probability softmax(sim) (hard, ALBEF style) or uniformly (the release), from torch's global RNG."""
     logits = torch.nan_to_num(sim.detach().float(), nan=0.0) if hard else torch.zeros_like(sim, dtype=torch.float)
-    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
-    return torch.multinomial(logits.masked_fill(eye, float("-inf")).softmax(dim=1), 1).squeeze(1)
+    exclude = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    if match_ids is not None:
+        same = match_ids[:, None] == match_ids[None, :]
+        exclude |= same & ~same.all(dim=1, keepdim=True)
+    return torch.multinomial(logits.masked_fill(exclude, float("-inf")).softmax(dim=1), 1).squeeze(1)
 
 # ----------------------------------------------------------------------------------------------- pre-training
 
@@ -469,9 +473,10 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         caption = sel.nonzero()[:, 0]
         return mlm_loss(self.text_cls(text_out[sel]), mlm_labels[sel], caption, len(mlm_labels))
 
-    def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat):
+    def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat, match_ids=None):
         """VTM: the B positives (pooled joint output, [B, D]) + one joint pass over 2B negatives: each caption with
-        a negative video, each video with a negative caption, drawn by similarity of the local VTC features. With
+        a negative video, each video with a negative caption, drawn by similarity of the local VTC features (never
+        a pair of the same match id: clips of one video). With
         vtm_negatives_per_pair 1, B negatives: the first half of the captions get a negative video, the other half
         of the videos a negative caption (half the negatives' joint pass).
         Returns (loss, accuracy). B = 1 has no negative: loss 0, still connected to the graph (DDP sees vtm_head)."""
@@ -483,8 +488,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
             hard = self.vtm_negatives == "hard"
-            neg_video = sample_negatives(sim.t(), hard)  # [B]: a video for each caption
-            neg_text = sample_negatives(sim, hard)  # [B]: a caption for each video
+            neg_video = sample_negatives(sim.t(), hard, match_ids)  # [B]: a video for each caption
+            neg_text = sample_negatives(sim, hard, match_ids)  # [B]: a caption for each video
         own = torch.arange(b, device=neg_video.device)
         if self.vtm_negatives_per_pair == 1:
             first = own < b // 2
@@ -498,7 +503,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
-        attention_mask / mlm_input_ids / mlm_labels [B, L] -> losses (fp32); "loss" = weighted sum. Passes: (a) joint
+        attention_mask / mlm_input_ids / mlm_labels [B, L] and, optionally, match_id long [B] (rows of one id, e.g.
+        one video's clips under --clips_per_video, are contrastive positives, never matching negatives) -> losses
+        (fp32); "loss" = weighted sum. Passes: (a) joint
         on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
         negatives."""
         video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
@@ -516,9 +523,10 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
         video_feat = self.encoder.pool(self.encoder(vis))  # (b)
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)
-        loss_vtc = vtc_loss(video_feat, text_feat, self.current_temperature(), gather)
+        match_ids = batch.get("match_id")  # with --clips_per_video: a video's clips are each other's positives
+        loss_vtc = vtc_loss(video_feat, text_feat, self.current_temperature(), gather, match_ids)
         loss_vtm, vtm_acc = self.matching_loss(vis, masked_text, attention_mask, pos_feat, video_feat,
-                                               text_feat)  # (c)
+                                               text_feat, match_ids)  # (c)
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})

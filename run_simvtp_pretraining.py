@@ -29,6 +29,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
                    "Singularity JSON list or MSR-VTT CSV; the format is detected)")
     utils.add_clip_args(g)
+    g.add_argument("--clips_per_video", type=int, default=1,
+                   help="repeated sampling (MAE-ST, VideoMAE V2): read each video once for C clips, each with its "
+                   "own frames, crop and masks, positives of each other in the contrastive loss and never each "
+                   "other's matching negatives; a step still has --batch_size clips (from batch_size / C videos) "
+                   "and an epoch as many clips and steps, from a different 1/C of the videos each epoch: C times "
+                   "fewer video reads, for when decoding limits the step (1: the paper's method)")
     g = p.add_argument_group("masking (what the model asks for: a video mask, MLM captions)")
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"],
                    help="tube: one spatial mask for all frames (SimVTP); random: per token")
@@ -94,23 +100,26 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
                                         sampling_rate=args.sampling_rate, input_size=args.input_size,
                                         video_backend=args.video_backend, seed=args.seed,
                                         decode_threads=args.decode_threads, mask_generator=mask_gen,
-                                        sample_type=args.sample_type,
+                                        sample_type=args.sample_type, clips_per_video=args.clips_per_video,
                                         excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
                                           text_mask_mode=model.text_masking or "mask", seed=args.seed)
     sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
                                                 seed=args.seed, shuffle=True, drop_last=True)
-    if len(dataset) < args.batch_size * args.world_size:
-        raise ValueError(f"{args.data_path}: {len(dataset)} videos, fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size} processes)")
+    videos_per_batch = args.batch_size // args.clips_per_video
+    if len(dataset) < videos_per_batch * args.world_size:
+        raise ValueError(f"{args.data_path}: {len(dataset)} videos per epoch, fewer than one global batch "
+                         f"({videos_per_batch} x {args.world_size} processes)")
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        dataset, batch_size=videos_per_batch, sampler=sampler, num_workers=args.num_workers,
         collate_fn=collator, drop_last=True, pin_memory=args.device_obj.type == "cuda",
         # a private generator: creating worker seeds must not consume the global RNG (resume equivalence)
         generator=torch.Generator().manual_seed(args.seed))
     text = f"{model.text_masking} text masking {args.text_mask_ratio}" if model.text_masking else "no text masking"
-    print(f"Data: {len(records)} videos from {args.data_path}; video mask {mask_gen}; {text}")
+    repeated = (f"; {args.clips_per_video} clips per video read ({len(dataset)} videos an epoch, "
+                f"{videos_per_batch} a step)" if args.clips_per_video > 1 else "")
+    print(f"Data: {len(records)} videos from {args.data_path}; video mask {mask_gen}; {text}{repeated}")
     return loader, dataset, sampler
 
 
@@ -145,8 +154,15 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
     return metrics
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if args.clips_per_video < 1 or args.batch_size % args.clips_per_video:
+        raise ValueError(f"--clips_per_video {args.clips_per_video} must be >= 1 and divide --batch_size "
+                         f"{args.batch_size} (a step's clips come from batch_size / clips_per_video videos)")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Pre-train; returns {"summary": last epoch's averages, "history": per-step scalars of this run}."""
+    check_args(args)
     dtype = utils.setup_run(args)
     eval_set = build_eval_dataset(args)  # first: a broken evaluation list stops the run before anything else
     tokenizer = datasets.build_tokenizer(args.tokenizer)
@@ -161,7 +177,7 @@ def main(args: argparse.Namespace) -> dict:
     groups = utils.param_groups(model, args.weight_decay, no_decay_names=getattr(model, "no_weight_decay", set)())
     for g in groups:
         g.pop("names")
-    _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
+    _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler) * args.clips_per_video)
     optimizer = utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, args.device_obj)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     run = engine.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule, wd_schedule, dtype)
