@@ -105,6 +105,14 @@ def test_plain_args_holds_only_plain_values():
     assert utils.plain_args(ns) == {"a": 1, "b": "x", "c": [1, 2], "d": "cpu", "e": None}
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
+    text = utils.emulated_bf16_warning("bf16", "cpu", native=False)
+    assert "without AVX512-BF16 or AMX" in text and "--precision auto" in text
+    assert utils.emulated_bf16_warning("bf16", "cpu", native=True) is None
+    assert utils.emulated_bf16_warning("bf16", "cuda", native=False) is None  # a GPU's case is auto_precision's
+    assert utils.emulated_bf16_warning("fp32", "cpu", native=False) is None
+
+
 def test_auto_precision_is_native_bf16_else_fp16_on_cuda_else_fp32():
     assert utils.auto_precision("cuda", native_bf16=True) == "bf16"
     assert utils.auto_precision("cuda", native_bf16=False) == "fp16"  # emulated bf16 does not count as native
