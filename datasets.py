@@ -2035,9 +2035,7 @@ class VideoQACollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        num_items = len(items)
-        items, copies = _one_clip_per_row(items)
-        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "num_items": num_items}
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["question_input_ids"], batch["question_mask"] = self._tokens([it["question"] for it in items],
