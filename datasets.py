@@ -1647,10 +1647,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
             return [train_frame_indices(n, self.num_frames, self.sampling_rate, self.sample_type,
                                         self.rng(index, copy_stream("frames", c))) for c in range(self.clips_per_video)]
 
-        frames, n = self._decode(path, lambda n: sorted({int(i) for p in plans(n) for i in p}), span)
-        row = {i: r for r, i in enumerate(sorted({int(i) for p in plans(n) for i in p}))}
+        frames, n = self._decode(path, lambda n: frame_union(plans(n)), span)
+        clips = plans(n)
+        row = {i: r for r, i in enumerate(frame_union(clips))}
         return [train_clip_transform(frames[[row[int(i)] for i in p]], self.input_size,
-                                     self.rng(index, copy_stream("crop", c))) for c, p in enumerate(plans(n))]
+                                     self.rng(index, copy_stream("crop", c))) for c, p in enumerate(clips)]
 
     # -- evaluation
 
@@ -1663,16 +1664,20 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def _test_item(self, index: int) -> dict[str, Any]:
         path = self.records.path(index)
         try:
-            frames, n = self._decode(path, lambda n: sorted({i for c in self._test_clips(n, index) for i in c}),
-                                     self.records.span(index))
+            frames, n = self._decode(path, lambda n: frame_union(self._test_clips(n, index)), self.records.span(index))
         except VideoDecodeError as e:
             raise VideoDecodeError(f"{e} [evaluation: broken videos are not skipped, so the test set never changes "
                                    f"silently; repair or remove this video from the annotation file]") from e
         clips = self._test_clips(n, index)
-        pos = {i: k for k, i in enumerate(sorted({i for c in clips for i in c}))}
+        pos = {i: k for k, i in enumerate(frame_union(clips))}
         views = test_views(frames, [[pos[i] for i in clip] for clip in clips], self.input_size,
                            self.short_side_size, self.test_num_crop)
         return {"video": views, "captions": self.records.captions(index), "index": index}
+
+
+def frame_union(clips: Iterable[Sequence[int]]) -> list[int]:
+    """The sorted distinct frame indices of several clips: what one decode of a video reads for all of them."""
+    return sorted({int(i) for clip in clips for i in clip})
 
 
 def _decode_planned(path: str, backend: str, plan: Callable[[int], list[int]],
