@@ -81,13 +81,14 @@ def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
     assert ckpt["train_state"]["epoch"] == 2 and ckpt["train_state"]["micro_in_epoch"] == 0
 
 
-def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str) -> None:
+def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str,
+                           *extra: str) -> None:
     """Stop after `stop_after` steps, check where the checkpoint is, resume, and compare with the uninterrupted
-    run: the same steps, the same per-step losses, the same final weights."""
+    run (made with the same `extra` flags): the same steps, the same per-step losses, the same final weights."""
     full_out, full = uninterrupted
-    first = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, "--max_steps", str(stop_after)))
+    first = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, "--max_steps", str(stop_after), *extra))
     assert os.path.basename(checkpoint.find_latest(str(out_dir))) == expected_latest
-    second = run_simvtp_pretraining.main(_args(synthetic_root, out_dir))
+    second = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, *extra))
     resumed = first["history"] + second["history"]
     assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
     assert [a["loss"] for a in resumed] == [b["loss"] for b in full["history"]]  # bitwise on CPU
@@ -103,6 +104,14 @@ def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, synthetic_ro
 def test_resume_mid_epoch_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
     _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth")
+
+
+def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, tmp_path):
+    """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch."""
+    full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", "--clips_per_video", "2"))
+    steps_per_epoch = len(full["history"]) // 2
+    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", steps_per_epoch + 1,
+                           "checkpoint-1-step1.pth", "--clips_per_video", "2")
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, tmp_path, capsys):
