@@ -34,7 +34,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
-from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias
+from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias, sample_negatives
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
@@ -700,15 +700,6 @@ def itc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: tor
     return -((v2t * targets).sum(1).mean() + (t2v * targets).sum(1).mean()) / 2
 
 
-def sample_other_video(sim: torch.Tensor, same_video: torch.Tensor, hard: bool = True) -> torch.Tensor:
-    """One column per row of sim [B, B] that is not the same video (same_video bool [B, B], diagonal included):
-    drawn with probability softmax(sim) (hard) or uniformly. A row whose every column is the same video falls
-    back to any other column (such a batch has no true negative for it)."""
-    logits = torch.nan_to_num(sim.detach().float(), nan=0.0) if hard else torch.zeros_like(sim, dtype=torch.float)
-    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
-    exclude = same_video & ~(same_video.all(dim=1, keepdim=True))
-    return torch.multinomial(logits.masked_fill(exclude | eye, float("-inf")).softmax(dim=1), 1).squeeze(1)
-
 # ------------------------------------------------------------------------------------------------- the model
 
 
@@ -811,10 +802,9 @@ class SViTTPretrain(nn.Module):
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
-            same = video_ids[:, None] == video_ids[None, :]
             hard = self.vtm_negatives == "hard"
-            neg_video = sample_other_video(sim.t(), same, hard)
-            neg_text = sample_other_video(sim, same, hard)
+            neg_video = sample_negatives(sim.t(), hard, video_ids)  # never another clip of the same video
+            neg_text = sample_negatives(sim, hard, video_ids)
         videos = torch.cat([video_tokens, video_tokens[neg_video], video_tokens])
         texts = torch.cat([text_states, text_states, text_states[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])

@@ -311,7 +311,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     emulated bf16 (emulated_bf16_warning)."""
     if precision == "auto":
         precision = auto_precision(device.type, native_bf16(device))
-    elif precision == "bf16" and device.type == "cpu":
+    elif precision == "bf16":
         warning = emulated_bf16_warning(precision, device.type, native_bf16(device))
         if warning:
             print(warning, file=sys.stderr, flush=True)
