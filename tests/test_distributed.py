@@ -127,13 +127,15 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
 def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
     """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
     import checkpoint
-    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *model)
-    part = tmp_path / "part"
-    _torchrun_pretrain(synthetic_root, part, "--max_steps", "2", *model)
-    saved = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))
+    keep = ("--save_every_steps", "2", "--keep_last", "0")  # the uninterrupted run also leaves its step-2 state
+    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *keep, *model)
+    step_2 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
+    saved = checkpoint.read_checkpoint_file(step_2)
+    assert saved["global_step"] == 2 and saved["step_in_epoch"] == 2  # mid-epoch: the resumed run trains 2 more
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    resumed = _torchrun_pretrain(synthetic_root, part, *model)
+    part = tmp_path / "part"
+    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_2), *model)
     assert "Resumed from" in resumed.stdout
     want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
     got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]
