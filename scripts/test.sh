@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
 # Set up .venv (same step as the demo) and run the whole test suite. Extra arguments go to pytest.
+# With 2 or more cores the test files are shared among pytest-xdist workers (one per core, at most 4; each file's
+# tests stay in one worker, so a module's fixtures are built once): SIMVTP_TEST_WORKERS=N sets their number, and
+# SIMVTP_TEST_WORKERS=1 runs every test in this one process.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh requirements.txt requirements-test.txt
-"$PY" -m pytest tests -q -p no:cacheprovider "$@"
+cores="$(nproc 2>/dev/null || echo 1)"
+workers="${SIMVTP_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+if ! [[ "$workers" =~ ^[0-9]+$ ]] || (( workers < 1 )); then
+  echo "scripts/test.sh: SIMVTP_TEST_WORKERS must be a whole number >= 1, got '$workers'" >&2
+  exit 2
+fi
+parallel=()
+if (( workers > 1 )); then
+  parallel=(-n "$workers" --dist loadfile)
+fi
+echo "scripts/test.sh: $workers pytest worker(s) on $cores core(s)"
+"$PY" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" "$@"

@@ -25,6 +25,8 @@ if str(ROOT) not in sys.path:  # the modules live flat in the repo root (also wh
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one torch thread each (and in the processes
+    os.environ["OMP_NUM_THREADS"] = "1"  # they start), or their OpenMP threads spin-wait on each other's cores
 
 import synthetic_dataset  # noqa: E402
 
