@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv (same step as the demo) and run the whole test suite. Extra arguments go to pytest.
+# Set up .venv (same step as the demo) and run the whole test suite. Extra arguments go to pytest; given a test
+# file or folder (e.g. tests/test_masking.py or tests/test_masking.py::name), only that runs.
 # With 2 or more cores the test files are shared among pytest-xdist workers (one per core, at most 4; each file's
 # tests stay in one worker, so a module's fixtures are built once): SIMVTP_TEST_WORKERS=N sets their number, and
 # SIMVTP_TEST_WORKERS=1 runs every test in this one process.
@@ -17,4 +18,8 @@ if (( workers > 1 )); then
   parallel=(-n "$workers" --dist loadfile)
 fi
 echo "scripts/test.sh: $workers pytest worker(s) on $cores core(s)"
-"$PY" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" "$@"
+where=(tests)
+for arg in "$@"; do  # a test file or folder under tests/ (not an option's value such as --basetemp DIR)
+  if [[ "$arg" != -* && -e "${arg%%::*}" && "$(realpath "${arg%%::*}")/" == "$PWD/tests/"* ]]; then where=(); break; fi
+done
+"$PY" -m pytest "${where[@]}" -q -p no:cacheprovider "${parallel[@]}" "$@"

@@ -381,3 +381,16 @@ def test_fast_malloc_puts_tcmalloc_under_a_real_process_when_installed(tmp_path)
                          env={**os.environ, "LD_PRELOAD": preload}, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "libtcmalloc_minimal.so.4" in run.stdout
+
+
+@pytest.mark.skipif(os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(REPO, ".venv")),
+                    reason="scripts/test.sh sets up the project's .venv; these tests run outside it")
+def test_the_test_script_runs_only_the_tests_it_is_given_and_refuses_a_bad_worker_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    one = "tests/test_masking.py::test_short_caption_gets_at_least_one_mask_and_empty_gets_none"
+    run = subprocess.run(["bash", "scripts/test.sh", one, "--basetemp", str(tmp_path / "t")], cwd=REPO, text=True,
+                         capture_output=True, env={**env, "SIMVTP_TEST_WORKERS": "1"}, timeout=300)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    bad = subprocess.run(["bash", "scripts/test.sh"], cwd=REPO, text=True, capture_output=True,
+                         env={**env, "SIMVTP_TEST_WORKERS": "0"}, timeout=300)
+    assert bad.returncode == 2 and "SIMVTP_TEST_WORKERS must be a whole number >= 1, got '0'" in bad.stderr
