@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 ENSEMBLES = ("lse", "mean", "max")
+# likelihood: log P(answer) = sum of its tokens' log-probs. release: the SViTT release's (ALBEF's) rank_answer, which
+# adds the first answer token's log-prob once more to a sum that already holds it (kept to measure it, not to use).
+SCORINGS = ("likelihood", "release")
 
 
 class AnswerDecoder(Protocol):
@@ -46,18 +49,24 @@ def weighted_answer_loss(model: AnswerDecoder, memory: torch.Tensor, memory_mask
 
 @torch.no_grad()
 def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, answer_ids: torch.Tensor,
-                    answer_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    answer_mask: torch.Tensor, k: int, scoring: str = "likelihood"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-list answering: the decoder's first-token distribution after [CLS] picks each question's top k
-    answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+    answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood (`scoring`
+    "release": plus the first token's log-prob again, see SCORINGS).
     memory [Q, M, D] -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     num_q, num_a = len(memory), len(answer_ids)
     k = min(k, num_a)
     start = answer_ids[:1, :1].expand(num_q, 1)
     first = model.decode(start, torch.ones_like(start), memory, memory_mask)[:, 0].float().log_softmax(-1)
-    top = first[:, answer_ids[:, 1]].topk(k, dim=1).indices  # [Q, k]
+    top_first, top = first[:, answer_ids[:, 1]].topk(k, dim=1)  # [Q, k]
     rows = top.flatten()
     owner = torch.arange(num_q, device=memory.device).repeat_interleave(k)
     ll = -answer_nll(model, memory, memory_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
+    if scoring == "release":
+        ll = ll + top_first
     scores = torch.full((num_q, num_a), float("-inf"), device=memory.device).scatter(1, top, ll)
     return scores.argmax(dim=1), scores
 
