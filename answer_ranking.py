@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 ENSEMBLES = ("lse", "mean", "max")
-# likelihood: log P(answer) = sum of its tokens' log-probs. release: the SViTT release's (ALBEF's) rank_answer, which
-# adds the first answer token's log-prob once more to a sum that already holds it (kept to measure it, not to use).
-SCORINGS = ("likelihood", "release")
+# likelihood: log P(answer) = sum of its tokens' log-probs. The SViTT release adds a first-token term to that sum
+# (kept to measure it, not to use; README "Video question answering"): release, its configured path
+# (rank_answer_ensemble, one clip): log softmax over the vocabulary of the first-token *probabilities*, i.e. that
+# probability (0..1) minus a constant; release_concat (its rank_answer): the first token's log-prob, counted twice.
+SCORINGS = ("likelihood", "release", "release_concat")
 
 
 class AnswerDecoder(Protocol):
@@ -53,7 +55,7 @@ def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: tor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-list answering: the decoder's first-token distribution after [CLS] picks each question's top k
     answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood (`scoring`
-    "release": plus the first token's log-prob again, see SCORINGS).
+    release / release_concat: plus the release's first-token term, see SCORINGS).
     memory [Q, M, D] -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
@@ -66,6 +68,8 @@ def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: tor
     owner = torch.arange(num_q, device=memory.device).repeat_interleave(k)
     ll = -answer_nll(model, memory, memory_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
     if scoring == "release":
+        ll = ll + first.exp().log_softmax(-1)[:, answer_ids[:, 1]].gather(1, top)
+    elif scoring == "release_concat":
         ll = ll + top_first
     scores = torch.full((num_q, num_a), float("-inf"), device=memory.device).scatter(1, top, ll)
     return scores.argmax(dim=1), scores

@@ -65,19 +65,25 @@ def test_loss_trains_the_decoder_and_both_towers():
         assert part.grad is not None and part.grad.abs().sum() > 0
 
 
-def test_release_scoring_adds_the_first_token_log_prob_once_more(qa_model):
+def test_release_scorings_add_the_first_token_term(qa_model):
     """The SViTT release's rank_answer (models/model_vqa.py:154-159) adds log p(first token) to a log-likelihood
-    that already holds it; scoring="release" reproduces that, the default does not."""
+    that already holds it (release_concat); its configured rank_answer_ensemble softmaxes the first-token
+    probabilities again (lines 228, 242) and adds that log (release). The default adds nothing."""
     video, q_ids, q_mask = question_inputs(2)
     a_ids, a_mask = padded(ANSWERS)
     states = qa_model.encode_question(video, q_ids, q_mask)
     _, ours = answer_ranking.rank_by_decoder(qa_model, states, q_mask, a_ids, a_mask, k=3)
+    _, concat = answer_ranking.rank_by_decoder(qa_model, states, q_mask, a_ids, a_mask, k=3,
+                                               scoring="release_concat")
     _, release = answer_ranking.rank_by_decoder(qa_model, states, q_mask, a_ids, a_mask, k=3, scoring="release")
     start = torch.full((2, 1), CLS)
-    first = qa_model.decode(start, torch.ones_like(start), states, q_mask)[:, 0].log_softmax(-1)[:, a_ids[:, 1]]
+    first = qa_model.decode(start, torch.ones_like(start), states, q_mask)[:, 0].log_softmax(-1)
     kept = torch.isfinite(ours)
-    assert torch.equal(kept, torch.isfinite(release)) and kept.sum() == 6
-    torch.testing.assert_close(release[kept], (ours + first)[kept], atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept, torch.isfinite(concat)) and torch.equal(kept, torch.isfinite(release))
+    assert kept.sum() == 6
+    torch.testing.assert_close(concat[kept], (ours + first[:, a_ids[:, 1]])[kept], atol=1e-5, rtol=1e-5)
+    twice = first.exp().softmax(-1)[:, a_ids[:, 1]].log()
+    torch.testing.assert_close(release[kept], (ours + twice)[kept], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one of likelihood, release"):
         answer_ranking.rank_by_decoder(qa_model, states, q_mask, a_ids, a_mask, k=3, scoring="albef")
 
