@@ -160,8 +160,8 @@ def main(argv=None) -> dict:
     print_table(["comparison", "max |log-prob diff|", "best answer agrees %"],
                 [[name, f"{d:.2e}", f"{a:.1f}"] for name, (d, a) in rows.items()])
     differ = release_tokens_differ(tokenizer, answers, a_ids)
-    print(f"answer tokens: the release's `answer [SEP]` gives {differ} of {len(answers)} answers other tokens than "
-          f"ours ([CLS] answer [SEP] [SEP]; the comparison above gives both our tokens)")
+    print(f"answer tokens: the release tokenises `answer [SEP]` ([CLS] answer [SEP] [SEP]): {differ} of "
+          f"{len(answers)} answers differ from ours (the comparison above gives both our tokens)")
     return dict(rows=rows, tokens_differ=differ)
 
 
