@@ -651,9 +651,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, La, D], self_bias [N, 1, La, La], memory [N, M, D], memory_bias [N, 1, 1, M] -> [N, La, D]."""
+        """x: [N, La, D], self_bias [N, 1, La, La], memory [Q, M, D], memory_bias [Q, 1, 1, M] -> [N, La, D]. Q may
+        divide N: each memory row then serves N / Q consecutive answers, whose tokens query it together (its keys
+        and values computed once, never copied per answer)."""
         x = x + self.drop_path(self.attn(self.norm1(x), bias=self_bias))
-        x = x + self.drop_path(self.cross_attn(self.cross_norm(x), context=memory, bias=memory_bias))
+        shared = self.cross_norm(x).reshape(len(memory), -1, x.shape[-1])
+        x = x + self.drop_path(self.cross_attn(shared, context=memory, bias=memory_bias).reshape(x.shape))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -668,7 +671,8 @@ class AnswerDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, La, D] embedded answers, answer_mask [N, La], memory [N, M, D], memory_mask [N, M] -> [N, La, D]."""
+        """x: [N, La, D] embedded answers, answer_mask [N, La], memory [Q, M, D], memory_mask [Q, M] (Q = N, or Q
+        divides N: see DecoderLayer) -> [N, La, D]."""
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         memory_bias = padding_bias(memory_mask.bool(), x.dtype)
         for layer in self.layers:
@@ -733,8 +737,8 @@ class SimVTPQA(TubeModelContract, nn.Module):
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
                memory_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D]
-        -> next-token logits [N, La, vocab]."""
+        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D], or
+        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]."""
         x = self.text_embeddings(answer_ids)
         return self.text_cls(self.answer_decoder(x, answer_mask, memory, memory_mask))
 

@@ -560,8 +560,9 @@ class BertLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, _ = self.attention(x, x, text_bias)
         probs = None
-        if video is not None:
-            x, probs = self.crossattention(x, video, video_bias, want_probs)
+        if video is not None:  # video may have fewer rows: each serves len(x) / len(video) consecutive rows of x
+            shared, probs = self.crossattention(x.reshape(len(video), -1, x.shape[-1]), video, video_bias, want_probs)
+            x = shared.reshape(x.shape)
         return self.output(F.gelu(self.intermediate.dense(x)), x), probs
 
 
@@ -943,7 +944,8 @@ class SViTTQA(SViTTPretrain):
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
                question_mask: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
-        [N, Lq, D] -> next-token logits [N, La, vocab]."""
+        [N, Lq, D], or [Q, Lq, D] when each question's N / Q answers are consecutive rows (its keys and values
+        computed once) -> next-token logits [N, La, vocab]."""
         x = self.text_decoder.bert.embeddings(input_ids=answer_ids)
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         question_bias = key_padding_bias(question_mask, x.dtype)
