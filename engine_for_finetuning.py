@@ -540,17 +540,32 @@ def match_log_odds(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 1] - logits[..., 0]
 
 
+class FirstViews(torch.utils.data.Dataset):
+    """What re-ranking reads of each video: position pos -> the first view [C, T', H, W] (uint8) of the test-mode
+    dataset's item rows[pos] (rows: the evaluation's dataset indices, in the order of its similarity matrix)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, rows: Sequence[int]) -> None:
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        return self.dataset[self.rows[pos]]["video"][0]
+
+
 @torch.no_grad()
-def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
-                 load_video: Callable[[int], torch.Tensor], captions: Sequence[str], tokenizer,
-                 cfg: EvalConfig) -> dict[tuple[int, int], float]:
+def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]], videos: Sequence[torch.Tensor],
+                 captions: Sequence[str], tokenizer, cfg: EvalConfig, num_workers: int = 0
+                 ) -> dict[tuple[int, int], float]:
     """Matching-head score of each (text, video) pair: the log-odds of match (match_log_odds) of each of the
     video's clips (eval_clips: cfg's k clips, frame order and ensemble), aggregated over clips by cfg.ensemble.
 
-    Each video is decoded once (`load_video(pos) -> uint8 [C, T', H, W]`, normalised on the device) and paired
-    with all its candidate texts in chunks of cfg.chunk; a model with `match_video_cache` computes its video-only
-    part once per clip. Videos are dealt to ranks in turn (each scores its share, with progress and ETA); the
-    scores are gathered once at the end.
+    Each video is decoded once (`videos[pos]` -> uint8 [C, T', H, W], e.g. FirstViews; read by num_workers
+    loader processes as evaluation reads its clips, pinned for a CUDA device, normalised on the device) and
+    paired with all its candidate texts in chunks of cfg.chunk; a model with `match_video_cache` computes its
+    video-only part once per clip. Videos are dealt to ranks in turn (each scores its share, with progress and
+    ETA); the scores are gathered once at the end.
     """
     was_training = match_model.training
     match_model.eval()
@@ -558,11 +573,13 @@ def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
     for t, v in pairs:
         by_video.setdefault(v, []).append(t)
     mine = sorted(by_video)[distributed.get_rank()::distributed.get_world_size()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(videos, mine), batch_size=None,
+                                         num_workers=num_workers, pin_memory=cfg.device.type == "cuda")
     tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
     scores: dict[tuple[int, int], float] = {}
     logger = utils.MetricLogger(cfg.print_freq)
-    for v in logger.log_every(mine, total=len(mine), header="Re-rank", unit="videos"):
-        clips = eval_clips(load_video(v).to(cfg.device), cfg)  # [k, C, T, H, W]
+    for video, v in zip(logger.log_every(loader, total=len(mine), header="Re-rank", unit="videos"), mine):
+        clips = eval_clips(video.to(cfg.device, non_blocking=True), cfg)  # [k, C, T, H, W]
         texts = by_video[v]
         per_clip = torch.stack([_score_clip(match_model, datasets.normalize_video(clip.unsqueeze(0)), texts,
                                             captions, tokenize, cfg) for clip in clips])

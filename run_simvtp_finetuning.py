@@ -370,8 +370,8 @@ def test_one_order(model, match_model, records: list, loader, args: argparse.Nam
         t0 = time.time()
         one_view = eval_dataset(records, args, 1, 1, frames)
         scores = engine.match_scores(
-            match_model, engine.candidate_pairs(res["sim"], args.rerank_k),
-            lambda pos: one_view[res["indices"][pos]]["video"][0], res["captions"], tokenizer, cfg)
+            match_model, engine.candidate_pairs(res["sim"], args.rerank_k), engine.FirstViews(one_view, res["indices"]),
+            res["captions"], tokenizer, cfg, num_workers=args.num_workers)
         out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores, args.rerank_k)
         out["rerank"].update(seconds=time.time() - t0, pairs=len(scores),
                              score="log-odds of match, " + args.eval_frame_ensemble + " over clips")

@@ -496,7 +496,8 @@ class Searcher:
         one_view = clip_dataset([self.video_path(h.id) for h in hits], clip, self.manifest["backend"], (1, 1))
         with self.lock:
             scores = engine.match_scores(self.match_model, [(0, pos) for pos in range(len(hits))],
-                                         lambda pos: one_view[pos]["video"][0], [text], self.tokenizer, self.cfg)
+                                         engine.FirstViews(one_view, range(len(hits))), [text], self.tokenizer,
+                                         self.cfg)
         for pos, hit in enumerate(hits):
             hit.match = scores[(0, pos)]
         return sorted(hits, key=lambda h: -h.match)
