@@ -211,10 +211,10 @@ class _OnlyInWorkers(torch.utils.data.Dataset):
 
 def test_reranking_reads_its_videos_in_loader_workers(svitt, tokenizer, test_set):
     videos, captions, _ = test_set
-    pairs = [(t, v) for v in range(3) for t in range(3)]
-    cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
-    here = engine.match_scores(svitt, pairs, videos[:3], captions, tokenizer, cfg)
-    in_workers = engine.match_scores(svitt, pairs, _OnlyInWorkers(videos[:3]), captions, tokenizer, cfg,
+    pairs = [(0, 0), (1, 0), (0, 1)]
+    cfg = engine.EvalConfig(torch.device("cpu"), chunk=4)
+    here = engine.match_scores(svitt, pairs, videos[:2, :, :4], captions, tokenizer, cfg)
+    in_workers = engine.match_scores(svitt, pairs, _OnlyInWorkers(videos[:2, :, :4]), captions, tokenizer, cfg,
                                      num_workers=1)
     assert in_workers == pytest.approx(here, abs=1e-6)
 
