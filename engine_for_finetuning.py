@@ -480,9 +480,11 @@ def shared_memory_share() -> int | None:
 
 def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0, max_text_len: int = 32,
                       dist_eval: bool = False, host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB,
-                      collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+                      collate_fn: Callable | None = None, device: torch.device | None = None
+                      ) -> torch.utils.data.DataLoader:
     """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later).
     collate_fn: the batches' collator (default: a VideoTextCollator with max_text_len; QA passes its own).
+    device: where the batches go; a CUDA device gets them in pinned memory (asynchronous copies).
 
     Sized by plan_eval_loader so its batches of uint8 views stay under host_memory_gb per process (and this
     process's share of /dev/shm); prints the estimate. The loader's batch_size may be below the asked one."""
@@ -498,7 +500,8 @@ def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0,
     collator = collate_fn or datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
     return torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, shuffle=False,
                                        num_workers=plan.num_workers, collate_fn=collator, drop_last=False,
-                                       prefetch_factor=plan.prefetch_factor or None)
+                                       prefetch_factor=plan.prefetch_factor or None,
+                                       pin_memory=device is not None and device.type == "cuda")
 
 
 def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: torch.device | str = "cpu",
@@ -516,7 +519,8 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: to
     """
     cfg = EvalConfig(device=torch.device(device), dtype=dtype, chunk=batch_size, max_text_len=max_text_len,
                      video_mask_ratio=video_mask_ratio, seed=seed)
-    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb)
+    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb,
+                               device=cfg.device)
     return evaluate(model, loader, tokenizer, cfg)["metrics"]
 
 # ----------------------------------------------------------------------------------------------- re-ranking

@@ -265,7 +265,8 @@ def embed_files(model: torch.nn.Module, paths: list[str], clip: dict, backend: s
     if not paths:
         return {}, {}
     loader = torch.utils.data.DataLoader(SafeClips(clip_dataset(paths, clip, backend)), batch_size=cfg.chunk,
-                                         num_workers=num_workers, collate_fn=list)
+                                         num_workers=num_workers, collate_fn=list,
+                                         pin_memory=cfg.device.type == "cuda")
     rows, errors = {}, {}
     logger = utils.MetricLogger(cfg.print_freq)
     for batch in logger.log_every(loader, total=len(loader), header="Embed", items_per_step=cfg.chunk,
