@@ -48,6 +48,13 @@ def gt_ranks(scores: torch.Tensor, gt_mask: torch.Tensor, chunk: int = 1024) -> 
     return torch.cat(out)
 
 
+def tied_ground_truths(scores: torch.Tensor, gt_mask: torch.Tensor) -> int:
+    """How many queries' best ground truth scores exactly as another candidate (which the tie rule then ranks
+    above it): scores computed in too low a precision show up here. scores, gt_mask: [Q, C] as gt_ranks."""
+    best_gt = scores.masked_fill(~gt_mask, float("-inf")).amax(dim=1, keepdim=True)
+    return int(((scores == best_gt) & ~gt_mask).any(dim=1).sum())
+
+
 def rank_summary(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     """R@K in percent, median and mean rank of 1-based ranks [Q]."""
     r = ranks.double()
@@ -100,17 +107,21 @@ def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Te
 
 
 def format_table(results: dict[str, dict], title: str = "Retrieval") -> str:
-    """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries. `results` maps a name to metrics."""
+    """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries, and `tied` (queries whose ground truth ties
+    another candidate) for the results that count them (re-ranking). `results` maps a name to metrics."""
     width = max([22] + [len(name) + 5 for name in results])
-    head = f"{'':<{width}}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
-    lines = [f"{title} -- {TIE_NOTE}", head, "-" * len(head)]
+    tied = any(f"{d}_tied" in m for m in results.values() for d in ("t2v", "v2t"))
+    head = (f"{'':<{width}}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
+            + (f"{'tied':>6}" if tied else ""))
+    lines = [f"{title} -- {TIE_NOTE}" + ("; tied: queries whose best ground truth ties another candidate" if tied
+                                         else ""), head, "-" * len(head)]
     for name, m in results.items():
         for d in ("t2v", "v2t"):
             if f"{d}_R@1" not in m:
                 continue
             cells = "".join(f"{m[f'{d}_R@{k}']:>7.1f}" for k in RECALL_AT)
             lines.append(f"{name + ' ' + d:<{width}}{cells}{m[f'{d}_MdR']:>7.1f}{m[f'{d}_MnR']:>8.1f}"
-                         f"{m[f'{d}_queries']:>9d}")
+                         f"{m[f'{d}_queries']:>9d}" + (f"{m.get(f'{d}_tied', ''):>6}" if tied else ""))
     return "\n".join(lines)
 
 
@@ -624,6 +635,7 @@ def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[
 
     Re-scored candidates are lifted above every similarity (max + 1 + score - the lowest score), so a ground truth
     outside the top-k keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
+    "t2v_tied" / "v2t_tied": queries whose best ground truth ties another candidate (tied_ground_truths).
     """
     sim = sim.float().cpu()
     low = min(scores.values()) if scores else 0.0
@@ -640,6 +652,10 @@ def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[
     m_v2t, _ = retrieval_metrics(s_v2t, text_to_video)
     out = {**{x: y for x, y in m_t2v.items() if x.startswith("t2v_")},
            **{x: y for x, y in m_v2t.items() if x.startswith("v2t_")}, "rerank_k": k}
+    mask = ground_truth_mask(text_to_video, *sim.shape)
+    queried = mask.any(dim=0)
+    out["t2v_tied"] = tied_ground_truths(s_t2v, mask)
+    out["v2t_tied"] = tied_ground_truths(s_v2t.t()[queried], mask.t()[queried])
     out["r1_sum"] = out["t2v_R@1"] + out["v2t_R@1"]
     return out
 

@@ -549,10 +549,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
 
     def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Joint pass + matching head -> [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
-        match_video_cache) stands in for `video`."""
+        """Joint pass + matching head -> fp32 [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
+        match_video_cache) stands in for `video`. The head runs in fp32 outside autocast: bf16 logits tie."""
         vis = video_cache if video_cache is not None else self.encoder.embed_video(video, video_mask)
-        return self.vtm_head(self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1])
+        cls = self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1]
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.vtm_head(cls.float())
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, video_mask: torch.Tensor, input_ids: torch.Tensor,

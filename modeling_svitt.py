@@ -861,10 +861,12 @@ class SViTTPretrain(nn.Module):
 
     def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Fused [CLS] -> itm_head -> [B, 2] (class 1 = match)."""
+        """Fused [CLS] -> itm_head -> fp32 [B, 2] (class 1 = match; the head outside autocast: bf16 logits tie)."""
         tokens = video_cache if video_cache is not None else self.match_video_cache(video)
         states = self.text_encoder.text_layers(input_ids, attention_mask)
-        return self.itm_head(self.fused_cls(states, attention_mask, tokens))
+        cls = self.fused_cls(states, attention_mask, tokens)
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.itm_head(cls.float())
 
 
 # ------------------------------------------------------------------------------------------------- video QA

@@ -195,6 +195,19 @@ def test_two_gloo_processes_rerank_like_one(svitt, tokenizer, test_set, tmp_path
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_matching_logits_are_fp32_under_bf16_autocast_in_both_families(svitt, tokenizer, test_set):
+    """Re-ranking compares these scores: computed in bf16 many would tie (and a tie ranks above the truth)."""
+    videos, captions, _ = test_set
+    simvtp = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer))
+    tok = datasets.VideoTextCollator(tokenizer).tokenize(captions[:3])
+    video = datasets.normalize_video(videos[:3, :, :4])
+    for model in (svitt, simvtp.eval()):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.match_logits(video, tok["input_ids"], tok["attention_mask"])
+        assert logits.dtype == torch.float32, type(model).__name__
+        assert not torch.equal(logits, logits.bfloat16().float()), type(model).__name__  # fp32's low bits are used
+
+
 class _OnlyInWorkers(torch.utils.data.Dataset):
     """Videos that refuse to be read in the main process."""
 
