@@ -729,11 +729,16 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return super().layer_id(name)
 
     # -- passes
-    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint pass of all tubes of video [B, 3, T, H, W] and the question [B, Lq] -> (memory [B, N + Lq, D],
-        memory_mask [B, N + Lq]: 1 on every video token and the question's real tokens)."""
-        vis = self.encoder.embed_video(video)
+    def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The question pass's video-only part, its tube embeddings [B, N, D]: evaluation computes it once per
+        video and answers all the video's questions from it."""
+        return self.encoder.embed_video(video)
+
+    def encode_question(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                        video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint pass of all tubes of video [B, 3, T, H, W] (or its video_tokens) and the question [B, Lq] ->
+        (memory [B, N + Lq, D], memory_mask [B, N + Lq]: 1 on every video token and the question's real tokens)."""
+        vis = self.video_tokens(video) if video_tokens is None else video_tokens
         memory = self.encoder(vis, self.text_embeddings(question_ids), question_mask)
         return memory, token_keep(vis.shape[1], question_mask).long()
 
@@ -753,13 +758,14 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return {"loss": weighted_answer_loss(self, memory, memory_mask, batch)}
 
     @torch.no_grad()
-    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128,
+                     video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
         top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        `video_tokens` (video_tokens() of each question's video) stands in for `video`.
         -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
-        memory, memory_mask = self.encode_question(video, question_ids, question_mask)
+        memory, memory_mask = self.encode_question(video, question_ids, question_mask, video_tokens)
         return rank_by_decoder(self, memory, memory_mask, answer_ids, answer_mask, k)
 
     # -- the retrieval half of the model contract does not apply

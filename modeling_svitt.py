@@ -936,10 +936,17 @@ class SViTTQA(SViTTPretrain):
         return super().layer_id(name)
 
     # -- passes
-    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
-                        ) -> torch.Tensor:
-        """video [B, 3, T, H, W], question [B, Lq] -> question states fused with the video [B, Lq, D]."""
-        video_tokens = self.vision_layernorm(self.vision(video).tokens)
+    def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The question pass's video-only part, the (pruned) normalised video tokens [B, Lv, D]: evaluation
+        computes it once per video and answers all the video's questions from it."""
+        return self.vision_layernorm(self.vision(video).tokens)
+
+    def encode_question(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                        video_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """video [B, 3, T, H, W] (or its video_tokens), question [B, Lq] -> question states fused with the video
+        [B, Lq, D]."""
+        if video_tokens is None:
+            video_tokens = self.video_tokens(video)
         states = self.text_encoder.text_layers(question_ids, question_mask)
         return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
 
@@ -965,13 +972,14 @@ class SViTTQA(SViTTPretrain):
         return {"loss": loss}
 
     @torch.no_grad()
-    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128,
+                     video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
         top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        `video_tokens` (video_tokens() of each question's video) stands in for `video`.
         -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
-        states = self.encode_question(video, question_ids, question_mask)
+        states = self.encode_question(video, question_ids, question_mask, video_tokens)
         return rank_by_decoder(self, states, question_mask, answer_ids, answer_mask, k)
 
     # -- the retrieval half of the model contract does not apply
