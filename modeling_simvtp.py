@@ -656,6 +656,8 @@ class DecoderLayer(nn.Module):
         """x: [N, La, D], self_bias [N, 1, La, La], memory [Q, M, D], memory_bias [Q, 1, 1, M] -> [N, La, D]. Q may
         divide N: each memory row then serves N / Q consecutive answers, whose tokens query it together (its keys
         and values computed once, never copied per answer)."""
+        if len(x) % len(memory):
+            raise ValueError(f"{len(memory)} memory rows cannot serve {len(x)} answers")
         x = x + self.drop_path(self.attn(self.norm1(x), bias=self_bias))
         shared = self.cross_norm(x).reshape(len(memory), -1, x.shape[-1])
         x = x + self.drop_path(self.cross_attn(shared, context=memory, bias=memory_bias).reshape(x.shape))

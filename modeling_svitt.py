@@ -561,6 +561,8 @@ class BertLayer(nn.Module):
         x, _ = self.attention(x, x, text_bias)
         probs = None
         if video is not None:  # video may have fewer rows: each serves len(x) / len(video) consecutive rows of x
+            if len(x) % len(video):
+                raise ValueError(f"{len(video)} rows of video tokens cannot serve {len(x)} rows of text")
             shared, probs = self.crossattention(x.reshape(len(video), -1, x.shape[-1]), video, video_bias, want_probs)
             x = shared.reshape(x.shape)
         return self.output(F.gelu(self.intermediate.dense(x)), x), probs

@@ -60,6 +60,8 @@ def test_scores_equal_each_answer_decoded_alone_over_its_question(qa):
         alone = -answer_ranking.answer_token_nll(logits, a_ids[a:a + 1], a_mask[a:a + 1])
         assert scores[q, a].item() == pytest.approx(alone.item(), abs=1e-4)
     assert torch.equal(best, scores.argmax(dim=1))
+    with pytest.raises(ValueError, match="cannot serve"):  # never a silent split of one answer over two questions
+        model.decode(a_ids[:4], a_mask[:4], *memory_of(12, questions=3))
 
 
 def test_peak_memory_grows_with_k_by_the_answer_tokens_not_copies_of_the_memory(qa):
