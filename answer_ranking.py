@@ -2,8 +2,10 @@
 
 A QA model that generates answers exposes `decode(answer_ids, answer_mask, memory, memory_mask) -> logits
 [N, La, vocab]`: teacher-forced next-token logits of answers ([CLS] answer [SEP], padded) over the states its
-question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state). Everything here is built on
-that one method, so training loss, closed-list ranking and clip ensembling are the same for every family.
+question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state). Given Q < N memory rows, each
+serves N / Q consecutive answers (their tokens query it together): ranking k answers per question then holds one
+copy of a question's memory, not k. Everything here is built on that one method, so training loss, closed-list
+ranking and clip ensembling are the same for every family.
 """
 from __future__ import annotations
 
@@ -64,9 +66,9 @@ def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: tor
     start = answer_ids[:1, :1].expand(num_q, 1)
     first = model.decode(start, torch.ones_like(start), memory, memory_mask)[:, 0].float().log_softmax(-1)
     top_first, top = first[:, answer_ids[:, 1]].topk(k, dim=1)  # [Q, k]
-    rows = top.flatten()
-    owner = torch.arange(num_q, device=memory.device).repeat_interleave(k)
-    ll = -answer_nll(model, memory, memory_mask, answer_ids[rows], answer_mask[rows], owner).view(num_q, k)
+    rows = top.flatten()  # question-major: each question's k answers are consecutive and share its memory row
+    logits = model.decode(answer_ids[rows], answer_mask[rows], memory, memory_mask)
+    ll = -answer_token_nll(logits, answer_ids[rows], answer_mask[rows]).view(num_q, k)
     if scoring == "release":
         ll = ll + first.exp().log_softmax(-1)[:, answer_ids[:, 1]].gather(1, top)
     elif scoring == "release_concat":

@@ -13,7 +13,8 @@ Flow (one direction)::
 
 Video QA: read_qa_annotations(file) -> [QARecord(path, question, answers, weights, question_id, answer_type)],
 read_answer_list(file), VideoQADataset (the clips of VideoTextDataset + question and weighted answers),
-VideoQACollator (question and answer tokens, one answer row per distinct answer; its docstring lists the keys).
+VideoQACollator (question and answer tokens, one answer row per distinct answer; its docstring lists the keys);
+for evaluation VideoQATestSet + VideoQATestCollator (each video decoded once with all its questions).
 
 Every random choice about a sample (frames, crop, tube mask, text mask, caption, retry) comes from
 ``sample_rng(seed, epoch, index, stream)``: a batch split over processes, a resumed run and a re-run all see the
@@ -80,7 +81,7 @@ __all__ = [
     "ExcludeList", "read_exclude_list", "excluded_indices", "exclusions_for", "fallthrough_order", "check_hint",
     "DATA_SETS", "MATCH_BY", "AnnotationFormat", "annotation_format", "clean_caption", "span_frames",
     "QARecord", "answer_weights", "read_qa_annotations", "read_answer_list", "UnlistedAnswers", "unlisted_answers",
-    "top_answer", "VideoQADataset", "VideoQACollator",
+    "top_answer", "VideoQADataset", "VideoQACollator", "VideoQATestSet", "VideoQATestCollator",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -2062,4 +2063,56 @@ class VideoQACollator:
             batch["videos_read"] = torch.tensor(sum(int(it.get("read", 1)) for it in items), dtype=torch.long)
             batch["videos_broken"] = torch.tensor(sum(int(it.get("broken", 0)) for it in items), dtype=torch.long)
             batch["broken_videos"] = list(dict(p for it in items for p in it.get("broken_videos", ())).items())
+        return batch
+
+
+class VideoQATestSet(torch.utils.data.Dataset):
+    """Test questions grouped by video: item i is the i-th distinct video of the records (first-seen order), its
+    views [V, 3, T, H, W] decoded once as VideoTextDataset's test mode does (same video options), with all its
+    questions: "index" (their positions in `records`) and "question" (their texts), in file order. Evaluation
+    then decodes and encodes each video once, however many questions it has."""
+
+    def __init__(self, records: Sequence[QARecord], **video_options: Any) -> None:
+        if not records:
+            raise ValueError("no questions: the QA annotation file listed none")
+        self.records = list(records)
+        by_video: dict[str, list[int]] = {}
+        for k, r in enumerate(self.records):
+            by_video.setdefault(r.path, []).append(k)
+        self.questions = list(by_video.values())
+        self.videos = VideoTextDataset([VideoRecord(path, [str(k) for k in ks], _id_of(os.path.basename(path)))
+                                        for path, ks in by_video.items()], mode="test", **video_options)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __repr__(self) -> str:
+        return f"VideoQATestSet({len(self.records)} questions about {len(self)} videos; clips: {self.videos!r})"
+
+    def video_nbytes(self) -> int:
+        return self.videos.video_nbytes()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ks = self.questions[int(index)]
+        return {"video": self.videos[int(index)]["video"], "index": list(ks),
+                "question": [self.records[k].question for k in ks]}
+
+
+class VideoQATestCollator(VideoQACollator):
+    """Batches VideoQATestSet items (B videos, Q questions about them in all):
+    - video uint8 [B, V, 3, T, H, W]
+    - question_input_ids, question_mask long [Q, Lq] as VideoQACollator's, video by video
+    - question_video long [Q]: the row of each question's video in the batch
+    - index long [Q]: each question's position in the records
+    """
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        batch["question_input_ids"], batch["question_mask"] = self._tokens(
+            [q for it in items for q in it["question"]], self.max_q_len)
+        batch["question_video"] = torch.tensor([v for v, it in enumerate(items) for _ in it["index"]],
+                                               dtype=torch.long)
+        batch["index"] = torch.tensor([k for it in items for k in it["index"]], dtype=torch.long)
         return batch

@@ -48,6 +48,13 @@ def gt_ranks(scores: torch.Tensor, gt_mask: torch.Tensor, chunk: int = 1024) -> 
     return torch.cat(out)
 
 
+def tied_ground_truths(scores: torch.Tensor, gt_mask: torch.Tensor) -> int:
+    """How many queries' best ground truth scores exactly as another candidate (which the tie rule then ranks
+    above it): scores computed in too low a precision show up here. scores, gt_mask: [Q, C] as gt_ranks."""
+    best_gt = scores.masked_fill(~gt_mask, float("-inf")).amax(dim=1, keepdim=True)
+    return int(((scores == best_gt) & ~gt_mask).any(dim=1).sum())
+
+
 def rank_summary(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     """R@K in percent, median and mean rank of 1-based ranks [Q]."""
     r = ranks.double()
@@ -100,17 +107,21 @@ def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Te
 
 
 def format_table(results: dict[str, dict], title: str = "Retrieval") -> str:
-    """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries. `results` maps a name to metrics."""
+    """One row per (name, direction): R@1/5/10/50, MdR, MnR, queries, and `tied` (queries whose ground truth ties
+    another candidate) for the results that count them (re-ranking). `results` maps a name to metrics."""
     width = max([22] + [len(name) + 5 for name in results])
-    head = f"{'':<{width}}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
-    lines = [f"{title} -- {TIE_NOTE}", head, "-" * len(head)]
+    tied = any(f"{d}_tied" in m for m in results.values() for d in ("t2v", "v2t"))
+    head = (f"{'':<{width}}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@50':>7}{'MdR':>7}{'MnR':>8}{'queries':>9}"
+            + (f"{'tied':>6}" if tied else ""))
+    lines = [f"{title} -- {TIE_NOTE}" + ("; tied: queries whose best ground truth ties another candidate" if tied
+                                         else ""), head, "-" * len(head)]
     for name, m in results.items():
         for d in ("t2v", "v2t"):
             if f"{d}_R@1" not in m:
                 continue
             cells = "".join(f"{m[f'{d}_R@{k}']:>7.1f}" for k in RECALL_AT)
             lines.append(f"{name + ' ' + d:<{width}}{cells}{m[f'{d}_MdR']:>7.1f}{m[f'{d}_MnR']:>8.1f}"
-                         f"{m[f'{d}_queries']:>9d}")
+                         f"{m[f'{d}_queries']:>9d}" + (f"{m.get(f'{d}_tied', ''):>6}" if tied else ""))
     return "\n".join(lines)
 
 
@@ -480,9 +491,11 @@ def shared_memory_share() -> int | None:
 
 def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0, max_text_len: int = 32,
                       dist_eval: bool = False, host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB,
-                      collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+                      collate_fn: Callable | None = None, device: torch.device | None = None
+                      ) -> torch.utils.data.DataLoader:
     """Test-mode loader; with dist_eval each rank takes an interleaved share (padded by repeats, dropped later).
     collate_fn: the batches' collator (default: a VideoTextCollator with max_text_len; QA passes its own).
+    device: where the batches go; a CUDA device gets them in pinned memory (asynchronous copies).
 
     Sized by plan_eval_loader so its batches of uint8 views stay under host_memory_gb per process (and this
     process's share of /dev/shm); prints the estimate. The loader's batch_size may be below the asked one."""
@@ -498,7 +511,8 @@ def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0,
     collator = collate_fn or datasets.VideoTextCollator(tokenizer, max_text_len=max_text_len)
     return torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, shuffle=False,
                                        num_workers=plan.num_workers, collate_fn=collator, drop_last=False,
-                                       prefetch_factor=plan.prefetch_factor or None)
+                                       prefetch_factor=plan.prefetch_factor or None,
+                                       pin_memory=device is not None and device.type == "cuda")
 
 
 def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: torch.device | str = "cpu",
@@ -516,7 +530,8 @@ def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: to
     """
     cfg = EvalConfig(device=torch.device(device), dtype=dtype, chunk=batch_size, max_text_len=max_text_len,
                      video_mask_ratio=video_mask_ratio, seed=seed)
-    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb)
+    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb,
+                               device=cfg.device)
     return evaluate(model, loader, tokenizer, cfg)["metrics"]
 
 # ----------------------------------------------------------------------------------------------- re-ranking
@@ -540,17 +555,32 @@ def match_log_odds(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 1] - logits[..., 0]
 
 
+class FirstViews(torch.utils.data.Dataset):
+    """What re-ranking reads of each video: position pos -> the first view [C, T', H, W] (uint8) of the test-mode
+    dataset's item rows[pos] (rows: the evaluation's dataset indices, in the order of its similarity matrix)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, rows: Sequence[int]) -> None:
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        return self.dataset[self.rows[pos]]["video"][0]
+
+
 @torch.no_grad()
-def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
-                 load_video: Callable[[int], torch.Tensor], captions: Sequence[str], tokenizer,
-                 cfg: EvalConfig) -> dict[tuple[int, int], float]:
+def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]], videos: Sequence[torch.Tensor],
+                 captions: Sequence[str], tokenizer, cfg: EvalConfig, num_workers: int = 0
+                 ) -> dict[tuple[int, int], float]:
     """Matching-head score of each (text, video) pair: the log-odds of match (match_log_odds) of each of the
     video's clips (eval_clips: cfg's k clips, frame order and ensemble), aggregated over clips by cfg.ensemble.
 
-    Each video is decoded once (`load_video(pos) -> uint8 [C, T', H, W]`, normalised on the device) and paired
-    with all its candidate texts in chunks of cfg.chunk; a model with `match_video_cache` computes its video-only
-    part once per clip. Videos are dealt to ranks in turn (each scores its share, with progress and ETA); the
-    scores are gathered once at the end.
+    Each video is decoded once (`videos[pos]` -> uint8 [C, T', H, W], e.g. FirstViews; read by num_workers
+    loader processes as evaluation reads its clips, pinned for a CUDA device, normalised on the device) and
+    paired with all its candidate texts in chunks of cfg.chunk; a model with `match_video_cache` computes its
+    video-only part once per clip. Videos are dealt to ranks in turn (each scores its share, with progress and
+    ETA); the scores are gathered once at the end.
     """
     was_training = match_model.training
     match_model.eval()
@@ -558,11 +588,13 @@ def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
     for t, v in pairs:
         by_video.setdefault(v, []).append(t)
     mine = sorted(by_video)[distributed.get_rank()::distributed.get_world_size()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(videos, mine), batch_size=None,
+                                         num_workers=num_workers, pin_memory=cfg.device.type == "cuda")
     tokenize = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize
     scores: dict[tuple[int, int], float] = {}
     logger = utils.MetricLogger(cfg.print_freq)
-    for v in logger.log_every(mine, total=len(mine), header="Re-rank", unit="videos"):
-        clips = eval_clips(load_video(v).to(cfg.device), cfg)  # [k, C, T, H, W]
+    for video, v in zip(logger.log_every(loader, total=len(mine), header="Re-rank", unit="videos"), mine):
+        clips = eval_clips(video.to(cfg.device, non_blocking=True), cfg)  # [k, C, T, H, W]
         texts = by_video[v]
         per_clip = torch.stack([_score_clip(match_model, datasets.normalize_video(clip.unsqueeze(0)), texts,
                                             captions, tokenize, cfg) for clip in clips])
@@ -603,6 +635,7 @@ def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[
 
     Re-scored candidates are lifted above every similarity (max + 1 + score - the lowest score), so a ground truth
     outside the top-k keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
+    "t2v_tied" / "v2t_tied": queries whose best ground truth ties another candidate (tied_ground_truths).
     """
     sim = sim.float().cpu()
     low = min(scores.values()) if scores else 0.0
@@ -619,6 +652,10 @@ def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[
     m_v2t, _ = retrieval_metrics(s_v2t, text_to_video)
     out = {**{x: y for x, y in m_t2v.items() if x.startswith("t2v_")},
            **{x: y for x, y in m_v2t.items() if x.startswith("v2t_")}, "rerank_k": k}
+    mask = ground_truth_mask(text_to_video, *sim.shape)
+    queried = mask.any(dim=0)
+    out["t2v_tied"] = tied_ground_truths(s_t2v, mask)
+    out["v2t_tied"] = tied_ground_truths(s_v2t.t()[queried], mask.t()[queried])
     out["r1_sum"] = out["t2v_R@1"] + out["v2t_R@1"]
     return out
 

@@ -42,28 +42,43 @@ def answer_questions(model: torch.nn.Module, loader: Iterable[dict], answer_list
                      answer_ids: torch.Tensor, answer_mask: torch.Tensor, cfg: QAEvalConfig,
                      header: str = "QA") -> list[dict]:
     """Every question of the loader (this rank's share) -> {"index", "prediction", "score"}: the answer of the
-    list with the best ensembled log-likelihood over the V views x k clips of its video."""
+    list with the best ensembled log-likelihood over the V views x k clips of its video. A batch holds videos
+    [B, V, C, T', H, W] and the questions about them ("question_video" [Q]: each one's video row; without it
+    question i is about video i): each clip of a video is encoded once for all its questions."""
     model.eval()
-    device, dtype = cfg.clips.device, cfg.clips.dtype
+    device = cfg.clips.device
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     meters = utils.MetricLogger(print_freq=cfg.clips.print_freq)
     out = []
     total = len(loader) if hasattr(loader, "__len__") else 0
-    for batch in meters.log_every(loader, total=total, header=header, unit="questions",
+    for batch in meters.log_every(loader, total=total, header=header, unit="videos",
                                   items_per_step=getattr(loader, "batch_size", None) or 1):
         clips = engine_for_finetuning.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
         q_ids, q_mask = batch["question_input_ids"].to(device), batch["question_mask"].to(device)
-        per_clip = []
-        for j in range(clips.shape[1]):
-            video = datasets.normalize_video(clips[:, j].to(device, non_blocking=True))
-            with utils.autocast(device, dtype):
-                _, scores = model.rank_answers(video, q_ids, q_mask, answer_ids, answer_mask, cfg.k_test)
-            per_clip.append(scores.float())
+        q_video = batch.get("question_video", torch.arange(len(q_ids))).to(device)
+        per_clip = [rank_clip(model, datasets.normalize_video(clips[:, j].to(device, non_blocking=True)), q_ids,
+                              q_mask, q_video, answer_ids, answer_mask, cfg) for j in range(clips.shape[1])]
         scores = answer_ranking.ensemble_clip_scores(torch.stack(per_clip), cfg.clips.ensemble)
         best = scores.max(dim=1)
         for i, a, s in zip(batch["index"].tolist(), best.indices.tolist(), best.values.tolist()):
             out.append({"index": i, "prediction": answer_list[a], "score": s})
     return out
+
+
+def rank_clip(model: torch.nn.Module, video: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor,
+              q_video: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
+              cfg: QAEvalConfig) -> torch.Tensor:
+    """Answer scores [Q, A] (fp32) of every question about one normalised clip of its video (video [B, C, T, H, W],
+    q_video [Q] its row): the model's video_tokens once per video, the questions ranked cfg.clips.chunk at a time."""
+    with utils.autocast(cfg.clips.device, cfg.clips.dtype):
+        tokens = model.video_tokens(video)
+        scores = []
+        for start in range(0, len(q_ids), cfg.clips.chunk):
+            rows = slice(start, start + cfg.clips.chunk)
+            _, s = model.rank_answers(None, q_ids[rows], q_mask[rows], answer_ids, answer_mask, cfg.k_test,
+                                      video_tokens=tokens[q_video[rows]])
+            scores.append(s.float())
+    return torch.cat(scores)
 
 
 def merge_ranks(predictions: list[dict]) -> list[dict]:

@@ -9,7 +9,8 @@ The contract of a model (see README, "Add a model family"):
 - `forward(batch: dict, gather=None) -> {"loss": tensor, other named scalars}`: the collated batch in, its own
   losses out. `gather` ([b, ...] -> [world*b, ...], with gradient) makes contrastive losses global.
 - `encode_video(video, video_mask=None) -> [B, D]`, `encode_text(input_ids, attention_mask) -> [B, D]`,
-  `match_logits(video, input_ids, attention_mask) -> [B, 2]` (class 1 = match): retrieval, zero-shot, re-ranking.
+  `match_logits(video, input_ids, attention_mask) -> [B, 2]` (class 1 = match; fp32 even under autocast: ranking
+  scores): retrieval, zero-shot, re-ranking.
 - What it needs from the data: `takes_video_mask` (bool) and `token_grid(num_frames, height, width)` for the video
   mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) and `default_text_mask_ratio` for its
   MLM captions.

@@ -549,10 +549,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
 
     def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Joint pass + matching head -> [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
-        match_video_cache) stands in for `video`."""
+        """Joint pass + matching head -> fp32 [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
+        match_video_cache) stands in for `video`. The head runs in fp32 outside autocast: bf16 logits tie."""
         vis = video_cache if video_cache is not None else self.encoder.embed_video(video, video_mask)
-        return self.vtm_head(self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1])
+        cls = self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1]
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.vtm_head(cls.float())
 
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, video_mask: torch.Tensor, input_ids: torch.Tensor,
@@ -651,9 +653,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, La, D], self_bias [N, 1, La, La], memory [N, M, D], memory_bias [N, 1, 1, M] -> [N, La, D]."""
+        """x: [N, La, D], self_bias [N, 1, La, La], memory [Q, M, D], memory_bias [Q, 1, 1, M] -> [N, La, D]. Q may
+        divide N: each memory row then serves N / Q consecutive answers, whose tokens query it together (its keys
+        and values computed once, never copied per answer)."""
+        if len(x) % len(memory):
+            raise ValueError(f"{len(memory)} memory rows cannot serve {len(x)} answers")
         x = x + self.drop_path(self.attn(self.norm1(x), bias=self_bias))
-        x = x + self.drop_path(self.cross_attn(self.cross_norm(x), context=memory, bias=memory_bias))
+        shared = self.cross_norm(x).reshape(len(memory), -1, x.shape[-1])
+        x = x + self.drop_path(self.cross_attn(shared, context=memory, bias=memory_bias).reshape(x.shape))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -668,7 +675,8 @@ class AnswerDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, La, D] embedded answers, answer_mask [N, La], memory [N, M, D], memory_mask [N, M] -> [N, La, D]."""
+        """x: [N, La, D] embedded answers, answer_mask [N, La], memory [Q, M, D], memory_mask [Q, M] (Q = N, or Q
+        divides N: see DecoderLayer) -> [N, La, D]."""
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         memory_bias = padding_bias(memory_mask.bool(), x.dtype)
         for layer in self.layers:
@@ -723,18 +731,23 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return super().layer_id(name)
 
     # -- passes
-    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint pass of all tubes of video [B, 3, T, H, W] and the question [B, Lq] -> (memory [B, N + Lq, D],
-        memory_mask [B, N + Lq]: 1 on every video token and the question's real tokens)."""
-        vis = self.encoder.embed_video(video)
+    def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The question pass's video-only part, its tube embeddings [B, N, D]: evaluation computes it once per
+        video and answers all the video's questions from it."""
+        return self.encoder.embed_video(video)
+
+    def encode_question(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                        video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint pass of all tubes of video [B, 3, T, H, W] (or its video_tokens) and the question [B, Lq] ->
+        (memory [B, N + Lq, D], memory_mask [B, N + Lq]: 1 on every video token and the question's real tokens)."""
+        vis = self.video_tokens(video) if video_tokens is None else video_tokens
         memory = self.encoder(vis, self.text_embeddings(question_ids), question_mask)
         return memory, token_keep(vis.shape[1], question_mask).long()
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
                memory_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D]
-        -> next-token logits [N, La, vocab]."""
+        """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D], or
+        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]."""
         x = self.text_embeddings(answer_ids)
         return self.text_cls(self.answer_decoder(x, answer_mask, memory, memory_mask))
 
@@ -747,13 +760,14 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return {"loss": weighted_answer_loss(self, memory, memory_mask, batch)}
 
     @torch.no_grad()
-    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128,
+                     video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
         top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        `video_tokens` (video_tokens() of each question's video) stands in for `video`.
         -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
-        memory, memory_mask = self.encode_question(video, question_ids, question_mask)
+        memory, memory_mask = self.encode_question(video, question_ids, question_mask, video_tokens)
         return rank_by_decoder(self, memory, memory_mask, answer_ids, answer_mask, k)
 
     # -- the retrieval half of the model contract does not apply

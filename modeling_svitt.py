@@ -560,8 +560,11 @@ class BertLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, _ = self.attention(x, x, text_bias)
         probs = None
-        if video is not None:
-            x, probs = self.crossattention(x, video, video_bias, want_probs)
+        if video is not None:  # video may have fewer rows: each serves len(x) / len(video) consecutive rows of x
+            if len(x) % len(video):
+                raise ValueError(f"{len(video)} rows of video tokens cannot serve {len(x)} rows of text")
+            shared, probs = self.crossattention(x.reshape(len(video), -1, x.shape[-1]), video, video_bias, want_probs)
+            x = shared.reshape(x.shape)
         return self.output(F.gelu(self.intermediate.dense(x)), x), probs
 
 
@@ -860,10 +863,12 @@ class SViTTPretrain(nn.Module):
 
     def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Fused [CLS] -> itm_head -> [B, 2] (class 1 = match)."""
+        """Fused [CLS] -> itm_head -> fp32 [B, 2] (class 1 = match; the head outside autocast: bf16 logits tie)."""
         tokens = video_cache if video_cache is not None else self.match_video_cache(video)
         states = self.text_encoder.text_layers(input_ids, attention_mask)
-        return self.itm_head(self.fused_cls(states, attention_mask, tokens))
+        cls = self.fused_cls(states, attention_mask, tokens)
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.itm_head(cls.float())
 
 
 # ------------------------------------------------------------------------------------------------- video QA
@@ -933,17 +938,25 @@ class SViTTQA(SViTTPretrain):
         return super().layer_id(name)
 
     # -- passes
-    def encode_question(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
-                        ) -> torch.Tensor:
-        """video [B, 3, T, H, W], question [B, Lq] -> question states fused with the video [B, Lq, D]."""
-        video_tokens = self.vision_layernorm(self.vision(video).tokens)
+    def video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The question pass's video-only part, the (pruned) normalised video tokens [B, Lv, D]: evaluation
+        computes it once per video and answers all the video's questions from it."""
+        return self.vision_layernorm(self.vision(video).tokens)
+
+    def encode_question(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                        video_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """video [B, 3, T, H, W] (or its video_tokens), question [B, Lq] -> question states fused with the video
+        [B, Lq, D]."""
+        if video_tokens is None:
+            video_tokens = self.video_tokens(video)
         states = self.text_encoder.text_layers(question_ids, question_mask)
         return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
                question_mask: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
-        [N, Lq, D] -> next-token logits [N, La, vocab]."""
+        [N, Lq, D], or [Q, Lq, D] when each question's N / Q answers are consecutive rows (its keys and values
+        computed once) -> next-token logits [N, La, vocab]."""
         x = self.text_decoder.bert.embeddings(input_ids=answer_ids)
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         question_bias = key_padding_bias(question_mask, x.dtype)
@@ -961,13 +974,14 @@ class SViTTQA(SViTTPretrain):
         return {"loss": loss}
 
     @torch.no_grad()
-    def rank_answers(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int = 128,
+                     video_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-list answering (ALBEF): the decoder's first-token distribution after [CLS] picks each question's
         top k answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood.
+        `video_tokens` (video_tokens() of each question's video) stands in for `video`.
         -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
-        states = self.encode_question(video, question_ids, question_mask)
+        states = self.encode_question(video, question_ids, question_mask, video_tokens)
         return rank_by_decoder(self, states, question_mask, answer_ids, answer_mask, k)
 
     # -- the retrieval half of the model contract does not apply

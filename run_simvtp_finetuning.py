@@ -340,7 +340,7 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
             match_model = model if match_model is model else at_frames(match_model, frames, args)
     dataset = eval_dataset(records, args, args.test_num_segment, args.test_num_crop, frames)
     loader = engine.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers, args.max_text_len,
-                                      args.dist_eval, args.eval_host_memory_gb)
+                                      args.dist_eval, args.eval_host_memory_gb, device=args.device_obj)
     runs = {order: test_one_order(model, match_model, records, loader, args, tokenizer,
                                   eval_config(args, dtype, mask_ratio, clips, order), frames, prefix)
             for order in dict.fromkeys(args.eval_frame_order)}
@@ -370,8 +370,8 @@ def test_one_order(model, match_model, records: list, loader, args: argparse.Nam
         t0 = time.time()
         one_view = eval_dataset(records, args, 1, 1, frames)
         scores = engine.match_scores(
-            match_model, engine.candidate_pairs(res["sim"], args.rerank_k),
-            lambda pos: one_view[res["indices"][pos]]["video"][0], res["captions"], tokenizer, cfg)
+            match_model, engine.candidate_pairs(res["sim"], args.rerank_k), engine.FirstViews(one_view, res["indices"]),
+            res["captions"], tokenizer, cfg, num_workers=args.num_workers)
         out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores, args.rerank_k)
         out["rerank"].update(seconds=time.time() - t0, pairs=len(scores),
                              score="log-odds of match, " + args.eval_frame_ensemble + " over clips")
@@ -464,7 +464,7 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     if records:
         loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
                                           tokenizer, args.batch_size, args.num_workers, args.max_text_len,
-                                          args.dist_eval, args.eval_host_memory_gb)
+                                          args.dist_eval, args.eval_host_memory_gb, device=args.device_obj)
         emb = engine.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
         video, video_ids = emb["video"], [records[i].video_id for i in emb["indices"]]
     text = engine.encode_texts(model, tokenizer, texts, cfg) if texts else None
@@ -583,7 +583,7 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
         val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
                                               args.num_workers, args.max_text_len, args.dist_eval,
-                                              args.eval_host_memory_gb)
+                                              args.eval_host_memory_gb, device=args.device_obj)
 
         def validate_epoch(epoch: int) -> dict:
             val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]

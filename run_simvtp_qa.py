@@ -152,13 +152,15 @@ def build_train_loader(records: list[datasets.QARecord], args: argparse.Namespac
 
 def build_eval_loader(records: list[datasets.QARecord], args: argparse.Namespace, tokenizer, segments: int,
                       crops: int, frames: int):
-    dataset = datasets.VideoQADataset(records, mode="test", test_num_segment=segments, test_num_crop=crops,
+    """Batches of --batch_size videos, each decoded once with all its questions (answered --batch_size at a
+    time)."""
+    dataset = datasets.VideoQATestSet(records, test_num_segment=segments, test_num_crop=crops,
                                       sample_type=args.sample_type_test, **{**video_options(args),
                                                                             "num_frames": frames})
-    return engine_for_finetuning.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers,
-                                                   dist_eval=args.dist_eval,
-                                                   host_memory_gb=args.eval_host_memory_gb,
-                                                   collate_fn=collator(args, tokenizer))
+    return engine_for_finetuning.build_eval_loader(
+        dataset, tokenizer, args.batch_size, args.num_workers, dist_eval=args.dist_eval,
+        host_memory_gb=args.eval_host_memory_gb, device=args.device_obj,
+        collate_fn=datasets.VideoQATestCollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len))
 
 # ----------------------------------------------------------------------------------------------- model
 
@@ -176,7 +178,8 @@ def qa_model_name(args: argparse.Namespace, ckpt: dict) -> str:
 
 
 def check_qa_model(model: torch.nn.Module) -> torch.nn.Module:
-    if not callable(getattr(model, "rank_answers", None)):
+    """A QA model answers (rank_answers) from each video's tokens encoded once (video_tokens)."""
+    if not all(callable(getattr(model, name, None)) for name in ("rank_answers", "video_tokens")):
         raise ValueError(f"--model {model.model_cfg['name']} is not a QA model (it has no answer decoder): use a "
                          "*_qa_* model, e.g. svitt_qa_tiny_patch16 or simvtp_qa_tiny_patch16")
     return model

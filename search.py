@@ -265,7 +265,8 @@ def embed_files(model: torch.nn.Module, paths: list[str], clip: dict, backend: s
     if not paths:
         return {}, {}
     loader = torch.utils.data.DataLoader(SafeClips(clip_dataset(paths, clip, backend)), batch_size=cfg.chunk,
-                                         num_workers=num_workers, collate_fn=list)
+                                         num_workers=num_workers, collate_fn=list,
+                                         pin_memory=cfg.device.type == "cuda")
     rows, errors = {}, {}
     logger = utils.MetricLogger(cfg.print_freq)
     for batch in logger.log_every(loader, total=len(loader), header="Embed", items_per_step=cfg.chunk,
@@ -303,6 +304,7 @@ def build_index(args: argparse.Namespace) -> dict:
     if not os.path.isdir(video_dir):
         raise FileNotFoundError(f"{args.video_dir}: not a folder of videos")
     device = utils.resolve_device(args.device)
+    utils.configure_device_math(device, args.tf32)
     dtype = utils.resolve_precision(args.precision, device)
     model, saved = load_model(args.ckpt, device)
     clip = clip_settings(args, model, saved)
@@ -426,7 +428,8 @@ class Searcher:
     terminal query and the web app share. Thread-safe: model calls are serialised."""
 
     def __init__(self, index_dir: str, ckpt: str | None = None, device: str = "cpu", precision: str | None = None,
-                 tokenizer: str | None = None, rerank_k: int = 0, rerank_ckpt: str | None = None) -> None:
+                 tokenizer: str | None = None, rerank_k: int = 0, rerank_ckpt: str | None = None,
+                 tf32: bool = True) -> None:
         manifest = read_manifest(index_dir)
         if manifest is None:
             raise FileNotFoundError(f"{index_dir}: no {MANIFEST}; build the index with search.py index")
@@ -436,6 +439,7 @@ class Searcher:
         self.videos = manifest["videos"]
         self.by_id = {v["id"]: v for v in self.videos}
         self.device = utils.resolve_device(device)
+        utils.configure_device_math(self.device, tf32)
         self.dtype = utils.resolve_precision(precision or manifest.get("precision", "fp32"), self.device)
         path = ckpt or manifest["checkpoint"]["path"]
         if not os.path.exists(path):
@@ -496,7 +500,8 @@ class Searcher:
         one_view = clip_dataset([self.video_path(h.id) for h in hits], clip, self.manifest["backend"], (1, 1))
         with self.lock:
             scores = engine.match_scores(self.match_model, [(0, pos) for pos in range(len(hits))],
-                                         lambda pos: one_view[pos]["video"][0], [text], self.tokenizer, self.cfg)
+                                         engine.FirstViews(one_view, range(len(hits))), [text], self.tokenizer,
+                                         self.cfg)
         for pos, hit in enumerate(hits):
             hit.match = scores[(0, pos)]
         return sorted(hits, key=lambda h: -h.match)
@@ -597,6 +602,8 @@ def add_runtime_args(p: argparse.ArgumentParser, precision: str | None, precisio
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision of the model " + precision_help)
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: fp32 matmuls and convolutions in TF32, cuDNN's autotuner on (as the run scripts)")
 
 
 def add_searcher_args(p: argparse.ArgumentParser) -> None:
@@ -638,8 +645,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ix.add_argument("--save_every", type=int, default=256, help="write the index after every this many new "
                     "videos (an interrupted run keeps them)")
     ix.add_argument("--print_freq", type=int, default=10, help="progress line every this many batches/videos")
-    add_runtime_args(ix, "fp32", "(auto: bf16 where the device has it; another precision than the index's "
-                     "embeds every video again)")
+    add_runtime_args(ix, "auto", "(auto, the run scripts' default: bf16 where the device runs it natively, else "
+                     "fp32 (fp16 on older GPUs); another precision than the index's embeds every video again)")
     q = sub.add_parser("query", help="print the top videos for a text",
                        formatter_class=utils.HelpFormatter)
     add_searcher_args(q)
@@ -657,7 +664,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def searcher_from(args: argparse.Namespace) -> Searcher:
     return Searcher(args.index_dir, args.ckpt, args.device, args.precision, args.tokenizer, args.rerank_k,
-                    args.rerank_ckpt)
+                    args.rerank_ckpt, args.tf32)
 
 
 def run_query(args: argparse.Namespace) -> list[Hit]:

@@ -169,8 +169,7 @@ def setup_run(args: Any) -> torch.dtype:
     by every process). Sets args.device_obj and args.log_dir; returns the autocast dtype."""
     distributed.init_distributed(args)
     dtype = resolve_precision(args.precision, args.device_obj)
-    if args.device_obj.type == "cuda":
-        configure_cuda_math(args.tf32)
+    configure_device_math(args.device_obj, args.tf32)
     if args.device_obj.type == "cpu":
         set_cpu_threads(args.num_workers)
     torch.manual_seed(args.seed + args.rank)
@@ -280,6 +279,12 @@ def configure_cuda_math(tf32: bool) -> None:
     torch.backends.cuda.matmul.fp32_precision = precision
     torch.backends.cudnn.conv.fp32_precision = precision
     torch.backends.cudnn.benchmark = True
+
+
+def configure_device_math(device: torch.device, tf32: bool = True) -> None:
+    """What every entry point sets for its device: on CUDA, configure_cuda_math; nothing elsewhere."""
+    if device.type == "cuda":
+        configure_cuda_math(tf32)
 
 
 def auto_precision(device_type: str, native_bf16: bool) -> str:

@@ -53,9 +53,9 @@ def bench(name: str, args: argparse.Namespace, tokenizer) -> dict:
     captions = random_captions(args.texts, tokenizer)
     pairs = [(t, v) for v in range(args.videos) for t in range(args.texts)]
     cfg = engine.EvalConfig(torch.device("cpu"), chunk=args.batch, num_clips=args.clips, print_freq=10 ** 6)
-    engine.match_scores(model, pairs[:args.batch], lambda v: videos[v], captions, tokenizer, cfg)  # warm-up
+    engine.match_scores(model, pairs[:args.batch], videos, captions, tokenizer, cfg)  # warm-up
     t0 = time.perf_counter()
-    engine.match_scores(model, pairs, lambda v: videos[v], captions, tokenizer, cfg)
+    engine.match_scores(model, pairs, videos, captions, tokenizer, cfg)
     seconds = time.perf_counter() - t0
     return {"model": name, "pairs": len(pairs), "seconds": seconds, "pairs/s": len(pairs) / seconds}
 

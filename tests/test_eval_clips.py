@@ -136,7 +136,7 @@ def test_rerank_with_k_equal_to_n_is_the_brute_force_ranking_over_all_pairs(svit
         svitt, videos[:, None], range(4), cfg).t()
     pairs = engine.candidate_pairs(sim, max(sim.shape))
     assert len(pairs) == sim.numel()
-    scores = engine.match_scores(svitt, pairs, lambda v: videos[v], captions, tokenizer, cfg)
+    scores = engine.match_scores(svitt, pairs, videos, captions, tokenizer, cfg)
     brute = _brute_force_log_odds(svitt, videos, captions, tokenizer, "max")
     got = torch.tensor([[scores[(t, v)] for v in range(4)] for t in range(6)])
     torch.testing.assert_close(got, brute, rtol=1e-4, atol=1e-4)
@@ -152,8 +152,7 @@ def test_rerank_moves_only_each_querys_top_k(svitt, tokenizer, test_set):
     sim = engine.encode_texts(svitt, tokenizer, captions, cfg) @ engine.encode_videos(
         svitt, videos[:, None], range(len(videos)), cfg).t()
     k = 3
-    scores = engine.match_scores(svitt, engine.candidate_pairs(sim, k), lambda v: videos[v], captions, tokenizer,
-                                 cfg)
+    scores = engine.match_scores(svitt, engine.candidate_pairs(sim, k), videos, captions, tokenizer, cfg)
     before, ranks = engine.retrieval_metrics(sim, t2v)
     after = engine.rerank_metrics(sim, t2v, scores, k)
     for d in ("t2v", "v2t"):
@@ -174,7 +173,7 @@ def _rerank_worker(rank: int, world: int, port: int, root: str, out_dir: str) ->
     model = model_registry.create("svitt_tiny_patch16", vocab_size=len(tokenizer), **SVITT_TINY).eval()
     data = torch.load(os.path.join(root, "inputs.pth"), weights_only=True)
     cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
-    scores = engine.match_scores(model, [tuple(p) for p in data["pairs"].tolist()], lambda v: data["videos"][v],
+    scores = engine.match_scores(model, [tuple(p) for p in data["pairs"].tolist()], data["videos"],
                                  data["captions"], tokenizer, cfg)
     torch.save({"keys": sorted(scores), "values": [scores[p] for p in sorted(scores)]},
                os.path.join(out_dir, f"scores{rank}.pth"))
@@ -187,13 +186,50 @@ def test_two_gloo_processes_rerank_like_one(svitt, tokenizer, test_set, tmp_path
     pairs = [(t, v) for v in range(3) for t in range(4) if (t + v) % 2 == 0 or t == v]
     torch.save({"videos": videos, "captions": captions, "pairs": torch.tensor(pairs)}, tmp_path / "inputs.pth")
     cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
-    one = engine.match_scores(svitt, pairs, lambda v: videos[v], captions, tokenizer, cfg)
+    one = engine.match_scores(svitt, pairs, videos, captions, tokenizer, cfg)
     mp.spawn(_rerank_worker, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"scores{rank}.pth", weights_only=True)
         assert [tuple(k) for k in got["keys"]] == sorted(one)  # every rank has every pair, gathered once
         torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor([one[p] for p in sorted(one)]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_matching_logits_are_fp32_under_bf16_autocast_in_both_families(svitt, tokenizer, test_set):
+    """Re-ranking compares these scores: computed in bf16 many would tie (and a tie ranks above the truth)."""
+    videos, captions, _ = test_set
+    simvtp = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer))
+    tok = datasets.VideoTextCollator(tokenizer).tokenize(captions[:3])
+    video = datasets.normalize_video(videos[:3, :, :4])
+    for model in (svitt, simvtp.eval()):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.match_logits(video, tok["input_ids"], tok["attention_mask"])
+        assert logits.dtype == torch.float32, type(model).__name__
+        assert not torch.equal(logits, logits.bfloat16().float()), type(model).__name__  # fp32's low bits are used
+
+
+class _OnlyInWorkers(torch.utils.data.Dataset):
+    """Videos that refuse to be read in the main process."""
+
+    def __init__(self, videos: torch.Tensor) -> None:
+        self.videos = videos
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        assert torch.utils.data.get_worker_info() is not None, "a video read in the main process"
+        return self.videos[pos]
+
+
+def test_reranking_reads_its_videos_in_loader_workers(svitt, tokenizer, test_set):
+    videos, captions, _ = test_set
+    pairs = [(0, 0), (1, 0), (0, 1)]
+    cfg = engine.EvalConfig(torch.device("cpu"), chunk=4)
+    here = engine.match_scores(svitt, pairs, videos[:2, :, :4], captions, tokenizer, cfg)
+    in_workers = engine.match_scores(svitt, pairs, _OnlyInWorkers(videos[:2, :, :4]), captions, tokenizer, cfg,
+                                     num_workers=1)
+    assert in_workers == pytest.approx(here, abs=1e-6)
 
 
 def test_offload_keeps_features_on_the_cpu_and_changes_no_score(svitt, tokenizer, test_set):

@@ -83,6 +83,13 @@ def test_the_plan_lowers_batch_then_prefetch_then_workers():
 # ----------------------------------------------------------------------------------------------- the real loaders
 
 
+def test_eval_loader_pins_its_batches_for_a_cuda_device_only(synthetic_root):
+    dataset, tokenizer = _test_set(synthetic_root), datasets.build_tokenizer()
+    assert engine.build_eval_loader(dataset, tokenizer, batch_size=2, device=torch.device("cuda")).pin_memory
+    assert not engine.build_eval_loader(dataset, tokenizer, batch_size=2, device=torch.device("cpu")).pin_memory
+    assert not engine.build_eval_loader(dataset, tokenizer, batch_size=2).pin_memory
+
+
 def test_eval_loader_yields_uint8_views_in_shared_memory_and_the_estimate_bounds_them(synthetic_root, capsys):
     dataset = _test_set(synthetic_root)
     per_video = 6 * 3 * 4 * 32 * 32

@@ -85,6 +85,46 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
         engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu"), ensemble="concat"))
 
 
+@pytest.mark.parametrize("name", ["svitt_qa_tiny_patch16", "simvtp_qa_tiny_patch16"])
+def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_root, name):
+    tok = datasets.build_tokenizer()
+    ann = synthetic_root / "annotations"
+    records = datasets.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
+    records = records[::2] + records[1::2]  # a video's questions apart in the file
+    answers = datasets.read_answer_list(ann / "qa_answer_list.json")
+    argv = ["--num_frames", "2", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
+            "--sample_type_test", "middle", "--test_num_segment", "2"]
+    args = run.get_args_parser().parse_args(argv)
+    args.device_obj, args.short_side_size = torch.device("cuda"), 32
+    assert run.build_eval_loader(records, args, tok, 2, 1, 2).pin_memory  # batches pinned for a GPU
+    args.device_obj = torch.device("cpu")
+    loader = run.build_eval_loader(records, args, tok, 2, 1, 2)
+    a_ids, a_mask = loader.collate_fn.answer_tokens(answers)
+    torch.manual_seed(0)
+    model = randomised(model_registry.create(name, img_size=32, num_frames=2, vocab_size=len(tok)), 4,
+                       scale=0.2).eval()
+    encoded = []  # pixels through the model's patch embedding (SimVTP's Conv3d, SViTT's Conv2d per frame)
+    hooks = [m.register_forward_hook(lambda m, i, o: encoded.append(i[0].numel()))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    cfg = engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu"), chunk=3), k_test=4)
+    grouped = engine.answer_questions(model, loader, answers, a_ids, a_mask, cfg)
+    for h in hooks:
+        h.remove()
+    assert len(loader.dataset) == 3 and sum(len(b["video"]) for b in loader) == 3  # 3 decodes
+    assert sum(encoded) == 3 * 2 * (3 * 2 * 32 * 32)  # each of the 3 videos' 2 views encoded once
+    # the per-question path: each question's video decoded and encoded with it
+    one_per_question = datasets.VideoQADataset(records, mode="test", num_frames=2, input_size=32, short_side_size=32,
+                                               sample_type="middle", test_num_segment=2)
+    per_question = engine.answer_questions(
+        model, torch.utils.data.DataLoader(one_per_question, batch_size=4, collate_fn=datasets.VideoQACollator(tok)),
+        answers, a_ids, a_mask, cfg)
+    grouped, per_question = engine.merge_ranks(grouped), engine.merge_ranks(per_question)
+    assert [p["prediction"] for p in grouped] == [p["prediction"] for p in per_question]
+    assert [p["score"] for p in grouped] == pytest.approx([p["score"] for p in per_question], abs=1e-4)
+    assert engine.qa_accuracy(engine.prediction_rows(grouped, records)) == \
+        engine.qa_accuracy(engine.prediction_rows(per_question, records))
+
+
 def _qa_inputs():
     """A seeded tiny QA model, 5 questions about 5 clips and a 3-answer list (the same in every process)."""
     torch.manual_seed(0)

@@ -103,3 +103,26 @@ def test_table_and_files(tmp_path):
     v1 = lines[5]
     assert v1["direction"] == "v2t" and v1["video_id"] == "b" and v1["gt"] == [2] and v1["gt_rank"] == 3
     assert v1["top"][0]["text"] == "t3" and v1["top"][0]["score"] == pytest.approx(0.7)
+
+
+def test_tied_ground_truths_counts_queries_whose_best_truth_ties_another_candidate():
+    scores = torch.tensor([[0.5, 0.5, 0.1],    # truth 0 ties candidate 1: tied
+                           [0.2, 0.9, 0.9],    # truths 1 and 2 tie each other only: not tied
+                           [0.3, 0.7, 0.7],    # best truth 1 ties candidate 2: tied
+                           [0.9, 0.1, 0.1]])   # candidates 1 and 2 tie below the truth: not tied
+    gt = torch.tensor([[True, False, False], [False, True, True], [True, True, False], [True, False, False]])
+    assert eng.tied_ground_truths(scores, gt) == 2
+    assert eng.tied_ground_truths(torch.zeros(4, 3), gt) == 4  # a constant head: every query
+    close = torch.tensor([[1.002, 1.0]])  # the truth ahead in fp32, level with the other in bf16
+    assert eng.tied_ground_truths(close, gt[:1, :2]) == 0
+    assert eng.tied_ground_truths(close.bfloat16().float(), gt[:1, :2]) == 1
+
+
+def test_reranked_metrics_count_tied_ground_truths_and_the_table_shows_them():
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]])  # text 0 -> video 1, text 1 -> video 0
+    scores = {(0, 0): 0.4, (0, 1): 0.4, (1, 0): 0.6, (1, 1): 0.2, (0, 2): 0.1, (1, 2): 0.3}
+    m = eng.rerank_metrics(sim, torch.tensor([1, 0]), scores, k=2)
+    assert (m["t2v_tied"], m["v2t_tied"]) == (1, 0)  # text 0's truth ties video 0; each video's truth stands alone
+    table = eng.format_table({"contrastive": eng.retrieval_metrics(sim, [1, 0])[0], "re-ranked k=2": m})
+    assert "tied" in table.splitlines()[1]
+    assert [line.split()[-1] for line in table.splitlines()[3:]] == ["2", "2", "1", "0"]

@@ -50,7 +50,7 @@ def copy_videos(synthetic_root: Path, folder: Path, count: int) -> dict[str, lis
 
 def index_args(video_dir: Path, ckpt: Path, out: Path, *extra: str):
     return search.get_args_parser().parse_args(["index", str(video_dir), "--ckpt", str(ckpt), "--out", str(out),
-                                                "--print_freq", "100", *CLIP_FLAGS, *extra])
+                                                "--print_freq", "100", "--precision", "fp32", *CLIP_FLAGS, *extra])
 
 
 def rows_by_path(index_dir: Path) -> dict[str, torch.Tensor]:
@@ -208,6 +208,14 @@ def test_the_web_api_answers_queries_and_serves_only_indexed_files(served):
         refused = client.get(url)
         assert refused.status_code == 404, url
         assert b"never served" not in refused.content and b"<a href" not in refused.content
+
+
+def test_the_index_runs_in_the_run_scripts_default_precision_and_every_command_sets_cuda_math():
+    parser = search.get_args_parser()
+    index = parser.parse_args(["index", "videos", "--ckpt", "c.pth", "--out", "ix"])
+    assert index.precision == "auto" and index.tf32 is True
+    assert parser.parse_args(["query", "ix", "text", "--no-tf32"]).tf32 is False
+    assert parser.parse_args(["serve", "ix"]).tf32 is True
 
 
 def test_the_index_command_line_reports_bad_input_clearly(tmp_path, dual_ckpt):

@@ -149,3 +149,20 @@ def test_cuda_math_settings_follow_the_tf32_flag(tf32, expected):
     finally:
         (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
          torch.backends.cudnn.benchmark) = saved
+
+
+def test_device_math_is_set_for_a_cuda_device_and_left_alone_on_the_cpu():
+    """What setup_run and search.py call with their device (no GPU needed: the settings are plain flags)."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark)
+    try:
+        utils.configure_cuda_math(False)
+        torch.backends.cudnn.benchmark = False
+        utils.configure_device_math(torch.device("cpu"), tf32=True)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.benchmark is False
+        utils.configure_device_math(torch.device("cuda:1"))
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cudnn.benchmark) = saved
