@@ -866,6 +866,19 @@ class SViTTPretrain(nn.Module):
         return self.itm_head(self.fused_cls(states, attention_mask, tokens))
 
 
+class SViTTRetrieval(SViTTPretrain):
+    """SViTT for retrieval fine-tuning (the release's `retrieval` model): the pre-training model without the MLM
+    head. Its batches mask no words (ITC + ITM only), so the head would get no gradient and DDP, which waits for
+    every trainable parameter, would stop at the second step. A pre-training file's head is dropped on loading
+    (convert_state_dict names it in the load report)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        del self.text_encoder.cls
+
+    text_masking = None  # the contract: no MLM captions (a pre-training run with this model trains ITC + ITM)
+
+
 # ------------------------------------------------------------------------------------------------- video QA
 
 
@@ -1023,7 +1036,9 @@ TABLE_SUFFIX = "relative_position_bias.relative_position_bias_table"
 REBUILT_BUFFERS = ("relative_position_index", "embeddings.position_ids")  # saved by the release, rebuilt by us
 EXPAND_MODES = ("release", "symmetric")
 # source kind -> registered model of that file
-RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224"}
+RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224",
+                  "svitt_retrieval": "svitt_retrieval_base_patch16_224"}
+MLM_HEAD_PREFIX = TEXT_PREFIX + "cls."
 
 
 def release_vision_state_dict(state_dict: dict) -> dict:
@@ -1125,8 +1140,8 @@ def detect_source(keys: list[str]) -> str:
 
 
 def recognise_release(keys: list[str]) -> str | None:
-    """A file without model_cfg: the registered model its keys identify (the release's pre-training or QA
-    model)."""
+    """A file without model_cfg: the registered model its keys identify (the release's pre-training, retrieval or
+    QA model)."""
     try:
         return RELEASE_MODELS.get(detect_source(keys))
     except ValueError:
@@ -1284,11 +1299,22 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
         mapped = decoder_from_fusion_layers(mapped, model.text_encoder.config.fusion_layer,
                                             len(model.text_decoder.bert.encoder.layer))
     mapped = _fill_tied(mapped, target_keys)
+    mapped, head_note = drop_absent_mlm_head(mapped, target_keys)
     mode = expand_mode or getattr(model, "temporal_expand_mode", None) or "release"
     if mode not in EXPAND_MODES:
         raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {mode!r}")
     mapped, note = _expand_frames(mapped, own, model, config_frames(file_config), mode)
-    return mapped, kind + note + (" (answer decoder from the fusion layers)" if init_decoder else "")
+    return mapped, kind + note + (" (answer decoder from the fusion layers)" if init_decoder else "") + head_note
+
+
+def drop_absent_mlm_head(state_dict: dict, target_keys: set[str]) -> tuple[dict, str]:
+    """A file's MLM head (`text_encoder.cls.*`, a pre-training or BERT file's) into a model without one (retrieval,
+    QA): dropped, so a strict load succeeds, and counted in the note for the load report."""
+    if any(k.startswith(MLM_HEAD_PREFIX) for k in target_keys):
+        return state_dict, ""
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(MLM_HEAD_PREFIX)}
+    dropped = len(state_dict) - len(kept)
+    return kept, f" (its MLM head dropped: {dropped} tensors this model has no use for)" if dropped else ""
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -1300,23 +1326,37 @@ _TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_d
 
 
 def _build(defaults: dict, kwargs: dict, cls: type = None) -> SViTTPretrain:
-    """A registered size: `cls` (SViTTPretrain, or SViTTQA) from the size's defaults and timm's call arguments."""
+    """A registered size: `cls` (SViTTPretrain, SViTTRetrieval or SViTTQA) from the size's defaults and timm's call
+    arguments."""
     if kwargs.pop("pretrained", False):
         raise ValueError("pretrained=True: load weights with --beit_path / --bert_path / --init_ckpt, nothing is "
                          "downloaded")
     return (cls or SViTTPretrain)(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
-@register_model("svitt", qa_model="svitt_qa_tiny_patch16")
+@register_model("svitt", retrieval_model="svitt_retrieval_tiny_patch16", qa_model="svitt_qa_tiny_patch16")
 def svitt_tiny_patch16(**kwargs) -> SViTTPretrain:
     """CPU-sized SViTT: 4 vision layers of width 192, 4 text layers (fusion from layer 2), 8 frames of 112 px."""
     return _build(TINY, kwargs)
 
 
-@register_model("svitt", aliases=("svitt_base",), qa_model="svitt_qa_base_patch16_224")
+@register_model("svitt", aliases=("svitt_base",), retrieval_model="svitt_retrieval_base_patch16_224",
+                qa_model="svitt_qa_base_patch16_224")
 def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
     """The paper's SViTT: BEiT-B/16 over the clip, BERT-base with fusion from layer 9, 4 frames of 224 px."""
     return _build(BASE, kwargs)
+
+
+@register_model("svitt", qa_model="svitt_qa_tiny_patch16")
+def svitt_retrieval_tiny_patch16(**kwargs) -> SViTTRetrieval:
+    """svitt_tiny_patch16 for retrieval fine-tuning: no MLM head."""
+    return _build(TINY, kwargs, SViTTRetrieval)
+
+
+@register_model("svitt", aliases=("svitt_retrieval_base",), qa_model="svitt_qa_base_patch16_224")
+def svitt_retrieval_base_patch16_224(**kwargs) -> SViTTRetrieval:
+    """The release's retrieval model: svitt_base_patch16_224 without the MLM head."""
+    return _build(BASE, kwargs, SViTTRetrieval)
 
 
 @register_model("svitt")
