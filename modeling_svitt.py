@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
@@ -39,6 +40,14 @@ from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias, sampl
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
 SPARSE_CHUNK_BYTES = 8 << 20  # block-sparse attention gathers the keys of this many bytes' worth of blocks at once
+
+
+def run_layer(layer: nn.Module, recompute: bool, *args, **kwargs):
+    """layer(*args, **kwargs); with `recompute` (gradient checkpointing) and gradients on, its activations are
+    not kept but recomputed in the backward pass, under the forward's RNG state (drop path draws the same)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
 
 
 @dataclass
@@ -430,6 +439,7 @@ class SViTTVisionTower(nn.Module):
         self.encoder = SViTTEncoder(cfg)
         self.pooler = SViTTPooler(cfg)
         self.register_buffer("patch_coords", patch_coordinates(*cfg.grid), persistent=False)
+        self.grad_checkpointing = False
         self.apply(init_weights)
         trunc_normal_(self.embeddings.cls_token, std=0.02)
 
@@ -455,7 +465,8 @@ class SViTTVisionTower(nn.Module):
                 drawn[coords.shape[1]] = self.pattern_for(coords.shape[1], generator)
             pattern = None if dense_masks is not None else drawn[coords.shape[1]]
             mask = dense_masks[i] if dense_masks is not None else None
-            x, cls_attn = layer(x, coords, pattern, mask, cfg.release_sparse_padding)
+            x, cls_attn = run_layer(layer, self.grad_checkpointing, x, coords, pattern, mask,
+                                    cfg.release_sparse_padding)
             patterns.append(pattern)
             if i in cfg.token_drop_loc and cfg.token_keep_rate < 1.0:
                 scores = cls_attn if cfg.token_drop_method == "cls_attention" else \
@@ -619,6 +630,7 @@ class SViTTTextTower(nn.Module):
         super().__init__()
         self.config = cfg
         self.bert = TextBert(cfg)
+        self.grad_checkpointing = False
         if mlm_head:
             self.cls = BertMLMHead(cfg, self.bert.embeddings.word_embeddings)
 
@@ -627,7 +639,7 @@ class SViTTTextTower(nn.Module):
         x = self.bert.embeddings(input_ids=input_ids)
         bias = key_padding_bias(attention_mask, x.dtype)
         for layer in self.bert.encoder.layer[:self.config.fusion_layer]:
-            x, _ = layer(x, bias)
+            x, _ = run_layer(layer, self.grad_checkpointing, x, bias)
         return x
 
     def fusion_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
@@ -639,7 +651,8 @@ class SViTTTextTower(nn.Module):
         first = self.config.fusion_layer
         for i, layer in enumerate(self.bert.encoder.layer[first:], start=first):
             prune = selection is not None and selection.after(i)
-            x, probs = layer(x, text_bias, video, video_bias, want_probs=prune and selection.needs_attention)
+            x, probs = run_layer(layer, self.grad_checkpointing, x, text_bias, video, video_bias,
+                                 want_probs=prune and selection.needs_attention)
             if prune:
                 video = selection.select(video, probs, attention_mask)
         return x
@@ -772,6 +785,12 @@ class SViTTPretrain(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"temp", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every vision and BERT layer (text, fusion, answer decoder) in the backward pass: less memory."""
+        for tower in self.modules():
+            if isinstance(tower, (SViTTVisionTower, SViTTTextTower)):
+                tower.grad_checkpointing = enable
 
     def current_temperature(self) -> torch.Tensor:
         return self.temp.clamp(0.001, 0.5)
@@ -961,7 +980,7 @@ class SViTTQA(SViTTPretrain):
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         question_bias = key_padding_bias(question_mask, x.dtype)
         for layer in self.text_decoder.bert.encoder.layer:
-            x, _ = layer(x, self_bias, question_states, question_bias)
+            x, _ = run_layer(layer, self.text_decoder.grad_checkpointing, x, self_bias, question_states, question_bias)
         return self.text_decoder.cls.predictions(x)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
