@@ -97,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "default: when fine-tuning, the retrieval model of the "
         f"--finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
         "vit_base_patch16_224); with --only_test / --zero_shot / --export_embeddings, the model the checkpoint "
-        "names (its model_cfg), else the one its keys identify")
+        "names (its model_cfg), else the one its keys identify, built with the model flags given here (printed)")
     g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (a pre-training checkpoint, "
                    "mapped onto the retrieval model, loaded non-strictly with a report); --only_test and "
                    "--export_embeddings: the weights under test (loaded strictly); --zero_shot: the pre-training "
@@ -301,9 +301,20 @@ def _retrieval_model(name: str) -> str:
 
 
 def build_from_file(path: str, name: str | None, args: argparse.Namespace) -> torch.nn.Module:
-    """The model a checkpoint names (or `name`), loaded strictly, on the device, in eval mode."""
-    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name)
+    """The model a checkpoint names (or `name`), with the model settings the command line gives (printed where
+    they change the file's), loaded strictly, on the device, in eval mode."""
+    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name,
+                                        flags=lambda chosen: command_line_model_args(args, chosen))
     return model.to(args.device_obj).eval()
+
+
+def command_line_model_args(args: argparse.Namespace, name: str) -> dict:
+    """Constructor arguments of model `name` the command line sets for evaluation: the family flags given, and
+    the clip shape (--num_frames, --input_size: the loader reads clips of that shape, the model must take
+    them). Stochastic depth is left out: it does nothing at evaluation and its flag has a default."""
+    given = model_registry.model_kwargs(args, name)
+    given.pop("drop_path_rate", None)
+    return given
 
 
 def load_match_model(args: argparse.Namespace) -> torch.nn.Module:
