@@ -99,3 +99,24 @@ def test_a_pretraining_file_loads_strictly_into_the_retrieval_model_its_mlm_head
     from svitt_release import release_keys  # a release retrieval file names no model: its keys identify it
     recognise = model_registry.family_of(retrieval).recognise
     assert recognise([k for k, _ in release_keys("retrieval")]) == "svitt_retrieval_base_patch16_224"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pretraining_without_masked_words_or_tubes_is_refused_at_start_up(family):
+    """Before: SViTT pre-trained without MLM captions (its head idle: DDP stopped at step 2), SimVTP failed on the
+    missing captions or reconstructed no tube (NaN)."""
+    pretrain, flags = FAMILIES[family]
+
+    def check(*extra: str) -> None:
+        args = run_simvtp_pretraining.get_args_parser().parse_args(
+            ["--model", pretrain, "--data_path", "-", *CLIP, *flags, *extra])
+        model = model_registry.create(pretrain, **model_registry.model_kwargs(args, pretrain, vocab_size=64))
+        args.text_mask_ratio = model.default_text_mask_ratio if args.text_mask_ratio is None else args.text_mask_ratio
+        run_simvtp_pretraining.check_masks(args, model)
+
+    check()  # the defaults mask both
+    with pytest.raises(ValueError, match="--text_mask_ratio 0.0: .* learns masked words"):
+        check("--text_mask_ratio", "0")
+    if family == "simvtp":  # 2x2 tubes a slice: a ratio of 0.2 masks none
+        with pytest.raises(ValueError, match="--mask_ratio 0.2 masks no tube of simvtp_tiny_patch16's 2x2x2"):
+            check("--mask_ratio", "0.2")
