@@ -239,11 +239,13 @@ def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, ver
 
 
 def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = None, strict: bool = True,
-                     **overrides: Any) -> torch.nn.Module:
+                     flags: Callable[[str], dict] | None = None, **overrides: Any) -> torch.nn.Module:
     """Rebuild the model a checkpoint holds and load it (strictly by default: half-loaded weights score nonsense).
 
     The model is `name` if given, else the file's `model_cfg` (ours), else the model its saved args name (ours
-    before model_cfg), else the one its keys identify (the release's). `overrides` replace constructor arguments.
+    before model_cfg), else the one its keys identify (the release's). `flags(model name) -> constructor
+    arguments` set on the command line: they win over what the file implies (a release file implies the model's
+    defaults), and those that change it are printed in one line. `overrides` replace constructor arguments.
     """
     cfg = ckpt.get("model_cfg") if isinstance(ckpt.get("model_cfg"), dict) else None
     saved = saved_args(ckpt)
@@ -258,6 +260,8 @@ def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = 
         # another model of the checkpoint: keep the arguments it takes (clip shape, vocabulary, options)
         accepted = model_registry.constructor_args(model_registry.model_spec(name).cls)
         chosen, kwargs = name, {k: v for k, v in kwargs.items() if k in accepted}
+    if flags is not None:
+        kwargs = _command_line_over_file(kwargs, flags(chosen), path)
     model = model_registry.create(chosen, **{**kwargs, **overrides})
     try:
         load_pretrained(model, path, strict=strict, ckpt=ckpt)
@@ -265,6 +269,16 @@ def build_model_from(ckpt: dict, path: str = "<checkpoint>", name: str | None = 
         reason = str(e).removeprefix(f"{path}: ")
         raise CheckpointError(f"{path}: does not load into {chosen} ({reason}); pass the right --model") from e
     return model
+
+
+def _command_line_over_file(from_file: dict, given: dict, path: str) -> dict:
+    """The file's constructor arguments with the command line's on top; the ones that change them are printed."""
+    changed = {k: v for k, v in given.items() if k not in from_file or from_file[k] != v}
+    if changed:
+        said = ", ".join(f"{k} {v} (file: {from_file[k] if k in from_file else 'model default'})"
+                         for k, v in changed.items())
+        print(f"{path}: model settings from the command line: {said}")
+    return {**from_file, **given}
 
 
 def _recognise(ckpt: dict, path: str) -> str:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
@@ -39,6 +40,14 @@ from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias, sampl
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
 SPARSE_CHUNK_BYTES = 8 << 20  # block-sparse attention gathers the keys of this many bytes' worth of blocks at once
+
+
+def run_layer(layer: nn.Module, recompute: bool, *args, **kwargs):
+    """layer(*args, **kwargs); with `recompute` (gradient checkpointing) and gradients on, its activations are
+    not kept but recomputed in the backward pass, under the forward's RNG state (drop path draws the same)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
 
 
 @dataclass
@@ -430,6 +439,7 @@ class SViTTVisionTower(nn.Module):
         self.encoder = SViTTEncoder(cfg)
         self.pooler = SViTTPooler(cfg)
         self.register_buffer("patch_coords", patch_coordinates(*cfg.grid), persistent=False)
+        self.grad_checkpointing = False
         self.apply(init_weights)
         trunc_normal_(self.embeddings.cls_token, std=0.02)
 
@@ -455,7 +465,8 @@ class SViTTVisionTower(nn.Module):
                 drawn[coords.shape[1]] = self.pattern_for(coords.shape[1], generator)
             pattern = None if dense_masks is not None else drawn[coords.shape[1]]
             mask = dense_masks[i] if dense_masks is not None else None
-            x, cls_attn = layer(x, coords, pattern, mask, cfg.release_sparse_padding)
+            x, cls_attn = run_layer(layer, self.grad_checkpointing, x, coords, pattern, mask,
+                                    cfg.release_sparse_padding)
             patterns.append(pattern)
             if i in cfg.token_drop_loc and cfg.token_keep_rate < 1.0:
                 scores = cls_attn if cfg.token_drop_method == "cls_attention" else \
@@ -622,6 +633,7 @@ class SViTTTextTower(nn.Module):
         super().__init__()
         self.config = cfg
         self.bert = TextBert(cfg)
+        self.grad_checkpointing = False
         if mlm_head:
             self.cls = BertMLMHead(cfg, self.bert.embeddings.word_embeddings)
 
@@ -630,7 +642,7 @@ class SViTTTextTower(nn.Module):
         x = self.bert.embeddings(input_ids=input_ids)
         bias = key_padding_bias(attention_mask, x.dtype)
         for layer in self.bert.encoder.layer[:self.config.fusion_layer]:
-            x, _ = layer(x, bias)
+            x, _ = run_layer(layer, self.grad_checkpointing, x, bias)
         return x
 
     def fusion_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
@@ -642,7 +654,8 @@ class SViTTTextTower(nn.Module):
         first = self.config.fusion_layer
         for i, layer in enumerate(self.bert.encoder.layer[first:], start=first):
             prune = selection is not None and selection.after(i)
-            x, probs = layer(x, text_bias, video, video_bias, want_probs=prune and selection.needs_attention)
+            x, probs = run_layer(layer, self.grad_checkpointing, x, text_bias, video, video_bias,
+                                 want_probs=prune and selection.needs_attention)
             if prune:
                 video = selection.select(video, probs, attention_mask)
         return x
@@ -776,6 +789,12 @@ class SViTTPretrain(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"temp", "cls_token"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every vision and BERT layer (text, fusion, answer decoder) in the backward pass: less memory."""
+        for tower in self.modules():
+            if isinstance(tower, (SViTTVisionTower, SViTTTextTower)):
+                tower.grad_checkpointing = enable
+
     def current_temperature(self) -> torch.Tensor:
         return self.temp.clamp(0.001, 0.5)
 
@@ -871,6 +890,19 @@ class SViTTPretrain(nn.Module):
             return self.itm_head(cls.float())
 
 
+class SViTTRetrieval(SViTTPretrain):
+    """SViTT for retrieval fine-tuning (the release's `retrieval` model): the pre-training model without the MLM
+    head. Its batches mask no words (ITC + ITM only), so the head would get no gradient and DDP, which waits for
+    every trainable parameter, would stop at the second step. A pre-training file's head is dropped on loading
+    (convert_state_dict names it in the load report)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        del self.text_encoder.cls
+
+    text_masking = None  # the contract: no MLM captions (a pre-training run with this model trains ITC + ITM)
+
+
 # ------------------------------------------------------------------------------------------------- video QA
 
 
@@ -961,7 +993,7 @@ class SViTTQA(SViTTPretrain):
         self_bias = causal_padding_bias(answer_mask, x.dtype)
         question_bias = key_padding_bias(question_mask, x.dtype)
         for layer in self.text_decoder.bert.encoder.layer:
-            x, _ = layer(x, self_bias, question_states, question_bias)
+            x, _ = run_layer(layer, self.text_decoder.grad_checkpointing, x, self_bias, question_states, question_bias)
         return self.text_decoder.cls.predictions(x)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -1037,7 +1069,9 @@ TABLE_SUFFIX = "relative_position_bias.relative_position_bias_table"
 REBUILT_BUFFERS = ("relative_position_index", "embeddings.position_ids")  # saved by the release, rebuilt by us
 EXPAND_MODES = ("release", "symmetric")
 # source kind -> registered model of that file
-RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224"}
+RELEASE_MODELS = {"svitt_pretrain": "svitt_base_patch16_224", "svitt_qa": "svitt_qa_base_patch16_224",
+                  "svitt_retrieval": "svitt_retrieval_base_patch16_224"}
+MLM_HEAD_PREFIX = TEXT_PREFIX + "cls."
 
 
 def release_vision_state_dict(state_dict: dict) -> dict:
@@ -1139,8 +1173,8 @@ def detect_source(keys: list[str]) -> str:
 
 
 def recognise_release(keys: list[str]) -> str | None:
-    """A file without model_cfg: the registered model its keys identify (the release's pre-training or QA
-    model)."""
+    """A file without model_cfg: the registered model its keys identify (the release's pre-training, retrieval or
+    QA model)."""
     try:
         return RELEASE_MODELS.get(detect_source(keys))
     except ValueError:
@@ -1298,11 +1332,22 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
         mapped = decoder_from_fusion_layers(mapped, model.text_encoder.config.fusion_layer,
                                             len(model.text_decoder.bert.encoder.layer))
     mapped = _fill_tied(mapped, target_keys)
+    mapped, head_note = drop_absent_mlm_head(mapped, target_keys)
     mode = expand_mode or getattr(model, "temporal_expand_mode", None) or "release"
     if mode not in EXPAND_MODES:
         raise ValueError(f"expand_mode must be one of {EXPAND_MODES}, got {mode!r}")
     mapped, note = _expand_frames(mapped, own, model, config_frames(file_config), mode)
-    return mapped, kind + note + (" (answer decoder from the fusion layers)" if init_decoder else "")
+    return mapped, kind + note + (" (answer decoder from the fusion layers)" if init_decoder else "") + head_note
+
+
+def drop_absent_mlm_head(state_dict: dict, target_keys: set[str]) -> tuple[dict, str]:
+    """A file's MLM head (`text_encoder.cls.*`, a pre-training or BERT file's) into a model without one (retrieval,
+    QA): dropped, so a strict load succeeds, and counted in the note for the load report."""
+    if any(k.startswith(MLM_HEAD_PREFIX) for k in target_keys):
+        return state_dict, ""
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(MLM_HEAD_PREFIX)}
+    dropped = len(state_dict) - len(kept)
+    return kept, f" (its MLM head dropped: {dropped} tensors this model has no use for)" if dropped else ""
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -1314,23 +1359,37 @@ _TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_d
 
 
 def _build(defaults: dict, kwargs: dict, cls: type = None) -> SViTTPretrain:
-    """A registered size: `cls` (SViTTPretrain, or SViTTQA) from the size's defaults and timm's call arguments."""
+    """A registered size: `cls` (SViTTPretrain, SViTTRetrieval or SViTTQA) from the size's defaults and timm's call
+    arguments."""
     if kwargs.pop("pretrained", False):
         raise ValueError("pretrained=True: load weights with --beit_path / --bert_path / --init_ckpt, nothing is "
                          "downloaded")
     return (cls or SViTTPretrain)(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
 
 
-@register_model("svitt", qa_model="svitt_qa_tiny_patch16")
+@register_model("svitt", retrieval_model="svitt_retrieval_tiny_patch16", qa_model="svitt_qa_tiny_patch16")
 def svitt_tiny_patch16(**kwargs) -> SViTTPretrain:
     """CPU-sized SViTT: 4 vision layers of width 192, 4 text layers (fusion from layer 2), 8 frames of 112 px."""
     return _build(TINY, kwargs)
 
 
-@register_model("svitt", aliases=("svitt_base",), qa_model="svitt_qa_base_patch16_224")
+@register_model("svitt", aliases=("svitt_base",), retrieval_model="svitt_retrieval_base_patch16_224",
+                qa_model="svitt_qa_base_patch16_224")
 def svitt_base_patch16_224(**kwargs) -> SViTTPretrain:
     """The paper's SViTT: BEiT-B/16 over the clip, BERT-base with fusion from layer 9, 4 frames of 224 px."""
     return _build(BASE, kwargs)
+
+
+@register_model("svitt", qa_model="svitt_qa_tiny_patch16")
+def svitt_retrieval_tiny_patch16(**kwargs) -> SViTTRetrieval:
+    """svitt_tiny_patch16 for retrieval fine-tuning: no MLM head."""
+    return _build(TINY, kwargs, SViTTRetrieval)
+
+
+@register_model("svitt", aliases=("svitt_retrieval_base",), qa_model="svitt_qa_base_patch16_224")
+def svitt_retrieval_base_patch16_224(**kwargs) -> SViTTRetrieval:
+    """The release's retrieval model: svitt_base_patch16_224 without the MLM head."""
+    return _build(BASE, kwargs, SViTTRetrieval)
 
 
 @register_model("svitt")

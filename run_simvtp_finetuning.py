@@ -92,10 +92,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "written to the metrics JSON")
     g = model_registry.add_model_args(
         p, model=None, drop_path=0.1,
-        model_help="registered model (model_registry.py); default: when fine-tuning, the retrieval model of the "
+        model_help="registered model (model_registry.py; fine-tuning trains a pre-training model's registered "
+        "retrieval model, e.g. svitt_base_patch16_224 -> svitt_retrieval_base_patch16_224, without the MLM head); "
+        "default: when fine-tuning, the retrieval model of the "
         f"--finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
         "vit_base_patch16_224); with --only_test / --zero_shot / --export_embeddings, the model the checkpoint "
-        "names (its model_cfg), else the one its keys identify")
+        "names (its model_cfg), else the one its keys identify, built with the model flags given here (printed)")
     g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (a pre-training checkpoint, "
                    "mapped onto the retrieval model, loaded non-strictly with a report); --only_test and "
                    "--export_embeddings: the weights under test (loaded strictly); --zero_shot: the pre-training "
@@ -274,10 +276,13 @@ def read_weights(path: str, flag: str) -> dict:
 
 
 def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
-    """The retrieval model to fine-tune: --model, else the retrieval model the --finetune checkpoint's model names
-    (with its clip shape and options), else the release's; --finetune's weights mapped onto it (non-strict)."""
+    """The retrieval model to fine-tune: the retrieval model of --model (itself when it is one), else of the
+    --finetune checkpoint's model, else the release's; --finetune's weights mapped onto it (non-strict). A
+    pre-training model is never fine-tuned as it is: its heads for masked words would get no gradient."""
     ckpt = checkpoint.read_checkpoint_file(args.finetune) if args.finetune else {}
-    name = args.model or _retrieval_model_of(ckpt) or RELEASE_DUAL_MODEL
+    name = _retrieval_model(args.model) if args.model else _retrieval_model_of(ckpt) or RELEASE_DUAL_MODEL
+    if args.model and name != model_registry.canonical_name(args.model):
+        print(f"--model {args.model}: fine-tuned for retrieval as {name} (its registered retrieval model)")
     model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=vocab_size))
     if args.finetune:
         checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
@@ -287,16 +292,29 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
 def _retrieval_model_of(ckpt: dict) -> str | None:
     cfg = ckpt.get("model_cfg") or {}
     name = cfg.get("name") or checkpoint.saved_args(ckpt).get("model")
-    if not name:
-        return None
+    return _retrieval_model(name) if name else None
+
+
+def _retrieval_model(name: str) -> str:
     spec = model_registry.model_spec(name)
     return spec.retrieval_model or spec.name
 
 
 def build_from_file(path: str, name: str | None, args: argparse.Namespace) -> torch.nn.Module:
-    """The model a checkpoint names (or `name`), loaded strictly, on the device, in eval mode."""
-    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name)
+    """The model a checkpoint names (or `name`), with the model settings the command line gives (printed where
+    they change the file's), loaded strictly, on the device, in eval mode."""
+    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name,
+                                        flags=lambda chosen: command_line_model_args(args, chosen))
     return model.to(args.device_obj).eval()
+
+
+def command_line_model_args(args: argparse.Namespace, name: str) -> dict:
+    """Constructor arguments of model `name` the command line sets for evaluation: the family flags given, and
+    the clip shape (--num_frames, --input_size: the loader reads clips of that shape, the model must take
+    them). Stochastic depth is left out: it does nothing at evaluation and its flag has a default."""
+    given = model_registry.model_kwargs(args, name)
+    given.pop("drop_path_rate", None)
+    return given
 
 
 def load_match_model(args: argparse.Namespace) -> torch.nn.Module:

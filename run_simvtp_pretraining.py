@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 import checkpoint
@@ -154,6 +155,21 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
     return metrics
 
 
+def check_masks(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Pre-training learns from masked inputs: masking no word (or no tube, for a model that takes a video mask)
+    leaves the word head (or the pixel decoder) without gradient, and DDP stops at the second step."""
+    name = model.model_cfg["name"]
+    if model.text_masking and not args.text_mask_ratio:
+        raise ValueError(f"--text_mask_ratio {args.text_mask_ratio}: {name} learns masked words, so some must be "
+                         f"masked (its default: {model.default_text_mask_ratio}); --w_mlm 0 turns that loss off")
+    if model.takes_video_mask:
+        grid = model.token_grid(args.num_frames, args.input_size, args.input_size)
+        mask_gen = masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)
+        if not mask_gen(np.random.default_rng(0)).any():
+            raise ValueError(f"--mask_ratio {args.mask_ratio} masks no tube of {name}'s {'x'.join(map(str, grid))} "
+                             "token grid: its pixel decoder would have nothing to reconstruct")
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.clips_per_video < 1 or args.batch_size % args.clips_per_video:
         raise ValueError(f"--clips_per_video {args.clips_per_video} must be >= 1 and divide --batch_size "
@@ -169,6 +185,7 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args, len(tokenizer)).to(args.device_obj)
     if args.text_mask_ratio is None:
         args.text_mask_ratio = getattr(model, "default_text_mask_ratio", None)
+    check_masks(args, model)
     loader, dataset, sampler = build_loader(args, tokenizer, model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Model {model.model_cfg['name']}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device "

@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = model_registry.add_model_args(
         p, model=None, drop_path=0.1,
         model_help="registered QA model (model_registry.py); default: the QA model of the --finetune checkpoint's "
-        f"family and size (a QA checkpoint: its own model), else {DEFAULT_QA_MODEL}")
+        f"family and size (a QA checkpoint: its own model), else {DEFAULT_QA_MODEL}; --only_test builds the model "
+        "its file names with the model flags given here (printed)")
     g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (pre-training, retrieval or QA "
                    "checkpoint of the family, mapped onto the QA model non-strictly with a report: the answer "
                    "decoder starts from the text tower's fusion layers, SViTT, or the encoder's top blocks, "

@@ -63,9 +63,10 @@ svitt_ret_arguments() {
   fi
 }
 
-# The model and evaluation flags of every recipe: sparsity as the release trained it, 12 test frames, lse, k 128.
-SVITT_RET_MODEL=(--model svitt_base_patch16_224 --sparse_local_attn 1 --sparse_random_attn 3 --attn_block_size 56
-                 --token_keep_rate 0.7 --token_drop_loc 3 6 9 --token_keep_strategy cls_attn
+# The model and evaluation flags of every recipe: the release's retrieval model (no MLM head: a pre-training file's
+# is dropped on loading), sparsity as the release trained it, 12 test frames, lse, k 128.
+SVITT_RET_MODEL=(--model svitt_retrieval_base_patch16_224 --sparse_local_attn 1 --sparse_random_attn 3
+                 --attn_block_size 56 --token_keep_rate 0.7 --token_drop_loc 3 6 9 --token_keep_strategy cls_attn
                  --num_frames 4 --sample_type rand --sample_type_test middle --input_size 224 --short_side_size 224
                  --num_frames_test 12 --eval_frame_ensemble lse --test_num_segment 1 --test_num_crop 1
                  --rerank_k 128 --dist_eval --device cuda --precision auto --num_workers 10)

@@ -400,6 +400,26 @@ def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain
             [c["score"] for c in b["top"]], abs=1e-5)
 
 
+def test_torchrun_two_processes_fine_tune_svitt_for_retrieval_past_step_3(synthetic_root, tmp_path):
+    """The recipe names the pre-training model, which is fine-tuned as its retrieval model (no MLM head): before,
+    the head got no gradient and DDP stopped at step 2 ("Expected to have finished reduction")."""
+    model = model_registry.create("svitt_tiny_patch16", img_size=32, num_frames=4, vocab_size=30522)
+    ckpt = str(tmp_path / "svitt.pth")
+    checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": 0}, ckpt)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "run_simvtp_finetuning.py"), "--model", "svitt_tiny_patch16", "--attn_block_size", "4",
+           "--sparse_random_attn", "1", "--token_keep_rate", "0.5", "--token_drop_loc", "1", "--finetune", ckpt,
+           "--data_path", _ann(synthetic_root, "train.json"), "--data_root", str(synthetic_root),
+           "--output_dir", str(out), *TINY, "--batch_size", "2", "--epochs", "1", "--max_steps", "4",
+           "--warmup_epochs", "0", "--save_ckpt_freq", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fine-tuned for retrieval as svitt_retrieval_tiny_patch16" in proc.stdout
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["global_step"] == 4
+
+
 def test_zero_shot_rebuilds_the_model_a_checkpoint_names_without_model_flag(synthetic_root, tmp_path):
     """Before model_cfg, the default --model (the dual encoder) was built for a pre-training file: a TypeError."""
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, decoder_depth=1,

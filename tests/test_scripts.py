@@ -112,7 +112,7 @@ def test_svitt_retrieval_recipes_parse_and_carry_the_release_settings(dataset, t
         assert args.test_data_path == str(tmp_path / "sl data" / "anno_downstream" / test_file)
         assert args.finetune == str(tmp_path / "ck.pth") and args.seed == 3
         assert (args.model, args.num_frames, args.num_frames_test, args.eval_frame_ensemble) == \
-            ("svitt_base_patch16_224", 4, 12, "lse")
+            ("svitt_retrieval_base_patch16_224", 4, 12, "lse")
         assert (args.sample_type, args.sample_type_test, args.rerank_k, args.max_text_len) == \
             ("rand", "middle", 128, max_len)
         fmt = run_simvtp_finetuning.annotation_format(args)
