@@ -60,7 +60,7 @@ class SViTTVisionConfig:
     token_keep_rate: float = 1.0
     token_drop_loc: tuple[int, ...] = field(default_factory=tuple)  # layers after which tokens are pruned
     token_drop_method: str = "cls_attention"  # or "random"
-    release_sparse_padding: bool = False  # True: zero-padded keys of the last block enter the softmax (release)
+    release_sparse_padding: bool = False  # True: the last block's padding keys enter the softmax as the release's do
 
     def __post_init__(self) -> None:
         if self.sparse_local_attn < 0 or (self.sparse_local_attn and self.sparse_local_attn % 2 == 0):
@@ -152,6 +152,11 @@ def relative_bias(table: torch.Tensor, rows: torch.Tensor, batch: int, dtype: to
 
 def round_up(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
+
+
+def pad_tokens(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """x [B, L, D] with `extra` zero tokens appended (x itself when there are none: no copy)."""
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
 # ------------------------------------------------------------------------------------- block-sparse pattern
@@ -248,6 +253,7 @@ class SViTTSelfAttention(nn.Module):
         B, L, D = q.shape
         rpb = self.relative_position_bias
         cls_ctx, cls_attn = self.cls_row(q, k, v)
+        coords = coords[:1] if coords.stride(0) == 0 else coords  # unpruned: one bias broadcast over the batch
         rows = F.pad(rpb.patch_rows(coords, coords), (1, 0), value=rpb.cls_row(PATCH_TO_CLS))  # [B or 1, N, L]
         if mask is not None:
             rows = rows.masked_fill(~mask[:, 1:], rpb.relative_position_bias_table.shape[0])
@@ -287,8 +293,8 @@ class SViTTSelfAttention(nn.Module):
         key_tokens, rows = sparse_layout(pattern, coords, self.relative_position_bias, release_padding)
         S, d, padded = key_tokens.shape[1], D // H, 1 + nb * bs
         # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
-        queries = F.pad(q[:, 1:], (0, 0, 0, padded - L)).view(B, nb, bs, H, d)
-        k, v = (F.pad(t, (0, 0, 0, padded - L)).view(B * padded, D) for t in (k, v))
+        queries = pad_tokens(q[:, 1:], padded - L).view(B, nb, bs, H, d)
+        k, v = (pad_tokens(t, padded - L).reshape(B * padded, D) for t in (k, v))
         sample_start = torch.arange(0, B * padded, padded, device=q.device).view(B, 1, 1)
         table = self.relative_position_bias.relative_position_bias_table
         chunk = nb if q.device.type != "cpu" else max(1, SPARSE_CHUNK_BYTES // (S * D * q.element_size()))
