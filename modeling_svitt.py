@@ -38,8 +38,8 @@ from model_registry import ModelFamily, layer_id_from_name, register_family, reg
 from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias, sample_negatives
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
-MLP_CHUNK_ROWS = 1024  # tokens per MLP call: a 1024 x 3072 fp32 hidden activation is 12 MiB
-SPARSE_CHUNK_BYTES = 8 << 20  # block-sparse attention gathers the keys of this many bytes' worth of blocks at once
+MLP_CHUNK_ROWS = 1024  # tokens per MLP call on CPU: a 1024 x 3072 fp32 hidden activation is 12 MiB
+SPARSE_CHUNK_BYTES = 8 << 20  # on CPU, block-sparse attention gathers this many bytes of keys per sample at once
 
 
 def run_layer(layer: nn.Module, recompute: bool, *args, **kwargs):
@@ -69,7 +69,7 @@ class SViTTVisionConfig:
     token_keep_rate: float = 1.0
     token_drop_loc: tuple[int, ...] = field(default_factory=tuple)  # layers after which tokens are pruned
     token_drop_method: str = "cls_attention"  # or "random"
-    release_sparse_padding: bool = False  # True: zero-padded keys of the last block enter the softmax (release)
+    release_sparse_padding: bool = False  # True: the last block's padding keys enter the softmax as the release's do
 
     def __post_init__(self) -> None:
         if self.sparse_local_attn < 0 or (self.sparse_local_attn and self.sparse_local_attn % 2 == 0):
@@ -120,12 +120,14 @@ class RelativePositionBias3D(nn.Module):
     def patch_rows(self, q_coords: torch.Tensor, k_coords: torch.Tensor) -> torch.Tensor:
         """Table rows for query/key coordinate sets [..., Nq, 3] x [..., Nk, 3] -> [..., Nq, Nk]:
         (dt+T-1)*(2h-1)*(2w-1) + (dh+h-1)*(2w-1) + (dw+w-1) is linear in the coordinates, so it is
-        code(query) - code(key) + code(T-1, h-1, w-1) with code(t, h, w) = t*(2h-1)*(2w-1) + h*(2w-1) + w."""
+        code(query) - code(key) + code(T-1, h-1, w-1) with code(t, h, w) = t*(2h-1)*(2w-1) + h*(2w-1) + w.
+        The weights are Python ints: nothing is made on the host (no copy to the device, no sync)."""
         T, h, w = self.grid
-        weights = torch.tensor([(2 * h - 1) * (2 * w - 1), 2 * w - 1, 1], device=q_coords.device)
-        centre = (T - 1) * int(weights[0]) + (h - 1) * (2 * w - 1) + w - 1
-        q_code, k_code = (q_coords * weights).sum(-1), (k_coords * weights).sum(-1)
-        return q_code.unsqueeze(-1) - k_code.unsqueeze(-2) + centre
+        centre = ((T - 1) * (2 * h - 1) + h - 1) * (2 * w - 1) + w - 1
+
+        def code(c: torch.Tensor) -> torch.Tensor:
+            return c[..., 0] * ((2 * h - 1) * (2 * w - 1)) + c[..., 1] * (2 * w - 1) + c[..., 2]
+        return code(q_coords).unsqueeze(-1) - code(k_coords).unsqueeze(-2) + centre
 
     def cls_row(self, which: int) -> int:
         return self.relative_position_bias_table.shape[0] + which
@@ -143,6 +145,29 @@ class RelativePositionBias3D(nn.Module):
         return bias.movedim(-1, 1)
 
 
+def relative_bias(table: torch.Tensor, rows: torch.Tensor, batch: int, dtype: torch.dtype, width: int
+                  ) -> torch.Tensor:
+    """Additive attention bias [batch*M, H, Lq, width] in `dtype` from a layer's table [R, H] at `rows`
+    [b, M, Lq, Lk] (int32, b = batch or 1; row R, one past the table, means "not allowed": -inf; Lk >= width is
+    a multiple of 8 so that the mask's strides suit CUDA's memory-efficient kernel without a padded copy).
+    Gathered from the fp32 table and cast afterwards: the gather's backward then sums each row's gradient in fp32
+    (a table cast first would sum them in bf16 under autocast). A per-head table row is `table.t()`'s column, so
+    the index needs no head dimension."""
+    columns = F.pad(table.t(), (0, 1), value=float("-inf"))  # [H, R + 1]
+    bias = columns.index_select(1, rows.flatten()).view(table.shape[1], *rows.shape).movedim(0, 2)
+    bias = bias.expand(batch, *bias.shape[1:]).to(dtype)  # [batch, M, H, Lq, Lk]: a view unless broadcast
+    return bias.flatten(0, 1)[..., :width]
+
+
+def round_up(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_tokens(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """x [B, L, D] with `extra` zero tokens appended (x itself when there are none: no copy)."""
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
 # ------------------------------------------------------------------------------------- block-sparse pattern
 
 
@@ -153,6 +178,18 @@ class BlockPattern:
     valid: torch.Tensor
     block_size: int
     layout: tuple | None = field(default=None, repr=False, compare=False)  # sparse_layout's cache
+    copies: dict = field(default_factory=dict, repr=False, compare=False)  # per device: (key_blocks, valid)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key_blocks, valid) on `device`, copied once per device. The pattern is drawn on the CPU (from a CPU
+        generator, for reproducible evaluation); to CUDA it goes from pinned memory without blocking the host."""
+        if device.type == "cpu":
+            return self.key_blocks, self.valid
+        if device not in self.copies:
+            pinned = device.type == "cuda"
+            self.copies[device] = tuple((t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
+                                        for t in (self.key_blocks, self.valid))
+        return self.copies[device]
 
 
 def sample_block_pattern(num_blocks: int, local: int, num_random: int, block_size: int,
@@ -207,20 +244,33 @@ class SViTTSelfAttention(nn.Module):
                 mask: torch.Tensor | None = None, release_padding: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L, D], coords [B, N, 3] -> (context [B, L, D], head-mean [CLS] attention on patches [B, N]).
-        Dense when `pattern` is None (`mask` [B or 1, L, L] bool optionally restricts it)."""
+        Dense when `pattern` is None (`mask` [B or 1, L, L] bool optionally restricts the patch queries; [CLS]
+        always attends to every token)."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if pattern is None:
-            out, cls_attn = self.dense(*(self.heads(t) for t in (q, k, v)), coords, mask)
-            return out.transpose(1, 2).flatten(2), cls_attn
+            return self.dense(q, k, v, coords, mask)
         return self.block_sparse(q, k, v, coords, pattern, release_padding)
 
+    # The relative position bias is an additive float mask in every SDPA call below (BEiT has no attention without
+    # it), so on CUDA neither call can take the flash kernel (it takes no mask). Both can take the memory-efficient
+    # kernel (float masks, and their gradient, supported; fp32 and fp16 from sm50, bf16 from sm80; head width a
+    # multiple of 8); cuDNN's only when the mask needs no gradient (evaluation), in fp16/bf16 on sm80+; else math.
+
     def dense(self, q, k, v, coords, mask):
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        logits = logits + self.relative_position_bias.lookup(self.relative_position_bias.full_rows(coords))
+        """Every patch query against every key in one SDPA call, the bias as its mask ([B or 1, H, N, L], the
+        table gathered at int32 rows); [CLS]'s row separately (its attention is returned for pruning)."""
+        B, L, D = q.shape
+        rpb = self.relative_position_bias
+        cls_ctx, cls_attn = self.cls_row(q, k, v)
+        coords = coords[:1] if coords.stride(0) == 0 else coords  # unpruned: one bias broadcast over the batch
+        rows = F.pad(rpb.patch_rows(coords, coords), (1, 0), value=rpb.cls_row(PATCH_TO_CLS))  # [B or 1, N, L]
         if mask is not None:
-            logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return probs @ v, probs[:, :, 0, 1:].mean(dim=1)
+            rows = rows.masked_fill(~mask[:, 1:], rpb.relative_position_bias_table.shape[0])
+        rows = F.pad(rows, (0, round_up(L) - L), value=rpb.relative_position_bias_table.shape[0]).to(torch.int32)
+        bias = relative_bias(rpb.relative_position_bias_table, rows[:, None], rows.shape[0], q.dtype, L)
+        ctx = F.scaled_dot_product_attention(self.heads(q[:, 1:]), self.heads(k), self.heads(v), attn_mask=bias,
+                                             scale=self.scale)
+        return torch.cat([cls_ctx[:, None].to(ctx.dtype), ctx.transpose(1, 2).flatten(2)], dim=1), cls_attn
 
     def cls_row(self, q, k, v):
         """[CLS] attends to every token: q, k, v [B, L, D] (unpadded) -> its context [B, D] and its head-mean
@@ -239,73 +289,69 @@ class SViTTSelfAttention(nn.Module):
 
     def block_sparse(self, q, k, v, coords, pattern: BlockPattern, release_padding: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch queries, block by block: each block's keys are [CLS] + its K key blocks, gathered (index_select)
-        into a [c, 1 + K*bs, D] layout for a chunk of c query blocks, then one 4-D scaled_dot_product_attention
-        call over (blocks, heads) with the bias as additive mask, per chunk and batch element. q, k, v stay
-        token-major [B, L, D]: their (block, head) views need no copy. Chunks keep every temporary under
-        SPARSE_CHUNK_BYTES, far below glibc's mmap threshold, so the allocator reuses them instead of mapping
-        and page-faulting fresh memory for each. The gather indices come from `sparse_layout` (cached)."""
+        """Patch queries block by block, the batch folded into the block dimension: each block's keys are [CLS] +
+        its K key blocks, gathered for every sample at once (one index_select with per-sample offsets) into a
+        [B*c, H, 1 + K*bs, d] layout for c query blocks, then one scaled_dot_product_attention call over
+        (sample x block, head) with the bias as additive mask. The kernel count does not grow with B: on CUDA one
+        chunk holds every block; on CPU chunks keep the gathered keys under SPARSE_CHUNK_BYTES per sample (small
+        temporaries the allocator reuses). The gather indices come from `sparse_layout` (cached)."""
         B, L, D = q.shape
         H, n, bs = self.num_heads, L - 1, pattern.block_size
         nb = pattern.key_blocks.shape[0]
         cls_ctx, cls_attn = self.cls_row(q, k, v)
-        key_tokens, bias_index = sparse_layout(pattern, coords, self.relative_position_bias, release_padding)
-        pad = nb * bs - n
-        if pad:  # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        table = F.pad(self.relative_position_bias.relative_position_bias_table.t(), (0, 1), value=float("-inf"))
-        table = table.to(q.dtype).flatten()
-        key_tokens = key_tokens.view(nb, -1)
-        S, d = key_tokens.shape[1], D // H
-        out = q.new_empty(B, L, D)
-        out[:, 0] = cls_ctx.to(q.dtype)
-        chunk = max(1, SPARSE_CHUNK_BYTES // (S * D * q.element_size()))
-        for j0 in range(0, nb, chunk):  # a few query blocks at a time: small temporaries, reused by the allocator
+        key_tokens, rows = sparse_layout(pattern, coords, self.relative_position_bias, release_padding)
+        S, d, padded = key_tokens.shape[1], D // H, 1 + nb * bs
+        # the last block's missing queries and keys: zero rows (masked keys unless release_padding)
+        queries = pad_tokens(q[:, 1:], padded - L).view(B, nb, bs, H, d)
+        k, v = (pad_tokens(t, padded - L).reshape(B * padded, D) for t in (k, v))
+        sample_start = torch.arange(0, B * padded, padded, device=q.device).view(B, 1, 1)
+        table = self.relative_position_bias.relative_position_bias_table
+        chunk = nb if q.device.type != "cpu" else max(1, SPARSE_CHUNK_BYTES // (S * D * q.element_size()))
+        parts = []
+        for j0 in range(0, nb, chunk):
             j1 = min(nb, j0 + chunk)
-            tokens = key_tokens[j0:j1].flatten()
-            bias = None
-            for b in range(B):
-                if bias is None or bias_index.shape[0] > 1:  # unpruned: one bias for the whole batch
-                    idx = bias_index[b if bias_index.shape[0] > 1 else 0, j0:j1]
-                    bias = table.index_select(0, idx.flatten()).view(idx.shape)  # [c, H, bs, S]
-                qb = q[b, 1 + j0 * bs:1 + j1 * bs].view(j1 - j0, bs, H, d).transpose(1, 2)
-                kb, vb = (t[b].index_select(0, tokens).view(j1 - j0, S, H, d).transpose(1, 2) for t in (k, v))
-                # heads and blocks as the two leading dims: torch's fused CPU kernel (5-D falls back to a slow path)
-                ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=self.scale)  # [c, H, bs, d]
-                rows = min(j1 * bs, n) - j0 * bs
-                out[b, 1 + j0 * bs:1 + j0 * bs + rows] = ctx.transpose(1, 2).reshape(-1, D)[:rows]
-        return out, cls_attn
+            tokens = (key_tokens[j0:j1] + sample_start).flatten()  # [B*c*S]: every sample's own keys
+            qb = queries[:, j0:j1].flatten(0, 1).transpose(1, 2)  # [B*c, H, bs, d]
+            kb, vb = (t.index_select(0, tokens).view(-1, S, H, d).transpose(1, 2) for t in (k, v))
+            bias = relative_bias(table, rows[:, j0:j1], B, q.dtype, S)  # [B*c, H, bs, S]
+            # blocks and heads as the two leading dims: 4-D, as every fused kernel wants (5-D is a slow path)
+            ctx = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=self.scale)
+            parts.append(ctx.transpose(1, 2).reshape(B, -1, D))
+        ctx = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return torch.cat([cls_ctx[:, None].to(ctx.dtype), ctx[:, :n]], dim=1), cls_attn
 
 
 def sparse_layout(pattern: BlockPattern, coords: torch.Tensor, rpb: RelativePositionBias3D,
                   release_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather indices of a block pattern over one coordinate set, cached on the pattern (every layer that uses the
-    pattern with the same `coords` tensor reuses them; only the per-layer bias table differs):
-    key_tokens [nb*(1 + K*bs)]: sequence positions of [CLS] + each query block's key blocks (padded sequence);
-    bias_index [B or 1, nb, H, bs, 1 + K*bs]: positions in a layer's table.t() padded with one -inf column and
-    flattened, the -inf one where the key is not allowed (invalid block; padding unless release_padding)."""
+    pattern with the same `coords` tensor reuses them; only the per-layer bias table differs), built on coords'
+    device from host-side shapes:
+    key_tokens [nb, 1 + K*bs]: positions of [CLS] + each query block's key blocks in one sample's padded sequence;
+    rows [B or 1, nb, bs, S8] int32: each (query, key) pair's row in a layer's table (S8: 1 + K*bs rounded up to a
+    multiple of 8), or R (one past the table: -inf) where the key is not allowed: invalid block, the columns past
+    1 + K*bs, padding unless release_padding. With release_padding a padding key gets the release's row: it pads
+    the keys' token indices with 0, i.e. [CLS]'s, so a padding key takes the patch->[CLS] row, wherever the
+    padded block appears (local or random)."""
     cached = pattern.layout
     if cached is not None and cached[0] is coords and cached[1] == release_padding:
         return cached[2], cached[3]
     bs, device = pattern.block_size, coords.device
     nb, K = pattern.key_blocks.shape
-    n, H = coords.shape[1], rpb.relative_position_bias_table.shape[1]
-    pad = nb * bs - n
-    key_blocks = pattern.key_blocks.to(device)
-    key_pos = key_blocks[:, :, None] * bs + torch.arange(bs, device=device)  # [nb, K, bs] patch positions
-    key_tokens = F.pad(1 + key_pos.flatten(1), (1, 0), value=0).flatten()  # [CLS] + keys, sequence positions
+    n = coords.shape[1]
+    key_blocks, valid = pattern.on(device)
+    key_pos = (key_blocks[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)  # [nb, K*bs] patch positions
+    key_tokens = F.pad(1 + key_pos, (1, 0), value=0)  # [CLS] + keys, sequence positions
     shared = coords.stride(0) == 0  # unpruned: one coordinate set for the whole batch, one bias broadcast over it
-    cp = F.pad(coords[:1] if shared else coords, (0, 0, 0, pad)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
+    cp = F.pad(coords[:1] if shared else coords, (0, 0, 0, nb * bs - n)).unflatten(1, (nb, bs))  # [B or 1, nb, bs, 3]
     rows = rpb.patch_rows(cp, cp[:, key_blocks].flatten(2, 3))  # [B or 1, nb, bs, K*bs]
+    not_allowed = rpb.relative_position_bias_table.shape[0]
+    rows = rows.masked_fill((key_pos >= n)[None, :, None], rpb.cls_row(PATCH_TO_CLS) if release_padding
+                            else not_allowed)
+    rows = rows.masked_fill(~valid.repeat_interleave(bs, dim=1)[None, :, None], not_allowed)
     rows = F.pad(rows, (1, 0), value=rpb.cls_row(PATCH_TO_CLS))
-    key_ok = pattern.valid.to(device)[:, :, None] & (bool(release_padding) | (key_pos < n))
-    key_ok = F.pad(key_ok.flatten(1), (1, 0), value=True)  # [nb, 1 + K*bs]
-    table_rows = rpb.relative_position_bias_table.shape[0]
-    rows = rows.masked_fill(~key_ok[None, :, None, :], table_rows)  # the extra -inf column: "not allowed"
-    head_offset = torch.arange(H, device=device).view(1, 1, H, 1, 1) * (table_rows + 1)
-    bias_index = rows.unsqueeze(2) + head_offset
-    pattern.layout = (coords, release_padding, key_tokens, bias_index)
-    return key_tokens, bias_index
+    rows = F.pad(rows, (0, round_up(rows.shape[-1]) - rows.shape[-1]), value=not_allowed).to(torch.int32)
+    pattern.layout = (coords, release_padding, key_tokens, rows)
+    return key_tokens, rows
 
 
 class SViTTAttentionOutput(nn.Module):
@@ -360,10 +406,11 @@ class SViTTLayer(nn.Module):
         return x + self.drop_path(self.lambda_2 * self.mlp(self.layernorm_after(x))), cls_attn
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """The GELU MLP over at most MLP_CHUNK_ROWS tokens at a time: its 4x-wide hidden activations stay small
-        enough for the allocator to reuse (larger ones are mapped and page-faulted afresh on every call)."""
+        """The GELU MLP, on CPU over at most MLP_CHUNK_ROWS tokens at a time: its 4x-wide hidden activations stay
+        small enough for glibc's allocator to reuse (larger ones are mapped and page-faulted afresh on every call).
+        Elsewhere in one call: the CUDA caching allocator reuses blocks of any size, and chunks are launches."""
         rows = h.flatten(0, -2)
-        if rows.shape[0] <= MLP_CHUNK_ROWS:
+        if rows.shape[0] <= MLP_CHUNK_ROWS or h.device.type != "cpu":
             return self.output.dense(F.gelu(self.intermediate.dense(h)))
         parts = [self.output.dense(F.gelu(self.intermediate.dense(r))) for r in rows.split(MLP_CHUNK_ROWS)]
         return torch.cat(parts).view_as(h)

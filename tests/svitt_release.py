@@ -143,3 +143,54 @@ def write_release_file(path, state_dict: dict, num_frames: int | None = 4, confi
         torch.save({"model": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
                     "scheduler": {"last_epoch": 9, "base_lrs": [1e-4]}, "scaler": {"scale": 65536.0},
                     "config": config, "epoch": 9, "global_step": 1000}, path)
+
+
+# --------------------------------------------------------------------------- the release's sparse attention
+
+
+def release_relative_position_index(grid: tuple[int, int, int]) -> torch.Tensor:
+    """The release's BeitRelativePositionBias3D.relative_position_index (one [CLS] token) [1 + n, 1 + n]: a patch
+    pair's (dt + T-1, dh + h-1, dw + w-1) numbered row-major in the (2T-1, 2h-1, 2w-1) box of offsets; then the
+    [CLS] row (query [CLS]) = box size, the [CLS] column = box size + 1, the [CLS] pair = box size + 2."""
+    T, h, w = grid
+    t, y, x = torch.meshgrid(torch.arange(T), torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([t.flatten(), y.flatten(), x.flatten()], dim=1)
+    rel = coords[:, None] - coords[None] + torch.tensor([T - 1, h - 1, w - 1])
+    box = (2 * T - 1) * (2 * h - 1) * (2 * w - 1)
+    index = torch.empty(1 + len(coords), 1 + len(coords), dtype=torch.long)
+    index[1:, 1:] = (rel[..., 0] * (2 * h - 1) + rel[..., 1]) * (2 * w - 1) + rel[..., 2]
+    index[0, 1:], index[1:, 0], index[0, 0] = box, box + 1, box + 2
+    return index
+
+
+def release_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_idx: torch.Tensor,
+                             key_blocks: torch.Tensor, table: torch.Tensor, index: torch.Tensor, block_size: int,
+                             scale: float) -> torch.Tensor:
+    """One sample of the release's BeitSelfAttention with sparse attention (models/sparse_xbeit.py), block by
+    block: q, k, v [H, 1 + n, d] ([CLS] first), token_idx [n] the kept patches' original indices, key_blocks
+    [nb, K] the key blocks of each query block (its local window and random blocks), table [R, H], index the
+    release's relative_position_index -> context [H, 1 + n, d].
+    As the release does: [CLS] attends densely to every token; the patch queries, keys and values are zero-padded
+    to nb whole blocks, and so are the token indices (q_idx = token_idx + 1, padded with 0, [CLS]'s index);
+    each query block attends to [CLS] + its key blocks, padding keys included (a zero key: logit 0, zero value),
+    with bias table[index[query's index, key's index]]: a padding key gets index[q, 0], the patch->[CLS] row."""
+    H, L, d = q.shape
+    n, nb = L - 1, key_blocks.shape[0]
+    pad = nb * block_size - n
+    all_idx = torch.cat([torch.zeros(1, dtype=torch.long), token_idx + 1])
+
+    def attend(queries, q_index, keys, values, k_index):
+        logits = queries @ keys.transpose(-2, -1) * scale + table[index[q_index][:, k_index]].permute(2, 0, 1)
+        return logits.softmax(dim=-1) @ values
+
+    cls_out = attend(q[:, :1], all_idx[:1], k, v, all_idx)
+    qp, kp, vp = (torch.nn.functional.pad(t[:, 1:], (0, 0, 0, pad)) for t in (q, k, v))
+    idx = torch.nn.functional.pad(token_idx + 1, (0, pad), value=0).view(nb, block_size)
+    blocks = []
+    for m in range(nb):
+        positions = (key_blocks[m, :, None] * block_size + torch.arange(block_size)).flatten()
+        keys, values = (torch.cat([t[:, :1], tp[:, positions]], dim=1) for t, tp in ((k, kp), (v, vp)))
+        k_index = torch.cat([torch.zeros(1, dtype=torch.long), idx[key_blocks[m]].flatten()])
+        rows = slice(m * block_size, (m + 1) * block_size)
+        blocks.append(attend(qp[:, rows], idx[m], keys, values, k_index))
+    return torch.cat([cls_out, torch.cat(blocks, dim=1)[:, :n]], dim=1)

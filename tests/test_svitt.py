@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modeling_svitt as S
+import svitt_release
 
 RELEASE_VISION_KEYS = Path(__file__).parent / "data" / "svitt_vision_keys.json"  # release pretrain, 4 frames
 
@@ -248,3 +250,147 @@ def test_sparse_layout_is_built_once_per_pattern_and_coordinates():
     again = S.sparse_layout(pattern, per_sample, rpb, False)
     assert again[1].shape[0] == 2 and first[1].shape[0] == 1  # per-sample bias rows once coordinates differ
     assert torch.equal(again[1][0], first[1][0]) and torch.equal(again[1][1], first[1][0])
+
+
+def test_release_padding_matches_the_release_after_pruning():
+    """Pruned (45 kept tokens: the last of 6 blocks of 8 holds 5) with the padded block drawn as a random block:
+    our release_padding mode gives the numbers of the release's code path (tests/svitt_release.py, checked
+    against the release's BeitSelfAttention itself), the masked mode does not."""
+    grid, bs, B, n = (4, 5, 5), 8, 2, 45
+    torch.manual_seed(0)
+    layer = S.SViTTSelfAttention(24, 3, grid).eval()
+    torch.nn.init.normal_(layer.relative_position_bias.relative_position_bias_table)
+    g = torch.Generator().manual_seed(3)
+    keep = torch.stack([torch.randperm(100, generator=g)[:n].sort().values for _ in range(B)])
+    x = torch.randn(B, 1 + n, 24, generator=g)
+    key_blocks = torch.tensor([[0, 3, 5], [1, 2, 4], [2, 0, 4], [3, 0, 1], [4, 2, 5], [5, 1, 2]])  # local + 2 random
+    pattern = S.BlockPattern(key_blocks, torch.ones_like(key_blocks, dtype=torch.bool), bs)
+    coords = S.patch_coordinates(*grid)[keep]
+    index = svitt_release.release_relative_position_index(grid)
+    table = layer.relative_position_bias.relative_position_bias_table
+    with torch.no_grad():
+        ours, masked = (layer(x, coords, pattern, release_padding=r)[0] for r in (True, False))
+        q, k, v = (layer.heads(t) for t in (layer.query(x), layer.key(x), layer.value(x)))
+        release = torch.stack([svitt_release.release_sparse_attention(q[b], k[b], v[b], keep[b], key_blocks, table,
+                                                                      index, bs, layer.scale) for b in range(B)])
+    release = release.transpose(1, 2).flatten(2)
+    torch.testing.assert_close(ours, release, atol=1e-5, rtol=1e-5)
+    assert (masked - release).abs().max() > 1e-2
+
+
+def test_bias_rows_are_int32_without_a_head_dimension():
+    model = tower(sparse_local_attn=1, sparse_random_attn=1, attn_block_size=40)
+    pattern = model.pattern_for(392, torch.Generator().manual_seed(0))
+    rpb = model.encoder.layer[0].attention.attention.relative_position_bias
+    key_tokens, rows = S.sparse_layout(pattern, model.patch_coords.expand(2, -1, -1), rpb, False)
+    assert rows.dtype == torch.int32 and rows.shape == (1, 10, 40, 88)  # 1 + 2*40 keys, rounded up to 88
+    assert key_tokens.shape == (10, 81)
+
+
+def sdpa_recorder(monkeypatch) -> list:
+    """Record every scaled_dot_product_attention call's (query, key, attn_mask); the real function still runs."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        calls.append((q, k, attn_mask))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_vision_sdpa_calls_get_the_bias_as_an_aligned_float_mask(monkeypatch):
+    """The relative bias makes every vision SDPA call carry a float additive mask (no flash kernel on CUDA): its
+    last dim contiguous and every other stride a multiple of 8 (CUDA's memory-efficient kernel takes it without
+    a padded copy); -inf exactly at the keys not allowed; the dense path is one SDPA call too, with no -inf."""
+    calls = sdpa_recorder(monkeypatch)
+    video = clip()
+    with torch.no_grad():
+        tower(depth=1, sparse_local_attn=0)(video)
+        sparse = tower(depth=1, sparse_local_attn=1, sparse_random_attn=2, attn_block_size=40)
+        pattern = sparse(video, generator=torch.Generator().manual_seed(0)).patterns[0]
+    assert len(calls) == 2
+    for q, k, mask in calls:
+        assert mask.dtype == q.dtype == torch.float32
+        assert mask.shape[1:] == (3, q.shape[2], k.shape[2]) and mask.shape[0] in (1, q.shape[0])
+        assert mask.stride(-1) == 1 and all(s % 8 == 0 for s in mask.stride()[:-1])
+    (_, _, dense_mask), (q, k, sparse_mask) = calls
+    assert dense_mask.shape == (1, 3, 392, 393) and bool(torch.isfinite(dense_mask).all())
+    assert q.shape == (2 * 10, 3, 40, 64) and k.shape[2] == 1 + 3 * 40
+    positions = pattern.key_blocks[:, :, None] * 40 + torch.arange(40)  # [nb, K, bs]
+    allowed = F.pad((pattern.valid[:, :, None] & (positions < 392)).flatten(1), (1, 0), value=True)  # [nb, S]
+    blocked = torch.isinf(sparse_mask).view(2, 10, 3, 40, -1)
+    assert torch.equal(blocked, ~allowed[None, :, None, None].expand_as(blocked))
+
+
+def test_sparse_attention_kernel_count_does_not_grow_with_the_batch():
+    """One layer's forward + backward: the same number of operators at batch 2 and 8 (the batch is folded into
+    the block dimension, no per-sample loop), for one coordinate set shared by the batch and for per-sample ones.
+    Counted: the operators the layer and the autograd engine call (not those a CPU kernel calls inside itself,
+    such as the per-sample slices of the CPU's bmm backward at these small sizes: one batched call on CUDA)."""
+    grid = (2, 4, 4)
+    layer = S.SViTTSelfAttention(48, 3, grid)
+
+    def count(batch: int, per_sample: bool) -> int:
+        coords = S.patch_coordinates(*grid).expand(batch, -1, -1)
+        coords = coords.clone() if per_sample else coords
+        x = torch.randn(batch, 33, 48, requires_grad=True)
+        pattern = S.sample_block_pattern(4, 1, 1, 8, torch.Generator().manual_seed(0))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            layer(x, coords, pattern)[0].sum().backward()
+        return sum(e.cpu_parent is None or e.cpu_parent.name.startswith("autograd::engine::evaluate_function")
+                   for e in prof.events())
+    for per_sample in (False, True):
+        assert count(2, per_sample) == count(8, per_sample)
+
+
+def test_table_gradient_under_bf16_is_summed_in_fp32():
+    """The bias is gathered from the fp32 table and cast after: the gather's backward sums in fp32. On the gather
+    itself: exact where the table cast first sums in bf16; on a small sparse layer under bf16 autocast the table's
+    gradient is within 0.65% of the fp32 one (0.43% measured; 0.87% when the table was cast before the gather)."""
+    table = torch.randn(5, 3, requires_grad=True)
+    rows = torch.randint(0, 5, (1, 4, 64, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    upstream = torch.randn(4, 3, 64, 128).to(torch.bfloat16)
+    S.relative_bias(table, rows, 1, torch.bfloat16, 128).backward(upstream)
+    exact = torch.zeros(6, 3).index_add_(0, rows.flatten().long(), upstream.float().permute(0, 2, 3, 1).reshape(-1, 3))
+    torch.testing.assert_close(table.grad, exact[:5], atol=1e-4, rtol=1e-5)
+    cast_first = table.detach().to(torch.bfloat16).requires_grad_()
+    cast_first[rows.long()].permute(0, 1, 4, 2, 3).flatten(0, 1).backward(upstream)
+    assert (cast_first.grad.float() - exact[:5]).abs().max() > 1.0  # what bf16 summation loses
+
+    torch.manual_seed(0)
+    layer = S.SViTTSelfAttention(48, 3, (4, 7, 7))
+    table = layer.relative_position_bias.relative_position_bias_table
+    torch.nn.init.normal_(table)
+    x, g = torch.randn(2, 197, 48), torch.randn(2, 197, 48)
+    pattern = S.sample_block_pattern(13, 1, 2, 16, torch.Generator().manual_seed(0))
+    coords = S.patch_coordinates(4, 7, 7).expand(2, -1, -1)
+    grads = []
+    for low in (False, True):
+        table.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=low):
+            out = layer(x, coords, pattern)[0]
+        out.backward(g.to(out.dtype))
+        grads.append(table.grad)
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.0065
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_meta_device_forward_reads_no_data_and_does_not_chunk(monkeypatch, sparse):
+    """On a device other than the CPU (here `meta`: tensors without data, so any host read of a value raises)
+    the forward needs no value on the host, and the MLP and the sparse attention run unchunked: one call each
+    per layer (on CPU both are chunked here)."""
+    monkeypatch.setattr(S, "SPARSE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(S, "MLP_CHUNK_ROWS", 100)
+    calls = sdpa_recorder(monkeypatch)
+    kw = dict(sparse_local_attn=1, sparse_random_attn=1, token_keep_rate=0.5, token_drop_loc=(0,)) if sparse \
+        else dict(sparse_local_attn=0)
+    model = tower(depth=2, **kw)
+    mlp_calls = []
+    model.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *a: mlp_calls.append(1))
+    with torch.no_grad():
+        model(clip(batch=1), generator=torch.Generator().manual_seed(0))
+        cpu_calls = len(calls), len(mlp_calls)
+        calls.clear(), mlp_calls.clear()
+        out = model.to("meta")(clip(batch=1).to("meta"), generator=torch.Generator().manual_seed(0))
+    assert out.tokens.device.type == "meta"
+    assert (len(calls), len(mlp_calls)) == (2, 1) and cpu_calls[1] > 1 and cpu_calls[0] > 2 * sparse
