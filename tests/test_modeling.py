@@ -228,10 +228,13 @@ def test_vtc_is_symmetric_infonce_by_hand():
 def test_mlm_is_mean_over_captions_of_each_captions_mean():
     logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     ce = F.cross_entropy(logits, targets, reduction="none")
-    caption = torch.tensor([0, 1, 1, 1])
     expected = (ce[0] + ce[1:].mean()) / 2
-    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 2), expected)
-    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 3), 2 * expected / 3)  # no masked word: 0
+    labels = torch.full((3, 4), -100)  # caption 0 masks position 2, caption 1 positions 0, 1, 3, caption 2 none
+    labels[0, 2], labels[1, [0, 1, 3]] = targets[0], targets[1:]
+    every = torch.randn(3, 4, 10)  # the word head's logits at every position; only the masked ones count
+    every[0, 2], every[1, [0, 1, 3]] = logits[0], logits[1:]
+    torch.testing.assert_close(M.mlm_loss(every[:2], labels[:2]), expected)
+    torch.testing.assert_close(M.mlm_loss(every, labels), 2 * expected / 3)  # no masked word: 0
 
 
 def test_vtm_negatives_never_the_positive_and_follow_similarity():
