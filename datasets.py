@@ -1337,8 +1337,20 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
         return video
     if video.dtype != torch.uint8:
         raise TypeError(f"video must be uint8 pixels or normalised float, got {video.dtype}")
-    scale, shift = _INV_STD_255.to(video.device), _SHIFT.to(video.device)
+    scale, shift = on_device(video.device, inv_std_255=_INV_STD_255, shift=_SHIFT)
     return torch.addcmul(shift, video.float(), scale)
+
+
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def on_device(device: torch.device, **constants: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Module constants (CPU tensors, by name) on `device`, copied there once: a copy from pageable memory in every
+    step would make the host wait for the GPU."""
+    for name, value in constants.items():
+        if (name, device) not in _ON_DEVICE:
+            _ON_DEVICE[(name, device)] = value.to(device)
+    return tuple(_ON_DEVICE[(name, device)] for name in constants)
 
 
 def train_clip_transform(frames: np.ndarray, input_size: int, rng: np.random.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss
-from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count
+from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
 PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
@@ -315,10 +315,12 @@ def unpatchify(tubes: torch.Tensor, grid: tuple[int, int, int], tubelet_size: in
                      p0=tubelet_size, p1=patch_size, p2=patch_size, c=channels)
 
 
+_MEAN, _STD = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def denormalize_video(video: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised [B, 3, T, H, W] -> pixels in [0, 1] (float32)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    mean, std = on_device(video.device, imagenet_mean=_MEAN, imagenet_std=_STD)
     return video.float() * std + mean
 
 
@@ -380,7 +382,10 @@ def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tens
     if match_ids is not None:
         same = match_ids[:, None] == match_ids[None, :]
         exclude |= same & ~same.all(dim=1, keepdim=True)
-    return torch.multinomial(logits.masked_fill(exclude, float("-inf")).softmax(dim=1), 1).squeeze(1)
+    probs = logits.masked_fill(exclude, float("-inf")).softmax(dim=1)
+    # torch.multinomial(probs, 1)'s own draw (argmax of p / E, E ~ Exp(1): the same picks from the same RNG state)
+    # without its two validity checks, which read the device from the host on CUDA
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=1)
 
 # ----------------------------------------------------------------------------------------------- pre-training
 

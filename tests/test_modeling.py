@@ -338,6 +338,16 @@ def test_vtm_negatives_never_the_positive_and_follow_similarity():
     assert len(set(uniform[:, 0].tolist())) == 3  # random: every other caption drawn
 
 
+def test_vtm_negatives_are_multinomials_draws_without_its_host_checks():
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        got = M.sample_negatives(sim)
+        torch.manual_seed(seed)
+        probs = sim.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).softmax(dim=1)
+        assert torch.equal(got, torch.multinomial(probs, 1).squeeze(1))
+
+
 def test_batch_of_one_gives_zero_vtm_loss_connected_to_the_graph():
     model = tiny()
     out = model(make_batch(b=1))
