@@ -288,7 +288,6 @@ def select_tokens(x: torch.Tensor, keep: torch.Tensor, count: int | None = None)
     order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]  # kept tokens first, in token order
     return torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
 
-
 # ----------------------------------------------------------------------------------------------- pixel targets
 
 
@@ -576,8 +575,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             masked_text, vtc_text = self.text_embeddings(torch.cat([mlm_input_ids, input_ids])).chunk(2)
         joint_out, pos_feat = self.joint(vis, masked_text, attention_mask)  # (a)
         nv = vis.shape[1]
-        num_decoded = self.decoded_count(video_mask.shape[1] - nv)
-        decode_mask = self.tubes_to_decode(video_mask, video_mask.shape[1] - nv)
+        num_masked = video_mask.shape[1] - nv  # counts from shapes: nothing read from the device
+        num_decoded = self.decoded_count(num_masked)
+        decode_mask = self.tubes_to_decode(video_mask, num_masked)
         loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask, num_decoded).float(),
                                 self.pixel_target(video, decode_mask, num_decoded))
         loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)

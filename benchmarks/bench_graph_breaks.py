@@ -3,7 +3,7 @@ sizes, one batch made by the real collator): what a GPU user's --compile_blocks 
 the check of the "no host sync in a step" rule (a .item(), .tolist(), nonzero or boolean-mask index in forward
 or loss breaks the graph or makes a data-dependent shape).
 
-    .venv/bin/python benchmarks/bench_graph_breaks.py            # dynamo + inductor, every model (a few minutes)
+    .venv/bin/python benchmarks/bench_graph_breaks.py            # dynamo + inductor, every model (~10 min, 2 cores)
     .venv/bin/python benchmarks/bench_graph_breaks.py --quick    # dynamo only (eager backend), the smallest clips
 
 For each model: torch._dynamo.explain over `model(batch)["loss"]` (fullgraph=False) counts graphs and breaks and
@@ -86,7 +86,7 @@ def break_reasons(explained) -> list[str]:
         frame = f"{Path(r.user_stack[-1].filename).name}:{r.user_stack[-1].lineno}" if r.user_stack else "?"
         text = f"{frame} {short(str(r.reason).split('Explanation:')[0])}"
         counts[text] = counts.get(text, 0) + 1
-    return [f"{n}x {text}" for text, n in counts.items()]
+    return [f"{text} (reported {n}x)" for text, n in counts.items()]
 
 
 def check_model(name: str, quick: bool, backend: str, tokenizer) -> dict:
@@ -147,7 +147,8 @@ def main(argv=None) -> list[dict]:
         for reason in r["reasons"]:
             print(f"  {r['model']}: {reason}")
     missed = [r["model"] for r in results if r["breaks"] != 0 or r["fullgraph"] != "PASS"]
-    print("target 0 breaks and fullgraph=True for every model: " + ("PASS" if not missed else f"MISS ({', '.join(missed)})"))
+    verdict = "PASS" if not missed else f"MISS ({', '.join(missed)})"
+    print(f"target 0 breaks and fullgraph=True for every model: {verdict}")
     return results
 
 
