@@ -1338,8 +1338,20 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
         return video
     if video.dtype != torch.uint8:
         raise TypeError(f"video must be uint8 pixels or normalised float, got {video.dtype}")
-    scale, shift = _INV_STD_255.to(video.device), _SHIFT.to(video.device)
+    scale, shift = on_device(video.device, inv_std_255=_INV_STD_255, shift=_SHIFT)
     return torch.addcmul(shift, video.float(), scale)
+
+
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def on_device(device: torch.device, **constants: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Module constants (CPU tensors, by name) on `device`, copied there once: a copy from pageable memory in every
+    step would make the host wait for the GPU."""
+    for name, value in constants.items():
+        if (name, device) not in _ON_DEVICE:
+            _ON_DEVICE[(name, device)] = value.to(device)
+    return tuple(_ON_DEVICE[(name, device)] for name in constants)
 
 
 def train_clip_transform(frames: np.ndarray, input_size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -1707,7 +1719,8 @@ class VideoTextCollator:
     """Stacks dataset items and tokenises captions in one batched call of the fast tokenizer.
 
     train batch: video [B, 3, T, H, W], video_mask bool [B, N] (if given), index / epoch long [B], match_id long
-    [B] (when the items carry one: the contrastive positives' id, see VideoTextDataset), videos_read /
+    [B] (when the items carry one: the contrastive positives' id, see VideoTextDataset), num_visible_tubes (int,
+    with video_mask: each clip's unmasked tubes, equal over the batch), videos_read /
     videos_broken (the items' read / broken summed, long scalars), broken_videos (the items' [(path, error)],
     each file once), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
@@ -1750,6 +1763,7 @@ class VideoTextCollator:
         batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "num_items": num_items}
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
+            batch["num_visible_tubes"] = equal_row_count(~batch["video_mask"])
         batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
         if "match_id" in items[0]:
             batch["match_id"] = torch.tensor([int(it["match_id"]) for it in items], dtype=torch.long)
@@ -1769,6 +1783,15 @@ class VideoTextCollator:
                 vocab_size=len(self.tokenizer))
         return batch
 
+
+
+def equal_row_count(mask: torch.Tensor) -> int:
+    """The number of True per row of a bool [B, N] mask, checked equal over the rows on the host (a tube mask's
+    visible count: the model selects the tubes with shapes known before the step, no sync on the device)."""
+    counts = mask.sum(dim=1).tolist()
+    if len(set(counts)) > 1:
+        raise ValueError(f"every clip of a batch needs the same number of masked tubes, got {counts}")
+    return counts[0]
 
 
 def _one_clip_per_row(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:

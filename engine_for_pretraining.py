@@ -123,9 +123,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
             it = min(epoch * steps_in_epoch(batches_per_epoch, cfg.accum_iter) + window_start // cfg.accum_iter,
                      len(lr_schedule) - 1)
             utils.apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-        out, bad = _forward_backward(model, move_batch(batch, cfg.device), scaler, cfg, scale=1.0 / size,
-                                     sync=len(window) == size - 1)
-        counts = [batch.get(k, torch.tensor(0)).to(cfg.device).float() for k in ("videos_read", "videos_broken")]
+        moved = move_batch(batch, cfg.device)  # once, non-blocking: the counts below read the moved copies
+        out, bad = _forward_backward(model, moved, scaler, cfg, scale=1.0 / size, sync=len(window) == size - 1)
+        counts = [moved[k].float() if k in moved else bad.new_zeros((), dtype=torch.float)
+                  for k in ("videos_read", "videos_broken")]
         window.append(torch.stack([bad.float(), *counts]))
         if broken is not None:
             broken.note(batch.get("broken_videos", ()))

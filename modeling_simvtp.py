@@ -22,7 +22,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
 PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
@@ -77,12 +77,51 @@ def padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, value)[:, None, None]
 
 
+# Fused (SDPA) vs explicit (matmul + softmax) attention on CPU in bf16, forward + backward, ms per call, by key
+# count: (shape [B, H, S, d_head], sdpa ms, explicit ms), measured on a 2-core AMX Xeon (issue 28). Re-measure with
+# `benchmarks/bench_pretrain.py --attention_table` and paste its rows here. SDPA's CPU kernel loses on short
+# sequences in bf16 and wins on long ones; in fp32 the two are even; on CUDA SDPA always wins.
+CPU_BF16_ATTENTION_MS = {
+    160: ((12, 12, 160, 64), 38.5, 8.4),
+    178: ((4, 12, 178, 64), 15.2, 4.3),
+    1568: ((4, 12, 1568, 64), 139.0, 190.0),
+}
+
+
+def sdpa_threshold(table: dict[int, tuple]) -> int:
+    """The fewest keys from which SDPA is measured faster (no longer slower at any longer measured length)."""
+    lengths = sorted(table)
+    faster = [n for i, n in enumerate(lengths) if all(table[m][1] <= table[m][2] for m in lengths[i:])]
+    return faster[0] if faster else lengths[-1] + 1
+
+
+CPU_BF16_SDPA_MIN_KEYS = sdpa_threshold(CPU_BF16_ATTENTION_MS)
+
+
+def use_sdpa(device_type: str, dtype: torch.dtype, num_keys: int) -> bool:
+    """SDPA always on CUDA (flash / memory-efficient kernels) and in fp32; on CPU in bf16 only from
+    CPU_BF16_SDPA_MIN_KEYS keys on (its CPU kernel is several times slower than matmul + softmax below)."""
+    return device_type != "cpu" or dtype != torch.bfloat16 or num_keys >= CPU_BF16_SDPA_MIN_KEYS
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v, as the release computes it; mask bool (True = may attend), broadcast to
+    [B, H, Sq, Sk], None = every key."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention with the release's bias layout cat(q_bias, 0, v_bias) (no key bias): self-attention,
     or cross-attention to a `context` (queries from rows 0..D of qkv, keys / values from rows D..3D of the same
     weight, so a cross-attention starts as a copy of a pre-trained self-attention).
 
-    `fused` (default True) is the one switch: F.scaled_dot_product_attention, else an explicit softmax."""
+    Masks are boolean (True = may attend) and only where keys are padded: an unmasked call can take CUDA's flash
+    kernel, a key-padding mask [B, 1, 1, S] the memory-efficient one. `fused` (default True) is the one switch:
+    F.scaled_dot_product_attention where use_sdpa picks it, else (and always when False) an explicit softmax."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -95,9 +134,10 @@ class Attention(nn.Module):
         self.fused = True
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, S, D]; keep: bool [B, S] or None (no padding) -> [B, S, D]. With `context` [B, M, D]: attention
-        to it instead of x. `bias`: additive [B, 1, S or 1, M] mask used instead of keep (causal + padding)."""
+        to it instead of x. `mask`: bool [B, 1, S or 1, M] (True = may attend) used instead of keep (causal +
+        padding)."""
         b, s, d = x.shape
         heads, dh = self.num_heads, d // self.num_heads
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
@@ -108,13 +148,12 @@ class Attention(nn.Module):
             q = F.linear(x, self.qkv.weight[:d], self.q_bias).reshape(b, s, heads, dh).transpose(1, 2)
             kv = F.linear(context, self.qkv.weight[d:], qkv_bias[d:]).reshape(b, context.shape[1], 2, heads, dh)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, M, d_head]
-        mask = bias.to(q.dtype) if bias is not None else None if keep is None else padding_bias(keep, q.dtype)
-        if self.fused:
+        if mask is None and keep is not None:
+            mask = keep[:, None, None, :]
+        if self.fused and use_sdpa(q.device.type, q.dtype, k.shape[-2]):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = (attn if mask is None else attn + mask).softmax(dim=-1)
-            x = attn @ v
+            x = explicit_attention(q, k, v, mask, self.scale)
         return self.proj(x.transpose(1, 2).reshape(b, s, d))
 
 
@@ -207,11 +246,13 @@ class UnifiedEncoder(nn.Module):
         self.release_pooling = release_pooling
         self.grad_checkpointing = False
 
-    def embed_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """video: [B, 3, T, H, W], video_mask: bool [B, N] (True = masked) -> visible tokens + position [B, Nv, D]."""
+    def embed_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None,
+                    num_visible: int | None = None) -> torch.Tensor:
+        """video: [B, 3, T, H, W], video_mask: bool [B, N] (True = masked) with num_visible False per row (None:
+        read from the mask) -> visible tokens + position [B, Nv, D]."""
         x = self.patch_embed(video)
         x = x + self.pos_table(x.shape[1]).to(x.dtype)
-        return x if video_mask is None else select_tokens(x, ~video_mask)
+        return x if video_mask is None else select_tokens(x, ~video_mask, num_visible)
 
     def forward(self, video_tokens: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,14 +277,16 @@ class UnifiedEncoder(nn.Module):
         return self.pool(self(None, text_tokens, attention_mask), attention_mask)
 
 
-def select_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, D], keep: bool [B, N] with the same count per row -> [B, n, D] in token order."""
+def select_tokens(x: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """x: [B, N, D], keep: bool [B, N] with `count` True per row -> [B, count, D] in token order, by a gather: no
+    data-dependent shape, no host sync when the caller knows `count` (the collator's num_visible_tubes). Without
+    it the count is read from the mask (a sync: evaluation and visualisation, not the training step)."""
     if keep.shape != x.shape[:2]:
         raise ValueError(f"video_mask {tuple(keep.shape)} does not match the {tuple(x.shape[:2])} tube grid")
-    counts = keep.sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(f"every clip of a batch needs the same number of masked tubes, got {counts.tolist()}")
-    return x[keep].reshape(x.shape[0], -1, x.shape[-1])
+    if count is None:
+        count = equal_row_count(keep)
+    order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]  # kept tokens first, in token order
+    return torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
 
 # ----------------------------------------------------------------------------------------------- pixel targets
 
@@ -271,10 +314,12 @@ def unpatchify(tubes: torch.Tensor, grid: tuple[int, int, int], tubelet_size: in
                      p0=tubelet_size, p1=patch_size, p2=patch_size, c=channels)
 
 
+_MEAN, _STD = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def denormalize_video(video: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised [B, 3, T, H, W] -> pixels in [0, 1] (float32)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, 3, 1, 1, 1)
+    mean, std = on_device(video.device, imagenet_mean=_MEAN, imagenet_std=_STD)
     return video.float() * std + mean
 
 
@@ -316,15 +361,15 @@ def vtc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: flo
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, caption: torch.Tensor, batch_size: int) -> torch.Tensor:
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch's captions of each caption's mean CE over its masked tokens.
 
-    logits: [M, V] of the M masked tokens, targets: [M], caption: [M] (row of each). A caption without masked
-    tokens contributes 0 and still counts in the mean, so the loss is an exact mean of per-rank losses."""
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    sums = torch.zeros(batch_size, device=ce.device).index_add(0, caption, ce)
-    counts = torch.bincount(caption, minlength=batch_size).clamp(min=1)
-    return (sums / counts).sum() / batch_size
+    logits: [B, L, V] of every position (a static shape: no data-dependent selection, no host sync), labels:
+    [B, L], -100 where a token is not masked. A caption without masked tokens contributes 0 and still counts in
+    the mean, so the loss is an exact mean of per-rank losses."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
+    counts = (labels != -100).sum(dim=1).clamp(min=1)
+    return (ce.view(labels.shape).sum(dim=1) / counts).sum() / len(labels)
 
 
 def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -336,7 +381,10 @@ def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tens
     if match_ids is not None:
         same = match_ids[:, None] == match_ids[None, :]
         exclude |= same & ~same.all(dim=1, keepdim=True)
-    return torch.multinomial(logits.masked_fill(exclude, float("-inf")).softmax(dim=1), 1).squeeze(1)
+    probs = logits.masked_fill(exclude, float("-inf")).softmax(dim=1)
+    # torch.multinomial(probs, 1)'s own draw (argmax of p / E, E ~ Exp(1): the same picks from the same RNG state)
+    # without its two validity checks, which read the device from the host on CUDA
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=1)
 
 # ----------------------------------------------------------------------------------------------- pre-training
 
@@ -441,37 +489,46 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         return x, self.encoder.pool(x, token_keep(vis.shape[1], attention_mask))
 
     def decode_pixels(self, video_out: torch.Tensor, video_mask: torch.Tensor,
-                      decode_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      decode_mask: torch.Tensor | None = None, num_decoded: int | None = None) -> torch.Tensor:
         """Joint output's video part [B, Nv, D] -> predicted normalised pixels of the masked tubes [B, Nm, P], or of
-        the subset `decode_mask` of them (decoder masking)."""
+        the subset `decode_mask` of them (decoder masking: num_decoded per clip, read from it when None). Token
+        counts come from the shapes, not the masks' contents."""
         x = self.encoder_to_decoder(video_out)
-        pos = self.decoder.pos_table(video_mask.shape[1]).to(x.dtype).expand(len(x), -1, -1)
-        vis = x + select_tokens(pos, ~video_mask)
-        masked = self.mask_token.to(x.dtype) + select_tokens(pos, video_mask if decode_mask is None else decode_mask)
+        num_tubes, num_visible = video_mask.shape[1], video_out.shape[1]
+        pos = self.decoder.pos_table(num_tubes).to(x.dtype).expand(len(x), -1, -1)
+        vis = x + select_tokens(pos, ~video_mask, num_visible)
+        if decode_mask is None:
+            decode_mask, num_decoded = video_mask, num_tubes - num_visible
+        masked = self.mask_token.to(x.dtype) + select_tokens(pos, decode_mask, num_decoded)
         return self.decoder(torch.cat([vis, masked], dim=1), masked.shape[1])
 
-    def tubes_to_decode(self, video_mask: torch.Tensor) -> torch.Tensor:
-        """Decoder masking (as in VideoMAE V2): a random `decode_fraction` of each clip's masked tubes [B, N] bool
-        (the same count per clip), from torch's global RNG; all masked tubes at 1.0 (the paper)."""
+    def decoded_count(self, num_masked: int) -> int:
+        """How many of a clip's num_masked tubes the decoder reconstructs (decoder masking keeps a share)."""
+        return num_masked if self.decode_fraction >= 1.0 else max(1, round(self.decode_fraction * num_masked))
+
+    def tubes_to_decode(self, video_mask: torch.Tensor, num_masked: int | None = None) -> torch.Tensor:
+        """Decoder masking (as in VideoMAE V2): a random `decode_fraction` of each clip's num_masked masked tubes
+        [B, N] bool (the same count per clip; read from the mask when None), from torch's global RNG; all masked
+        tubes at 1.0 (the paper)."""
         if self.decode_fraction >= 1.0:
             return video_mask
-        num_masked = int(video_mask[0].sum())
-        keep = max(1, round(self.decode_fraction * num_masked))
+        if num_masked is None:
+            num_masked = equal_row_count(video_mask)
         scores = torch.rand(video_mask.shape, device=video_mask.device).masked_fill(~video_mask, -1.0)
-        chosen = scores.topk(keep, dim=1).indices
+        chosen = scores.topk(self.decoded_count(num_masked), dim=1).indices
         return torch.zeros_like(video_mask).scatter_(1, chosen, True)
 
-    def pixel_target(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels of the masked tubes [B, Nm, P] (float32, no gradient)."""
+    def pixel_target(self, video: torch.Tensor, video_mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Normalised pixels of the masked tubes [B, Nm, P] (float32, no gradient); `count` masked per clip (read
+        from the mask when None)."""
         with torch.no_grad():
             tubes = normalize_tubes(patchify(denormalize_video(video), self.tubelet_size, self.patch_size))
-            return select_tokens(tubes, video_mask)
+            return select_tokens(tubes, video_mask, count)
 
     def masked_word_loss(self, text_out: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
-        """Word head on the masked positions only (labels != -100) of the joint output's text part [B, L, D]."""
-        sel = mlm_labels != -100
-        caption = sel.nonzero()[:, 0]
-        return mlm_loss(self.text_cls(text_out[sel]), mlm_labels[sel], caption, len(mlm_labels))
+        """Word head on the joint output's text part [B, L, D] (every position, as the release: a static shape),
+        the loss over the masked positions (labels != -100)."""
+        return mlm_loss(self.text_cls(text_out), mlm_labels)
 
     def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat, match_ids=None):
         """VTM: the B positives (pooled joint output, [B, D]) + one joint pass over 2B negatives: each caption with
@@ -498,28 +555,31 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             video_ids, text_ids = torch.cat([neg_video, own]), torch.cat([own, neg_text])
         _, neg_feat = self.joint(vis[video_ids], text[text_ids], attention_mask[text_ids])
         logits = torch.cat([pos_logits, self.vtm_head(neg_feat).float()])
-        labels = torch.cat([torch.ones(b), torch.zeros(len(video_ids))]).long().to(logits.device)
+        labels = (torch.arange(len(logits), device=logits.device) < b).long()  # built on the device: no copy
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
         attention_mask / mlm_input_ids / mlm_labels [B, L] and, optionally, match_id long [B] (rows of one id, e.g.
-        one video's clips under --clips_per_video, are contrastive positives, never matching negatives) -> losses
+        one video's clips under --clips_per_video, are contrastive positives, never matching negatives) and
+        num_visible_tubes (int, the collator's: without it the count is read from the mask, a host sync) -> losses
         (fp32); "loss" = weighted sum. Passes: (a) joint
         on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
         negatives."""
         video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
         input_ids, mlm_input_ids, mlm_labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
-        vis = self.encoder.embed_video(video, video_mask)
+        vis = self.encoder.embed_video(video, video_mask, batch.get("num_visible_tubes"))
         if self.vtc_text == "masked":
             masked_text = vtc_text = self.text_embeddings(mlm_input_ids)
         else:  # one embedding call for both captions: half the dense [V, D] gradient buffers
             masked_text, vtc_text = self.text_embeddings(torch.cat([mlm_input_ids, input_ids])).chunk(2)
         joint_out, pos_feat = self.joint(vis, masked_text, attention_mask)  # (a)
         nv = vis.shape[1]
-        decode_mask = self.tubes_to_decode(video_mask)
-        loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask).float(),
-                                self.pixel_target(video, decode_mask))
+        num_masked = video_mask.shape[1] - nv  # counts from shapes: nothing read from the device
+        num_decoded = self.decoded_count(num_masked)
+        decode_mask = self.tubes_to_decode(video_mask, num_masked)
+        loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask, num_decoded).float(),
+                                self.pixel_target(video, decode_mask, num_decoded))
         loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
         video_feat = self.encoder.pool(self.encoder(vis))  # (b)
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)
@@ -629,12 +689,11 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
 # ----------------------------------------------------------------------------------------------- video QA
 
 
-def causal_padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
-    """keep: bool/0-1 [N, L] (real tokens) -> additive [N, 1, L, L]: query i sees the real keys j <= i."""
+def causal_key_mask(keep: torch.Tensor) -> torch.Tensor:
+    """keep: bool/0-1 [N, L] (real tokens) -> bool [N, 1, L, L]: query i may attend to the real keys j <= i."""
     length = keep.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
-    allowed = causal[None] & keep.bool()[:, None, :]
-    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill(~allowed, value)[:, None]
+    return (causal[None] & keep.bool()[:, None, :])[:, None]
 
 
 class DecoderLayer(nn.Module):
@@ -651,16 +710,16 @@ class DecoderLayer(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, memory_bias: torch.Tensor
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, La, D], self_bias [N, 1, La, La], memory [Q, M, D], memory_bias [Q, 1, 1, M] -> [N, La, D]. Q may
-        divide N: each memory row then serves N / Q consecutive answers, whose tokens query it together (its keys
-        and values computed once, never copied per answer)."""
+        """x: [N, La, D], self_mask bool [N, 1, La, La], memory [Q, M, D], memory_mask bool [Q, 1, 1, M] (True = may
+        attend) -> [N, La, D]. Q may divide N: each memory row then serves N / Q consecutive answers, whose tokens
+        query it together (its keys and values computed once, never copied per answer)."""
         if len(x) % len(memory):
             raise ValueError(f"{len(memory)} memory rows cannot serve {len(x)} answers")
-        x = x + self.drop_path(self.attn(self.norm1(x), bias=self_bias))
+        x = x + self.drop_path(self.attn(self.norm1(x), mask=self_mask))
         shared = self.cross_norm(x).reshape(len(memory), -1, x.shape[-1])
-        x = x + self.drop_path(self.cross_attn(shared, context=memory, bias=memory_bias).reshape(x.shape))
+        x = x + self.drop_path(self.cross_attn(shared, context=memory, mask=memory_mask).reshape(x.shape))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -677,13 +736,13 @@ class AnswerDecoder(nn.Module):
                 ) -> torch.Tensor:
         """x: [N, La, D] embedded answers, answer_mask [N, La], memory [Q, M, D], memory_mask [Q, M] (Q = N, or Q
         divides N: see DecoderLayer) -> [N, La, D]."""
-        self_bias = causal_padding_bias(answer_mask, x.dtype)
-        memory_bias = padding_bias(memory_mask.bool(), x.dtype)
+        self_mask = causal_key_mask(answer_mask)
+        memory_keys = memory_mask.bool()[:, None, None, :]
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, self_bias, memory, memory_bias, use_reentrant=False)
+                x = checkpoint(layer, x, self_mask, memory, memory_keys, use_reentrant=False)
             else:
-                x = layer(x, self_bias, memory, memory_bias)
+                x = layer(x, self_mask, memory, memory_keys)
         return self.norm(x)
 
 

@@ -734,8 +734,9 @@ class FusionTokenSelection:
 
     def select(self, video: torch.Tensor, probs: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
         """video [B, 1 + N, D], probs [B, L, 1 + N] (head mean) -> [B, 1 + keep, D] in the original order."""
-        if self.strategy == "random":
-            scores = torch.rand(video.shape[:2], generator=self.generator).to(video.device)[:, 1:]
+        if self.strategy == "random":  # training draws on the device (no copy); evaluation's seeded CPU generator
+            device = video.device if self.generator is None else "cpu"
+            scores = torch.rand(video.shape[:2], generator=self.generator, device=device).to(video.device)[:, 1:]
         elif self.strategy == "cls_attn":
             scores = probs[:, 0, 1:]
         else:
@@ -878,16 +879,15 @@ class SViTTPretrain(nn.Module):
         texts = torch.cat([text_states, text_states, text_states[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         logits = self.itm_head(self.fused_cls(texts, masks, videos)).float()
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        labels = (torch.arange(3 * b, device=logits.device) < b).long()  # built on the device: no copy
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
     def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
-        """MLM through the text layers and the fusion layers (with the video), BERT's head on masked positions."""
+        """MLM through the text layers and the fusion layers (with the video), BERT's head on every position (as
+        the release: a static shape), the loss over the masked ones (labels != -100)."""
         states = self.text_encoder.text_layers(mlm_input_ids, attention_mask)
         states = self.text_encoder.fusion_layers(states, attention_mask, video_tokens, self._selection())
-        sel = mlm_labels != -100
-        logits = self.text_encoder.cls.predictions(states[sel])
-        return mlm_loss(logits, mlm_labels[sel], sel.nonzero()[:, 0], len(mlm_labels))
+        return mlm_loss(self.text_encoder.cls.predictions(states), mlm_labels)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: video [B, 3, T, H, W], input_ids / attention_mask [B, L], index [B]

@@ -7,6 +7,7 @@ goes, fp32 vs bf16, and the encoder alone at 90% vs 0% tube masking.
     .venv/bin/python benchmarks/bench_pretrain.py --quick --json out.json   # smallest run (what the test runs)
     .venv/bin/python benchmarks/bench_pretrain.py --configs base --release_src ../SimVTP   # + the release, same run
     .venv/bin/python benchmarks/bench_pretrain.py --configs base --precision bf16 --speed_options  # + method options
+    .venv/bin/python benchmarks/bench_pretrain.py --attention_table    # SDPA vs explicit attention by key count
 
 Configs (clip shapes are the registered models' defaults): tiny = simvtp_tiny_patch16, 8 frames x 112 px, batch 16
 (the demo's pre-training batch); base = simvtp_base_patch16, 16 frames x 224 px, batch 4.
@@ -49,6 +50,11 @@ How each figure is obtained
   selected) and the unified encoder (blocks + norm) on the video tokens only, with the step's batch, at tube
   mask 0.9 and 0.0; one warm-up, then the mean of --encoder_reps. It runs in the bf16 process (else the only one).
 
+--attention_table (instead of the steps): forward + backward of one attention call, F.scaled_dot_product_attention
+vs modeling_simvtp.explicit_attention (matmul + softmax), in bf16 and fp32, for [B, H, S, 64] shapes over key counts
+S (the step's: text, joint, visible video and the decoder's all tubes); the mean of --steps calls after one
+warm-up. Its bf16 rows are modeling_simvtp.CPU_BF16_ATTENTION_MS, from which the model picks its CPU bf16 path.
+
 Targets on this 2-core machine (printed with PASS/MISS): base, batch 4, 16 x 224, bf16: peak RSS under 12 GiB and
 at most 5.5 s per step; the encoder at 0.9 masking at least 5x faster than at 0.0. Other processes on the same
 cores slow every figure: the load average is printed before and after.
@@ -71,14 +77,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from bench_common import print_table, require_release_checkout, run_job_in_subprocess  # noqa: E402
+from bench_common import print_table, require_release_checkout, run_job_in_subprocess, time_calls  # noqa: E402
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter
 
 
 def import_training_stack() -> None:
     """torch and the repo's modules, as module globals. Only the job processes need them: the parent process just
     plans, starts and reports, and starts in a fraction of a second (the test runs the whole script in < 30 s)."""
-    global torch, create_model, flop_counter, datasets, engine, masking_generator, utils, CPU
+    global torch, create_model, flop_counter, datasets, engine, masking_generator, modeling_simvtp, utils, CPU
     import torch
     from timm.models import create_model
     from torch.utils import flop_counter
@@ -86,7 +92,7 @@ def import_training_stack() -> None:
     import datasets
     import engine_for_pretraining as engine
     import masking_generator
-    import modeling_simvtp  # noqa: F401  (registers the models)
+    import modeling_simvtp  # (registers the models)
     import utils
     CPU = torch.device("cpu")
 
@@ -686,6 +692,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_blocks", action="store_true", help="also time the step with every transformer "
                    "block compiled (torch.compile, as run_simvtp_pretraining.py --compile_blocks; the warm-up "
                    "steps pay for the compilation)")
+    p.add_argument("--attention_table", action="store_true",
+                   help="instead of the steps: SDPA vs explicit attention (forward + backward) over key counts, per "
+                        "--precision; the bf16 rows are modeling_simvtp.CPU_BF16_ATTENTION_MS")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="smallest run (tiny model at 4 x 32 px, batch 2, one step, fp32 and bf16) for the test")
@@ -774,6 +783,48 @@ def print_release_comparison(results: list[dict], release: list[dict]) -> None:
               f"[target >= 80%: {'PASS' if mfu >= 0.8 else 'MISS'}]")
 
 
+# --attention_table: [B, H, S, d_head] shapes over key counts S (the issue's first two, then longer ones)
+ATTENTION_SHAPES = ((12, 12, 160, 64), (4, 12, 178, 64), (4, 12, 400, 64), (4, 12, 800, 64), (4, 12, 1568, 64))
+QUICK_ATTENTION_SHAPES = ((2, 2, 16, 8), (2, 2, 64, 8))
+
+
+def attention_ms(shape: tuple[int, ...], dtype, fused: bool, reps: int) -> float:
+    """Mean ms of forward + backward of one attention call on random q, k, v of `shape` in `dtype`."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(shape, generator=g).to(dtype)
+
+    def call() -> None:
+        if fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = modeling_simvtp.explicit_attention(q, k, v, None, shape[-1] ** -0.5)
+        out.backward(grad)
+    _, seconds = time_calls(call, reps)
+    return 1000 * sum(seconds) / len(seconds)
+
+
+def print_attention_table(args: argparse.Namespace) -> dict:
+    """SDPA vs explicit attention per precision and key count; the bf16 rows in modeling_simvtp's table format."""
+    import_training_stack()
+    torch.set_num_threads(args.threads)
+    shapes = QUICK_ATTENTION_SHAPES if args.quick else ATTENTION_SHAPES
+    reps = 1 if args.quick else args.steps
+    table = {p: {s[2]: (s, attention_ms(s, getattr(torch, DTYPES[p]), True, reps),
+                        attention_ms(s, getattr(torch, DTYPES[p]), False, reps)) for s in shapes}
+             for p in args.precision.split(",")}
+    print(f"Attention forward + backward, ms per call (mean of {reps}), {args.threads} threads, load average "
+          f"{load_average()}")
+    print_table(["precision", "shape [B, H, S, d]", "SDPA ms", "explicit ms", "SDPA / explicit"],
+                [[p, "x".join(map(str, s)), f"{f:.2f}", f"{e:.2f}", f"{f / e:.2f}"]
+                 for p, rows in table.items() for s, f, e in rows.values()], left=2)
+    if "bf16" in table:
+        rows = {n: (s, round(f, 1), round(e, 1)) for n, (s, f, e) in table["bf16"].items()}
+        print(f"\nmodeling_simvtp.CPU_BF16_ATTENTION_MS = {rows}\n-> explicit attention on CPU in bf16 below "
+              f"{modeling_simvtp.sdpa_threshold(rows)} keys (now {modeling_simvtp.CPU_BF16_SDPA_MIN_KEYS})")
+    return table
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -785,6 +836,9 @@ def main(argv=None) -> list[dict]:
         with open(args.job_out, "w") as f:
             json.dump(result, f)
         return [result]
+    if args.attention_table:
+        print_attention_table(args)
+        return []
     jobs = plan_jobs(args)
     release_jobs = plan_release_jobs(args, jobs)
     load_before = load_average()

@@ -79,3 +79,17 @@ def test_an_allocator_is_preloaded_from_its_library_file_or_named_with_its_packa
         str(tmp_path / "libtcmalloc_minimal.so.4")
     with pytest.raises(SystemExit, match="unknown allocator 'mimalloc'"):
         bench_pretrain.allocator_library("mimalloc")
+
+
+def test_attention_table_times_both_paths_and_prints_the_models_table(capsys):
+    """--attention_table --quick: SDPA and explicit attention timed per precision and key count, the bf16 rows in
+    modeling_simvtp.CPU_BF16_ATTENTION_MS's format with the threshold they give."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import bench_pretrain
+
+    table = bench_pretrain.print_attention_table(bench_pretrain.get_args(["--attention_table", "--quick",
+                                                                          "--threads", "1"]))
+    assert list(table) == ["fp32", "bf16"] and list(table["bf16"]) == [16, 64]
+    assert all(f > 0 and e > 0 for rows in table.values() for _, f, e in rows.values())
+    out = capsys.readouterr().out
+    assert "modeling_simvtp.CPU_BF16_ATTENTION_MS = {16: ((2, 2, 16, 8)," in out and "explicit attention on CPU" in out

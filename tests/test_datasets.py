@@ -374,6 +374,15 @@ def test_train_transform_uses_one_crop_for_every_frame():
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+def test_constants_reach_a_device_once():
+    """normalize_video's constants are copied to a device on first use only (no host-blocking copy per step)."""
+    meta = torch.device("meta")
+    first = datasets.on_device(meta, x=torch.ones(3), y=torch.zeros(2))
+    again = datasets.on_device(meta, x=torch.ones(3), y=torch.zeros(2))
+    assert first[0].device == meta and first[0] is again[0] and first[1] is again[1]
+    assert datasets.normalize_video(torch.zeros(1, 3, 1, 2, 2, dtype=torch.uint8, device=meta)).device == meta
+
+
 def test_test_views_are_clip_major_crops_along_the_long_side():
     frames = np.zeros((4, 60, 120, 3), dtype=np.uint8)
     frames[:, :, 60:] = 200  # right half bright
@@ -707,6 +716,7 @@ def test_collate_pads_truncates_and_masks_per_sample(tokenizer):
              _item(2, "hi", epoch=0, broken=["a"])]
     batch = collate(items)
     assert batch["video"].shape == (3, 3, 4, 8, 8) and batch["video_mask"].shape == (3, 8)
+    assert batch["num_visible_tubes"] == 4  # a host int: the model selects the tubes without reading the device
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)  # truncated to max_text_len
     assert batch["input_ids"][1, -1] == 102 and batch["attention_mask"][2].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert batch["index"].tolist() == [0, 1, 2]

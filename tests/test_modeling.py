@@ -164,6 +164,95 @@ def test_fused_and_explicit_attention_agree_with_padding():
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
 
 
+class SdpaRecorder:
+    """Stands in for F.scaled_dot_product_attention: notes (query shape, mask) of each call, then calls it."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, []
+
+    def __call__(self, q, k, v, attn_mask=None, **kwargs):
+        self.calls.append((tuple(q.shape), attn_mask))
+        return self.real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+
+def test_attention_gets_a_mask_only_where_keys_are_padded_and_then_a_boolean_key_padding_one(monkeypatch):
+    recorder = SdpaRecorder(F.scaled_dot_product_attention)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorder)
+    model, batch = tiny(), make_batch()
+    model(batch)
+    b, length, heads, depth = 3, 7, SIZE["num_heads"], SIZE["depth"]
+    visible = int((~batch["video_mask"][0]).sum())
+    masked = [(shape, m) for shape, m in recorder.calls if m is not None]
+    unmasked = sorted(shape[2] for shape, m in recorder.calls if m is None)
+    # video-only pass (4 visible tubes) and pixel decoder (all 8 tubes): no mask, flash-eligible on CUDA
+    assert unmasked == [visible] * depth + [8] * DECODER["decoder_depth"]
+    for shape, m in masked:  # joint (a), text-only (b), negatives' joint (c): key padding [B, 1, 1, S] in bool
+        assert m.dtype == torch.bool and m.shape == (shape[0], 1, 1, shape[2])
+    assert sorted((shape[0], shape[2]) for shape, _ in masked) == sorted(
+        [(b, visible + length)] * depth + [(b, length)] * depth + [(2 * b, visible + length)] * depth)
+    recorder.calls.clear()
+    tiny_dual()(batch)  # retrieval: the video branch unmasked, the text branch with key padding
+    assert sorted(m is None for _, m in recorder.calls) == [False] * depth + [True] * depth
+
+
+def test_attention_path_per_device_dtype_and_length():
+    threshold = M.CPU_BF16_SDPA_MIN_KEYS
+    assert M.sdpa_threshold(M.CPU_BF16_ATTENTION_MS) == threshold and 178 < threshold <= 1568
+    assert M.use_sdpa("cuda", torch.bfloat16, 16) and M.use_sdpa("cpu", torch.float32, 16)
+    assert not M.use_sdpa("cpu", torch.bfloat16, threshold - 1) and M.use_sdpa("cpu", torch.bfloat16, threshold)
+    assert M.sdpa_threshold({100: ((), 2.0, 1.0), 200: ((), 1.0, 2.0), 400: ((), 3.0, 2.0)}) == 401  # never wins
+    assert M.sdpa_threshold({100: ((), 2.0, 1.0), 200: ((), 1.0, 2.0), 400: ((), 1.0, 2.0)}) == 200
+
+
+def test_explicit_and_sdpa_attention_agree_under_the_same_boolean_masks():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    keys = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]
+    causal = M.causal_key_mask(keys[:, 0, 0].long())
+    for mask in (None, keys, causal):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(M.explicit_attention(q, k, v, mask, 8 ** -0.5), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(causal[1, 0], torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                   [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]).bool())
+
+
+def test_cpu_bf16_attention_takes_the_explicit_path_below_the_threshold(monkeypatch):
+    recorder = SdpaRecorder(F.scaled_dot_product_attention)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorder)
+    attn = M.Attention(8, 2)
+    short, long = torch.randn(1, 4, 8), torch.randn(1, M.CPU_BF16_SDPA_MIN_KEYS, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        attn(short)
+        assert recorder.calls == []
+        attn(long)
+    attn(short)  # fp32: SDPA at any length
+    assert [shape[2] for shape, _ in recorder.calls] == [M.CPU_BF16_SDPA_MIN_KEYS, 4]
+
+
+def test_select_tokens_gathers_the_boolean_selection_with_no_graph_break():
+    g = torch.Generator().manual_seed(0)
+    x, keep = torch.randn(3, 10, 4, generator=g), torch.stack([torch.randperm(10, generator=g) < 4 for _ in range(3)])
+    want = x[keep].reshape(3, 4, 4)
+    assert torch.equal(M.select_tokens(x, keep), want) and torch.equal(M.select_tokens(x, keep, 4), want)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(M.select_tokens)(x, keep, 4)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    with pytest.raises(ValueError, match="same number of masked tubes"):
+        M.select_tokens(x, torch.arange(10)[None].expand(3, -1) < torch.tensor([[3], [4], [4]]))
+
+
+def test_training_losses_trace_without_graph_breaks():
+    """The word head on every position, labels built on the device: no data-dependent shape in the losses."""
+    model, batch = tiny(), make_batch()
+    text_out = torch.randn(3, 7, SIZE["embed_dim"])
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model.masked_word_loss)(text_out, batch["mlm_labels"]).graph_break_count == 0
+    want = model.masked_word_loss(text_out, batch["mlm_labels"])
+    sel = batch["mlm_labels"] != -100  # the former selection: the head on the masked positions only
+    ce = F.cross_entropy(model.text_cls(text_out[sel]), batch["mlm_labels"][sel], reduction="none")
+    torch.testing.assert_close(want, ce.view(3, 2).mean(1).mean())
+
+
 def test_sincos_table_matches_hand_computation():
     table = M.sincos_table(10, 8)
     assert table.shape == (1, 10, 8) and table.dtype == torch.float32
@@ -228,10 +317,13 @@ def test_vtc_is_symmetric_infonce_by_hand():
 def test_mlm_is_mean_over_captions_of_each_captions_mean():
     logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     ce = F.cross_entropy(logits, targets, reduction="none")
-    caption = torch.tensor([0, 1, 1, 1])
     expected = (ce[0] + ce[1:].mean()) / 2
-    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 2), expected)
-    torch.testing.assert_close(M.mlm_loss(logits, targets, caption, 3), 2 * expected / 3)  # no masked word: 0
+    labels = torch.full((3, 4), -100)  # caption 0 masks position 2, caption 1 positions 0, 1, 3, caption 2 none
+    labels[0, 2], labels[1, [0, 1, 3]] = targets[0], targets[1:]
+    every = torch.randn(3, 4, 10)  # the word head's logits at every position; only the masked ones count
+    every[0, 2], every[1, [0, 1, 3]] = logits[0], logits[1:]
+    torch.testing.assert_close(M.mlm_loss(every[:2], labels[:2]), expected)
+    torch.testing.assert_close(M.mlm_loss(every, labels), 2 * expected / 3)  # no masked word: 0
 
 
 def test_vtm_negatives_never_the_positive_and_follow_similarity():
@@ -244,6 +336,16 @@ def test_vtm_negatives_never_the_positive_and_follow_similarity():
     assert torch.equal(M.sample_negatives(peaked, hard=True), (torch.arange(4) + 1) % 4)
     uniform = torch.stack([M.sample_negatives(peaked, hard=False) for _ in range(300)])
     assert len(set(uniform[:, 0].tolist())) == 3  # random: every other caption drawn
+
+
+def test_vtm_negatives_are_multinomials_draws_without_its_host_checks():
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        got = M.sample_negatives(sim)
+        torch.manual_seed(seed)
+        probs = sim.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).softmax(dim=1)
+        assert torch.equal(got, torch.multinomial(probs, 1).squeeze(1))
 
 
 def test_batch_of_one_gives_zero_vtm_loss_connected_to_the_graph():
