@@ -15,6 +15,8 @@ The contract of a model (see README, "Add a model family"):
   mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) and `default_text_mask_ratio` for its
   MLM captions.
 - Layer-wise lr decay: `num_layers` and `layer_id(name) -> 0 .. num_layers + 1`; `no_weight_decay()` (optional).
+- `set_grad_checkpointing(enable)`: recompute its layers in the backward pass (every training entry point's
+  `--grad_checkpointing`).
 """
 from __future__ import annotations
 

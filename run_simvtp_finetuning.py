@@ -286,6 +286,7 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
     model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=vocab_size))
     if args.finetune:
         checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model
 
 

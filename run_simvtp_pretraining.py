@@ -55,8 +55,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bert_path", default=None, help="Hugging Face BERT weights (local bert-base-uncased directory "
                    "or file; bert.*, cls.predictions.* or unprefixed names, old gamma/beta accepted): SimVTP takes "
                    "its embeddings, SViTT its text tower and MLM head (cross-attention stays randomly initialised)")
-    g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass: "
-                   "less memory, about a third more compute")
     g.add_argument("--compile_blocks", action="store_true",
                    help="torch.compile every transformer block in place (Module.compile): the checkpoints keep "
                         "the plain tensor names; the first steps pay the compilation (needs a C++ compiler on CPU)")

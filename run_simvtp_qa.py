@@ -193,6 +193,7 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
                                                                                     vocab_size=vocab_size)))
     if args.finetune:
         checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model
 
 

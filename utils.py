@@ -137,6 +137,8 @@ def add_optimisation_args(parser: Any, *, batch_size: int, epochs: int, betas: t
     g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd end value (default: constant)")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g.add_argument("--max_bad_steps", type=int, default=5, help="non-finite losses in a row before stopping")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute every layer's activations in the "
+                   "backward pass: less memory (benchmarks/memory_estimate.py), about a third more compute")
     return g
 
 
