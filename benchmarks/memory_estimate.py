@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +215,19 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Start the peak (VmHWM) afresh at the current RSS: ru_maxrss survives execve, so a process started by a
+    large one (a test worker) would otherwise report its parent's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def measure_job(job: dict) -> dict:
     """A tiny SimVTP pre-training step in fp32 on CPU: peak RSS of forward + backward over the RSS before it."""
     import torch
@@ -233,8 +245,9 @@ def measure_job(job: dict) -> dict:
                  attention_mask=torch.ones_like(ids), mlm_input_ids=ids.clone(),
                  mlm_labels=ids.masked_fill(torch.rand(ids.shape) > 0.5, -100))
     before = current_rss_bytes()
+    reset_peak_rss()
     model(batch)["loss"].backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return dict(job, measured_bytes=peak - before,
                 params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
