@@ -25,8 +25,6 @@ from answer_ranking import rank_by_decoder, weighted_answer_loss
 from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
-PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
-
 # ----------------------------------------------------------------------------------------------- building blocks
 
 
@@ -69,12 +67,6 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"video {tuple(video.shape)}: frames must divide by {self.tubelet_size} and "
                              f"height/width by {self.patch_size}")
         return self.proj(video).flatten(2).transpose(1, 2)
-
-
-def padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
-    """keep: bool [B, S] (True = real token) -> additive [B, 1, 1, S]: 0 on real keys, `value` on padding
-    (SimVTP: the release's -10000)."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, value)[:, None, None]
 
 
 # Fused (SDPA) vs explicit (matmul + softmax) attention on CPU in bf16, forward + backward, ms per call, by key
