@@ -467,6 +467,14 @@ def keep_count(num_tokens: int, rate: float) -> int:
     return max(1, math.ceil(rate * num_tokens - 1e-9))
 
 
+def random_scores(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform scores for random token selection: drawn on `device` in training (generator None: no host-side draw
+    and copy in the step); from evaluation's seeded CPU generator, then copied, so a test number never changes."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator).to(device)
+
+
 def select_patch_tokens(x: torch.Tensor, coords: torch.Tensor, scores: torch.Tensor, rate: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep [CLS] and the ceil(rate*N) highest-scoring patch tokens in their original order."""
@@ -517,7 +525,7 @@ class SViTTVisionTower(nn.Module):
             patterns.append(pattern)
             if i in cfg.token_drop_loc and cfg.token_keep_rate < 1.0:
                 scores = cls_attn if cfg.token_drop_method == "cls_attention" else \
-                    torch.rand(cls_attn.shape, generator=generator).to(cls_attn.device)
+                    random_scores(cls_attn.shape, generator, cls_attn.device)
                 x, coords, keep = select_patch_tokens(x, coords, scores.detach(), cfg.token_keep_rate)
                 kept.append(keep)
         pooled = self.pooler.layernorm(x[:, 1:].mean(dim=1)) if "pooler" in self._modules else None  # QA: none
@@ -736,9 +744,8 @@ class FusionTokenSelection:
 
     def select(self, video: torch.Tensor, probs: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
         """video [B, 1 + N, D], probs [B, L, 1 + N] (head mean) -> [B, 1 + keep, D] in the original order."""
-        if self.strategy == "random":  # training draws on the device (no copy); evaluation's seeded CPU generator
-            device = video.device if self.generator is None else "cpu"
-            scores = torch.rand(video.shape[:2], generator=self.generator, device=device).to(video.device)[:, 1:]
+        if self.strategy == "random":
+            scores = random_scores(video.shape[:2], self.generator, video.device)[:, 1:]
         elif self.strategy == "cls_attn":
             scores = probs[:, 0, 1:]
         else:
