@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss
+from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
@@ -796,11 +796,12 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return memory, token_keep(vis.shape[1], question_mask).long()
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
-               memory_mask: torch.Tensor) -> torch.Tensor:
+               memory_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D], or
-        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]."""
+        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]
+        (fp32_logits: the word head outside autocast, for ranking)."""
         x = self.text_embeddings(answer_ids)
-        return self.text_cls(self.answer_decoder(x, answer_mask, memory, memory_mask))
+        return word_logits(self.text_cls, self.answer_decoder(x, answer_mask, memory, memory_mask), fp32_logits)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss
+from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from modeling_simvtp import build_text_embeddings, causal_key_mask, mlm_loss, sample_negatives
 
@@ -1030,16 +1030,17 @@ class SViTTQA(SViTTPretrain):
         return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
-               question_mask: torch.Tensor) -> torch.Tensor:
+               question_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
         [N, Lq, D], or [Q, Lq, D] when each question's N / Q answers are consecutive rows (its keys and values
-        computed once) -> next-token logits [N, La, vocab]."""
+        computed once) -> next-token logits [N, La, vocab] (fp32_logits: the LM head outside autocast, for
+        ranking)."""
         x = self.text_decoder.bert.embeddings(input_ids=answer_ids)
         self_keys = causal_key_mask(answer_mask)  # bool [N, 1, La, La]: itself, earlier tokens, no padding
         question_keys = key_padding_mask(question_mask)
         for layer in self.text_decoder.bert.encoder.layer:
             x, _ = run_layer(layer, self.text_decoder.grad_checkpointing, x, self_keys, question_states, question_keys)
-        return self.text_decoder.cls.predictions(x)
+        return word_logits(self.text_decoder.cls.predictions, x, fp32_logits)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],
