@@ -3,10 +3,10 @@
 A QA model that generates answers exposes `decode(answer_ids, answer_mask, memory, memory_mask, fp32_logits=False)
 -> logits [N, La, vocab]`: teacher-forced next-token logits of answers ([CLS] answer [SEP], padded) over the states
 its question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state); with fp32_logits its
-word head runs outside autocast on fp32 states (see word_logits): ranking asks for it, training does not. Given Q < N memory rows, each
-serves N / Q consecutive answers (their tokens query it together): ranking k answers per question then holds one
-copy of a question's memory, not k. Everything here is built on that one method, so training loss, closed-list
-ranking and clip ensembling are the same for every family.
+word head runs outside autocast on fp32 states (word_logits): ranking asks for it, training does not. Given Q < N
+memory rows, each serves N / Q consecutive answers (their tokens query it together): ranking k answers per
+question then holds one copy of a question's memory, not k. Everything here is built on that one method, so
+training loss, closed-list ranking and clip ensembling are the same for every family.
 """
 from __future__ import annotations
 
