@@ -1,15 +1,16 @@
 """Scoring answers with an answer decoder (ALBEF's VQA design), shared by both families' QA models.
 
-A QA model that generates answers exposes `decode(answer_ids, answer_mask, memory, memory_mask) -> logits
-[N, La, vocab]`: teacher-forced next-token logits of answers ([CLS] answer [SEP], padded) over the states its
-question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state). Given Q < N memory rows, each
-serves N / Q consecutive answers (their tokens query it together): ranking k answers per question then holds one
-copy of a question's memory, not k. Everything here is built on that one method, so training loss, closed-list
-ranking and clip ensembling are the same for every family.
+A QA model that generates answers exposes `decode(answer_ids, answer_mask, memory, memory_mask, fp32_logits=False)
+-> logits [N, La, vocab]`: teacher-forced next-token logits of answers ([CLS] answer [SEP], padded) over the states
+its question pass produced (`memory` [N, M, D], `memory_mask` [N, M], 1 = a real state); with fp32_logits its
+word head runs outside autocast on fp32 states (word_logits): ranking asks for it, training does not. Given Q < N
+memory rows, each serves N / Q consecutive answers (their tokens query it together): ranking k answers per
+question then holds one copy of a question's memory, not k. Everything here is built on that one method, so
+training loss, closed-list ranking and clip ensembling are the same for every family.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,16 @@ SCORINGS = ("likelihood", "release", "release_concat")
 
 class AnswerDecoder(Protocol):
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
-               memory_mask: torch.Tensor) -> torch.Tensor: ...
+               memory_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor: ...
+
+
+def word_logits(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """A decoder's word head on its final states; with `fp32` outside autocast on fp32 states: answer scores from
+    bf16 logits tie (the head's rounding decides ranks), while training's loss keeps the autocast head (speed)."""
+    if not fp32:
+        return head(states)
+    with torch.autocast(states.device.type, enabled=False):
+        return head(states.float())
 
 
 def answer_token_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -57,17 +67,17 @@ def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: tor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-list answering: the decoder's first-token distribution after [CLS] picks each question's top k
     answers of the list answer_ids [A, La], which are re-scored by their full log-likelihood (`scoring`
-    release / release_concat: plus the release's first-token term, see SCORINGS).
+    release / release_concat: plus the release's first-token term, see SCORINGS), from the decoder's fp32 logits.
     memory [Q, M, D] -> (best answer index [Q], scores [Q, A]: log-likelihood, -inf outside the top k)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     num_q, num_a = len(memory), len(answer_ids)
     k = min(k, num_a)
     start = answer_ids[:1, :1].expand(num_q, 1)
-    first = model.decode(start, torch.ones_like(start), memory, memory_mask)[:, 0].float().log_softmax(-1)
+    first = model.decode(start, torch.ones_like(start), memory, memory_mask, fp32_logits=True)[:, 0].log_softmax(-1)
     top_first, top = first[:, answer_ids[:, 1]].topk(k, dim=1)  # [Q, k]
     rows = top.flatten()  # question-major: each question's k answers are consecutive and share its memory row
-    logits = model.decode(answer_ids[rows], answer_mask[rows], memory, memory_mask)
+    logits = model.decode(answer_ids[rows], answer_mask[rows], memory, memory_mask, fp32_logits=True)
     ll = -answer_token_nll(logits, answer_ids[rows], answer_mask[rows]).view(num_q, k)
     if scoring == "release":
         ll = ll + first.exp().log_softmax(-1)[:, answer_ids[:, 1]].gather(1, top)

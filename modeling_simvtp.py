@@ -21,11 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss
+from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
-
-PADDING_BIAS = -10000.0  # the release's additive mask on padded keys (exp underflows to exactly 0 in fp32)
 
 # ----------------------------------------------------------------------------------------------- building blocks
 
@@ -69,12 +67,6 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"video {tuple(video.shape)}: frames must divide by {self.tubelet_size} and "
                              f"height/width by {self.patch_size}")
         return self.proj(video).flatten(2).transpose(1, 2)
-
-
-def padding_bias(keep: torch.Tensor, dtype: torch.dtype, value: float = PADDING_BIAS) -> torch.Tensor:
-    """keep: bool [B, S] (True = real token) -> additive [B, 1, 1, S]: 0 on real keys, `value` on padding
-    (SimVTP: the release's -10000)."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, value)[:, None, None]
 
 
 # Fused (SDPA) vs explicit (matmul + softmax) attention on CPU in bf16, forward + backward, ms per call, by key
@@ -804,11 +796,12 @@ class SimVTPQA(TubeModelContract, nn.Module):
         return memory, token_keep(vis.shape[1], question_mask).long()
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
-               memory_mask: torch.Tensor) -> torch.Tensor:
+               memory_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D], or
-        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]."""
+        [Q, M, D] when each question's N / Q answers are consecutive rows -> next-token logits [N, La, vocab]
+        (fp32_logits: the word head outside autocast, for ranking)."""
         x = self.text_embeddings(answer_ids)
-        return self.text_cls(self.answer_decoder(x, answer_mask, memory, memory_mask))
+        return word_logits(self.text_cls, self.answer_decoder(x, answer_mask, memory, memory_mask), fp32_logits)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],

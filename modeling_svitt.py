@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss
+from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
-from modeling_simvtp import build_text_embeddings, mlm_loss, padding_bias, sample_negatives
+from modeling_simvtp import build_text_embeddings, causal_key_mask, mlm_loss, sample_negatives
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call on CPU: a 1024 x 3072 fp32 hidden activation is 12 MiB
@@ -467,6 +467,14 @@ def keep_count(num_tokens: int, rate: float) -> int:
     return max(1, math.ceil(rate * num_tokens - 1e-9))
 
 
+def random_scores(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform scores for random token selection: drawn on `device` in training (generator None: no host-side draw
+    and copy in the step); from evaluation's seeded CPU generator, then copied, so a test number never changes."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator).to(device)
+
+
 def select_patch_tokens(x: torch.Tensor, coords: torch.Tensor, scores: torch.Tensor, rate: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep [CLS] and the ceil(rate*N) highest-scoring patch tokens in their original order."""
@@ -517,7 +525,7 @@ class SViTTVisionTower(nn.Module):
             patterns.append(pattern)
             if i in cfg.token_drop_loc and cfg.token_keep_rate < 1.0:
                 scores = cls_attn if cfg.token_drop_method == "cls_attention" else \
-                    torch.rand(cls_attn.shape, generator=generator).to(cls_attn.device)
+                    random_scores(cls_attn.shape, generator, cls_attn.device)
                 x, coords, keep = select_patch_tokens(x, coords, scores.detach(), cfg.token_keep_rate)
                 kept.append(keep)
         pooled = self.pooler.layernorm(x[:, 1:].mean(dim=1)) if "pooler" in self._modules else None  # QA: none
@@ -577,22 +585,23 @@ class BertAttentionBlock(nn.Module):
         self.self = BertSelfAttentionParams(cfg.width, kv_dim, cfg.num_heads)
         self.output = BertAddNorm(cfg.width, cfg.width, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_bias: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None,
                 want_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, Lq, D] attends to context [B, Lk, Dk]; key_bias [B, 1, 1, Lk] additive (-inf on padding).
-        Returns (x after add & norm, head-mean attention [B, Lq, Lk] when want_probs)."""
+        """x [B, Lq, D] attends to context [B, Lk, Dk]; key_mask bool [B, 1, 1 or Lq, Lk] (True = may attend), None
+        where no key is padded (an unmasked SDPA call can take CUDA's flash kernel, a boolean mask the
+        memory-efficient one). Returns (x after add & norm, head-mean attention [B, Lq, Lk] when want_probs)."""
         p = self.self
         q, k, v = (t.unflatten(-1, (p.num_heads, -1)).transpose(1, 2)
                    for t in (p.query(x), p.key(context), p.value(context)))
         probs = None
         if want_probs:  # the explicit form: token selection needs the attention weights
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            if key_bias is not None:
-                logits = logits + key_bias
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask, float("-inf"))
             weights = logits.softmax(dim=-1)
             out, probs = weights @ v, weights.mean(dim=1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_bias is None else key_bias.to(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.output(out.transpose(1, 2).flatten(2), x), probs
 
 
@@ -613,15 +622,16 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertAddNorm(cfg.intermediate, cfg.width, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, text_bias: torch.Tensor, video: torch.Tensor | None = None,
-                video_bias: torch.Tensor | None = None, want_probs: bool = False
+    def forward(self, x: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor | None = None,
+                video_mask: torch.Tensor | None = None, want_probs: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, _ = self.attention(x, x, text_bias)
+        """text_mask / video_mask: BertAttentionBlock's key_mask of the self- and the cross-attention."""
+        x, _ = self.attention(x, x, text_mask)
         probs = None
         if video is not None:  # video may have fewer rows: each serves len(x) / len(video) consecutive rows of x
             if len(x) % len(video):
                 raise ValueError(f"{len(video)} rows of video tokens cannot serve {len(x)} rows of text")
-            shared, probs = self.crossattention(x.reshape(len(video), -1, x.shape[-1]), video, video_bias, want_probs)
+            shared, probs = self.crossattention(x.reshape(len(video), -1, x.shape[-1]), video, video_mask, want_probs)
             x = shared.reshape(x.shape)
         return self.output(F.gelu(self.intermediate.dense(x)), x), probs
 
@@ -687,30 +697,30 @@ class SViTTTextTower(nn.Module):
     def text_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings + the text-only layers -> [B, L, D] (its [CLS] is the text embedding)."""
         x = self.bert.embeddings(input_ids=input_ids)
-        bias = key_padding_bias(attention_mask, x.dtype)
+        keys = key_padding_mask(attention_mask)
         for layer in self.bert.encoder.layer[:self.config.fusion_layer]:
-            x, _ = run_layer(layer, self.grad_checkpointing, x, bias)
+            x, _ = run_layer(layer, self.grad_checkpointing, x, keys)
         return x
 
     def fusion_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
                       selection: "FusionTokenSelection | None" = None) -> torch.Tensor:
         """Text states [B, L, D] from text_layers + video tokens [B, Lv, Dv] -> fused states [B, L, D]. With a
-        `selection`, after each of its layers only the video tokens the text attends to most stay for the next."""
-        text_bias = key_padding_bias(attention_mask, x.dtype)
-        video_bias = None
+        `selection`, after each of its layers only the video tokens the text attends to most stay for the next.
+        The cross-attention gets no mask: every video token is real."""
+        text_keys = key_padding_mask(attention_mask)
         first = self.config.fusion_layer
         for i, layer in enumerate(self.bert.encoder.layer[first:], start=first):
             prune = selection is not None and selection.after(i)
-            x, probs = run_layer(layer, self.grad_checkpointing, x, text_bias, video, video_bias,
+            x, probs = run_layer(layer, self.grad_checkpointing, x, text_keys, video, None,
                                  want_probs=prune and selection.needs_attention)
             if prune:
                 video = selection.select(video, probs, attention_mask)
         return x
 
 
-def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """attention_mask [B, L] (1 = token) -> additive bias [B, 1, 1, L]: 0 on tokens, -inf on padding."""
-    return padding_bias(attention_mask != 0, dtype, float("-inf"))
+def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, L] (1 = token) -> bool [B, 1, 1, L]: True on the keys that may be attended to."""
+    return (attention_mask != 0)[:, None, None]
 
 
 @dataclass
@@ -734,9 +744,8 @@ class FusionTokenSelection:
 
     def select(self, video: torch.Tensor, probs: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
         """video [B, 1 + N, D], probs [B, L, 1 + N] (head mean) -> [B, 1 + keep, D] in the original order."""
-        if self.strategy == "random":  # training draws on the device (no copy); evaluation's seeded CPU generator
-            device = video.device if self.generator is None else "cpu"
-            scores = torch.rand(video.shape[:2], generator=self.generator, device=device).to(video.device)[:, 1:]
+        if self.strategy == "random":
+            scores = random_scores(video.shape[:2], self.generator, video.device)[:, 1:]
         elif self.strategy == "cls_attn":
             scores = probs[:, 0, 1:]
         else:
@@ -953,17 +962,6 @@ class SViTTRetrieval(SViTTPretrain):
 # ------------------------------------------------------------------------------------------------- video QA
 
 
-def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """attention_mask [N, L] -> additive bias [N, 1, L, L]: a token sees itself, earlier tokens, no padding."""
-    length = attention_mask.shape[1]
-    future = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).triu(1)
-    return key_padding_bias(attention_mask, dtype).masked_fill(future, float("-inf"))
-
-
-
-
-
-
 def decoder_from_fusion_layers(state_dict: dict, fusion_layer: int, decoder_depth: int) -> dict:
     """ALBEF/Singularity's initialisation of the answer decoder from a pre-trained text tower (names with
     `text_encoder.bert.`): fusion layers fusion_layer + i -> `text_decoder.bert.encoder.layer.i`, the embeddings
@@ -1032,16 +1030,17 @@ class SViTTQA(SViTTPretrain):
         return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
 
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
-               question_mask: torch.Tensor) -> torch.Tensor:
+               question_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
         [N, Lq, D], or [Q, Lq, D] when each question's N / Q answers are consecutive rows (its keys and values
-        computed once) -> next-token logits [N, La, vocab]."""
+        computed once) -> next-token logits [N, La, vocab] (fp32_logits: the LM head outside autocast, for
+        ranking)."""
         x = self.text_decoder.bert.embeddings(input_ids=answer_ids)
-        self_bias = causal_padding_bias(answer_mask, x.dtype)
-        question_bias = key_padding_bias(question_mask, x.dtype)
+        self_keys = causal_key_mask(answer_mask)  # bool [N, 1, La, La]: itself, earlier tokens, no padding
+        question_keys = key_padding_mask(question_mask)
         for layer in self.text_decoder.bert.encoder.layer:
-            x, _ = run_layer(layer, self.text_decoder.grad_checkpointing, x, self_bias, question_states, question_bias)
-        return self.text_decoder.cls.predictions(x)
+            x, _ = run_layer(layer, self.text_decoder.grad_checkpointing, x, self_keys, question_states, question_keys)
+        return word_logits(self.text_decoder.cls.predictions, x, fp32_logits)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 import answer_ranking
 import model_registry
 from conftest import randomised
+from qa_inputs import question_inputs
 
 QA_MODELS = ("simvtp_qa_tiny_patch16", "svitt_qa_tiny_patch16")
 WIDTH = 192  # both tiny QA models' memory width
@@ -76,3 +77,26 @@ def test_peak_memory_grows_with_k_by_the_answer_tokens_not_copies_of_the_memory(
 
     one_copy = (long - short) * WIDTH * 4  # what a per-answer copy of the longer memory adds, per answer (fp32)
     assert per_extra_answer(long) - per_extra_answer(short) < one_copy / 4
+
+
+def test_ranking_scores_come_from_fp32_logits_under_bf16_autocast_while_training_keeps_the_bf16_head(qa):
+    """Under bf16 autocast, rank_answers' word head (the Linear onto the vocabulary) runs on fp32 states and gives
+    fp32 logits, not bf16-rounded ones (ties would decide ranks); the training loss keeps the autocast head."""
+    model, a_ids, a_mask = qa
+    video, q_ids, q_mask = question_inputs(2)
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 300]
+    seen = []
+    hooks = [h.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype))) for h in heads]
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            model.rank_answers(video, q_ids, q_mask, a_ids, a_mask, k=4)
+            ranking = list(seen)
+            seen.clear()
+            model(dict(video=video, question_input_ids=q_ids, question_mask=q_mask, answer_ids=a_ids[:2],
+                       answer_mask=a_mask[:2], answer_weights=torch.ones(2), answer_to_question=torch.arange(2)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(heads) == 1 and len(ranking) == 2  # the first-token pass and the k answers' pass
+    assert ranking == [(torch.float32, torch.float32)] * 2
+    assert [out for _, out in seen] == [torch.bfloat16]

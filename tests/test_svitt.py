@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeling_svitt as S
 import svitt_release
@@ -321,6 +322,33 @@ def test_vision_sdpa_calls_get_the_bias_as_an_aligned_float_mask(monkeypatch):
     blocked = torch.isinf(sparse_mask).view(2, 10, 3, 40, -1)
     assert torch.equal(blocked, ~allowed[None, :, None, None].expand_as(blocked))
 
+
+class RandomDraws(TorchDispatchMode):
+    """Notes the device of every tensor a torch.rand call makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.rand:
+            self.devices.append(out.device.type)
+        return out
+
+
+def test_random_token_selection_draws_on_the_device_in_training_and_from_the_cpu_generator_at_evaluation():
+    """Random pruning in the vision tower and random selection in the fusion layers: without a generator (training)
+    the scores are drawn on the tokens' device (here `meta`), no host draw and copy in the step; with evaluation's
+    seeded CPU generator they are drawn on the CPU, so a test number never changes."""
+    model = tower(depth=2, sparse_local_attn=0, token_keep_rate=0.5, token_drop_loc=(0,),
+                  token_drop_method="random").to("meta")
+    video, tokens = clip(batch=1).to("meta"), torch.zeros(2, 5, 4, device="meta")
+    for generator, where in ((None, "meta"), (torch.Generator().manual_seed(0), "cpu")):
+        with torch.no_grad(), RandomDraws() as draws:
+            model(video, generator=generator)
+            S.FusionTokenSelection(0.5, (0,), "random", generator).select(tokens, None, None)
+        assert draws.devices == [where, where]
 
 def test_sparse_attention_kernel_count_does_not_grow_with_the_batch():
     """One layer's forward + backward: the same number of operators at batch 2 and 8 (the batch is folded into

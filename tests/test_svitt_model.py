@@ -112,7 +112,7 @@ def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_outp
         video = model.match_video_cache(b["video"])[:1].expand(2, -1, -1)
         states = model.text_encoder.text_layers(b["input_ids"][:2], b["attention_mask"][:2])
         layer = model.text_encoder.bert.encoder.layer[2]
-        _, probs = layer(states, S.key_padding_bias(b["attention_mask"][:2], states.dtype), video, None,
+        _, probs = layer(states, S.key_padding_mask(b["attention_mask"][:2]), video, None,
                          want_probs=True)
         kept = S.FusionTokenSelection(0.5, (2,), "cls_attn").select(torch.arange(17.0)[None, :, None].expand(2, -1, 1),
                                                                      probs, b["attention_mask"][:2])

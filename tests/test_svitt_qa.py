@@ -8,6 +8,7 @@ import modeling_svitt as S
 from conftest import randomised
 from qa_inputs import ANSWERS, CLS, SMALL, brute_force_log_likelihood, padded, question_inputs
 from svitt_release import release_keys, seeded_state_dict
+from test_svitt import sdpa_recorder
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,36 @@ def test_loss_trains_the_decoder_and_both_towers():
                  .crossattention.self.key.weight, model.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight):
         assert part.grad is not None and part.grad.abs().sum() > 0
 
+
+
+def test_text_fusion_and_decoder_attention_get_boolean_masks_only_where_keys_are_padded(qa_model, monkeypatch):
+    """Every SDPA call of the question pass (text layers, fusion layers) and of the answer decoder: a boolean mask
+    (True = may attend: the memory-efficient kernel on CUDA) on the text's key padding and the decoder's causal +
+    padding, none on the cross-attention to the video tokens (all real: the flash kernel on CUDA)."""
+    video, q_ids, q_mask = question_inputs(2)
+    a_ids, a_mask = padded(ANSWERS)
+    tokens = qa_model.video_tokens(video)
+    calls = sdpa_recorder(monkeypatch)
+    with torch.no_grad():
+        states = qa_model.encode_question(None, q_ids, q_mask, video_tokens=tokens)
+        question_calls = list(calls)
+        calls.clear()
+        qa_model.decode(a_ids, a_mask, states[:1].expand(len(a_ids), -1, -1), q_mask[:1].expand(len(a_ids), -1))
+    text_keys = q_mask.bool()[:, None, None]
+    fusion = qa_model.text_encoder.config.fusion_layer
+    kinds = ["self"] * fusion + ["self", "video"] * (len(qa_model.text_encoder.bert.encoder.layer) - fusion)
+    assert len(question_calls) == len(kinds)
+    for kind, (q, k, mask) in zip(kinds, question_calls):
+        if kind == "video":
+            assert mask is None and k.shape[2] == tokens.shape[1]
+        else:
+            assert mask.dtype == torch.bool and torch.equal(mask, text_keys)
+    causal = torch.ones(a_ids.shape[1], a_ids.shape[1]).tril().bool()[None] & a_mask.bool()[:, None, :]
+    assert len(calls) == 2 * len(qa_model.text_decoder.bert.encoder.layer)
+    for (_, _, self_mask), (_, _, question_mask) in zip(calls[::2], calls[1::2]):
+        assert self_mask.dtype == question_mask.dtype == torch.bool
+        assert torch.equal(self_mask, causal[:, None])
+        assert torch.equal(question_mask, text_keys[:1].expand_as(question_mask))
 
 def test_release_scorings_add_the_first_token_term(qa_model):
     """The SViTT release's rank_answer (models/model_vqa.py:154-159) adds log p(first token) to a log-likelihood
