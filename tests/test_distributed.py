@@ -80,19 +80,28 @@ def test_two_rank_gradients_equal_single_process(tmp_path):
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_videos):
+    """One torchrun launch of the real pre-training entry point (2 processes, zero-shot evaluation each epoch) on
+    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths)."""
+    folder = tmp_path_factory.mktemp("torchrun_broken")
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
+    out = folder / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
-           "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
            "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
-           "--print_freq", "1", "--eval_every", "1",
+           "--max_broken_fraction", "0.9", "--seed", "4", "--print_freq", "1", "--eval_every", "1",
            "--eval_data_path", os.path.join(synthetic_root, "annotations", "val.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run, out, anno, broken
+
+
+def test_torchrun_two_processes_pretrain_on_synthetic(torchrun_on_a_mostly_broken_list):
+    run, out, _, _ = torchrun_on_a_mostly_broken_list
     assert "2 process(es)" in run.stdout
     assert (out / "latest").is_file() and (out / "args.json").is_file() and (out / "log.txt").is_file()
     # only rank 0 prints: one "Saved" line, not two
@@ -127,15 +136,16 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
 def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
     """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
     import checkpoint
-    keep = ("--save_every_steps", "2", "--keep_last", "0")  # the uninterrupted run also leaves its step-2 state
+    # 2 of the epoch's 4 steps; the uninterrupted run also leaves its step-1 state
+    keep = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
     full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *keep, *model)
-    step_2 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
-    saved = checkpoint.read_checkpoint_file(step_2)
-    assert saved["global_step"] == 2 and saved["step_in_epoch"] == 2  # mid-epoch: the resumed run trains 2 more
+    step_1 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
+    saved = checkpoint.read_checkpoint_file(step_1)
+    assert saved["global_step"] == 1 and saved["step_in_epoch"] == 1  # mid-epoch: the resumed run trains 1 more
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
     part = tmp_path / "part"
-    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_2), *model)
+    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_1), *model)
     assert "Resumed from" in resumed.stdout
     want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
     got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]
@@ -146,18 +156,9 @@ def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_r
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
 
 
-def test_torchrun_two_processes_name_every_ranks_broken_videos_once(tmp_path, synthetic_root, broken_videos):
-    anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=10, missing=12)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
-           "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
-           "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
-           "--max_broken_fraction", "0.9", "--seed", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+def test_torchrun_two_processes_name_every_ranks_broken_videos_once(torchrun_on_a_mostly_broken_list,
+                                                                   synthetic_root):
+    run, out, anno, broken = torchrun_on_a_mostly_broken_list
     listed = [line.split("\t")[0] for line in (out / "broken_videos.txt").read_text().splitlines()]
     assert len(listed) == len(set(listed)) and set(listed) <= broken
     paths = list(json.load(open(anno)))
