@@ -52,9 +52,7 @@ def _grads(model: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _gradients_scenario(rank: int, world: int, out_dir: str) -> None:
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -64,17 +62,32 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out = ddp(local, gather=distributed.gather_with_grad)
     out["loss"].backward()
     torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pth"))
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One spawn of 2 gloo ranks runs every scenario below in turn (the process start-up is most of the cost)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    for scenario in (_gradients_scenario, _accumulation_scenario, _gather_scenario):  # the last patches collectives
+        scenario(rank, world, out_dir)
     torch.distributed.destroy_process_group()
 
 
-def test_two_rank_gradients_equal_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def gloo_ranks(tmp_path_factory):
+    """The folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw."""
+    out = tmp_path_factory.mktemp("gloo_ranks")
+    mp.spawn(_gloo_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_rank_gradients_equal_single_process(gloo_ranks):
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
     model(_global_batch(), gather=None)["loss"].backward()
     expected = _grads(model)
-    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        got = torch.load(tmp_path / f"grads{rank}.pth", weights_only=True)
+        got = torch.load(gloo_ranks / f"grads{rank}.pth", weights_only=True)
         assert set(got) == set(expected)
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -173,12 +186,10 @@ def test_torchrun_two_processes_name_every_ranks_broken_videos_once(torchrun_on_
     assert record["broken_video_files"] == len(listed)
 
 
-def _accumulation_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _accumulation_scenario(rank: int, world: int, out_dir: str) -> None:
     """Count DDP's gradient all-reduces (a counting comm hook) over one accumulation window of two micro-batches."""
     import engine_for_pretraining as engine
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     ddp = engine.wrap_ddp(create_model("simvtp_tiny_patch16", **TINY), torch.device("cpu"))
     calls = []
@@ -198,15 +209,13 @@ def _accumulation_worker(rank: int, world: int, port: int, out_dir: str) -> None
     json.dump({"inside_window": inside_window, "window_end": len(calls) - inside_window,
                "forward_sync_buffers": ddp.forward_sync_buffers, "bucket_view": ddp.gradient_as_bucket_view},
               open(os.path.join(out_dir, f"calls{rank}.json"), "w"))
-    torch.distributed.destroy_process_group()
 
 
-def test_accumulation_all_reduces_only_at_the_end_of_the_window(tmp_path):
+def test_accumulation_all_reduces_only_at_the_end_of_the_window(gloo_ranks):
     """DDP decides at forward time whether a backward all-reduces: the window's first micro-batch must run its
     forward under no_sync too, or every micro-batch pays a full gradient all-reduce."""
-    mp.spawn(_accumulation_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        calls = json.load(open(tmp_path / f"calls{rank}.json"))
+        calls = json.load(open(gloo_ranks / f"calls{rank}.json"))
         assert calls["inside_window"] == 0 and calls["window_end"] >= 1, calls
         assert calls["forward_sync_buffers"] is False and calls["bucket_view"] is True
 
@@ -233,12 +242,10 @@ def _merge_inputs(rank: int) -> tuple:
     return _rank_rows(rank)[:, :4], text, indices, captions
 
 
-def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gather_scenario(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     import engine_for_finetuning as engine
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     sent, pickled = [], []
     real_all_gather, real_all_gather_object = dist.all_gather, dist.all_gather_object
 
@@ -261,16 +268,15 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save({"gathered": gathered, "empty": empty, "sent": row_sends, "pickled": len(row_pickles),
                 "merge_pickled": pickled[len(row_pickles):], "merged": merged},
                os.path.join(out_dir, f"rows{rank}.pth"))
-    dist.destroy_process_group()
+    dist.all_gather, dist.all_gather_object = real_all_gather, real_all_gather_object
 
 
-def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(tmp_path):
+def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(gloo_ranks):
     import engine_for_finetuning as engine
-    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = torch.cat([_rank_rows(0), _rank_rows(1)])
     row_bytes, most = 8 * 4, max(_ROWS.values())
     for rank in range(2):
-        got = torch.load(tmp_path / f"rows{rank}.pth", weights_only=False)
+        got = torch.load(gloo_ranks / f"rows{rank}.pth", weights_only=False)
         assert torch.equal(got["gathered"], expected) and torch.equal(got["empty"], _rank_rows(0))
         assert got["pickled"] == 0  # tensors only: no all_gather_object
         # per call: the shapes (2 longs), then the rows padded to the largest rank's count in a buffer of their
