@@ -52,9 +52,7 @@ def _grads(model: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _gradients_scenario(rank: int, world: int, out_dir: str) -> None:
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -64,35 +62,59 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out = ddp(local, gather=distributed.gather_with_grad)
     out["loss"].backward()
     torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pth"))
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One spawn of 2 gloo ranks runs every scenario below in turn (the process start-up is most of the cost)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    for scenario in (_gradients_scenario, _accumulation_scenario, _gather_scenario):  # the last patches collectives
+        scenario(rank, world, out_dir)
     torch.distributed.destroy_process_group()
 
 
-def test_two_rank_gradients_equal_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def gloo_ranks(tmp_path_factory):
+    """The folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw."""
+    out = tmp_path_factory.mktemp("gloo_ranks")
+    mp.spawn(_gloo_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_rank_gradients_equal_single_process(gloo_ranks):
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
     model(_global_batch(), gather=None)["loss"].backward()
     expected = _grads(model)
-    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        got = torch.load(tmp_path / f"grads{rank}.pth", weights_only=True)
+        got = torch.load(gloo_ranks / f"grads{rank}.pth", weights_only=True)
         assert set(got) == set(expected)
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_torchrun_two_processes_pretrain_on_synthetic(tmp_path, synthetic_root):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_videos):
+    """One torchrun launch of the real pre-training entry point (2 processes, zero-shot evaluation each epoch) on
+    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths)."""
+    folder = tmp_path_factory.mktemp("torchrun_broken")
+    anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
+    out = folder / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"),
-           "--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
            "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
-           "--print_freq", "1", "--eval_every", "1",
+           "--max_broken_fraction", "0.9", "--seed", "4", "--print_freq", "1", "--eval_every", "1",
            "--eval_data_path", os.path.join(synthetic_root, "annotations", "val.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run, out, anno, broken
+
+
+def test_torchrun_two_processes_pretrain_on_synthetic(torchrun_on_a_mostly_broken_list):
+    run, out, _, _ = torchrun_on_a_mostly_broken_list
     assert "2 process(es)" in run.stdout
     assert (out / "latest").is_file() and (out / "args.json").is_file() and (out / "log.txt").is_file()
     # only rank 0 prints: one "Saved" line, not two
@@ -127,15 +149,16 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
 def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
     """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
     import checkpoint
-    keep = ("--save_every_steps", "2", "--keep_last", "0")  # the uninterrupted run also leaves its step-2 state
+    # 2 of the epoch's 4 steps; the uninterrupted run also leaves its step-1 state
+    keep = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
     full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *keep, *model)
-    step_2 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
-    saved = checkpoint.read_checkpoint_file(step_2)
-    assert saved["global_step"] == 2 and saved["step_in_epoch"] == 2  # mid-epoch: the resumed run trains 2 more
+    step_1 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
+    saved = checkpoint.read_checkpoint_file(step_1)
+    assert saved["global_step"] == 1 and saved["step_in_epoch"] == 1  # mid-epoch: the resumed run trains 1 more
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
     part = tmp_path / "part"
-    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_2), *model)
+    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_1), *model)
     assert "Resumed from" in resumed.stdout
     want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
     got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]
@@ -146,18 +169,9 @@ def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_r
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
 
 
-def test_torchrun_two_processes_name_every_ranks_broken_videos_once(tmp_path, synthetic_root, broken_videos):
-    anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=10, missing=12)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
-           "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
-           "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
-           "--max_broken_fraction", "0.9", "--seed", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+def test_torchrun_two_processes_name_every_ranks_broken_videos_once(torchrun_on_a_mostly_broken_list,
+                                                                   synthetic_root):
+    run, out, anno, broken = torchrun_on_a_mostly_broken_list
     listed = [line.split("\t")[0] for line in (out / "broken_videos.txt").read_text().splitlines()]
     assert len(listed) == len(set(listed)) and set(listed) <= broken
     paths = list(json.load(open(anno)))
@@ -172,12 +186,10 @@ def test_torchrun_two_processes_name_every_ranks_broken_videos_once(tmp_path, sy
     assert record["broken_video_files"] == len(listed)
 
 
-def _accumulation_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _accumulation_scenario(rank: int, world: int, out_dir: str) -> None:
     """Count DDP's gradient all-reduces (a counting comm hook) over one accumulation window of two micro-batches."""
     import engine_for_pretraining as engine
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     ddp = engine.wrap_ddp(create_model("simvtp_tiny_patch16", **TINY), torch.device("cpu"))
     calls = []
@@ -197,15 +209,13 @@ def _accumulation_worker(rank: int, world: int, port: int, out_dir: str) -> None
     json.dump({"inside_window": inside_window, "window_end": len(calls) - inside_window,
                "forward_sync_buffers": ddp.forward_sync_buffers, "bucket_view": ddp.gradient_as_bucket_view},
               open(os.path.join(out_dir, f"calls{rank}.json"), "w"))
-    torch.distributed.destroy_process_group()
 
 
-def test_accumulation_all_reduces_only_at_the_end_of_the_window(tmp_path):
+def test_accumulation_all_reduces_only_at_the_end_of_the_window(gloo_ranks):
     """DDP decides at forward time whether a backward all-reduces: the window's first micro-batch must run its
     forward under no_sync too, or every micro-batch pays a full gradient all-reduce."""
-    mp.spawn(_accumulation_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        calls = json.load(open(tmp_path / f"calls{rank}.json"))
+        calls = json.load(open(gloo_ranks / f"calls{rank}.json"))
         assert calls["inside_window"] == 0 and calls["window_end"] >= 1, calls
         assert calls["forward_sync_buffers"] is False and calls["bucket_view"] is True
 
@@ -232,12 +242,10 @@ def _merge_inputs(rank: int) -> tuple:
     return _rank_rows(rank)[:, :4], text, indices, captions
 
 
-def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gather_scenario(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     import engine_for_finetuning as engine
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     sent, pickled = [], []
     real_all_gather, real_all_gather_object = dist.all_gather, dist.all_gather_object
 
@@ -260,16 +268,15 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save({"gathered": gathered, "empty": empty, "sent": row_sends, "pickled": len(row_pickles),
                 "merge_pickled": pickled[len(row_pickles):], "merged": merged},
                os.path.join(out_dir, f"rows{rank}.pth"))
-    dist.destroy_process_group()
+    dist.all_gather, dist.all_gather_object = real_all_gather, real_all_gather_object
 
 
-def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(tmp_path):
+def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(gloo_ranks):
     import engine_for_finetuning as engine
-    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = torch.cat([_rank_rows(0), _rank_rows(1)])
     row_bytes, most = 8 * 4, max(_ROWS.values())
     for rank in range(2):
-        got = torch.load(tmp_path / f"rows{rank}.pth", weights_only=False)
+        got = torch.load(gloo_ranks / f"rows{rank}.pth", weights_only=False)
         assert torch.equal(got["gathered"], expected) and torch.equal(got["empty"], _rank_rows(0))
         assert got["pickled"] == 0  # tensors only: no all_gather_object
         # per call: the shapes (2 longs), then the rows padded to the largest rank's count in a buffer of their

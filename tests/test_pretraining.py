@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -35,10 +36,23 @@ def _args(synthetic_root, out_dir, *extra):
     return run_simvtp_pretraining.get_args_parser().parse_args(_argv(synthetic_root, out_dir, *extra))
 
 
-def _run(synthetic_root, out_dir, *extra):
-    """The entry point in its own process, as a user starts it."""
-    cmd = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), *_argv(synthetic_root, out_dir, *extra)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _run_here(capsys, synthetic_root, out_dir, *extra) -> subprocess.CompletedProcess:
+    """`python run_simvtp_pretraining.py ...` as its own `__main__` block runs it (argument parsing, one-line
+    errors, exit status), in this process: for the tests about what a user sees, not about the process."""
+    script = os.path.join(ROOT, "run_simvtp_pretraining.py")
+    argv, sigint = [script, *_argv(synthetic_root, out_dir, *extra)], signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    status = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            status = stop.code or 0
+        finally:
+            signal.signal(signal.SIGINT, sigint)  # the entry point installs its Ctrl-C handler
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, out.out, out.err)
 
 
 def _val_with_broken_and_missing(synthetic_root, folder):
@@ -57,9 +71,19 @@ def _weights(out_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synthetic_root, tmp_path_factory):
+def eight_clips(synthetic_root, tmp_path_factory) -> str:
+    """A training list of the first 8 synthetic clips: 2 steps an epoch at batch 4, enough for every comparison
+    of an interrupted run with an uninterrupted one (mid-epoch and at an epoch boundary)."""
+    records = json.load(open(os.path.join(synthetic_root, "annotations", "pretrain.json")))
+    anno = tmp_path_factory.mktemp("eight_clips") / "pretrain_8.json"
+    anno.write_text(json.dumps(dict(list(records.items())[:8])))
+    return str(anno)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_root, eight_clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    result = run_simvtp_pretraining.main(_args(synthetic_root, out))
+    result = run_simvtp_pretraining.main(_args(synthetic_root, out, "--data_path", eight_clips))
     return out, result
 
 
@@ -96,40 +120,45 @@ def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: i
         assert torch.equal(_weights(out_dir)[k], v), k
 
 
-def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
-    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch, "checkpoint-0.pth")
+    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch, "checkpoint-0.pth",
+                           "--data_path", eight_clips)
 
 
-def test_resume_mid_epoch_reproduces_the_run(uninterrupted, synthetic_root, tmp_path):
+def test_resume_mid_epoch_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
-    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth")
+    _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth",
+                           "--data_path", eight_clips)
 
 
-def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, tmp_path):
+def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, eight_clips, tmp_path):
     """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch."""
-    full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", "--clips_per_video", "2"))
+    extra = ("--clips_per_video", "2", "--data_path", eight_clips)
+    full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", *extra))
     steps_per_epoch = len(full["history"]) // 2
     _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", steps_per_epoch + 1,
-                           "checkpoint-1-step1.pth", "--clips_per_video", "2")
+                           "checkpoint-1-step1.pth", *extra)
 
 
-def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, tmp_path, capsys):
-    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1"))
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, eight_clips, tmp_path,
+                                                                          capsys):
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--data_path", eight_clips))
     good = checkpoint.find_latest(str(tmp_path))
     before = checkpoint.read_checkpoint_file(good)["model"]
     with pytest.raises(engine_for_pretraining.NonFiniteLossError, match="non-finite losses in a row"):
-        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--w_pixel", "nan", "--max_bad_steps", "2"))
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--w_pixel", "nan", "--max_bad_steps", "2",
+                                          "--data_path", eight_clips))
     assert "step skipped on every rank" in capsys.readouterr().out
     assert checkpoint.find_latest(str(tmp_path)) == good
     after = checkpoint.read_checkpoint_file(good)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_root, tmp_path):
+def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_root, eight_clips, tmp_path):
     val = os.path.join(synthetic_root, "annotations", "val.json")
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--eval_every", "1",
-                                      "--eval_data_path", val))
+                                      "--eval_data_path", val, "--data_path", eight_clips))
     record = json.loads(open(tmp_path / "log.txt").readline())
     for key in ("zs_t2v_R@1", "zs_t2v_R@5", "zs_v2t_R@1", "zs_t2v_MdR"):
         assert key in record, key
@@ -141,11 +170,12 @@ def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, t
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--eval_every", "1"))
 
 
-def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrupted, synthetic_root, tmp_path):
+def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrupted, eight_clips, synthetic_root,
+                                                                      tmp_path):
     """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new process
     resumes from it and ends on exactly the uninterrupted run's weights."""
     full_out, _ = uninterrupted
-    args = vars(_args(synthetic_root, tmp_path))
+    args = vars(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
     argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), "--save_every_steps", "1"]
     for flag in ("data_path", "data_root", "model", "num_frames", "input_size", "batch_size", "epochs",
                  "warmup_epochs", "lr", "num_workers", "device", "precision", "output_dir", "print_freq", "seed"):
@@ -162,12 +192,15 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
         assert torch.equal(_weights(tmp_path)[k], v), k
 
 
-def test_resume_with_another_batch_size_continues_at_the_right_sample(synthetic_root, tmp_path, capsys):
-    """4 clips seen at batch 4; at batch 2 the epoch's other 20 clips are 10 steps (not 11: 2 clips twice)."""
-    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--max_steps", "1"))
+def test_resume_with_another_batch_size_continues_at_the_right_sample(synthetic_root, eight_clips, tmp_path,
+                                                                      capsys):
+    """4 clips seen at batch 4; at batch 2 the epoch's other 4 clips are 2 steps (not 3: 2 clips twice)."""
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--max_steps", "1",
+                                      "--data_path", eight_clips))
     capsys.readouterr()
-    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "2"))
-    assert len(second["history"]) == 10
+    second = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "2",
+                                               "--data_path", eight_clips))
+    assert len(second["history"]) == 2
     out = capsys.readouterr().out
     assert "Resuming with changed settings: --batch_size 4 -> 2" in out and "global batch changed" in out
     history = json.load(open(tmp_path / "args.json"))["resume_history"]
@@ -210,17 +243,21 @@ def _entry_argv(synthetic_root, out_dir, *extra) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), *_argv(synthetic_root, out_dir, *extra)]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--device", "cuda"), "--device cuda: CUDA is not available on this machine; use --device cpu"),
-    (("--device", "gpu"), "--device gpu: not a device name"),
-    (("--output_dir", "{file}"), "is a file, not a folder"),
+@pytest.mark.parametrize("flags, message, own_process", [
+    # one case as its own process: nothing else (an import's warning, say) reaches its stderr either
+    (("--device", "cuda"), "--device cuda: CUDA is not available on this machine; use --device cpu", True),
+    (("--device", "gpu"), "--device gpu: not a device name", False),
+    (("--output_dir", "{file}"), "is a file, not a folder", False),
 ])
-def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, flags, message):
+def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, capsys, flags, message, own_process):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder\n")
-    argv = _entry_argv(synthetic_root, tmp_path / "out")
-    argv += [f.replace("{file}", str(a_file)) for f in flags]
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    flags = [f.replace("{file}", str(a_file)) for f in flags]
+    if own_process:
+        run = subprocess.run(_entry_argv(synthetic_root, tmp_path / "out", *flags), cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    else:
+        run = _run_here(capsys, synthetic_root, tmp_path / "out", *flags)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
@@ -242,11 +279,12 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root,
     assert f"The last checkpoint is {latest}" in err and "run_simvtp_pretraining.py" in err
 
 
-def test_a_broken_and_a_missing_validation_video_stop_the_run_at_start_up_naming_both(synthetic_root, tmp_path):
+def test_a_broken_and_a_missing_validation_video_stop_the_run_at_start_up_naming_both(synthetic_root, tmp_path,
+                                                                                       capsys):
     """Before: the first zero-shot evaluation crashed on the broken video after a whole epoch of training."""
     anno, broken, missing = _val_with_broken_and_missing(synthetic_root, tmp_path)
     out = tmp_path / "out"
-    proc = _run(synthetic_root, out, "--eval_every", "1", "--eval_data_path", str(anno))
+    proc = _run_here(capsys, synthetic_root, out, "--eval_every", "1", "--eval_data_path", str(anno))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"--eval_data_path {anno}: 2 of 10 videos cannot be used" in proc.stderr
@@ -255,13 +293,13 @@ def test_a_broken_and_a_missing_validation_video_stop_the_run_at_start_up_naming
 
 
 def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_epoch_without_retraining(
-        synthetic_root, tmp_path):
+        synthetic_root, eight_clips, tmp_path, capsys):
     """--skip_eval_check: the epoch is trained and saved before its evaluation fails on the missing video (one line,
     no traceback); once the list is repaired, the resumed run evaluates that epoch first and trains nothing again."""
     anno, broken, missing = _val_with_broken_and_missing(synthetic_root, tmp_path)
     out = tmp_path / "out"
-    flags = ("--epochs", "1", "--eval_every", "1", "--eval_data_path", str(anno))
-    first = _run(synthetic_root, out, *flags, "--skip_eval_check")
+    flags = ("--epochs", "1", "--eval_every", "1", "--eval_data_path", str(anno), "--data_path", eight_clips)
+    first = _run_here(capsys, synthetic_root, out, *flags, "--skip_eval_check")
     assert first.returncode == 1 and "not checked (--skip_eval_check)" in first.stdout
     error = first.stderr.strip().splitlines()[-1]  # (decoders log to stderr too)
     assert "Traceback" not in first.stderr and error.startswith("error: ") and str(broken) in error
@@ -271,7 +309,7 @@ def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_ep
 
     for path in (broken, missing):  # the user repairs the two videos
         shutil.copyfile(os.path.join(synthetic_root, "val", "val_00000.mp4"), path)
-    second = _run(synthetic_root, out, *flags)
+    second = _run_here(capsys, synthetic_root, out, *flags)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "epoch 0 was saved but its evaluation did not finish; evaluating now" in second.stdout
     assert "Epoch [0]" not in second.stdout  # no training step was repeated
@@ -283,18 +321,19 @@ def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_ep
     assert json.load(open(out / "eval_state.json"))["global_step"] == saved["global_step"]
 
 
-def test_bad_records_of_a_webvid_csv_are_all_listed_or_dropped_with_skip_bad_records(synthetic_root, tmp_path):
+def test_bad_records_of_a_webvid_csv_are_all_listed_or_dropped_with_skip_bad_records(synthetic_root, tmp_path,
+                                                                                      capsys):
     text = open(os.path.join(synthetic_root, "annotations", "train_webvid.csv")).read()
     anno = tmp_path / "train_with_bad_rows.csv"
     anno.write_text(text + "9001,u,d,train,\n,u,d,train,no id\n9003,u,d\n")
     out = tmp_path / "out"
-    refused = _run(synthetic_root, out, "--data_path", str(anno), "--max_steps", "1")
+    refused = _run_here(capsys, synthetic_root, out, "--data_path", str(anno), "--max_steps", "1")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"{anno}: 3 bad records of 27" in refused.stderr
     for fragment in ("record 25 (line 26): empty caption", "record 26 (line 27): 'videoid' must be a non-empty",
                      "record 27 (line 28): 3 columns"):
         assert fragment in refused.stderr, fragment
-    ran = _run(synthetic_root, out, "--data_path", str(anno), "--max_steps", "1", "--skip_bad_records")
+    ran = _run_here(capsys, synthetic_root, out, "--data_path", str(anno), "--max_steps", "1", "--skip_bad_records")
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     assert "dropped 3 bad record(s) of 27 (--skip_bad_records)" in ran.stdout
     assert "Data: 24 videos" in ran.stdout
@@ -377,15 +416,9 @@ def test_a_check_report_as_exclude_list_means_its_files_are_never_opened(mostly_
 
 
 def test_too_many_broken_videos_stop_the_run_with_the_share_the_files_and_the_checker(
-        synthetic_root, broken_videos, tmp_path):
+        synthetic_root, broken_videos, tmp_path, capsys):
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=2, missing=15)  # 90%
-    args = vars(_args(synthetic_root, tmp_path / "out"))
-    argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
-            "--max_broken_fraction", "0.5"]
-    for flag in ("data_root", "model", "num_frames", "input_size", "batch_size", "epochs", "warmup_epochs",
-                 "num_workers", "device", "precision", "output_dir", "seed"):
-        argv += [f"--{flag}", str(args[flag])]
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = _run_here(capsys, synthetic_root, tmp_path / "out", "--data_path", anno, "--max_broken_fraction", "0.5")
     assert run.returncode == 1, run.stderr[-2000:]
     error = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
