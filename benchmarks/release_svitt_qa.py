@@ -39,7 +39,7 @@ def rank_job(job: dict) -> dict:
     from models.model_vqa import Singularity
 
     torch.set_num_threads(job.get("threads", 1))
-    inputs = torch.load(job["inputs"])
+    inputs = torch.load(job["inputs"], weights_only=True)  # tensors and plain config values we wrote
     decoder = release_decoder(inputs["config"], inputs["decoder_state"])
     model = types.SimpleNamespace(text_decoder=decoder, tokenizer=types.SimpleNamespace(pad_token_id=0),
                                   config=types.SimpleNamespace(eval_frame_ensemble="lse"))
