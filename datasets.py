@@ -1768,6 +1768,7 @@ class VideoTextCollator:
         if "match_id" in items[0]:
             batch["match_id"] = torch.tensor([int(it["match_id"]) for it in items], dtype=torch.long)
         batch["epoch"] = torch.tensor([int(it.get("epoch", 0)) for it in items], dtype=torch.long)
+        batch["train_epoch"] = int(items[0].get("epoch", 0))  # a plain int: the model reads it without a sync
         batch["videos_read"] = torch.tensor(sum(int(it.get("read", 1)) for it in items), dtype=torch.long)
         batch["videos_broken"] = torch.tensor(sum(int(it.get("broken", 0)) for it in items), dtype=torch.long)
         batch["broken_videos"] = list(dict(pair for it in items for pair in it.get("broken_videos", ())).items())

@@ -629,15 +629,58 @@ def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[in
     return torch.cat(out)
 
 
+def held_out_matching_pairs(sim: torch.Tensor, text_to_video: torch.Tensor, seed: int = 0
+                            ) -> dict[str, list[tuple[tuple[int, int], bool]]]:
+    """Matching pairs of an evaluation set, ((text, video), is_match), as the matching losses draw them: per video
+    its first caption with it, with a non-matching video and a non-matching caption with it. "random": the
+    non-matching ones drawn uniformly (seeded: the same at every evaluation); "hard": the most similar by the
+    contrastive scores sim [T, V]. A constant answer scores 2/3 on either."""
+    gt = ground_truth_mask(text_to_video, *sim.shape)
+    sim = sim.float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, list] = {"random": [], "hard": []}
+    for v in range(sim.shape[1]):
+        texts = gt[:, v].nonzero().flatten()
+        other_videos, other_texts = (~gt[texts[0]]).nonzero().flatten(), (~gt[:, v]).nonzero().flatten()
+        if not len(texts) or not len(other_videos) or not len(other_texts):
+            continue
+        t = int(texts[0])
+        for kind, pick in (("random", lambda c, _s: int(c[torch.randint(len(c), (1,), generator=g)])),
+                           ("hard", lambda c, s: int(c[s[c].argmax()]))):
+            out[kind] += [((t, v), True), ((t, pick(other_videos, sim[t])), False),
+                          ((pick(other_texts, sim[:, v]), v), False)]
+    return out
+
+
+def held_out_matching_accuracy(match_model: torch.nn.Module, res: dict, dataset, tokenizer, cfg: EvalConfig,
+                               seed: int = 0, num_workers: int = 0) -> dict[str, float]:
+    """Accuracy (%) of the matching head (log-odds > 0 = match) on held_out_matching_pairs of an evaluation's
+    result `res` (evaluate's dict; `dataset` its test-mode dataset, first view of each video): "match_acc" with
+    random, "match_acc_hard" with hard non-matches. Every rank must call it (scores are gathered)."""
+    kinds = held_out_matching_pairs(res["sim"], res["text_to_video"], seed)
+    pairs = sorted({pair for labelled in kinds.values() for pair, _ in labelled}, key=lambda p: (p[1], p[0]))
+    scores = match_scores(match_model, pairs, FirstViews(dataset, res["indices"]), res["captions"], tokenizer, cfg,
+                          num_workers=num_workers)
+    out = {}
+    for kind, labelled in kinds.items():
+        right = sum((scores[pair] > 0) == is_match for pair, is_match in labelled)
+        out["match_acc" if kind == "random" else f"match_acc_{kind}"] = 100.0 * right / max(len(labelled), 1)
+    return out
+
+
 def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[tuple[int, int], float],
-                   k: int) -> dict[str, float]:
-    """Metrics after re-ordering each query's top-k by matching score (the rest keep their order below).
+                   k: int, contrastive_scale: float = 0.0) -> dict[str, float]:
+    """Metrics after re-ordering each query's top-k by matching score (the rest keep their order below); with
+    contrastive_scale s > 0 by matching log-odds + s x similarity (s = 1 / temperature: the contrastive logit, as
+    BLIP adds the two), else by the matching score alone (the SViTT release).
 
     Re-scored candidates are lifted above every similarity (max + 1 + score - the lowest score), so a ground truth
     outside the top-k keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
     "t2v_tied" / "v2t_tied": queries whose best ground truth ties another candidate (tied_ground_truths).
     """
     sim = sim.float().cpu()
+    if contrastive_scale:
+        scores = {(t, v): x + contrastive_scale * float(sim[t, v]) for (t, v), x in scores.items()}
     low = min(scores.values()) if scores else 0.0
     lift = float(sim.max()) + 1.0 - low
     s_t2v, s_v2t = sim.clone(), sim.clone()

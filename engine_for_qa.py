@@ -142,6 +142,50 @@ def question_prior_accuracy(train: Sequence[tuple[str, str]], test: Sequence[tup
     return 100.0 * sum(guess.get(q, overall) == a for q, a in test) / len(test)
 
 
+def answer_kinds(train: Sequence[tuple[str, str | None]]) -> dict[str, str]:
+    """(answer, answer_type) pairs of the training questions -> each answer's kind: the types it answers, joined
+    by "/" (a colour word that answers both colour and background questions is "background/colour")."""
+    types = collections.defaultdict(set)
+    for a, t in train:
+        if t is not None:
+            types[a].add(str(t))
+    return {a: "/".join(sorted(ts)) for a, ts in types.items()}
+
+
+def answer_kind_report(rows: Sequence[dict], train: Sequence[tuple[str, str, str | None]]) -> dict:
+    """Does the model answer the question asked? Per answer type of the test questions: "asked_kind" (% of its
+    predictions that answer a training question of that type), "blind_prior" (accuracy of each question's most
+    frequent training answer, no video, on that type) and "confusion" (% of its predictions of each answer kind,
+    answer_kinds; "other" for an answer no training question had). train: (question, answer, answer_type)."""
+    kinds = answer_kinds([(a, t) for _, a, t in train])
+    pairs = [(q, a) for q, a, _ in train]
+    by_type = collections.defaultdict(list)
+    for r in rows:
+        if r["answer_type"] is not None:
+            by_type[str(r["answer_type"])].append(r)
+    report = {}
+    for t, rs in sorted(by_type.items()):
+        predicted = collections.Counter(kinds.get(r["prediction"], "other") for r in rs)
+        report[t] = {"asked_kind": 100.0 * sum(t in k.split("/") for k in (kinds.get(r["prediction"], "other")
+                                                                          for r in rs)) / len(rs),
+                     "blind_prior": question_prior_accuracy(pairs, [(r["question"], r["answer"]) for r in rs]),
+                     "confusion": {k: 100.0 * n / len(rs) for k, n in sorted(predicted.items())}}
+    return report
+
+
+def format_answer_kinds(report: dict) -> str:
+    """answer_kind_report as a table: one row per asked type, one column per predicted answer kind."""
+    columns = sorted({k for r in report.values() for k in r["confusion"]})
+    width = max([10] + [len(c) + 2 for c in columns])
+    lines = ["Answer kinds: % of each question type's predictions of each kind (rows: the type asked)",
+             f"{'asked':<14}{'right kind':>11}{'blind':>7}" + "".join(f"{c:>{width}}" for c in columns)]
+    lines.append("-" * len(lines[1]))
+    for t, r in report.items():
+        lines.append(f"{t:<14}{r['asked_kind']:>11.1f}{r['blind_prior']:>7.1f}"
+                     + "".join(f"{r['confusion'].get(c, 0.0):>{width}.1f}" for c in columns))
+    return "\n".join(lines)
+
+
 def format_qa_table(metrics: dict, title: str) -> str:
     """Accuracy, the per-type breakdown and the baselines as a small table."""
     lines = [title, f"{'':<24}{'accuracy':>9}{'questions':>11}", "-" * 44,

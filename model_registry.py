@@ -34,7 +34,7 @@ from timm.models import register_model as timm_register_model
 FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
 # flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
 COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
-                "vtm_negatives": "vtm_negatives", "w_mlm": "w_mlm"}
+                "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm"}
 
 
 @dataclass
@@ -143,8 +143,13 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=model_help)
     g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
-    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random"], help="matching-loss negatives: "
-                   "hard (default, drawn by contrastive similarity, never the same video) or random (SimVTP's release)")
+    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random", "mixed"],
+                   help="matching-loss negatives: hard (default, drawn by contrastive similarity, never the same "
+                        "video), random (SimVTP's release) or mixed (the negative video hard, the negative caption "
+                        "random)")
+    g.add_argument("--vtm_random_epochs", type=int, default=None,
+                   help="matching-loss negatives drawn uniformly for this many epochs before --vtm_negatives hard "
+                        "(default 0, the papers'): from random weights the head otherwise stays on a constant answer")
     g.add_argument("--w_mlm", type=float, default=None, help="weight of the masked-word loss (default 1)")
     for family in families():
         family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))

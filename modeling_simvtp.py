@@ -378,7 +378,29 @@ def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tens
     # without its two validity checks, which read the device from the host on CUDA
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=1)
 
-# ----------------------------------------------------------------------------------------------- pre-training
+
+NEGATIVE_MODES = ("hard", "random", "mixed")
+
+
+def negatives_now(mode: str, random_epochs: int, batch: dict) -> str:
+    """This step's matching negatives: `mode` once the batch's data epoch (the collator's plain int
+    "train_epoch": nothing read from the device) is past the `random_epochs` warm-up, "random" before. From
+    random weights a matching head given only hard negatives (which differ from the positive in one attribute)
+    stays on the constant answer; uniform ones teach it the coarse differences first."""
+    return mode if int(batch.get("train_epoch", random_epochs)) >= random_epochs else "random"
+
+
+def matching_negatives(sim: torch.Tensor, mode: str, match_ids: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sim [B videos, B texts] -> (a negative video for each caption, a negative caption for each video), each
+    [B]: both by similarity ("hard", ALBEF), both uniform ("random", SimVTP's release), or the video by
+    similarity and the caption uniformly ("mixed": every positive meets one hard and one easy negative, so the
+    head keeps a signal it can learn while it learns the hard one)."""
+    if mode not in NEGATIVE_MODES:
+        raise ValueError(f"vtm_negatives must be one of {NEGATIVE_MODES}, got {mode!r}")
+    neg_video = sample_negatives(sim.t(), mode != "random", match_ids)
+    neg_text = sample_negatives(sim, mode == "hard", match_ids)
+    return neg_video, neg_text
 
 
 class PixelDecoder(nn.Module):
@@ -428,16 +450,19 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  vtc_text: str = "full", vtm_negatives: str = "hard", release_pooling: bool = False,
                  temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
-                 vtm_negatives_per_pair: int = 2) -> None:
+                 vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
-        if vtc_text not in ("full", "masked") or vtm_negatives not in ("hard", "random"):
-            raise ValueError(f"vtc_text {vtc_text!r} (full|masked), vtm_negatives {vtm_negatives!r} (hard|random)")
+        if vtc_text not in ("full", "masked") or vtm_text not in ("full", "masked") \
+                or vtm_negatives not in NEGATIVE_MODES:
+            raise ValueError(f"vtc_text {vtc_text!r} and vtm_text {vtm_text!r} (full|masked), vtm_negatives "
+                             f"{vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)})")
         if not 0.0 < decode_fraction <= 1.0 or vtm_negatives_per_pair not in (1, 2):
             raise ValueError(f"decode_fraction {decode_fraction} must be in (0, 1], vtm_negatives_per_pair "
                              f"{vtm_negatives_per_pair} 1 or 2")
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
-        self.vtc_text, self.vtm_negatives = vtc_text, vtm_negatives
+        self.vtc_text, self.vtm_negatives, self.vtm_random_epochs = vtc_text, vtm_negatives, vtm_random_epochs
+        self.vtm_text = vtm_text
         self.decode_fraction, self.vtm_negatives_per_pair = decode_fraction, vtm_negatives_per_pair
         self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm)
         self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
@@ -522,7 +547,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         the loss over the masked positions (labels != -100)."""
         return mlm_loss(self.text_cls(text_out), mlm_labels)
 
-    def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat, match_ids=None):
+    def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat, match_ids=None,
+                      negatives: str | None = None):
         """VTM: the B positives (pooled joint output, [B, D]) + one joint pass over 2B negatives: each caption with
         a negative video, each video with a negative caption, drawn by similarity of the local VTC features (never
         a pair of the same match id: clips of one video). With
@@ -536,9 +562,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
-            hard = self.vtm_negatives == "hard"
-            neg_video = sample_negatives(sim.t(), hard, match_ids)  # [B]: a video for each caption
-            neg_text = sample_negatives(sim, hard, match_ids)  # [B]: a caption for each video
+            # [B] each: a video for each caption, a caption for each video
+            neg_video, neg_text = matching_negatives(sim, negatives or self.vtm_negatives, match_ids)
         own = torch.arange(b, device=neg_video.device)
         if self.vtm_negatives_per_pair == 1:
             first = own < b // 2
@@ -557,7 +582,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         num_visible_tubes (int, the collator's: without it the count is read from the mask, a host sync) -> losses
         (fp32); "loss" = weighted sum. Passes: (a) joint
         on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
-        negatives."""
+        negatives (with vtm_text "full" one more, the positives with their whole caption)."""
         video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
         input_ids, mlm_input_ids, mlm_labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
         vis = self.encoder.embed_video(video, video_mask, batch.get("num_visible_tubes"))
@@ -577,8 +602,13 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)
         match_ids = batch.get("match_id")  # with --clips_per_video: a video's clips are each other's positives
         loss_vtc = vtc_loss(video_feat, text_feat, self.current_temperature(), gather, match_ids)
-        loss_vtm, vtm_acc = self.matching_loss(vis, masked_text, attention_mask, pos_feat, video_feat,
-                                               text_feat, match_ids)  # (c)
+        vtm_caption = masked_text
+        if self.vtm_text == "full":  # one more joint pass: the positives with their whole caption
+            vtm_caption = vtc_text if self.vtc_text == "full" else self.text_embeddings(input_ids)
+            pos_feat = self.joint(vis, vtm_caption, attention_mask)[1]
+        loss_vtm, vtm_acc = self.matching_loss(vis, vtm_caption, attention_mask, pos_feat, video_feat,
+                                               text_feat, match_ids,
+                                               negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
@@ -899,6 +929,10 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                         "small / base)")
     g.add_argument("--vtc_text", default=None, choices=["full", "masked"],
                    help="caption of the contrastive text pass: full (default) or masked (the release's behaviour)")
+    g.add_argument("--vtm_text", default=None, choices=["full", "masked"],
+                   help="caption of the matching pairs: masked (default, the release's: the masked-word pass's "
+                        "caption, so a pair whose telling words are masked cannot be told apart) or full (one more "
+                        "joint pass; re-ranking scores whole captions)")
     g.add_argument("--release_pooling", action="store_true", default=None,
                    help="average padding into text means, as the release did")
     g.add_argument("--temperature", type=float, default=None, help="contrastive temperature (default 0.05)")

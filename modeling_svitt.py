@@ -35,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
-from modeling_simvtp import build_text_embeddings, causal_key_mask, mlm_loss, sample_negatives
+from modeling_simvtp import (NEGATIVE_MODES, build_text_embeddings, causal_key_mask, matching_negatives,
+                             mlm_loss, negatives_now)
 
 CLS_TO_PATCH, PATCH_TO_CLS, CLS_TO_CLS = -3, -2, -1  # the table's last three rows, counted from its end
 MLP_CHUNK_ROWS = 1024  # tokens per MLP call on CPU: a 1024 x 3072 fp32 hidden activation is 12 MiB
@@ -790,6 +791,7 @@ class SViTTPretrain(nn.Module):
                  fusion_drop_loc: tuple[int, ...] = (), fusion_keep_strategy: str = "cls_attn",
                  release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
                  w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
+                 vtm_random_epochs: int = 0,
                  temporal_expand_mode: str = "release") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
@@ -798,8 +800,8 @@ class SViTTPretrain(nn.Module):
         if fusion_keep_strategy not in FusionTokenSelection.STRATEGIES:
             raise ValueError(f"fusion_keep_strategy must be one of {FusionTokenSelection.STRATEGIES}, got "
                              f"{fusion_keep_strategy!r}")
-        if vtm_negatives not in ("hard", "random"):
-            raise ValueError(f"vtm_negatives must be hard or random, got {vtm_negatives!r}")
+        if vtm_negatives not in NEGATIVE_MODES:
+            raise ValueError(f"vtm_negatives must be one of {NEGATIVE_MODES}, got {vtm_negatives!r}")
         if sparse_local_attn is None:  # --sparse_random_attn alone turns block-sparse attention on, local width 1
             sparse_local_attn = 1 if sparse_random_attn else 0
         self.vision_encoder = SViTTVisionTower(SViTTVisionConfig(
@@ -823,6 +825,7 @@ class SViTTPretrain(nn.Module):
         if temporal_expand_mode not in EXPAND_MODES:
             raise ValueError(f"temporal_expand_mode must be one of {EXPAND_MODES}, got {temporal_expand_mode!r}")
         self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
+        self.vtm_random_epochs = vtm_random_epochs
         self.temporal_expand_mode = temporal_expand_mode  # read by convert_state_dict when a file has other frames
         self.patch_size = patch_size
         for module in (self.vision_layernorm, self.text_encoder, self.vision_proj, self.text_proj, self.itm_head):
@@ -874,16 +877,16 @@ class SViTTPretrain(nn.Module):
         s = self.fusion_selection
         return FusionTokenSelection(s.keep_rate, s.drop_loc, s.strategy, self._generator())
 
-    def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids):
+    def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
+                      negatives: str | None = None):
         """ITM over 3B pairs: positives, a negative video per caption, a negative caption per video; negatives by
         similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy)."""
         b = len(video_tokens)
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
-            hard = self.vtm_negatives == "hard"
-            neg_video = sample_negatives(sim.t(), hard, video_ids)  # never another clip of the same video
-            neg_text = sample_negatives(sim, hard, video_ids)
+            # never another clip of the same video
+            neg_video, neg_text = matching_negatives(sim, negatives or self.vtm_negatives, video_ids)
         videos = torch.cat([video_tokens, video_tokens[neg_video], video_tokens])
         texts = torch.cat([text_states, text_states, text_states[neg_text]])
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
@@ -912,7 +915,8 @@ class SViTTPretrain(nn.Module):
         loss_itc = itc_loss(video_feat, text_feat, self.current_temperature(), video_ids,
                             None if self.itc_local else gather)
         loss_itm, itm_acc = self.matching_loss(video_tokens, text_states, attention_mask, video_feat, text_feat,
-                                               video_ids)
+                                               video_ids,
+                                               negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(itc=loss_itc, itm=loss_itm)
         if "mlm_input_ids" in batch:  # a retrieval fine-tuning batch has no MLM captions: ITC + ITM, as the release
             terms["mlm"] = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask,

@@ -120,7 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
     g.add_argument("--rerank_k", type=int, default=0, help="re-score every text's top K videos and every video's top K texts "
                    "with the matching head: ranked by its log-odds of match, aggregated over clips by "
-                   "--eval_frame_ensemble; both rankings are reported (0: no re-ranking)")
+                   "--eval_frame_ensemble (the SViTT release), and by that plus the contrastive logit (BLIP's sum); "
+                   "the contrastive and both re-ranked rankings are reported (0: no re-ranking)")
     g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
                    "one) whose match_logits re-score the top K (loaded strictly); default: the evaluated model "
                    "itself when it has a matching head (SViTT; a SimVTP pre-training model with --zero_shot)")
@@ -336,6 +337,13 @@ def own_match_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.n
     return None
 
 
+def contrastive_scale(model: torch.nn.Module) -> float:
+    """1 / the evaluated model's contrastive temperature (its similarities times this are its contrastive
+    logits), or 0 for a model without one."""
+    temperature = getattr(model, "current_temperature", None)
+    return 1.0 / float(temperature()) if callable(temperature) else 0.0
+
+
 def check_can_match(model: torch.nn.Module, path: str) -> None:
     if not callable(getattr(model, "match_logits", None)):
         raise ValueError(f"{path}: {model.model_cfg['name']} has no matching head (match_logits) to re-rank with; "
@@ -395,6 +403,12 @@ def test_one_order(model, match_model, records: list, loader, args: argparse.Nam
         out["rerank"].update(seconds=time.time() - t0, pairs=len(scores),
                              score="log-odds of match, " + args.eval_frame_ensemble + " over clips")
         table[f"re-ranked k={args.rerank_k}"] = out["rerank"]
+        scale = contrastive_scale(model)
+        if scale:  # the same scores plus the contrastive logit (BLIP's sum)
+            out["rerank_contrastive"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores,
+                                                              args.rerank_k, contrastive_scale=scale)
+            out["rerank_contrastive"]["score"] = out["rerank"]["score"] + " + similarity / temperature"
+            table[f"re-ranked k={args.rerank_k} + contrastive"] = out["rerank_contrastive"]
     order = "" if cfg.frame_order == "none" else f", frames {cfg.frame_order}"
     print(engine.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
     per_query = engine.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -143,13 +144,23 @@ def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | 
 def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,
                    dtype: torch.dtype) -> dict[str, float]:
     """Zero-shot retrieval on the validation set; every rank embeds its share (features are gathered)."""
-    metrics = engine_for_finetuning.evaluate_zero_shot(
-        model, dataset, tokenizer, device=args.device_obj, dtype=dtype, batch_size=args.batch_size,
-        video_mask_ratio=args.eval_mask_ratio, seed=args.seed, max_text_len=args.max_text_len,
-        num_workers=min(args.num_workers, 2), dist_eval=args.distributed, host_memory_gb=args.eval_host_memory_gb)
+    cfg = engine_for_finetuning.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
+                                           max_text_len=args.max_text_len, video_mask_ratio=args.eval_mask_ratio,
+                                           seed=args.seed)
+    workers = min(args.num_workers, 2)
+    loader = engine_for_finetuning.build_eval_loader(dataset, tokenizer, args.batch_size, workers, args.max_text_len,
+                                                     args.distributed, args.eval_host_memory_gb, device=cfg.device)
+    res = engine_for_finetuning.evaluate(model, loader, tokenizer, cfg)
+    metrics = dict(res["metrics"])
     print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
           f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
           f"(chance R@1 {100.0 / len(dataset):.1f})")
+    if callable(getattr(model, "match_logits", None)):  # the matching head on held-out pairs
+        metrics.update(engine_for_finetuning.held_out_matching_accuracy(
+            model, res, dataset, tokenizer, replace(cfg, print_freq=10**9), seed=args.seed, num_workers=workers))
+        print(f"Matching head on {args.eval_data_path}: accuracy {metrics['match_acc']:.1f} with random and "
+              f"{metrics['match_acc_hard']:.1f} with hard non-matches (1 match : 2 non-matches; a constant answer "
+              f"scores 66.7)")
     return metrics
 
 

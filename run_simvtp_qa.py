@@ -274,6 +274,9 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
         out["question_prior_train"] = engine.question_prior_accuracy(
             [(r.question, datasets.top_answer(r)) for r in train_records],
             [(r.question, t) for r, t in zip(records, truths)])
+        if any(r.answer_type is not None for r in records):
+            out["answer_kinds"] = engine.answer_kind_report(
+                rows, [(r.question, datasets.top_answer(r), r.answer_type) for r in train_records])
     if len(runs) > 1:
         out["frame_orders"] = {o: {"accuracy": m["accuracy"], **({"per_type": {t: v["accuracy"] for t, v in
                                                                                m["per_type"].items()}}
@@ -281,6 +284,8 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
                                for o, (m, _) in runs.items()}
         print(format_frame_orders(out["frame_orders"]), flush=True)
     print(engine.format_qa_table(out, f"{prefix} QA on {len(records)} questions"), flush=True)
+    if "answer_kinds" in out:
+        print(engine.format_answer_kinds(out["answer_kinds"]), flush=True)
     engine.write_predictions(args.output_dir, prefix, out, rows)
     write_tensorboard(args, prefix, out)
     return out

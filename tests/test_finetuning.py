@@ -145,6 +145,8 @@ def test_zero_shot_with_both_mask_ratios_and_reranking(synthetic_root, pretrain_
     for d in ("t2v", "v2t"):
         for k in (5, 10, 50):
             assert result["rerank"][f"{d}_R@{k}"] == result[f"{d}_R@{k}"]
+            assert result["rerank_contrastive"][f"{d}_R@{k}"] == result[f"{d}_R@{k}"]  # BLIP's sum, same top 3
+    assert saved["rerank_contrastive"]["score"].endswith("+ similarity / temperature")
     assert (tmp_path / "zero_shot_per_query.jsonl").is_file()
     # the function the pre-training loop calls: mask 0 sees every tube, a mask changes the video features
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4)

@@ -366,6 +366,41 @@ def test_vtc_uses_the_full_caption_unless_asked_for_the_masked_one():
     assert abs(masked(batch)["loss_vtc"].item() - masked(other)["loss_vtc"].item()) > 1e-4
 
 
+def test_vtm_pairs_use_the_masked_caption_unless_asked_for_the_whole_one():
+    batch = make_batch()
+    other = dict(batch, mlm_input_ids=batch["input_ids"].clone())  # another word mask of the same captions
+    other["mlm_input_ids"][:, 3:5] = 3
+    full = tiny(vtm_text="full")
+    torch.manual_seed(1)
+    a = full(batch)["loss_vtm"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, full(other)["loss_vtm"], rtol=0, atol=1e-6)
+    masked = tiny()
+    torch.manual_seed(1)
+    b = masked(batch)["loss_vtm"]
+    torch.manual_seed(1)
+    assert abs(b.item() - masked(other)["loss_vtm"].item()) > 1e-4
+
+
+def test_mixed_negatives_draw_the_video_by_similarity_and_the_caption_uniformly():
+    peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
+    peaked[(torch.arange(4) + 1) % 4, torch.arange(4)] = 20.0  # video i + 1 is caption i's closest other, and
+    # caption v - 1 video v's
+    draws = [M.matching_negatives(peaked, "mixed") for _ in range(300)]
+    assert all(torch.equal(v, (torch.arange(4) + 1) % 4) for v, _ in draws)
+    assert len({int(t[0]) for _, t in draws}) == 3
+    hard_v, hard_t = M.matching_negatives(peaked, "hard")
+    assert torch.equal(hard_v, (torch.arange(4) + 1) % 4) and torch.equal(hard_t, (torch.arange(4) + 3) % 4)
+    with pytest.raises(ValueError, match="vtm_negatives"):
+        M.matching_negatives(peaked, "easy")
+
+
+def test_matching_negatives_are_random_during_the_warm_up_epochs():
+    assert M.negatives_now("hard", 3, {"train_epoch": 2}) == "random"
+    assert M.negatives_now("mixed", 3, {"train_epoch": 3}) == "mixed"
+    assert M.negatives_now("hard", 0, {}) == "hard"
+
+
 @pytest.mark.parametrize("build", [tiny, tiny_dual])
 def test_extra_padding_changes_text_features_only_with_release_pooling(build):
     batch = make_batch()

@@ -160,9 +160,10 @@ def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_ro
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--eval_every", "1",
                                       "--eval_data_path", val, "--data_path", eight_clips))
     record = json.loads(open(tmp_path / "log.txt").readline())
-    for key in ("zs_t2v_R@1", "zs_t2v_R@5", "zs_v2t_R@1", "zs_t2v_MdR"):
+    for key in ("zs_t2v_R@1", "zs_t2v_R@5", "zs_v2t_R@1", "zs_t2v_MdR", "zs_match_acc", "zs_match_acc_hard"):
         assert key in record, key
     assert 0.0 <= record["zs_t2v_R@1"] <= record["zs_t2v_R@5"] <= 100.0
+    assert 0.0 <= record["zs_match_acc"] <= 100.0 and 0.0 <= record["zs_match_acc_hard"] <= 100.0
 
 
 def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, tmp_path):

@@ -52,6 +52,26 @@ def test_baselines_majority_and_question_prior():
         engine.majority_accuracy([], ["red"])
 
 
+def test_answer_kinds_show_whether_the_question_asked_was_answered():
+    train = [("what colour is the shape?", "red", "colour"), ("what colour is the background?", "blue", "background"),
+             ("what colour is the background?", "red", "background"), ("which way?", "left", "direction"),
+             ("what colour is the shape?", "red", "colour")]
+    assert engine.answer_kinds([(a, t) for _, a, t in train]) == {
+        "red": "background/colour", "blue": "background", "left": "direction"}
+    rows = [{"question": "what colour is the shape?", "answer": "red", "prediction": "blue", "answer_type": "colour"},
+            {"question": "what colour is the shape?", "answer": "red", "prediction": "red", "answer_type": "colour"},
+            {"question": "which way?", "answer": "up", "prediction": "red", "answer_type": "direction"},
+            {"question": "which way?", "answer": "left", "prediction": "grow", "answer_type": "direction"}]
+    report = engine.answer_kind_report(rows, train)
+    # a background-only word to a colour question is the wrong kind; a word no training answer had is "other"
+    assert report["colour"] == {"asked_kind": 50.0, "blind_prior": 100.0,
+                                "confusion": {"background": 50.0, "background/colour": 50.0}}
+    assert report["direction"] == {"asked_kind": 0.0, "blind_prior": 50.0,
+                                   "confusion": {"background/colour": 50.0, "other": 50.0}}
+    table = engine.format_answer_kinds(report)
+    assert table.splitlines()[3].split() == ["colour", "50.0", "100.0", "50.0", "50.0", "0.0"]
+
+
 def test_validation_split_keeps_all_questions_of_a_video_together():
     records = [record(f"v{i // 4}.mp4", f"q{i % 4}", "x") for i in range(40)]
     train, val = run.split_val_by_video(records, 0.2, seed=3)

@@ -77,6 +77,11 @@ def test_finetune_resumes_selects_on_val_and_writes_one_prediction_per_test_ques
     assert set(metrics["per_type"]) == {r.answer_type for r in test}
     assert metrics["unlisted"] == 0 and metrics["ceiling"] == 100.0
     assert {"majority_train", "majority_test", "question_prior_train"} <= set(metrics)
+    kinds = metrics["answer_kinds"]  # per asked type: the share of answers of that kind, from the rows
+    assert set(kinds) == set(metrics["per_type"])
+    for t, k in kinds.items():
+        assert sum(k["confusion"].values()) == pytest.approx(100.0)
+        assert 0.0 <= k["asked_kind"] <= 100.0
 
 
 def test_only_test_reproduces_the_best_weights_predictions_in_two_frame_orders(qa_run, synthetic_root, tmp_path):

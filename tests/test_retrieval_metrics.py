@@ -126,3 +126,29 @@ def test_reranked_metrics_count_tied_ground_truths_and_the_table_shows_them():
     table = eng.format_table({"contrastive": eng.retrieval_metrics(sim, [1, 0])[0], "re-ranked k=2": m})
     assert "tied" in table.splitlines()[1]
     assert [line.split()[-1] for line in table.splitlines()[3:]] == ["2", "2", "1", "0"]
+
+
+def test_reranking_by_match_plus_contrastive_logit_breaks_a_matching_tie_by_similarity():
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]])  # text 0 -> video 1, text 1 -> video 0
+    scores = {(0, 0): 0.4, (0, 1): 0.5, (1, 0): 0.2, (1, 1): 0.2, (0, 2): 0.1, (1, 2): 0.3}
+    alone = eng.rerank_metrics(sim, torch.tensor([1, 0]), scores, k=2)
+    assert alone["t2v_R@1"] == 50.0  # text 1's truth (video 0) ties video 1 on the matching score alone
+    both = eng.rerank_metrics(sim, torch.tensor([1, 0]), scores, k=2, contrastive_scale=10.0)
+    # text 0: 0.4 + 9 vs 0.5 + 8 -> video 0 (wrong); text 1: 0.2 + 7 vs 0.2 + 6 -> video 0 (right)
+    assert both["t2v_R@1"] == 50.0 and both["t2v_tied"] == 0 and alone["t2v_tied"] == 1
+
+
+def test_held_out_matching_pairs_are_one_match_and_two_non_matches_per_video_hard_by_similarity():
+    # 3 videos, 4 texts (video 1 has two captions); text t's most similar other video / video v's other text
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.8, 0.7], [0.2, 0.6, 0.4], [0.4, 0.1, 0.95]])
+    t2v = torch.tensor([0, 1, 1, 2])
+    kinds = eng.held_out_matching_pairs(sim, t2v, seed=3)
+    assert kinds["hard"] == [((0, 0), True), ((0, 1), False), ((3, 0), False),
+                             ((1, 1), True), ((1, 2), False), ((0, 1), False),
+                             ((3, 2), True), ((3, 0), False), ((1, 2), False)]
+    gt = eng.ground_truth_mask(t2v, 4, 3)
+    for kind in ("random", "hard"):
+        pairs = kinds[kind]
+        assert [m for _, m in pairs] == [True, False, False] * 3
+        assert all(bool(gt[t, v]) == m for (t, v), m in pairs)
+    assert eng.held_out_matching_pairs(sim, t2v, seed=3) == kinds  # seeded: the same at every evaluation

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import distributed
 import model_registry
 import modeling_svitt as S
+from modeling_simvtp import sample_negatives
 from conftest import free_port
 
 # every part switched on at a size that runs in a second: 4 frames of 32 px (16 patches), blocks of 4 tokens
@@ -67,7 +68,7 @@ def test_hard_negatives_never_pair_a_video_with_itself():
     ids = torch.tensor([0, 0, 1, 1, 1, 2])
     sim = torch.randn(6, 6) * 5
     for hard in (True, False):
-        picks = torch.stack([S.sample_negatives(sim, hard, ids) for _ in range(300)])
+        picks = torch.stack([sample_negatives(sim, hard, ids) for _ in range(300)])
         assert not (ids[picks] == ids[None, :]).any()
         if not hard:  # uniform: row 5 (a video alone) reaches every other row
             assert len(torch.unique(picks[:, 5])) == 5
@@ -75,7 +76,7 @@ def test_hard_negatives_never_pair_a_video_with_itself():
 
 def test_a_batch_of_one_video_falls_back_to_other_rows():
     one_video = torch.zeros(3, dtype=torch.long)
-    picks = torch.stack([S.sample_negatives(torch.zeros(3, 3), True, one_video) for _ in range(50)])
+    picks = torch.stack([sample_negatives(torch.zeros(3, 3), True, one_video) for _ in range(50)])
     assert (picks != torch.arange(3)).all()
 
 
@@ -83,7 +84,7 @@ def test_hard_negatives_follow_the_similarity():
     torch.manual_seed(0)
     sim = torch.zeros(3, 3)
     sim[0, 2] = 6.0  # row 0: column 2 is by far the most similar other video
-    picks = torch.stack([S.sample_negatives(sim, True, torch.arange(3)) for _ in range(200)])
+    picks = torch.stack([sample_negatives(sim, True, torch.arange(3)) for _ in range(200)])
     assert (picks[:, 0] == 2).float().mean() > 0.9
 
 # ------------------------------------------------------------------------------------------ token selection
