@@ -599,7 +599,8 @@ def format_hits(hits: Sequence[Hit], searcher: Searcher) -> str:
 
 
 def add_runtime_args(p: argparse.ArgumentParser, precision: str | None, precision_help: str) -> None:
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU, as the run scripts), "
+                   "cpu, cuda, cuda:N")
     p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision of the model " + precision_help)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

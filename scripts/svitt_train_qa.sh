@@ -19,7 +19,7 @@
 # the videos in DATA_DIR/msrvtt_videos, DATA_DIR/anet_videos, DATA_DIR/charades_videos. synthetic is the bundled
 # set (DATA_DIR/synthetic, made by synthetic_dataset.py) with the tiny model on this CPU: a smoke test of the recipe.
 # Environment (defaults): NNODES=1 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR (required with NNODES > 1)
-# MASTER_PORT=29505 (with SLURM_JOB_ID: derived from it), DRY_RUN=1 prints the command, PY=/path/to/python;
+# MASTER_PORT=29506 (with SLURM_JOB_ID: derived from it), DRY_RUN=1 prints the command, PY=/path/to/python;
 # LAUNCHER=srun under SLURM (one task per GPU, as scripts/slurm_finetune.sbatch starts them).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
@@ -81,7 +81,7 @@ if [ -z "${DRY_RUN:-}" ]; then
   done
 fi
 
-launcher_command run_simvtp_qa.py 1 29505
+launcher_command run_simvtp_qa.py 1 29506
 cmd=("${LAUNCH[@]}" "${MODEL[@]}" "${FILES[@]}" --data_root "$VIDEO_ROOT" --finetune "$CKPT"
      --output_dir "$OUTPUT_DIR" --log_dir "$OUTPUT_DIR/tb" "${OPTIM[@]}" "$@")
 launcher_run "${cmd[@]}"

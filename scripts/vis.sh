@@ -7,9 +7,11 @@
 #   e.g. bash scripts/vis.sh output/demo/pretrain/checkpoint-19.pth data/synthetic/test/test_00000.mp4 \
 #          "the little gray box slides right on a red background" vis.png --frame_start 8 --frame_stride 2
 # Without OUT the PNG goes to output/vis/reconstruction_<video name>.png (or under --output_dir).
-# DRY_RUN=1 prints the command instead of running it (and skips the .venv set-up).
+# Paths (CKPT, VIDEO, OUT, --output_dir) are taken from the folder you run it in: the script does not change directory.
+# DRY_RUN=1 prints the command instead of running it (and skips the .venv set-up); PY=/path/to/python runs it in
+# an environment you manage instead of the repository's .venv.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
   echo "usage: bash scripts/vis.sh CKPT VIDEO \"CAPTION\" [OUT.png] [run_simvtp_vis.py flags...]" >&2
@@ -23,10 +25,10 @@ if [ $# -ge 3 ] && [[ "$1" != --* ]]; then
 fi
 [ -n "${CKPT:-}" ] && [ -n "${VIDEO:-}" ] && [ -n "${CAPTION:-}" ] || usage
 
-if [ -z "${DRY_RUN:-}" ]; then
-  source scripts/setup_env.sh requirements.txt
+if [ -z "${DRY_RUN:-}" ] && [ -z "${PY:-}" ]; then
+  source "$REPO/scripts/setup_env.sh" requirements.txt  # sets PY, the .venv's python
 fi
-cmd=("${PY:-python}" run_simvtp_vis.py --ckpt "$CKPT" --video "$VIDEO" --caption "$CAPTION")
+cmd=("${PY:-python}" "$REPO/run_simvtp_vis.py" --ckpt "$CKPT" --video "$VIDEO" --caption "$CAPTION")
 if [ -n "${OUT:-}" ]; then cmd+=(--save_path "$OUT"); fi
 cmd+=("$@")
 

@@ -283,6 +283,17 @@ def test_the_port_derives_from_the_job_id(script):
     assert _flag(_dry_run(script, *RECIPES[script], MASTER_ADDR="n0"), "--master_port") == default[script]
 
 
+def test_every_recipe_has_its_own_default_port():
+    """Two recipes started side by side on one node (e.g. SViTT's retrieval evaluation beside its QA training)
+    must not meet at the same rendezvous port: each script's default is its own."""
+    ports = {}
+    for name in sorted(os.listdir(os.path.join(REPO, "scripts"))):
+        for line in open(os.path.join(REPO, "scripts", name)):
+            if line.startswith("launcher_command "):
+                ports[name] = line.split()[3]
+    assert len(ports) >= 7 and len(set(ports.values())) == len(ports), ports
+
+
 def test_the_recipes_share_one_launcher():
     for script in RECIPES:
         text = open(os.path.join(REPO, "scripts", script)).read()

@@ -4,7 +4,9 @@ wrapper script's command and --help."""
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 
 import matplotlib.image
 import pytest
@@ -159,13 +161,32 @@ def test_vis_script_quotes_its_arguments_and_passes_flags_through():
                           "a caption, with 'quotes'", "out dir/fig.png", "--frame_start", "8"],
                          capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1"}, check=True)
     cmd = shlex.split(out.stdout)
-    args = run_simvtp_vis.get_args_parser().parse_args(cmd[cmd.index("run_simvtp_vis.py") + 1:])
+    args = run_simvtp_vis.get_args_parser().parse_args(cmd[cmd.index(os.path.join(REPO, "run_simvtp_vis.py")) + 1:])
     assert (args.ckpt, args.video, args.caption) == ("my ckpt.pth", "a video.mp4", "a caption, with 'quotes'")
     assert (args.save_path, args.frame_start) == ("out dir/fig.png", 8)
     missing = subprocess.run(["bash", os.path.join(REPO, "scripts", "vis.sh"), "only-a-ckpt.pth"],
                              capture_output=True, text=True, env={k: v for k, v in os.environ.items()
                                                                   if k not in ("CKPT", "VIDEO", "CAPTION")})
     assert missing.returncode == 2 and "usage" in missing.stderr
+
+
+def test_vis_script_takes_paths_from_the_folder_it_is_run_in(tiny_checkpoint, video, tmp_path):
+    """Before, vis.sh changed into the repository, so a video path relative to the caller's folder was not found.
+    Run from a folder outside the repository with relative checkpoint, video and output paths (real files, the
+    real script and entry point; the environment given as PY, as the recipes take it)."""
+    caller = tmp_path / "my work"
+    (caller / "clips").mkdir(parents=True)
+    shutil.copy(video, caller / "clips" / "clip.mp4")
+    shutil.copy(tiny_checkpoint, caller / "ckpt.pth")
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "CKPT", "VIDEO", "CAPTION", "OUT")}
+    run = subprocess.run(["bash", os.path.join(REPO, "scripts", "vis.sh"), "ckpt.pth", "clips/clip.mp4", CAPTION,
+                          "figs/out.png", "--device", "cpu"],
+                         capture_output=True, text=True, env={**env, "PY": sys.executable}, cwd=str(caller),
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with open(caller / "figs" / "out.png", "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    assert f"Figure written to {caller / 'figs' / 'out.png'}" in run.stdout
 
 
 def test_help_names_every_flag():
