@@ -4,6 +4,8 @@
 # With 2 or more cores the test files are shared among pytest-xdist workers (one per core, at most 4; each file's
 # tests stay in one worker, so a module's fixtures are built once): SIMVTP_TEST_WORKERS=N sets their number, and
 # SIMVTP_TEST_WORKERS=1 runs every test in this one process.
+# --fast leaves out the tests marked slow (training, processes, end-to-end runs): the pure-logic and small-I/O
+# tests, for the edit-test loop (same as -m "not slow").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh requirements.txt requirements-test.txt
@@ -18,6 +20,11 @@ if (( workers > 1 )); then
   parallel=(-n "$workers" --dist loadfile)
 fi
 echo "scripts/test.sh: $workers pytest worker(s) on $cores core(s)"
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--fast" ]]; then args+=(-m "not slow"); else args+=("$arg"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
 where=(tests)
 for arg in "$@"; do  # a test file or folder under tests/ (not an option's value such as --basetemp DIR)
   if [[ "$arg" != -* && -e "${arg%%::*}" && "$(realpath "${arg%%::*}")/" == "$PWD/tests/"* ]]; then where=(); break; fi

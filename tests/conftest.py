@@ -7,7 +7,14 @@ Fixtures (all session-scoped):
   frame carries its own index as a binary code (read it back with ``frame_index_of``).
 - ``broken_videos``: dict kind -> Path for the broken-media policy: "missing", "empty" (0 bytes), "truncated"
   (half an mp4), "not_a_video" (a text file named .mp4).
+- ``pretrained_checkpoint``: path of a tiny SimVTP pre-training checkpoint (simvtp_tiny_patch16, 4 frames of 32 px,
+  one step on ``synthetic_root``) written by run_simvtp_pretraining.py itself, for end-to-end tests that start
+  from pre-trained weights (built once per pytest process instead of once per test file).
 ``mostly_broken_list`` writes a training list of good synthetic clips, missing files and those unreadable files.
+
+Tiers: tests that train, start processes or take more than about a second carry ``@pytest.mark.slow``;
+``bash scripts/test.sh --fast`` (``-m "not slow"``) runs the rest, the pure-logic and small-I/O tests, for the
+edit-test loop. ``bash scripts/test.sh`` runs everything.
 """
 from __future__ import annotations
 
@@ -29,6 +36,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one torch 
     os.environ["OMP_NUM_THREADS"] = "1"  # they start), or their OpenMP threads spin-wait on each other's cores
 
 import synthetic_dataset  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: trains, starts processes or takes seconds; "
+                                       "`bash scripts/test.sh --fast` leaves these out")
 
 TINY_SYNTHETIC = dict(num_train=24, num_val=8, num_test=8, num_frames=16, fps=8, width=64, height=64, seed=0)
 
@@ -132,3 +144,18 @@ def broken_videos(tmp_path_factory) -> dict[str, Path]:
     (folder / "not_a_video.mp4").write_text("this is a caption file, not a video\n" * 20)
     return {"missing": folder / "missing.mp4", "empty": folder / "empty.mp4",
             "truncated": folder / "truncated.mp4", "not_a_video": folder / "not_a_video.mp4"}
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(synthetic_root, tmp_path_factory) -> str:
+    """One pre-training step of the tiny SimVTP through the real entry point: weights, model_cfg and the args that
+    drive what is built from it (clip shape, tokenizer)."""
+    import run_simvtp_pretraining  # lazy: only the end-to-end tests pay for the model stack
+
+    out = tmp_path_factory.mktemp("pretrained")
+    argv = ["--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
+            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
+            "--sampling_rate", "2", "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--max_steps", "1",
+            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out)]
+    run_simvtp_pretraining.main(run_simvtp_pretraining.get_args_parser().parse_args(argv))
+    return str(out / (out / "latest").read_text().strip())

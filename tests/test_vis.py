@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import modeling_simvtp
-import run_simvtp_pretraining
 import checkpoint
 import model_registry
 import run_simvtp_vis
@@ -25,15 +24,9 @@ CAPTION = "a small red disc moves left"
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(synthetic_root, tmp_path_factory):
-    """One pre-training step of the tiny model on 4 frames of 32 px: the args it saves drive the figure."""
-    out = tmp_path_factory.mktemp("vis_pretrain")
-    argv = ["--data_path", os.path.join(synthetic_root, "annotations", "pretrain.json"),
-            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-            "--sampling_rate", "2", "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--max_steps", "1",
-            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out)]
-    run_simvtp_pretraining.main(run_simvtp_pretraining.get_args_parser().parse_args(argv))
-    return str(out / (out / "latest").read_text().strip())
+def tiny_checkpoint(pretrained_checkpoint):
+    """The shared one-step pre-training checkpoint (4 frames of 32 px): the args it saves drive the figure."""
+    return pretrained_checkpoint
 
 
 @pytest.fixture
