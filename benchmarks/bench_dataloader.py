@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import annotations  # noqa: E402
 import datasets  # noqa: E402
 import masking_generator  # noqa: E402
 import video_io  # noqa: E402

@@ -85,6 +85,7 @@ def import_training_stack() -> None:
     """torch and the repo's modules, as module globals. Only the job processes need them: the parent process just
     plans, starts and reports, and starts in a fraction of a second (the test runs the whole script in < 30 s)."""
     global torch, create_model, flop_counter, datasets, engine, masking_generator, modeling_simvtp, utils, CPU
+    global video_transforms
     import torch
     from timm.models import create_model
     from torch.utils import flop_counter
