@@ -21,11 +21,7 @@ and evaluation queries go by video or by caption string (SSv2's one caption for 
 A video listed several times (with the same span) becomes one record with all its captions (else retrieval would
 count the copies as different videos, and contrastive batches could pair a video with itself as a negative).
 Files of an exclude list (``read_exclude_list``: a ``video_tools.py check --report`` or one path per line) are
-never opened by training.
-
-Memory: a list of VideoRecord objects costs about 460 bytes a WebVid record, and every forked data-loader worker
-copies the pages it touches (reference counts are written into every object). The training dataset therefore keeps
-a RecordTable: a few byte blobs with numpy offsets, about 140 bytes a record, read but never written by workers.
+never opened by training. Training lists are kept as a RecordTable (its docstring says why: memory per worker).
 """
 from __future__ import annotations
 
