@@ -303,7 +303,7 @@ def test_truncated_download_with_index_first_fails_on_the_lost_frames(video_file
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def test_pretrain_indices_examples():
+def test_stride_frame_indices_examples():
     rng = np.random.default_rng(0)
     idx = video_transforms.stride_frame_indices(100, 16, 4, rng)
     assert len(idx) == 16 and np.all(np.diff(idx) == 4) and 0 <= idx[0] <= 100 - 64
@@ -318,7 +318,7 @@ def test_pretrain_indices_examples():
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 600), t=st.integers(1, 32), rate=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_pretrain_indices_properties(n, t, rate, seed):
+def test_stride_frame_indices_properties(n, t, rate, seed):
     idx = video_transforms.stride_frame_indices(n, t, rate, np.random.default_rng(seed))
     assert len(idx) == t and all(0 <= i < n for i in idx) and all(isinstance(i, int) for i in idx)
     assert all(b >= a for a, b in zip(idx, idx[1:]))
@@ -328,7 +328,7 @@ def test_pretrain_indices_properties(n, t, rate, seed):
         assert idx[0] == 0
 
 
-def test_test_clip_indices_examples():
+def test_stride_clip_indices_examples():
     assert video_transforms.stride_clip_indices(100, 4, 2, 1) == [[46, 48, 50, 52]]  # the middle clip
     assert video_transforms.stride_clip_indices(100, 4, 2, 3) == [[0, 2, 4, 6], [46, 48, 50, 52], [92, 94, 96, 98]]
     assert video_transforms.stride_clip_indices(5, 4, 2, 2) == [[0, 2, 4, 4], [0, 2, 4, 4]]
@@ -336,7 +336,7 @@ def test_test_clip_indices_examples():
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 600), t=st.integers(1, 32), rate=st.integers(1, 8), segments=st.integers(1, 10))
-def test_test_clip_indices_properties(n, t, rate, segments):
+def test_stride_clip_indices_properties(n, t, rate, segments):
     clips = video_transforms.stride_clip_indices(n, t, rate, segments)
     assert len(clips) == segments and all(len(c) == t for c in clips)
     assert all(0 <= i < n for c in clips for i in c)
@@ -388,7 +388,7 @@ def test_constants_reach_a_device_once():
     assert video_transforms.normalize_video(torch.zeros(1, 3, 1, 2, 2, dtype=torch.uint8, device=meta)).device == meta
 
 
-def test_test_views_are_clip_major_crops_along_the_long_side():
+def test_eval_views_are_clip_major_crops_along_the_long_side():
     frames = np.zeros((4, 60, 120, 3), dtype=np.uint8)
     frames[:, :, 60:] = 200  # right half bright
     frames[2:] += 50  # clip 1 (frames 2, 3) brighter than clip 0
