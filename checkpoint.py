@@ -1,4 +1,5 @@
-"""Checkpoint files: safe reading of ours and the release's, atomic writing, resume, pruning, safetensors.
+"""Checkpoint files and the run settings they carry: safe reading of ours and the release's, atomic writing,
+resume, pruning, safetensors, args.json.
 
 Every read goes through `read_checkpoint_file`: `torch.load(weights_only=True)` with one extra allowed type,
 `argparse.Namespace` (the release's and VideoMAE's files pickle their args), and inert stand-ins for the classes of
@@ -581,6 +582,39 @@ RESUME_PLUMBING = {"output_dir", "log_dir", "resume", "auto_resume", "num_worker
                    "eval_host_memory_gb", "decode_threads"}
 
 
+def plain_args(args: Any) -> dict:
+    """argparse.Namespace -> dict of plain JSON-able values (our checkpoints hold no pickled objects)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def save_args_json(args: Any, output_dir: str, resumed: dict | None = None) -> None:
+    """args.json: this run's settings. A resumed run keeps the earlier file's `resume_history` and adds `resumed`
+    (where it continued from and which settings changed), so a run's changes of settings stay on record."""
+    if not distributed.is_main_process():
+        return
+    path = os.path.join(output_dir, "args.json")
+    history = []
+    if resumed is not None and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                history = list(json.load(f).get("resume_history", []))
+        except (OSError, ValueError):
+            history = []
+    record = plain_args(args)
+    if resumed is not None:
+        record["resume_history"] = history + [resumed]
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+
+
 # settings added after checkpoints were first written -> the behaviour such a checkpoint's run had without them
 SETTINGS_BEFORE_THEY_EXISTED = {"sample_type": "stride", "sample_type_test": "stride"}
 
@@ -589,8 +623,7 @@ def setting_changes(saved: dict, args: Any) -> dict[str, tuple[Any, Any]]:
     """Settings of a resumed run that differ from the checkpoint's (flag -> (old, new)); plumbing and values
     derived from others (abs_lr ...) are left out. A flag newer than the checkpoint counts as the behaviour the
     run had before it existed (SETTINGS_BEFORE_THEY_EXISTED)."""
-    import utils
-    now = utils.plain_args(args)
+    now = plain_args(args)
     if saved:
         saved = {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
     keys = (set(saved) & set(now)) - RESUME_PLUMBING
@@ -654,14 +687,12 @@ def training_saver(args: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
                    scaler: torch.amp.GradScaler | None, state: Any) -> Callable[[int, int | None], None]:
     """save(epoch, step_in_epoch or None), called by every rank: the ranks' generator states are gathered, rank 0
     writes the training state (state.to_dict() at call time) atomically, every rank waits for it."""
-    import utils
-
     def save(epoch: int, step_in_epoch: int | None) -> None:
         rng_states = distributed.gather_objects(rng_state())
         if distributed.is_main_process():
             path = save_training_state(args.output_dir, model=model, optimizer=optimizer, scaler=scaler, epoch=epoch,
                                        step_in_epoch=step_in_epoch, global_step=state.global_step,
-                                       args=utils.plain_args(args), keep_last=args.keep_last,
+                                       args=plain_args(args), keep_last=args.keep_last,
                                        train_state=state.to_dict(), rng_states=rng_states)
             print(f"Saved {path}")
         distributed.barrier()

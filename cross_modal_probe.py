@@ -19,10 +19,12 @@ import json
 import torch
 import torch.nn.functional as F
 
+import annotations
 import checkpoint
 import datasets
 import masking_generator
 import utils
+import video_transforms
 
 CONDITIONS = ("own", "other", "none")
 
@@ -46,7 +48,7 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
             break
         if len(batch["video"]) < 2:  # "other" needs a second clip
             continue
-        batch["video"] = datasets.normalize_video(batch["video"])
+        batch["video"] = video_transforms.normalize_video(batch["video"])
         w, p = _batch_figures(model, batch)
         count = int((batch["mlm_labels"] != -100).sum())
         for key, value in w.items():
@@ -60,8 +62,8 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
 
 
 def _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size):
-    records = datasets.read_annotations(data_path, data_root)
-    records = [datasets.VideoRecord(r.path, r.captions[:1], r.video_id) for r in records]
+    records = annotations.read_annotations(data_path, data_root)
+    records = [annotations.VideoRecord(r.path, r.captions[:1], r.video_id) for r in records]
     grid = model.token_grid(frames, size, size)
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=frames, input_size=size, seed=seed,
                                         mask_generator=masking_generator.build_mask_generator("tube", grid,

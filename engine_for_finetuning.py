@@ -22,6 +22,7 @@ import datasets
 import masking_generator
 import distributed
 import utils
+import video_transforms
 
 RECALL_AT = (1, 5, 10, 50)
 TIE_NOTE = "ranks 1-based; ties count against the ground truth: an equal score ranks above it"
@@ -256,7 +257,8 @@ def aggregate_clip_scores(scores: torch.Tensor, ensemble: str) -> torch.Tensor:
 def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
     """bool [B, N] tube masks that depend only on (seed, video index): the same for every run and rank."""
     gen = masking_generator.TubeMaskingGenerator(grid, ratio)
-    return torch.from_numpy(np.stack([gen(datasets.sample_rng(seed, 0, int(i), "video_mask")) for i in indices]))
+    return torch.from_numpy(np.stack([gen(video_transforms.sample_rng(seed, 0, int(i), "video_mask"))
+                                      for i in indices]))
 
 
 @torch.no_grad()
@@ -279,7 +281,7 @@ def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence
         masks = masks.repeat_interleave(v * k, dim=0)
     feats = []
     for start in range(0, len(clips), cfg.chunk):
-        x = datasets.normalize_video(clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True))
+        x = video_transforms.normalize_video(clips[start:start + cfg.chunk].to(cfg.device, non_blocking=True))
         with utils.autocast(cfg.device, cfg.dtype):
             if masks is None:
                 f = model.encode_video(x)
@@ -596,7 +598,7 @@ def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
     for video, v in zip(logger.log_every(loader, total=len(mine), header="Re-rank", unit="videos"), mine):
         clips = eval_clips(video.to(cfg.device, non_blocking=True), cfg)  # [k, C, T, H, W]
         texts = by_video[v]
-        per_clip = torch.stack([_score_clip(match_model, datasets.normalize_video(clip.unsqueeze(0)), texts,
+        per_clip = torch.stack([_score_clip(match_model, video_transforms.normalize_video(clip.unsqueeze(0)), texts,
                                             captions, tokenize, cfg) for clip in clips])
         agg = aggregate_clip_scores(per_clip, cfg.ensemble).tolist()
         scores.update({(t, v): x for t, x in zip(texts, agg)})

@@ -24,6 +24,7 @@ import checkpoint
 import datasets
 import distributed
 import utils
+import video_transforms
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,10 +81,10 @@ class StepConfig:
 
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Every tensor of the batch on the device (non_blocking pairs with pin_memory on CUDA); the rest as is. The
-    loader's uint8 video becomes the model's normalised float video there (datasets.normalize_video)."""
+    loader's uint8 video becomes the model's normalised float video there (video_transforms.normalize_video)."""
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if isinstance(moved.get("video"), torch.Tensor):
-        moved["video"] = datasets.normalize_video(moved["video"])
+        moved["video"] = video_transforms.normalize_video(moved["video"])
     return moved
 
 
@@ -308,7 +309,7 @@ def start_run(args: Any, model: torch.nn.Module, loader: Any, sampler: utils.Res
     if resumed is not None:
         state.restore(resumed[0])
         state.dataset_size = len(dataset)
-    utils.save_args_json(args, args.output_dir, resumed[1] if resumed is not None else None)
+    checkpoint.save_args_json(args, args.output_dir, resumed[1] if resumed is not None else None)
     broken = BrokenVideos(dataset, args.output_dir, args.max_broken_fraction, resumed=resumed is not None,
                           hint=datasets.check_hint(args.data_path, args.data_root,
                                                    os.path.join(args.output_dir, "check.json")))

@@ -14,11 +14,12 @@ from typing import Iterable, Sequence
 
 import torch
 
+import annotations
 import answer_ranking
-import datasets
 import distributed
 import engine_for_finetuning
 import utils
+import video_transforms
 
 QA_ENSEMBLES = answer_ranking.ENSEMBLES
 
@@ -56,7 +57,7 @@ def answer_questions(model: torch.nn.Module, loader: Iterable[dict], answer_list
         clips = engine_for_finetuning.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
         q_ids, q_mask = batch["question_input_ids"].to(device), batch["question_mask"].to(device)
         q_video = batch.get("question_video", torch.arange(len(q_ids))).to(device)
-        per_clip = [rank_clip(model, datasets.normalize_video(clips[:, j].to(device, non_blocking=True)), q_ids,
+        per_clip = [rank_clip(model, video_transforms.normalize_video(clips[:, j].to(device, non_blocking=True)), q_ids,
                               q_mask, q_video, answer_ids, answer_mask, cfg) for j in range(clips.shape[1])]
         scores = answer_ranking.ensemble_clip_scores(torch.stack(per_clip), cfg.clips.ensemble)
         best = scores.max(dim=1)
@@ -90,13 +91,13 @@ def merge_ranks(predictions: list[dict]) -> list[dict]:
     return [merged[i] for i in sorted(merged)]
 
 
-def prediction_rows(predictions: list[dict], records: Sequence[datasets.QARecord]) -> list[dict]:
+def prediction_rows(predictions: list[dict], records: Sequence[annotations.QARecord]) -> list[dict]:
     """Predictions joined with their questions: the rows of predictions.jsonl, each with `correct` (exact match
     of the predicted string with the top-weighted answer)."""
     rows = []
     for p in predictions:
         r = records[p["index"]]
-        truth = datasets.top_answer(r)
+        truth = annotations.top_answer(r)
         rows.append({"question_id": r.question_id, "video": r.path, "question": r.question,
                      "prediction": p["prediction"], "answer": truth, "answers": list(r.answers),
                      "answer_type": r.answer_type, "correct": p["prediction"] == truth,

@@ -1,7 +1,7 @@
 """Video tube/random masks and MLM text masking for SimVTP pre-training.
 
 Every function here takes its randomness from an explicit ``np.random.Generator`` (the caller builds it with
-``datasets.sample_rng(seed, epoch, index, stream)``), never from global RNG state: a sample's masks are then a
+``video_transforms.sample_rng(seed, epoch, index, stream)``), never from global RNG state: a sample's masks are then a
 pure function of (seed, epoch, index), identical across ranks, resumed runs and re-runs.
 
 Video masks are bool numpy ``[N]`` over the token grid ``(T', H', W') = (T//2, H//16, W//16)``, tokens ordered
@@ -55,8 +55,8 @@ def _check_grid(input_size: Sequence[int]) -> tuple[int, int, int]:
 
 def _check_rng(rng: object) -> np.random.Generator:
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"expected an np.random.Generator (e.g. datasets.sample_rng(...)), got {type(rng).__name__}; "
-                        "global RNG is not used so that masks are reproducible per sample")
+        raise TypeError("expected an np.random.Generator (e.g. video_transforms.sample_rng(...)), got "
+                        f"{type(rng).__name__}; global RNG is not used so that masks are reproducible per sample")
     return rng
 
 

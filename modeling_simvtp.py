@@ -22,7 +22,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
-from datasets import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
+from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 
 # ----------------------------------------------------------------------------------------------- building blocks

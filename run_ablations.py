@@ -348,7 +348,7 @@ def step_gflops(setting: Setting, cfg: Config) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import datasets
+    import video_transforms
     import masking_generator
     name = MODELS[setting.family][0 if setting.pretrain is not None else 1]
     frames, size, b = setting.frames(cfg.num_frames), cfg.input_size, cfg.batch_size
@@ -363,7 +363,7 @@ def step_gflops(setting: Setting, cfg: Config) -> float:
     if model.takes_video_mask:
         gen = masking_generator.build_mask_generator(args.mask_type, model.token_grid(frames, size, size),
                                                      args.mask_ratio)
-        batch["video_mask"] = torch.from_numpy(np.stack([gen(datasets.sample_rng(0, 0, i, "video_mask"))
+        batch["video_mask"] = torch.from_numpy(np.stack([gen(video_transforms.sample_rng(0, 0, i, "video_mask"))
                                                          for i in range(b)]))
     with FlopCounterMode(display=False) as counter:
         model(batch)["loss"].backward()

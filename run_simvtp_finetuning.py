@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
@@ -31,6 +32,8 @@ import engine_for_pretraining
 import model_registry
 import distributed
 import utils
+import video_io
+import video_transforms
 
 RELEASE_DUAL_MODEL = "simvtp_dual_base_patch16"  # the release's fine-tuning model (its name: vit_base_patch16_224)
 EXIT_SKIPPED = 3  # exit status of an export that finished without some unreadable videos (named in its metadata)
@@ -41,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_set", default="MSRVTT", help="the benchmark (case-insensitive): "
-                   f"{', '.join(datasets.DATA_SETS)}. The file layout is detected; this picks the defaults of "
+                   f"{', '.join(annotations.DATA_SETS)}. The file layout is detected; this picks the defaults of "
                    "--paragraph_retrieval (didemo, anet), text cleaning (didemo, charades, anet, ssv2_*) and "
                    "--match_by caption (ssv2_*); msrvtt and webvid change nothing (DATA.md)")
     g.add_argument("--paragraph_retrieval", dest="paragraph_retrieval", action="store_const", const=True,
@@ -54,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(default: on for didemo, charades, anet, ssv2_label, ssv2_template)")
     g.add_argument("--no_clean_text", dest="clean_text", action="store_const", const=False,
                    help="keep captions as written, whatever --data_set")
-    g.add_argument("--match_by", default=None, choices=list(datasets.MATCH_BY),
+    g.add_argument("--match_by", default=None, choices=list(annotations.MATCH_BY),
                    help="video: a caption's positive is its own video; caption: videos with the same caption are "
                    "positives of each other in training, and in evaluation each distinct caption is one query "
                    "whose ground truths are all its videos (default: caption for ssv2_label / ssv2_template, "
@@ -142,11 +145,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.dtype:
+    video_transforms.resolve_sample_types(args)
     dtype = utils.setup_run(args)
     if args.enable_deepspeed:
         print("--enable_deepspeed: accepted for the release's scripts; DeepSpeed is not used, native AMP + DDP are")
     fmt = annotation_format(args)  # an unknown --data_set stops here, before any file is read
-    if fmt != datasets.AnnotationFormat():
+    if fmt != annotations.AnnotationFormat():
         print(f"Captions ({args.data_set}): paragraphs {'on' if fmt.paragraphs else 'off'}, cleaning "
               f"{'on' if fmt.clean_text else 'off'}, match by {fmt.match_by}")
     if args.num_sample != 1:
@@ -199,16 +203,16 @@ def at_frames(model: torch.nn.Module, num_frames: int, args: argparse.Namespace)
     return rebuilt.to(args.device_obj).eval()
 
 
-def annotation_format(args: argparse.Namespace) -> datasets.AnnotationFormat:
+def annotation_format(args: argparse.Namespace) -> annotations.AnnotationFormat:
     """--data_set's caption handling with --paragraph_retrieval / --clean_text / --match_by applied."""
-    return datasets.annotation_format(getattr(args, "data_set", None), getattr(args, "paragraph_retrieval", None),
-                                      getattr(args, "clean_text", None), getattr(args, "match_by", None))
+    return annotations.annotation_format(getattr(args, "data_set", None), getattr(args, "paragraph_retrieval", None),
+                                         getattr(args, "clean_text", None), getattr(args, "match_by", None))
 
 
-def read_records(path: str, args: argparse.Namespace, table: bool = False) -> list | datasets.RecordTable:
-    """An annotation file's records (in --data_set's format): a list, or with table a datasets.RecordTable (the
+def read_records(path: str, args: argparse.Namespace, table: bool = False) -> list | annotations.RecordTable:
+    """An annotation file's records (in --data_set's format): a list, or with table a annotations.RecordTable (the
     training list: numpy columns that forked loader workers share instead of copying)."""
-    read = datasets.read_record_table if table else datasets.read_annotations
+    read = annotations.read_record_table if table else annotations.read_annotations
     records = read(path, args.data_root, args.skip_bad_records, annotation_format(args))
     captions = records.num_captions if table else sum(len(r.captions) for r in records)
     print(f"Data: {len(records)} videos, {captions} captions from {path}")
@@ -216,9 +220,9 @@ def read_records(path: str, args: argparse.Namespace, table: bool = False) -> li
 
 
 def check_eval_lists(args: argparse.Namespace, lists: dict[str, list | None]) -> None:
-    """Every evaluation list checked at start-up (datasets.check_eval_lists), all problems in one error."""
-    datasets.check_eval_lists({label: records for label, records in lists.items() if records},
-                              args.video_backend, skip=args.skip_eval_check)
+    """Every evaluation list checked at start-up (annotations.check_eval_lists), all problems in one error."""
+    annotations.check_eval_lists({label: records for label, records in lists.items() if records},
+                                 args.video_backend, skip=args.skip_eval_check)
 
 
 def read_text_lines(path: str) -> list[str]:
@@ -230,8 +234,8 @@ def read_text_lines(path: str) -> list[str]:
         lines.pop()
     blank = [n for n, line in enumerate(lines, 1) if not line.strip()]
     if blank:
-        shown = ", ".join(map(str, blank[:datasets.MAX_LISTED])) + (
-            f" and {len(blank) - datasets.MAX_LISTED} more" if len(blank) > datasets.MAX_LISTED else "")
+        shown = ", ".join(map(str, blank[:annotations.MAX_LISTED])) + (
+            f" and {len(blank) - annotations.MAX_LISTED} more" if len(blank) > annotations.MAX_LISTED else "")
         raise ValueError(f"--text_file {path}: blank line(s) {shown}; every line is one text and row i of the "
                          "exported text embeddings is line i, so remove the blank lines (or put a text on them)")
     if not lines:
@@ -239,15 +243,15 @@ def read_text_lines(path: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def split_val(records: list | datasets.RecordTable, fraction: float,
-              seed: int) -> tuple[list | datasets.RecordTable, list | datasets.RecordTable]:
+def split_val(records: list | annotations.RecordTable, fraction: float,
+              seed: int) -> tuple[list | annotations.RecordTable, list | annotations.RecordTable]:
     """A seeded held-out fraction of the training videos (all captions of a video go to the same side), both
     sides in file order and of the type given (a list, or a RecordTable)."""
     order = np.random.default_rng(seed).permutation(len(records))
     n_val = max(1, int(round(fraction * len(records))))
     is_val = np.zeros(len(records), dtype=bool)
     is_val[order[:n_val]] = True
-    take = records.take if isinstance(records, datasets.RecordTable) else (lambda idx: [records[i] for i in idx])
+    take = records.take if isinstance(records, annotations.RecordTable) else (lambda idx: [records[i] for i in idx])
     return take(np.flatnonzero(~is_val).tolist()), take(np.flatnonzero(is_val).tolist())
 
 
@@ -519,22 +523,22 @@ def usable_export_records(args: argparse.Namespace) -> tuple[list, list[dict]]:
     start-up check finds unreadable, and those: [{"video_id", "path", "status", "message"}]."""
     if args.video_dir:
         names = sorted(f for f in os.listdir(args.video_dir)
-                       if os.path.splitext(f)[1].lower() in datasets.VIDEO_EXTENSIONS)
-        records = [datasets.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
+                       if os.path.splitext(f)[1].lower() in video_io.VIDEO_EXTENSIONS)
+        records = [annotations.VideoRecord(path=os.path.join(args.video_dir, f), captions=[], video_id=f)
                    for f in names]
     else:
         records = read_records(args.data_path, args) if args.data_path else []
     if not records or args.skip_eval_check:
         return records, []
     print(f"Checking the {len(records)} videos to export (each opens; --skip_eval_check skips this)", flush=True)
-    problems = {p["path"]: p for p in datasets.find_unusable_videos(records, args.video_backend,
-                                                                      label="export check")}
+    problems = {p["path"]: p for p in annotations.find_unusable_videos(records, args.video_backend,
+                                                                         label="export check")}
     if not problems:
         return records, []
     skipped = [{"video_id": r.video_id, "path": r.path, "status": problems[r.path]["status"],
                 "message": problems[r.path]["message"]} for r in records if r.path in problems]
     print(f"Skipping {len(skipped)} of {len(records)} videos that cannot be read (listed in the export's metadata "
-          f"as skipped_videos):\n{datasets.format_unusable(skipped)}", flush=True)
+          f"as skipped_videos):\n{annotations.format_unusable(skipped)}", flush=True)
     return [r for r in records if r.path not in problems], skipped
 
 
@@ -547,7 +551,7 @@ def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
                                         short_side_size=args.short_side_size, video_backend=args.video_backend,
                                         seed=args.seed, sample_type=args.sample_type,
                                         decode_threads=args.decode_threads,
-                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                        excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root),
                                         match_by=annotation_format(args).match_by)
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
@@ -585,7 +589,8 @@ def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metr
     if distributed.is_main_process():
         checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": epoch,
                                 "metric_name": f"val_{metric}", "metric": metrics[metric], "val_metrics": metrics,
-                                "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
+                                "args": checkpoint.plain_args(args)},
+                               os.path.join(args.output_dir, "checkpoint-best.pth"))
         print(f"Saved checkpoint-best.pth (epoch {epoch}, {label} = {metrics[metric]:.2f})")
     distributed.barrier()
 
@@ -679,4 +684,5 @@ def exit_status(result: dict) -> int:
 
 if __name__ == "__main__":
     utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError,
-                          datasets.VideoDecodeError, datasets.BrokenDataError, exit_status=exit_status)
+                          video_io.VideoDecodeError, datasets.BrokenDataError, exit_status=exit_status,
+                          find_checkpoint=checkpoint.find_latest)

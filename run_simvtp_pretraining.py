@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning
@@ -22,6 +23,8 @@ import engine_for_pretraining as engine
 import masking_generator
 import model_registry
 import utils
+import video_io
+import video_transforms
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,7 +94,7 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
         torch.utils.data.DataLoader, datasets.VideoTextDataset, utils.ResumableDistributedSampler]:
     """Training data shaped by what the model asks for: a video mask on its token grid, MLM captions."""
     # numpy columns, not a list of objects: forked loader workers share them instead of copying them
-    records = datasets.read_record_table(args.data_path, args.data_root, args.skip_bad_records)
+    records = annotations.read_record_table(args.data_path, args.data_root, args.skip_bad_records)
     mask_gen = None
     if model.takes_video_mask:
         grid = model.token_grid(args.num_frames, args.input_size, args.input_size)
@@ -101,7 +104,7 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
                                         video_backend=args.video_backend, seed=args.seed,
                                         decode_threads=args.decode_threads, mask_generator=mask_gen,
                                         sample_type=args.sample_type, clips_per_video=args.clips_per_video,
-                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root))
+                                        excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root))
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
                                           text_mask_mode=model.text_masking or "mask", seed=args.seed)
@@ -131,9 +134,9 @@ def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | 
         return None
     if not args.eval_data_path:
         raise ValueError("--eval_every needs --eval_data_path (a validation annotation file)")
-    records = datasets.read_annotations(args.eval_data_path, args.data_root, args.skip_bad_records)
-    datasets.check_eval_lists({f"--eval_data_path {args.eval_data_path}": records}, args.video_backend,
-                              skip=args.skip_eval_check)
+    records = annotations.read_annotations(args.eval_data_path, args.data_root, args.skip_bad_records)
+    annotations.check_eval_lists({f"--eval_data_path {args.eval_data_path}": records}, args.video_backend,
+                                 skip=args.skip_eval_check)
     return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
                                      sampling_rate=args.sampling_rate, input_size=args.input_size,
                                      short_side_size=args.short_side_size, test_num_segment=1,
@@ -188,6 +191,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Pre-train; returns {"summary": last epoch's averages, "history": per-step scalars of this run}."""
     check_args(args)
+    video_transforms.resolve_sample_types(args)
     dtype = utils.setup_run(args)
     eval_set = build_eval_dataset(args)  # first: a broken evaluation list stops the run before anything else
     tokenizer = datasets.build_tokenizer(args.tokenizer)
@@ -218,5 +222,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, datasets.VideoDecodeError,
-                          datasets.BrokenDataError)
+    utils.run_entry_point(main, get_args_parser(), engine.NonFiniteLossError, video_io.VideoDecodeError,
+                          datasets.BrokenDataError, find_checkpoint=checkpoint.find_latest)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning
@@ -28,6 +29,8 @@ import engine_for_qa as engine
 import model_registry
 import run_simvtp_finetuning as retrieval
 import utils
+import video_io
+import video_transforms
 
 DEFAULT_QA_MODEL = "svitt_qa_base_patch16_224"  # the release's QA model
 
@@ -93,14 +96,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def read_questions(path: str, args: argparse.Namespace) -> list[datasets.QARecord]:
-    records = datasets.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
+def read_questions(path: str, args: argparse.Namespace) -> list[annotations.QARecord]:
+    records = annotations.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
     print(f"Data: {len(records)} questions about {len({r.path for r in records})} videos from {path}")
     return records
 
 
-def split_val_by_video(records: list[datasets.QARecord], fraction: float,
-                       seed: int) -> tuple[list[datasets.QARecord], list[datasets.QARecord]]:
+def split_val_by_video(records: list[annotations.QARecord], fraction: float,
+                       seed: int) -> tuple[list[annotations.QARecord], list[annotations.QARecord]]:
     """A seeded held-out fraction of the training videos with all their questions (a question about a video
     seen in training would leak it into selection); both sides in file order."""
     videos = sorted({r.path for r in records})
@@ -120,9 +123,9 @@ def check_disjoint(val: list | None, test: list | None) -> None:
 
 def check_eval_videos(args: argparse.Namespace, lists: dict[str, list | None]) -> None:
     """Every evaluation video opens (one check per video, not per question), all problems in one error."""
-    videos = {label: [datasets.VideoRecord(p, [], os.path.basename(p)) for p in dict.fromkeys(r.path for r in recs)]
+    videos = {label: [annotations.VideoRecord(p, [], os.path.basename(p)) for p in dict.fromkeys(r.path for r in recs)]
               for label, recs in lists.items() if recs}
-    datasets.check_eval_lists(videos, args.video_backend, skip=args.skip_eval_check)
+    annotations.check_eval_lists(videos, args.video_backend, skip=args.skip_eval_check)
 
 
 def video_options(args: argparse.Namespace) -> dict:
@@ -135,9 +138,9 @@ def collator(args: argparse.Namespace, tokenizer) -> datasets.VideoQACollator:
     return datasets.VideoQACollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len)
 
 
-def build_train_loader(records: list[datasets.QARecord], args: argparse.Namespace, tokenizer):
+def build_train_loader(records: list[annotations.QARecord], args: argparse.Namespace, tokenizer):
     dataset = datasets.VideoQADataset(records, mode="train", sample_type=args.sample_type,
-                                      excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                      excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root),
                                       **video_options(args))
     if len(dataset) < args.batch_size * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} training questions, fewer than one global batch "
@@ -151,7 +154,7 @@ def build_train_loader(records: list[datasets.QARecord], args: argparse.Namespac
     return loader, dataset, sampler
 
 
-def build_eval_loader(records: list[datasets.QARecord], args: argparse.Namespace, tokenizer, segments: int,
+def build_eval_loader(records: list[annotations.QARecord], args: argparse.Namespace, tokenizer, segments: int,
                       crops: int, frames: int):
     """Batches of --batch_size videos, each decoded once with all its questions (answered --batch_size at a
     time)."""
@@ -229,17 +232,17 @@ class AnswerList:
         if not path:
             raise ValueError("--answer_list is required: the JSON list of answers questions are answered from")
         self.path = path
-        self.answers = datasets.read_answer_list(path)
+        self.answers = annotations.read_answer_list(path)
         self.ids, self.mask = collator(args, tokenizer).answer_tokens(self.answers)
         print(f"Answer list: {len(self.answers)} answers from {path}")
 
-    def report_unlisted(self, records: list[datasets.QARecord], name: str) -> datasets.UnlistedAnswers:
-        unlisted = datasets.unlisted_answers(records, self.answers)
+    def report_unlisted(self, records: list[annotations.QARecord], name: str) -> annotations.UnlistedAnswers:
+        unlisted = annotations.unlisted_answers(records, self.answers)
         print(unlisted.message(name))
         return unlisted
 
 
-def answer(model: torch.nn.Module, records: list[datasets.QARecord], loader, answers: AnswerList,
+def answer(model: torch.nn.Module, records: list[annotations.QARecord], loader, answers: AnswerList,
            cfg: engine.QAEvalConfig, header: str) -> tuple[dict, list[dict]]:
     """(metrics, prediction rows) of the model on a question list."""
     predictions = engine.answer_questions(model, loader, answers.answers, answers.ids, answers.mask, cfg, header)
@@ -247,7 +250,7 @@ def answer(model: torch.nn.Module, records: list[datasets.QARecord], loader, ans
     return engine.qa_accuracy(rows), rows
 
 
-def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: AnswerList,
+def run_test(model: torch.nn.Module, records: list[annotations.QARecord], answers: AnswerList,
              args: argparse.Namespace, tokenizer, dtype: torch.dtype, train_records: list | None = None,
              prefix: str = "test") -> dict:
     """The test once per --eval_frame_order (the first order's results are the main ones): accuracy per answer
@@ -256,7 +259,7 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
     frames, clips = test_frames(args)
     unlisted = answers.report_unlisted(records, f"{prefix} questions")
     loader = build_eval_loader(records, args, tokenizer, args.test_num_segment, args.test_num_crop, frames)
-    truths = [datasets.top_answer(r) for r in records]
+    truths = [annotations.top_answer(r) for r in records]
     runs = {}
     for order in dict.fromkeys(args.eval_frame_order):
         label = "" if order == "none" else f", frames {order}"
@@ -269,14 +272,14 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
     common, acc = engine.majority_accuracy(truths, truths)
     out["majority_test"] = {"answer": common, "accuracy": acc}
     if train_records:
-        common, acc = engine.majority_accuracy([datasets.top_answer(r) for r in train_records], truths)
+        common, acc = engine.majority_accuracy([annotations.top_answer(r) for r in train_records], truths)
         out["majority_train"] = {"answer": common, "accuracy": acc}
         out["question_prior_train"] = engine.question_prior_accuracy(
-            [(r.question, datasets.top_answer(r)) for r in train_records],
+            [(r.question, annotations.top_answer(r)) for r in train_records],
             [(r.question, t) for r, t in zip(records, truths)])
         if any(r.answer_type is not None for r in records):
             out["answer_kinds"] = engine.answer_kind_report(
-                rows, [(r.question, datasets.top_answer(r), r.answer_type) for r in train_records])
+                rows, [(r.question, annotations.top_answer(r), r.answer_type) for r in train_records])
     if len(runs) > 1:
         out["frame_orders"] = {o: {"accuracy": m["accuracy"], **({"per_type": {t: v["accuracy"] for t, v in
                                                                                m["per_type"].items()}}
@@ -377,6 +380,7 @@ def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     """Dispatch: --only_test, else fine-tuning. Returns the test metrics."""
+    video_transforms.resolve_sample_types(args)
     dtype = utils.setup_run(args)
     test_frames(args)  # an inconsistent clip set-up stops before any training or loading
     tokenizer = datasets.build_tokenizer(args.tokenizer)
@@ -387,4 +391,4 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     utils.run_entry_point(main, get_args_parser(), engine_for_pretraining.NonFiniteLossError,
-                          datasets.VideoDecodeError, datasets.BrokenDataError)
+                          video_io.VideoDecodeError, datasets.BrokenDataError, find_checkpoint=checkpoint.find_latest)

@@ -31,6 +31,8 @@ import datasets
 import masking_generator
 import modeling_simvtp
 import utils
+import video_io
+import video_transforms
 
 DENORM_NOTE = {
     "visible": "the per-channel mean/std over all pixels of this clip's {n} visible tubes (no hidden pixel used)",
@@ -128,7 +130,7 @@ def frame_indices(start: int, stride: int, num_frames: int) -> list[int]:
 
 def read_frames(path: str, indices: list[int], backend: str = "auto") -> np.ndarray:
     """uint8 [T, H, W, 3] of exactly `indices`; asking past the video's end is an error naming the file."""
-    with datasets.open_video(path, backend) as video:
+    with video_io.open_video(path, backend) as video:
         if indices[-1] >= video.num_frames:
             span = indices[-1] - indices[0]
             fits = (f"the largest --frame_start that fits is {video.num_frames - 1 - span}"
@@ -142,8 +144,8 @@ def read_frames(path: str, indices: list[int], backend: str = "auto") -> np.ndar
 def clip_tensor(frames: np.ndarray, input_size: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float32 [3, T, S, S], ImageNet-normalised as the datasets do. The short side is
     resized to S first and the centre square cut after (the release cut first and lost the frame's edges)."""
-    views = datasets.test_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)
-    return datasets.normalize_video(views[0])
+    views = video_transforms.eval_views(frames, [list(range(len(frames)))], input_size, input_size, num_crops=1)
+    return video_transforms.normalize_video(views[0])
 
 
 def mask_inputs(args: argparse.Namespace, grid: tuple[int, int, int], tokenizer) -> tuple[torch.Tensor, dict]:
@@ -317,4 +319,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    utils.run_entry_point(main, get_args_parser(), datasets.VideoDecodeError)
+    utils.run_entry_point(main, get_args_parser(), video_io.VideoDecodeError)

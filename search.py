@@ -28,11 +28,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
 import model_registry
 import utils
+import video_io
+import video_transforms
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
@@ -61,7 +64,7 @@ def list_videos(video_dir: str) -> dict[str, tuple[int, int]]:
     for folder, subdirs, files in os.walk(video_dir):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in files:
-            if os.path.splitext(name)[1].lower() in datasets.VIDEO_EXTENSIONS and not name.startswith("."):
+            if os.path.splitext(name)[1].lower() in video_io.VIDEO_EXTENSIONS and not name.startswith("."):
                 full = os.path.join(folder, name)
                 st = os.stat(full)
                 found[os.path.relpath(full, video_dir).replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
@@ -147,7 +150,7 @@ def clip_settings(args: argparse.Namespace, model: torch.nn.Module, saved: dict)
     clip["test_num_segment"] = pick("test_num_segment", 2)
     clip["test_num_crop"] = pick("test_num_crop", 1)
     clip["sample_type_test"] = pick("sample_type_test",
-                                    datasets.default_test_sample_type(saved.get("sample_type") or "stride"))
+                                    video_transforms.default_test_sample_type(saved.get("sample_type") or "stride"))
     return {k: int(v) if k != "sample_type_test" else v for k, v in clip.items()}
 
 
@@ -155,7 +158,7 @@ def clip_dataset(paths: Sequence[str], clip: dict, backend: str, views: tuple[in
                  ) -> datasets.VideoTextDataset:
     """Test-mode clips of the given files (views = (segments, crops), default the index's), as evaluation reads."""
     segments, crops = views or (clip["test_num_segment"], clip["test_num_crop"])
-    records = [datasets.VideoRecord(path=p, captions=[], video_id=p) for p in paths]
+    records = [annotations.VideoRecord(path=p, captions=[], video_id=p) for p in paths]
     return datasets.VideoTextDataset(records, mode="test", num_frames=clip["num_frames"],
                                      sampling_rate=clip["sampling_rate"], input_size=clip["input_size"],
                                      short_side_size=clip["short_side_size"], test_num_segment=segments,
@@ -172,9 +175,9 @@ def eval_config(device: torch.device, dtype: torch.dtype, batch_size: int = 8) -
 def probe_video(path: str, backend: str) -> dict:
     """Open a file and read the frames of its thumbnail strip: its facts and the strip (uint8 [h, w, 3]).
     Raises on any file that does not decode, with the file named."""
-    with datasets.open_video(path, backend) as video:
+    with video_io.open_video(path, backend) as video:
         if video.num_frames < 1:
-            raise datasets.VideoDecodeError(f"{path}: no frames")
+            raise video_io.VideoDecodeError(f"{path}: no frames")
         picks = sorted({min(video.num_frames - 1, int((j + 0.5) * video.num_frames / THUMB_FRAMES))
                         for j in range(THUMB_FRAMES)})
         frames = video.get_frames(picks)
@@ -255,7 +258,7 @@ class SafeClips(torch.utils.data.Dataset):
         try:
             return i, self.dataset[i]["video"], ""
         except Exception as e:  # any decoder error belongs to this one file
-            return i, None, f"{type(e).__name__}: {datasets.one_line(e)}"
+            return i, None, f"{type(e).__name__}: {video_io.one_line(e)}"
 
 
 def embed_files(model: torch.nn.Module, paths: list[str], clip: dict, backend: str, cfg: engine.EvalConfig,
@@ -288,7 +291,7 @@ def probe_files(video_dir: str, index_dir: str, todo: list[str], backend: str, p
         try:
             info = probe_video(os.path.join(video_dir, rel), backend)
         except Exception as e:  # a file that does not open or decode is listed, never fatal
-            errors[rel] = f"{type(e).__name__}: {datasets.one_line(e)}"
+            errors[rel] = f"{type(e).__name__}: {video_io.one_line(e)}"
             continue
         thumb = f"{THUMBS}/{video_id(rel)}.jpg"
         write_jpeg(os.path.join(index_dir, thumb), info.pop("strip"))
@@ -308,7 +311,7 @@ def build_index(args: argparse.Namespace) -> dict:
     dtype = utils.resolve_precision(args.precision, device)
     model, saved = load_model(args.ckpt, device)
     clip = clip_settings(args, model, saved)
-    backend = datasets.resolve_backend(args.video_backend)
+    backend = video_io.resolve_backend(args.video_backend)
     settings = {"model": model.model_cfg, "checkpoint": checkpoint_identity(args.ckpt), "clip": clip,
                 "video_dir": video_dir, "backend": backend, "precision": PRECISION_NAMES[dtype]}
     files = list_videos(video_dir)
@@ -627,7 +630,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="embed new or changed videos of a folder into an index",
                         formatter_class=utils.HelpFormatter)
     ix.add_argument("video_dir", help="folder searched recursively for video files (" +
-                    ", ".join(sorted(datasets.VIDEO_EXTENSIONS)) + ")")
+                    ", ".join(sorted(video_io.VIDEO_EXTENSIONS)) + ")")
     ix.add_argument("--ckpt", required=True, help="any checkpoint of either family (pre-training or fine-tuned)")
     ix.add_argument("--out", required=True, help="the index folder (created; updated in place when it exists)")
     ix.add_argument("--rebuild", action="store_true", help="embed every video again")

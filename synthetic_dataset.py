@@ -340,7 +340,7 @@ def _duration_iso(seconds: float) -> str:
 
 
 def write_annotations(root: Path, specs: dict[str, list[ClipSpec]], seconds: float) -> None:
-    """The same clips in every annotation format read by datasets.read_annotations (see the module docstring)."""
+    """The same clips in every annotation format read by annotations.read_annotations (see the module docstring)."""
     ann = root / "annotations"
     ann.mkdir(parents=True, exist_ok=True)
     with open(ann / "train_webvid.csv", "w", newline="") as f:

@@ -178,19 +178,10 @@ def setup_run(args: Any) -> torch.dtype:
     np.random.seed(args.seed + args.rank)
     if getattr(args, "input_size", None):
         args.short_side_size = args.short_side_size or args.input_size
-    resolve_sample_types(args)
     make_output_dir(args.output_dir)
     distributed.check_shared_dir(args.output_dir)
     args.log_dir = args.log_dir or os.path.join(args.output_dir, "tb")
     return dtype
-
-
-def resolve_sample_types(args: Any) -> None:
-    """--sample_type_test's default follows --sample_type (segment-trained models are evaluated on segment
-    middles); set here, before the run's settings are saved or compared on resume, so they hold the value used."""
-    if hasattr(args, "sample_type") and getattr(args, "sample_type_test", None) is None:
-        import datasets
-        args.sample_type_test = datasets.default_test_sample_type(args.sample_type)
 
 
 def make_output_dir(path: str) -> None:
@@ -204,11 +195,13 @@ def make_output_dir(path: str) -> None:
 
 
 def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-                    *expected: type[BaseException], exit_status: Callable[[Any], int] | None = None) -> None:
+                    *expected: type[BaseException], exit_status: Callable[[Any], int] | None = None,
+                    find_checkpoint: Callable[[str], str | None] | None = None) -> None:
     """`python run_*.py`: bad input (a missing file, a wrong value, and the `expected` errors) ends with its
     message on stderr naming what is wrong and exit status 1, not a traceback; Ctrl-C says where the last
     checkpoint is and how to resume (exit status 130). `exit_status(result)` turns what main returned into the
-    exit status (e.g. 3: finished, but some inputs were skipped)."""
+    exit status (e.g. 3: finished, but some inputs were skipped). `find_checkpoint(output_dir)` (a training run's
+    checkpoint.find_latest) names the newest checkpoint; without it an interrupted run has none to resume."""
     args = parser.parse_args()
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
@@ -217,7 +210,9 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(interrupted_message(getattr(args, "output_dir", None)), file=sys.stderr, flush=True)
+        output_dir = getattr(args, "output_dir", None)
+        latest = find_checkpoint(output_dir) if find_checkpoint and output_dir and os.path.isdir(output_dir) else None
+        print(interrupted_message(latest), file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         distributed.shutdown()  # also after an error: the process group is left, not abandoned
@@ -241,11 +236,10 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def interrupted_message(output_dir: str | None) -> str:
-    """What a user needs after Ctrl-C: the newest checkpoint and the command that continues from it."""
+def interrupted_message(latest: str | None) -> str:
+    """What a user needs after Ctrl-C: the newest checkpoint (None: there is none) and the command that continues
+    from it."""
     import shlex
-    import checkpoint
-    latest = checkpoint.find_latest(output_dir) if output_dir and os.path.isdir(output_dir) else None
     if latest is None:
         return "Interrupted before any checkpoint was written; nothing to resume."
     if "WORLD_SIZE" in os.environ:  # under torchrun / srun: each rank's argv is not the command the user typed
@@ -487,39 +481,6 @@ def append_json_line(path: str, record: dict) -> None:
     if distributed.is_main_process():
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def save_args_json(args: Any, output_dir: str, resumed: dict | None = None) -> None:
-    """args.json: this run's settings. A resumed run keeps the earlier file's `resume_history` and adds `resumed`
-    (where it continued from and which settings changed), so a run's changes of settings stay on record."""
-    if not distributed.is_main_process():
-        return
-    path = os.path.join(output_dir, "args.json")
-    history = []
-    if resumed is not None and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                history = list(json.load(f).get("resume_history", []))
-        except (OSError, ValueError):
-            history = []
-    record = plain_args(args)
-    if resumed is not None:
-        record["resume_history"] = history + [resumed]
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-
-
-def plain_args(args: Any) -> dict:
-    """argparse.Namespace -> dict of plain JSON-able values (our checkpoints hold no pickled objects)."""
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)):
-            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
-        else:
-            out[k] = str(v)
-    return out
 
 
 def set_cpu_threads(num_workers: int) -> int:

@@ -18,131 +18,20 @@ import json
 import os
 import sys
 import textwrap
-import time
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-ERRORS = ("missing", "empty", "undecodable", "truncated")
-WARNINGS = ("short",)
-CATEGORIES = ("ok",) + WARNINGS + ERRORS
+import video_io
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
 
 
 # ===================================================================== check
 
-def probe_indices(num_frames: int) -> list[int]:
-    """First, middle and the last two frames: a truncated mp4 often opens and decodes its start, then fails."""
-    return sorted({0, num_frames // 2, max(0, num_frames - 2), num_frames - 1})
-
-
-def _result(path: str, status: str, message: str = "", num_frames: int | None = None,
-            fps: float | None = None) -> dict:
-    return {"path": path, "status": status, "num_frames": num_frames, "fps": fps, "message": message}
-
-
-def _decode_all(video, num_frames: int, chunk: int = 32) -> None:
-    """Decode every frame in chunks (memory stays at one chunk), raising where decoding fails."""
-    for start in range(0, num_frames, chunk):
-        idx = list(range(start, min(start + chunk, num_frames)))
-        frames = video.get_frames(idx)
-        if len(frames) != len(idx):
-            raise RuntimeError(f"asked frames {idx[0]}..{idx[-1]}, got {len(frames)}")
-
-
-_ISO_BOX_TYPES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin", b"styp", b"uuid"})
-
-
-def mp4_cut_reason(path: str) -> str | None:
-    """Why an MP4/MOV file is cut short, from its top-level box layout, else None (intact, or not an MP4).
-
-    A download that stopped early leaves a box running past the end of the file, or no 'moov' index at all
-    (encoders without faststart write it last). Reads a few box headers only."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if f.read(8)[4:8] not in _ISO_BOX_TYPES:
-            return None
-        pos, seen = 0, set()
-        while pos < size:
-            f.seek(pos)
-            header = f.read(8)
-            if len(header) < 8:
-                return f"file ends inside a box header at byte {pos}"
-            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
-            if box_size == 1:
-                large = f.read(8)
-                if len(large) < 8:
-                    return f"file ends inside a box header at byte {pos}"
-                box_size = int.from_bytes(large, "big")
-            elif box_size == 0:  # "to the end of the file"
-                box_size = size - pos
-            if box_size < 8:
-                return None  # not a box layout we understand: let the decoder judge
-            if pos + box_size > size:
-                name = box_type.decode("latin-1")
-                return f"'{name}' box at byte {pos} needs {box_size} bytes but the file ends {size - pos} bytes later"
-            seen.add(box_type)
-            pos += box_size
-    return None if b"moov" in seen else "no 'moov' index box (the download stopped before the index)"
-
-
-def check_video(path: str, min_frames: int, backend: str = "auto", full_decode: bool = False,
-                open_only: bool = False) -> dict:
-    """Classify one video as ok / short / missing / empty / undecodable / truncated (see CATEGORIES).
-
-    truncated: an MP4/MOV whose box layout shows it is cut short (whatever the decoder makes of it);
-    undecodable: any other file that cannot be opened or whose probed frames fail to decode.
-    open_only: stop once the container opens with video frames (no frame decoded, no short check): the cheap
-    start-up check of evaluation lists (datasets.check_eval_lists).
-    Returns {"path", "status", "num_frames", "fps", "message"}; never raises for a bad file."""
-    import datasets  # lazy: --help must not pay for torch
-
-    if not os.path.exists(path):
-        return _result(path, "missing", "file does not exist")
-    if not os.path.isfile(path):
-        return _result(path, "undecodable", "not a regular file")
-    if os.path.getsize(path) == 0:
-        return _result(path, "empty", "zero-byte file")
-    try:
-        cut = mp4_cut_reason(path)
-    except OSError as e:
-        return _result(path, "undecodable", f"cannot read: {datasets.one_line(e)}")
-    try:
-        video = datasets.open_video(path, backend=backend)
-    except Exception as e:  # VideoDecodeError, or anything a decoder throws at a weird file
-        if cut:
-            return _result(path, "truncated", f"{cut}; cannot open: {datasets.one_line(e, 150)}")
-        return _result(path, "undecodable", f"cannot open: {datasets.one_line(e)}")
-    with video:
-        num_frames, fps = int(video.num_frames), float(video.fps)
-        if num_frames <= 0:
-            return _result(path, "undecodable", "no video frames", num_frames, fps)
-        if open_only:
-            return _result(path, "truncated", cut, num_frames, fps) if cut else _result(path, "ok", "", num_frames,
-                                                                                        fps)
-        indices = probe_indices(num_frames)
-        try:
-            frames = video.get_frames(indices)
-            if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-                raise RuntimeError(f"decoder returned shape {tuple(frames.shape)} for {len(indices)} frames")
-            if full_decode:
-                _decode_all(video, num_frames)
-        except Exception as e:
-            message = f"opens ({num_frames} frames) but decoding fails: {datasets.one_line(e)}"
-            return _result(path, "truncated" if cut else "undecodable", f"{cut}; {message}" if cut else message,
-                           num_frames, fps)
-    if cut:
-        return _result(path, "truncated", f"{cut} (its probed frames decode)", num_frames, fps)
-    if num_frames < min_frames:
-        return _result(path, "short", f"{num_frames} frames < {min_frames} needed (clip frames will repeat)",
-                       num_frames, fps)
-    return _result(path, "ok", "", num_frames, fps)
-
-
 def _check_job(job: tuple[str, int, str, bool]) -> dict:
-    return check_video(*job)
+    return video_io.check_video(*job)
 
 
 def parallel_map(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
@@ -152,17 +41,6 @@ def parallel_map(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(fn, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
-
-
-def _with_progress(results: Iterable[dict], total: int, label: str, every_s: float = 10.0) -> Iterator[dict]:
-    """Pass results through, printing a progress line to stderr at most every `every_s` seconds."""
-    start = last = time.monotonic()
-    for i, r in enumerate(results, 1):
-        now = time.monotonic()
-        if now - last >= every_s and i < total:
-            print(f"[{label}] {i}/{total} ({i / (now - start):.1f}/s)", file=sys.stderr, flush=True)
-            last = now
-        yield r
 
 
 def annotation_folder_error(path: str) -> str | None:
@@ -176,15 +54,15 @@ def annotation_folder_error(path: str) -> str | None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    import datasets
+    import annotations  # lazy: --help reads no annotation code
 
     folder_error = annotation_folder_error(args.anno)
     if folder_error:
         print(f"error: {folder_error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        records = datasets.read_annotations(args.anno, args.data_root)
-        backend = datasets.resolve_backend(args.video_backend)
+        records = annotations.read_annotations(args.anno, args.data_root)
+        backend = video_io.resolve_backend(args.video_backend)
     except (OSError, ValueError) as e:  # AnnotationError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -196,10 +74,10 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"checking {len(jobs)} videos ({len(records)} records) from {args.anno} with {backend}, "
           f"{args.workers} worker(s); clips need >= {min_frames} frames "
           f"({args.num_frames} x sampling rate {args.sampling_rate})", flush=True)
-    results = list(_with_progress(parallel_map(_check_job, jobs, args.workers), len(jobs), "check"))
+    results = list(video_io.with_progress(parallel_map(_check_job, jobs, args.workers), len(jobs), "check"))
     for r in results:
         r["video_ids"] = ids_by_path[r["path"]]
-    counts = {c: sum(r["status"] == c for r in results) for c in CATEGORIES}
+    counts = {c: sum(r["status"] == c for r in results) for c in video_io.CATEGORIES}
     problems = [r for r in results if r["status"] != "ok"]
     print_check_summary(counts, problems, args.max_listed)
     status = check_exit_status(counts, args.allow_short)
@@ -212,7 +90,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def check_exit_status(counts: dict[str, int], allow_short: bool = False) -> int:
-    if any(counts[c] for c in ERRORS):
+    if any(counts[c] for c in video_io.ERRORS):
         return EXIT_ERRORS
     if counts["short"] and not allow_short:
         return EXIT_WARNINGS
@@ -221,8 +99,8 @@ def check_exit_status(counts: dict[str, int], allow_short: bool = False) -> int:
 
 def print_check_summary(counts: dict[str, int], problems: list[dict], max_listed: int) -> None:
     print("summary:")
-    for c in CATEGORIES:
-        kind = "error" if c in ERRORS else "warning" if c in WARNINGS else ""
+    for c in video_io.CATEGORIES:
+        kind = "error" if c in video_io.ERRORS else "warning" if c in video_io.WARNINGS else ""
         print(f"  {c:<12}{counts[c]:>8}  {kind}")
     if problems:
         print("problems:")
@@ -251,7 +129,6 @@ def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def find_videos(src: Path, exclude: Path | None = None) -> list[Path]:
     """Video files under src (recursive, by extension), relative to src, sorted; hidden/partial files skipped."""
-    from datasets import VIDEO_EXTENSIONS  # lazy: --help must not pay for torch
 
     found = []
     for root, dirs, files in os.walk(src):
@@ -259,7 +136,7 @@ def find_videos(src: Path, exclude: Path | None = None) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and (exclude is None or (root_path / d).resolve() != exclude))
         found += [(root_path / f).relative_to(src) for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS]
+                  if not f.startswith(".") and Path(f).suffix.lower() in video_io.VIDEO_EXTENSIONS]
     return sorted(found)
 
 
@@ -438,9 +315,7 @@ def preprocess_one(job: tuple[str, str, dict, dict | None, int, bool]) -> dict:
         return {"src": src, "dst": dst, "status": "converted", "message": f"{n} frames", "reason": reason}
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        from datasets import one_line
-
-        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {one_line(e)}",
+        return {"src": src, "dst": dst, "status": "failed", "message": f"{type(e).__name__}: {video_io.one_line(e)}",
                 "reason": reason}
 
 
@@ -478,8 +353,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
           f"{args.workers} worker(s)", flush=True)
     results = []
     with open(dst / MANIFEST, "a") as manifest:
-        for (_, out, options, *_), r in zip(jobs, _with_progress(parallel_map(preprocess_one, jobs, args.workers),
-                                                                  len(jobs), "preprocess")):
+        converted = video_io.with_progress(parallel_map(preprocess_one, jobs, args.workers), len(jobs), "preprocess")
+        for (_, out, options, *_), r in zip(jobs, converted):
             if r["status"] == "converted":  # recorded as soon as the output is in place
                 manifest.write(json.dumps({"output": Path(out).relative_to(dst).as_posix(), "options": options})
                                + "\n")
@@ -532,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="decode every video of an annotation file and report broken or too-short ones",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
-            "Open every video an annotation file names (any format datasets.read_annotations reads), with the "
+            "Open every video an annotation file names (any format annotations.read_annotations reads), with the "
             "backend training will use, read its frame count and decode its first, middle and last frames.", 100),
         epilog="categories:\n"
                "  missing      error    the file does not exist\n"

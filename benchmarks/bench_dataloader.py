@@ -42,8 +42,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import annotations  # noqa: E402
 import datasets  # noqa: E402
 import masking_generator  # noqa: E402
+import video_io  # noqa: E402
+import video_transforms  # noqa: E402
 
 TARGET_CLIPS_PER_S = 14.0
 SETS = ("synthetic", "640x360", "640x360-pre")  # -pre: the 640x360 files after `video_tools.py preprocess`
@@ -156,7 +159,7 @@ def profile_stages(records, backend: str, clip: dict, samples: int, tokenizer) -
     """Milliseconds per clip of each stage of one training sample, in this process, one thread: open, decode
     the sampled frames (to RGB), crop + resize, to channels-first uint8 (normalising happens on the device, after
     the loader), tube mask, and collate per clip."""
-    from datasets import _channels_first, _resize  # internal steps of train_clip_transform, timed separately
+    from video_transforms import _channels_first, _resize  # internal steps of train_clip_transform, timed separately
 
     stages = dict.fromkeys(("open", "decode", "crop+resize", "channels-first", "video mask", "collate"), 0.0)
     grid = (clip["num_frames"] // 2, clip["input_size"] // 16, clip["input_size"] // 16)
@@ -173,20 +176,20 @@ def profile_stages(records, backend: str, clip: dict, samples: int, tokenizer) -
     for i in range(samples):
         record = records[i % len(records)]
         t = time.perf_counter()
-        video = datasets.open_video(record.path, backend)
+        video = video_io.open_video(record.path, backend)
         t = tick("open", t)
-        idx = datasets.pretrain_frame_indices(video.num_frames, clip["num_frames"], clip["sampling_rate"],
-                                              datasets.sample_rng(0, 0, i, "frames"))
+        idx = video_transforms.stride_frame_indices(video.num_frames, clip["num_frames"], clip["sampling_rate"],
+                                                    video_transforms.sample_rng(0, 0, i, "frames"))
         frames = video.get_frames(idx)
         video.close()
         t = tick("decode", t)
-        top, left, h, w = datasets.multi_scale_crop_box(frames.shape[1], frames.shape[2], size,
-                                                        datasets.sample_rng(0, 0, i, "crop"))
+        top, left, h, w = video_transforms.multi_scale_crop_box(frames.shape[1], frames.shape[2], size,
+                                                                video_transforms.sample_rng(0, 0, i, "crop"))
         resized = _resize(frames[:, top:top + h, left:left + w], (size, size))
         t = tick("crop+resize", t)
         out = _channels_first(resized)
         t = tick("channels-first", t)
-        mask = torch.from_numpy(masker(datasets.sample_rng(0, 0, i, "video_mask")))
+        mask = torch.from_numpy(masker(video_transforms.sample_rng(0, 0, i, "video_mask")))
         t = tick("video mask", t)
         items.append({"video": out, "caption": record.captions[0], "index": i, "epoch": 0,
                       "video_mask": mask})
@@ -209,7 +212,7 @@ def print_profile(name: str, backend: str, clip: dict, stages: dict[str, float],
 # ------------------------------------------------------------------------- reader comparison (a proposal)
 
 def proposed_pyav_frames(path: str, indices: list[int]) -> np.ndarray:
-    """A faster PyAV clip reader, proposed for datasets._PyAVVideo (not used by training): uint8 [T, H, W, 3].
+    """A faster PyAV clip reader, proposed for video_io._PyAVVideo (not used by training): uint8 [T, H, W, 3].
 
     Same seek as datasets (keyframe before the first wanted frame), plus two changes:
     1. skip_frame is set per packet: "NONREF" for frames not wanted (the decoder then drops non-reference
@@ -248,14 +251,14 @@ def compare_readers(name: str, records, clip: dict, samples: int) -> None:
     jobs = []
     for i in range(samples):
         path = records[i % len(records)].path
-        with datasets.open_video(path, "pyav") as v:
+        with video_io.open_video(path, "pyav") as v:
             n = v.num_frames
-        jobs.append((path, datasets.pretrain_frame_indices(n, clip["num_frames"], clip["sampling_rate"],
-                                                            datasets.sample_rng(0, 0, i, "frames"))))
+        jobs.append((path, video_transforms.stride_frame_indices(n, clip["num_frames"], clip["sampling_rate"],
+                                                                 video_transforms.sample_rng(0, 0, i, "frames"))))
 
     def via_datasets(backend):
         def read(path, idx):
-            with datasets.open_video(path, backend) as v:
+            with video_io.open_video(path, backend) as v:
                 return v.get_frames(idx)
         return read
 
@@ -314,14 +317,14 @@ def bench_sets(args: argparse.Namespace) -> dict[str, tuple[list, dict]]:
         root = (synthetic_dataset.ensure_synthetic_dataset(data / "synthetic_quick", num_train=16, num_val=4,
                                                            num_test=4, verbose=False)
                 if args.quick else synthetic_dataset.ensure_synthetic_dataset(data / "synthetic"))
-        sets["synthetic"] = (datasets.read_annotations(root / "annotations" / "pretrain.json", root),
+        sets["synthetic"] = (annotations.read_annotations(root / "annotations" / "pretrain.json", root),
                              dict(num_frames=8, sampling_rate=4, input_size=112))
     if "640x360" in args.sets or "640x360-pre" in args.sets:
         cache = data / "bench_cache"
         anno = ensure_bench_videos(cache)
         if "640x360" in args.sets:
             # 8 files listed 32 times: every sample index draws its own clip start, as in a large set
-            records = datasets.read_annotations(anno, cache)
+            records = annotations.read_annotations(anno, cache)
             sets["640x360"] = ([r for _ in range(32) for r in records],
                                dict(num_frames=16, sampling_rate=4, input_size=224))
         if "640x360-pre" in args.sets:
@@ -331,7 +334,7 @@ def bench_sets(args: argparse.Namespace) -> dict[str, tuple[list, dict]]:
             if video_tools.main(["preprocess", "--src", str(cache), "--dst", str(pre), "--workers", "2",
                                  *PREPROCESS]) != 0:
                 raise RuntimeError("video_tools.py preprocess failed on the bench videos")
-            records = datasets.read_annotations(anno, pre)
+            records = annotations.read_annotations(anno, pre)
             sets["640x360-pre"] = ([r for _ in range(32) for r in records],
                                    dict(num_frames=16, sampling_rate=1, input_size=224))
     return sets
@@ -369,7 +372,7 @@ def main(argv=None) -> list[dict]:
         below = name.startswith("640x360") and any(r["per_process"] < TARGET_CLIPS_PER_S
                                                    for r in rows if r["set"] == name)
         if args.profile or below:
-            with datasets.open_video(records[0].path) as v:
+            with video_io.open_video(records[0].path) as v:
                 hw = v.get_frames([0]).shape[1:3]
             for backend in args.backends:
                 print_profile(name, backend, clip, profile_stages(records, backend, clip, args.profile_samples,

@@ -33,6 +33,7 @@ import masking_generator  # noqa: E402
 import model_registry  # noqa: E402
 import modeling_simvtp  # noqa: E402,F401  (registers the models)
 import modeling_svitt  # noqa: E402,F401
+import video_transforms  # noqa: E402
 from bench_common import print_table  # noqa: E402
 
 CAPTIONS = ("a man rides a bicycle along a mountain road at sunset", "waves breaking on a sandy beach",
@@ -66,7 +67,7 @@ def make_batch(model: torch.nn.Module, task: str, clip: dict, tokenizer) -> dict
                                         generator=torch.Generator().manual_seed(i)),
                     caption=CAPTIONS[i % len(CAPTIONS)], index=i // 2, epoch=0)  # rows 2i, 2i+1: one video
         if mask_gen is not None:
-            item["video_mask"] = torch.from_numpy(mask_gen(datasets.sample_rng(0, 0, i, "video_mask")))
+            item["video_mask"] = torch.from_numpy(mask_gen(video_transforms.sample_rng(0, 0, i, "video_mask")))
         items.append(item)
     ratio = model.default_text_mask_ratio if pretrain and model.text_masking else None
     collate = datasets.VideoTextCollator(tokenizer, max_text_len=16, text_mask_ratio=ratio,

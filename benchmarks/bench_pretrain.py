@@ -85,6 +85,7 @@ def import_training_stack() -> None:
     """torch and the repo's modules, as module globals. Only the job processes need them: the parent process just
     plans, starts and reports, and starts in a fraction of a second (the test runs the whole script in < 30 s)."""
     global torch, create_model, flop_counter, datasets, engine, masking_generator, modeling_simvtp, utils, CPU
+    global video_transforms
     import torch
     from timm.models import create_model
     from torch.utils import flop_counter
@@ -94,6 +95,7 @@ def import_training_stack() -> None:
     import masking_generator
     import modeling_simvtp  # (registers the models)
     import utils
+    import video_transforms
     CPU = torch.device("cpu")
 
 
@@ -144,7 +146,7 @@ def make_batch(cfg: dict, tokenizer, mask_ratio: float = MASK_RATIO) -> dict[str
     items = []
     for i in range(b):
         video = torch.randn(3, t, s, s, generator=torch.Generator().manual_seed(i))
-        mask = torch.from_numpy(mask_gen(datasets.sample_rng(0, 0, i, "video_mask")))
+        mask = torch.from_numpy(mask_gen(video_transforms.sample_rng(0, 0, i, "video_mask")))
         items.append(dict(video=video, video_mask=mask, caption=CAPTIONS[i % len(CAPTIONS)], index=i, epoch=0,
                           skipped=0))
     collate = datasets.VideoTextCollator(tokenizer, max_text_len=MAX_TEXT_LEN, text_mask_ratio=TEXT_MASK_RATIO)

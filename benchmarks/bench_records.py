@@ -1,5 +1,5 @@
-"""Memory of a training list at WebVid scale: a list of VideoRecord objects (datasets.read_annotations) vs the
-RecordTable the training dataset keeps (datasets.read_record_table).
+"""Memory of a training list at WebVid scale: a list of VideoRecord objects (annotations.read_annotations) vs the
+RecordTable the training dataset keeps (annotations.read_record_table).
 
     .venv/bin/python benchmarks/bench_records.py                  # 500k rows (a few minutes on 2 cores)
     .venv/bin/python benchmarks/bench_records.py --rows 2500000   # WebVid-2.5M (about 10 minutes, 2.5 GiB)
@@ -44,14 +44,14 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-import datasets  # noqa: E402
+import annotations  # noqa: E402
 import synthetic_dataset  # noqa: E402
 import utils  # noqa: E402
 
 WEBVID_RECORDS = 2_500_000
 RANKS_PER_NODE = 8
 MIB, GIB = 2 ** 20, 2 ** 30
-REPRESENTATIONS = {"list of VideoRecord": datasets.read_annotations, "RecordTable": datasets.read_record_table}
+REPRESENTATIONS = {"list of VideoRecord": annotations.read_annotations, "RecordTable": annotations.read_record_table}
 
 
 def cpu_name() -> str:
@@ -96,7 +96,7 @@ def in_forked_child(work: Callable[[], dict]) -> dict:
 
 def read_every_record(records: Any) -> None:
     """What a loader worker does with the list over an epoch: every record's path, video id and captions."""
-    if isinstance(records, datasets.RecordTable):
+    if isinstance(records, annotations.RecordTable):
         for i in range(len(records)):
             (records.path(i), records.video_id(i), *records.captions(i))
     else:

@@ -99,7 +99,7 @@ timed "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train
 
 step "9/10 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
 VIDEO="$(ls "$DATA"/test/*.mp4 | head -n 1)"
-CAPTION="$("$PY" -c 'import sys, datasets; r = {x.path: x for x in datasets.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
+CAPTION="$("$PY" -c 'import sys, annotations; r = {x.path: x for x in annotations.read_annotations(sys.argv[1], sys.argv[2])}; print(r[sys.argv[3]].captions[0])' "$ANN/test.json" "$DATA" "$VIDEO")"
 timed "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
   --frame_stride 4 --device cpu --save_path "$OUT/reconstruction.png"
 

@@ -94,11 +94,11 @@ def test_mean_and_spread_over_seeds():
 
 
 def test_a_data_fraction_keeps_a_seeded_share_of_the_clips_in_the_files_format(synthetic_root, tmp_path):
-    import datasets
+    import annotations
     cfg = ab.Config(out=str(tmp_path), data_root=str(synthetic_root), **MICRO)
     path = ab.subset_file(cfg, 0.5, seed=3)
-    full = datasets.read_annotations(os.path.join(cfg.ann, "pretrain.json"), synthetic_root)
-    half = datasets.read_annotations(path, synthetic_root)
+    full = annotations.read_annotations(os.path.join(cfg.ann, "pretrain.json"), synthetic_root)
+    half = annotations.read_annotations(path, synthetic_root)
     assert len(half) == round(0.5 * len(full)) and {r.path for r in half} < {r.path for r in full}
     assert ab.subset_file(cfg, 0.5, seed=3) == path and ab.subset_file(cfg, 1.0, seed=3).endswith("pretrain.json")
 

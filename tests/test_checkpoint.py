@@ -255,3 +255,8 @@ def test_converter_user_mistakes_are_one_line_errors(tmp_path, capsys):
             assert "new/w.safetensors: cannot create a file in" in capsys.readouterr().err
     finally:
         os.chmod(tmp_path / "new", 0o700)
+
+
+def test_plain_args_holds_only_plain_values():
+    ns = argparse.Namespace(a=1, b="x", c=[1, 2], d=torch.device("cpu"), e=None)
+    assert checkpoint.plain_args(ns) == {"a": 1, "b": "x", "c": [1, 2], "d": "cpu", "e": None}

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
 import model_registry
 import run_simvtp_finetuning as run
+import video_transforms
 from conftest import free_port
 
 SVITT_TINY = dict(img_size=32, num_frames=4, attn_block_size=4, sparse_random_attn=1, token_keep_rate=0.5,
@@ -91,7 +93,7 @@ def svitt(tokenizer):
 @pytest.fixture(scope="module")
 def test_set(synthetic_root):
     """The synthetic test split read at 8 frames (two 4-frame clips), one centre view per video."""
-    records = datasets.read_annotations(os.path.join(synthetic_root, "annotations", "test.json"), synthetic_root)
+    records = annotations.read_annotations(os.path.join(synthetic_root, "annotations", "test.json"), synthetic_root)
     data = datasets.VideoTextDataset(records, mode="test", num_frames=8, input_size=32, short_side_size=32,
                                      test_num_segment=1, test_num_crop=1, sample_type="middle")
     videos = torch.stack([data[i]["video"][0] for i in range(len(data))])  # uint8 [V, C, 8, H, W]
@@ -123,7 +125,8 @@ def _brute_force_log_odds(model, videos, captions, tokenizer, ensemble: str) -> 
             for t, caption in enumerate(captions):
                 ids = tok([caption])
                 per_clip = torch.stack([engine.match_log_odds(model.match_logits(
-                    datasets.normalize_video(c[None]), ids["input_ids"], ids["attention_mask"]))[0] for c in clips])
+                    video_transforms.normalize_video(c[None]), ids["input_ids"], ids["attention_mask"]))[0]
+                    for c in clips])
                 out[t, v] = engine.aggregate_clip_scores(per_clip, ensemble)
     return out
 
@@ -200,7 +203,7 @@ def test_matching_logits_are_fp32_under_bf16_autocast_in_both_families(svitt, to
     videos, captions, _ = test_set
     simvtp = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, vocab_size=len(tokenizer))
     tok = datasets.VideoTextCollator(tokenizer).tokenize(captions[:3])
-    video = datasets.normalize_video(videos[:3, :, :4])
+    video = video_transforms.normalize_video(videos[:3, :, :4])
     for model in (svitt, simvtp.eval()):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model.match_logits(video, tok["input_ids"], tok["attention_mask"])
@@ -300,7 +303,7 @@ def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set
     wide = run.at_frames(svitt, 8, args)
     assert wide.model_cfg["kwargs"]["num_frames"] == 8 and run.at_frames(svitt, 4, args) is svitt
     with torch.no_grad():
-        assert wide.encode_video(datasets.normalize_video(test_set[0][:1])).shape == (1, 64)
+        assert wide.encode_video(video_transforms.normalize_video(test_set[0][:1])).shape == (1, 64)
 
 
 def test_svitt_retrieval_fine_tuning_selects_on_val_and_tests_with_its_own_matching_head(synthetic_root, tokenizer,

@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import annotations
 import datasets
 import engine_for_finetuning as engine
 import engine_for_pretraining
 import model_registry
-from datasets import VideoRecord
+import video_transforms
+from annotations import VideoRecord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_VIEWS = dict(num_frames=16, input_size=224, short_side_size=224, test_num_segment=15, test_num_crop=3)
@@ -31,7 +33,7 @@ def _ann(root, name):
 
 
 def _test_set(root, **kw):
-    records = datasets.read_annotations(_ann(root, "test.json"), root)
+    records = annotations.read_annotations(_ann(root, "test.json"), root)
     kw = {"num_frames": 4, "sampling_rate": 2, "input_size": 32, "short_side_size": 32, "test_num_segment": 3,
           "test_num_crop": 2, **kw}
     return datasets.VideoTextDataset(records, mode="test", **kw)
@@ -39,8 +41,8 @@ def _test_set(root, **kw):
 
 def _explicitly_normalised(video: torch.Tensor) -> torch.Tensor:
     """The float path as it was: pixels / 255, minus the ImageNet mean, over its std (written out here)."""
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1, 1)
+    mean = torch.tensor(video_transforms.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(video_transforms.IMAGENET_STD).view(3, 1, 1, 1)
     return (video.float() / 255 - mean) / std
 
 
@@ -113,7 +115,7 @@ def test_eval_loader_yields_uint8_views_in_shared_memory_and_the_estimate_bounds
 
 
 def test_training_loader_yields_uint8_and_the_engine_normalises_on_the_device(synthetic_root):
-    records = datasets.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
+    records = annotations.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
     dataset = datasets.VideoTextDataset(records, mode="train", num_frames=4, sampling_rate=2, input_size=32, seed=3)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1,
                                          collate_fn=datasets.VideoTextCollator(datasets.build_tokenizer()))
@@ -125,7 +127,7 @@ def test_training_loader_yields_uint8_and_the_engine_normalises_on_the_device(sy
     hand_built = torch.randn(2, 3, 4, 32, 32)  # already normalised float (benchmarks build such batches)
     assert engine_for_pretraining.move_batch({"video": hand_built}, torch.device("cpu"))["video"] is hand_built
     with pytest.raises(TypeError, match="uint8"):
-        datasets.normalize_video(batch["video"].long())
+        video_transforms.normalize_video(batch["video"].long())
 
 
 def test_retrieval_numbers_equal_those_of_explicitly_normalised_views(synthetic_root):

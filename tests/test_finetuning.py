@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
 import model_registry
 import run_simvtp_finetuning as run
 import utils
+import video_io
 from conftest import free_port, mostly_broken_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +69,8 @@ def finetuned(synthetic_root, pretrain_ckpt, tmp_path_factory):
 
 def test_finetune_selects_on_val_then_tests_the_best(finetuned, synthetic_root):
     out, result = finetuned
-    test_captions = sum(len(r.captions) for r in datasets.read_annotations(_ann(synthetic_root, "test.json")))
-    val_captions = sum(len(r.captions) for r in datasets.read_annotations(_ann(synthetic_root, "val.json")))
+    test_captions = sum(len(r.captions) for r in annotations.read_annotations(_ann(synthetic_root, "test.json")))
+    val_captions = sum(len(r.captions) for r in annotations.read_annotations(_ann(synthetic_root, "val.json")))
     for key in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_R@50", "t2v_MdR", "t2v_MnR", "v2t_R@1", "v2t_MnR", "r1_sum"):
         assert key in result, key
     assert result["t2v_queries"] == test_captions and result["v2t_queries"] == 8
@@ -121,7 +123,7 @@ def test_only_test_needs_weights_and_val_must_not_be_test(synthetic_root, tmp_pa
 
 
 def test_val_fraction_holds_out_whole_videos_with_a_seed(synthetic_root):
-    records = datasets.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
+    records = annotations.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
     train, val = run.split_val(records, 0.25, seed=3)
     assert len(val) == 6 and len(train) == 18 and not {r.path for r in train} & {r.path for r in val}
     assert [r.path for r in run.split_val(records, 0.25, seed=3)[1]] == [r.path for r in val]
@@ -151,7 +153,7 @@ def test_zero_shot_with_both_mask_ratios_and_reranking(synthetic_root, pretrain_
     # the function the pre-training loop calls: mask 0 sees every tube, a mask changes the video features
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4)
     checkpoint.load_pretrained(model, pretrain_ckpt, strict=True)
-    records = datasets.read_annotations(_ann(synthetic_root, "test.json"), synthetic_root)
+    records = annotations.read_annotations(_ann(synthetic_root, "test.json"), synthetic_root)
     dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, input_size=32, short_side_size=32)
     tokenizer = datasets.build_tokenizer()
     full = engine.evaluate_zero_shot(model, dataset, tokenizer, video_mask_ratio=0.0)
@@ -266,7 +268,7 @@ def test_broken_test_video_is_still_an_error_when_evaluation_reaches_it(finetune
     """Without the start-up check (--skip_eval_check) the test set is still never silently changed."""
     src, _ = finetuned
     anno = _test_list_with(synthetic_root, tmp_path, broken_videos["truncated"])
-    with pytest.raises(datasets.VideoDecodeError, match="truncated.mp4"):
+    with pytest.raises(video_io.VideoDecodeError, match="truncated.mp4"):
         run.main(_args(synthetic_root, tmp_path / "out", "--only_test", "--model", "simvtp_dual_tiny_patch16",
                        "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
                        "--skip_eval_check"))
@@ -321,7 +323,7 @@ def test_fine_tuning_checks_validation_and_test_lists_before_training(synthetic_
     val_path.write_text(json.dumps(val))
     test_path = _test_list_with(synthetic_root, tmp_path, broken_videos["missing"])
     out = tmp_path / "out"
-    with pytest.raises(datasets.EvalListError) as info:
+    with pytest.raises(annotations.EvalListError) as info:
         run.main(_args(synthetic_root, out, "--model", "simvtp_dual_tiny_patch16", "--finetune", pretrain_ckpt,
                        "--data_path", _ann(synthetic_root, "train.json"), "--val_data_path", str(val_path),
                        "--test_data_path", str(test_path), "--epochs", "1"))

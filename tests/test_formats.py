@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
 import model_registry
 import run_simvtp_finetuning as run
 import synthetic_dataset
+import video_transforms
 from conftest import frame_index_of, index_frames
-from datasets import AnnotationError, VideoRecord
+from annotations import AnnotationError, VideoRecord
 
-DIDEMO = datasets.annotation_format("didemo")
-SSV2 = datasets.annotation_format("ssv2_label")
+DIDEMO = annotations.annotation_format("didemo")
+SSV2 = annotations.annotation_format("ssv2_label")
 
 
 def _write(tmp_path, name, obj) -> str:
@@ -31,35 +33,35 @@ def _write(tmp_path, name, obj) -> str:
 
 
 def _read(path, fmt, root="/r") -> list[VideoRecord]:
-    records = datasets.read_annotations(path, root, fmt=fmt)
+    records = annotations.read_annotations(path, root, fmt=fmt)
     # the training list reads the same records (RecordTable, spans included)
-    assert list(datasets.read_record_table(path, root, fmt=fmt)) == records
+    assert list(annotations.read_record_table(path, root, fmt=fmt)) == records
     return records
 
 # ----------------------------------------------------------------------------------------------- formats
 
 
 def test_format_defaults_per_data_set_and_overrides():
-    assert datasets.annotation_format("MSRVTT") == datasets.AnnotationFormat()  # the scripts' value: no change
-    assert datasets.annotation_format("webvid") == datasets.AnnotationFormat()
-    assert DIDEMO == datasets.AnnotationFormat(paragraphs=True, clean_text=True, match_by="video")
-    assert datasets.annotation_format("anet") == DIDEMO
-    assert datasets.annotation_format("charades") == datasets.AnnotationFormat(clean_text=True)
-    assert SSV2 == datasets.annotation_format("ssv2_template") == datasets.AnnotationFormat(clean_text=True,
-                                                                                            match_by="caption")
-    assert datasets.annotation_format("didemo", paragraphs=False, clean_text=False) == datasets.AnnotationFormat()
-    assert datasets.annotation_format("msrvtt", match_by="caption").match_by == "caption"
+    assert annotations.annotation_format("MSRVTT") == annotations.AnnotationFormat()  # the scripts' value: no change
+    assert annotations.annotation_format("webvid") == annotations.AnnotationFormat()
+    assert DIDEMO == annotations.AnnotationFormat(paragraphs=True, clean_text=True, match_by="video")
+    assert annotations.annotation_format("anet") == DIDEMO
+    assert annotations.annotation_format("charades") == annotations.AnnotationFormat(clean_text=True)
+    assert SSV2 == annotations.annotation_format("ssv2_template") == annotations.AnnotationFormat(clean_text=True,
+                                                                                                  match_by="caption")
+    assert annotations.annotation_format("didemo", paragraphs=False, clean_text=False) == annotations.AnnotationFormat()
+    assert annotations.annotation_format("msrvtt", match_by="caption").match_by == "caption"
     with pytest.raises(ValueError, match="unknown --data_set 'kinetics'; choose one of msrvtt"):
-        datasets.annotation_format("kinetics")
+        annotations.annotation_format("kinetics")
 
 
 def test_clean_caption_as_the_svitt_recipes():
     # lower case; , . ' ! ? " ( ) * # : ; ~ dropped; - and / become spaces; <person> -> person; spaces squeezed
-    assert datasets.clean_caption("A <person> opens the door, then (quickly) sits down.") == \
+    assert annotations.clean_caption("A <person> opens the door, then (quickly) sits down.") == \
         "a person opens the door then quickly sits down"
-    assert datasets.clean_caption("  Putting pen-cap onto a pen/pencil!  ") == "putting pen cap onto a pen pencil"
-    assert datasets.clean_caption('It\'s "done": #1 ~ ok?; *yes*') == "its done 1 ok yes"
-    assert datasets.clean_caption("Tilting [something] with 50% & more") == "tilting [something] with 50% & more"
+    assert annotations.clean_caption("  Putting pen-cap onto a pen/pencil!  ") == "putting pen cap onto a pen pencil"
+    assert annotations.clean_caption('It\'s "done": #1 ~ ok?; *yes*') == "its done 1 ok yes"
+    assert annotations.clean_caption("Tilting [something] with 50% & more") == "tilting [something] with 50% & more"
 
 
 def test_didemo_paragraph_joined_in_order_cleaned_and_trimmed(tmp_path):
@@ -73,7 +75,7 @@ def test_didemo_paragraph_joined_in_order_cleaned_and_trimmed(tmp_path):
                        VideoRecord("/r/v2.mp4", ["camera pans left"], "v2", (5.0, 12.5)),
                        VideoRecord("/r/v2.mp4", ["a car drives by"], "v2", (30.0, None))]
     # without paragraphs (and without cleaning) each sentence is its own caption, as written
-    plain = _read(path, datasets.annotation_format("didemo", paragraphs=False, clean_text=False))
+    plain = _read(path, annotations.annotation_format("didemo", paragraphs=False, clean_text=False))
     assert plain[0].captions == ["The Dog runs.", "It jumps over a fence!", "a man claps"]
 
 
@@ -81,7 +83,7 @@ def test_activitynet_paragraphs_as_didemo(tmp_path):
     path = _write(tmp_path, "anet_ret_val_1.json", [
         {"video": "v_abc.mp4", "caption": ["A woman stands in a kitchen.", "She mixes flour, eggs and milk."],
          "duration": 80.2}])
-    records = _read(path, datasets.annotation_format("anet"))
+    records = _read(path, annotations.annotation_format("anet"))
     assert records[0].captions == ["a woman stands in a kitchen she mixes flour eggs and milk"]
     assert records[0].span is None
 
@@ -91,7 +93,7 @@ def test_charades_script_captions_one_or_several(tmp_path):
         {"video": "ABC12.mp4", "caption": "A <person> is sitting on a chair, drinking coffee."},
         {"video": "XYZ99.mp4", "caption": ["<person> opens a closet.", "A person takes a towel-like cloth"]},
     ])
-    records = _read(path, datasets.annotation_format("charades"))
+    records = _read(path, annotations.annotation_format("charades"))
     assert records == [VideoRecord("/r/ABC12.mp4", ["a person is sitting on a chair drinking coffee"], "ABC12"),
                        VideoRecord("/r/XYZ99.mp4", ["person opens a closet", "a person takes a towel like cloth"],
                                    "XYZ99")]
@@ -112,7 +114,7 @@ def test_ssv2_both_layouts_give_one_caption_for_several_videos(tmp_path):
     assert sorted((r.path, r.captions[0]) for r in by_train) == sorted((r.path, r.captions[0]) for r in by_val) == [
         ("/r/1.webm", "putting pen onto table"), ("/r/2.webm", "pushing cup from left to right"),
         ("/r/3.webm", "putting pen onto table")]
-    table = datasets.read_record_table(train, "/r", fmt=SSV2)
+    table = annotations.read_record_table(train, "/r", fmt=SSV2)
     assert table.caption_match_ids().tolist() == [0, 1, 0]
 
 
@@ -122,14 +124,14 @@ def test_ssv2_both_layouts_give_one_caption_for_several_videos(tmp_path):
     ([{"video": "a.mp4", "caption": "ok"}, {"video": "b.mp4", "caption": "ok", "start": 9, "end": 3}], DIDEMO,
      ["record 2: 'end' 3 s must be after 'start' 9 s"]),
     ([{"video": "a.mp4", "caption": "ok", "end": "10s"}], DIDEMO, ["record 1: 'end' must be a number of seconds"]),
-    ([{"video": "a.mp4", "caption": ["?!", "..."]}], datasets.annotation_format("charades"),
+    ([{"video": "a.mp4", "caption": ["?!", "..."]}], annotations.annotation_format("charades"),
      ["record 1: caption 1 '?!' is empty after text cleaning (--no_clean_text"]),
     ([{"video": [], "caption": "Putting pen onto table"}], SSV2, ["record 1: empty video list"]),
     ([{"video": ["1.webm", 3], "caption": "Putting pen onto table"}], SSV2, ["record 1: 'video' must be a non-empty"]),
 ])
 def test_malformed_records_name_the_file_and_record(tmp_path, items, fmt, expected):
     path = _write(tmp_path, "bad.json", items)
-    for read in (datasets.read_annotations, datasets.read_record_table):
+    for read in (annotations.read_annotations, annotations.read_record_table):
         with pytest.raises(AnnotationError) as e:
             read(path, "/r", fmt=fmt)
         message = str(e.value)
@@ -140,22 +142,22 @@ def test_malformed_records_name_the_file_and_record(tmp_path, items, fmt, expect
 
 def test_cleaning_happens_only_when_asked(tmp_path):
     path = _write(tmp_path, "charades.json", [{"video": "a.mp4", "caption": "?!"}])
-    assert _read(path, datasets.annotation_format("charades", clean_text=False))[0].captions == ["?!"]
+    assert _read(path, annotations.annotation_format("charades", clean_text=False))[0].captions == ["?!"]
     with pytest.raises(AnnotationError, match="empty after text cleaning"):
-        datasets.read_annotations(path, fmt=datasets.annotation_format("charades"))
+        annotations.read_annotations(path, fmt=annotations.annotation_format("charades"))
 
 # ----------------------------------------------------------------------------------------------- spans
 
 
 def test_span_frames_by_hand():
     # 10 fps, 40 frames: 1.0 s .. 2.0 s is frames 10..19; 1.05 s .. 1.91 s is frames 10 (floor) .. 19 (ceil excl.)
-    assert datasets.span_frames(40, 10.0, (1.0, 2.0)) == (10, 10)
-    assert datasets.span_frames(40, 10.0, (1.05, 1.91)) == (10, 10)
-    assert datasets.span_frames(40, 10.0, (None, 0.5)) == (0, 5)
-    assert datasets.span_frames(40, 10.0, (3.5, None)) == (35, 5)
-    assert datasets.span_frames(40, 10.0, (3.5, 60.0)) == (35, 5)   # an end past the video stops at its end
-    assert datasets.span_frames(40, 10.0, (9.0, 10.0)) == (39, 1)   # a span past the video keeps its last frame
-    assert datasets.span_frames(40, 10.0, None) == (0, 40)
+    assert video_transforms.span_frames(40, 10.0, (1.0, 2.0)) == (10, 10)
+    assert video_transforms.span_frames(40, 10.0, (1.05, 1.91)) == (10, 10)
+    assert video_transforms.span_frames(40, 10.0, (None, 0.5)) == (0, 5)
+    assert video_transforms.span_frames(40, 10.0, (3.5, None)) == (35, 5)
+    assert video_transforms.span_frames(40, 10.0, (3.5, 60.0)) == (35, 5)   # an end past the video stops at its end
+    assert video_transforms.span_frames(40, 10.0, (9.0, 10.0)) == (39, 1)   # a span past the video keeps its last frame
+    assert video_transforms.span_frames(40, 10.0, None) == (0, 40)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_a_span_restricts_the_loaders_frames(square_video):
     # 10 frames in 4 segments (edges 0, 2, 5, 7, 10 of the span): middles 0, 3, 5, 8 -> frames 10, 13, 15, 18
     assert [frame_index_of(f) for f in view] == [10, 13, 15, 18]
     train = datasets.VideoTextDataset([record], mode="train", num_frames=4, input_size=64, sample_type="rand")
-    frames, n = train._decode(record.path, lambda n: datasets.train_frame_indices(
+    frames, n = train._decode(record.path, lambda n: video_transforms.train_frame_indices(
         n, 4, 1, "rand", np.random.default_rng(0)), record.span)
     assert n == 10 and all(10 <= frame_index_of(f) < 20 for f in frames)
 
@@ -194,7 +196,7 @@ def _ssv2_files(synthetic_root, folder):
 
 def test_match_by_caption_ids_in_a_training_batch(synthetic_root, tmp_path):
     train, _ = _ssv2_files(synthetic_root, tmp_path)
-    records = datasets.read_record_table(train, synthetic_root, fmt=SSV2)
+    records = annotations.read_record_table(train, synthetic_root, fmt=SSV2)
     collate = datasets.VideoTextCollator(datasets.build_tokenizer(), max_text_len=16)
     by_caption = datasets.VideoTextDataset(records, mode="train", num_frames=2, input_size=32, match_by="caption")
     batch = collate([by_caption[i] for i in range(3)])
@@ -270,7 +272,7 @@ def _brute_force_rank(scores: torch.Tensor, gt: torch.Tensor) -> int:
 
 def test_ssv2_one_caption_several_videos_through_the_real_loader(synthetic_root, tmp_path):
     _, val = _ssv2_files(synthetic_root, tmp_path)
-    records = datasets.read_annotations(val, synthetic_root, fmt=SSV2)
+    records = annotations.read_annotations(val, synthetic_root, fmt=SSV2)
     dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, input_size=32, short_side_size=32,
                                         sample_type="middle")
     tokenizer = datasets.build_tokenizer()
@@ -340,10 +342,10 @@ def test_svitt_takes_the_batch_match_id_as_its_positives():
 def test_the_fine_tuning_flags_choose_the_format_and_reach_the_training_batch(synthetic_root, tmp_path):
     parse = run.get_args_parser().parse_args
     assert run.annotation_format(parse(["--data_set", "didemo", "--no_clean_text"])) == \
-        datasets.AnnotationFormat(paragraphs=True)
+        annotations.AnnotationFormat(paragraphs=True)
     assert run.annotation_format(parse(["--paragraph_retrieval", "--clean_text"])) == DIDEMO  # msrvtt + flags
     assert run.annotation_format(parse(["--data_set", "SSv2_Template", "--match_by", "video"])) == \
-        datasets.AnnotationFormat(clean_text=True)
+        annotations.AnnotationFormat(clean_text=True)
     with pytest.raises(ValueError, match="unknown --data_set 'hmdb'"):
         run.annotation_format(parse(["--data_set", "hmdb"]))
     train, _ = _ssv2_files(synthetic_root, tmp_path)

@@ -11,14 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import annotations
 import checkpoint
 import datasets
 import model_registry
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import synthetic_dataset
-import utils
-from datasets import VideoRecord
+import video_transforms
+from annotations import VideoRecord
 
 # ----------------------------------------------------------------------------------------------- index functions
 
@@ -26,7 +27,7 @@ from datasets import VideoRecord
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 500), t=st.integers(1, 40))
 def test_segments_tile_the_video(n, t):
-    bounds = datasets.segment_bounds(n, t)
+    bounds = video_transforms.segment_bounds(n, t)
     assert len(bounds) == t and bounds[0][0] == 0 and all(0 <= a < b <= n for a, b in bounds)
     if n >= t:  # contiguous, the whole video, lengths within one frame of each other
         assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:])) and bounds[-1][1] == n
@@ -39,44 +40,47 @@ def test_segments_tile_the_video(n, t):
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 500), t=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
 def test_rand_takes_one_frame_inside_each_segment_from_the_generator(n, t, seed):
-    idx = datasets.segment_frame_indices(n, t, "rand", np.random.default_rng(seed))
+    idx = video_transforms.segment_frame_indices(n, t, "rand", np.random.default_rng(seed))
     assert len(idx) == t and all(isinstance(i, int) for i in idx)
-    assert all(a <= i < b for i, (a, b) in zip(idx, datasets.segment_bounds(n, t)))
-    assert idx == datasets.segment_frame_indices(n, t, "rand", np.random.default_rng(seed))
+    assert all(a <= i < b for i, (a, b) in zip(idx, video_transforms.segment_bounds(n, t)))
+    assert idx == video_transforms.segment_frame_indices(n, t, "rand", np.random.default_rng(seed))
     if n >= t:
         assert all(j > i for i, j in zip(idx, idx[1:]))  # one frame per segment: never the same frame twice
 
 
 def test_rand_reaches_every_frame_of_every_segment():
-    draws = np.array([datasets.segment_frame_indices(10, 4, "rand", np.random.default_rng(s)) for s in range(400)])
+    draws = np.array([video_transforms.segment_frame_indices(10, 4, "rand", np.random.default_rng(s))
+                      for s in range(400)])
     assert [set(draws[:, i].tolist()) for i in range(4)] == [{0, 1}, {2, 3, 4}, {5, 6}, {7, 8, 9}]
     with pytest.raises(ValueError, match="needs the sample's generator"):
-        datasets.segment_frame_indices(10, 4, "rand")
+        video_transforms.segment_frame_indices(10, 4, "rand")
 
 
 def test_middle_examples_and_short_videos():
-    assert datasets.segment_frame_indices(10, 4, "middle") == [0, 3, 5, 8]  # segments 0-1, 2-4, 5-6, 7-9
-    assert datasets.segment_frame_indices(16, 4, "middle") == [1, 5, 9, 13]  # the earlier of two middles
-    assert datasets.segment_frame_indices(100, 1, "middle") == [49]
-    assert datasets.segment_frame_indices(3, 6, "middle") == [0, 0, 1, 1, 2, 2]  # short: each frame repeated
-    assert datasets.segment_frame_indices(3, 6, "rand", np.random.default_rng(0)) == [0, 0, 1, 1, 2, 2]
-    assert datasets.segment_frame_indices(1, 4, "middle") == [0, 0, 0, 0]
-    assert datasets.segment_frame_indices(7, 3, "middle") == datasets.segment_frame_indices(7, 3, "middle")
+    assert video_transforms.segment_frame_indices(10, 4, "middle") == [0, 3, 5, 8]  # segments 0-1, 2-4, 5-6, 7-9
+    assert video_transforms.segment_frame_indices(16, 4, "middle") == [1, 5, 9, 13]  # the earlier of two middles
+    assert video_transforms.segment_frame_indices(100, 1, "middle") == [49]
+    assert video_transforms.segment_frame_indices(3, 6, "middle") == [0, 0, 1, 1, 2, 2]  # short: each frame repeated
+    assert video_transforms.segment_frame_indices(3, 6, "rand", np.random.default_rng(0)) == [0, 0, 1, 1, 2, 2]
+    assert video_transforms.segment_frame_indices(1, 4, "middle") == [0, 0, 0, 0]
+    assert video_transforms.segment_frame_indices(7, 3, "middle") == \
+        video_transforms.segment_frame_indices(7, 3, "middle")
     with pytest.raises(ValueError, match="no frames"):
-        datasets.segment_frame_indices(0, 4, "middle")
+        video_transforms.segment_frame_indices(0, 4, "middle")
 
 
 def test_k_middle_views_take_positions_j_plus_half_over_k_of_each_segment():
-    assert datasets.segment_clip_indices(30, 3, 3, "middle") == [[1, 11, 21], [4, 14, 24], [8, 18, 28]]
-    assert datasets.segment_clip_indices(30, 3, 1, "middle") == [datasets.segment_frame_indices(30, 3, "middle")]
-    assert datasets.segment_clip_indices(8, 4, 2, "middle") == [[0, 2, 4, 6], [1, 3, 5, 7]]  # every frame once
+    assert video_transforms.segment_clip_indices(30, 3, 3, "middle") == [[1, 11, 21], [4, 14, 24], [8, 18, 28]]
+    assert video_transforms.segment_clip_indices(30, 3, 1, "middle") == \
+        [video_transforms.segment_frame_indices(30, 3, "middle")]
+    assert video_transforms.segment_clip_indices(8, 4, 2, "middle") == [[0, 2, 4, 6], [1, 3, 5, 7]]  # every frame once
 
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 500), t=st.integers(1, 32), k=st.integers(1, 8))
 def test_middle_views_properties(n, t, k):
-    views = datasets.segment_clip_indices(n, t, k, "middle")
-    bounds = datasets.segment_bounds(n, t)
+    views = video_transforms.segment_clip_indices(n, t, k, "middle")
+    bounds = video_transforms.segment_bounds(n, t)
     assert len(views) == k and all(len(v) == t for v in views)
     for s, (a, b) in enumerate(bounds):
         column = [v[s] for v in views]
@@ -89,20 +93,21 @@ def test_middle_views_properties(n, t, k):
 
 
 def test_rand_evaluation_views_are_drawn_from_the_generator():
-    views = datasets.segment_clip_indices(60, 4, 3, "rand", np.random.default_rng(5))
-    assert views == datasets.segment_clip_indices(60, 4, 3, "rand", np.random.default_rng(5))
+    views = video_transforms.segment_clip_indices(60, 4, 3, "rand", np.random.default_rng(5))
+    assert views == video_transforms.segment_clip_indices(60, 4, 3, "rand", np.random.default_rng(5))
     assert len({tuple(v) for v in views}) == 3
-    assert all(a <= v[s] < b for v in views for s, (a, b) in enumerate(datasets.segment_bounds(60, 4)))
+    assert all(a <= v[s] < b for v in views for s, (a, b) in enumerate(video_transforms.segment_bounds(60, 4)))
 
 
 def test_stride_is_todays_sampling_and_bad_types_are_refused():
     for seed in range(20):
-        assert datasets.train_frame_indices(100, 8, 4, "stride", np.random.default_rng(seed)) == \
-            datasets.pretrain_frame_indices(100, 8, 4, np.random.default_rng(seed))
-    assert datasets.eval_clip_indices(100, 4, 2, 3, "stride") == datasets.test_clip_indices(100, 4, 2, 3)
-    assert datasets.train_frame_indices(100, 4, 9, "middle", np.random.default_rng(0)) == [12, 37, 62, 87]
+        assert video_transforms.train_frame_indices(100, 8, 4, "stride", np.random.default_rng(seed)) == \
+            video_transforms.stride_frame_indices(100, 8, 4, np.random.default_rng(seed))
+    assert video_transforms.eval_clip_indices(100, 4, 2, 3, "stride") == \
+        video_transforms.stride_clip_indices(100, 4, 2, 3)
+    assert video_transforms.train_frame_indices(100, 4, 9, "middle", np.random.default_rng(0)) == [12, 37, 62, 87]
     with pytest.raises(ValueError, match="unknown sample type 'uniform'"):
-        datasets.train_frame_indices(100, 4, 2, "uniform", np.random.default_rng(0))
+        video_transforms.train_frame_indices(100, 4, 2, "uniform", np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown sample type"):
         datasets.VideoTextDataset([VideoRecord("a.mp4", ["a"], "a")], sample_type="segments")
 
@@ -134,7 +139,8 @@ def test_training_clips_show_the_frames_sample_type_asks_for(gray_video, backend
                                        video_backend=backend, sample_type=sample_type)
         ds.set_epoch(2)
         for index in range(3):
-            want = datasets.train_frame_indices(30, 6, 3, sample_type, datasets.sample_rng(4, 2, index, "frames"))
+            rng = video_transforms.sample_rng(4, 2, index, "frames")
+            want = video_transforms.train_frame_indices(30, 6, 3, sample_type, rng)
             assert _frames_of(ds[index]["video"]) == want, (sample_type, index)
     rand = datasets.VideoTextDataset(recs, mode="train", num_frames=6, input_size=32, seed=4, sample_type="rand")
     epochs = [_frames_of(rand[0]["video"])]
@@ -155,7 +161,8 @@ def test_evaluation_views_show_their_segment_positions(gray_video):
     rand = datasets.VideoTextDataset(recs, mode="test", num_frames=5, input_size=32, short_side_size=32,
                                      test_num_segment=2, seed=9, sample_type="rand")
     got = [_frames_of(v) for v in rand[0]["video"]]
-    assert got == datasets.eval_clip_indices(30, 5, 4, 2, "rand", datasets.sample_rng(9, 0, 0, "frames"))
+    assert got == video_transforms.eval_clip_indices(30, 5, 4, 2, "rand",
+                                                     video_transforms.sample_rng(9, 0, 0, "frames"))
     rand.set_epoch(3)
     assert [_frames_of(v) for v in rand[0]["video"]] == got  # evaluation: fixed by the seed alone
     assert "rand of equal segments" in repr(rand)
@@ -166,7 +173,7 @@ def test_evaluation_views_show_their_segment_positions(gray_video):
 
 def _parsed(parser: argparse.ArgumentParser, *argv: str) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
-    utils.resolve_sample_types(args)  # what setup_run does before anything is saved or compared
+    video_transforms.resolve_sample_types(args)  # what the entry points do before anything is saved or compared
     return args
 
 
@@ -189,7 +196,7 @@ def test_both_entry_points_take_the_flags_and_evaluation_follows_training(make_p
 
 def test_a_changed_sample_type_is_a_reported_setting_change_also_against_older_checkpoints():
     p = run_simvtp_pretraining.get_args_parser()
-    saved = utils.plain_args(_parsed(p, "--data_path", "x.json"))
+    saved = checkpoint.plain_args(_parsed(p, "--data_path", "x.json"))
     now = _parsed(p, "--data_path", "x.json", "--sample_type", "rand")
     assert checkpoint.setting_changes(saved, now) == {"sample_type": ("stride", "rand"),
                                                       "sample_type_test": ("stride", "middle")}
@@ -241,7 +248,7 @@ def test_both_training_loaders_sample_by_the_flag(synthetic_root):
     _, pretrain_set, _ = run_simvtp_pretraining.build_loader(args, tokenizer, model)
     args = _parsed(run_simvtp_finetuning.get_args_parser(), *common)
     _as_after_setup_run(args)
-    records = datasets.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)
+    records = annotations.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)
     _, finetune_set, _ = run_simvtp_finetuning.build_train_loader(records, args, tokenizer)
     for ds in (pretrain_set, finetune_set):
         assert ds.sample_type == "rand" and "rand of equal segments" in repr(ds)

@@ -7,19 +7,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import annotations
 import answer_ranking
 import datasets
 import engine_for_finetuning
 import engine_for_qa as engine
 import model_registry
 import run_simvtp_qa as run
+import video_transforms
 from conftest import free_port, randomised
 
 
-def record(video: str, question: str, answers, qtype=None, qid=None) -> datasets.QARecord:
-    names, weights = datasets.answer_weights(answers)
-    return datasets.QARecord(path=video, question=question, answers=names, weights=weights,
-                             question_id=qid or f"{video}/{question}", answer_type=qtype)
+def record(video: str, question: str, answers, qtype=None, qid=None) -> annotations.QARecord:
+    names, weights = annotations.answer_weights(answers)
+    return annotations.QARecord(path=video, question=question, answers=names, weights=weights,
+                                question_id=qid or f"{video}/{question}", answer_type=qtype)
 
 
 def test_exact_match_accuracy_per_type_against_the_top_weighted_answer():
@@ -95,7 +97,7 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
     batch = {"video": video, "question_input_ids": q_ids, "question_mask": q_mask, "index": torch.tensor([5, 6])}
     clips = engine_for_finetuning.EvalConfig(device=torch.device("cpu"), num_clips=2, ensemble="mean")
     got = engine.answer_questions(model, [batch], ["a", "b", "c"], a_ids, a_mask, engine.QAEvalConfig(clips, 3))
-    per_clip = torch.stack([model.rank_answers(datasets.normalize_video(video[:, 0, :, 2 * c:2 * c + 2]), q_ids,
+    per_clip = torch.stack([model.rank_answers(video_transforms.normalize_video(video[:, 0, :, 2 * c:2 * c + 2]), q_ids,
                                                q_mask, a_ids, a_mask, 3)[1] for c in range(2)])
     expected = answer_ranking.ensemble_clip_scores(per_clip, "mean")
     assert [p["index"] for p in got] == [5, 6]
@@ -109,9 +111,9 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
 def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_root, name):
     tok = datasets.build_tokenizer()
     ann = synthetic_root / "annotations"
-    records = datasets.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
+    records = annotations.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
     records = records[::2] + records[1::2]  # a video's questions apart in the file
-    answers = datasets.read_answer_list(ann / "qa_answer_list.json")
+    answers = annotations.read_answer_list(ann / "qa_answer_list.json")
     argv = ["--num_frames", "2", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
             "--sample_type_test", "middle", "--test_num_segment", "2"]
     args = run.get_args_parser().parse_args(argv)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import model_registry
@@ -66,7 +67,7 @@ def test_finetune_resumes_selects_on_val_and_writes_one_prediction_per_test_ques
     assert best["model_cfg"]["name"] == "svitt_qa_tiny_patch16" and best["metric_name"] == "val_accuracy"
     assert best["metric"] == max(r["val_accuracy"] for r in log)
 
-    test = datasets.read_qa_annotations(_ann(synthetic_root, "qa_test.json"), synthetic_root)
+    test = annotations.read_qa_annotations(_ann(synthetic_root, "qa_test.json"), synthetic_root)
     rows = _lines(out / "test_predictions.jsonl")
     assert [r["question_id"] for r in rows] == [r.question_id for r in test]
     answers = set(json.load(open(_ann(synthetic_root, "qa_answer_list.json"))))

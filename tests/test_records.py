@@ -1,4 +1,4 @@
-"""datasets.RecordTable / read_record_table: the training list as numpy columns. Every field of every annotation
+"""annotations.RecordTable / read_record_table: the training list as numpy columns. Every field of every annotation
 format round-trips, the readers' errors, merging and --skip_bad_records are the same as read_annotations', exclude
 lists and the training dataset give the same samples as with a list of records, and a forked worker that touches
 every record of a table gains far less private memory than one that touches a list of records."""
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import annotations
 import datasets
 import run_simvtp_finetuning
 import synthetic_dataset
+import video_transforms
 from conftest import ROOT
-from datasets import AnnotationError, RecordTable, VideoRecord
+from annotations import AnnotationError, RecordTable, VideoRecord
 
 FORMATS = ("train_webvid.csv", "pretrain.json", "train.json", "val.json", "test.json", "test_1k.csv")
 
@@ -34,8 +36,8 @@ def _table_fields(table: RecordTable) -> list[tuple[str, list[str], str]]:
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_field_of_every_format_round_trips(synthetic_root, name):
     path = synthetic_root / "annotations" / name
-    records = datasets.read_annotations(path, synthetic_root)
-    table = datasets.read_record_table(path, synthetic_root)
+    records = annotations.read_annotations(path, synthetic_root)
+    table = annotations.read_record_table(path, synthetic_root)
     assert isinstance(table, RecordTable) and len(table) == len(records)
     assert _table_fields(table) == _fields(records)
     assert list(table) == records and [table[i] for i in range(-len(table), 0)] == records
@@ -59,16 +61,16 @@ def test_unicode_repeated_videos_and_several_captions(tmp_path):
                  "clips/ünï 中文"),
                 ("/r/b.mp4", ["a \ud800 lone surrogate, kept as it is"], "b"),
                 ("/r/c.mp4", ["twice", "twice"], "c")]  # a video's first captions are kept as listed
-    assert _fields(datasets.read_annotations(path, "/r")) == expected
-    table = datasets.read_record_table(path, "/r")
+    assert _fields(annotations.read_annotations(path, "/r")) == expected
+    table = annotations.read_record_table(path, "/r")
     assert _table_fields(table) == expected and table.caption_counts().tolist() == [4, 1, 2]
     csv_path = tmp_path / "webvid.csv"
     csv_path.write_text("videoid,contentUrl,duration,page_dir,name\n"
                         '7,u,PT1S,p1,"Café ""au lait"", 2 × 3 = ⑥"\n'
                         '8,u,PT1S,p1,"a caption\nover two lines"\n'
                         "7,u,PT1S,p1,Café again\n", encoding="utf-8")
-    table = datasets.read_record_table(csv_path, "/w")
-    assert _table_fields(table) == _fields(datasets.read_annotations(csv_path, "/w")) == [
+    table = annotations.read_record_table(csv_path, "/w")
+    assert _table_fields(table) == _fields(annotations.read_annotations(csv_path, "/w")) == [
         ("/w/p1/7.mp4", ['Café "au lait", 2 × 3 = ⑥', "Café again"], "7"),
         ("/w/p1/8.mp4", ["a caption\nover two lines"], "8")]
 
@@ -82,8 +84,8 @@ def test_a_byte_order_mark_and_windows_line_ends_are_read_alike(tmp_path):
     json_path.write_bytes("\ufeff\r\n  {\"a.mp4\": \"Ünïcode\"}\r\n".encode("utf-8"))
     for path, expected in [(csv_path, [("p/1.mp4", ["Crème brûlée"], "1"), ("p/2.mp4", ["two\nlines"], "2")]),
                            (json_path, [("a.mp4", ["Ünïcode"], "a")])]:
-        assert _fields(datasets.read_annotations(path)) == expected
-        assert _table_fields(datasets.read_record_table(path)) == expected
+        assert _fields(annotations.read_annotations(path)) == expected
+        assert _table_fields(annotations.read_record_table(path)) == expected
 
 
 def test_many_repeats_merge_like_the_list_reader(tmp_path):
@@ -92,9 +94,9 @@ def test_many_repeats_merge_like_the_list_reader(tmp_path):
              for v in rng.integers(0, 40, size=300)]
     path = tmp_path / "repeats.json"
     path.write_text(json.dumps(items))
-    records = datasets.read_annotations(path)
+    records = annotations.read_annotations(path)
     assert len(records) == len({item["video"] for item in items}) < len(items)
-    assert list(datasets.read_record_table(path)) == records
+    assert list(annotations.read_record_table(path)) == records
 
 
 def test_empty_tables_and_files_with_no_good_record(tmp_path):
@@ -114,7 +116,7 @@ def test_empty_tables_and_files_with_no_good_record(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         errors = []
-        for read in (datasets.read_annotations, datasets.read_record_table):
+        for read in (annotations.read_annotations, annotations.read_record_table):
             with pytest.raises(AnnotationError) as e:
                 read(path)
             errors.append(str(e.value))
@@ -126,13 +128,13 @@ def test_bad_records_are_reported_or_skipped_alike(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("videoid,contentUrl,duration,page_dir,name\n" + rows + "99,too,few\n")
     errors = []
-    for read in (datasets.read_annotations, datasets.read_record_table):
+    for read in (annotations.read_annotations, annotations.read_record_table):
         with pytest.raises(AnnotationError) as e:
             read(path)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "11 bad records of 31" in errors[0] and "3 columns" in errors[0]
-    records = datasets.read_annotations(path, skip_bad_records=True)
-    table = datasets.read_record_table(path, skip_bad_records=True)
+    records = annotations.read_annotations(path, skip_bad_records=True)
+    table = annotations.read_record_table(path, skip_bad_records=True)
     assert list(table) == records and len(table) == 20 and table.video_id(0) == "1"
     out = capsys.readouterr().out
     assert out.count("dropped 11 bad record(s) of 31 (--skip_bad_records)") == 2
@@ -140,28 +142,28 @@ def test_bad_records_are_reported_or_skipped_alike(tmp_path, capsys):
 
 def test_exclude_lists_match_the_same_records_of_a_table(synthetic_root, tmp_path):
     anno = synthetic_root / "annotations" / "train_webvid.csv"
-    records = datasets.read_annotations(anno, synthetic_root)
-    table = datasets.read_record_table(anno, synthetic_root)
+    records = annotations.read_annotations(anno, synthetic_root)
+    table = annotations.read_record_table(anno, synthetic_root)
     listed = tmp_path / "broken_videos.txt"
     listed.write_text(f"# dead\n{records[2].path}\tmissing\ntrain/{os.path.basename(records[5].path)}\n"
                       f"{os.path.relpath(records[7].path)}\nnot/a/listed/video.mp4\n")
-    exclude = datasets.read_exclude_list(listed)
-    assert datasets.excluded_indices(table, exclude, synthetic_root) == ({2, 5, 7}, 1)
-    assert datasets.excluded_indices(records, exclude, synthetic_root) == ({2, 5, 7}, 1)
-    assert datasets.exclusions_for(table, str(listed), synthetic_root) == {2, 5, 7}
+    exclude = annotations.read_exclude_list(listed)
+    assert annotations.excluded_indices(table, exclude, synthetic_root) == ({2, 5, 7}, 1)
+    assert annotations.excluded_indices(records, exclude, synthetic_root) == ({2, 5, 7}, 1)
+    assert annotations.exclusions_for(table, str(listed), synthetic_root) == {2, 5, 7}
 
 
 def _expected_caption(records, seed, epoch, index):
     """The caption rule of the training dataset: one of the record's captions, drawn by the sample's own stream."""
     captions = records[index].captions
-    return captions[int(datasets.sample_rng(seed, epoch, index, "caption").integers(len(captions)))]
+    return captions[int(video_transforms.sample_rng(seed, epoch, index, "caption").integers(len(captions)))]
 
 
 @pytest.mark.parametrize("name", ["train.json", "train_webvid.csv"])
 def test_the_training_dataset_gives_the_same_items_from_a_table(synthetic_root, name, tmp_path):
     anno = synthetic_root / "annotations" / name
-    records = datasets.read_annotations(anno, synthetic_root)
-    table = datasets.read_record_table(anno, synthetic_root)
+    records = annotations.read_annotations(anno, synthetic_root)
+    table = annotations.read_record_table(anno, synthetic_root)
     kw = dict(num_frames=4, sampling_rate=2, input_size=32, seed=5, video_backend="pyav")
     from_table, from_list = datasets.VideoTextDataset(table, **kw), datasets.VideoTextDataset(records, **kw)
     assert from_table.records is table and isinstance(from_list.records, RecordTable)
@@ -185,8 +187,8 @@ def test_the_training_dataset_gives_the_same_items_from_a_table(synthetic_root, 
 
 def test_split_val_of_a_table_holds_out_the_same_videos(synthetic_root):
     anno = synthetic_root / "annotations" / "train.json"
-    records = datasets.read_annotations(anno, synthetic_root)
-    table = datasets.read_record_table(anno, synthetic_root)
+    records = annotations.read_annotations(anno, synthetic_root)
+    table = annotations.read_record_table(anno, synthetic_root)
     train, val = run_simvtp_finetuning.split_val(table, 0.25, seed=3)
     list_train, list_val = run_simvtp_finetuning.split_val(records, 0.25, seed=3)
     assert isinstance(train, RecordTable) and isinstance(val, RecordTable)
@@ -238,8 +240,8 @@ def _touch_table(table) -> None:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc/self/smaps_rollup")
 def test_a_forked_worker_touching_every_record_copies_far_less_of_a_table(tmp_path):
     anno = synthetic_dataset.write_webvid_scale_csv(tmp_path / "webvid.csv", 100_000, seed=1)
-    records = datasets.read_annotations(anno, "/data/webvid")
-    table = datasets.read_record_table(anno, "/data/webvid")
+    records = annotations.read_annotations(anno, "/data/webvid")
+    table = annotations.read_record_table(anno, "/data/webvid")
     assert len(table) == len(records) == 100_000
     list_growth = _private_growth_of_forked_child(lambda: _touch_list(records))
     table_growth = _private_growth_of_forked_child(lambda: _touch_table(table))

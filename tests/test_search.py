@@ -13,6 +13,7 @@ import cv2
 import pytest
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import engine_for_finetuning as engine
@@ -38,7 +39,7 @@ def dual_ckpt(tmp_path_factory) -> Path:
 def copy_videos(synthetic_root: Path, folder: Path, count: int) -> dict[str, list[str]]:
     """The first `count` synthetic test videos copied under folder (every third into a subfolder) -> their
     relative paths with captions."""
-    records = datasets.read_annotations(synthetic_root / "annotations" / "test.json", synthetic_root)[:count]
+    records = annotations.read_annotations(synthetic_root / "annotations" / "test.json", synthetic_root)[:count]
     out = {}
     for i, r in enumerate(records):
         rel = f"sub/{Path(r.path).name}" if i % 3 == 2 else Path(r.path).name
@@ -112,7 +113,7 @@ def test_a_search_ranks_the_videos_as_the_retrieval_evaluation_does(tmp_path, sy
     searcher = search.Searcher(str(out))
 
     model, _ = search.load_model(str(dual_ckpt), torch.device("cpu"))
-    records = [datasets.VideoRecord(path=str(videos / rel), captions=caps, video_id=rel)
+    records = [annotations.VideoRecord(path=str(videos / rel), captions=caps, video_id=rel)
                for rel, caps in captions.items()]
     dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, sampling_rate=2, input_size=64,
                                         short_side_size=64, test_num_segment=2, test_num_crop=1)

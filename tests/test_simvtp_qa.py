@@ -145,13 +145,15 @@ def test_qa_models_are_registered_as_the_pretraining_and_retrieval_models_qa_mod
 
 def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
     """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
+    import annotations
     import datasets
+    import video_transforms
     tok = datasets.build_tokenizer()
-    records = datasets.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
+    records = annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
     data = datasets.VideoQADataset(records, mode="train", num_frames=2, sampling_rate=2, input_size=32,
                                    sample_type="rand")
     batch = datasets.VideoQACollator(tok, max_q_len=25, max_a_len=5)([data[i] for i in range(3)])
-    batch["video"] = datasets.normalize_video(batch["video"])
+    batch["video"] = video_transforms.normalize_video(batch["video"])
     model = model_registry.create("simvtp_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=len(tok)).train()
     loss = model(batch)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0

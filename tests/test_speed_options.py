@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import masking_generator
@@ -65,7 +66,7 @@ def test_the_options_train_and_leave_a_checkpoint_that_loads(synthetic_root, tmp
 
 
 def _train_set(synthetic_root, clips_per_video: int) -> datasets.VideoTextDataset:
-    records = datasets.read_annotations(os.path.join(synthetic_root, "annotations", "pretrain.json"), synthetic_root)
+    records = annotations.read_annotations(os.path.join(synthetic_root, "annotations", "pretrain.json"), synthetic_root)
     return datasets.VideoTextDataset(records, num_frames=4, sampling_rate=2, input_size=32, seed=5,
                                      clips_per_video=clips_per_video,
                                      mask_generator=masking_generator.build_mask_generator("tube", (2, 4, 4), 0.75))

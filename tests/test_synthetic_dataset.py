@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-import datasets
+import annotations
 import synthetic_dataset as sd
+import video_io
 from conftest import ROOT, TINY_SYNTHETIC
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
@@ -23,7 +24,7 @@ def test_every_annotation_file_reads_back(synthetic_root):
     ann = synthetic_root / "annotations"
     counts = {s: TINY_SYNTHETIC[f"num_{s}"] for s in sd.SPLITS}
     assert sd.read_manifest(synthetic_root)["counts"] == counts
-    read = {name: datasets.read_annotations(ann / name, synthetic_root) for name in sd.ANNOTATION_FILES
+    read = {name: annotations.read_annotations(ann / name, synthetic_root) for name in sd.ANNOTATION_FILES
             if name != "metadata.json"}
     assert [len(read[n]) for n in ("train_webvid.csv", "pretrain.json", "train.json", "val.json", "test.json",
                                    "test_1k.csv")] == [counts["train"]] * 3 + [counts["val"]] + [counts["test"]] * 2
@@ -37,7 +38,7 @@ def test_every_annotation_file_reads_back(synthetic_root):
     assert all(2 <= len(r.captions) <= 5 and len(set(r.captions)) == len(r.captions)
                for n in ("train.json", "val.json", "test.json") for r in read[n])
     assert read["test_1k.csv"][0].captions[0] == read["test.json"][0].captions[0]
-    with datasets.open_video(read["val.json"][0].path) as video:
+    with video_io.open_video(read["val.json"][0].path) as video:
         assert video.num_frames == TINY_SYNTHETIC["num_frames"]
         assert video.get_frames([0]).shape == (1, TINY_SYNTHETIC["height"], TINY_SYNTHETIC["width"], 3)
 
@@ -46,11 +47,11 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
     a = sd.ensure_synthetic_dataset(tmp_path / "a", workers=1, verbose=False, seed=5, **SMALL)
     b = sd.ensure_synthetic_dataset(tmp_path / "b", workers=1, verbose=False, seed=5, **SMALL)
     c = sd.ensure_synthetic_dataset(tmp_path / "c", workers=1, verbose=False, seed=6, **SMALL)
-    caps = {root: [r.captions for r in datasets.read_annotations(root / "annotations" / "train.json")]
+    caps = {root: [r.captions for r in annotations.read_annotations(root / "annotations" / "train.json")]
             for root in (a, b, c)}
     assert caps[a] == caps[b] != caps[c]
-    with datasets.open_video(a / "train" / "train_00001.mp4") as va, \
-            datasets.open_video(b / "train" / "train_00001.mp4") as vb:
+    with video_io.open_video(a / "train" / "train_00001.mp4") as va, \
+            video_io.open_video(b / "train" / "train_00001.mp4") as vb:
         assert np.array_equal(va.get_frames([0]), vb.get_frames([0]))
     # growing the training split leaves the test clips as they were
     d = sd.ensure_synthetic_dataset(tmp_path / "d", workers=1, verbose=False, seed=5, **{**SMALL, "num_train": 6})
@@ -116,7 +117,7 @@ def test_mpeg4_fallback_codec_decodes(tmp_path):
     root = sd.ensure_synthetic_dataset(tmp_path, workers=1, verbose=False, codec="mpeg4",
                                        **{**SMALL, "num_train": 1, "num_val": 0, "num_test": 0})
     for backend in ("decord", "pyav"):
-        with datasets.open_video(root / "train" / "train_00000.mp4", backend) as video:
+        with video_io.open_video(root / "train" / "train_00000.mp4", backend) as video:
             assert video.num_frames == SMALL["num_frames"] and video.get_frames([7]).shape == (1, 32, 32, 3)
 
 
@@ -132,7 +133,7 @@ def test_cli_help_and_build(tmp_path, capsys):
     assert "already built" in capsys.readouterr().out
     sd.main([*argv, "--force"])
     assert "synthetic dataset: 4 clips" in capsys.readouterr().out
-    with datasets.open_video(tmp_path / "test" / "test_00000.mp4") as video:
+    with video_io.open_video(tmp_path / "test" / "test_00000.mp4") as video:
         assert video.get_frames([0]).shape == (1, 32, 64, 3)
 
 

@@ -99,12 +99,6 @@ def test_resumable_sampler_continues_at_the_right_sample_with_another_process_co
     assert len(missed) <= 2 if drop_last else not missed  # only the tail that does not divide by 3 is dropped
 
 
-def test_plain_args_holds_only_plain_values():
-    import argparse
-    ns = argparse.Namespace(a=1, b="x", c=[1, 2], d=torch.device("cpu"), e=None)
-    assert utils.plain_args(ns) == {"a": 1, "b": "x", "c": [1, 2], "d": "cpu", "e": None}
-
-
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
     text = utils.emulated_bf16_warning("bf16", "cpu", native=False)
     assert "without AVX512-BF16 or AMX" in text and "--precision auto" in text
@@ -124,12 +118,14 @@ def test_auto_precision_is_native_bf16_else_fp16_on_cuda_else_fp32():
 def test_error_message_of_a_data_loader_worker_is_the_original_error_only(broken_videos):
     """A broken test video found inside a loader worker reaches the entry point wrapped with the worker's
     traceback; the user sees the original one-line message."""
+    import annotations
     import datasets
+    import video_io
 
-    records = [datasets.VideoRecord(str(broken_videos["missing"]), ["x"], "gone")]
+    records = [annotations.VideoRecord(str(broken_videos["missing"]), ["x"], "gone")]
     dataset = datasets.VideoTextDataset(records, mode="test", num_frames=4, input_size=32)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
-    with pytest.raises(datasets.VideoDecodeError) as info:
+    with pytest.raises(video_io.VideoDecodeError) as info:
         next(iter(loader))
     assert "Original Traceback" in str(info.value)
     message = utils.error_message(info.value)
@@ -166,3 +162,9 @@ def test_device_math_is_set_for_a_cuda_device_and_left_alone_on_the_cpu():
     finally:
         (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
          torch.backends.cudnn.benchmark) = saved
+
+
+def test_interrupted_message_names_the_checkpoint_to_resume_from():
+    assert "nothing to resume" in utils.interrupted_message(None)
+    text = utils.interrupted_message("out/checkpoint-3.pth")
+    assert "out/checkpoint-3.pth" in text and "--auto_resume" in text

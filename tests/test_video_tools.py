@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-import datasets
+import video_io
 import video_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def test_preprocess_output_loads_with_the_training_decoder(source_tree, tmp_path
     dst = tmp_path / "dst"
     assert video_tools.main(["preprocess", "--src", str(source_tree), "--dst", str(dst), "--short_side", "32",
                              "--fps", "8", "--workers", "1", "--out_ext", "mp4", "--preset", "ultrafast"]) == 0
-    video = datasets.open_video(str(dst / "a.mp4"))
+    video = video_io.open_video(str(dst / "a.mp4"))
     assert abs(video.num_frames - 16) <= 1 and video.fps == pytest.approx(8)
     frames = video.get_frames([0, video.num_frames - 1])
     assert frames.shape == (2, 32, 56, 3) and frames.dtype == np.uint8
@@ -278,7 +278,7 @@ def test_preprocess_shared_fixture_videos(video_files, tmp_path, capsys):
                              "--workers", "2", "--preset", "ultrafast"]) == 0
     assert f"converted {len(video_files)}, skipped 0" in capsys.readouterr().out
     for path in video_files.values():
-        with datasets.open_video(str(dst / path.name)) as video:
+        with video_io.open_video(str(dst / path.name)) as video:
             frames = video.get_frames([0, video.num_frames - 1])
             assert min(frames.shape[1:3]) == 64 and video.fps == pytest.approx(5)
 
@@ -320,7 +320,7 @@ def test_preprocess_writes_the_container_its_extension_names(source_tree, tmp_pa
     assert container_and_codec(dst / "deep" / "mat.mkv") == ("matroska", "h264")
     for name in ("web.webm", "deep/mat.mkv"):
         for backend in ("decord", "pyav"):  # the training loader reads them
-            with datasets.open_video(str(dst / name), backend=backend) as video:
+            with video_io.open_video(str(dst / name), backend=backend) as video:
                 assert abs(video.num_frames - 16) <= 1 and video.fps == pytest.approx(8)
                 assert video.get_frames([0, video.num_frames - 1]).shape == (2, 64, 114, 3)
     webm = tmp_path / "webm"
@@ -423,12 +423,12 @@ def test_resample_frames_count_and_order(src_fps, n, fps, expected):
 
 
 def test_mp4_cut_reason(media):
-    assert video_tools.mp4_cut_reason(str(media / "good.mp4")) is None
-    assert video_tools.mp4_cut_reason(str(media / "corrupt.mp4")) is None  # layout intact
-    assert video_tools.mp4_cut_reason(str(media / "text.mp4")) is None  # not an MP4: the decoder judges
-    assert "ends" in video_tools.mp4_cut_reason(str(media / "truncated.mp4"))
+    assert video_io.mp4_cut_reason(str(media / "good.mp4")) is None
+    assert video_io.mp4_cut_reason(str(media / "corrupt.mp4")) is None  # layout intact
+    assert video_io.mp4_cut_reason(str(media / "text.mp4")) is None  # not an MP4: the decoder judges
+    assert "ends" in video_io.mp4_cut_reason(str(media / "truncated.mp4"))
 
 
 def test_probe_indices_cover_the_end():
-    assert video_tools.probe_indices(1) == [0]
-    assert video_tools.probe_indices(100) == [0, 50, 98, 99]
+    assert video_io.probe_indices(1) == [0]
+    assert video_io.probe_indices(100) == [0, 50, 98, 99]
