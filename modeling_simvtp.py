@@ -1,5 +1,6 @@
 """SimVTP: one unified video-text transformer, its pre-training model, the retrieval dual encoder, the video QA
-model, the registry and the checkpoint key mapping.
+model and their registration (layers both families share are in layers.py, checkpoint key mapping in
+simvtp_weights.py).
 
 Tensor names and shapes follow the release exactly (the release's key lists are in tests/data/), so its
 checkpoints, VideoMAE's K400 pre-training checkpoint and BERT's embeddings load strictly / by role. Shapes: B batch,
@@ -9,7 +10,6 @@ P = 2*16*16*3 values.
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Callable
 
 import torch
@@ -17,13 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
-from torch.utils.checkpoint import checkpoint
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
+from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, matching_negatives,
+                    mlm_loss, negatives_now, run_layer, vtc_loss)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
+from simvtp_weights import convert_state_dict, recognise_release
 
 # ----------------------------------------------------------------------------------------------- building blocks
 
@@ -168,19 +168,8 @@ class Block(nn.Module):
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, keep: torch.Tensor | None, grad_ckpt: bool) -> torch.Tensor:
     """The blocks in order; with grad_ckpt, activations are recomputed in backward (non-reentrant)."""
     for blk in blocks:
-        if grad_ckpt and torch.is_grad_enabled():
-            x = checkpoint(blk, x, keep, use_reentrant=False)
-        else:
-            x = blk(x, keep)
+        x = run_layer(blk, grad_ckpt, x, keep)
     return x
-
-
-def build_text_embeddings(vocab_size: int, dim: int, max_text_positions: int = 512) -> BertEmbeddings:
-    """BERT's embedding layer (word + absolute position + token type, LayerNorm eps 1e-12, no dropout).
-    Its position_ids / token_type_ids buffers are non-persistent: the state_dict holds only the 5 weights."""
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, max_position_embeddings=max_text_positions,
-                     type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.0)
-    return BertEmbeddings(cfg)
 
 
 def masked_mean(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,77 +319,6 @@ def visible_pixel_stats(tubes: torch.Tensor, video_mask: torch.Tensor,
     return x.mean(dim=1)[:, None, None], x.std(dim=1)[:, None, None]
 
 # ----------------------------------------------------------------------------------------------- losses
-
-
-def vtc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: float | torch.Tensor,
-             gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             match_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE on L2-normalised features [b, D] (pair i matches), over the global batch when `gather`
-    ([b, D] -> [world*b, D], with gradient) is given: every rank computes the same global x global loss.
-    match_ids long [b] (e.g. SSv2's caption ids): pairs i, j with the same id are positives too, the target
-    spread evenly over a row's positives."""
-    v = F.normalize(video_feat.float(), dim=-1)
-    t = F.normalize(text_feat.float(), dim=-1)
-    if gather is not None:
-        v, t = gather(v), gather(t)
-        match_ids = gather(match_ids) if match_ids is not None else None
-    logits = v @ t.t() / temperature
-    if match_ids is None:
-        labels = torch.arange(len(v), device=v.device)
-    else:
-        positives = (match_ids[:, None] == match_ids[None, :]).float()
-        labels = positives / positives.sum(dim=1, keepdim=True)  # symmetric: one target for both directions
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch's captions of each caption's mean CE over its masked tokens.
-
-    logits: [B, L, V] of every position (a static shape: no data-dependent selection, no host sync), labels:
-    [B, L], -100 where a token is not masked. A caption without masked tokens contributes 0 and still counts in
-    the mean, so the loss is an exact mean of per-rank losses."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
-    counts = (labels != -100).sum(dim=1).clamp(min=1)
-    return (ce.view(labels.shape).sum(dim=1) / counts).sum() / len(labels)
-
-
-def sample_negatives(sim: torch.Tensor, hard: bool = True, match_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One negative column per row of sim [B, B] (B >= 2), never the diagonal (the positive) nor, given match_ids
-    [B], a column of the row's id (another clip of the same video) unless the row has no other: drawn with
-    probability softmax(sim) (hard, ALBEF style) or uniformly (the release), from torch's global RNG."""
-    logits = torch.nan_to_num(sim.detach().float(), nan=0.0) if hard else torch.zeros_like(sim, dtype=torch.float)
-    exclude = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
-    if match_ids is not None:
-        same = match_ids[:, None] == match_ids[None, :]
-        exclude |= same & ~same.all(dim=1, keepdim=True)
-    probs = logits.masked_fill(exclude, float("-inf")).softmax(dim=1)
-    # torch.multinomial(probs, 1)'s own draw (argmax of p / E, E ~ Exp(1): the same picks from the same RNG state)
-    # without its two validity checks, which read the device from the host on CUDA
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=1)
-
-
-NEGATIVE_MODES = ("hard", "random", "mixed")
-
-
-def negatives_now(mode: str, random_epochs: int, batch: dict) -> str:
-    """This step's matching negatives: `mode` once the batch's data epoch (the collator's plain int
-    "train_epoch": nothing read from the device) is past the `random_epochs` warm-up, "random" before. From
-    random weights a matching head given only hard negatives (which differ from the positive in one attribute)
-    stays on the constant answer; uniform ones teach it the coarse differences first."""
-    return mode if int(batch.get("train_epoch", random_epochs)) >= random_epochs else "random"
-
-
-def matching_negatives(sim: torch.Tensor, mode: str, match_ids: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sim [B videos, B texts] -> (a negative video for each caption, a negative caption for each video), each
-    [B]: both by similarity ("hard", ALBEF), both uniform ("random", SimVTP's release), or the video by
-    similarity and the caption uniformly ("mixed": every positive meets one hard and one easy negative, so the
-    head keeps a signal it can learn while it learns the hard one)."""
-    if mode not in NEGATIVE_MODES:
-        raise ValueError(f"vtm_negatives must be one of {NEGATIVE_MODES}, got {mode!r}")
-    neg_video = sample_negatives(sim.t(), mode != "random", match_ids)
-    neg_text = sample_negatives(sim, mode == "hard", match_ids)
-    return neg_video, neg_text
 
 
 class PixelDecoder(nn.Module):
@@ -711,13 +629,6 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
 # ----------------------------------------------------------------------------------------------- video QA
 
 
-def causal_key_mask(keep: torch.Tensor) -> torch.Tensor:
-    """keep: bool/0-1 [N, L] (real tokens) -> bool [N, 1, L, L]: query i may attend to the real keys j <= i."""
-    length = keep.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
-    return (causal[None] & keep.bool()[:, None, :])[:, None]
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: causal self-attention, cross-attention to the question pass's states, MLP. The
     self-attention, MLP and norms are named as in Block, so a layer starts as a copy of an encoder block."""
@@ -761,10 +672,7 @@ class AnswerDecoder(nn.Module):
         self_mask = causal_key_mask(answer_mask)
         memory_keys = memory_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, self_mask, memory, memory_keys, use_reentrant=False)
-            else:
-                x = layer(x, self_mask, memory, memory_keys)
+            x = run_layer(layer, self.grad_checkpointing, x, self_mask, memory, memory_keys)
         return self.norm(x)
 
 
@@ -852,25 +760,16 @@ class SimVTPQA(TubeModelContract, nn.Module):
         memory, memory_mask = self.encode_question(video, question_ids, question_mask, video_tokens)
         return rank_by_decoder(self, memory, memory_mask, answer_ids, answer_mask, k)
 
-    # -- the retrieval half of the model contract does not apply
-    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError("SimVTPQA has no retrieval pass: use a simvtp_* or simvtp_dual_* model")
-
-    encode_text = match_video_cache = match_logits = encode_video
-
 # ----------------------------------------------------------------------------------------------- registry
 
 TINY = dict(embed_dim=192, depth=4, num_heads=3, img_size=112, num_frames=8)
 SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 BASE = dict(embed_dim=768, depth=12, num_heads=12)
-_TIMM_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _build(cls: type, defaults: dict, kwargs: dict) -> nn.Module:
-    """defaults overridden by the caller's kwargs (timm's own arguments dropped; no weights are downloaded)."""
-    if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained=True: load weights with checkpoint.load_pretrained, nothing is downloaded")
-    return cls(**{**defaults, **{k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}})
+    """A registered SimVTP size (see layers.build_registered)."""
+    return build_registered(cls, defaults, kwargs, "checkpoint.load_pretrained")
 
 
 @register_model("simvtp", retrieval_model="simvtp_dual_tiny_patch16", qa_model="simvtp_qa_tiny_patch16")
@@ -945,152 +844,6 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--vtm_negatives_per_pair", type=int, default=None, choices=[1, 2],
                    help="matching negatives per positive pair: 2 (default: a negative video and a negative caption) "
                         "or 1 (half the negatives' joint pass)")
-
-
-def recognise_release(keys: list[str]) -> str | None:
-    """A file without model_cfg (the release's): its full model by its keys; VideoMAE / BERT files are only parts."""
-    return {"simvtp_finetune": "simvtp_dual_base_patch16",
-            "simvtp_pretrain": "simvtp_base_patch16"}.get(_source_or_none(keys))
-
-
-def _source_or_none(keys: list[str]) -> str | None:
-    try:
-        return detect_source(keys)
-    except ValueError:
-        return None
-
-# ----------------------------------------------------------------------------------------------- key mapping
-
-
-def detect_source(keys: list[str]) -> str:
-    """simvtp_finetune | simvtp_qa | simvtp_pretrain | videomae_pretrain | bert, from a checkpoint's tensor names."""
-    def has(*prefixes: str) -> bool:
-        return any(k.startswith(prefixes) for k in keys)
-    if has("video_encoder.", "text_encoder.text_embeddings."):  # not SViTT's text_encoder.*
-        return "simvtp_finetune"
-    if has("answer_decoder."):
-        return "simvtp_qa"
-    if has("encoder.blocks.", "encoder.patch_embed."):
-        return "simvtp_pretrain" if has("text_embeddings.", "text_cls.", "vtm_head.") else "videomae_pretrain"
-    if has("bert.embeddings.", "embeddings.word_embeddings."):
-        return "bert"
-    raise ValueError(f"unrecognised checkpoint ({len(keys)} tensors, first {keys[:5]}): expected a SimVTP, "
-                     "VideoMAE pre-training or BERT checkpoint")
-
-
-def _bert_embedding_name(key: str) -> str | None:
-    """'bert.embeddings.LayerNorm.gamma' / 'embeddings.LayerNorm.weight' -> 'LayerNorm.weight'; None otherwise."""
-    for prefix in ("bert.embeddings.", "embeddings."):
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name))
-    return None
-
-
-def _map_bert(state_dict: dict, targets: tuple[str, ...]) -> dict:
-    """BERT's embeddings to every `targets` prefix; its other tensors keep their names (reported unused)."""
-    out = {}
-    for k, v in state_dict.items():
-        name = _bert_embedding_name(k)
-        if name is None:
-            out[k] = v
-        for prefix in targets if name is not None else ():
-            out[prefix + name] = v
-    return out
-
-
-def _map_pretrain_to_dual(state_dict: dict) -> dict:
-    """Both branches take encoder.patch_embed / encoder.blocks (prefix dropped) and text_embeddings; the rest
-    (encoder.norm, decoder, heads) keep their names and are reported unused."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(("encoder.patch_embed.", "encoder.blocks.")):
-            rest = k[len("encoder."):]
-        elif k.startswith("text_embeddings."):
-            rest = k
-        else:
-            out[k] = v
-            continue
-        out["video_encoder." + rest] = out["text_encoder." + rest] = v
-    return out
-
-
-def _map_dual_to_qa(state_dict: dict) -> dict:
-    """A fine-tuned dual encoder into the QA model: its video branch is the unified encoder (patch_embed, blocks;
-    its fc_norm, the nearest trained output norm, as encoder.norm) with the branch's text_embeddings (the
-    pre-training's, frozen in retrieval fine-tuning); the text branch keeps its names and is reported unused."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(("video_encoder.patch_embed.", "video_encoder.blocks.")):
-            out["encoder." + k[len("video_encoder."):]] = v
-        elif k.startswith("video_encoder.fc_norm."):
-            out["encoder.norm." + k[len("video_encoder.fc_norm."):]] = v
-        elif k.startswith("video_encoder.text_embeddings."):
-            out[k[len("video_encoder."):]] = v
-        else:
-            out[k] = v
-    return out
-
-
-def answer_decoder_from_encoder_blocks(state_dict: dict, depth: int, decoder_depth: int) -> dict:
-    """The QA model's answer decoder from a state dict with encoder.* names: decoder layer i <- encoder block
-    depth - decoder_depth + i (norm1, attn, norm2, mlp by name; cross_norm / cross_attn <- the same block's norm1 /
-    attn: SimVTP has no cross-attention, its own self-attention is the nearest pre-trained start), the final norm
-    <- encoder.norm (the one the word head was trained on). Entries the state dict already has stay."""
-    out = dict(state_dict)
-    first = depth - decoder_depth
-    for k, v in state_dict.items():
-        if k.startswith("encoder.norm."):
-            out.setdefault("answer_decoder.norm." + k[len("encoder.norm."):], v)
-            continue
-        if not k.startswith("encoder.blocks."):
-            continue
-        index, part, rest = k[len("encoder.blocks."):].split(".", 2)
-        i = int(index) - first
-        if not 0 <= i < decoder_depth:
-            continue
-        layer = f"answer_decoder.layers.{i}."
-        out.setdefault(f"{layer}{part}.{rest}", v)
-        cross = {"attn": "cross_attn", "norm1": "cross_norm"}.get(part)
-        if cross:
-            out.setdefault(f"{layer}{cross}.{rest}", v)
-    return out
-
-
-# what a pre-training / VideoMAE / dual-encoder file holds that the QA model has by design no place for: dropped
-# by convert_state_dict (named in the kind it returns), so a load report lists only real gaps
-QA_UNUSED = ("mask_token", "temp")
-QA_UNUSED_PREFIXES = ("decoder.", "encoder_to_decoder.", "vtm_head.", "text_encoder.")
-QA_UNUSED_PARTS = {"simvtp_pretrain": "pixel decoder and matching head", "videomae_pretrain": "pixel decoder",
-                   "simvtp_finetune": "text branch"}
-
-
-def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | None = None) -> tuple[dict, str]:
-    """Map a checkpoint's tensors onto `model`'s names -> (mapped state_dict, source kind). See detect_source.
-    `file_config` (a file's own training config, e.g. the SViTT release's) tells SimVTP nothing. Into the QA
-    model, a source without an answer decoder starts it from the top encoder blocks, and the parts it has no place
-    for (pre-training heads, a dual encoder's text branch: QA_UNUSED*) are dropped and counted in the kind."""
-    model = getattr(model, "module", model)
-    kind = detect_source(list(state_dict))
-    dual, qa = isinstance(model, SimVTPDualEncoder), isinstance(model, SimVTPQA)
-    if kind == "bert":
-        targets = ("video_encoder.text_embeddings.", "text_encoder.text_embeddings.") if dual else ("text_embeddings.",)
-        return _map_bert(state_dict, targets), kind
-    if qa:
-        if kind == "simvtp_qa":
-            return dict(state_dict), kind
-        mapped = _map_dual_to_qa(state_dict) if kind == "simvtp_finetune" else dict(state_dict)
-        unused = [k for k in mapped if k in QA_UNUSED or k.startswith(QA_UNUSED_PREFIXES)]
-        mapped = answer_decoder_from_encoder_blocks({k: v for k, v in mapped.items() if k not in unused},
-                                                    len(model.encoder.blocks), len(model.answer_decoder.layers))
-        dropped = f"; {len(unused)} tensors of its {QA_UNUSED_PARTS[kind]} dropped" if unused else ""
-        return mapped, f"{kind} (answer decoder from the top encoder blocks{dropped})"
-    if dual and kind != "simvtp_finetune":
-        return _map_pretrain_to_dual(state_dict), kind
-    if not dual and kind == "simvtp_finetune":
-        raise ValueError("a fine-tuned dual-encoder checkpoint cannot initialise a pre-training model "
-                         "(it has no decoder, word or matching head); use a simvtp_dual_* model")
-    return dict(state_dict), kind
 
 
 register_family(ModelFamily(name="simvtp", add_args=add_model_args, convert_state_dict=convert_state_dict,

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a job in a fresh interpreter (so its peak RSS is its own) and a plain-text table."""
+"""What the benchmarks share: the repository's modules on sys.path (every benchmark imports this module first), a
+job in a fresh interpreter (so its peak RSS is its own), a plain-text table, timing and the machine's name."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,25 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent  # the repository: its flat modules are what the benchmarks measure
+if str(REPO) not in sys.path:  # first, ahead of site-packages: our datasets.py, not Hugging Face's `datasets`
+    sys.path.insert(0, str(REPO))
 
 RELEASE_COMMIT = "4b54321"  # github:wufeim/SimVTP, "release code"
 SVITT_RELEASE_COMMIT = "c8806b3"  # github:JerryYLi/svitt, "Initial commit"
 SVITT_RELEASE_FILES = ("models/sparse_xbeit.py", "models/sparse_config.py",
                        "configs/beit-base-patch16-224-pt22k-ft22k.json")
+
+
+def release_first_path(src: str) -> list[str]:
+    """sys.path for running a release's own code: its checkout first, without this folder or the repository (our
+    modules must not shadow the release's)."""
+    ours = {str(HERE), str(REPO)}
+    return [os.path.abspath(src)] + [p for p in sys.path if os.path.abspath(p or ".") not in ours]
 
 
 def run_job_in_subprocess(script: str, job: dict, out_path: str, name: str, env: dict | None = None,

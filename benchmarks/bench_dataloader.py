@@ -34,9 +34,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import REPO
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
@@ -291,7 +290,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="repeated sampling (run_simvtp_pretraining.py --clips_per_video) to try, with 0 workers "
                    "and 1 decoder thread: clips from one read of a video; each must divide --batch_size")
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="holds synthetic/ and bench_cache/")
+    p.add_argument("--data_dir", default=str(REPO / "data"), help="holds synthetic/ and bench_cache/")
     p.add_argument("--profile", action="store_true",
                    help="time each stage of a sample (always done for 640x360 below target)")
     p.add_argument("--profile_samples", type=int, default=24)
@@ -401,7 +400,7 @@ def compare_with_release(args: argparse.Namespace, sets: dict, rows: list[dict])
             anno = os.path.join(folder, f"{name}.json")
             with open(anno, "w") as f:  # the release's format: {video path: caption}
                 json.dump({str(r.path): r.captions[0] for r in records}, f)
-            job = dict(kind="loader", src=args.release_src, vocab_dir=str(ROOT / "assets" / "bert-base-uncased"),
+            job = dict(kind="loader", src=args.release_src, vocab_dir=str(REPO / "assets" / "bert-base-uncased"),
                        annotation=anno, num_frames=clip["num_frames"], sampling_rate=clip["sampling_rate"],
                        input_size=clip["input_size"], warmup=args.warmup * args.batch_size,
                        clips=args.batches * args.batch_size)

@@ -19,9 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import print_table
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
@@ -31,10 +30,7 @@ import datasets  # noqa: E402
 import engine_for_pretraining as engine  # noqa: E402
 import masking_generator  # noqa: E402
 import model_registry  # noqa: E402
-import modeling_simvtp  # noqa: E402,F401  (registers the models)
-import modeling_svitt  # noqa: E402,F401
 import video_transforms  # noqa: E402
-from bench_common import print_table  # noqa: E402
 
 CAPTIONS = ("a man rides a bicycle along a mountain road at sunset", "waves breaking on a sandy beach",
             "hands kneading dough on a wooden table", "a dog running through tall grass")

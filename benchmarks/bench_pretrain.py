@@ -73,27 +73,25 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import REPO, print_table, require_release_checkout, run_job_in_subprocess, time_calls
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from bench_common import print_table, require_release_checkout, run_job_in_subprocess, time_calls  # noqa: E402
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter
 
 
 def import_training_stack() -> None:
     """torch and the repo's modules, as module globals. Only the job processes need them: the parent process just
     plans, starts and reports, and starts in a fraction of a second (the test runs the whole script in < 30 s)."""
-    global torch, create_model, flop_counter, datasets, engine, masking_generator, modeling_simvtp, utils, CPU
+    global torch, model_registry, flop_counter, datasets, engine, masking_generator, modeling_simvtp, utils, CPU
     global video_transforms
     import torch
-    from timm.models import create_model
     from torch.utils import flop_counter
 
     import datasets
     import engine_for_pretraining as engine
     import masking_generator
-    import modeling_simvtp  # (registers the models)
+    import model_registry
+    import modeling_simvtp
     import utils
     import video_transforms
     CPU = torch.device("cpu")
@@ -158,7 +156,7 @@ def build(cfg: dict, vocab_size: int, grad_checkpointing: bool):
     t, s = cfg["num_frames"], cfg["input_size"]
     kwargs = dict(cfg.get("model_kwargs", {}))
     compiled = kwargs.pop("compile_blocks", False)
-    model = create_model(cfg["model"], pretrained=False, img_size=s, num_frames=t, vocab_size=vocab_size, **kwargs)
+    model = model_registry.create(cfg["model"], img_size=s, num_frames=t, vocab_size=vocab_size, **kwargs)
     model.set_grad_checkpointing(grad_checkpointing)
     if compiled:  # as --compile_blocks does; the warm-up steps pay for the compilation
         utils.compile_blocks(model)
@@ -737,7 +735,7 @@ def plan_release_jobs(args: argparse.Namespace, jobs: list[dict]) -> list[dict]:
     if not args.release_src:
         return []
     require_release_checkout(args.release_src)
-    vocab = str(ROOT / "assets" / "bert-base-uncased")
+    vocab = str(REPO / "assets" / "bert-base-uncased")
     base = [j for j in jobs if j["config"] == "base"]
     if not base:
         print("--release_src: the release has only the base model; add base to --configs to compare", flush=True)

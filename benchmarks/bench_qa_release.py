@@ -29,17 +29,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import print_table, require_svitt_release_checkout, run_job_in_subprocess
 
 import torch  # noqa: E402
 
 import answer_ranking  # noqa: E402
 import datasets  # noqa: E402
+import model_registry  # noqa: E402
 import modeling_svitt  # noqa: E402
 import synthetic_dataset  # noqa: E402
-from bench_common import print_table, require_svitt_release_checkout, run_job_in_subprocess  # noqa: E402
 from bench_svitt import release_python  # noqa: E402
 
 RELEASE_SCRIPT = Path(__file__).with_name("release_svitt_qa.py")
@@ -49,7 +48,7 @@ MAX_Q_LEN, MAX_A_LEN = 25, 5
 def seeded_model(seed: int, scale: float) -> modeling_svitt.SViTTQA:
     """The tiny QA model with every parameter redrawn (vectors of norms around 1) from a seeded generator."""
     torch.manual_seed(seed)
-    model = modeling_svitt.svitt_qa_tiny_patch16().eval()
+    model = model_registry.create("svitt_qa_tiny_patch16").eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -38,9 +38,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# bench_common first: it puts the repository's modules on sys.path
+import bench_common  # noqa: F401
 
 import numpy as np  # noqa: E402
 

@@ -16,17 +16,16 @@ by ~95%; a trained model's lists also overlap heavily).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import print_table
 import datasets  # noqa: E402
 import engine_for_finetuning as engine  # noqa: E402
 import model_registry  # noqa: E402
-from bench_common import print_table  # noqa: E402
 
 MODELS = ("svitt_tiny_patch16", "simvtp_tiny_patch16")
 MSRVTT_ITEMS, MSRVTT_K = 1000, 128

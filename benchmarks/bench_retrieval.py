@@ -9,17 +9,16 @@ Inputs are random tensors of the right shapes (throughput does not depend on pix
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from timm.models import create_model
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench_common first: it puts the repository's modules on sys.path
+import bench_common  # noqa: F401
 import engine_for_finetuning as engine  # noqa: E402
-import modeling_simvtp  # noqa: E402,F401
+import model_registry  # noqa: E402
 import utils  # noqa: E402
 
 DUAL_MODELS = ("simvtp_dual_tiny_patch16", "simvtp_dual_base_patch16")
@@ -43,7 +42,7 @@ def text_batch(batch: int, length: int, vocab: int = 30522) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def bench_embedding(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict:
-    model = create_model(name, img_size=args.size, num_frames=args.frames).eval()
+    model = model_registry.create(name, img_size=args.size, num_frames=args.frames).eval()
     video = torch.randn(args.video_batch, 3, args.frames, args.size, args.size)
     ids, mask = text_batch(args.text_batch, args.text_len)
     cpu = torch.device("cpu")
@@ -70,7 +69,7 @@ def bench_metrics(n: int, dim: int = 768) -> dict:
 @torch.no_grad()
 def bench_rerank(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """One query's K (video, caption) pairs through the joint pass + matching head, in one batch."""
-    model = create_model(name, img_size=args.size, num_frames=args.frames).eval()
+    model = model_registry.create(name, img_size=args.size, num_frames=args.frames).eval()
     video = torch.randn(1, 3, args.frames, args.size, args.size).expand(args.k, -1, -1, -1, -1)
     ids, mask = text_batch(args.k, args.text_len)
     with utils.autocast(torch.device("cpu"), dtype):

@@ -26,13 +26,11 @@ import time
 import urllib.parse
 import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# bench_common first: it puts the repository's modules on sys.path
+import bench_common
 
 import torch  # noqa: E402
 
-import bench_common  # noqa: E402
 import checkpoint  # noqa: E402
 import model_registry  # noqa: E402
 import search  # noqa: E402
@@ -44,7 +42,7 @@ MOTIONS = ["slides left", "moves up", "grows", "shrinks", "travels to the right"
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--videos", default=os.path.join(REPO, "data", "synthetic", "test"),
+    p.add_argument("--videos", default=os.path.join(bench_common.REPO, "data", "synthetic", "test"),
                    help="folder of videos to index (default: the synthetic test split; build it with "
                    "synthetic_dataset.py)")
     p.add_argument("--models", nargs="+", default=["tiny", "base"], choices=sorted(MODELS), help="models to time")
@@ -125,8 +123,8 @@ def time_http(index_dir: str, texts: list[str]) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "search.py"), "serve", index_dir, "--port",
-                               str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([sys.executable, os.path.join(bench_common.REPO, "search.py"), "serve", index_dir, "--port",
+                               str(port)], cwd=bench_common.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300

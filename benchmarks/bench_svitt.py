@@ -71,13 +71,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import utils  # noqa: E402
-from bench_common import (SVITT_RELEASE_COMMIT, machine, print_table, require_svitt_release_checkout,  # noqa: E402
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import (SVITT_RELEASE_COMMIT, machine, print_table, require_svitt_release_checkout,
                           run_job_in_subprocess, time_calls)
+import utils
 
 KEEP_RATE = {4: 0.7, 8: 0.6, 16: 0.5}  # the paper's keep rates per frame count
 DROP_LOC = (3, 6, 9)
@@ -187,6 +184,7 @@ def attention_memory_job(job: dict) -> dict:
     import torch
 
     import modeling_svitt as S
+    import sparse_attention
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     grid = (job["frames"], 14, 14)
@@ -194,10 +192,11 @@ def attention_memory_job(job: dict) -> dict:
     torch.nn.init.normal_(layer.attention.relative_position_bias.relative_position_bias_table)
     n = job["frames"] * 196
     x = torch.randn(BATCH, 1 + n, 768)
-    coords = S.patch_coordinates(*grid).expand(BATCH, -1, -1)
+    coords = sparse_attention.patch_coordinates(*grid).expand(BATCH, -1, -1)
     pattern = None
     if job["variant"] == "sparse":
-        pattern = S.sample_block_pattern(-(-n // BLOCK), LOCAL, RANDOM, BLOCK, torch.Generator().manual_seed(0))
+        pattern = sparse_attention.sample_block_pattern(-(-n // BLOCK), LOCAL, RANDOM, BLOCK,
+                                                       torch.Generator().manual_seed(0))
     before_current, before_peak = current_rss_mib(), peak_rss_mib()
     with torch.no_grad():
         layer(x, coords, pattern)

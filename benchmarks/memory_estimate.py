@@ -22,13 +22,9 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench_common import print_table, run_job_in_subprocess  # noqa: E402
+# bench_common first: it puts the repository's modules on sys.path
+from bench_common import print_table, run_job_in_subprocess
 
 GIB = 2 ** 30
 GPUS = {"V100-32": 32, "A100-80": 80, "H100-80": 80}
@@ -155,9 +151,7 @@ def recipes() -> list[Recipe]:
 def count_parameters(model: str, kwargs: dict) -> int:
     """Trainable parameters of the registered model (built on CPU: the towers draw their init with .tolist())."""
     import torch
-    import model_registry  # noqa: F401  (registers both families)
-    import modeling_simvtp  # noqa: F401
-    import modeling_svitt  # noqa: F401
+    import model_registry  # (creating a model registers both families)
     with torch.no_grad():
         net = model_registry.create(model, **kwargs)
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -232,7 +226,6 @@ def measure_job(job: dict) -> dict:
     """A tiny SimVTP pre-training step in fp32 on CPU: peak RSS of forward + backward over the RSS before it."""
     import torch
     import model_registry
-    import modeling_simvtp  # noqa: F401
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = model_registry.create("simvtp_tiny_patch16", num_frames=job["frames"], img_size=job["px"]).train()

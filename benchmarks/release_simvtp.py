@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import types
 
-from bench_common import require_release_checkout  # beside this file
+from bench_common import release_first_path, require_release_checkout  # beside this file
 
 # The flags of the release's scripts/pretrain_webvid.sh that shape the step (the rest: paths and schedule).
 RELEASE_FLAGS = ["--mask_type", "tube", "--mask_ratio", "0.9", "--model", "pretrain_simvtp_base_patch16_224",
@@ -73,8 +72,7 @@ def import_release(src: str, vocab_dir: str):
     """Put the checkout first on sys.path, apply the in-memory adjustments of the module docstring, and return the
     release's run_simvtp_pretraining module (which imports the rest)."""
     require_release_checkout(src)
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [os.path.abspath(src)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path[:] = release_first_path(src)
     import math
 
     import numpy

@@ -47,7 +47,7 @@ import statistics
 import sys
 import types
 
-from bench_common import require_svitt_release_checkout, time_calls  # beside this file
+from bench_common import release_first_path, require_svitt_release_checkout, time_calls  # beside this file
 
 BATCH, IMAGE_SIZE = 2, 224
 BEIT_CONFIG = os.path.join("configs", "beit-base-patch16-224-pt22k-ft22k.json")
@@ -79,8 +79,7 @@ def import_release(src: str):
     """Put the checkout first on sys.path (without this folder: our modules must not shadow the release's), apply
     the adjustment of the module docstring and return the release's (BeitConfig, BeitModel)."""
     require_svitt_release_checkout(src)
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [os.path.abspath(src)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path[:] = release_first_path(src)
     provide_optional_modules()
     from models.sparse_config import BeitConfig
     from models.sparse_xbeit import BeitModel

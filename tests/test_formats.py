@@ -208,7 +208,7 @@ def test_match_by_caption_ids_in_a_training_batch(synthetic_root, tmp_path):
 
 
 def test_vtc_loss_with_match_ids_by_hand():
-    from modeling_simvtp import vtc_loss
+    from layers import vtc_loss
 
     # 3 pairs, videos 0 and 2 carry the same caption. Unit features, temperature 1:
     v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])

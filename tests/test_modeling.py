@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.models import create_model, list_models
 
 import checkpoint
+import layers
 import model_registry
 import modeling_simvtp as M
 
@@ -112,7 +113,7 @@ def test_dual_model_shapes_and_unused_parameters_frozen(name):
     assert video.shape == text.shape == (3, 32)
     out = model(batch)  # the contract's training step: its own contrastive loss
     assert set(out) == {"loss"} and out["loss"].dim() == 0
-    expected = M.vtc_loss(video, text, model.temperature)
+    expected = layers.vtc_loss(video, text, model.temperature)
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -208,7 +209,7 @@ def test_explicit_and_sdpa_attention_agree_under_the_same_boolean_masks():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
     keys = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]
-    causal = M.causal_key_mask(keys[:, 0, 0].long())
+    causal = layers.causal_key_mask(keys[:, 0, 0].long())
     for mask in (None, keys, causal):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         torch.testing.assert_close(M.explicit_attention(q, k, v, mask, 8 ** -0.5), want, rtol=1e-6, atol=1e-6)
@@ -310,8 +311,8 @@ def test_vtc_is_symmetric_infonce_by_hand():
     cols = [-math.log(math.exp(s[0][0]) / (math.exp(s[0][0]) + math.exp(s[1][0]))),
             -math.log(math.exp(s[1][1]) / (math.exp(s[0][1]) + math.exp(s[1][1])))]
     expected = (sum(rows) / 2 + sum(cols) / 2) / 2
-    assert M.vtc_loss(v, t, 0.5).item() == pytest.approx(expected, rel=1e-6)
-    assert M.vtc_loss(v, t, 0.5, gather=lambda x: x).item() == pytest.approx(expected, rel=1e-6)
+    assert layers.vtc_loss(v, t, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert layers.vtc_loss(v, t, 0.5, gather=lambda x: x).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mlm_is_mean_over_captions_of_each_captions_mean():
@@ -322,19 +323,19 @@ def test_mlm_is_mean_over_captions_of_each_captions_mean():
     labels[0, 2], labels[1, [0, 1, 3]] = targets[0], targets[1:]
     every = torch.randn(3, 4, 10)  # the word head's logits at every position; only the masked ones count
     every[0, 2], every[1, [0, 1, 3]] = logits[0], logits[1:]
-    torch.testing.assert_close(M.mlm_loss(every[:2], labels[:2]), expected)
-    torch.testing.assert_close(M.mlm_loss(every, labels), 2 * expected / 3)  # no masked word: 0
+    torch.testing.assert_close(layers.mlm_loss(every[:2], labels[:2]), expected)
+    torch.testing.assert_close(layers.mlm_loss(every, labels), 2 * expected / 3)  # no masked word: 0
 
 
 def test_vtm_negatives_never_the_positive_and_follow_similarity():
     torch.manual_seed(0)
     sim = torch.randn(5, 5) + 100 * torch.eye(5)
-    draws = torch.stack([M.sample_negatives(sim, hard) for hard in (True, False) for _ in range(200)])
+    draws = torch.stack([layers.sample_negatives(sim, hard) for hard in (True, False) for _ in range(200)])
     assert not bool((draws == torch.arange(5)).any())
     peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
     peaked[torch.arange(4), (torch.arange(4) + 1) % 4] = 20.0
-    assert torch.equal(M.sample_negatives(peaked, hard=True), (torch.arange(4) + 1) % 4)
-    uniform = torch.stack([M.sample_negatives(peaked, hard=False) for _ in range(300)])
+    assert torch.equal(layers.sample_negatives(peaked, hard=True), (torch.arange(4) + 1) % 4)
+    uniform = torch.stack([layers.sample_negatives(peaked, hard=False) for _ in range(300)])
     assert len(set(uniform[:, 0].tolist())) == 3  # random: every other caption drawn
 
 
@@ -342,7 +343,7 @@ def test_vtm_negatives_are_multinomials_draws_without_its_host_checks():
     sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     for seed in range(20):
         torch.manual_seed(seed)
-        got = M.sample_negatives(sim)
+        got = layers.sample_negatives(sim)
         torch.manual_seed(seed)
         probs = sim.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf")).softmax(dim=1)
         assert torch.equal(got, torch.multinomial(probs, 1).squeeze(1))
@@ -386,19 +387,19 @@ def test_mixed_negatives_draw_the_video_by_similarity_and_the_caption_uniformly(
     peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
     peaked[(torch.arange(4) + 1) % 4, torch.arange(4)] = 20.0  # video i + 1 is caption i's closest other, and
     # caption v - 1 video v's
-    draws = [M.matching_negatives(peaked, "mixed") for _ in range(300)]
+    draws = [layers.matching_negatives(peaked, "mixed") for _ in range(300)]
     assert all(torch.equal(v, (torch.arange(4) + 1) % 4) for v, _ in draws)
     assert len({int(t[0]) for _, t in draws}) == 3
-    hard_v, hard_t = M.matching_negatives(peaked, "hard")
+    hard_v, hard_t = layers.matching_negatives(peaked, "hard")
     assert torch.equal(hard_v, (torch.arange(4) + 1) % 4) and torch.equal(hard_t, (torch.arange(4) + 3) % 4)
     with pytest.raises(ValueError, match="vtm_negatives"):
-        M.matching_negatives(peaked, "easy")
+        layers.matching_negatives(peaked, "easy")
 
 
 def test_matching_negatives_are_random_during_the_warm_up_epochs():
-    assert M.negatives_now("hard", 3, {"train_epoch": 2}) == "random"
-    assert M.negatives_now("mixed", 3, {"train_epoch": 3}) == "mixed"
-    assert M.negatives_now("hard", 0, {}) == "hard"
+    assert layers.negatives_now("hard", 3, {"train_epoch": 2}) == "random"
+    assert layers.negatives_now("mixed", 3, {"train_epoch": 3}) == "mixed"
+    assert layers.negatives_now("hard", 0, {}) == "hard"
 
 
 @pytest.mark.parametrize("build", [tiny, tiny_dual])

@@ -14,7 +14,7 @@ import datasets
 import masking_generator
 import model_registry
 import run_simvtp_pretraining
-from modeling_simvtp import sample_negatives
+from layers import sample_negatives
 from test_pretraining import _args
 
 TINY = dict(img_size=32, num_frames=4, vocab_size=30522)

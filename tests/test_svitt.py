@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modeling_svitt as S
+import sparse_attention
+import svitt_references
 import svitt_release
+import svitt_weights
 
 RELEASE_VISION_KEYS = Path(__file__).parent / "data" / "svitt_vision_keys.json"  # release pretrain, 4 frames
 
@@ -19,7 +22,7 @@ RELEASE_VISION_KEYS = Path(__file__).parent / "data" / "svitt_vision_keys.json" 
 def tower(**kw) -> S.SViTTVisionTower:
     """Tiny tower with random (non-zero) relative bias tables so that a wrong lookup shows."""
     torch.manual_seed(0)
-    model = S.SViTTVisionTower(S.svitt_tiny_config(**kw)).eval()
+    model = S.SViTTVisionTower(svitt_references.svitt_tiny_config(**kw)).eval()
     with torch.no_grad():
         for layer in model.encoder.layer:
             layer.attention.attention.relative_position_bias.relative_position_bias_table.normal_()
@@ -30,7 +33,7 @@ def clip(batch: int = 2, frames: int = 8, size: int = 112) -> torch.Tensor:
     return torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def reference_mask(pattern: S.BlockPattern, n: int) -> torch.Tensor:
+def reference_mask(pattern: sparse_attention.BlockPattern, n: int) -> torch.Tensor:
     """The explicit [L, L] mask of a block pattern, built pair by pair (independent of pattern_to_dense_mask)."""
     bs = pattern.block_size
     mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
@@ -51,7 +54,7 @@ def sparse_vs_dense(model: S.SViTTVisionTower, seed: int = 0):
         for i, pattern in enumerate(sparse.patterns):
             masks.append(reference_mask(pattern, n)[None])
             if i in model.config.token_drop_loc and model.config.token_keep_rate < 1:
-                n = S.keep_count(n, model.config.token_keep_rate)
+                n = sparse_attention.keep_count(n, model.config.token_keep_rate)
         dense = model(video, dense_masks=masks)
     return sparse, dense, masks
 
@@ -71,7 +74,7 @@ def test_sparse_equals_dense_under_explicit_mask(kw):
 
 
 def test_local_window_one_is_block_diagonal_plus_cls():
-    pattern = S.sample_block_pattern(5, 1, 0, 4)
+    pattern = sparse_attention.sample_block_pattern(5, 1, 0, 4)
     assert torch.equal(pattern.key_blocks[:, 0], torch.arange(5)) and bool(pattern.valid.all())
     n = 18  # last block padded (5 blocks of 4 = 20)
     expected = torch.zeros(n + 1, n + 1, dtype=torch.bool)
@@ -79,7 +82,7 @@ def test_local_window_one_is_block_diagonal_plus_cls():
     for i in range(n):
         for j in range(n):
             expected[1 + i, 1 + j] = i // 4 == j // 4
-    assert torch.equal(S.pattern_to_dense_mask(pattern, n), expected)
+    assert torch.equal(svitt_references.pattern_to_dense_mask(pattern, n), expected)
     assert torch.equal(reference_mask(pattern, n), expected)
     sparse, dense, _ = sparse_vs_dense(tower(sparse_local_attn=1, sparse_random_attn=0, attn_block_size=48))
     torch.testing.assert_close(sparse.tokens, dense.tokens, atol=1e-5, rtol=1e-5)
@@ -97,7 +100,7 @@ def test_padding_keys_masked_unless_release_mode():
 
 
 def test_random_blocks_reproducible_and_outside_window():
-    draw = lambda seed: S.sample_block_pattern(12, 3, 3, 56, torch.Generator().manual_seed(seed))
+    draw = lambda seed: sparse_attention.sample_block_pattern(12, 3, 3, 56, torch.Generator().manual_seed(seed))
     a, b, c = draw(0), draw(0), draw(1)
     assert torch.equal(a.key_blocks, b.key_blocks) and torch.equal(a.valid, b.valid)
     assert not torch.equal(a.key_blocks, c.key_blocks)
@@ -112,7 +115,7 @@ def test_random_blocks_reproducible_and_outside_window():
 
 
 def test_too_few_blocks_for_random_are_marked_invalid():
-    p = S.sample_block_pattern(3, 3, 2, 8, torch.Generator().manual_seed(0))
+    p = sparse_attention.sample_block_pattern(3, 3, 2, 8, torch.Generator().manual_seed(0))
     assert p.valid[:, 3:].sum() == 2  # only blocks 0 and 2 have one block outside their window each
     assert p.valid[:, :3].sum() == 7  # local windows clipped at the edges
 
@@ -155,9 +158,9 @@ def test_random_pruning_is_seeded():
 @pytest.mark.parametrize("grid", [(1, 14, 14), (4, 14, 14), (8, 14, 14), (8, 7, 7), (3, 5, 9)])
 def test_relative_table_rows(grid):
     T, h, w = grid
-    rpb = S.RelativePositionBias3D(grid, 2)
+    rpb = sparse_attention.RelativePositionBias3D(grid, 2)
     assert rpb.relative_position_bias_table.shape == ((2 * T - 1) * (2 * h - 1) * (2 * w - 1) + 3, 2)
-    rows = rpb.full_rows(S.patch_coordinates(*grid)[None])[0]
+    rows = rpb.full_rows(sparse_attention.patch_coordinates(*grid)[None])[0]
     n = T * h * w
     assert rows.shape == (n + 1, n + 1)
     assert int(rows[1:, 1:].min()) == 0 and int(rows[1:, 1:].max()) == rpb.relative_position_bias_table.shape[0] - 4
@@ -166,8 +169,8 @@ def test_relative_table_rows(grid):
 
 
 def test_release_index_formula_at_224():
-    rpb = S.RelativePositionBias3D((4, 14, 14), 1)
-    coords = S.patch_coordinates(4, 14, 14)
+    rpb = sparse_attention.RelativePositionBias3D((4, 14, 14), 1)
+    coords = sparse_attention.patch_coordinates(4, 14, 14)
     q, k = coords[[0, 200, 783]], coords[[783, 5, 0]]
     rows = rpb.patch_rows(q, k)
     for i in range(3):
@@ -178,11 +181,11 @@ def test_release_index_formula_at_224():
 
 def test_bias_after_pruning_matches_dense_bias_at_kept_coordinates():
     grid = (8, 7, 7)
-    rpb = S.RelativePositionBias3D(grid, 3)
+    rpb = sparse_attention.RelativePositionBias3D(grid, 3)
     torch.nn.init.normal_(rpb.relative_position_bias_table)
-    full = rpb.lookup(rpb.full_rows(S.patch_coordinates(*grid)[None]))[0]  # [H, 393, 393]
+    full = rpb.lookup(rpb.full_rows(sparse_attention.patch_coordinates(*grid)[None]))[0]  # [H, 393, 393]
     keep = torch.randperm(392, generator=torch.Generator().manual_seed(0))[:100].sort().values
-    kept_bias = rpb.lookup(rpb.full_rows(S.patch_coordinates(*grid)[keep][None]))[0]
+    kept_bias = rpb.lookup(rpb.full_rows(sparse_attention.patch_coordinates(*grid)[keep][None]))[0]
     idx = torch.cat([torch.zeros(1, dtype=torch.long), keep + 1])
     assert torch.equal(kept_bias, full[:, idx][:, :, idx])
 
@@ -199,18 +202,18 @@ def test_tiny_tower_forward_backward_reaches_every_parameter():
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="sparse_local_attn"):
-        S.svitt_tiny_config(sparse_local_attn=2)
+        svitt_references.svitt_tiny_config(sparse_local_attn=2)
     with pytest.raises(ValueError, match="token_drop_method"):
-        S.svitt_tiny_config(token_drop_method="norm")
+        svitt_references.svitt_tiny_config(token_drop_method="norm")
 
 
 def test_base_tower_names_and_shapes_match_release_vision_keys():
     release = {k: v for k, v in json.loads(RELEASE_VISION_KEYS.read_text())["keys"]}
     assert len(release) == 233
     ours = {k: list(v.shape) for k, v in S.SViTTVisionTower(S.svitt_base_config(num_frames=4)).state_dict().items()}
-    mapped = S.release_vision_state_dict(release)
+    mapped = svitt_references.release_vision_state_dict(release)
     assert mapped == ours
-    dropped = set(release) - {S.RELEASE_VISION_PREFIX + k for k in mapped}
+    dropped = set(release) - {svitt_weights.RELEASE_VISION_PREFIX + k for k in mapped}
     assert len(dropped) == 12 and all(k.endswith("relative_position_index") for k in dropped)
 
 
@@ -232,7 +235,7 @@ def test_chunked_sparse_attention_and_mlp_match_unchunked(monkeypatch, chunk_blo
     with torch.no_grad():
         whole = tower(**kw)(video, generator=torch.Generator().manual_seed(0))
     key_bytes = (1 + 4 * 56) * 192 * 4  # one query block's gathered keys (float32, width 192)
-    monkeypatch.setattr(S, "SPARSE_CHUNK_BYTES", chunk_blocks * key_bytes)
+    monkeypatch.setattr(sparse_attention, "SPARSE_CHUNK_BYTES", chunk_blocks * key_bytes)
     monkeypatch.setattr(S, "MLP_CHUNK_ROWS", 100)
     sparse, dense, _ = sparse_vs_dense(tower(**kw))
     torch.testing.assert_close(sparse.tokens, whole.tokens, atol=1e-5, rtol=1e-5)
@@ -245,10 +248,10 @@ def test_sparse_layout_is_built_once_per_pattern_and_coordinates():
     pattern = model.pattern_for(392, torch.Generator().manual_seed(0))
     rpb = model.encoder.layer[0].attention.attention.relative_position_bias
     coords = model.patch_coords.expand(2, -1, -1)
-    first = S.sparse_layout(pattern, coords, rpb, False)
-    assert all(a is b for a, b in zip(first, S.sparse_layout(pattern, coords, rpb, False)))
+    first = sparse_attention.sparse_layout(pattern, coords, rpb, False)
+    assert all(a is b for a, b in zip(first, sparse_attention.sparse_layout(pattern, coords, rpb, False)))
     per_sample = coords.clone()  # as after pruning: one coordinate set per sample (here equal values)
-    again = S.sparse_layout(pattern, per_sample, rpb, False)
+    again = sparse_attention.sparse_layout(pattern, per_sample, rpb, False)
     assert again[1].shape[0] == 2 and first[1].shape[0] == 1  # per-sample bias rows once coordinates differ
     assert torch.equal(again[1][0], first[1][0]) and torch.equal(again[1][1], first[1][0])
 
@@ -259,14 +262,14 @@ def test_release_padding_matches_the_release_after_pruning():
     against the release's BeitSelfAttention itself), the masked mode does not."""
     grid, bs, B, n = (4, 5, 5), 8, 2, 45
     torch.manual_seed(0)
-    layer = S.SViTTSelfAttention(24, 3, grid).eval()
+    layer = sparse_attention.SViTTSelfAttention(24, 3, grid).eval()
     torch.nn.init.normal_(layer.relative_position_bias.relative_position_bias_table)
     g = torch.Generator().manual_seed(3)
     keep = torch.stack([torch.randperm(100, generator=g)[:n].sort().values for _ in range(B)])
     x = torch.randn(B, 1 + n, 24, generator=g)
     key_blocks = torch.tensor([[0, 3, 5], [1, 2, 4], [2, 0, 4], [3, 0, 1], [4, 2, 5], [5, 1, 2]])  # local + 2 random
-    pattern = S.BlockPattern(key_blocks, torch.ones_like(key_blocks, dtype=torch.bool), bs)
-    coords = S.patch_coordinates(*grid)[keep]
+    pattern = sparse_attention.BlockPattern(key_blocks, torch.ones_like(key_blocks, dtype=torch.bool), bs)
+    coords = sparse_attention.patch_coordinates(*grid)[keep]
     index = svitt_release.release_relative_position_index(grid)
     table = layer.relative_position_bias.relative_position_bias_table
     with torch.no_grad():
@@ -283,7 +286,7 @@ def test_bias_rows_are_int32_without_a_head_dimension():
     model = tower(sparse_local_attn=1, sparse_random_attn=1, attn_block_size=40)
     pattern = model.pattern_for(392, torch.Generator().manual_seed(0))
     rpb = model.encoder.layer[0].attention.attention.relative_position_bias
-    key_tokens, rows = S.sparse_layout(pattern, model.patch_coords.expand(2, -1, -1), rpb, False)
+    key_tokens, rows = sparse_attention.sparse_layout(pattern, model.patch_coords.expand(2, -1, -1), rpb, False)
     assert rows.dtype == torch.int32 and rows.shape == (1, 10, 40, 88)  # 1 + 2*40 keys, rounded up to 88
     assert key_tokens.shape == (10, 81)
 
@@ -356,13 +359,13 @@ def test_sparse_attention_kernel_count_does_not_grow_with_the_batch():
     Counted: the operators the layer and the autograd engine call (not those a CPU kernel calls inside itself,
     such as the per-sample slices of the CPU's bmm backward at these small sizes: one batched call on CUDA)."""
     grid = (2, 4, 4)
-    layer = S.SViTTSelfAttention(48, 3, grid)
+    layer = sparse_attention.SViTTSelfAttention(48, 3, grid)
 
     def count(batch: int, per_sample: bool) -> int:
-        coords = S.patch_coordinates(*grid).expand(batch, -1, -1)
+        coords = sparse_attention.patch_coordinates(*grid).expand(batch, -1, -1)
         coords = coords.clone() if per_sample else coords
         x = torch.randn(batch, 33, 48, requires_grad=True)
-        pattern = S.sample_block_pattern(4, 1, 1, 8, torch.Generator().manual_seed(0))
+        pattern = sparse_attention.sample_block_pattern(4, 1, 1, 8, torch.Generator().manual_seed(0))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             layer(x, coords, pattern)[0].sum().backward()
         return sum(e.cpu_parent is None or e.cpu_parent.name.startswith("autograd::engine::evaluate_function")
@@ -378,7 +381,7 @@ def test_table_gradient_under_bf16_is_summed_in_fp32():
     table = torch.randn(5, 3, requires_grad=True)
     rows = torch.randint(0, 5, (1, 4, 64, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     upstream = torch.randn(4, 3, 64, 128).to(torch.bfloat16)
-    S.relative_bias(table, rows, 1, torch.bfloat16, 128).backward(upstream)
+    sparse_attention.relative_bias(table, rows, 1, torch.bfloat16, 128).backward(upstream)
     exact = torch.zeros(6, 3).index_add_(0, rows.flatten().long(), upstream.float().permute(0, 2, 3, 1).reshape(-1, 3))
     torch.testing.assert_close(table.grad, exact[:5], atol=1e-4, rtol=1e-5)
     cast_first = table.detach().to(torch.bfloat16).requires_grad_()
@@ -386,12 +389,12 @@ def test_table_gradient_under_bf16_is_summed_in_fp32():
     assert (cast_first.grad.float() - exact[:5]).abs().max() > 1.0  # what bf16 summation loses
 
     torch.manual_seed(0)
-    layer = S.SViTTSelfAttention(48, 3, (4, 7, 7))
+    layer = sparse_attention.SViTTSelfAttention(48, 3, (4, 7, 7))
     table = layer.relative_position_bias.relative_position_bias_table
     torch.nn.init.normal_(table)
     x, g = torch.randn(2, 197, 48), torch.randn(2, 197, 48)
-    pattern = S.sample_block_pattern(13, 1, 2, 16, torch.Generator().manual_seed(0))
-    coords = S.patch_coordinates(4, 7, 7).expand(2, -1, -1)
+    pattern = sparse_attention.sample_block_pattern(13, 1, 2, 16, torch.Generator().manual_seed(0))
+    coords = sparse_attention.patch_coordinates(4, 7, 7).expand(2, -1, -1)
     grads = []
     for low in (False, True):
         table.grad = None
@@ -407,7 +410,7 @@ def test_meta_device_forward_reads_no_data_and_does_not_chunk(monkeypatch, spars
     """On a device other than the CPU (here `meta`: tensors without data, so any host read of a value raises)
     the forward needs no value on the host, and the MLP and the sparse attention run unchunked: one call each
     per layer (on CPU both are chunked here)."""
-    monkeypatch.setattr(S, "SPARSE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(sparse_attention, "SPARSE_CHUNK_BYTES", 1)
     monkeypatch.setattr(S, "MLP_CHUNK_ROWS", 100)
     calls = sdpa_recorder(monkeypatch)
     kw = dict(sparse_local_attn=1, sparse_random_attn=1, token_keep_rate=0.5, token_drop_loc=(0,)) if sparse \

@@ -10,9 +10,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed
+import layers
 import model_registry
 import modeling_svitt as S
-from modeling_simvtp import sample_negatives
+from layers import sample_negatives
 from conftest import free_port
 
 # every part switched on at a size that runs in a second: 4 frames of 32 px (16 patches), blocks of 4 tokens
@@ -48,7 +49,7 @@ def test_itc_with_distinct_videos_is_the_symmetric_infonce():
     logits = F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t() / 0.1
     labels = torch.arange(5)
     want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    torch.testing.assert_close(S.itc_loss(v, t, 0.1, torch.arange(5)), want)
+    torch.testing.assert_close(layers.itc_loss(v, t, 0.1, torch.arange(5)), want)
 
 
 def test_itc_counts_every_caption_of_the_same_video_as_a_positive():
@@ -58,9 +59,9 @@ def test_itc_counts_every_caption_of_the_same_video_as_a_positive():
     logits = F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t() / 0.1
     targets = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     want = -((logits.log_softmax(1) * targets).sum(1).mean() + (logits.t().log_softmax(1) * targets).sum(1).mean()) / 2
-    got = S.itc_loss(v, t, 0.1, ids)
+    got = layers.itc_loss(v, t, 0.1, ids)
     torch.testing.assert_close(got, want)
-    assert not torch.isclose(got, S.itc_loss(v, t, 0.1, torch.arange(4)))
+    assert not torch.isclose(got, layers.itc_loss(v, t, 0.1, torch.arange(4)))
 
 
 def test_hard_negatives_never_pair_a_video_with_itself():
@@ -113,7 +114,7 @@ def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_outp
         video = model.match_video_cache(b["video"])[:1].expand(2, -1, -1)
         states = model.text_encoder.text_layers(b["input_ids"][:2], b["attention_mask"][:2])
         layer = model.text_encoder.bert.encoder.layer[2]
-        _, probs = layer(states, S.key_padding_mask(b["attention_mask"][:2]), video, None,
+        _, probs = layer(states, layers.key_padding_mask(b["attention_mask"][:2]), video, None,
                          want_probs=True)
         kept = S.FusionTokenSelection(0.5, (2,), "cls_attn").select(torch.arange(17.0)[None, :, None].expand(2, -1, 1),
                                                                      probs, b["attention_mask"][:2])
@@ -208,7 +209,7 @@ def _features(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tenso
 
 
 def _itc(proj, x, y, ids, gather) -> torch.Tensor:
-    return S.itc_loss(proj(x), proj(y) * 2, 0.1, ids, gather)
+    return layers.itc_loss(proj(x), proj(y) * 2, 0.1, ids, gather)
 
 
 def _itc_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -217,7 +218,7 @@ def _itc_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     proj, x, y, ids = _features()
     ddp = torch.nn.parallel.DistributedDataParallel(proj)
     part = slice(rank * 4, rank * 4 + 4)
-    loss = S.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
+    loss = layers.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
     loss.backward()
     torch.save({n: p.grad for n, p in proj.named_parameters()}, os.path.join(out_dir, f"grad{rank}.pth"))
     torch.distributed.destroy_process_group()

@@ -5,6 +5,7 @@ import torch
 import answer_ranking
 import checkpoint
 import modeling_svitt as S
+import svitt_weights
 from conftest import randomised
 from qa_inputs import ANSWERS, CLS, SMALL, brute_force_log_likelihood, padded, question_inputs
 from svitt_release import release_keys, seeded_state_dict
@@ -134,7 +135,7 @@ def test_pretraining_checkpoint_initialises_the_decoder_from_the_fusion_layers()
     pretrain = randomised(S.svitt_tiny_patch16(**SMALL), 3, scale=0.2)
     source = pretrain.state_dict()
     qa = S.svitt_qa_tiny_patch16(**SMALL)
-    mapped, kind = S.convert_state_dict(source, qa)
+    mapped, kind = svitt_weights.convert_state_dict(source, qa)
     assert kind == ("svitt_pretrain (answer decoder from the fusion layers) (its MLM head dropped: 7 tensors this "
                     "model has no use for)")
     report = checkpoint.load_weights(qa, mapped, strict=False)
@@ -160,7 +161,7 @@ def test_decoder_copy_on_a_state_dict_keeps_an_existing_decoder():
              "text_encoder.bert.encoder.layer.11.attention.self.query.bias": torch.full((2,), 3.0),
              "text_encoder.bert.embeddings.position_embeddings.weight": torch.full((2,), 4.0),
              "text_decoder.bert.encoder.layer.2.attention.self.query.bias": torch.full((2,), 5.0)}
-    out = S.decoder_from_fusion_layers(state, fusion_layer=9, decoder_depth=3)
+    out = svitt_weights.decoder_from_fusion_layers(state, fusion_layer=9, decoder_depth=3)
     assert set(out) - set(state) == {"text_decoder.bert.encoder.layer.0.output.dense.bias",
                                      "text_decoder.bert.embeddings.position_embeddings.weight"}
     assert out["text_decoder.bert.encoder.layer.0.output.dense.bias"] is state[
@@ -172,8 +173,8 @@ def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
     keys = release_keys("qa")
     release = seeded_state_dict(keys, seed=5)
     model = S.svitt_qa_base_patch16_224()
-    mapped, kind = S.convert_state_dict(release, model)
-    assert kind == "svitt_qa" and S.recognise_release(list(release)) == "svitt_qa_base_patch16_224"
+    mapped, kind = svitt_weights.convert_state_dict(release, model)
+    assert kind == "svitt_qa" and svitt_weights.recognise_release(list(release)) == "svitt_qa_base_patch16_224"
     report = checkpoint.load_weights(model, mapped, strict=True)
     assert not report.missing and not report.unexpected
     own = model.state_dict()
@@ -181,7 +182,7 @@ def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
                        release["text_encoder.encoder.layer.9.crossattention.self.key.weight"])
     assert torch.equal(own["text_decoder.bert.encoder.layer.2.crossattention.self.value.bias"],
                        release["text_decoder.bert.encoder.layer.2.crossattention.self.value.bias"])
-    rebuilt = {k for k, _ in keys if k.endswith(S.REBUILT_BUFFERS)}
+    rebuilt = {k for k, _ in keys if k.endswith(svitt_weights.REBUILT_BUFFERS)}
     assert len(own) == len(keys) - len(rebuilt)
 
 
