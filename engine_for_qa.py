@@ -17,7 +17,7 @@ import torch
 import answer_ranking
 import datasets
 import distributed
-import engine_for_finetuning
+import retrieval_eval
 import utils
 
 QA_ENSEMBLES = answer_ranking.ENSEMBLES
@@ -27,7 +27,7 @@ QA_ENSEMBLES = answer_ranking.ENSEMBLES
 class QAEvalConfig:
     """How questions are answered: clips as retrieval's EvalConfig cuts them (num_clips, sparse_clips,
     frame_order, seed; `ensemble` is lse|mean|max over every clip and view), and the closed-list search."""
-    clips: engine_for_finetuning.EvalConfig
+    clips: retrieval_eval.EvalConfig
     k_test: int = 128  # answers kept by the first-token distribution, then re-scored by full log-likelihood
 
     def __post_init__(self) -> None:
@@ -53,7 +53,7 @@ def answer_questions(model: torch.nn.Module, loader: Iterable[dict], answer_list
     total = len(loader) if hasattr(loader, "__len__") else 0
     for batch in meters.log_every(loader, total=total, header=header, unit="videos",
                                   items_per_step=getattr(loader, "batch_size", None) or 1):
-        clips = engine_for_finetuning.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
+        clips = retrieval_eval.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
         q_ids, q_mask = batch["question_input_ids"].to(device), batch["question_mask"].to(device)
         q_video = batch.get("question_video", torch.arange(len(q_ids))).to(device)
         per_clip = [rank_clip(model, datasets.normalize_video(clips[:, j].to(device, non_blocking=True)), q_ids,

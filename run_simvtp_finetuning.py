@@ -26,7 +26,7 @@ import torch
 
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import engine_for_pretraining
 import model_registry
 import distributed

@@ -17,7 +17,7 @@ import torch
 
 import checkpoint
 import datasets
-import engine_for_finetuning
+import retrieval_eval
 import engine_for_pretraining as engine
 import masking_generator
 import model_registry
@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_data_path", default=None, help="validation annotation file (never the test set)")
     g.add_argument("--eval_mask_ratio", type=float, default=0.0,
                    help="tube-mask ratio of the video pass in zero-shot evaluation (0 = every tube visible)")
-    g.add_argument("--eval_host_memory_gb", type=float, default=engine_for_finetuning.DEFAULT_EVAL_HOST_MEMORY_GB,
+    g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
                    help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
                    "(uint8 clips x (workers x prefetch + 1)); the estimate is printed at each evaluation")
     return p
@@ -144,19 +144,19 @@ def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | 
 def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,
                    dtype: torch.dtype) -> dict[str, float]:
     """Zero-shot retrieval on the validation set; every rank embeds its share (features are gathered)."""
-    cfg = engine_for_finetuning.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
+    cfg = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
                                            max_text_len=args.max_text_len, video_mask_ratio=args.eval_mask_ratio,
                                            seed=args.seed)
     workers = min(args.num_workers, 2)
-    loader = engine_for_finetuning.build_eval_loader(dataset, tokenizer, args.batch_size, workers, args.max_text_len,
+    loader = retrieval_eval.build_eval_loader(dataset, tokenizer, args.batch_size, workers, args.max_text_len,
                                                      args.distributed, args.eval_host_memory_gb, device=cfg.device)
-    res = engine_for_finetuning.evaluate(model, loader, tokenizer, cfg)
+    res = retrieval_eval.evaluate(model, loader, tokenizer, cfg)
     metrics = dict(res["metrics"])
     print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
           f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
           f"(chance R@1 {100.0 / len(dataset):.1f})")
     if callable(getattr(model, "match_logits", None)):  # the matching head on held-out pairs
-        metrics.update(engine_for_finetuning.held_out_matching_accuracy(
+        metrics.update(retrieval_eval.held_out_matching_accuracy(
             model, res, dataset, tokenizer, replace(cfg, print_freq=10**9), seed=args.seed, num_workers=workers))
         print(f"Matching head on {args.eval_data_path}: accuracy {metrics['match_acc']:.1f} with random and "
               f"{metrics['match_acc_hard']:.1f} with hard non-matches (1 match : 2 non-matches; a constant answer "

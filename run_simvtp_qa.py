@@ -22,7 +22,7 @@ import torch
 
 import checkpoint
 import datasets
-import engine_for_finetuning
+import retrieval_eval
 import engine_for_pretraining
 import engine_for_qa as engine
 import model_registry
@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_frame_ensemble", default="lse", choices=list(engine.QA_ENSEMBLES), help="answer "
                    "log-likelihoods over the clips and views of a video: lse = logsumexp (SViTT's), mean or max")
     g.add_argument("--eval_frame_order", nargs="+", default=["none"],
-                   choices=list(engine_for_finetuning.FRAME_ORDERS), help="temporal sensitivity: each clip's "
+                   choices=list(retrieval_eval.FRAME_ORDERS), help="temporal sensitivity: each clip's "
                    "frames as read (none), reversed, shuffled (fixed by --seed) or frozen (the middle frame "
                    "repeated); several orders repeat the test (model loaded once) and print accuracy per order")
     g = model_registry.add_model_args(
@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--k_test", type=int, default=128, help="answers of the list kept per question by the "
                    "decoder's first-token distribution, then re-scored by their full log-likelihood")
     g.add_argument("--dist_eval", action="store_true", help="each process answers its share of the questions")
-    g.add_argument("--eval_host_memory_gb", type=float, default=engine_for_finetuning.DEFAULT_EVAL_HOST_MEMORY_GB,
+    g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
                    help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
                    "(as in run_simvtp_finetuning.py)")
     g.add_argument("--only_test", action="store_true", help="test --finetune / --resume weights once")
@@ -158,7 +158,7 @@ def build_eval_loader(records: list[datasets.QARecord], args: argparse.Namespace
     dataset = datasets.VideoQATestSet(records, test_num_segment=segments, test_num_crop=crops,
                                       sample_type=args.sample_type_test, **{**video_options(args),
                                                                             "num_frames": frames})
-    return engine_for_finetuning.build_eval_loader(
+    return retrieval_eval.build_eval_loader(
         dataset, tokenizer, args.batch_size, args.num_workers, dist_eval=args.dist_eval,
         host_memory_gb=args.eval_host_memory_gb, device=args.device_obj,
         collate_fn=datasets.VideoQATestCollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len))
@@ -202,7 +202,7 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
 
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, num_clips: int = 1,
                 frame_order: str = "none") -> engine.QAEvalConfig:
-    clips = engine_for_finetuning.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
+    clips = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
                                              seed=args.seed, print_freq=args.print_freq, num_clips=num_clips,
                                              sparse_clips=args.eval_sparse_sampling,
                                              ensemble=args.eval_frame_ensemble, frame_order=frame_order)

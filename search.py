@@ -30,7 +30,7 @@ import torch
 
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
 import utils
 

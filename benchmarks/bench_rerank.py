@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_rerank.py                      # tiny SViTT and SimVTP, 8 frames x 112 px
     .venv/bin/python benchmarks/bench_rerank.py --videos 1 --texts 16 # quick
 
-Runs the evaluation's own re-ranking (engine_for_finetuning.match_scores: each video's clip cached once with
+Runs the evaluation's own re-ranking (retrieval_eval.match_scores: each video's clip cached once with
 match_video_cache, its candidate texts scored in batches of --batch through match_logits) on random-initialised
 tiny models, random uint8 clips and captions of random words. Pairs/s do not depend on the weights or pixels.
 
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
-import engine_for_finetuning as engine  # noqa: E402
+import retrieval_eval as engine  # noqa: E402
 import model_registry  # noqa: E402
 from bench_common import print_table  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.models import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine_for_finetuning as engine  # noqa: E402
+import retrieval_eval as engine  # noqa: E402
 import modeling_simvtp  # noqa: E402,F401
 import utils  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
 import run_simvtp_finetuning as run
 from conftest import free_port

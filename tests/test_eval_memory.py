@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import engine_for_pretraining
 import model_registry
 from datasets import VideoRecord

@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
 import run_simvtp_finetuning as run
 import synthetic_dataset
