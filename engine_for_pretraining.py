@@ -173,8 +173,8 @@ def _forward_backward(model: torch.nn.Module, batch: dict, scaler: torch.amp.Gra
     the loss is non-finite). Nothing is read on the host here. Gradients of a non-finite micro-batch are
     dropped with its window. Inside an accumulation window (sync=False) both passes run under DDP's no_sync():
     DDP decides at forward time whether the backward all-reduces."""
-    no_sync = getattr(model, "no_sync", None)
-    with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
+    accumulate = isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync
+    with model.no_sync() if accumulate else contextlib.nullcontext():
         with utils.autocast(cfg.device, cfg.dtype):
             out = model(batch, gather=distributed.gather_with_grad)
         loss = out["loss"]

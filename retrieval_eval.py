@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import datasets
 import masking_generator
+import model_registry
 import distributed
 import utils
 
@@ -611,7 +612,7 @@ def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[in
                 tokenize: Callable, cfg: EvalConfig) -> torch.Tensor:
     """Log-odds [len(texts)] of one normalised clip [1, C, T, H, W] with each text, the video part cached once."""
     cached = None
-    if getattr(match_model, "match_video_cache", None) is not None:  # optional in the contract
+    if model_registry.supports(match_model, "match_video_cache"):  # optional in the contract
         with utils.autocast(cfg.device, cfg.dtype):
             cached = match_model.match_video_cache(clip)
     out = []
