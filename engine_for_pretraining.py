@@ -23,6 +23,7 @@ import torch
 import checkpoint
 import datasets
 import distributed
+import model_registry
 import utils
 
 
@@ -85,6 +86,24 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     if isinstance(moved.get("video"), torch.Tensor):
         moved["video"] = datasets.normalize_video(moved["video"])
     return moved
+
+
+def build_optimizer(model: torch.nn.Module, args: Any, layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters (no weight decay on what its optional no_weight_decay() names); with
+    layer_decay (fine-tuning) lr x decay^(depth from top) by the model's own layer ids (model.layer_id,
+    model.num_layers), the groups' lr scales printed."""
+    scale = None
+    if layer_decay is not None and layer_decay < 1:
+        scale = {n: layer_decay ** (model.num_layers + 1 - model.layer_id(n)) for n, _ in model.named_parameters()}
+    no_decay = model.no_weight_decay() if model_registry.supports(model, "no_weight_decay") else set()
+    groups = utils.param_groups(model, args.weight_decay, no_decay_names=no_decay, layer_scale=scale)
+    if layer_decay is not None:
+        scales = sorted({round(g["lr_scale"], 6) for g in groups})
+        print(f"Optimizer: {len(groups)} parameter groups; lr scales {scales[0]:.4g} .. {scales[-1]:.4g} "
+              f"(layer decay {layer_decay} over {model.num_layers} layers)")
+    for g in groups:
+        g.pop("names")
+    return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
 
 
 def steps_in_epoch(batches: int, accum_iter: int) -> int:

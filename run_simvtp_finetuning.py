@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 import checkpoint
 import datasets
-import retrieval_eval as engine
+import engine_for_finetuning
 import engine_for_pretraining
 import model_registry
+import retrieval_eval
 import distributed
 import utils
 
@@ -80,12 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_sparse_sampling", action="store_true", help="with k > 1 clips: clip j takes frames "
                    "j, j+k, j+2k, ... of the num_frames_test (each clip spans the whole video) instead of the j-th "
                    "consecutive chunk")
-    g.add_argument("--eval_frame_ensemble", default="lse", choices=engine.ENSEMBLES, help="matching-head scores "
+    g.add_argument("--eval_frame_ensemble", default="lse", choices=retrieval_eval.ENSEMBLES, help="matching-head scores "
                    "(re-ranking) over the k clips: lse = logsumexp (SViTT's default), mean, max; concat = the "
                    "num_frames_test frames as ONE clip, for the contrastive pass too: the model is rebuilt at "
                    "num_frames_test frames (SViTT expands its relative position tables; SimVTP's fixed 1-D "
                    "sinusoid table just runs on to positions it never saw in training)")
-    g.add_argument("--eval_frame_order", nargs="+", default=["none"], choices=engine.FRAME_ORDERS,
+    g.add_argument("--eval_frame_order", nargs="+", default=["none"], choices=retrieval_eval.FRAME_ORDERS,
                    help="temporal sensitivity: each clip's frames as read (none), reversed, shuffled (one "
                    "permutation fixed by --seed) or frozen (the middle frame repeated); with several orders the "
                    "test is repeated per order (model loaded once) and a table of R@1 per order is printed and "
@@ -107,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
     g = p.add_argument_group("evaluation")
     g.add_argument("--dist_eval", action="store_true", help="each process embeds its share; features gathered")
-    g.add_argument("--eval_host_memory_gb", type=float, default=engine.DEFAULT_EVAL_HOST_MEMORY_GB,
+    g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
                    help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight: "
                    "videos per batch x views x 3 x T x S x S bytes (uint8) x (workers x prefetch + 1); the loader "
                    "takes fewer videos per batch, then prefetch 1, then fewer workers to stay under it (and under "
@@ -155,37 +157,15 @@ def setup(args: argparse.Namespace) -> torch.dtype:
     if args.model and model_registry.canonical_name(args.model) != args.model:
         print(f"--model {args.model} is another name of {model_registry.canonical_name(args.model)}")
         args.model = model_registry.canonical_name(args.model)
-    test_frames(args)  # an inconsistent clip set-up stops before any training or loading
+    engine_for_finetuning.eval_frames(args)  # an inconsistent clip set-up stops before any training or loading
     return dtype
 
 
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0, num_clips: int = 1,
-                frame_order: str = "none") -> engine.EvalConfig:
-    return engine.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
-                             max_text_len=args.max_text_len, video_mask_ratio=mask_ratio, seed=args.seed,
-                             print_freq=args.print_freq, num_clips=num_clips,
-                             sparse_clips=args.eval_sparse_sampling, ensemble=args.eval_frame_ensemble,
-                             frame_order=frame_order, offload=args.eval_offload,
-                             distinct_captions=annotation_format(args).match_by == "caption")
-
-
-def test_frames(args: argparse.Namespace) -> tuple[int, int]:
-    """(frames read per test view, clips k they are split into) from --num_frames_test; a combination that
-    cannot work is one clear error."""
-    frames = args.num_frames_test or args.num_frames
-    if frames < args.num_frames or frames % args.num_frames:
-        raise ValueError(f"--num_frames_test {frames} must be a multiple of --num_frames {args.num_frames}")
-    clips = frames // args.num_frames
-    if clips > 1 and args.test_num_segment != 1:
-        raise ValueError(f"--num_frames_test {frames} makes {clips} clips per video, which are the temporal views: "
-                         f"use --test_num_segment 1, not {args.test_num_segment} (crops are still averaged)")
-    if args.eval_sparse_sampling and (clips == 1 or args.eval_frame_ensemble == "concat"):
-        raise ValueError("--eval_sparse_sampling interleaves k > 1 clips: give --num_frames_test > --num_frames "
-                         "and an --eval_frame_ensemble other than concat")
-    return frames, clips
-
-
-test_frames.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by name
+                frame_order: str = "none") -> retrieval_eval.EvalConfig:
+    return engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order, max_text_len=args.max_text_len,
+                                                  video_mask_ratio=mask_ratio, offload=args.eval_offload,
+                                                  distinct_captions=annotation_format(args).match_by == "caption")
 
 
 def at_frames(model: torch.nn.Module, num_frames: int, args: argparse.Namespace) -> torch.nn.Module:
@@ -243,22 +223,9 @@ def split_val(records: list | datasets.RecordTable, fraction: float,
               seed: int) -> tuple[list | datasets.RecordTable, list | datasets.RecordTable]:
     """A seeded held-out fraction of the training videos (all captions of a video go to the same side), both
     sides in file order and of the type given (a list, or a RecordTable)."""
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = max(1, int(round(fraction * len(records))))
-    is_val = np.zeros(len(records), dtype=bool)
-    is_val[order[:n_val]] = True
+    is_val = engine_for_finetuning.held_out(len(records), fraction, seed)
     take = records.take if isinstance(records, datasets.RecordTable) else (lambda idx: [records[i] for i in idx])
     return take(np.flatnonzero(~is_val).tolist()), take(np.flatnonzero(is_val).tolist())
-
-
-def check_disjoint(val: list | None, test: list | None) -> None:
-    """Model selection must never see the test set (the release selected on test)."""
-    if val is None or test is None:
-        return
-    shared = {r.path for r in val} & {r.path for r in test}
-    if shared:
-        raise ValueError(f"the validation and test sets share {len(shared)} videos (e.g. {sorted(shared)[0]}); "
-                         "select on a validation set that is not the test set")
 
 
 def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: int,
@@ -270,31 +237,17 @@ def eval_dataset(records: list, args: argparse.Namespace, segments: int, crops: 
                                      sample_type=args.sample_type_test, decode_threads=args.decode_threads)
 
 
-def read_weights(path: str, flag: str) -> dict:
-    if not path:
-        raise ValueError(f"{flag} needs the weights: --finetune CKPT")
-    return checkpoint.read_checkpoint_file(path)
-
-
 def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     """The retrieval model to fine-tune: the retrieval model of --model (itself when it is one), else of the
     --finetune checkpoint's model, else the release's; --finetune's weights mapped onto it (non-strict). A
     pre-training model is never fine-tuned as it is: its heads for masked words would get no gradient."""
     ckpt = checkpoint.read_checkpoint_file(args.finetune) if args.finetune else {}
-    name = _retrieval_model(args.model) if args.model else _retrieval_model_of(ckpt) or RELEASE_DUAL_MODEL
+    of_file = engine_for_finetuning.checkpoint_model_name(ckpt)
+    name = _retrieval_model(args.model) if args.model else (_retrieval_model(of_file) if of_file
+                                                            else RELEASE_DUAL_MODEL)
     if args.model and name != model_registry.canonical_name(args.model):
         print(f"--model {args.model}: fine-tuned for retrieval as {name} (its registered retrieval model)")
-    model = model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=vocab_size))
-    if args.finetune:
-        checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    return model
-
-
-def _retrieval_model_of(ckpt: dict) -> str | None:
-    cfg = ckpt.get("model_cfg") or {}
-    name = cfg.get("name") or checkpoint.saved_args(ckpt).get("model")
-    return _retrieval_model(name) if name else None
+    return engine_for_finetuning.model_for_training(args, name, vocab_size, ckpt)
 
 
 def _retrieval_model(name: str) -> str:
@@ -302,29 +255,12 @@ def _retrieval_model(name: str) -> str:
     return spec.retrieval_model or spec.name
 
 
-def build_from_file(path: str, name: str | None, args: argparse.Namespace) -> torch.nn.Module:
-    """The model a checkpoint names (or `name`), with the model settings the command line gives (printed where
-    they change the file's), loaded strictly, on the device, in eval mode."""
-    model = checkpoint.build_model_from(read_weights(path, "this mode"), path, name=name,
-                                        flags=lambda chosen: command_line_model_args(args, chosen))
-    return model.to(args.device_obj).eval()
-
-
-def command_line_model_args(args: argparse.Namespace, name: str) -> dict:
-    """Constructor arguments of model `name` the command line sets for evaluation: the family flags given, and
-    the clip shape (--num_frames, --input_size: the loader reads clips of that shape, the model must take
-    them). Stochastic depth is left out: it does nothing at evaluation and its flag has a default."""
-    given = model_registry.model_kwargs(args, name)
-    given.pop("drop_path_rate", None)
-    return given
-
-
 def load_match_model(args: argparse.Namespace) -> torch.nn.Module:
     """--rerank_ckpt (with --rerank_model): a model with the contract's match_logits."""
     if not args.rerank_ckpt:
         raise ValueError(f"--rerank_k {args.rerank_k}: the evaluated model has no matching head; give --rerank_ckpt "
                          "a checkpoint of one that has (e.g. a SimVTP pre-training checkpoint)")
-    model = build_from_file(args.rerank_ckpt, args.rerank_model, args)
+    model = engine_for_finetuning.build_from_file(args.rerank_ckpt, args.rerank_model, args)
     check_can_match(model, args.rerank_ckpt)
     return model
 
@@ -332,7 +268,7 @@ def load_match_model(args: argparse.Namespace) -> torch.nn.Module:
 def own_match_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module | None:
     """Re-ranking without --rerank_ckpt: the evaluated model itself when it has a matching head (a SViTT model,
     pre-trained or fine-tuned, scores its own top k as the release does); None sends run_test to --rerank_ckpt."""
-    if args.rerank_k > 0 and not args.rerank_ckpt and callable(getattr(model, "match_logits", None)):
+    if args.rerank_k > 0 and not args.rerank_ckpt and model_registry.supports(model, "rerank"):
         return model
     return None
 
@@ -340,14 +276,12 @@ def own_match_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.n
 def contrastive_scale(model: torch.nn.Module) -> float:
     """1 / the evaluated model's contrastive temperature (its similarities times this are its contrastive
     logits), or 0 for a model without one."""
-    temperature = getattr(model, "current_temperature", None)
-    return 1.0 / float(temperature()) if callable(temperature) else 0.0
+    return 1.0 / float(model.current_temperature()) if model_registry.supports(model, "temperature") else 0.0
 
 
 def check_can_match(model: torch.nn.Module, path: str) -> None:
-    if not callable(getattr(model, "match_logits", None)):
-        raise ValueError(f"{path}: {model.model_cfg['name']} has no matching head (match_logits) to re-rank with; "
-                         "give --rerank_ckpt a pre-training checkpoint")
+    model_registry.require(model, "rerank", f"{path}: {model.model_cfg['name']} has no matching head (match_logits) "
+                           "to re-rank with; give --rerank_ckpt a pre-training checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -358,7 +292,7 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
     """Evaluate on a test set once per --eval_frame_order (the first order's results are the main ones),
     optionally re-rank, print the tables, write <prefix>_metrics.json + <prefix>_per_query.jsonl and the
     scalars to tensorboard (<prefix>/..., <prefix>_rerank/...)."""
-    frames, clips = test_frames(args)
+    frames, clips = engine_for_finetuning.eval_frames(args)
     if args.rerank_k > 0 and match_model is None:
         match_model = load_match_model(args)
     if args.eval_frame_ensemble == "concat":
@@ -366,9 +300,9 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
         if match_model is not None:
             match_model = model if match_model is model else at_frames(match_model, frames, args)
     dataset = eval_dataset(records, args, args.test_num_segment, args.test_num_crop, frames)
-    loader = engine.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers, args.max_text_len,
+    loader = retrieval_eval.build_eval_loader(dataset, tokenizer, args.batch_size, args.num_workers, args.max_text_len,
                                       args.dist_eval, args.eval_host_memory_gb, device=args.device_obj)
-    runs = {order: test_one_order(model, match_model, records, loader, args, tokenizer,
+    runs = {order: evaluate_one_order(model, match_model, records, loader, args, tokenizer,
                                   eval_config(args, dtype, mask_ratio, clips, order), frames, prefix)
             for order in dict.fromkeys(args.eval_frame_order)}
     first = next(iter(runs.values()))
@@ -381,37 +315,37 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
     if len(runs) > 1:
         out["frame_orders"] = {order: frame_order_row(r["out"]) for order, r in runs.items()}
         print(format_frame_orders(out["frame_orders"]), flush=True)
-    engine.write_results(args.output_dir, prefix, out, first["per_query"])
+    retrieval_eval.write_results(args.output_dir, prefix, out, first["per_query"])
     write_tensorboard(args, prefix, out)
     return out
 
 
-def test_one_order(model, match_model, records: list, loader, args: argparse.Namespace, tokenizer,
-                   cfg: engine.EvalConfig, frames: int, prefix: str) -> dict:
+def evaluate_one_order(model, match_model, records: list, loader, args: argparse.Namespace, tokenizer,
+                   cfg: retrieval_eval.EvalConfig, frames: int, prefix: str) -> dict:
     """One evaluation (and re-ranking) in cfg's frame order: {"out": metrics (+ "rerank"), "per_query": ...}."""
-    res = engine.evaluate(model, loader, tokenizer, cfg)
+    res = retrieval_eval.evaluate(model, loader, tokenizer, cfg)
     video_ids = [records[i].video_id for i in res["indices"]]
     out = dict(res["metrics"])
     table = {"contrastive": res["metrics"]}
     if args.rerank_k > 0:
         t0 = time.time()
         one_view = eval_dataset(records, args, 1, 1, frames)
-        scores = engine.match_scores(
-            match_model, engine.candidate_pairs(res["sim"], args.rerank_k), engine.FirstViews(one_view, res["indices"]),
+        scores = retrieval_eval.match_scores(
+            match_model, retrieval_eval.candidate_pairs(res["sim"], args.rerank_k), retrieval_eval.FirstViews(one_view, res["indices"]),
             res["captions"], tokenizer, cfg, num_workers=args.num_workers)
-        out["rerank"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores, args.rerank_k)
+        out["rerank"] = retrieval_eval.rerank_metrics(res["sim"], res["text_to_video"], scores, args.rerank_k)
         out["rerank"].update(seconds=time.time() - t0, pairs=len(scores),
                              score="log-odds of match, " + args.eval_frame_ensemble + " over clips")
         table[f"re-ranked k={args.rerank_k}"] = out["rerank"]
         scale = contrastive_scale(model)
         if scale:  # the same scores plus the contrastive logit (BLIP's sum)
-            out["rerank_contrastive"] = engine.rerank_metrics(res["sim"], res["text_to_video"], scores,
+            out["rerank_contrastive"] = retrieval_eval.rerank_metrics(res["sim"], res["text_to_video"], scores,
                                                               args.rerank_k, contrastive_scale=scale)
             out["rerank_contrastive"]["score"] = out["rerank"]["score"] + " + similarity / temperature"
             table[f"re-ranked k={args.rerank_k} + contrastive"] = out["rerank_contrastive"]
     order = "" if cfg.frame_order == "none" else f", frames {cfg.frame_order}"
-    print(engine.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
-    per_query = engine.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
+    print(retrieval_eval.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
+    per_query = retrieval_eval.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
     return {"out": out, "per_query": per_query}
 
 
@@ -424,43 +358,32 @@ def frame_order_row(out: dict) -> dict:
 
 def format_frame_orders(rows: dict[str, dict]) -> str:
     """frame order -> t2v R@1, v2t R@1 (contrastive; and re-ranked when present)."""
+    columns = [("t2v R@1", "t2v_R@1", 9, ".1f"), ("v2t R@1", "v2t_R@1", 9, ".1f")]
     reranked = any("rerank_t2v_R@1" in r for r in rows.values())
-    head = f"{'frame order':<12}{'t2v R@1':>9}{'v2t R@1':>9}" + (f"{'re-ranked t2v':>15}{'v2t':>7}" if reranked
-                                                                 else "")
-    lines = ["Temporal sensitivity (contrastive" + (", re-ranked" if reranked else "") + ")", head, "-" * len(head)]
-    for order, r in rows.items():
-        line = f"{order:<12}{r['t2v_R@1']:>9.1f}{r['v2t_R@1']:>9.1f}"
-        if reranked:
-            line += f"{r['rerank_t2v_R@1']:>15.1f}{r['rerank_v2t_R@1']:>7.1f}"
-        lines.append(line)
-    return "\n".join(lines)
+    if reranked:
+        columns += [("re-ranked t2v", "rerank_t2v_R@1", 15, ".1f"), ("v2t", "rerank_v2t_R@1", 7, ".1f")]
+    title = "Temporal sensitivity (contrastive" + (", re-ranked" if reranked else "") + ")"
+    return engine_for_finetuning.format_frame_orders(title, rows, columns)
 
 
 def write_tensorboard(args: argparse.Namespace, prefix: str, out: dict) -> None:
     """The test's scalars next to training's (args.log_dir): <prefix>/t2v_R@1 ... and <prefix>_rerank/..., and
     per frame order <prefix>_order_<order>/..."""
-    tb = utils.TensorboardLogger(args.log_dir)
     numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
-    tb.scalars(0, prefix, numbers(out))
+    groups = {prefix: numbers(out)}
     if "rerank" in out:
-        tb.scalars(0, f"{prefix}_rerank", numbers(out["rerank"]))
-    for order, row in out.get("frame_orders", {}).items():
-        tb.scalars(0, f"{prefix}_order_{order}", row)
-    tb.flush()
+        groups[f"{prefix}_rerank"] = numbers(out["rerank"])
+    groups.update({f"{prefix}_order_{order}": row for order, row in out.get("frame_orders", {}).items()})
+    engine_for_finetuning.write_test_scalars(args.log_dir, groups)
 
 
 def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     """The given weights, once, on the test set; auto-resume never replaces them."""
-    weights = args.finetune or args.resume
-    if not weights:
-        raise ValueError("--only_test needs the weights to test: --finetune CKPT or --resume CKPT")
-    latest = checkpoint.find_latest(args.output_dir)
-    if latest and os.path.abspath(latest) != os.path.abspath(weights):
-        print(f"--only_test: testing {weights}; not resuming from {latest}")
+    weights = engine_for_finetuning.weights_under_test(args, report_latest=True)
     path = args.test_data_path or args.data_path
     records = read_records(path, args)
     check_eval_lists(args, {f"test list {path}": records})
-    model = build_from_file(weights, args.model, args)
+    model = engine_for_finetuning.build_from_file(weights, args.model, args)
     return run_test(model, records, args, tokenizer, dtype, match_model=own_match_model(model, args))
 
 
@@ -472,7 +395,7 @@ def zero_shot(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     path = args.test_data_path or args.data_path
     records = read_records(path, args)
     check_eval_lists(args, {f"zero-shot test list {path}": records})
-    model = build_from_file(args.finetune, args.model, args)
+    model = engine_for_finetuning.build_from_file(args.finetune, args.model, args)
     match_model = None
     if args.rerank_k > 0 and not args.rerank_ckpt:
         check_can_match(model, args.finetune)
@@ -491,23 +414,23 @@ def export(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
         raise ValueError("--export_embeddings needs --finetune CKPT (the weights to embed with)")
     texts = read_text_lines(args.text_file) if args.text_file else None
     records, skipped = usable_export_records(args)
-    model = build_from_file(args.finetune, args.model, args)
+    model = engine_for_finetuning.build_from_file(args.finetune, args.model, args)
     cfg = eval_config(args, dtype, args.zero_shot_video_mask_ratio if args.zero_shot else 0.0)
     video = video_ids = None
     if records:
-        loader = engine.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
+        loader = retrieval_eval.build_eval_loader(eval_dataset(records, args, args.test_num_segment, args.test_num_crop),
                                           tokenizer, args.batch_size, args.num_workers, args.max_text_len,
                                           args.dist_eval, args.eval_host_memory_gb, device=args.device_obj)
-        emb = engine.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
+        emb = retrieval_eval.embed_dataset(model, loader, tokenizer, cfg, with_text=False)
         video, video_ids = emb["video"], [records[i].video_id for i in emb["indices"]]
-    text = engine.encode_texts(model, tokenizer, texts, cfg) if texts else None
+    text = retrieval_eval.encode_texts(model, tokenizer, texts, cfg) if texts else None
     meta = {"model": model.model_cfg["name"], "checkpoint": args.finetune, "num_frames": args.num_frames,
             "input_size": args.input_size, "views": f"{args.test_num_segment}x{args.test_num_crop}",
             "sample_type_test": args.sample_type_test,
             "skipped_videos": skipped}
     written = []
     if distributed.is_main_process():
-        written = engine.save_embeddings(args.export_embeddings, meta, video, video_ids or (), text, texts or ())
+        written = retrieval_eval.save_embeddings(args.export_embeddings, meta, video, video_ids or (), text, texts or ())
         print(f"Exported {0 if video is None else len(video)} videos and {0 if text is None else len(text)} texts "
               f"to {', '.join(written)}" + (f"; {len(skipped)} unreadable video(s) skipped (exit status "
                                             f"{EXIT_SKIPPED})" if skipped else ""))
@@ -541,121 +464,66 @@ def usable_export_records(args: argparse.Namespace) -> tuple[list, list[dict]]:
 # ----------------------------------------------------------------------------------------------- fine-tuning
 
 
-def build_train_loader(records: list, args: argparse.Namespace, tokenizer):
-    dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
-                                        sampling_rate=args.sampling_rate, input_size=args.input_size,
-                                        short_side_size=args.short_side_size, video_backend=args.video_backend,
-                                        seed=args.seed, sample_type=args.sample_type,
-                                        decode_threads=args.decode_threads,
-                                        excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
-                                        match_by=annotation_format(args).match_by)
-    if len(dataset) < args.batch_size * args.world_size:
-        raise ValueError(f"{args.data_path}: {len(dataset)} training videos, fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size} processes)")
-    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
-                                                seed=args.seed, shuffle=True, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        collate_fn=datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len, seed=args.seed),
-        drop_last=True, pin_memory=args.device_obj.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed))
-    return loader, dataset, sampler
+class RetrievalTask(engine_for_finetuning.FinetuneTask):
+    """Retrieval fine-tuning: captioned videos, the retrieval model of the family, selection on val R@1 t2v + v2t,
+    the best weights tested (and re-ranked) as --only_test would."""
 
+    def read(self, path: str, train: bool = False) -> list | datasets.RecordTable:
+        return read_records(path, self.args, table=train)
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay by the model's own layer ids (model.layer_id, model.num_layers)."""
-    num_layers = model.num_layers
-    scale = None
-    if args.layer_decay < 1:
-        scale = {n: args.layer_decay ** (num_layers + 1 - model.layer_id(n)) for n, _ in model.named_parameters()}
-    no_decay = getattr(model, "no_weight_decay", set)()
-    groups = utils.param_groups(model, args.weight_decay, no_decay_names=no_decay, layer_scale=scale)
-    scales = sorted({round(g["lr_scale"], 6) for g in groups})
-    print(f"Optimizer: {len(groups)} parameter groups; lr scales {scales[0]:.4g} .. {scales[-1]:.4g} "
-          f"(layer decay {args.layer_decay} over {num_layers} layers)")
-    for g in groups:
-        g.pop("names")
-    return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
+    def split_val(self, records: list | datasets.RecordTable) -> tuple:
+        train, val = split_val(records, self.args.val_fraction, self.args.seed)
+        print(f"Validation: {len(val)} videos held out of the training list (seed {self.args.seed})")
+        return train, val
 
+    def val_label(self) -> str:
+        a = self.args
+        return (f"--val_data_path {a.val_data_path}" if a.val_data_path
+                else f"validation videos held out of --data_path {a.data_path}")
 
-def save_best(args: argparse.Namespace, model: torch.nn.Module, epoch: int, metrics: dict,
-              metric: str = "r1_sum", label: str = "val R@1 t2v+v2t") -> None:
-    """checkpoint-best.pth: the weights, the model they fit (model_cfg) and the validation metrics; `metric` (a
-    key of metrics) is the one selected on, recorded as val_<metric>."""
-    if distributed.is_main_process():
-        checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": epoch,
-                                "metric_name": f"val_{metric}", "metric": metrics[metric], "val_metrics": metrics,
-                                "args": utils.plain_args(args)}, os.path.join(args.output_dir, "checkpoint-best.pth"))
-        print(f"Saved checkpoint-best.pth (epoch {epoch}, {label} = {metrics[metric]:.2f})")
-    distributed.barrier()
+    def check_eval_lists(self, lists: dict) -> None:
+        check_eval_lists(self.args, lists)
 
+    def train_dataset(self, records: list | datasets.RecordTable) -> datasets.VideoTextDataset:
+        return train_dataset(records, self.args)
 
-def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
-    """Train on --data_path, select on val (R@1 t2v + v2t), then test the best weights."""
-    if not args.data_path:
-        raise ValueError("fine-tuning needs --data_path (the training annotations)")
-    train_records = read_records(args.data_path, args, table=True)
-    val_records = read_records(args.val_data_path, args) if args.val_data_path else None
-    if val_records is None and args.val_fraction > 0:
-        train_records, val_records = split_val(train_records, args.val_fraction, args.seed)
-        print(f"Validation: {len(val_records)} videos held out of the training list (seed {args.seed})")
-    test_records = read_records(args.test_data_path, args) if args.test_data_path else None
-    check_disjoint(val_records, test_records)
-    val_label = (f"--val_data_path {args.val_data_path}" if args.val_data_path
-                 else f"validation videos held out of --data_path {args.data_path}")
-    check_eval_lists(args, {val_label: val_records, f"--test_data_path {args.test_data_path}": test_records})
-    loader, dataset, sampler = build_train_loader(train_records, args, tokenizer)
+    def collator(self) -> datasets.VideoTextCollator:
+        return datasets.VideoTextCollator(self.tokenizer, max_text_len=self.args.max_text_len, seed=self.args.seed)
 
-    model = build_for_training(args, len(tokenizer)).to(args.device_obj)
-    _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
-    optimizer = build_optimizer(model, args)
-    scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    run = engine_for_pretraining.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule,
-                                           wd_schedule, dtype)
-    validate = None
-    if val_records is not None:  # one centre view per video keeps per-epoch validation cheap
-        val_loader = engine.build_eval_loader(eval_dataset(val_records, args, 1, 1), tokenizer, args.batch_size,
-                                              args.num_workers, args.max_text_len, args.dist_eval,
-                                              args.eval_host_memory_gb, device=args.device_obj)
+    def model_for_training(self) -> torch.nn.Module:
+        return build_for_training(self.args, len(self.tokenizer))
+
+    def validator(self, model: torch.nn.Module, records: list) -> Callable[[int], dict]:
+        args, tokenizer = self.args, self.tokenizer  # one centre view per video keeps per-epoch validation cheap
+        val_loader = retrieval_eval.build_eval_loader(eval_dataset(records, args, 1, 1), tokenizer, args.batch_size,
+                                                      args.num_workers, args.max_text_len, args.dist_eval,
+                                                      args.eval_host_memory_gb, device=args.device_obj)
 
         def validate_epoch(epoch: int) -> dict:
-            val = engine.evaluate(model, val_loader, tokenizer, eval_config(args, dtype))["metrics"]
-            print(engine.format_table({f"val epoch {epoch}": val}, title="Validation"))
+            val = retrieval_eval.evaluate(model, val_loader, tokenizer, eval_config(args, self.dtype))["metrics"]
+            print(retrieval_eval.format_table({f"val epoch {epoch}": val}, title="Validation"))
             return val
-        validate = validate_epoch
-    engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="r1_sum",
-                                 on_best=lambda epoch, val: save_best(args, model, epoch, val))
-    return test_best(args, model, test_records, dtype, tokenizer)
+        return validate_epoch
+
+    def test(self, model: torch.nn.Module, records: list, train_records: Any) -> dict:
+        return run_test(model, records, self.args, self.tokenizer, self.dtype,
+                        match_model=own_match_model(model, self.args))
 
 
-def load_if_present(model: torch.nn.Module, path: str) -> bool:
-    """Load `path`'s weights strictly into `model` if the file exists; whether it did."""
-    if not os.path.isfile(path):
-        return False
-    model.load_state_dict(checkpoint.read_checkpoint_file(path)["model"], strict=True)
-    return True
+def train_dataset(records: list | datasets.RecordTable, args: argparse.Namespace) -> datasets.VideoTextDataset:
+    return datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
+                                     sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                     short_side_size=args.short_side_size, video_backend=args.video_backend,
+                                     seed=args.seed, sample_type=args.sample_type,
+                                     decode_threads=args.decode_threads,
+                                     excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                     match_by=annotation_format(args).match_by)
 
 
-def load_if_present_everywhere(model: torch.nn.Module, path: str) -> bool:
-    """load_if_present on rank 0, its weights broadcast to every rank; whether the file was there."""
-    if distributed.main_value(lambda: load_if_present(model, path)):  # rank 0 decides and reads ...
-        distributed.broadcast_module(model)  # ... every rank gets its weights
-        return True
-    return False
-
-
-def test_best(args: argparse.Namespace, model: torch.nn.Module, test_records: list | None, dtype: torch.dtype,
-              tokenizer) -> dict:
-    """The best-val weights (or the last ones when there is no validation set) on the test set."""
-    best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
-    if load_if_present_everywhere(model, best_path):
-        print(f"Testing {best_path} (best on validation)")
-    else:
-        print("No validation set: testing the last weights")
-    if test_records is None:
-        print("No --test_data_path: skipping the test evaluation")
-        return {}
-    return run_test(model, test_records, args, tokenizer, dtype, match_model=own_match_model(model, args))
+def build_train_loader(records: list | datasets.RecordTable, args: argparse.Namespace, tokenizer):
+    """(loader, dataset, sampler) of the retrieval training set."""
+    task = RetrievalTask(args, tokenizer, torch.float32)
+    return engine_for_finetuning.build_train_loader(task.train_dataset(records), task.collator(), args)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -669,7 +537,7 @@ def main(args: argparse.Namespace) -> dict:
         return zero_shot(args, dtype, tokenizer)
     if args.only_test:
         return only_test(args, dtype, tokenizer)
-    return finetune(args, dtype, tokenizer)
+    return engine_for_finetuning.finetune(RetrievalTask(args, tokenizer, dtype))
 
 
 def exit_status(result: dict) -> int:

@@ -155,7 +155,7 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
     print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
           f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
           f"(chance R@1 {100.0 / len(dataset):.1f})")
-    if callable(getattr(model, "match_logits", None)):  # the matching head on held-out pairs
+    if model_registry.supports(model, "rerank"):  # the matching head on held-out pairs
         metrics.update(retrieval_eval.held_out_matching_accuracy(
             model, res, dataset, tokenizer, replace(cfg, print_freq=10**9), seed=args.seed, num_workers=workers))
         print(f"Matching head on {args.eval_data_path}: accuracy {metrics['match_acc']:.1f} with random and "
@@ -193,18 +193,15 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     model = build_model(args, len(tokenizer)).to(args.device_obj)
     if args.text_mask_ratio is None:
-        args.text_mask_ratio = getattr(model, "default_text_mask_ratio", None)
+        args.text_mask_ratio = model_registry.capability_value(model, "default_text_mask_ratio")
     check_masks(args, model)
     loader, dataset, sampler = build_loader(args, tokenizer, model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Model {model.model_cfg['name']}: {n_params / 1e6:.1f} M parameters; precision {dtype}; device "
           f"{args.device_obj}; {args.world_size} process(es)")
 
-    groups = utils.param_groups(model, args.weight_decay, no_decay_names=getattr(model, "no_weight_decay", set)())
-    for g in groups:
-        g.pop("names")
     _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler) * args.clips_per_video)
-    optimizer = utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, args.device_obj)
+    optimizer = engine.build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     run = engine.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule, wd_schedule, dtype)
     state = run.state

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,10 +24,10 @@ import torch
 import checkpoint
 import datasets
 import retrieval_eval
+import engine_for_finetuning
 import engine_for_pretraining
 import engine_for_qa as engine
 import model_registry
-import run_simvtp_finetuning as retrieval
 import utils
 
 DEFAULT_QA_MODEL = "svitt_qa_base_patch16_224"  # the release's QA model
@@ -104,18 +105,13 @@ def split_val_by_video(records: list[datasets.QARecord], fraction: float,
     """A seeded held-out fraction of the training videos with all their questions (a question about a video
     seen in training would leak it into selection); both sides in file order."""
     videos = sorted({r.path for r in records})
-    order = np.random.default_rng(seed).permutation(len(videos))
-    held = {videos[i] for i in order[:max(1, int(round(fraction * len(videos))))]}
+    held = {videos[i] for i in np.flatnonzero(engine_for_finetuning.held_out(len(videos), fraction, seed))}
     return [r for r in records if r.path not in held], [r for r in records if r.path in held]
 
 
 def check_disjoint(val: list | None, test: list | None) -> None:
     """Selection never sees a test video."""
-    shared = {r.path for r in val or ()} & {r.path for r in test or ()}
-    if shared:
-        raise ValueError(f"the validation and test questions share {len(shared)} videos (e.g. {sorted(shared)[0]}); "
-                         "select on a validation set that is not the test set (--val_fraction holds out training "
-                         "videos)")
+    engine_for_finetuning.check_disjoint(val, test, QATask.disjoint_noun, QATask.disjoint_hint)
 
 
 def check_eval_videos(args: argparse.Namespace, lists: dict[str, list | None]) -> None:
@@ -135,20 +131,10 @@ def collator(args: argparse.Namespace, tokenizer) -> datasets.VideoQACollator:
     return datasets.VideoQACollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len)
 
 
-def build_train_loader(records: list[datasets.QARecord], args: argparse.Namespace, tokenizer):
-    dataset = datasets.VideoQADataset(records, mode="train", sample_type=args.sample_type,
-                                      excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
-                                      **video_options(args))
-    if len(dataset) < args.batch_size * args.world_size:
-        raise ValueError(f"{args.data_path}: {len(dataset)} training questions, fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size} processes)")
-    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
-                                                seed=args.seed, shuffle=True, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        collate_fn=collator(args, tokenizer), drop_last=True, pin_memory=args.device_obj.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed))
-    return loader, dataset, sampler
+def train_dataset(records: list[datasets.QARecord], args: argparse.Namespace) -> datasets.VideoQADataset:
+    return datasets.VideoQADataset(records, mode="train", sample_type=args.sample_type,
+                                   excluded=datasets.exclusions_for(records, args.exclude_list, args.data_root),
+                                   **video_options(args))
 
 
 def build_eval_loader(records: list[datasets.QARecord], args: argparse.Namespace, tokenizer, segments: int,
@@ -170,8 +156,7 @@ def qa_model_name(args: argparse.Namespace, ckpt: dict) -> str:
     """--model, else the QA model of the checkpoint's model (itself when it is one), else the release's."""
     if args.model:
         return model_registry.canonical_name(args.model)
-    cfg = ckpt.get("model_cfg") or {}
-    name = cfg.get("name") or checkpoint.saved_args(ckpt).get("model")
+    name = engine_for_finetuning.checkpoint_model_name(ckpt)
     if not name:
         return DEFAULT_QA_MODEL
     spec = model_registry.model_spec(name)
@@ -180,21 +165,15 @@ def qa_model_name(args: argparse.Namespace, ckpt: dict) -> str:
 
 def check_qa_model(model: torch.nn.Module) -> torch.nn.Module:
     """A QA model answers (rank_answers) from each video's tokens encoded once (video_tokens)."""
-    if not all(callable(getattr(model, name, None)) for name in ("rank_answers", "video_tokens")):
-        raise ValueError(f"--model {model.model_cfg['name']} is not a QA model (it has no answer decoder): use a "
-                         "*_qa_* model, e.g. svitt_qa_tiny_patch16 or simvtp_qa_tiny_patch16")
-    return model
+    return model_registry.require(model, "qa", f"--model {model.model_cfg['name']} is not a QA model (it has no "
+                                  "answer decoder): use a *_qa_* model, e.g. svitt_qa_tiny_patch16 or "
+                                  "simvtp_qa_tiny_patch16")
 
 
 def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     ckpt = checkpoint.read_checkpoint_file(args.finetune) if args.finetune else {}
-    name = qa_model_name(args, ckpt)
-    model = check_qa_model(model_registry.create(name, **model_registry.model_kwargs(args, name,
-                                                                                    vocab_size=vocab_size)))
-    if args.finetune:
-        checkpoint.load_pretrained(model, args.finetune, strict=False, ckpt=ckpt)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    return model
+    return engine_for_finetuning.model_for_training(args, qa_model_name(args, ckpt), vocab_size, ckpt,
+                                                    check=check_qa_model)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -202,24 +181,8 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
 
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, num_clips: int = 1,
                 frame_order: str = "none") -> engine.QAEvalConfig:
-    clips = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
-                                             seed=args.seed, print_freq=args.print_freq, num_clips=num_clips,
-                                             sparse_clips=args.eval_sparse_sampling,
-                                             ensemble=args.eval_frame_ensemble, frame_order=frame_order)
-    return engine.QAEvalConfig(clips=clips, k_test=args.k_test)
-
-
-def test_frames(args: argparse.Namespace) -> tuple[int, int]:
-    """(frames read per test view, clips k they are split into)."""
-    frames = args.num_frames_test or args.num_frames
-    if frames < args.num_frames or frames % args.num_frames:
-        raise ValueError(f"--num_frames_test {frames} must be a multiple of --num_frames {args.num_frames}")
-    if args.eval_sparse_sampling and frames == args.num_frames:
-        raise ValueError("--eval_sparse_sampling interleaves k > 1 clips: give --num_frames_test > --num_frames")
-    return frames, frames // args.num_frames
-
-
-test_frames.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported by name
+    return engine.QAEvalConfig(clips=engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order),
+                               k_test=args.k_test)
 
 
 class AnswerList:
@@ -253,7 +216,7 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
     """The test once per --eval_frame_order (the first order's results are the main ones): accuracy per answer
     type, the majority baselines, unlisted answers; <prefix>_metrics.json, <prefix>_predictions.jsonl and
     tensorboard scalars."""
-    frames, clips = test_frames(args)
+    frames, clips = engine_for_finetuning.eval_frames(args, clips_are_views=False)
     unlisted = answers.report_unlisted(records, f"{prefix} questions")
     loader = build_eval_loader(records, args, tokenizer, args.test_num_segment, args.test_num_crop, frames)
     truths = [datasets.top_answer(r) for r in records]
@@ -294,21 +257,17 @@ def run_test(model: torch.nn.Module, records: list[datasets.QARecord], answers: 
 def format_frame_orders(rows: dict[str, dict]) -> str:
     """frame order -> accuracy, and per answer type when given."""
     types = sorted({t for r in rows.values() for t in r.get("per_type", {})})
-    head = f"{'frame order':<12}{'accuracy':>9}" + "".join(f"{t[:11]:>12}" for t in types)
-    lines = ["Temporal sensitivity (QA accuracy)", head, "-" * len(head)]
-    for order, r in rows.items():
-        lines.append(f"{order:<12}{r['accuracy']:>9.1f}" + "".join(f"{r['per_type'].get(t, float('nan')):>12.1f}"
-                                                                  for t in types))
-    return "\n".join(lines)
+    columns = [("accuracy", "accuracy", 9, ".1f")] + [(t[:11], t, 12, ".1f") for t in types]
+    flat = {order: {"accuracy": r["accuracy"], **r.get("per_type", {})} for order, r in rows.items()}
+    return engine_for_finetuning.format_frame_orders("Temporal sensitivity (QA accuracy)", flat, columns)
 
 
 def write_tensorboard(args: argparse.Namespace, prefix: str, out: dict) -> None:
-    tb = utils.TensorboardLogger(args.log_dir)
-    tb.scalars(0, prefix, {"accuracy": out["accuracy"], **{f"accuracy_{t}": v["accuracy"]
-                                                          for t, v in out.get("per_type", {}).items()}})
-    for order, row in out.get("frame_orders", {}).items():
-        tb.scalars(0, f"{prefix}_order_{order}", {"accuracy": row["accuracy"]})
-    tb.flush()
+    groups = {prefix: {"accuracy": out["accuracy"], **{f"accuracy_{t}": v["accuracy"]
+                                                       for t, v in out.get("per_type", {}).items()}}}
+    groups.update({f"{prefix}_order_{order}": {"accuracy": row["accuracy"]}
+                   for order, row in out.get("frame_orders", {}).items()})
+    engine_for_finetuning.write_test_scalars(args.log_dir, groups)
 
 
 # ----------------------------------------------------------------------------------------------- modes
@@ -316,73 +275,79 @@ def write_tensorboard(args: argparse.Namespace, prefix: str, out: dict) -> None:
 
 def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
     """The given weights, once, on the test questions; auto-resume never replaces them."""
-    weights = args.finetune or args.resume
-    if not weights:
-        raise ValueError("--only_test needs the weights to test: --finetune CKPT or --resume CKPT")
+    weights = engine_for_finetuning.weights_under_test(args)
     path = args.test_data_path or args.data_path
     if not path:
         raise ValueError("--only_test needs the test questions: --test_data_path FILE")
     answers = AnswerList(args.answer_list, args, tokenizer)
     records = read_questions(path, args)
     check_eval_videos(args, {f"test questions {path}": records})
-    model = check_qa_model(retrieval.build_from_file(weights, args.model, args))
+    model = check_qa_model(engine_for_finetuning.build_from_file(weights, args.model, args))
     return run_test(model, records, answers, args, tokenizer, dtype)
 
 
-def finetune(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
-    """Train on --data_path, select on validation accuracy, then test the best weights."""
-    if not args.data_path:
-        raise ValueError("fine-tuning needs --data_path (the training questions)")
-    answers = AnswerList(args.answer_list, args, tokenizer)
-    train_records = read_questions(args.data_path, args)
-    val_records = read_questions(args.val_data_path, args) if args.val_data_path else None
-    if val_records is None and args.val_fraction > 0:
-        train_records, val_records = split_val_by_video(train_records, args.val_fraction, args.seed)
-        print(f"Validation: {len(val_records)} questions about videos held out of the training list "
-              f"(seed {args.seed})")
-    test_records = read_questions(args.test_data_path, args) if args.test_data_path else None
-    check_disjoint(val_records, test_records)
-    check_eval_videos(args, {"validation questions": val_records,
-                             f"--test_data_path {args.test_data_path}": test_records})
-    loader, dataset, sampler = build_train_loader(train_records, args, tokenizer)
-    model = build_for_training(args, len(tokenizer)).to(args.device_obj)
-    _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
-    optimizer = retrieval.build_optimizer(model, args)
-    scaler = utils.make_grad_scaler(args.device_obj, dtype)
-    run = engine_for_pretraining.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule,
-                                           wd_schedule, dtype)
-    validate = None
-    if val_records is not None:  # one view, one clip: per-epoch selection stays cheap
-        answers.report_unlisted(val_records, "validation questions")
-        val_loader = build_eval_loader(val_records, args, tokenizer, 1, 1, args.num_frames)
+class QATask(engine_for_finetuning.FinetuneTask):
+    """QA fine-tuning: questions about videos answered from a closed list, selection on validation accuracy, the
+    best weights tested with the majority and question-prior baselines of the training answers."""
+    items = "questions"
+    train_description = "the training questions"
+    select_on, select_label = "accuracy", "val accuracy"
+    disjoint_noun = "questions"
+    disjoint_hint = " (--val_fraction holds out training videos)"
+    skip_test_label = "the test"
+
+    def prepare(self) -> None:
+        self.answers = AnswerList(self.args.answer_list, self.args, self.tokenizer)
+
+    def read(self, path: str, train: bool = False) -> list[datasets.QARecord]:
+        return read_questions(path, self.args)
+
+    def split_val(self, records: list[datasets.QARecord]) -> tuple:
+        train, val = split_val_by_video(records, self.args.val_fraction, self.args.seed)
+        print(f"Validation: {len(val)} questions about videos held out of the training list (seed {self.args.seed})")
+        return train, val
+
+    def val_label(self) -> str:
+        return "validation questions"
+
+    def check_eval_lists(self, lists: dict) -> None:
+        check_eval_videos(self.args, lists)
+
+    def train_dataset(self, records: list[datasets.QARecord]) -> datasets.VideoQADataset:
+        return train_dataset(records, self.args)
+
+    def collator(self) -> datasets.VideoQACollator:
+        return collator(self.args, self.tokenizer)
+
+    def model_for_training(self) -> torch.nn.Module:
+        return build_for_training(self.args, len(self.tokenizer))
+
+    def validator(self, model: torch.nn.Module, records: list[datasets.QARecord]) -> Callable[[int], dict]:
+        args, answers = self.args, self.answers  # one view, one clip: per-epoch selection stays cheap
+        answers.report_unlisted(records, "validation questions")
+        val_loader = build_eval_loader(records, args, self.tokenizer, 1, 1, args.num_frames)
 
         def validate_epoch(epoch: int) -> dict:
-            metrics, _ = answer(model, val_records, val_loader, answers, eval_config(args, dtype),
+            metrics, _ = answer(model, records, val_loader, answers, eval_config(args, self.dtype),
                                 f"val QA epoch {epoch}")
             print(engine.format_qa_table(metrics, f"Validation, epoch {epoch}"), flush=True)
             per_type = {f"accuracy_{t}": m["accuracy"] for t, m in metrics.pop("per_type", {}).items()}
             return {**metrics, **per_type}  # scalars only: log.txt and tensorboard
-        validate = validate_epoch
-    keep_best = lambda epoch, val: retrieval.save_best(args, model, epoch, val, "accuracy", "val accuracy")  # noqa: E731
-    engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on="accuracy", on_best=keep_best)
-    if retrieval.load_if_present_everywhere(model, os.path.join(args.output_dir, "checkpoint-best.pth")):
-        print("Testing checkpoint-best.pth (best on validation)")
-    else:
-        print("No validation set: testing the last weights")
-    if test_records is None:
-        print("No --test_data_path: skipping the test")
-        return {}
-    return run_test(model, test_records, answers, args, tokenizer, dtype, train_records=train_records)
+        return validate_epoch
+
+    def test(self, model: torch.nn.Module, records: list[datasets.QARecord], train_records: list) -> dict:
+        return run_test(model, records, self.answers, self.args, self.tokenizer, self.dtype,
+                        train_records=train_records)
 
 
 def main(args: argparse.Namespace) -> dict:
     """Dispatch: --only_test, else fine-tuning. Returns the test metrics."""
     dtype = utils.setup_run(args)
-    test_frames(args)  # an inconsistent clip set-up stops before any training or loading
+    engine_for_finetuning.eval_frames(args, clips_are_views=False)  # an inconsistent clip set-up stops here
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     if args.only_test:
         return only_test(args, dtype, tokenizer)
-    return finetune(args, dtype, tokenizer)
+    return engine_for_finetuning.finetune(QATask(args, tokenizer, dtype))
 
 
 if __name__ == "__main__":

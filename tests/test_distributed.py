@@ -438,12 +438,12 @@ def _finish_epochs(args: argparse.Namespace, folder: str) -> dict:
 
 
 def _test_best(args: argparse.Namespace, folder: str) -> dict:
-    import run_simvtp_finetuning
+    import engine_for_finetuning
     args.output_dir = folder
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.fill_(-1.0 - args.rank)  # each rank's last weights differ from the best ones
-    run_simvtp_finetuning.test_best(args, model, None, torch.float32, None)
+    engine_for_finetuning.load_best(model, folder)
     return {"weight": model.weight.flatten().tolist()}
 
 

@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import datasets
+import engine_for_pretraining
 import retrieval_eval as engine
 import model_registry
 import run_simvtp_finetuning as run
@@ -226,7 +227,7 @@ def test_layer_decay_reaches_every_block_of_both_branches():
     model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     args = run.get_args_parser().parse_args(["--layer_decay", "0.5"])
     args.abs_lr = 1.0
-    optimizer = run.build_optimizer(model, args)
+    optimizer = engine_for_pretraining.build_optimizer(model, args, layer_decay=args.layer_decay)
     utils.apply_schedules(optimizer, 1.0, 0.05)
     lr_of = {}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
