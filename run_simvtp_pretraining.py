@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import command_lines
 import datasets
 import retrieval_eval
 import engine_for_pretraining as engine
@@ -25,53 +26,8 @@ import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimVTP / SViTT pre-training", add_help=True,
-                                formatter_class=utils.HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", required=True, help="annotation file (WebVid CSV, release JSON dict, "
-                   "Singularity JSON list or MSR-VTT CSV; the format is detected)")
-    utils.add_clip_args(g)
-    g.add_argument("--clips_per_video", type=int, default=1,
-                   help="repeated sampling (MAE-ST, VideoMAE V2): read each video once for C clips, each with its "
-                   "own frames, crop and masks, positives of each other in the contrastive loss and never each "
-                   "other's matching negatives; a step still has --batch_size clips (from batch_size / C videos) "
-                   "and an epoch as many clips and steps, from a different 1/C of the videos each epoch: C times "
-                   "fewer video reads, for when decoding limits the step (1: the paper's method)")
-    g = p.add_argument_group("masking (what the model asks for: a video mask, MLM captions)")
-    g.add_argument("--mask_type", default="tube", choices=["tube", "random"],
-                   help="tube: one spatial mask for all frames (SimVTP); random: per token")
-    g.add_argument("--mask_ratio", type=float, default=0.9, help="share of video tubes masked")
-    g.add_argument("--text_mask_ratio", type=float, default=None, help="share of caption words masked (default: "
-                   "the model's: 0.75 for SimVTP, 0.5 for SViTT)")
-    g = model_registry.add_model_args(p, model="simvtp_base_patch16",
-                                      model_help="registered pre-training model (model_registry.py; the release's "
-                                      "pretrain_simvtp_base_patch16_224 is an alias of simvtp_base_patch16)")
-    g.add_argument("--init_ckpt", default=None, help="weights the model starts from (loaded non-strictly, a report "
-                   "printed): a VideoMAE or SimVTP pre-training checkpoint, or a SViTT one (ours or the release's; "
-                   "another frame count is expanded: the next stage of the 4 -> 8 -> 16 frame curriculum)")
-    g.add_argument("--beit_path", default=None, help="SViTT: Hugging Face BEiT weights for the vision tower (e.g. "
-                   "beit-base-patch16-224-pt22k-ft22k): a local directory with model.safetensors or "
-                   "pytorch_model.bin, or the file itself (names with or without `beit.`); its image tables are "
-                   "repeated over every temporal offset, its heads reported unused")
-    g.add_argument("--bert_path", default=None, help="Hugging Face BERT weights (local bert-base-uncased directory "
-                   "or file; bert.*, cls.predictions.* or unprefixed names, old gamma/beta accepted): SimVTP takes "
-                   "its embeddings, SViTT its text tower and MLM head (cross-attention stays randomly initialised)")
-    g.add_argument("--compile_blocks", action="store_true",
-                   help="torch.compile every transformer block in place (Module.compile): the checkpoints keep "
-                        "the plain tensor names; the first steps pay the compilation (needs a C++ compiler on CPU)")
-    utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,
-                                warmup_epochs=40)
-    utils.add_run_args(p, output_dir="output/pretrain", save_ckpt_freq=20, keep_last=3)
-    g = p.add_argument_group("zero-shot evaluation during training")
-    g.add_argument("--eval_every", type=int, default=0,
-                   help="run zero-shot retrieval on --eval_data_path every N epochs (0 = never)")
-    g.add_argument("--eval_data_path", default=None, help="validation annotation file (never the test set)")
-    g.add_argument("--eval_mask_ratio", type=float, default=0.0,
-                   help="tube-mask ratio of the video pass in zero-shot evaluation (0 = every tube visible)")
-    g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
-                   help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
-                   "(uint8 clips x (workers x prefetch + 1)); the estimate is printed at each evaluation")
-    return p
+    """This entry point's command line (command_lines.py holds every entry point's)."""
+    return command_lines.pretraining_parser()
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import command_lines
 import datasets
 import retrieval_eval
 import engine_for_finetuning
@@ -29,66 +30,12 @@ import engine_for_pretraining
 import engine_for_qa as engine
 import model_registry
 import utils
-
-DEFAULT_QA_MODEL = "svitt_qa_base_patch16_224"  # the release's QA model
+from command_lines import DEFAULT_QA_MODEL
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Video question answering: fine-tuning and testing", formatter_class=utils.HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="training questions (a QA annotation file); in --only_test "
-                   "the test questions when --test_data_path is not given")
-    g.add_argument("--val_data_path", default=None, help="validation questions for model selection (accuracy)")
-    g.add_argument("--val_fraction", type=float, default=0.0, help="without --val_data_path: hold out this seeded "
-                   "fraction of the training VIDEOS (all their questions) for model selection, e.g. for AGQA whose "
-                   "val file is its test file (0: no selection, the last epoch is tested)")
-    g.add_argument("--test_data_path", default=None, help="test questions")
-    g.add_argument("--answer_list", default=None, help="the closed answer list (a JSON list of strings) every "
-                   "question is answered from; required")
-    g.add_argument("--clean_text", action="store_true", help="clean the questions as the SViTT / Singularity QA "
-                   "recipes do: lower case, no punctuation (answers are kept as written)")
-    utils.add_clip_args(g)
-    g.add_argument("--max_q_len", type=int, default=25, help="question tokens kept, with [CLS] and [SEP] "
-                   "(QA uses this, not --max_text_len)")
-    g.add_argument("--max_a_len", type=int, default=5, help="answer tokens kept, with [CLS] and [SEP] (longer "
-                   "answers are cut, keeping [SEP])")
-    g.add_argument("--test_num_segment", type=int, default=1, help="views per test video (positions over the "
-                   "video, see --sample_type_test); their answer scores are ensembled with the clips'")
-    g.add_argument("--test_num_crop", type=int, default=1, help="crops per test view")
-    g.add_argument("--num_frames_test", type=int, default=None, help="frames read per test view (a multiple of "
-                   "--num_frames; default: --num_frames), split into k = num_frames_test / num_frames clips, each "
-                   "answered alone; scores ensembled by --eval_frame_ensemble")
-    g.add_argument("--eval_sparse_sampling", action="store_true", help="with k > 1 clips: clip j takes frames j, "
-                   "j+k, ... (each clip spans the whole video) instead of the j-th consecutive chunk")
-    g.add_argument("--eval_frame_ensemble", default="lse", choices=list(engine.QA_ENSEMBLES), help="answer "
-                   "log-likelihoods over the clips and views of a video: lse = logsumexp (SViTT's), mean or max")
-    g.add_argument("--eval_frame_order", nargs="+", default=["none"],
-                   choices=list(retrieval_eval.FRAME_ORDERS), help="temporal sensitivity: each clip's "
-                   "frames as read (none), reversed, shuffled (fixed by --seed) or frozen (the middle frame "
-                   "repeated); several orders repeat the test (model loaded once) and print accuracy per order")
-    g = model_registry.add_model_args(
-        p, model=None, drop_path=0.1,
-        model_help="registered QA model (model_registry.py); default: the QA model of the --finetune checkpoint's "
-        f"family and size (a QA checkpoint: its own model), else {DEFAULT_QA_MODEL}; --only_test builds the model "
-        "its file names with the model flags given here (printed)")
-    g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (pre-training, retrieval or QA "
-                   "checkpoint of the family, mapped onto the QA model non-strictly with a report: the answer "
-                   "decoder starts from the text tower's fusion layers, SViTT, or the encoder's top blocks, "
-                   "SimVTP); --only_test: the weights under test (loaded strictly)")
-    g = utils.add_optimisation_args(p, batch_size=32, epochs=10, betas=(0.9, 0.999), lr=1e-5, min_lr=1e-6,
-                                    warmup_epochs=0.5)
-    g.add_argument("--layer_decay", type=float, default=1.0, help="lr x decay^(depth from top) (1: off, as the "
-                   "SViTT recipes)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--k_test", type=int, default=128, help="answers of the list kept per question by the "
-                   "decoder's first-token distribution, then re-scored by their full log-likelihood")
-    g.add_argument("--dist_eval", action="store_true", help="each process answers its share of the questions")
-    g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
-                   help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
-                   "(as in run_simvtp_finetuning.py)")
-    g.add_argument("--only_test", action="store_true", help="test --finetune / --resume weights once")
-    utils.add_run_args(p, output_dir="output/qa", save_ckpt_freq=10, keep_last=2)
-    return p
+    """This entry point's command line (command_lines.py holds every entry point's)."""
+    return command_lines.qa_parser()
 
 
 # ----------------------------------------------------------------------------------------------- data
