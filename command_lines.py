@@ -8,13 +8,20 @@ import argparse
 
 import datasets
 import engine_for_qa
+import engine_for_retrieval
 import model_registry
 import retrieval_eval
 import utils
 
-RELEASE_DUAL_MODEL = "simvtp_dual_base_patch16"  # the release's fine-tuning model (its name: vit_base_patch16_224)
-EXIT_SKIPPED = 3  # exit status of an export that finished without some unreadable videos (named in its metadata)
-DEFAULT_QA_MODEL = "svitt_qa_base_patch16_224"  # the release's QA model
+
+
+def add_finetuning_args(p: argparse.ArgumentParser, *, model_help: str, finetune_help: str, optimisation: dict,
+                        layer_decay: float, layer_decay_help: str) -> None:
+    """The model, its initial weights (--finetune) and the optimisation flags of a fine-tuning entry point."""
+    g = model_registry.add_model_args(p, model=None, drop_path=0.1, model_help=model_help)
+    g.add_argument("--finetune", default="", help=finetune_help)
+    g = utils.add_optimisation_args(p, **optimisation)
+    g.add_argument("--layer_decay", type=float, default=layer_decay, help=layer_decay_help)
 
 
 def pretraining_parser() -> argparse.ArgumentParser:
@@ -121,21 +128,18 @@ def finetuning_parser() -> argparse.ArgumentParser:
                    "permutation fixed by --seed) or frozen (the middle frame repeated); with several orders the "
                    "test is repeated per order (model loaded once) and a table of R@1 per order is printed and "
                    "written to the metrics JSON")
-    g = model_registry.add_model_args(
-        p, model=None, drop_path=0.1,
-        model_help="registered model (model_registry.py; fine-tuning trains a pre-training model's registered "
+    add_finetuning_args(
+        p, model_help="registered model (model_registry.py; fine-tuning trains a pre-training model's registered "
         "retrieval model, e.g. svitt_base_patch16_224 -> svitt_retrieval_base_patch16_224, without the MLM head); "
-        "default: when fine-tuning, the retrieval model of the "
-        f"--finetune checkpoint's family and size, else {RELEASE_DUAL_MODEL} (alias: the release's "
-        "vit_base_patch16_224); with --only_test / --zero_shot / --export_embeddings, the model the checkpoint "
-        "names (its model_cfg), else the one its keys identify, built with the model flags given here (printed)")
-    g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (a pre-training checkpoint, "
-                   "mapped onto the retrieval model, loaded non-strictly with a report); --only_test and "
-                   "--export_embeddings: the weights under test (loaded strictly); --zero_shot: the pre-training "
-                   "checkpoint evaluated (loaded strictly)")
-    g = utils.add_optimisation_args(p, batch_size=8, epochs=100, betas=(0.9, 0.999), lr=3e-4, min_lr=1e-6,
-                                    warmup_epochs=5)
-    g.add_argument("--layer_decay", type=float, default=0.75, help="lr x decay^(depth from top), both branches")
+        "default: when fine-tuning, the retrieval model of the --finetune checkpoint's family and size, else "
+        f"{engine_for_retrieval.RELEASE_DUAL_MODEL} (alias: the release's vit_base_patch16_224); with --only_test / "
+        "--zero_shot / --export_embeddings, the model the checkpoint names (its model_cfg), else the one its keys "
+        "identify, built with the model flags given here (printed)",
+        finetune_help="fine-tuning: the initial weights (a pre-training checkpoint, mapped onto the retrieval model, "
+        "loaded non-strictly with a report); --only_test and --export_embeddings: the weights under test (loaded "
+        "strictly); --zero_shot: the pre-training checkpoint evaluated (loaded strictly)",
+        optimisation=dict(batch_size=8, epochs=100, betas=(0.9, 0.999), lr=3e-4, min_lr=1e-6, warmup_epochs=5),
+        layer_decay=0.75, layer_decay_help="lr x decay^(depth from top), both branches")
     g = p.add_argument_group("evaluation")
     g.add_argument("--dist_eval", action="store_true", help="each process embeds its share; features gathered")
     g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
@@ -159,7 +163,7 @@ def finetuning_parser() -> argparse.ArgumentParser:
     g.add_argument("--rerank_model", default=None, help="its model name (default: the one the checkpoint names)")
     g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors. "
                    "Videos that cannot be read are left out, named on the console and in the metadata "
-                   f"(skipped_videos), and the exit status is then {EXIT_SKIPPED}")
+                   f"(skipped_videos), and the exit status is then {engine_for_retrieval.EXIT_SKIPPED}")
     g.add_argument("--video_dir", default=None, help="export: embed every video file in this folder")
     g.add_argument("--text_file", default=None, help="export: embed every line of this file (row i = line i; "
                    "a blank line is refused)")
@@ -202,19 +206,15 @@ def qa_parser() -> argparse.ArgumentParser:
                    choices=list(retrieval_eval.FRAME_ORDERS), help="temporal sensitivity: each clip's "
                    "frames as read (none), reversed, shuffled (fixed by --seed) or frozen (the middle frame "
                    "repeated); several orders repeat the test (model loaded once) and print accuracy per order")
-    g = model_registry.add_model_args(
-        p, model=None, drop_path=0.1,
-        model_help="registered QA model (model_registry.py); default: the QA model of the --finetune checkpoint's "
-        f"family and size (a QA checkpoint: its own model), else {DEFAULT_QA_MODEL}; --only_test builds the model "
-        "its file names with the model flags given here (printed)")
-    g.add_argument("--finetune", default="", help="fine-tuning: the initial weights (pre-training, retrieval or QA "
-                   "checkpoint of the family, mapped onto the QA model non-strictly with a report: the answer "
-                   "decoder starts from the text tower's fusion layers, SViTT, or the encoder's top blocks, "
-                   "SimVTP); --only_test: the weights under test (loaded strictly)")
-    g = utils.add_optimisation_args(p, batch_size=32, epochs=10, betas=(0.9, 0.999), lr=1e-5, min_lr=1e-6,
-                                    warmup_epochs=0.5)
-    g.add_argument("--layer_decay", type=float, default=1.0, help="lr x decay^(depth from top) (1: off, as the "
-                   "SViTT recipes)")
+    add_finetuning_args(
+        p, model_help="registered QA model (model_registry.py); default: the QA model of the --finetune checkpoint's "
+        f"family and size (a QA checkpoint: its own model), else {engine_for_qa.DEFAULT_QA_MODEL}; --only_test builds "
+        "the model its file names with the model flags given here (printed)",
+        finetune_help="fine-tuning: the initial weights (pre-training, retrieval or QA checkpoint of the family, "
+        "mapped onto the QA model non-strictly with a report: the answer decoder starts from the text tower's fusion "
+        "layers, SViTT, or the encoder's top blocks, SimVTP); --only_test: the weights under test (loaded strictly)",
+        optimisation=dict(batch_size=32, epochs=10, betas=(0.9, 0.999), lr=1e-5, min_lr=1e-6, warmup_epochs=0.5),
+        layer_decay=1.0, layer_decay_help="lr x decay^(depth from top) (1: off, as the SViTT recipes)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--k_test", type=int, default=128, help="answers of the list kept per question by the "
                    "decoder's first-token distribution, then re-scored by their full log-likelihood")

@@ -2,9 +2,9 @@
 per-epoch validation and the best checkpoint, then the best weights on the test set; and the pieces both tasks'
 evaluations share (test clip set-up, held-out validation, weights under test, the test's tensorboard scalars).
 
-What differs between the tasks (their records, datasets, model choice, validation and test) is a FinetuneTask that
-run_simvtp_finetuning.py (retrieval) and run_simvtp_qa.py (QA) each fill; the epoch loop itself is
-engine_for_pretraining.train, the same for every run.
+What differs between the tasks (their records, datasets, model choice, validation and test) is a FinetuneTask:
+engine_for_retrieval.RetrievalTask and engine_for_qa.QATask; the epoch loop itself is engine_for_pretraining.train,
+the same for every run.
 """
 from __future__ import annotations
 

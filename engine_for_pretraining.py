@@ -1,7 +1,7 @@
-"""The training loop every run uses (pre-training and retrieval fine-tuning, any model family): epochs with save,
-evaluation and logging; inside an epoch, autocast forward/backward, gradient accumulation, agreed skipping of
-non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints; and the run's
-view of broken training videos (BrokenVideos: each named once, listed in broken_videos.txt, the stop rule).
+"""The training loop every run uses (pre-training, retrieval and QA fine-tuning, any model family): the optimizer,
+epochs with save, evaluation and logging; inside an epoch, autocast forward/backward, gradient accumulation, agreed
+skipping of non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints; and the
+run's view of broken training videos (BrokenVideos: each named once, listed in broken_videos.txt, the stop rule).
 
 The model is seen only through the model contract (model_registry.py): `model(batch, gather=...)` returns
 {"loss", other scalars}; every tensor of the batch goes to the device and every scalar returned is logged.

@@ -21,6 +21,7 @@ import datasets
 import engine_for_pretraining
 import retrieval_eval as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning as run
 import utils
 from conftest import free_port, mostly_broken_list
@@ -123,9 +124,9 @@ def test_only_test_needs_weights_and_val_must_not_be_test(synthetic_root, tmp_pa
 
 def test_val_fraction_holds_out_whole_videos_with_a_seed(synthetic_root):
     records = datasets.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
-    train, val = run.split_val(records, 0.25, seed=3)
+    train, val = engine_for_retrieval.split_val(records, 0.25, seed=3)
     assert len(val) == 6 and len(train) == 18 and not {r.path for r in train} & {r.path for r in val}
-    assert [r.path for r in run.split_val(records, 0.25, seed=3)[1]] == [r.path for r in val]
+    assert [r.path for r in engine_for_retrieval.split_val(records, 0.25, seed=3)[1]] == [r.path for r in val]
 
 
 def test_release_model_name_and_deepspeed_flag_are_accepted(tmp_path, capsys):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import checkpoint
 import datasets
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import synthetic_dataset
@@ -242,6 +243,6 @@ def test_both_training_loaders_sample_by_the_flag(synthetic_root):
     args = _parsed(run_simvtp_finetuning.get_args_parser(), *common)
     _as_after_setup_run(args)
     records = datasets.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)
-    _, finetune_set, _ = run_simvtp_finetuning.build_train_loader(records, args, tokenizer)
+    _, finetune_set, _ = engine_for_retrieval.build_train_loader(records, args, tokenizer)
     for ds in (pretrain_set, finetune_set):
         assert ds.sample_type == "rand" and "rand of equal segments" in repr(ds)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import checkpoint
 import engine_for_pretraining as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import utils
@@ -152,9 +153,9 @@ def test_only_test_reranks_with_the_tested_models_own_matching_head(toy_run, syn
 def test_reranking_a_model_without_matching_head_asks_for_rerank_ckpt():
     model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     args = run_simvtp_finetuning.get_args_parser().parse_args(["--rerank_k", "4"])
-    assert run_simvtp_finetuning.own_match_model(model, args) is None
+    assert engine_for_retrieval.own_match_model(model, args) is None
     with pytest.raises(ValueError, match="has no matching head; give --rerank_ckpt"):
-        run_simvtp_finetuning.load_match_model(args)
+        engine_for_retrieval.load_match_model(args)
 
 
 FAMILY_MODULE = """
@@ -185,7 +186,7 @@ def test_an_out_of_tree_family_is_registered_by_model_module_and_built_by_the_en
     args = run_simvtp_finetuning.get_args_parser().parse_args(argv)
     assert args.model_module == ["my_out_of_tree_family"]
     run_simvtp_finetuning.setup(args)
-    model = run_simvtp_finetuning.build_for_training(args, vocab_size=64)
+    model = engine_for_retrieval.build_for_training(args, vocab_size=64)
     assert type(model).__name__ == "MyDualEncoder" and model_registry.family_of(model).name == "my_family"
     assert model.model_cfg["name"] == "my_dual_micro" and model.clip_shape == (4, 32)
     assert model_registry.supports(model, "retrieval") and not model_registry.supports(model, "rerank")

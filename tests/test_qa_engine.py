@@ -74,12 +74,12 @@ def test_answer_kinds_show_whether_the_question_asked_was_answered():
 
 def test_validation_split_keeps_all_questions_of_a_video_together():
     records = [record(f"v{i // 4}.mp4", f"q{i % 4}", "x") for i in range(40)]
-    train, val = run.split_val_by_video(records, 0.2, seed=3)
+    train, val = engine.split_val_by_video(records, 0.2, seed=3)
     assert len(val) == 8 and len(train) == 32
     assert not {r.path for r in train} & {r.path for r in val}
-    assert run.split_val_by_video(records, 0.2, seed=3) == (train, val)
+    assert engine.split_val_by_video(records, 0.2, seed=3) == (train, val)
     with pytest.raises(ValueError, match="share 2 videos"):
-        run.check_disjoint(val, val[:8])
+        engine.check_disjoint(val, val[:8])
 
 
 def test_answering_ensembles_the_clips_ranked_by_the_model():
@@ -116,9 +116,9 @@ def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_
             "--sample_type_test", "middle", "--test_num_segment", "2"]
     args = run.get_args_parser().parse_args(argv)
     args.device_obj, args.short_side_size = torch.device("cuda"), 32
-    assert run.build_eval_loader(records, args, tok, 2, 1, 2).pin_memory  # batches pinned for a GPU
+    assert engine.build_eval_loader(records, args, tok, 2, 1, 2).pin_memory  # batches pinned for a GPU
     args.device_obj = torch.device("cpu")
-    loader = run.build_eval_loader(records, args, tok, 2, 1, 2)
+    loader = engine.build_eval_loader(records, args, tok, 2, 1, 2)
     a_ids, a_mask = loader.collate_fn.answer_tokens(answers)
     torch.manual_seed(0)
     model = randomised(model_registry.create(name, img_size=32, num_frames=2, vocab_size=len(tok)), 4,

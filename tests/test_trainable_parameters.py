@@ -12,8 +12,10 @@ import datasets
 import engine_for_pretraining
 import masking_generator
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
+import engine_for_qa
 import run_simvtp_qa
 
 CLIP = ["--num_frames", "4", "--input_size", "32", "--drop_path", "0.1", "--device", "cpu"]
@@ -65,10 +67,10 @@ def _build(family: str, task: str, vocab_size: int) -> torch.nn.Module:
         return run_simvtp_pretraining.build_model(args, vocab_size)
     if task == "retrieval":
         args = run_simvtp_finetuning.get_args_parser().parse_args(["--model", pretrain, *CLIP, *flags])
-        return run_simvtp_finetuning.build_for_training(args, vocab_size)
+        return engine_for_retrieval.build_for_training(args, vocab_size)
     qa_model = model_registry.model_spec(pretrain).qa_model
     args = run_simvtp_qa.get_args_parser().parse_args(["--model", qa_model, *CLIP, *flags, *QA_FLAGS[family]])
-    return run_simvtp_qa.build_for_training(args, vocab_size)
+    return engine_for_qa.build_for_training(args, vocab_size)
 
 
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "qa"])
