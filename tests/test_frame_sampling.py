@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import checkpoint
 import datasets
 import model_registry
+import engine_for_pretraining
 import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
@@ -239,7 +240,7 @@ def test_both_training_loaders_sample_by_the_flag(synthetic_root):
     _as_after_setup_run(args)
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, depth=1, embed_dim=64,
                                   num_heads=2, decoder_depth=1, vocab_size=len(tokenizer))
-    _, pretrain_set, _ = run_simvtp_pretraining.build_loader(args, tokenizer, model)
+    _, pretrain_set, _ = engine_for_pretraining.build_loader(args, tokenizer, model)
     args = _parsed(run_simvtp_finetuning.get_args_parser(), *common)
     _as_after_setup_run(args)
     records = datasets.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)

@@ -4,6 +4,7 @@ random blocks included, and the pre-training entry point turns it on for a SViTT
 import pytest
 import torch
 
+import engine_for_pretraining
 import model_registry
 import run_simvtp_pretraining
 from qa_inputs import padded, question_inputs
@@ -47,7 +48,7 @@ def test_the_pretraining_entry_point_turns_it_on_for_svitt():
     args = run_simvtp_pretraining.get_args_parser().parse_args(
         ["--model", "svitt_tiny_patch16", "--data_path", "-", "--grad_checkpointing", "--input_size", "32",
          "--num_frames", "4"])
-    model = run_simvtp_pretraining.build_model(args, 64)
+    model = engine_for_pretraining.build_model(args, 64)
     towers = [model.vision_encoder, model.text_encoder]
     assert all(t.grad_checkpointing for t in towers)
 

@@ -64,7 +64,7 @@ def _build(family: str, task: str, vocab_size: int) -> torch.nn.Module:
     if task == "pretrain":
         args = run_simvtp_pretraining.get_args_parser().parse_args(["--model", pretrain, "--data_path", "-", *CLIP,
                                                                     *flags])
-        return run_simvtp_pretraining.build_model(args, vocab_size)
+        return engine_for_pretraining.build_model(args, vocab_size)
     if task == "retrieval":
         args = run_simvtp_finetuning.get_args_parser().parse_args(["--model", pretrain, *CLIP, *flags])
         return engine_for_retrieval.build_for_training(args, vocab_size)
@@ -114,7 +114,7 @@ def test_pretraining_without_masked_words_or_tubes_is_refused_at_start_up(family
             ["--model", pretrain, "--data_path", "-", *CLIP, *flags, *extra])
         model = model_registry.create(pretrain, **model_registry.model_kwargs(args, pretrain, vocab_size=64))
         args.text_mask_ratio = model.default_text_mask_ratio if args.text_mask_ratio is None else args.text_mask_ratio
-        run_simvtp_pretraining.check_masks(args, model)
+        engine_for_pretraining.check_masks(args, model)
 
     check()  # the defaults mask both
     with pytest.raises(ValueError, match="--text_mask_ratio 0.0: .* learns masked words"):
