@@ -8,6 +8,7 @@ the same for every run.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import os
 from typing import Any, Callable, Sequence
@@ -25,9 +26,9 @@ import utils
 BEST_CHECKPOINT = "checkpoint-best.pth"  # in --output_dir: the weights best on validation, tested at the end
 
 
-class FinetuneTask:
+class FinetuneTask(abc.ABC):
     """What one fine-tuning task adds to the outline of `finetune`. A subclass sets the class attributes and
-    fills every method; `args`, `tokenizer` and `dtype` are the run's."""
+    defines every abstract method; `args`, `tokenizer` and `dtype` are the run's."""
     items = "videos"                  # what one training record is, in messages ("questions" for QA)
     train_description = "the training annotations"  # what --data_path holds, in its error message
     select_on = "r1_sum"              # the validation metric selected on (higher is better)
@@ -35,6 +36,7 @@ class FinetuneTask:
     disjoint_noun = "sets"            # "the validation and test <noun> share N videos"
     disjoint_hint = ""                # appended to that error
     skip_test_label = "the test evaluation"
+    best_shown_as_path = True         # "Testing <output_dir>/checkpoint-best.pth ..." (QA: the file name only)
 
     def __init__(self, args: argparse.Namespace, tokenizer, dtype: torch.dtype) -> None:
         self.args, self.tokenizer, self.dtype = args, tokenizer, dtype
@@ -42,33 +44,41 @@ class FinetuneTask:
     def prepare(self) -> None:
         """Anything read before the records (QA: the answer list)."""
 
+    @abc.abstractmethod
     def read(self, path: str, train: bool = False) -> Any:
-        raise NotImplementedError
+        """An annotation file's records (train: the training list, in the form its loader workers share)."""
 
+    @abc.abstractmethod
     def split_val(self, records: Any) -> tuple[Any, Any]:
-        """(training, validation) records: a seeded fraction (--val_fraction) held out of the training list."""
-        raise NotImplementedError
+        """(training, validation) records: a seeded fraction (--val_fraction) of the videos held out."""
 
+    @abc.abstractmethod
     def val_label(self) -> str:
-        raise NotImplementedError
+        """How the start-up video check names the validation list."""
 
+    @abc.abstractmethod
     def check_eval_lists(self, lists: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Every video of the evaluation lists (label -> records or None) opens; all problems in one error."""
 
+    @abc.abstractmethod
     def train_dataset(self, records: Any) -> torch.utils.data.Dataset:
-        raise NotImplementedError
+        """The training set (the run's clip flags and exclude list applied)."""
 
+    @abc.abstractmethod
     def collator(self) -> Callable:
-        raise NotImplementedError
+        """The training batches' collate function."""
 
+    @abc.abstractmethod
     def model_for_training(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The task's model with --finetune's weights mapped onto it."""
 
+    @abc.abstractmethod
     def validator(self, model: torch.nn.Module, records: Any) -> engine_for_pretraining.EpochHook:
-        raise NotImplementedError
+        """epoch -> validation metrics (scalars; task.select_on among them)."""
 
+    @abc.abstractmethod
     def test(self, model: torch.nn.Module, records: Any, train_records: Any) -> dict:
-        raise NotImplementedError
+        """The test of the best weights: its metrics, written to the output folder."""
 
 
 def finetune(task: FinetuneTask) -> dict:
@@ -96,7 +106,7 @@ def finetune(task: FinetuneTask) -> dict:
     engine_for_pretraining.train(run, evaluate=validate, eval_name="val", select_on=task.select_on,
                                  on_best=lambda epoch, val: save_best(args, model, epoch, val, task.select_on,
                                                                       task.select_label))
-    load_best(model, args.output_dir)
+    load_best(model, args.output_dir, task.best_shown_as_path)
     if test_records is None:
         print(f"No --test_data_path: skipping {task.skip_test_label}")
         return {}
@@ -170,11 +180,11 @@ def load_if_present_everywhere(model: torch.nn.Module, path: str) -> bool:
     return False
 
 
-def load_best(model: torch.nn.Module, output_dir: str) -> None:
+def load_best(model: torch.nn.Module, output_dir: str, show_path: bool = True) -> None:
     """The best-val weights into `model` (kept as they are when there was no validation set)."""
     best_path = os.path.join(output_dir, BEST_CHECKPOINT)
     if load_if_present_everywhere(model, best_path):
-        print(f"Testing {best_path} (best on validation)")
+        print(f"Testing {best_path if show_path else BEST_CHECKPOINT} (best on validation)")
     else:
         print("No validation set: testing the last weights")
 

@@ -426,6 +426,7 @@ class QATask(engine_for_finetuning.FinetuneTask):
     disjoint_noun = "questions"
     disjoint_hint = " (--val_fraction holds out training videos)"
     skip_test_label = "the test"
+    best_shown_as_path = False
 
     def prepare(self) -> None:
         self.answers = AnswerList(self.args.answer_list, self.args, self.tokenizer)
