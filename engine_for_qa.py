@@ -312,6 +312,7 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
 
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, num_clips: int = 1,
                 frame_order: str = "none") -> QAEvalConfig:
+    """The QA evaluation's settings: the shared clip set-up plus the closed-list search (--k_test)."""
     return QAEvalConfig(clips=engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order),
                                k_test=args.k_test)
 

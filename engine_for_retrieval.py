@@ -26,6 +26,7 @@ EXIT_SKIPPED = 3  # exit status of an export that finished without some unreadab
 
 def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float = 0.0, num_clips: int = 1,
                 frame_order: str = "none") -> retrieval_eval.EvalConfig:
+    """The retrieval evaluation's settings: the shared clip set-up plus captions, masking and offload."""
     return engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order, max_text_len=args.max_text_len,
                                                   video_mask_ratio=mask_ratio, offload=args.eval_offload,
                                                   distinct_captions=annotation_format(args).match_by == "caption")
