@@ -228,7 +228,7 @@ def load_pretrained(model: torch.nn.Module, path: str, strict: bool = False, ver
     convert = model_registry.family_of(model).convert_state_dict
     config = {"file_config": file_config(ckpt)} if file_config(ckpt) else {}  # a release's config (SViTT)
     try:
-        mapped, kind = convert(state, getattr(model, "module", model), **config)
+        mapped, kind = convert(state, model_registry.unwrap(model), **config)
         report = load_weights(model, mapped, strict=strict)
     except CheckpointError:
         raise
@@ -319,7 +319,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, strict: bool) -> Load
 
     A shape mismatch is a ValueError naming each key and both shapes; with strict, any missing or unexpected
     tensor (other than the model's `optional_keys`) is a ValueError listing them. Nothing is copied on error."""
-    model = getattr(model, "module", model)
+    model = model_registry.unwrap(model)
     own = model.state_dict()
     buffers = {n for n, _ in model.named_buffers()} - set(own)
     report = LoadReport(missing=[k for k in own if k not in state_dict])
@@ -337,7 +337,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, strict: bool) -> Load
         more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
         raise ValueError(f"shape mismatch of {len(mismatched)} tensors: " + "; ".join(mismatched[:3]) + more)
     if strict:
-        optional = set(getattr(model, "optional_keys", ()))
+        optional = set(model_registry.capability_value(model, "optional_keys", ()))
         bad = [k for k in report.missing + report.unexpected if k not in optional]
         if bad:
             raise ValueError(f"strict load: missing {compact_names([k for k in report.missing if k in bad]) or '-'}; "
@@ -443,7 +443,7 @@ def save_training_state(output_dir: str, *, model: torch.nn.Module, optimizer: t
     """
     state = {
         "model": model.state_dict(),
-        "model_cfg": getattr(model, "model_cfg", None),
+        "model_cfg": model_registry.capability_value(model, "model_cfg"),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "epoch": epoch,
@@ -554,7 +554,8 @@ def describe_checkpoint(ckpt: dict, path: str) -> str:
 def check_same_model(ckpt: dict, path: str, model: torch.nn.Module) -> None:
     """--resume needs a training checkpoint of the model being trained: else one line saying what the file holds
     and what to do, never a key list."""
-    ours = model_registry.canonical_name(model.model_cfg["name"]) if hasattr(model, "model_cfg") else None
+    has_cfg = model_registry.supports(model, "model_cfg")
+    ours = model_registry.canonical_name(model.model_cfg["name"]) if has_cfg else None
     held = describe_checkpoint(ckpt, path)
     if "model" not in ckpt or "epoch" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(
@@ -565,7 +566,7 @@ def check_same_model(ckpt: dict, path: str, model: torch.nn.Module) -> None:
             f"{path}: is a training checkpoint of {held}, this run trains {ours}; to continue it pass "
             f"--model {held} (or a fine-tuning file to run_simvtp_finetuning.py); to start from its weights use "
             "--init_ckpt / --finetune with a new --output_dir")
-    mine = model.model_cfg.get("kwargs", {}) if hasattr(model, "model_cfg") else {}
+    mine = model.model_cfg.get("kwargs", {}) if has_cfg else {}
     theirs = ckpt.get("model_cfg", {}).get("kwargs", {}) if isinstance(ckpt.get("model_cfg"), dict) else {}
     shape = {k: (theirs[k], mine[k]) for k in ("img_size", "num_frames") if k in theirs and k in mine
              and theirs[k] != mine[k]}

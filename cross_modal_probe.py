@@ -23,6 +23,7 @@ import annotations
 import checkpoint
 import datasets
 import masking_generator
+import model_registry
 import utils
 import video_transforms
 
@@ -34,9 +35,8 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
           mask_ratio: float = 0.9, text_mask_ratio: float = 0.75, max_batches: int | None = None) -> dict:
     """The probe's figures for the checkpoint's model on data_path's first caption per video."""
     model = checkpoint.build_model_from(checkpoint.read_checkpoint_file(ckpt), ckpt).eval()
-    if not hasattr(model, "decode_pixels") or not hasattr(model, "text_cls"):
-        raise ValueError(f"{ckpt}: {type(model).__name__} is not a SimVTP pre-training model (no pixel decoder "
-                         "and word head to probe)")
+    model_registry.require(model, "probe", f"{ckpt}: {type(model).__name__} is not a SimVTP pre-training model (no "
+                           "pixel decoder and word head to probe)")
     cfg = model.model_cfg.get("kwargs", {})
     frames, size = cfg.get("num_frames", 16), cfg.get("img_size", 224)
     loader = _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size)

@@ -1,7 +1,8 @@
-"""The training loop every run uses (pre-training and retrieval fine-tuning, any model family): epochs with save,
-evaluation and logging; inside an epoch, autocast forward/backward, gradient accumulation, agreed skipping of
-non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch checkpoints; and the run's
-view of broken training videos (BrokenVideos: each named once, listed in broken_videos.txt, the stop rule).
+"""The training loop every run uses (pre-training, retrieval and QA fine-tuning, any model family), and pre-training's
+set-up: the optimizer, epochs with save, evaluation and logging; inside an epoch, autocast forward/backward, gradient
+accumulation, agreed skipping of non-finite steps, clipping, per-step lr/wd schedules, progress lines and mid-epoch
+checkpoints; the run's view of broken training videos (BrokenVideos: each named once, listed in broken_videos.txt,
+the stop rule); pre-training's model, masked training data, validation set and zero-shot evaluation.
 
 The model is seen only through the model contract (model_registry.py): `model(batch, gather=...)` returns
 {"loss", other scalars}; every tensor of the batch goes to the device and every scalar returned is logged.
@@ -10,11 +11,12 @@ non-finite check), not several per micro-batch.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -23,6 +25,9 @@ import torch
 import checkpoint
 import datasets
 import distributed
+import masking_generator
+import model_registry
+import retrieval_eval
 import utils
 import video_transforms
 
@@ -86,6 +91,24 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     if isinstance(moved.get("video"), torch.Tensor):
         moved["video"] = video_transforms.normalize_video(moved["video"])
     return moved
+
+
+def build_optimizer(model: torch.nn.Module, args: Any, layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters (no weight decay on what its optional no_weight_decay() names); with
+    layer_decay (fine-tuning) lr x decay^(depth from top) by the model's own layer ids (model.layer_id,
+    model.num_layers), the groups' lr scales printed."""
+    scale = None
+    if layer_decay is not None and layer_decay < 1:
+        scale = {n: layer_decay ** (model.num_layers + 1 - model.layer_id(n)) for n, _ in model.named_parameters()}
+    no_decay = model.no_weight_decay() if model_registry.supports(model, "no_weight_decay") else set()
+    groups = utils.param_groups(model, args.weight_decay, no_decay_names=no_decay, layer_scale=scale)
+    if layer_decay is not None:
+        scales = sorted({round(g["lr_scale"], 6) for g in groups})
+        print(f"Optimizer: {len(groups)} parameter groups; lr scales {scales[0]:.4g} .. {scales[-1]:.4g} "
+              f"(layer decay {layer_decay} over {model.num_layers} layers)")
+    for g in groups:
+        g.pop("names")
+    return utils.make_adamw(groups, args.abs_lr, args.opt_betas, args.opt_eps, next(model.parameters()).device)
 
 
 def steps_in_epoch(batches: int, accum_iter: int) -> int:
@@ -174,8 +197,8 @@ def _forward_backward(model: torch.nn.Module, batch: dict, scaler: torch.amp.Gra
     the loss is non-finite). Nothing is read on the host here. Gradients of a non-finite micro-batch are
     dropped with its window. Inside an accumulation window (sync=False) both passes run under DDP's no_sync():
     DDP decides at forward time whether the backward all-reduces."""
-    no_sync = getattr(model, "no_sync", None)
-    with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
+    accumulate = isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync
+    with model.no_sync() if accumulate else contextlib.nullcontext():
         with utils.autocast(cfg.device, cfg.dtype):
             out = model(batch, gather=distributed.gather_with_grad)
         loss = out["loss"]
@@ -520,3 +543,116 @@ def read_broken_list(path: str) -> dict[str, str]:
             if name:
                 out[name] = error
     return out
+
+# ----------------------------------------------------------------------------------------------- pre-training's set-up
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    """The model named by --model with its family's flags; --init_ckpt / --bert_path weights on top."""
+    model = model_registry.create(args.model, **model_registry.model_kwargs(args, args.model, vocab_size=vocab_size))
+    for path in (args.init_ckpt, args.beit_path, args.bert_path):
+        if path:
+            checkpoint.load_pretrained(model, path, strict=False)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile_blocks:
+        print(f"torch.compile: {utils.compile_blocks(model)} transformer blocks compiled in place")
+    return model
+
+
+def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) -> tuple[
+        torch.utils.data.DataLoader, datasets.VideoTextDataset, utils.ResumableDistributedSampler]:
+    """Training data shaped by what the model asks for: a video mask on its token grid, MLM captions."""
+    # numpy columns, not a list of objects: forked loader workers share them instead of copying them
+    records = annotations.read_record_table(args.data_path, args.data_root, args.skip_bad_records)
+    mask_gen = None
+    if model.takes_video_mask:
+        grid = model.token_grid(args.num_frames, args.input_size, args.input_size)
+        mask_gen = masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)
+    dataset = datasets.VideoTextDataset(records, mode="train", num_frames=args.num_frames,
+                                        sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                        video_backend=args.video_backend, seed=args.seed,
+                                        decode_threads=args.decode_threads, mask_generator=mask_gen,
+                                        sample_type=args.sample_type, clips_per_video=args.clips_per_video,
+                                        excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root))
+    collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
+                                          text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
+                                          text_mask_mode=model.text_masking or "mask", seed=args.seed)
+    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                seed=args.seed, shuffle=True, drop_last=True)
+    videos_per_batch = args.batch_size // args.clips_per_video
+    if len(dataset) < videos_per_batch * args.world_size:
+        raise ValueError(f"{args.data_path}: {len(dataset)} videos per epoch, fewer than one global batch "
+                         f"({videos_per_batch} x {args.world_size} processes)")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=videos_per_batch, sampler=sampler, num_workers=args.num_workers,
+        collate_fn=collator, drop_last=True, pin_memory=args.device_obj.type == "cuda",
+        # a private generator: creating worker seeds must not consume the global RNG (resume equivalence)
+        generator=torch.Generator().manual_seed(args.seed))
+    text = f"{model.text_masking} text masking {args.text_mask_ratio}" if model.text_masking else "no text masking"
+    repeated = (f"; {args.clips_per_video} clips per video read ({len(dataset)} videos an epoch, "
+                f"{videos_per_batch} a step)" if args.clips_per_video > 1 else "")
+    print(f"Data: {len(records)} videos from {args.data_path}; video mask {mask_gen}; {text}{repeated}")
+    return loader, dataset, sampler
+
+
+def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | None:
+    """The validation set of --eval_every: one centre clip per video (frames by --sample_type_test), read strictly
+    (a broken video is an error), so every video of it is checked now, before any training (unless
+    --skip_eval_check)."""
+    if args.eval_every <= 0:
+        return None
+    if not args.eval_data_path:
+        raise ValueError("--eval_every needs --eval_data_path (a validation annotation file)")
+    records = annotations.read_annotations(args.eval_data_path, args.data_root, args.skip_bad_records)
+    annotations.check_eval_lists({f"--eval_data_path {args.eval_data_path}": records}, args.video_backend,
+                              skip=args.skip_eval_check)
+    return datasets.VideoTextDataset(records, mode="test", num_frames=args.num_frames,
+                                     sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                     short_side_size=args.short_side_size, test_num_segment=1,
+                                     test_num_crop=1, video_backend=args.video_backend, seed=args.seed,
+                                     sample_type=args.sample_type_test, decode_threads=args.decode_threads)
+
+
+def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, tokenizer, args: argparse.Namespace,
+                   dtype: torch.dtype) -> dict[str, float]:
+    """Zero-shot retrieval on the validation set; every rank embeds its share (features are gathered)."""
+    cfg = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
+                                           max_text_len=args.max_text_len, video_mask_ratio=args.eval_mask_ratio,
+                                           seed=args.seed)
+    workers = min(args.num_workers, 2)
+    loader = retrieval_eval.build_eval_loader(dataset, tokenizer, args.batch_size, workers, args.max_text_len,
+                                                     args.distributed, args.eval_host_memory_gb, device=cfg.device)
+    res = retrieval_eval.evaluate(model, loader, tokenizer, cfg)
+    metrics = dict(res["metrics"])
+    print(f"Zero-shot on {args.eval_data_path}: t2v R@1 {metrics['t2v_R@1']:.1f} R@5 {metrics['t2v_R@5']:.1f} "
+          f"| v2t R@1 {metrics['v2t_R@1']:.1f} R@5 {metrics['v2t_R@5']:.1f} "
+          f"(chance R@1 {100.0 / len(dataset):.1f})")
+    if model_registry.supports(model, "rerank"):  # the matching head on held-out pairs
+        metrics.update(retrieval_eval.held_out_matching_accuracy(
+            model, res, dataset, tokenizer, replace(cfg, print_freq=10**9), seed=args.seed, num_workers=workers))
+        print(f"Matching head on {args.eval_data_path}: accuracy {metrics['match_acc']:.1f} with random and "
+              f"{metrics['match_acc_hard']:.1f} with hard non-matches (1 match : 2 non-matches; a constant answer "
+              f"scores 66.7)")
+    return metrics
+
+
+def check_masks(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Pre-training learns from masked inputs: masking no word (or no tube, for a model that takes a video mask)
+    leaves the word head (or the pixel decoder) without gradient, and DDP stops at the second step."""
+    name = model.model_cfg["name"]
+    if model.text_masking and not args.text_mask_ratio:
+        raise ValueError(f"--text_mask_ratio {args.text_mask_ratio}: {name} learns masked words, so some must be "
+                         f"masked (its default: {model.default_text_mask_ratio}); --w_mlm 0 turns that loss off")
+    if model.takes_video_mask:
+        grid = model.token_grid(args.num_frames, args.input_size, args.input_size)
+        mask_gen = masking_generator.build_mask_generator(args.mask_type, grid, args.mask_ratio)
+        if not mask_gen(np.random.default_rng(0)).any():
+            raise ValueError(f"--mask_ratio {args.mask_ratio} masks no tube of {name}'s {'x'.join(map(str, grid))} "
+                             "token grid: its pixel decoder would have nothing to reconstruct")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.clips_per_video < 1 or args.batch_size % args.clips_per_video:
+        raise ValueError(f"--clips_per_video {args.clips_per_video} must be >= 1 and divide --batch_size "
+                         f"{args.batch_size} (a step's clips come from batch_size / clips_per_video videos)")

@@ -1,34 +1,42 @@
-"""Video QA evaluation: every question's answer picked from a closed list by the model's answer decoder (clips of a
-video ensembled), exact-match accuracy overall and per answer type, one prediction per question.
+"""Video question answering: the QA fine-tuning task (QATask, for engine_for_finetuning's outline) and its
+evaluation: every question's answer picked from a closed list by the model's answer decoder (clips of a video
+ensembled), exact-match accuracy overall and per answer type with blind baselines, one prediction per question.
 
-Training needs nothing of its own: a QA model's forward(batch) returns the answer loss, so the pre-training
-engine's epoch loop, resume and checkpoints drive it unchanged (run_simvtp_qa.py).
+Training needs nothing of its own: a QA model's forward(batch) returns the answer loss, so the shared epoch loop
+(engine_for_pretraining.train), resume and checkpoints drive it unchanged.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 import annotations
 import answer_ranking
+import checkpoint
+import datasets
 import distributed
 import engine_for_finetuning
+import model_registry
+import retrieval_eval
 import utils
 import video_transforms
 
 QA_ENSEMBLES = answer_ranking.ENSEMBLES
+DEFAULT_QA_MODEL = "svitt_qa_base_patch16_224"  # the release's QA model
 
 
 @dataclass
 class QAEvalConfig:
     """How questions are answered: clips as retrieval's EvalConfig cuts them (num_clips, sparse_clips,
     frame_order, seed; `ensemble` is lse|mean|max over every clip and view), and the closed-list search."""
-    clips: engine_for_finetuning.EvalConfig
+    clips: retrieval_eval.EvalConfig
     k_test: int = 128  # answers kept by the first-token distribution, then re-scored by full log-likelihood
 
     def __post_init__(self) -> None:
@@ -54,7 +62,7 @@ def answer_questions(model: torch.nn.Module, loader: Iterable[dict], answer_list
     total = len(loader) if hasattr(loader, "__len__") else 0
     for batch in meters.log_every(loader, total=total, header=header, unit="videos",
                                   items_per_step=getattr(loader, "batch_size", None) or 1):
-        clips = engine_for_finetuning.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
+        clips = retrieval_eval.eval_clips(batch["video"], cfg.clips).flatten(1, 2)  # [B, V*k, C, T, H, W]
         q_ids, q_mask = batch["question_input_ids"].to(device), batch["question_mask"].to(device)
         q_video = batch.get("question_video", torch.arange(len(q_ids))).to(device)
         per_clip = [rank_clip(model, video_transforms.normalize_video(clips[:, j].to(device, non_blocking=True)), q_ids,
@@ -215,3 +223,253 @@ def write_predictions(output_dir: str, prefix: str, metrics: dict, rows: Sequenc
     with open(os.path.join(output_dir, f"{prefix}_predictions.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def read_questions(path: str, args: argparse.Namespace) -> list[annotations.QARecord]:
+    records = annotations.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
+    print(f"Data: {len(records)} questions about {len({r.path for r in records})} videos from {path}")
+    return records
+
+
+def split_val_by_video(records: list[annotations.QARecord], fraction: float,
+                       seed: int) -> tuple[list[annotations.QARecord], list[annotations.QARecord]]:
+    """A seeded held-out fraction of the training videos with all their questions (a question about a video
+    seen in training would leak it into selection); both sides in file order."""
+    videos = sorted({r.path for r in records})
+    held = {videos[i] for i in np.flatnonzero(engine_for_finetuning.held_out(len(videos), fraction, seed))}
+    return [r for r in records if r.path not in held], [r for r in records if r.path in held]
+
+
+def check_disjoint(val: list | None, test: list | None) -> None:
+    """Selection never sees a test video."""
+    engine_for_finetuning.check_disjoint(val, test, QATask.disjoint_noun, QATask.disjoint_hint)
+
+
+def check_eval_videos(args: argparse.Namespace, lists: dict[str, list | None]) -> None:
+    """Every evaluation video opens (one check per video, not per question), all problems in one error."""
+    videos = {label: [annotations.VideoRecord(p, [], os.path.basename(p)) for p in dict.fromkeys(r.path for r in recs)]
+              for label, recs in lists.items() if recs}
+    annotations.check_eval_lists(videos, args.video_backend, skip=args.skip_eval_check)
+
+
+def video_options(args: argparse.Namespace) -> dict:
+    return dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, input_size=args.input_size,
+                short_side_size=args.short_side_size, video_backend=args.video_backend, seed=args.seed,
+                decode_threads=args.decode_threads)
+
+
+def collator(args: argparse.Namespace, tokenizer) -> datasets.VideoQACollator:
+    return datasets.VideoQACollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len)
+
+
+def train_dataset(records: list[annotations.QARecord], args: argparse.Namespace) -> datasets.VideoQADataset:
+    return datasets.VideoQADataset(records, mode="train", sample_type=args.sample_type,
+                                   excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root),
+                                   **video_options(args))
+
+
+def build_eval_loader(records: list[annotations.QARecord], args: argparse.Namespace, tokenizer, segments: int,
+                      crops: int, frames: int):
+    """Batches of --batch_size videos, each decoded once with all its questions (answered --batch_size at a
+    time)."""
+    dataset = datasets.VideoQATestSet(records, test_num_segment=segments, test_num_crop=crops,
+                                      sample_type=args.sample_type_test, **{**video_options(args),
+                                                                            "num_frames": frames})
+    return retrieval_eval.build_eval_loader(
+        dataset, tokenizer, args.batch_size, args.num_workers, dist_eval=args.dist_eval,
+        host_memory_gb=args.eval_host_memory_gb, device=args.device_obj,
+        collate_fn=datasets.VideoQATestCollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len))
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def qa_model_name(args: argparse.Namespace, ckpt: dict) -> str:
+    """--model, else the QA model of the checkpoint's model (itself when it is one), else the release's."""
+    if args.model:
+        return model_registry.canonical_name(args.model)
+    name = engine_for_finetuning.checkpoint_model_name(ckpt)
+    if not name:
+        return DEFAULT_QA_MODEL
+    spec = model_registry.model_spec(name)
+    return spec.qa_model or spec.name
+
+
+def check_qa_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A QA model answers (rank_answers) from each video's tokens encoded once (video_tokens)."""
+    return model_registry.require(model, "qa", f"--model {model.model_cfg['name']} is not a QA model (it has no "
+                                  "answer decoder): use a *_qa_* model, e.g. svitt_qa_tiny_patch16 or "
+                                  "simvtp_qa_tiny_patch16")
+
+
+def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
+    ckpt = checkpoint.read_checkpoint_file(args.finetune) if args.finetune else {}
+    return engine_for_finetuning.model_for_training(args, qa_model_name(args, ckpt), vocab_size, ckpt,
+                                                    check=check_qa_model)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_config(args: argparse.Namespace, dtype: torch.dtype, num_clips: int = 1,
+                frame_order: str = "none") -> QAEvalConfig:
+    """The QA evaluation's settings: the shared clip set-up plus the closed-list search (--k_test)."""
+    return QAEvalConfig(clips=engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order),
+                               k_test=args.k_test)
+
+
+class AnswerList:
+    """The closed list, read once and tokenised as the batches' answers."""
+
+    def __init__(self, path: str | None, args: argparse.Namespace, tokenizer) -> None:
+        if not path:
+            raise ValueError("--answer_list is required: the JSON list of answers questions are answered from")
+        self.path = path
+        self.answers = annotations.read_answer_list(path)
+        self.ids, self.mask = collator(args, tokenizer).answer_tokens(self.answers)
+        print(f"Answer list: {len(self.answers)} answers from {path}")
+
+    def report_unlisted(self, records: list[annotations.QARecord], name: str) -> annotations.UnlistedAnswers:
+        unlisted = annotations.unlisted_answers(records, self.answers)
+        print(unlisted.message(name))
+        return unlisted
+
+
+def answer(model: torch.nn.Module, records: list[annotations.QARecord], loader, answers: AnswerList,
+           cfg: QAEvalConfig, header: str) -> tuple[dict, list[dict]]:
+    """(metrics, prediction rows) of the model on a question list."""
+    predictions = answer_questions(model, loader, answers.answers, answers.ids, answers.mask, cfg, header)
+    rows = prediction_rows(merge_ranks(predictions), records)
+    return qa_accuracy(rows), rows
+
+
+def run_test(model: torch.nn.Module, records: list[annotations.QARecord], answers: AnswerList,
+             args: argparse.Namespace, tokenizer, dtype: torch.dtype, train_records: list | None = None,
+             prefix: str = "test") -> dict:
+    """The test once per --eval_frame_order (the first order's results are the main ones): accuracy per answer
+    type, the majority baselines, unlisted answers; <prefix>_metrics.json, <prefix>_predictions.jsonl and
+    tensorboard scalars."""
+    frames, clips = engine_for_finetuning.eval_frames(args, clips_are_views=False)
+    unlisted = answers.report_unlisted(records, f"{prefix} questions")
+    loader = build_eval_loader(records, args, tokenizer, args.test_num_segment, args.test_num_crop, frames)
+    truths = [annotations.top_answer(r) for r in records]
+    runs = {}
+    for order in dict.fromkeys(args.eval_frame_order):
+        label = "" if order == "none" else f", frames {order}"
+        runs[order] = answer(model, records, loader, answers, eval_config(args, dtype, clips, order),
+                             f"{prefix} QA{label}")
+    metrics, rows = next(iter(runs.values()))
+    out = {**metrics, "unlisted": unlisted.count, "ceiling": 100.0 * (1 - unlisted.count / len(records)),
+           "views": f"{args.test_num_segment}x{args.test_num_crop}", "num_frames_test": frames, "clips": clips,
+           "frame_ensemble": args.eval_frame_ensemble, "k_test": args.k_test, "frame_order": next(iter(runs))}
+    common, acc = majority_accuracy(truths, truths)
+    out["majority_test"] = {"answer": common, "accuracy": acc}
+    if train_records:
+        common, acc = majority_accuracy([annotations.top_answer(r) for r in train_records], truths)
+        out["majority_train"] = {"answer": common, "accuracy": acc}
+        out["question_prior_train"] = question_prior_accuracy(
+            [(r.question, annotations.top_answer(r)) for r in train_records],
+            [(r.question, t) for r, t in zip(records, truths)])
+        if any(r.answer_type is not None for r in records):
+            out["answer_kinds"] = answer_kind_report(
+                rows, [(r.question, annotations.top_answer(r), r.answer_type) for r in train_records])
+    if len(runs) > 1:
+        out["frame_orders"] = {o: {"accuracy": m["accuracy"], **({"per_type": {t: v["accuracy"] for t, v in
+                                                                               m["per_type"].items()}}
+                                                                 if "per_type" in m else {})}
+                               for o, (m, _) in runs.items()}
+        print(format_frame_orders(out["frame_orders"]), flush=True)
+    print(format_qa_table(out, f"{prefix} QA on {len(records)} questions"), flush=True)
+    if "answer_kinds" in out:
+        print(format_answer_kinds(out["answer_kinds"]), flush=True)
+    write_predictions(args.output_dir, prefix, out, rows)
+    write_tensorboard(args, prefix, out)
+    return out
+
+
+def format_frame_orders(rows: dict[str, dict]) -> str:
+    """frame order -> accuracy, and per answer type when given."""
+    types = sorted({t for r in rows.values() for t in r.get("per_type", {})})
+    columns = [("accuracy", "accuracy", 9, ".1f")] + [(t[:11], t, 12, ".1f") for t in types]
+    flat = {order: {"accuracy": r["accuracy"], **r.get("per_type", {})} for order, r in rows.items()}
+    return engine_for_finetuning.format_frame_orders("Temporal sensitivity (QA accuracy)", flat, columns)
+
+
+def write_tensorboard(args: argparse.Namespace, prefix: str, out: dict) -> None:
+    groups = {prefix: {"accuracy": out["accuracy"], **{f"accuracy_{t}": v["accuracy"]
+                                                       for t, v in out.get("per_type", {}).items()}}}
+    groups.update({f"{prefix}_order_{order}": {"accuracy": row["accuracy"]}
+                   for order, row in out.get("frame_orders", {}).items()})
+    engine_for_finetuning.write_test_scalars(args.log_dir, groups)
+
+
+# ----------------------------------------------------------------------------------------------- modes
+
+
+def only_test(args: argparse.Namespace, dtype: torch.dtype, tokenizer) -> dict:
+    """The given weights, once, on the test questions; auto-resume never replaces them."""
+    weights = engine_for_finetuning.weights_under_test(args)
+    path = args.test_data_path or args.data_path
+    if not path:
+        raise ValueError("--only_test needs the test questions: --test_data_path FILE")
+    answers = AnswerList(args.answer_list, args, tokenizer)
+    records = read_questions(path, args)
+    check_eval_videos(args, {f"test questions {path}": records})
+    model = check_qa_model(engine_for_finetuning.build_from_file(weights, args.model, args))
+    return run_test(model, records, answers, args, tokenizer, dtype)
+
+
+class QATask(engine_for_finetuning.FinetuneTask):
+    """QA fine-tuning: questions about videos answered from a closed list, selection on validation accuracy, the
+    best weights tested with the majority and question-prior baselines of the training answers."""
+    items = "questions"
+    train_description = "the training questions"
+    select_on, select_label = "accuracy", "val accuracy"
+    disjoint_noun = "questions"
+    disjoint_hint = " (--val_fraction holds out training videos)"
+    skip_test_label = "the test"
+    best_shown_as_path = False
+
+    def prepare(self) -> None:
+        self.answers = AnswerList(self.args.answer_list, self.args, self.tokenizer)
+
+    def read(self, path: str, train: bool = False) -> list[annotations.QARecord]:
+        return read_questions(path, self.args)
+
+    def split_val(self, records: list[annotations.QARecord]) -> tuple:
+        train, val = split_val_by_video(records, self.args.val_fraction, self.args.seed)
+        print(f"Validation: {len(val)} questions about videos held out of the training list (seed {self.args.seed})")
+        return train, val
+
+    def val_label(self) -> str:
+        return "validation questions"
+
+    def check_eval_lists(self, lists: dict) -> None:
+        check_eval_videos(self.args, lists)
+
+    def train_dataset(self, records: list[annotations.QARecord]) -> datasets.VideoQADataset:
+        return train_dataset(records, self.args)
+
+    def collator(self) -> datasets.VideoQACollator:
+        return collator(self.args, self.tokenizer)
+
+    def model_for_training(self) -> torch.nn.Module:
+        return build_for_training(self.args, len(self.tokenizer))
+
+    def validator(self, model: torch.nn.Module, records: list[annotations.QARecord]) -> Callable[[int], dict]:
+        args, answers = self.args, self.answers  # one view, one clip: per-epoch selection stays cheap
+        answers.report_unlisted(records, "validation questions")
+        val_loader = build_eval_loader(records, args, self.tokenizer, 1, 1, args.num_frames)
+
+        def validate_epoch(epoch: int) -> dict:
+            metrics, _ = answer(model, records, val_loader, answers, eval_config(args, self.dtype),
+                                f"val QA epoch {epoch}")
+            print(format_qa_table(metrics, f"Validation, epoch {epoch}"), flush=True)
+            per_type = {f"accuracy_{t}": m["accuracy"] for t, m in metrics.pop("per_type", {}).items()}
+            return {**metrics, **per_type}  # scalars only: log.txt and tensorboard
+        return validate_epoch
+
+    def test(self, model: torch.nn.Module, records: list[annotations.QARecord], train_records: list) -> dict:
+        return run_test(model, records, self.answers, self.args, self.tokenizer, self.dtype,
+                        train_records=train_records)

@@ -1,22 +1,11 @@
-"""The model contract and the registry of model families: all that run scripts, engines and checkpoint.py may ask
-of a model, so a new family plugs in without `if family == ...` anywhere else.
+"""The model contract (`VideoTextModel`, a typing.Protocol, plus named optional capabilities asked with `supports`)
+and the registry of model families: all that run scripts, engines and checkpoint.py may ask of a model, so a new
+family plugs in without `if family == ...` anywhere else.
 
 A family module (modeling_simvtp.py, ...) calls `register_family` once and decorates its factories with
 `register_model(family, aliases=...)`. Every model built by `create` carries `model.model_cfg` (registered name +
-constructor arguments), which our checkpoints store, so any reader rebuilds the model without flags.
-
-The contract of a model (see README, "Add a model family"):
-- `forward(batch: dict, gather=None) -> {"loss": tensor, other named scalars}`: the collated batch in, its own
-  losses out. `gather` ([b, ...] -> [world*b, ...], with gradient) makes contrastive losses global.
-- `encode_video(video, video_mask=None) -> [B, D]`, `encode_text(input_ids, attention_mask) -> [B, D]`,
-  `match_logits(video, input_ids, attention_mask) -> [B, 2]` (class 1 = match; fp32 even under autocast: ranking
-  scores): retrieval, zero-shot, re-ranking.
-- What it needs from the data: `takes_video_mask` (bool) and `token_grid(num_frames, height, width)` for the video
-  mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) and `default_text_mask_ratio` for its
-  MLM captions.
-- Layer-wise lr decay: `num_layers` and `layer_id(name) -> 0 .. num_layers + 1`; `no_weight_decay()` (optional).
-- `set_grad_checkpointing(enable)`: recompute its layers in the backward pass (every training entry point's
-  `--grad_checkpointing`).
+constructor arguments), which our checkpoints store, so any reader rebuilds the model without flags. A family kept
+outside this repository registers itself the same way and is loaded with `--model_module my_family`.
 """
 from __future__ import annotations
 
@@ -25,8 +14,9 @@ import importlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
 import torch.nn as nn
 from timm.models import register_model as timm_register_model
 
@@ -64,6 +54,117 @@ class ModelSpec:
 _FAMILIES: dict[str, ModelFamily] = {}
 _MODELS: dict[str, ModelSpec] = {}
 _ALIASES: dict[str, str] = {}
+
+# ----------------------------------------------------------------------------------------------- the contract
+
+
+@runtime_checkable
+class VideoTextModel(Protocol):
+    """What every registered model provides (engine_for_pretraining trains it, retrieval_eval evaluates it).
+
+    - `forward(batch, gather=None) -> {"loss": tensor, other named scalars}`: the collated batch in, its own
+      losses out; `gather` ([b, ...] -> [world*b, ...], with gradient) makes contrastive losses global.
+    - What it needs from the data: `takes_video_mask` and `token_grid(num_frames, height, width)` for the video
+      mask; `text_masking` (None, "mask" = [MASK] only, or "bert" = 80/10/10) for its MLM captions.
+    - Layer-wise lr decay: `num_layers` and `layer_id(name) -> 0 .. num_layers + 1`.
+    - `set_grad_checkpointing(enable)`: recompute its layers in the backward pass (`--grad_checkpointing`).
+    - `model_cfg`: set by `create` (name + constructor arguments), stored in checkpoints.
+
+    Optional capabilities, each a name in CAPABILITIES asked with `supports(model, name)` (never by probing
+    attributes elsewhere); a model that lacks one simply does not define its methods (no stubs that raise):
+    - "retrieval": `encode_video(video, video_mask=None) -> [B, D]`, `encode_text(input_ids, attention_mask) ->
+      [B, D]` (retrieval, zero-shot, search, export).
+    - "rerank": `match_logits(video, input_ids, attention_mask, video_cache=None) -> [B, 2]` (class 1 = match, fp32
+      even under autocast); "match_video_cache": `match_video_cache(video)`, the video side of match_logits
+      computed once per clip for all its candidate texts.
+    - "temperature": `current_temperature()`, the contrastive temperature (re-ranking adds similarity / it).
+    - "qa" (video question answering): `video_tokens(video) -> [B, N, D]` (a clip encoded once for all its
+      questions); `rank_answers(video, question_ids, question_mask, answer_ids, answer_mask, k, video_tokens=None)
+      -> (top-k answer indices, scores [Q, A] fp32)`; `forward(batch)` returns the answer loss.
+    - "reconstruct": `reconstruct(video, video_mask, input_ids, attention_mask, ...)` (run_simvtp_vis.py);
+      "probe": `decode_pixels(...)` and `text_cls` (cross_modal_probe.py).
+    - "clip_shape": `clip_shape = (num_frames, img_size)`, the clip it was built for (search.py).
+    - "no_weight_decay": `no_weight_decay() -> set of parameter names` kept out of weight decay.
+    - "default_text_mask_ratio": the MLM ratio a model that masks words uses by default.
+    - "optional_keys": tensor names a strict load tolerates missing (e.g. a learnable temperature absent from
+      release files).
+    """
+    model_cfg: dict
+    takes_video_mask: bool
+    text_masking: str | None
+    num_layers: int
+
+    def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict: ...
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]: ...
+
+    def layer_id(self, name: str) -> int: ...
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+
+
+# capability -> the attributes a model defines when it has it (CAPABILITY_ALIASES: other names of a capability)
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("encode_video", "encode_text"),
+    "rerank": ("match_logits",),
+    "match_video_cache": ("match_video_cache",),
+    "temperature": ("current_temperature",),
+    "qa": ("rank_answers", "video_tokens"),
+    "reconstruct": ("reconstruct",),
+    "probe": ("decode_pixels", "text_cls"),
+    "clip_shape": ("clip_shape",),
+    "no_weight_decay": ("no_weight_decay",),
+    "default_text_mask_ratio": ("default_text_mask_ratio",),
+    "optional_keys": ("optional_keys",),
+    "model_cfg": ("model_cfg",),
+}
+CAPABILITY_ALIASES = {"match": "rerank", "match_logits": "rerank", "current_temperature": "temperature",
+                      "rank_answers": "qa", "video_tokens": "qa", "decode_pixels": "probe", "text_cls": "probe"}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under a DDP (or any `.module`) wrapper."""
+    return getattr(model, "module", model)
+
+
+def supports(model: nn.Module, capability: str) -> bool:
+    """Whether the model (DDP unwrapped) has the named optional capability of the contract (CAPABILITIES)."""
+    name = CAPABILITY_ALIASES.get(capability, capability)
+    if name not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; the contract names {', '.join(sorted(CAPABILITIES))}")
+    model = unwrap(model)
+    return all(getattr(model, attr, None) is not None for attr in CAPABILITIES[name])
+
+
+def require(model: nn.Module, capability: str, message: str) -> nn.Module:
+    """The model when it `supports` the capability, else a ValueError with the caller's message."""
+    if not supports(model, capability):
+        raise ValueError(message)
+    return model
+
+
+def capability_value(model: nn.Module, capability: str, default: Any = None) -> Any:
+    """The attribute of a one-attribute capability (e.g. clip_shape, optional_keys), or `default` without it."""
+    name = CAPABILITY_ALIASES.get(capability, capability)
+    if not supports(model, name):
+        return default
+    (attr,) = CAPABILITIES[name]
+    return getattr(unwrap(model), attr)
+
+
+def import_model_modules(modules: list[str] | tuple[str, ...] | None) -> None:
+    """Import out-of-tree family modules (`--model_module`): importing one runs its register_family /
+    register_model calls, so its models can be built by name like the shipped ones."""
+    for module in modules or ():
+        importlib.import_module(module)
+
+
+class ImportModelModule(argparse.Action):
+    """--model_module: the module is imported as soon as the flag is parsed, before any model is looked up."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import_model_modules(values)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -109,7 +210,7 @@ def model_spec(name: str) -> ModelSpec:
 
 def family_of(model: nn.Module) -> ModelFamily:
     """The family a built model belongs to (DDP's .module unwrapped)."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     load_family_modules()
     for spec in _MODELS.values():
         if type(model) is spec.cls:
@@ -142,6 +243,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
     """--model, the shared --drop_path, and every family's own group (flags default None: the model decides)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=model_help)
+    g.add_argument("--model_module", nargs="+", default=[], action=ImportModelModule, metavar="MODULE",
+                   help="import these modules before any model is built: a model family kept outside this "
+                   "repository registers its models there (model_registry.register_family / register_model)")
     g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
     g.add_argument("--vtm_negatives", default=None, choices=["hard", "random", "mixed"],
                    help="matching-loss negatives: hard (default, drawn by contrastive similarity, never the same "

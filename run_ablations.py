@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import checkpoint
-import run_simvtp_finetuning
-import run_simvtp_pretraining
+import command_lines
 import utils
 
 if TYPE_CHECKING:
@@ -219,8 +218,8 @@ def step_folder(cmd: list[str], kind: str, cfg: Config, label: str) -> str:
     parse alike, so settings that amount to the same training or evaluation share one folder; a flag added to an
     entry point later (at its default) keeps finished folders valid."""
     script = os.path.basename(cmd[1])
-    parser = (run_simvtp_pretraining if script == "run_simvtp_pretraining.py" else run_simvtp_finetuning
-              ).get_args_parser()
+    parser = (command_lines.pretraining_parser if script == "run_simvtp_pretraining.py"
+              else command_lines.finetuning_parser)()
     try:
         parsed = vars(parser.parse_args(cmd[2:]))
     except SystemExit:  # argparse has printed why
@@ -337,7 +336,7 @@ def evaluate(setting: Setting, seed: int, cfg: Config, ckpt: str | None, log_pat
 def build_model(name: str, flags: list[str], frames: int, size: int) -> tuple[torch.nn.Module, argparse.Namespace]:
     """A registered model as the pre-training flags shape it -> (model, the parsed flags)."""
     import model_registry
-    args = run_simvtp_pretraining.get_args_parser().parse_args(
+    args = command_lines.pretraining_parser().parse_args(
         ["--data_path", "-", "--model", name, *flags, "--num_frames", str(frames), "--input_size", str(size)])
     return model_registry.create(name, **model_registry.model_kwargs(args, name, vocab_size=30522)), args
 

@@ -29,6 +29,7 @@ import torch
 import checkpoint
 import datasets
 import masking_generator
+import model_registry
 import modeling_simvtp
 import utils
 import video_io
@@ -105,9 +106,9 @@ def build_model(args: argparse.Namespace, ckpt: dict) -> torch.nn.Module:
     """The model the checkpoint holds (its model_cfg, else its keys), loaded strictly (a wrong --model is an error,
     not noise); it must be able to reconstruct (a pre-training model)."""
     model = checkpoint.build_model_from(ckpt, args.ckpt, name=args.model)
-    if not callable(getattr(model, "reconstruct", None)):
-        raise ValueError(f"{args.ckpt}: model {model.model_cfg['name']} has no pixel decoder (reconstruct); the figure "
-                         "needs a pre-training checkpoint and model (e.g. simvtp_tiny_patch16)")
+    model_registry.require(model, "reconstruct", f"{args.ckpt}: model {model.model_cfg['name']} has no pixel decoder "
+                           "(reconstruct); the figure needs a pre-training checkpoint and model (e.g. "
+                           "simvtp_tiny_patch16)")
     args.model = model.model_cfg["name"]
     return model.eval()
 

@@ -31,7 +31,7 @@ import torch
 import annotations
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
 import utils
 import video_io
@@ -127,10 +127,8 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint holds (loaded strictly, eval mode) and the checkpoint's saved args."""
     ckpt = checkpoint.read_checkpoint_file(path)
     model = checkpoint.build_model_from(ckpt, path)
-    for method in ("encode_video", "encode_text"):
-        if not callable(getattr(model, method, None)):
-            raise ValueError(f"{path}: {model.model_cfg['name']} has no {method}; index with a retrieval or "
-                             "pre-training checkpoint")
+    model_registry.require(model, "retrieval", f"{path}: {model.model_cfg['name']} has no encode_video / "
+                           "encode_text; index with a retrieval or pre-training checkpoint")
     return model.to(device).eval(), checkpoint.saved_args(ckpt)
 
 
@@ -138,7 +136,7 @@ def clip_settings(args: argparse.Namespace, model: torch.nn.Module, saved: dict)
     """How videos become clips: each flag given, else the checkpoint's training args, else the model's clip_shape
     (the contract's frames and side), else the evaluation defaults (16 frames of 224 px at stride 4, 2 clips x 1
     crop)."""
-    frames, side = getattr(model, "clip_shape", (None, None))
+    frames, side = model_registry.capability_value(model, "clip_shape", (None, None))
 
     def pick(key: str, *fallbacks: Any) -> Any:
         given = getattr(args, key, None)
@@ -460,10 +458,9 @@ class Searcher:
 
     def _match_model(self, rerank_ckpt: str | None) -> torch.nn.Module:
         model = load_model(rerank_ckpt, self.device)[0] if rerank_ckpt else self.model
-        if not callable(getattr(model, "match_logits", None)):
-            raise ValueError(f"--rerank_k {self.rerank_k}: {model.model_cfg['name']} has no matching head; give "
-                             "--rerank_ckpt a pre-training checkpoint (SimVTP or SViTT)")
-        return model
+        return model_registry.require(model, "rerank", f"--rerank_k {self.rerank_k}: {model.model_cfg['name']} has "
+                                      "no matching head; give --rerank_ckpt a pre-training checkpoint (SimVTP or "
+                                      "SViTT)")
 
     def video_path(self, vid: str) -> str | None:
         """The file of an indexed video id (None for an id that is not in the index)."""
@@ -512,7 +509,8 @@ class Searcher:
 
 def match_clip(clip: dict, match_model: torch.nn.Module) -> dict:
     """The index's clip settings at the matching model's own frames and side (another checkpoint may differ)."""
-    frames, side = getattr(match_model, "clip_shape", (clip["num_frames"], clip["input_size"]))
+    frames, side = model_registry.capability_value(match_model, "clip_shape",
+                                                   (clip["num_frames"], clip["input_size"]))
     return {**clip, "num_frames": frames, "input_size": side, "short_side_size": max(clip["short_side_size"], side)}
 
 

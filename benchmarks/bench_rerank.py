@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_rerank.py                      # tiny SViTT and SimVTP, 8 frames x 112 px
     .venv/bin/python benchmarks/bench_rerank.py --videos 1 --texts 16 # quick
 
-Runs the evaluation's own re-ranking (engine_for_finetuning.match_scores: each video's clip cached once with
+Runs the evaluation's own re-ranking (retrieval_eval.match_scores: each video's clip cached once with
 match_video_cache, its candidate texts scored in batches of --batch through match_logits) on random-initialised
 tiny models, random uint8 clips and captions of random words. Pairs/s do not depend on the weights or pixels.
 
@@ -16,7 +16,6 @@ by ~95%; a trained model's lists also overlap heavily).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch
 # bench_common first: it puts the repository's modules on sys.path
 from bench_common import print_table
 import datasets  # noqa: E402
-import engine_for_finetuning as engine  # noqa: E402
+import retrieval_eval as engine  # noqa: E402
 import model_registry  # noqa: E402
 
 MODELS = ("svitt_tiny_patch16", "simvtp_tiny_patch16")

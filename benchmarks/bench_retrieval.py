@@ -9,7 +9,6 @@ Inputs are random tensors of the right shapes (throughput does not depend on pix
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 
 # bench_common first: it puts the repository's modules on sys.path
 import bench_common  # noqa: F401
-import engine_for_finetuning as engine  # noqa: E402
 import model_registry  # noqa: E402
+import retrieval_eval as engine  # noqa: E402
 import utils  # noqa: E402
 
 DUAL_MODELS = ("simvtp_dual_tiny_patch16", "simvtp_dual_base_patch16")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 # bench_common first: it puts the repository's modules on sys.path

@@ -113,7 +113,7 @@ timed "$PY" search.py index "$DATA/test" --ckpt "$OUT/finetune/checkpoint-best.p
 step "results"
 "$PY" - "$OUT" <<'PY'
 import json, os, sys
-from engine_for_finetuning import format_table
+from retrieval_eval import format_table
 out = sys.argv[1]
 tables = {"zero-shot, all tubes": "zero_shot_mask0.0/zero_shot_metrics.json",
           "zero-shot, 90% masked": "zero_shot_mask0.9/zero_shot_metrics.json",

@@ -245,7 +245,7 @@ def _merge_inputs(rank: int) -> tuple:
 def _gather_scenario(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    import engine_for_finetuning as engine
+    import retrieval_eval as engine
     sent, pickled = [], []
     real_all_gather, real_all_gather_object = dist.all_gather, dist.all_gather_object
 
@@ -272,7 +272,7 @@ def _gather_scenario(rank: int, world: int, out_dir: str) -> None:
 
 
 def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(gloo_ranks):
-    import engine_for_finetuning as engine
+    import retrieval_eval as engine
     expected = torch.cat([_rank_rows(0), _rank_rows(1)])
     row_bytes, most = 8 * 4, max(_ROWS.values())
     for rank in range(2):
@@ -438,12 +438,12 @@ def _finish_epochs(args: argparse.Namespace, folder: str) -> dict:
 
 
 def _test_best(args: argparse.Namespace, folder: str) -> dict:
-    import run_simvtp_finetuning
+    import engine_for_finetuning
     args.output_dir = folder
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.fill_(-1.0 - args.rank)  # each rank's last weights differ from the best ones
-    run_simvtp_finetuning.test_best(args, model, None, torch.float32, None)
+    engine_for_finetuning.load_best(model, folder)
     return {"weight": model.weight.flatten().tolist()}
 
 

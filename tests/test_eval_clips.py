@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 import annotations
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning as run
 import video_transforms
 from conftest import free_port
@@ -300,8 +301,8 @@ def test_concat_rebuilds_the_model_at_the_test_frames(synthetic_root, tokenizer,
 def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set):
     args = run.get_args_parser().parse_args(["--device", "cpu"])
     args.device_obj = torch.device("cpu")
-    wide = run.at_frames(svitt, 8, args)
-    assert wide.model_cfg["kwargs"]["num_frames"] == 8 and run.at_frames(svitt, 4, args) is svitt
+    wide = engine_for_retrieval.at_frames(svitt, 8, args)
+    assert wide.model_cfg["kwargs"]["num_frames"] == 8 and engine_for_retrieval.at_frames(svitt, 4, args) is svitt
     with torch.no_grad():
         assert wide.encode_video(video_transforms.normalize_video(test_set[0][:1])).shape == (1, 64)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import annotations
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import engine_for_pretraining
 import model_registry
 import video_transforms

@@ -19,8 +19,10 @@ import torch
 import annotations
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import engine_for_pretraining
+import retrieval_eval as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning as run
 import utils
 import video_io
@@ -124,9 +126,9 @@ def test_only_test_needs_weights_and_val_must_not_be_test(synthetic_root, tmp_pa
 
 def test_val_fraction_holds_out_whole_videos_with_a_seed(synthetic_root):
     records = annotations.read_annotations(_ann(synthetic_root, "train.json"), synthetic_root)
-    train, val = run.split_val(records, 0.25, seed=3)
+    train, val = engine_for_retrieval.split_val(records, 0.25, seed=3)
     assert len(val) == 6 and len(train) == 18 and not {r.path for r in train} & {r.path for r in val}
-    assert [r.path for r in run.split_val(records, 0.25, seed=3)[1]] == [r.path for r in val]
+    assert [r.path for r in engine_for_retrieval.split_val(records, 0.25, seed=3)[1]] == [r.path for r in val]
 
 
 def test_release_model_name_and_deepspeed_flag_are_accepted(tmp_path, capsys):
@@ -228,7 +230,7 @@ def test_layer_decay_reaches_every_block_of_both_branches():
     model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     args = run.get_args_parser().parse_args(["--layer_decay", "0.5"])
     args.abs_lr = 1.0
-    optimizer = run.build_optimizer(model, args)
+    optimizer = engine_for_pretraining.build_optimizer(model, args, layer_decay=args.layer_decay)
     utils.apply_schedules(optimizer, 1.0, 0.05)
     lr_of = {}
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -14,8 +14,9 @@ import torch
 import annotations
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning as run
 import synthetic_dataset
 import video_transforms
@@ -341,20 +342,20 @@ def test_svitt_takes_the_batch_match_id_as_its_positives():
 
 def test_the_fine_tuning_flags_choose_the_format_and_reach_the_training_batch(synthetic_root, tmp_path):
     parse = run.get_args_parser().parse_args
-    assert run.annotation_format(parse(["--data_set", "didemo", "--no_clean_text"])) == \
+    assert engine_for_retrieval.annotation_format(parse(["--data_set", "didemo", "--no_clean_text"])) == \
         annotations.AnnotationFormat(paragraphs=True)
-    assert run.annotation_format(parse(["--paragraph_retrieval", "--clean_text"])) == DIDEMO  # msrvtt + flags
-    assert run.annotation_format(parse(["--data_set", "SSv2_Template", "--match_by", "video"])) == \
+    assert engine_for_retrieval.annotation_format(parse(["--paragraph_retrieval", "--clean_text"])) == DIDEMO  # msrvtt + flags
+    assert engine_for_retrieval.annotation_format(parse(["--data_set", "SSv2_Template", "--match_by", "video"])) == \
         annotations.AnnotationFormat(clean_text=True)
     with pytest.raises(ValueError, match="unknown --data_set 'hmdb'"):
-        run.annotation_format(parse(["--data_set", "hmdb"]))
+        engine_for_retrieval.annotation_format(parse(["--data_set", "hmdb"]))
     train, _ = _ssv2_files(synthetic_root, tmp_path)
     args = parse(["--data_set", "ssv2_label", "--data_path", train, "--data_root", str(synthetic_root),
                   "--num_frames", "2", "--input_size", "32", "--short_side_size", "32", "--batch_size", "3",
                   "--num_workers", "0"])
     args.world_size, args.rank, args.device_obj = 1, 0, torch.device("cpu")
-    records = run.read_records(train, args, table=True)
-    loader, _, _ = run.build_train_loader(records, args, datasets.build_tokenizer())
+    records = engine_for_retrieval.read_records(train, args, table=True)
+    loader, _, _ = engine_for_retrieval.build_train_loader(records, args, datasets.build_tokenizer())
     batch = next(iter(loader))
     by_caption = {c: int(m) for c, m in zip(batch["caption"], batch["match_id"])}
     assert by_caption == {"moving something to the right": 0, "something falling like a rock": 1}

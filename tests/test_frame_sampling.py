@@ -15,6 +15,8 @@ import annotations
 import checkpoint
 import datasets
 import model_registry
+import engine_for_pretraining
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import synthetic_dataset
@@ -245,10 +247,10 @@ def test_both_training_loaders_sample_by_the_flag(synthetic_root):
     _as_after_setup_run(args)
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, depth=1, embed_dim=64,
                                   num_heads=2, decoder_depth=1, vocab_size=len(tokenizer))
-    _, pretrain_set, _ = run_simvtp_pretraining.build_loader(args, tokenizer, model)
+    _, pretrain_set, _ = engine_for_pretraining.build_loader(args, tokenizer, model)
     args = _parsed(run_simvtp_finetuning.get_args_parser(), *common)
     _as_after_setup_run(args)
     records = annotations.read_annotations(synthetic_root / "annotations" / "train.json", synthetic_root)
-    _, finetune_set, _ = run_simvtp_finetuning.build_train_loader(records, args, tokenizer)
+    _, finetune_set, _ = engine_for_retrieval.build_train_loader(records, args, tokenizer)
     for ds in (pretrain_set, finetune_set):
         assert ds.sample_type == "rand" and "rand of equal segments" in repr(ds)

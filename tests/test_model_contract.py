@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import checkpoint
 import engine_for_pretraining as engine
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import utils
@@ -152,9 +153,65 @@ def test_only_test_reranks_with_the_tested_models_own_matching_head(toy_run, syn
 def test_reranking_a_model_without_matching_head_asks_for_rerank_ckpt():
     model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     args = run_simvtp_finetuning.get_args_parser().parse_args(["--rerank_k", "4"])
-    assert run_simvtp_finetuning.own_match_model(model, args) is None
+    assert engine_for_retrieval.own_match_model(model, args) is None
     with pytest.raises(ValueError, match="has no matching head; give --rerank_ckpt"):
-        run_simvtp_finetuning.load_match_model(args)
+        engine_for_retrieval.load_match_model(args)
+
+
+FAMILY_MODULE = """
+# A model family kept outside the repository: SimVTP's dual encoder, smaller, under names of its own.
+import model_registry
+import modeling_simvtp
+
+
+class MyDualEncoder(modeling_simvtp.SimVTPDualEncoder):
+    pass  # the same towers, built at 32 channels and one block by its factory
+
+
+model_registry.register_family(model_registry.ModelFamily(
+    name="my_family", add_args=lambda g: None, convert_state_dict=lambda state, model, **kw: (dict(state), "mine")))
+
+
+@model_registry.register_model("my_family")
+def my_dual_micro(**kwargs) -> MyDualEncoder:
+    return MyDualEncoder(**{"embed_dim": 32, "depth": 1, "num_heads": 2, **kwargs})
+"""
+
+
+def test_an_out_of_tree_family_is_registered_by_model_module_and_built_by_the_entry_point(tmp_path, monkeypatch):
+    (tmp_path / "my_out_of_tree_family.py").write_text(FAMILY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["--model_module", "my_out_of_tree_family", "--model", "my_dual_micro", "--num_frames", "4",
+            "--input_size", "32", "--device", "cpu", "--output_dir", str(tmp_path)]
+    args = run_simvtp_finetuning.get_args_parser().parse_args(argv)
+    assert args.model_module == ["my_out_of_tree_family"]
+    run_simvtp_finetuning.setup(args)
+    model = engine_for_retrieval.build_for_training(args, vocab_size=64)
+    assert type(model).__name__ == "MyDualEncoder" and model_registry.family_of(model).name == "my_family"
+    assert model.model_cfg["name"] == "my_dual_micro" and model.clip_shape == (4, 32)
+    assert model_registry.supports(model, "retrieval") and not model_registry.supports(model, "rerank")
+    video = torch.randn(2, 3, 4, 32, 32)
+    assert model.encode_video(video).shape == (2, 32)
+
+
+def test_capabilities_are_asked_by_name_and_unwrap_a_wrapper():
+    model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4)
+    assert isinstance(model, model_registry.VideoTextModel)
+    for capability in ("retrieval", "rerank", "match", "temperature", "reconstruct", "probe", "clip_shape"):
+        assert model_registry.supports(model, capability), capability
+
+    class Wrapper(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+    assert model_registry.supports(Wrapper(model), "rerank") and model_registry.unwrap(Wrapper(model)) is model
+    dual = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
+    assert not model_registry.supports(dual, "rerank") and not model_registry.supports(dual, "qa")
+    assert model_registry.capability_value(dual, "optional_keys", ()) == ()
+    with pytest.raises(ValueError, match="not a QA model"):
+        model_registry.require(dual, "qa", "not a QA model")
+    with pytest.raises(ValueError, match="unknown capability"):
+        model_registry.supports(dual, "fly")
 
 
 def test_a_flag_of_another_family_is_an_error_naming_its_family(synthetic_root, tmp_path):

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import annotations
 import answer_ranking
 import datasets
-import engine_for_finetuning
+import retrieval_eval
 import engine_for_qa as engine
 import model_registry
 import run_simvtp_qa as run
@@ -76,12 +76,12 @@ def test_answer_kinds_show_whether_the_question_asked_was_answered():
 
 def test_validation_split_keeps_all_questions_of_a_video_together():
     records = [record(f"v{i // 4}.mp4", f"q{i % 4}", "x") for i in range(40)]
-    train, val = run.split_val_by_video(records, 0.2, seed=3)
+    train, val = engine.split_val_by_video(records, 0.2, seed=3)
     assert len(val) == 8 and len(train) == 32
     assert not {r.path for r in train} & {r.path for r in val}
-    assert run.split_val_by_video(records, 0.2, seed=3) == (train, val)
+    assert engine.split_val_by_video(records, 0.2, seed=3) == (train, val)
     with pytest.raises(ValueError, match="share 2 videos"):
-        run.check_disjoint(val, val[:8])
+        engine.check_disjoint(val, val[:8])
 
 
 def test_answering_ensembles_the_clips_ranked_by_the_model():
@@ -95,7 +95,7 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
     a_ids = torch.tensor([[101, 200, 102, 0], [101, 201, 202, 102], [101, 203, 102, 0]])
     a_mask = (a_ids != 0).long()
     batch = {"video": video, "question_input_ids": q_ids, "question_mask": q_mask, "index": torch.tensor([5, 6])}
-    clips = engine_for_finetuning.EvalConfig(device=torch.device("cpu"), num_clips=2, ensemble="mean")
+    clips = retrieval_eval.EvalConfig(device=torch.device("cpu"), num_clips=2, ensemble="mean")
     got = engine.answer_questions(model, [batch], ["a", "b", "c"], a_ids, a_mask, engine.QAEvalConfig(clips, 3))
     per_clip = torch.stack([model.rank_answers(video_transforms.normalize_video(video[:, 0, :, 2 * c:2 * c + 2]), q_ids,
                                                q_mask, a_ids, a_mask, 3)[1] for c in range(2)])
@@ -104,7 +104,7 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
     assert [p["prediction"] for p in got] == [["a", "b", "c"][i] for i in expected.argmax(1).tolist()]
     assert [p["score"] for p in got] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
     with pytest.raises(ValueError, match="lse, mean, max"):
-        engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu"), ensemble="concat"))
+        engine.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu"), ensemble="concat"))
 
 
 @pytest.mark.parametrize("name", ["svitt_qa_tiny_patch16", "simvtp_qa_tiny_patch16"])
@@ -118,9 +118,9 @@ def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_
             "--sample_type_test", "middle", "--test_num_segment", "2"]
     args = run.get_args_parser().parse_args(argv)
     args.device_obj, args.short_side_size = torch.device("cuda"), 32
-    assert run.build_eval_loader(records, args, tok, 2, 1, 2).pin_memory  # batches pinned for a GPU
+    assert engine.build_eval_loader(records, args, tok, 2, 1, 2).pin_memory  # batches pinned for a GPU
     args.device_obj = torch.device("cpu")
-    loader = run.build_eval_loader(records, args, tok, 2, 1, 2)
+    loader = engine.build_eval_loader(records, args, tok, 2, 1, 2)
     a_ids, a_mask = loader.collate_fn.answer_tokens(answers)
     torch.manual_seed(0)
     model = randomised(model_registry.create(name, img_size=32, num_frames=2, vocab_size=len(tok)), 4,
@@ -128,7 +128,7 @@ def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_
     encoded = []  # pixels through the model's patch embedding (SimVTP's Conv3d, SViTT's Conv2d per frame)
     hooks = [m.register_forward_hook(lambda m, i, o: encoded.append(i[0].numel()))
              for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
-    cfg = engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu"), chunk=3), k_test=4)
+    cfg = engine.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu"), chunk=3), k_test=4)
     grouped = engine.answer_questions(model, loader, answers, a_ids, a_mask, cfg)
     for h in hooks:
         h.remove()
@@ -163,7 +163,7 @@ def _qa_inputs():
 def _answer(model, video, q_ids, a_ids, indices):
     batch = {"video": video[indices], "question_input_ids": q_ids[indices],
              "question_mask": torch.ones_like(q_ids[indices]), "index": torch.tensor(indices)}
-    cfg = engine.QAEvalConfig(engine_for_finetuning.EvalConfig(device=torch.device("cpu")), k_test=2)
+    cfg = engine.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu")), k_test=2)
     return engine.answer_questions(model, [batch], ["a", "b", "c"], a_ids, (a_ids != 0).long(), cfg)
 
 

@@ -16,7 +16,7 @@ import torch
 
 import annotations
 import datasets
-import run_simvtp_finetuning
+import engine_for_retrieval
 import synthetic_dataset
 import video_transforms
 from conftest import ROOT
@@ -189,8 +189,8 @@ def test_split_val_of_a_table_holds_out_the_same_videos(synthetic_root):
     anno = synthetic_root / "annotations" / "train.json"
     records = annotations.read_annotations(anno, synthetic_root)
     table = annotations.read_record_table(anno, synthetic_root)
-    train, val = run_simvtp_finetuning.split_val(table, 0.25, seed=3)
-    list_train, list_val = run_simvtp_finetuning.split_val(records, 0.25, seed=3)
+    train, val = engine_for_retrieval.split_val(table, 0.25, seed=3)
+    list_train, list_val = engine_for_retrieval.split_val(records, 0.25, seed=3)
     assert isinstance(train, RecordTable) and isinstance(val, RecordTable)
     assert list(train) == list_train and list(val) == list_val and len(val) == 6
     assert list(table[2:9:3]) == records[2:9:3]

@@ -3,6 +3,7 @@ model those flags describe (sparsity, pruning, clip shape), not the registered d
 import torch
 
 import checkpoint
+import engine_for_finetuning
 import model_registry
 import run_simvtp_finetuning as run
 from svitt_release import write_release_file
@@ -28,7 +29,7 @@ def test_a_release_file_is_built_with_the_command_lines_model_settings(tmp_path,
     _release_retrieval_file(path)
     args = run.get_args_parser().parse_args(RECIPE)
     args.device_obj = torch.device("cpu")
-    built = run.build_from_file(path, args.model, args)
+    built = engine_for_finetuning.build_from_file(path, args.model, args)
     said = capsys.readouterr().out
     assert "model settings from the command line: " in said and "token_keep_rate 0.5 (file: model default)" in said
     direct = model_registry.create("svitt_retrieval_tiny_patch16", **SETTINGS)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import engine_for_finetuning as eng
+import retrieval_eval as eng
 
 # 4 texts, 3 videos; texts 0 and 1 describe video 0, text 2 video 1, text 3 video 2.
 SIM = torch.tensor([

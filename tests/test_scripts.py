@@ -13,6 +13,7 @@ import pytest
 
 import checkpoint
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import run_simvtp_qa
@@ -115,7 +116,7 @@ def test_svitt_retrieval_recipes_parse_and_carry_the_release_settings(dataset, t
             ("svitt_retrieval_base_patch16_224", 4, 12, "lse")
         assert (args.sample_type, args.sample_type_test, args.rerank_k, args.max_text_len) == \
             ("rand", "middle", 128, max_len)
-        fmt = run_simvtp_finetuning.annotation_format(args)
+        fmt = engine_for_retrieval.annotation_format(args)
         assert (fmt.paragraphs, fmt.match_by == "caption") == (paragraphs, by_caption)
         kwargs = model_registry.model_kwargs(args, args.model, vocab_size=30522)
         assert (kwargs["sparse_local_attn"], kwargs["sparse_random_attn"], kwargs["token_keep_rate"]) == (1, 3, 0.7)

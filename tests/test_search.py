@@ -16,7 +16,7 @@ import torch
 import annotations
 import checkpoint
 import datasets
-import engine_for_finetuning as engine
+import retrieval_eval as engine
 import model_registry
 import search
 from conftest import ROOT, randomised

@@ -4,6 +4,7 @@ random blocks included, and the pre-training entry point turns it on for a SViTT
 import pytest
 import torch
 
+import engine_for_pretraining
 import model_registry
 import run_simvtp_pretraining
 from qa_inputs import padded, question_inputs
@@ -47,7 +48,7 @@ def test_the_pretraining_entry_point_turns_it_on_for_svitt():
     args = run_simvtp_pretraining.get_args_parser().parse_args(
         ["--model", "svitt_tiny_patch16", "--data_path", "-", "--grad_checkpointing", "--input_size", "32",
          "--num_frames", "4"])
-    model = run_simvtp_pretraining.build_model(args, 64)
+    model = engine_for_pretraining.build_model(args, 64)
     towers = [model.vision_encoder, model.text_encoder]
     assert all(t.grad_checkpointing for t in towers)
 
@@ -55,13 +56,15 @@ def test_the_pretraining_entry_point_turns_it_on_for_svitt():
 @pytest.mark.parametrize("family", ["simvtp", "svitt"])
 def test_retrieval_and_qa_fine_tuning_take_the_flag(family):
     """--grad_checkpointing reached only pre-training: the fine-tuning entry points had no such flag."""
+    import engine_for_retrieval
     import run_simvtp_finetuning
+    import engine_for_qa
     import run_simvtp_qa
     clip = ["--input_size", "32", "--num_frames", "4"]
     ret_args = run_simvtp_finetuning.get_args_parser().parse_args(
         ["--model", f"{family}_tiny_patch16", "--grad_checkpointing", *clip])
     qa_args = run_simvtp_qa.get_args_parser().parse_args(
         ["--model", f"{family}_qa_tiny_patch16", "--grad_checkpointing", *clip])
-    for model in (run_simvtp_finetuning.build_for_training(ret_args, 64), run_simvtp_qa.build_for_training(qa_args, 64)):
+    for model in (engine_for_retrieval.build_for_training(ret_args, 64), engine_for_qa.build_for_training(qa_args, 64)):
         flags = [m.grad_checkpointing for m in model.modules() if hasattr(m, "grad_checkpointing")]
         assert flags and all(flags), type(model).__name__

@@ -12,8 +12,10 @@ import datasets
 import engine_for_pretraining
 import masking_generator
 import model_registry
+import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
+import engine_for_qa
 import run_simvtp_qa
 
 CLIP = ["--num_frames", "4", "--input_size", "32", "--drop_path", "0.1", "--device", "cpu"]
@@ -62,13 +64,13 @@ def _build(family: str, task: str, vocab_size: int) -> torch.nn.Module:
     if task == "pretrain":
         args = run_simvtp_pretraining.get_args_parser().parse_args(["--model", pretrain, "--data_path", "-", *CLIP,
                                                                     *flags])
-        return run_simvtp_pretraining.build_model(args, vocab_size)
+        return engine_for_pretraining.build_model(args, vocab_size)
     if task == "retrieval":
         args = run_simvtp_finetuning.get_args_parser().parse_args(["--model", pretrain, *CLIP, *flags])
-        return run_simvtp_finetuning.build_for_training(args, vocab_size)
+        return engine_for_retrieval.build_for_training(args, vocab_size)
     qa_model = model_registry.model_spec(pretrain).qa_model
     args = run_simvtp_qa.get_args_parser().parse_args(["--model", qa_model, *CLIP, *flags, *QA_FLAGS[family]])
-    return run_simvtp_qa.build_for_training(args, vocab_size)
+    return engine_for_qa.build_for_training(args, vocab_size)
 
 
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "qa"])
@@ -112,7 +114,7 @@ def test_pretraining_without_masked_words_or_tubes_is_refused_at_start_up(family
             ["--model", pretrain, "--data_path", "-", *CLIP, *flags, *extra])
         model = model_registry.create(pretrain, **model_registry.model_kwargs(args, pretrain, vocab_size=64))
         args.text_mask_ratio = model.default_text_mask_ratio if args.text_mask_ratio is None else args.text_mask_ratio
-        run_simvtp_pretraining.check_masks(args, model)
+        engine_for_pretraining.check_masks(args, model)
 
     check()  # the defaults mask both
     with pytest.raises(ValueError, match="--text_mask_ratio 0.0: .* learns masked words"):
