@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 ENSEMBLES = ("lse", "mean", "max")
 # likelihood: log P(answer) = sum of its tokens' log-probs. The SViTT release adds a first-token term to that sum
-# (kept to measure it, not to use; README "Video question answering"): release, its configured path
+# (kept to measure it, not to use; docs/qa.md): release, its configured path
 # (rank_answer_ensemble, one clip): log softmax over the vocabulary of the first-token *probabilities*, i.e. that
 # probability (0..1) minus a constant; release_concat (its rank_answer): the first token's log-prob, counted twice.
 SCORINGS = ("likelihood", "release", "release_concat")

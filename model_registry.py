@@ -309,6 +309,6 @@ def layer_id_from_name(name: str, num_layers: int) -> int:
 
 def load_family_modules() -> None:
     """Import the shipped family modules (they register themselves). Called by every lookup rather than at import
-    time: a family module imports this one and may import another family module for shared parts."""
+    time: a family module imports this one (and layers.py for what the families share, never another family)."""
     for module in FAMILY_MODULES:
         importlib.import_module(module)

@@ -1,13 +1,13 @@
 """Video question answering: fine-tuning a QA model with an answer decoder, and testing it on a closed answer list.
 
     # fine-tune SViTT's QA model from a SViTT checkpoint (pre-training or retrieval), select on val, test the best
-    python run_simvtp_qa.py --finetune svitt.pth --data_path qa_train.json --val_data_path qa_val.json \
+    .venv/bin/python run_simvtp_qa.py --finetune svitt.pth --data_path qa_train.json --val_data_path qa_val.json \
         --test_data_path qa_test.json --answer_list answer_list.json --output_dir output/qa
     # the same for SimVTP (its pre-training checkpoint names its QA model), selection on 5% of the training videos
-    python run_simvtp_qa.py --finetune output/pretrain/checkpoint-best.pth --data_path qa_train.json \
+    .venv/bin/python run_simvtp_qa.py --finetune output/pretrain/checkpoint-best.pth --data_path qa_train.json \
         --val_fraction 0.05 --test_data_path qa_test.json --answer_list answer_list.json
     # test only: 16 frames as 2 clips of 8 (lse over clips), normal and frozen frames
-    python run_simvtp_qa.py --only_test --finetune output/qa/checkpoint-best.pth --test_data_path qa_test.json \
+    .venv/bin/python run_simvtp_qa.py --only_test --finetune output/qa/checkpoint-best.pth --test_data_path qa_test.json \
         --answer_list answer_list.json --num_frames 8 --num_frames_test 16 --eval_frame_order none freeze
 Annotation files: the Singularity QA layout (DATA.md, "Video question answering"). See scripts/svitt_train_qa.sh
 for the paper's MSRVTT-QA, ActivityNet-QA and AGQA runs.

@@ -10,6 +10,8 @@ import re
 
 import torch.nn as nn
 
+import model_registry
+
 
 def recognise_release(keys: list[str]) -> str | None:
     """A file without model_cfg (the release's): its full model by its keys; VideoMAE / BERT files are only parts."""
@@ -132,7 +134,7 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
     `file_config` (a file's own training config, e.g. the SViTT release's) tells SimVTP nothing. Into the QA
     model, a source without an answer decoder starts it from the top encoder blocks, and the parts it has no place
     for (pre-training heads, a dual encoder's text branch: QA_UNUSED*) are dropped and counted in the kind."""
-    model = getattr(model, "module", model)
+    model = model_registry.unwrap(model)
     kind = detect_source(list(state_dict))
     dual, qa = hasattr(model, "video_encoder"), hasattr(model, "answer_decoder")  # SimVTPDualEncoder, SimVTPQA
     if kind == "bert":

@@ -12,6 +12,7 @@ import re
 import torch
 import torch.nn as nn
 
+import model_registry
 from sparse_attention import RelativePositionBias3D, relative_table_rows
 
 # Sources `convert_state_dict` recognises by their tensor names (see detect_source):
@@ -74,7 +75,7 @@ def convert_state_dict(state_dict: dict, model: nn.Module, file_config: dict | N
     follow the model's (with or without `bert.`); bias tables of another frame count are resized to the model's
     (temporal expansion, `expand_mode` "release" or "symmetric", default the model's `temporal_expand_mode` or
     "release"). `file_config`: the release file's config (its num_frames must agree with its tables)."""
-    model = getattr(model, "module", model)
+    model = model_registry.unwrap(model)
     kind = detect_source(list(state_dict))
     own = model.state_dict()
     target_keys = set(own)
