@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+import annotations
 import engine_for_qa
 import engine_for_retrieval
 import model_registry

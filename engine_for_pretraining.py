@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import distributed

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import annotations
 import checkpoint
 import datasets
 import distributed

@@ -21,6 +21,7 @@ import argparse
 
 import torch
 
+import annotations
 import checkpoint
 import command_lines
 import datasets

@@ -32,6 +32,7 @@ def _result(cfg, study, name):
                         "result.json")
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_others_finish(micro):
     cfg, study, _, failures = micro
     assert len(failures) == 1 and failures[0].startswith("micro / broken / seed 0: pre-training (broken) exited")
@@ -63,6 +64,7 @@ def test_a_setting_equal_to_another_shares_its_training_and_evaluations(micro):
         assert f.read().count("shared, already in") == 3  # pre-training, zero-shot, fine-tuning
 
 
+@pytest.mark.slow
 def test_a_second_start_skips_finished_runs_and_retries_the_failed_one(micro, capsys):
     cfg, study, runs, _ = micro
     before = os.path.getmtime(_result(cfg, study, "ok"))
@@ -121,6 +123,7 @@ def test_a_tested_finetuning_keeps_its_best_weights_and_metrics_not_its_training
     assert os.path.exists(ab.latest_checkpoint(pretrained))  # pre-training checkpoints stay: runs start from them
 
 
+@pytest.mark.slow
 def test_a_run_redone_after_its_finetuning_was_cleaned_shares_it_instead_of_training_again(micro, capsys):
     cfg, study, _, _ = micro
     [tuned] = _tested_finetunings(cfg)

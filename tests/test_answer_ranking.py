@@ -51,6 +51,7 @@ def memory_of(length: int, questions: int = 2, seed: int = 2) -> tuple[torch.Ten
     return torch.randn(questions, length, WIDTH, generator=g), mask
 
 
+@pytest.mark.slow
 def test_scores_equal_each_answer_decoded_alone_over_its_question(qa):
     model, a_ids, a_mask = qa
     memory, memory_mask = memory_of(12)

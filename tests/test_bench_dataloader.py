@@ -4,10 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_dataloader.py")
 
 
+@pytest.mark.slow
 def test_quick_run_times_one_and_two_clips_per_read(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--sets", "synthetic", "--backends", "pyav",
                            "--workers", "0", "--decode_threads", "1", "--clips_per_video", "1", "2",
@@ -19,6 +22,7 @@ def test_quick_run_times_one_and_two_clips_per_read(tmp_path):
     assert all(float(r[8]) > 0 for r in rows)  # clips/s
 
 
+@pytest.mark.slow
 def test_clips_per_read_must_divide_the_batch(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--clips_per_video", "3", "--batch_size", "4",
                            "--data_dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_pretrain.py")
 
 
+@pytest.mark.slow
 def test_quick_run_prints_and_writes_its_figures(tmp_path):
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--threads", "1", "--json", str(out)],
@@ -32,6 +35,7 @@ def test_quick_run_prints_and_writes_its_figures(tmp_path):
     assert encoder["0.9"]["tokens"] < encoder["0.0"]["tokens"] and encoder["speedup"] > 0
 
 
+@pytest.mark.slow
 def test_speed_options_are_timed_beside_the_plain_step(tmp_path):
     """--speed_options adds one job per option at the same config and precision; each does less work. (In fp32:
     CPUs without native bf16 emulate it, several times slower.)"""

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_search.py")
 
 
+@pytest.mark.slow
 def test_quick_run_prints_and_writes_its_figures(tmp_path, synthetic_root):
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--videos", str(synthetic_root / "test"),

@@ -121,6 +121,7 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["c.pth"]
 
 
+@pytest.mark.slow
 def test_safetensors_converter_round_trip_as_a_process(tmp_path):
     src = tmp_path / "in.pth"
     state = {"encoder.w": torch.randn(3, 4), "b": torch.arange(5)}
@@ -175,6 +176,7 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask, expe
         assert _mode(written) == expected, (written, oct(_mode(written)))
 
 
+@pytest.mark.slow
 def test_a_model_checkpoint_round_trips_through_safetensors_and_rebuilds(tmp_path):
     """Before: from-safetensors wrote {"model": <the whole file>} for a .pth input, and a .safetensors held no
     model description, so neither rebuilt the model."""
@@ -208,6 +210,7 @@ def _digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_converter_refuses_to_overwrite_its_input_however_spelled(tmp_path):
     """Before: `to-safetensors X X` replaced the checkpoint with its safetensors copy."""
     src, _ = _tiny_model_checkpoint(tmp_path / "run")

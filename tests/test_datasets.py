@@ -591,6 +591,7 @@ def test_a_check_report_excludes_exactly_its_unreadable_videos_also_under_anothe
     assert annotations.excluded_indices(copy_recs, annotations.ExcludeList("x", exclude.paths), copy) == (set(), 4)
 
 
+@pytest.mark.slow
 def test_a_text_exclude_list_matches_absolute_and_data_root_relative_paths(list_with_broken, tmp_path):
     anno, root = list_with_broken
     recs = annotations.read_annotations(anno, root)

@@ -81,6 +81,7 @@ def gloo_ranks(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_gradients_equal_single_process(gloo_ranks):
     torch.manual_seed(0)
     model = create_model("simvtp_tiny_patch16", **TINY)
@@ -113,6 +114,7 @@ def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_vi
     return run, out, anno, broken
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_pretrain_on_synthetic(torchrun_on_a_mostly_broken_list):
     run, out, _, _ = torchrun_on_a_mostly_broken_list
     assert "2 process(es)" in run.stdout
@@ -145,6 +147,7 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [(), SVITT_ALL_ON], ids=["simvtp", "svitt"])
 def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
     """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
@@ -514,6 +517,7 @@ def decisions(tmp_path_factory) -> list[dict]:
     return [{**json.loads((root / f"rank{r}.json").read_text()), "root": root} for r in range(2)]
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(decisions):
     """Before: rank 1 resumed from its own stale `latest` at global step 10, rank 0 at 20: collectives hung."""
     assert [d["stale_latest"] for d in decisions] == [{"global_step": 20, "weight": 2.0}] * 2
@@ -590,6 +594,7 @@ def _pretrain_argv(synthetic_root, out, *extra) -> list[str]:
             "--precision", "fp32", "--output_dir", str(out), "--print_freq", "1", *extra]
 
 
+@pytest.mark.slow
 def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthetic_root):
     """Rank 1 is given another folder, as a node-local path would be. Before: each rank resumed from its own view
     (or wrote nowhere shared); now every rank stops at start-up, rank 0 says why in one line."""
@@ -605,6 +610,7 @@ def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthet
     assert not [f for f in os.listdir(tmp_path / "node0") if f.startswith(distributed.SHARED_CHECK)]
 
 
+@pytest.mark.slow
 def test_srun_tasks_train_and_resume_together_with_no_rendezvous_exported(tmp_path, synthetic_root):
     """The SLURM branch end to end: rank, world size, MASTER_ADDR (the node list's first host) and MASTER_PORT
     (from the job id) derived from what srun gives; --device auto is gloo on this CPU machine. The second job

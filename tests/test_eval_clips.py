@@ -103,6 +103,7 @@ def test_set(synthetic_root):
     return videos, captions, t2v
 
 
+@pytest.mark.slow
 def test_clip_ensemble_similarity_is_the_mean_over_clips_of_the_cosine(svitt, tokenizer, test_set):
     videos, captions, _ = test_set
     cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
@@ -132,6 +133,7 @@ def _brute_force_log_odds(model, videos, captions, tokenizer, ensemble: str) -> 
     return out
 
 
+@pytest.mark.slow
 def test_rerank_with_k_equal_to_n_is_the_brute_force_ranking_over_all_pairs(svitt, tokenizer, test_set):
     videos, captions, t2v = test_set
     videos, captions, t2v = videos[:4], captions[:6], t2v[:6].clamp(max=3)
@@ -150,6 +152,7 @@ def test_rerank_with_k_equal_to_n_is_the_brute_force_ranking_over_all_pairs(svit
         assert reranked[key] == expected[key], key
 
 
+@pytest.mark.slow
 def test_rerank_moves_only_each_querys_top_k(svitt, tokenizer, test_set):
     videos, captions, t2v = test_set
     cfg = engine.EvalConfig(torch.device("cpu"), chunk=8, num_clips=2)
@@ -184,6 +187,7 @@ def _rerank_worker(rank: int, world: int, port: int, root: str, out_dir: str) ->
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_rerank_like_one(svitt, tokenizer, test_set, tmp_path):
     videos, captions, _ = test_set
     videos, captions = videos[:3], captions[:4]
@@ -265,6 +269,7 @@ def _argv(root, out, ckpt, *extra):
          "--test_data_path", os.path.join(root, "annotations", "test.json"), *extra])
 
 
+@pytest.mark.slow
 def test_zero_shot_with_clips_frame_orders_and_reranking_writes_both_rankings(synthetic_root, tokenizer, tmp_path,
                                                                               capsys):
     ckpt = _pretrain_ckpt(tmp_path, tokenizer)
@@ -291,6 +296,7 @@ def test_inconsistent_clip_flags_are_one_clear_error(synthetic_root, tokenizer, 
         run.main(_argv(synthetic_root, tmp_path, ckpt, "--eval_sparse_sampling", "--test_num_segment", "1"))
 
 
+@pytest.mark.slow
 def test_concat_rebuilds_the_model_at_the_test_frames(synthetic_root, tokenizer, tmp_path, capsys):
     ckpt = _pretrain_ckpt(tmp_path, tokenizer)
     result = run.main(_argv(synthetic_root, tmp_path, ckpt, "--num_frames_test", "8", "--test_num_segment", "1",
@@ -298,6 +304,7 @@ def test_concat_rebuilds_the_model_at_the_test_frames(synthetic_root, tokenizer,
     assert "rebuilt for 8-frame clips" in capsys.readouterr().out and result["clips"] == 2
 
 
+@pytest.mark.slow
 def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set):
     args = run.get_args_parser().parse_args(["--device", "cpu"])
     args.device_obj = torch.device("cpu")
@@ -307,6 +314,7 @@ def test_concat_rebuilds_svitt_with_its_relative_tables_expanded(svitt, test_set
         assert wide.encode_video(video_transforms.normalize_video(test_set[0][:1])).shape == (1, 64)
 
 
+@pytest.mark.slow
 def test_svitt_retrieval_fine_tuning_selects_on_val_and_tests_with_its_own_matching_head(synthetic_root, tokenizer,
                                                                                        tmp_path):
     """SViTT fine-tunes through the same entry point (ITC + ITM, no MLM in a fine-tuning batch), is selected on the

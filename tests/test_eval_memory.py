@@ -130,6 +130,7 @@ def test_training_loader_yields_uint8_and_the_engine_normalises_on_the_device(sy
         video_transforms.normalize_video(batch["video"].long())
 
 
+@pytest.mark.slow
 def test_retrieval_numbers_equal_those_of_explicitly_normalised_views(synthetic_root):
     torch.manual_seed(0)
     model = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4,
@@ -159,6 +160,7 @@ print("PEAK_RSS_GROWTH_KB", json.dumps(after - before))
 """
 
 
+@pytest.mark.slow
 def test_only_test_prints_the_estimate_and_its_memory_growth_stays_within_it(synthetic_root, tmp_path):
     """45 views of 16 x 64 x 64 a video, batch 8 asked, 2 workers: the float path held 8 x 8.8 MB x 4 = 283 MB in
     one batch; the bound (0.1 GB) makes it 2 uint8 videos a batch, 5 batches in flight: 88 MB."""

@@ -69,6 +69,7 @@ def finetuned(synthetic_root, pretrain_ckpt, tmp_path_factory):
     return out, run.main(args)
 
 
+@pytest.mark.slow
 def test_finetune_selects_on_val_then_tests_the_best(finetuned, synthetic_root):
     out, result = finetuned
     test_captions = sum(len(r.captions) for r in annotations.read_annotations(_ann(synthetic_root, "test.json")))
@@ -90,6 +91,7 @@ def test_finetune_selects_on_val_then_tests_the_best(finetuned, synthetic_root):
     assert json.load(open(out / "args.json"))["model"] == "simvtp_dual_tiny_patch16"
 
 
+@pytest.mark.slow
 def test_only_test_evaluates_the_given_weights_and_never_resumes(finetuned, synthetic_root, tmp_path, capsys):
     src, _ = finetuned
     given = tmp_path / "release_layout.pth"  # the release's DeepSpeed layout: weights under "module"
@@ -139,6 +141,7 @@ def test_release_model_name_and_deepspeed_flag_are_accepted(tmp_path, capsys):
     assert "native AMP + DDP" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_zero_shot_with_both_mask_ratios_and_reranking(synthetic_root, pretrain_ckpt, tmp_path):
     result = run.main(_args(synthetic_root, tmp_path, "--zero_shot", "--model", "simvtp_tiny_patch16",
                             "--finetune", pretrain_ckpt, "--test_data_path", _ann(synthetic_root, "test.json"),
@@ -169,6 +172,7 @@ def test_zero_shot_with_both_mask_ratios_and_reranking(synthetic_root, pretrain_
     assert not torch.allclose(feats[0.0], feats[0.9])
 
 
+@pytest.mark.slow
 def test_rerank_with_a_pretraining_checkpoint_on_a_finetuned_model(finetuned, synthetic_root, pretrain_ckpt,
                                                                    tmp_path, capsys):
     src, _ = finetuned
@@ -194,6 +198,7 @@ def test_rerank_metrics_by_hand():
     assert set(engine.candidate_pairs(sim, 2)) == set(probs)
 
 
+@pytest.mark.slow
 def test_export_npy_and_safetensors(finetuned, synthetic_root, tmp_path):
     src, _ = finetuned
     texts = tmp_path / "queries.txt"
@@ -265,6 +270,7 @@ def _test_list_with(synthetic_root, folder, *paths):
     return anno
 
 
+@pytest.mark.slow
 def test_broken_test_video_is_still_an_error_when_evaluation_reaches_it(finetuned, synthetic_root, broken_videos,
                                                                       tmp_path):
     """Without the start-up check (--skip_eval_check) the test set is still never silently changed."""
@@ -282,6 +288,7 @@ def _run(*argv, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_broken_test_videos_are_both_named_at_start_up_without_a_traceback(finetuned, synthetic_root,
                                                                                broken_videos, tmp_path):
     """Before: evaluation decoded test videos until the first broken one and died there with a traceback."""
@@ -298,6 +305,7 @@ def test_two_broken_test_videos_are_both_named_at_start_up_without_a_traceback(f
     assert not (out / "test_metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_both_stop_on_a_broken_test_list(finetuned, synthetic_root, broken_videos, tmp_path):
     """Each rank checks half of the list and gets every result, so each stops on its own with status 1 (started
     as torchrun starts them, without torchrun, which would kill the other rank once one fails)."""
@@ -335,6 +343,7 @@ def test_fine_tuning_checks_validation_and_test_lists_before_training(synthetic_
     assert not checkpoint.list_checkpoints(str(out))
 
 
+@pytest.mark.slow
 def test_export_from_a_folder_with_an_unreadable_file_finishes_names_it_and_exits_3(finetuned, synthetic_root,
                                                                                     broken_videos, tmp_path):
     """Before: the whole export aborted, with a hint about an annotation file that this mode does not have."""
@@ -368,6 +377,7 @@ def test_text_file_with_blank_lines_is_refused_naming_them(finetuned, synthetic_
     assert not (tmp_path / "emb.npy").exists()
 
 
+@pytest.mark.slow
 def test_finetuning_replaces_broken_training_videos_and_never_opens_excluded_ones(synthetic_root, pretrain_ckpt,
                                                                                     broken_videos, tmp_path):
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=10, missing=12)
@@ -383,6 +393,7 @@ def test_finetuning_replaces_broken_training_videos_and_never_opens_excluded_one
     assert record["broken_video_files"] == len(listed) and record["train_videos_read_total"] < 24
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain_ckpt, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -406,6 +417,7 @@ def test_torchrun_two_processes_finetune_with_dist_eval(synthetic_root, pretrain
             [c["score"] for c in b["top"]], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_fine_tune_svitt_for_retrieval_past_step_3(synthetic_root, tmp_path):
     """The recipe names the pre-training model, which is fine-tuned as its retrieval model (no MLM head): before,
     the head got no gradient and DDP stopped at step 2 ("Expected to have finished reduction")."""
@@ -426,6 +438,7 @@ def test_torchrun_two_processes_fine_tune_svitt_for_retrieval_past_step_3(synthe
     assert json.loads((out / "log.txt").read_text().splitlines()[-1])["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_zero_shot_rebuilds_the_model_a_checkpoint_names_without_model_flag(synthetic_root, tmp_path):
     """Before model_cfg, the default --model (the dual encoder) was built for a pre-training file: a TypeError."""
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4, decoder_depth=1,

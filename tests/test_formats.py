@@ -319,6 +319,7 @@ def test_zero_shot_entry_point_on_ssv2(synthetic_root, tmp_path):
     assert t2v[0]["gt"] == ["test/test_00000", "test/test_00002"] and t2v[1]["gt"] == ["test/test_00001"]
 
 
+@pytest.mark.slow
 def test_svitt_takes_the_batch_match_id_as_its_positives():
     import model_registry
 

@@ -2,11 +2,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import memory_estimate  # noqa: E402
 
 
+@pytest.mark.slow
 def test_estimate_is_within_a_factor_of_two_of_a_measured_cpu_peak(tmp_path):
     check = memory_estimate.quick_check(str(tmp_path))
     assert 0.5 <= check["ratio"] <= 2.0, check

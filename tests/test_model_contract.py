@@ -112,6 +112,7 @@ def test_a_second_family_pretrains_through_the_real_entry_point(toy_run):
     assert [x["epoch"] for x in lines] == [0, 1] and "train_toy_alignment" in lines[0]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_with_accumulation_and_a_skipped_step_is_bitwise_equal(toy_run, synthetic_root, tmp_path):
     full_out, full = toy_run
     extra = ("--accum_iter", "2", "--toy_nan_on_sample", "7")
@@ -135,6 +136,7 @@ def test_zero_shot_and_reranking_of_a_second_family_without_model_flag(toy_run, 
     assert result["rerank"]["rerank_k"] == 2 and "t2v_R@1" in result["rerank"]
 
 
+@pytest.mark.slow
 def test_only_test_reranks_with_the_tested_models_own_matching_head(toy_run, synthetic_root, tmp_path):
     """A model with match_logits (SViTT, fine-tuned or not) re-ranks its own top k under --only_test, as the
     release evaluates; the same re-ranking as --zero_shot gives on the same weights."""

@@ -134,6 +134,7 @@ def base_dual():
     return create_model("simvtp_dual_base_patch16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture, keys, kind", [("base_pretrain", "simvtp_pretrain_keys.json", "simvtp_pretrain"),
                                                  ("base_dual", "simvtp_finetune_keys.json", "simvtp_finetune")])
 def test_release_checkpoint_loads_strictly_into_base_model(fixture, keys, kind, request):

@@ -87,6 +87,7 @@ def uninterrupted(synthetic_root, eight_clips, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
     out, result = uninterrupted
     lines = [json.loads(x) for x in open(out / "log.txt")]
@@ -120,18 +121,21 @@ def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: i
         assert torch.equal(_weights(out_dir)[k], v), k
 
 
+@pytest.mark.slow
 def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
     _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch, "checkpoint-0.pth",
                            "--data_path", eight_clips)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
     _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth",
                            "--data_path", eight_clips)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, eight_clips, tmp_path):
     """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch."""
     extra = ("--clips_per_video", "2", "--data_path", eight_clips)
@@ -141,6 +145,7 @@ def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_
                            "checkpoint-1-step1.pth", *extra)
 
 
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, eight_clips, tmp_path,
                                                                           capsys):
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--data_path", eight_clips))
@@ -155,6 +160,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthe
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_eval_every_runs_zero_shot_retrieval_on_the_validation_file(synthetic_root, eight_clips, tmp_path):
     val = os.path.join(synthetic_root, "annotations", "val.json")
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--eval_every", "1",
@@ -171,6 +177,7 @@ def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, t
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--eval_every", "1"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrupted, eight_clips, synthetic_root,
                                                                       tmp_path):
     """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new process
@@ -193,6 +200,7 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
         assert torch.equal(_weights(tmp_path)[k], v), k
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_continues_at_the_right_sample(synthetic_root, eight_clips, tmp_path,
                                                                       capsys):
     """4 clips seen at batch 4; at batch 2 the epoch's other 4 clips are 2 steps (not 3: 2 clips twice)."""
@@ -209,6 +217,7 @@ def test_resume_with_another_batch_size_continues_at_the_right_sample(synthetic_
     assert json.load(open(tmp_path / "args.json"))["batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_change_that_loses_the_position(synthetic_root, tmp_path):
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--max_steps", "1"))
     with pytest.raises(checkpoint.CheckpointError, match="pass --seed 3 to continue"):
@@ -217,6 +226,7 @@ def test_resume_refuses_a_change_that_loses_the_position(synthetic_root, tmp_pat
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--input_size", "64"))
 
 
+@pytest.mark.slow
 def test_resume_from_a_file_of_another_model_says_what_it_holds_in_one_line(synthetic_root, tmp_path):
     import model_registry
     dual = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
@@ -234,6 +244,7 @@ def test_resume_from_a_file_of_another_model_says_what_it_holds_in_one_line(synt
         assert "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
+@pytest.mark.slow
 def test_a_global_batch_of_one_clip_is_warned_about(synthetic_root, tmp_path, capsys):
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--batch_size", "1",
                                       "--max_steps", "1"))
@@ -244,6 +255,7 @@ def _entry_argv(synthetic_root, out_dir, *extra) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), *_argv(synthetic_root, out_dir, *extra)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message, own_process", [
     # one case as its own process: nothing else (an import's warning, say) reaches its stderr either
     (("--device", "cuda"), "--device cuda: CUDA is not available on this machine; use --device cpu", True),
@@ -263,6 +275,7 @@ def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, capsys
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(synthetic_root, tmp_path):
     argv = _entry_argv(synthetic_root, tmp_path, "--save_every_steps", "1", "--epochs", "50")  # still running
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -293,6 +306,7 @@ def test_a_broken_and_a_missing_validation_video_stop_the_run_at_start_up_naming
     assert "Training" not in proc.stdout and not checkpoint.list_checkpoints(str(out))
 
 
+@pytest.mark.slow
 def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_epoch_without_retraining(
         synthetic_root, eight_clips, tmp_path, capsys):
     """--skip_eval_check: the epoch is trained and saved before its evaluation fails on the missing video (one line,
@@ -322,6 +336,7 @@ def test_skip_eval_check_trains_and_saves_then_a_resume_evaluates_the_pending_ep
     assert json.load(open(out / "eval_state.json"))["global_step"] == saved["global_step"]
 
 
+@pytest.mark.slow
 def test_bad_records_of_a_webvid_csv_are_all_listed_or_dropped_with_skip_bad_records(synthetic_root, tmp_path,
                                                                                       capsys):
     text = open(os.path.join(synthetic_root, "annotations", "train_webvid.csv")).read()
@@ -365,6 +380,7 @@ def mostly_broken(synthetic_root, broken_videos, tmp_path_factory):
     return anno, broken, folder / "out", result, stdout
 
 
+@pytest.mark.slow
 def test_a_list_60_percent_broken_trains_and_names_each_broken_file_once(mostly_broken):
     """Before: `N videos in a row failed to decode` stopped the run, at the same sample on every restart."""
     _, broken, out, result, stdout = mostly_broken
@@ -384,6 +400,7 @@ def test_a_list_60_percent_broken_trains_and_names_each_broken_file_once(mostly_
     assert f"Broken training videos: {len(broken)} files" in stdout
 
 
+@pytest.mark.slow
 def test_resuming_a_mostly_broken_run_reaches_the_same_samples(mostly_broken, synthetic_root, tmp_path):
     anno, broken, full_out, full, _ = mostly_broken
     extra = ("--max_broken_fraction", "0.9")
@@ -399,6 +416,7 @@ def test_resuming_a_mostly_broken_run_reaches_the_same_samples(mostly_broken, sy
     assert "WARNING: broken training video" not in stdout  # and named none of them again
 
 
+@pytest.mark.slow
 def test_a_check_report_as_exclude_list_means_its_files_are_never_opened(mostly_broken, synthetic_root, tmp_path):
     anno, broken, full_out, full, _ = mostly_broken
     report = tmp_path / "check.json"
@@ -416,6 +434,7 @@ def test_a_check_report_as_exclude_list_means_its_files_are_never_opened(mostly_
     assert [a["loss"] for a in result["history"]] == [b["loss"] for b in full["history"]]
 
 
+@pytest.mark.slow
 def test_too_many_broken_videos_stop_the_run_with_the_share_the_files_and_the_checker(
         synthetic_root, broken_videos, tmp_path, capsys):
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, tmp_path, good=2, missing=15)  # 90%

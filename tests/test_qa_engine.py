@@ -84,6 +84,7 @@ def test_validation_split_keeps_all_questions_of_a_video_together():
         engine.check_disjoint(val, val[:8])
 
 
+@pytest.mark.slow
 def test_answering_ensembles_the_clips_ranked_by_the_model():
     torch.manual_seed(0)
     model = randomised(model_registry.create("svitt_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=300),
@@ -107,6 +108,7 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
         engine.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu"), ensemble="concat"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["svitt_qa_tiny_patch16", "simvtp_qa_tiny_patch16"])
 def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_root, name):
     tok = datasets.build_tokenizer()
@@ -179,6 +181,7 @@ def _dist_eval_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_once(tmp_path):
     mp.spawn(_dist_eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, video, q_ids, a_ids = _qa_inputs()

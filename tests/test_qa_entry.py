@@ -56,6 +56,7 @@ def qa_run(synthetic_root, svitt_ckpt, tmp_path_factory):
     return out, first, first_log, second
 
 
+@pytest.mark.slow
 def test_finetune_resumes_selects_on_val_and_writes_one_prediction_per_test_question(qa_run, synthetic_root):
     out, first, first_log, second = qa_run
     assert first == {} and [r["global_step"] for r in first_log] == [2]
@@ -85,6 +86,7 @@ def test_finetune_resumes_selects_on_val_and_writes_one_prediction_per_test_ques
         assert 0.0 <= k["asked_kind"] <= 100.0
 
 
+@pytest.mark.slow
 def test_only_test_reproduces_the_best_weights_predictions_in_two_frame_orders(qa_run, synthetic_root, tmp_path):
     src, *_ = qa_run
     out = tmp_path / "only"

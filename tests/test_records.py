@@ -237,6 +237,7 @@ def _touch_table(table) -> None:
         (table.path(i), table.video_id(i), *table.captions(i))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc/self/smaps_rollup")
 def test_a_forked_worker_touching_every_record_copies_far_less_of_a_table(tmp_path):
     anno = synthetic_dataset.write_webvid_scale_csv(tmp_path / "webvid.csv", 100_000, seed=1)
@@ -250,6 +251,7 @@ def test_a_forked_worker_touching_every_record_copies_far_less_of_a_table(tmp_pa
     assert table_growth < 0.25 * list_growth, (table_growth, list_growth)
 
 
+@pytest.mark.slow
 def test_bench_records_prints_its_figures(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_records.py"), "--rows", "3000",
                            "--workers", "2", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)

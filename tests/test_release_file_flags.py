@@ -1,5 +1,6 @@
 """A file without model_cfg (a release file) names no model settings: evaluating it with a recipe's flags builds the
 model those flags describe (sparsity, pruning, clip shape), not the registered defaults, and says so."""
+import pytest
 import torch
 
 import checkpoint
@@ -23,6 +24,7 @@ def _release_retrieval_file(path) -> None:
     write_release_file(path, state, num_frames=4)
 
 
+@pytest.mark.slow
 def test_a_release_file_is_built_with_the_command_lines_model_settings(tmp_path, capsys):
     """Before: the registered defaults (dense, unpruned, 8 frames of 112 px) were built and the file did not load."""
     path = str(tmp_path / "ret_msrvtt.pth")

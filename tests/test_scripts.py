@@ -221,6 +221,7 @@ def _path_without_torchrun() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_only_test_recipe_runs_without_an_activated_environment(synthetic_root, tmp_path):
     """Before: the recipes called a bare `torchrun`: "torchrun: command not found" unless .venv was activated.
     Here the real script runs one process on the synthetic test split (tiny model flags appended), with no
@@ -395,6 +396,7 @@ def test_fast_malloc_puts_tcmalloc_under_a_real_process_when_installed(tmp_path)
     assert "libtcmalloc_minimal.so.4" in run.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(REPO, ".venv")),
                     reason="scripts/test.sh sets up the project's .venv; these tests run outside it")
 def test_the_test_script_runs_only_the_tests_it_is_given_and_refuses_a_bad_worker_count(tmp_path):

@@ -59,6 +59,7 @@ def rows_by_path(index_dir: Path) -> dict[str, torch.Tensor]:
     return {v["path"]: row for v, row in zip(manifest["videos"], search.read_embeddings(str(index_dir), manifest))}
 
 
+@pytest.mark.slow
 def test_the_index_adds_changed_and_new_files_drops_removed_ones_and_lists_broken_ones(tmp_path, synthetic_root,
                                                                                      dual_ckpt):
     videos, out = tmp_path / "videos", tmp_path / "index"
@@ -105,6 +106,7 @@ def test_the_index_adds_changed_and_new_files_drops_removed_ones_and_lists_broke
     assert rebuilt["embedded"] == 5 and rebuilt["kept"] == 0  # another checkpoint embeds everything again
 
 
+@pytest.mark.slow
 def test_a_search_ranks_the_videos_as_the_retrieval_evaluation_does(tmp_path, synthetic_root, dual_ckpt):
     videos, out = tmp_path / "videos", tmp_path / "index"
     videos.mkdir()
@@ -137,6 +139,7 @@ def test_a_search_ranks_the_videos_as_the_retrieval_evaluation_does(tmp_path, sy
     assert [p["path"] for p in printed] == [h.path for h in top]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["simvtp_tiny_patch16", "svitt_tiny_patch16"])
 def test_re_ranking_orders_the_top_k_by_the_matching_head_and_leaves_the_rest(tmp_path, synthetic_root, name):
     """Either family's pre-training checkpoint indexes, and re-ranks with its own matching head."""
@@ -154,6 +157,7 @@ def test_re_ranking_orders_the_top_k_by_the_matching_head_and_leaves_the_rest(tm
         [h.id for h in plain]
 
 
+@pytest.mark.slow
 def test_a_model_without_a_matching_head_re_ranks_with_another_checkpoint(tmp_path, synthetic_root, dual_ckpt):
     videos, out = tmp_path / "videos", tmp_path / "index"
     videos.mkdir()
@@ -180,6 +184,7 @@ def served(tmp_path_factory, synthetic_root, dual_ckpt):
     return searcher, TestClient(search.make_app(searcher)), videos
 
 
+@pytest.mark.slow
 def test_the_web_api_answers_queries_and_serves_only_indexed_files(served):
     searcher, client, videos = served
     page = client.get("/")
@@ -219,6 +224,7 @@ def test_the_index_runs_in_the_run_scripts_default_precision_and_every_command_s
     assert parser.parse_args(["serve", "ix"]).tf32 is True
 
 
+@pytest.mark.slow
 def test_the_index_command_line_reports_bad_input_clearly(tmp_path, dual_ckpt):
     run = subprocess.run([sys.executable, str(ROOT / "search.py"), "index", str(tmp_path / "absent"), "--ckpt",
                           str(dual_ckpt), "--out", str(tmp_path / "index")], capture_output=True, text=True,

@@ -21,6 +21,7 @@ def qa_batch(video, q_ids, q_mask, answers, owner, weights) -> dict:
                 answer_weights=torch.tensor(weights), answer_to_question=torch.tensor(owner))
 
 
+@pytest.mark.slow
 def test_ranking_the_whole_list_equals_brute_force_log_likelihood(qa_model):
     video, q_ids, q_mask = question_inputs(2)
     a_ids, a_mask = padded(ANSWERS)
@@ -142,6 +143,7 @@ def test_qa_models_are_registered_as_the_pretraining_and_retrieval_models_qa_mod
     assert model_registry.model_kwargs(args, "simvtp_qa_tiny_patch16") == {"answer_decoder_depth": 1}
 
 
+@pytest.mark.slow
 def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
     """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
     import annotations

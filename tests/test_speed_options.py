@@ -50,6 +50,7 @@ def test_one_negative_per_pair_halves_the_matching_negatives():
     assert seen == {1: [4, 4], 2: [4, 8]}  # positives, then the negatives: B with one per pair, 2B with two
 
 
+@pytest.mark.slow
 def test_the_options_train_and_leave_a_checkpoint_that_loads(synthetic_root, tmp_path):
     out = tmp_path / "fast"
     result = run_simvtp_pretraining.main(_args(synthetic_root, out, "--epochs", "1", "--decode_fraction", "0.5",

@@ -29,6 +29,7 @@ def _loss_and_grads(model: torch.nn.Module, data: dict) -> tuple[torch.Tensor, d
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["svitt_tiny_patch16", "svitt_qa_tiny_patch16"])
 def test_recomputed_layers_give_the_same_loss_and_gradients(name):
     torch.manual_seed(0)

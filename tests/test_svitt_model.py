@@ -107,6 +107,7 @@ def test_avg_attn_ignores_padding_text_tokens():
     assert kept[0, :, 0].tolist() == [0, 1, 3]
 
 
+@pytest.mark.slow
 def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_output():
     model = tiny_model(token_keep_rate=1.0).eval()
     b = batch()
@@ -127,6 +128,7 @@ def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_outp
         torch.testing.assert_close(last.match_logits(*args), full.match_logits(*args))
 
 
+@pytest.mark.slow
 def test_mlm_loss_traces_without_graph_breaks_and_is_the_masked_positions_mean():
     """MLM (the head on every position) through text-guided selection (random strategy: drawn on the device in
     training): no data-dependent shape, no host read."""
@@ -147,6 +149,7 @@ def test_mlm_loss_traces_without_graph_breaks_and_is_the_masked_positions_mean()
 # ------------------------------------------------------------------------------------------ the contract
 
 
+@pytest.mark.slow
 def test_forward_returns_every_loss_and_reaches_every_parameter():
     model = tiny_model().train()
     out = model(batch())
@@ -157,12 +160,14 @@ def test_forward_returns_every_loss_and_reaches_every_parameter():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+@pytest.mark.slow
 def test_loss_weights_and_flags_reach_the_model():
     model = tiny_model(w_itm=0.0, w_mlm=2.0)
     out = model(batch())
     torch.testing.assert_close(out["loss"].detach(), out["loss_itc"] + 2 * out["loss_mlm"])
 
 
+@pytest.mark.slow
 def test_encoders_and_cached_matching_agree_with_the_plain_path():
     model = tiny_model().eval()
     b = batch()
@@ -175,6 +180,7 @@ def test_encoders_and_cached_matching_agree_with_the_plain_path():
     torch.testing.assert_close(plain, cached)
 
 
+@pytest.mark.slow
 def test_random_blocks_are_fixed_at_evaluation_and_redrawn_in_training():
     model = tiny_model(token_keep_rate=1.0, token_keep_strategy="random")
     video = batch()["video"]
@@ -224,6 +230,7 @@ def _itc_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(tmp_path):
     proj, x, y, ids = _features()
     _itc(proj, x, y, ids, None).backward()
@@ -255,6 +262,7 @@ def _constant_release_state() -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_a_release_pretrain_file_is_recognised_and_loads_strictly_without_unpickling_its_config(tmp_path):
     import checkpoint
     from svitt_release import write_release_file

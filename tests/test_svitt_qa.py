@@ -18,6 +18,7 @@ def qa_model() -> S.SViTTQA:
     return randomised(S.svitt_qa_tiny_patch16(**SMALL), 1, scale=0.2).eval()
 
 
+@pytest.mark.slow
 def test_top_k_then_full_likelihood_equals_brute_force_when_k_is_the_list(qa_model):
     video, q_ids, q_mask = question_inputs(2)
     a_ids, a_mask = padded(ANSWERS)
@@ -131,6 +132,7 @@ def test_clip_ensembling():
         ensemble(scores, "median")
 
 
+@pytest.mark.slow
 def test_pretraining_checkpoint_initialises_the_decoder_from_the_fusion_layers():
     pretrain = randomised(S.svitt_tiny_patch16(**SMALL), 3, scale=0.2)
     source = pretrain.state_dict()
@@ -169,6 +171,7 @@ def test_decoder_copy_on_a_state_dict_keeps_an_existing_decoder():
     assert out["text_decoder.bert.encoder.layer.2.attention.self.query.bias"][0] == 5.0
 
 
+@pytest.mark.slow
 def test_release_qa_state_dict_loads_strictly_into_the_base_qa_model():
     keys = release_keys("qa")
     release = seeded_state_dict(keys, seed=5)
@@ -205,6 +208,7 @@ def test_qa_models_are_registered_and_take_the_family_flags():
         [model.layer_id(f"text_encoder.bert.encoder.layer.{i}.output.dense.weight") for i in (1, 2, 3)] == [2, 3, 4]
 
 
+@pytest.mark.slow
 def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
     """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
     import annotations

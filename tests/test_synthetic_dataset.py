@@ -137,6 +137,7 @@ def test_cli_help_and_build(tmp_path, capsys):
         assert video.get_frames([0]).shape == (1, 32, 64, 3)
 
 
+@pytest.mark.slow
 def test_default_build_is_fast(tmp_path):
     start = time.perf_counter()
     root = sd.ensure_synthetic_dataset(tmp_path, verbose=False)  # the defaults: 320 / 48 / 64 clips, 2 processes

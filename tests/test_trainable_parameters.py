@@ -73,6 +73,7 @@ def _build(family: str, task: str, vocab_size: int) -> torch.nn.Module:
     return engine_for_qa.build_for_training(args, vocab_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "qa"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_step_of_every_task_gives_every_trainable_parameter_a_gradient(family, task, tokenizer):
@@ -103,6 +104,7 @@ def test_a_pretraining_file_loads_strictly_into_the_retrieval_model_its_mlm_head
     assert recognise([k for k, _ in release_keys("retrieval")]) == "svitt_retrieval_base_patch16_224"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pretraining_without_masked_words_or_tubes_is_refused_at_start_up(family):
     """Before: SViTT pre-trained without MLM captions (its head idle: DDP stopped at step 2), SimVTP failed on the

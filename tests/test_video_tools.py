@@ -86,6 +86,7 @@ def run_check(anno: Path, root: Path, *extra: str) -> int:
 
 # ------------------------------------------------------------------ check
 
+@pytest.mark.slow
 def test_check_passes_on_good_videos_as_a_real_process(media, tmp_path):
     anno = write_annotations(tmp_path / "anno.json", GOOD)
     report = tmp_path / "report.json"
@@ -170,6 +171,7 @@ def test_check_unreadable_annotation_file_is_a_usage_error(tmp_path, capsys):
     assert "nope.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_check_given_a_folder_says_so_in_one_line(synthetic_root):
     """Before: `error: [Errno 21] Is a directory: '...'`."""
     folder = synthetic_root / "annotations"

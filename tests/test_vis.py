@@ -44,6 +44,7 @@ def _tubes(clip):
     return modeling_simvtp.patchify(clip[None], 2, 16)[0]
 
 
+@pytest.mark.slow
 def test_figure_is_a_readable_png_with_the_captions(tiny_checkpoint, video, tmp_path, capsys):
     path = run_simvtp_vis.main(_args(tiny_checkpoint, video, "--frame_start", "3", "--output_dir", str(tmp_path)))
     assert path == str(tmp_path / "reconstruction_wide_25fps.png")  # default name under --output_dir
@@ -56,6 +57,7 @@ def test_figure_is_a_readable_png_with_the_captions(tiny_checkpoint, video, tmp_
     assert f"Figure written to {os.path.abspath(path)}" in printed
 
 
+@pytest.mark.slow
 def test_a_caption_cut_at_max_text_len_ends_in_an_ellipsis(tiny_checkpoint, video, tmp_path, capsys):
     long_caption = " ".join([CAPTION] * 6)
     args = _args(tiny_checkpoint, video, "--output_dir", str(tmp_path), "--max_text_len", "8")
@@ -68,6 +70,7 @@ def test_a_caption_cut_at_max_text_len_ends_in_an_ellipsis(tiny_checkpoint, vide
     assert "…" not in capsys.readouterr().out  # a caption that fits is shown whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("denorm", ["visible", "tube"])
 def test_reconstruction_keeps_visible_tubes_and_uses_the_checkpoints_clip_shape(tiny_checkpoint, video, denorm):
     args = _args(tiny_checkpoint, video, "--frame_start", "5", "--denorm", denorm)
@@ -112,6 +115,7 @@ def test_missing_checkpoint_is_a_clear_error(video, tmp_path):
         run_simvtp_vis.main(_args(str(tmp_path / "nowhere.pth"), video, "--save_path", str(tmp_path / "x.png")))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_checkpoint, video, tmp_path):
     name = re.escape(os.path.basename(tiny_checkpoint))
     with pytest.raises(ValueError, match=rf"{name}: does not load into simvtp_small_patch16.*--model"):
@@ -119,6 +123,7 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_checkpoint, video, 
                                   "--save_path", str(tmp_path / "x.png")))
 
 
+@pytest.mark.slow
 def test_a_retrieval_model_or_unknown_name_is_a_clear_error(video, tmp_path):
     dual = model_registry.create("simvtp_dual_tiny_patch16", img_size=32, num_frames=4)
     ft = str(tmp_path / "ft.pth")
