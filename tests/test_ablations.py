@@ -47,6 +47,7 @@ def test_a_failed_run_is_reported_and_the_others_finish(micro):
     assert {f"word_top1_{c}" for c in ("own", "other", "none")} <= set(result["cross_modal"])
 
 
+@pytest.mark.slow
 def test_a_setting_equal_to_another_shares_its_training_and_evaluations(micro):
     cfg, study, _, _ = micro
     results = []
@@ -74,6 +75,7 @@ def test_a_second_start_skips_finished_runs_and_retries_the_failed_one(micro, ca
     assert len(failures) == 1 and os.path.getmtime(_result(cfg, study, "ok")) == before
 
 
+@pytest.mark.slow
 def test_the_table_and_figure_come_from_the_result_files(micro):
     cfg, study, _, failures = micro
     path = _result(cfg, study, "ok")
@@ -110,6 +112,7 @@ def _tested_finetunings(cfg):
             if os.path.exists(os.path.join(f, "test_metrics.json"))]
 
 
+@pytest.mark.slow
 def test_a_tested_finetuning_keeps_its_best_weights_and_metrics_not_its_training_state(micro):
     cfg, study, _, _ = micro
     [tuned] = _tested_finetunings(cfg)  # "tube 0.9" and "default" share it
@@ -138,6 +141,7 @@ def test_a_run_redone_after_its_finetuning_was_cleaned_shares_it_instead_of_trai
     assert _tested_finetunings(cfg) == [tuned] and not glob.glob(os.path.join(tuned, "checkpoint-[0-9]*.pth"))
 
 
+@pytest.mark.slow
 def test_the_size_estimate_matches_the_files_the_micro_runs_wrote(micro):
     cfg, _, _, _ = micro
     pretraining, retrieval = ab.model_sizes("simvtp", cfg)

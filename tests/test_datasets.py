@@ -574,6 +574,7 @@ def list_with_broken(synthetic_root, broken_videos, tmp_path):
     return anno, root
 
 
+@pytest.mark.slow
 def test_a_check_report_excludes_exactly_its_unreadable_videos_also_under_another_data_root(
         list_with_broken, tmp_path):
     anno, root = list_with_broken

@@ -172,6 +172,7 @@ def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_r
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_name_every_ranks_broken_videos_once(torchrun_on_a_mostly_broken_list,
                                                                    synthetic_root):
     run, out, anno, broken = torchrun_on_a_mostly_broken_list
@@ -214,6 +215,7 @@ def _accumulation_scenario(rank: int, world: int, out_dir: str) -> None:
               open(os.path.join(out_dir, f"calls{rank}.json"), "w"))
 
 
+@pytest.mark.slow
 def test_accumulation_all_reduces_only_at_the_end_of_the_window(gloo_ranks):
     """DDP decides at forward time whether a backward all-reduces: the window's first micro-batch must run its
     forward under no_sync too, or every micro-batch pays a full gradient all-reduce."""
@@ -274,6 +276,7 @@ def _gather_scenario(rank: int, world: int, out_dir: str) -> None:
     dist.all_gather, dist.all_gather_object = real_all_gather, real_all_gather_object
 
 
+@pytest.mark.slow
 def test_gather_rows_sends_contiguous_tensors_of_uneven_ranks_not_pickled_storages(gloo_ranks):
     import retrieval_eval as engine
     expected = torch.cat([_rank_rows(0), _rank_rows(1)])
@@ -523,6 +526,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(decisions):
     assert [d["stale_latest"] for d in decisions] == [{"global_step": 20, "weight": 2.0}] * 2
 
 
+@pytest.mark.slow
 def test_ranks_reading_different_contents_of_one_checkpoint_stop_with_one_line(decisions):
     """Rank 1 reads an old copy of the file rank 0 chose: every rank stops with the same error, none hangs."""
     errors = [d["stale_file"]["error"] for d in decisions]
@@ -531,6 +535,7 @@ def test_ranks_reading_different_contents_of_one_checkpoint_stop_with_one_line(d
     assert "must be shared storage" in errors[0] and "\n" not in errors[0]
 
 
+@pytest.mark.slow
 def test_the_best_and_the_evaluations_done_are_rank_0s_decision(decisions):
     """Before: rank 1 evaluated epoch 1 again (its eval_state said step 3) and called epoch 2 the best (saving
     checkpoint-best behind a barrier rank 0 never reached)."""
@@ -539,12 +544,14 @@ def test_the_best_and_the_evaluations_done_are_rank_0s_decision(decisions):
     assert record["best"] == 50.0 and record["global_step"] == 9
 
 
+@pytest.mark.slow
 def test_every_rank_tests_the_best_weights_rank_0_found(decisions):
     """Only rank 0's folder shows checkpoint-best.pth. Before: rank 1 tested its own last weights."""
     best = json.loads((decisions[0]["root"] / "best_weights.json").read_text())
     assert [d["best_file_unseen"] for d in decisions] == [{"weight": best}] * 2
 
 
+@pytest.mark.slow
 def test_an_error_leaves_the_process_group(decisions):
     """run_entry_point destroys the process group on the way out, also when main raised (exit status 1)."""
     assert [d["error_exit"] for d in decisions] == [{"exit": 1, "group_left": True}] * 2

@@ -366,6 +366,7 @@ def test_export_from_a_folder_with_an_unreadable_file_finishes_names_it_and_exit
     assert side["skipped_videos"][0]["path"] == str(folder / "broken.mp4")
 
 
+@pytest.mark.slow
 def test_text_file_with_blank_lines_is_refused_naming_them(finetuned, synthetic_root, tmp_path):
     """Before: blank lines were dropped, so row i of the export was no longer line i of the file."""
     src, _ = finetuned

@@ -298,6 +298,7 @@ def test_ssv2_one_caption_several_videos_through_the_real_loader(synthetic_root,
     assert torch.allclose(res["sim"], res["text"] @ res["video"].t())
 
 
+@pytest.mark.slow
 def test_zero_shot_entry_point_on_ssv2(synthetic_root, tmp_path):
     _, val = _ssv2_files(synthetic_root, tmp_path)
     tokenizer = datasets.build_tokenizer()

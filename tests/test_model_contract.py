@@ -100,6 +100,7 @@ def toy_run(synthetic_root, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_a_second_family_pretrains_through_the_real_entry_point(toy_run):
     out, result = toy_run
     assert "toy_alignment" in result["summary"]  # every scalar the model returns is logged
@@ -124,6 +125,7 @@ def test_kill_and_resume_with_accumulation_and_a_skipped_step_is_bitwise_equal(t
     _assert_bitwise_equal(_weights(tmp_path), _weights(full_out))
 
 
+@pytest.mark.slow
 def test_zero_shot_and_reranking_of_a_second_family_without_model_flag(toy_run, synthetic_root, tmp_path):
     out, _ = toy_run
     argv = ["--zero_shot", "--finetune", str(out / "checkpoint-1.pth"), "--data_root", str(synthetic_root),

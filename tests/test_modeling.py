@@ -231,6 +231,7 @@ def test_cpu_bf16_attention_takes_the_explicit_path_below_the_threshold(monkeypa
     assert [shape[2] for shape, _ in recorder.calls] == [M.CPU_BF16_SDPA_MIN_KEYS, 4]
 
 
+@pytest.mark.slow
 def test_select_tokens_gathers_the_boolean_selection_with_no_graph_break():
     g = torch.Generator().manual_seed(0)
     x, keep = torch.randn(3, 10, 4, generator=g), torch.stack([torch.randperm(10, generator=g) < 4 for _ in range(3)])
@@ -454,6 +455,7 @@ def test_learnable_temperature_is_an_extra_parameter_tolerated_by_strict_loads()
     checkpoint.load_weights(fixed, learnable.state_dict(), strict=True)
 
 
+@pytest.mark.slow
 def test_overfitting_two_clips_lowers_every_loss():
     model = tiny(embed_dim=64, num_heads=4, decoder_embed_dim=32)
     batch = make_batch(b=2)

@@ -207,6 +207,7 @@ def test_bad_config_is_refused():
         svitt_references.svitt_tiny_config(token_drop_method="norm")
 
 
+@pytest.mark.slow
 def test_base_tower_names_and_shapes_match_release_vision_keys():
     release = {k: v for k, v in json.loads(RELEASE_VISION_KEYS.read_text())["keys"]}
     assert len(release) == 233
@@ -353,6 +354,7 @@ def test_random_token_selection_draws_on_the_device_in_training_and_from_the_cpu
             S.FusionTokenSelection(0.5, (0,), "random", generator).select(tokens, None, None)
         assert draws.devices == [where, where]
 
+@pytest.mark.slow
 def test_sparse_attention_kernel_count_does_not_grow_with_the_batch():
     """One layer's forward + backward: the same number of operators at batch 2 and 8 (the batch is folded into
     the block dimension, no per-sample loop), for one coordinate set shared by the batch and for per-sample ones.

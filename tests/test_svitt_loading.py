@@ -280,6 +280,7 @@ def test_pretrain_and_retrieval_names_map_onto_each_other():
     assert set(to_pretrain) == pretrain - {k for k in pretrain if k.startswith("text_encoder.cls.")}
 
 
+@pytest.mark.slow
 def test_release_vision_part_loads_strictly_into_the_base_tower(tmp_path):
     """A release-format pretrain file's vision_encoder.* tensors (base shapes, 4 frames; index buffers included)
     into our base tower at 4 frames: every tensor placed, none left over. Layers 0-1 only (the other ten have

@@ -87,6 +87,7 @@ def test_one_step_of_every_task_gives_every_trainable_parameter_a_gradient(famil
     assert not unused, f"{model.model_cfg['name']} ({task}) leaves without gradient: {unused}"
 
 
+@pytest.mark.slow
 def test_a_pretraining_file_loads_strictly_into_the_retrieval_model_its_mlm_head_reported_dropped(tmp_path, capsys):
     import checkpoint
     small = dict(img_size=32, num_frames=4, vocab_size=300)

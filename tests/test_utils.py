@@ -164,6 +164,7 @@ def test_device_math_is_set_for_a_cuda_device_and_left_alone_on_the_cpu():
          torch.backends.cudnn.benchmark) = saved
 
 
+@pytest.mark.slow
 def test_interrupted_message_names_the_checkpoint_to_resume_from():
     assert "nothing to resume" in utils.interrupted_message(None)
     text = utils.interrupted_message("out/checkpoint-3.pth")

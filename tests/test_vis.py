@@ -102,6 +102,7 @@ def test_short_side_is_resized_before_the_centre_crop(video):
     assert green[0] < 0.1 and green[-1] > 0.9
 
 
+@pytest.mark.slow
 def test_frames_past_the_end_are_a_clear_error_naming_the_file(tiny_checkpoint, video, tmp_path):
     out = tmp_path / "x.png"
     with pytest.raises(ValueError, match=rf"{os.path.basename(video)}: has 75 frames.*needs frame 106.*"
@@ -168,6 +169,7 @@ def test_vis_script_quotes_its_arguments_and_passes_flags_through():
     assert missing.returncode == 2 and "usage" in missing.stderr
 
 
+@pytest.mark.slow
 def test_vis_script_takes_paths_from_the_folder_it_is_run_in(tiny_checkpoint, video, tmp_path):
     """Before, vis.sh changed into the repository, so a video path relative to the caller's folder was not found.
     Run from a folder outside the repository with relative checkpoint, video and output paths (real files, the
