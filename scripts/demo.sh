@@ -135,7 +135,7 @@ for family, rel in (("SimVTP", "pretrain"), ("SViTT", "svitt_pretrain")):
     trail = ", ".join(f"epoch {r['epoch']}: {r['zs_match_acc']:.1f} / {r['zs_match_acc_hard']:.1f}" for r in evals)
     print(f"{family} matching head on val pairs (accuracy with random / hard non-matches; 1 match : 2 non-matches, "
           f"a constant answer scores 66.7): {trail}")
-from run_simvtp_finetuning import format_frame_orders
+from engine_for_retrieval import format_frame_orders
 for family, rel in (("SimVTP", "zero_shot_mask0.0"), ("SViTT", "svitt_zero_shot")):
     orders = json.load(open(os.path.join(out, rel, "zero_shot_metrics.json")))["frame_orders"]
     print()
@@ -146,7 +146,7 @@ print(f"Video QA (SimVTP), test accuracy {qa['accuracy']:.1f}% on {qa['questions
       f"{qa['frame_orders']['freeze']['accuracy']:.1f}%; always the most frequent training answer "
       f"{qa['majority_train']['accuracy']:.1f}%; each question's most frequent training answer (no video) "
       f"{qa['question_prior_train']:.1f}%")
-from run_simvtp_qa import format_frame_orders as qa_orders
+from engine_for_qa import format_frame_orders as qa_orders
 print(qa_orders(qa["frame_orders"]).replace("Temporal sensitivity", "Video QA, temporal sensitivity", 1))
 PY
 echo
