@@ -102,6 +102,7 @@ def _batch_figures(model, batch: dict) -> tuple[dict, dict]:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=utils.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="a SimVTP pre-training checkpoint")
+    model_registry.add_model_module_arg(p)
     p.add_argument("--data_path", required=True, help="annotation file (the first caption of each video is used)")
     p.add_argument("--data_root", default=None, help="folder relative video paths are joined to")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")

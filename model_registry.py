@@ -238,14 +238,19 @@ def create(name: str, **kwargs: Any) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- command line
 
 
+def add_model_module_arg(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--model_module, for every command that builds a model or reads a checkpoint of one."""
+    group.add_argument("--model_module", nargs="+", default=[], action=ImportModelModule, metavar="MODULE",
+                       help="import these modules before any model is built: a model family kept outside this "
+                       "repository registers its models there (model_registry.register_family / register_model)")
+
+
 def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_help: str,
                    drop_path: float | None = None) -> argparse._ArgumentGroup:
     """--model, the shared --drop_path, and every family's own group (flags default None: the model decides)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=model_help)
-    g.add_argument("--model_module", nargs="+", default=[], action=ImportModelModule, metavar="MODULE",
-                   help="import these modules before any model is built: a model family kept outside this "
-                   "repository registers its models there (model_registry.register_family / register_model)")
+    add_model_module_arg(g)
     g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
     g.add_argument("--vtm_negatives", default=None, choices=["hard", "random", "mixed"],
                    help="matching-loss negatives: hard (default, drawn by contrastive similarity, never the same "

@@ -60,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="registered model name (default: the one the checkpoint names, or "
                    "for the release's file the one its keys identify)")
+    model_registry.add_model_module_arg(g)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     g = p.add_argument_group("masking")
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"], help="video mask (default tube)")

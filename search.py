@@ -600,6 +600,7 @@ def format_hits(hits: Sequence[Hit], searcher: Searcher) -> str:
 
 
 def add_runtime_args(p: argparse.ArgumentParser, precision: str | None, precision_help: str) -> None:
+    model_registry.add_model_module_arg(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible, else CPU, as the run scripts), "
                    "cpu, cuda, cuda:N")
     p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"],

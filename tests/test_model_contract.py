@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,13 +15,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import annotations
 import checkpoint
 import engine_for_pretraining as engine
 import model_registry
 import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
+import search
 import utils
+from conftest import ROOT
 
 # ----------------------------------------------------------------------------------------------- the toy family
 
@@ -307,3 +313,33 @@ def test_steps_the_loss_scaler_skips_are_counted_and_its_scale_is_logged():
     assert state.scaler_skipped_steps == 4 and summary["scaler_skipped_steps_total"] == 4  # ... and is counted
     assert torch.equal(model.w.detach(), start)  # no skipped step changed the weights
     assert "scaler_skipped" not in state.history[0]  # counted, not logged as a per-step scalar
+
+
+@pytest.mark.slow
+def test_search_reads_a_checkpoint_of_an_out_of_tree_family_given_its_module(tmp_path, monkeypatch, synthetic_root):
+    """search.py (like the figure and the probe) takes --model_module: without it the checkpoint's model is unknown,
+    with it the videos are embedded by the family's own model."""
+    source = FAMILY_MODULE.replace("my_family", "my_search_family").replace("my_dual_micro", "my_search_micro")
+    (tmp_path / "my_search_family.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = tmp_path / "mine.pth"
+    writer = ("import sys; sys.path[:0] = sys.argv[1:3]; import checkpoint, model_registry, my_search_family; "
+              "m = model_registry.create('my_search_micro', img_size=32, num_frames=4); "
+              "checkpoint.save_atomic({'model': m.state_dict(), 'model_cfg': m.model_cfg, 'epoch': 0}, sys.argv[3])")
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path), str(ROOT), str(ckpt)], check=True)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for record in annotations.read_annotations(synthetic_root / "annotations" / "test.json", synthetic_root)[:3]:
+        shutil.copy(record.path, videos)
+
+    def index(*extra):
+        return search.main(search.get_args_parser().parse_args(
+            ["index", str(videos), "--ckpt", str(ckpt), "--out", str(tmp_path / "index"), "--precision", "fp32",
+             "--num_frames", "4", "--input_size", "32", "--sampling_rate", "2", "--print_freq", "100", *extra]))
+
+    with pytest.raises(Exception, match="my_search_micro"):
+        index()
+    index("--model_module", "my_search_family")
+    manifest = search.read_manifest(str(tmp_path / "index"))
+    rows = search.read_embeddings(str(tmp_path / "index"), manifest)
+    assert len(manifest["videos"]) == 3 and rows.shape == (3, 32)
