@@ -517,25 +517,6 @@ def build_eval_loader(dataset, tokenizer, batch_size: int, num_workers: int = 0,
                                        pin_memory=device is not None and device.type == "cuda")
 
 
-def evaluate_zero_shot(model: torch.nn.Module, dataset, tokenizer, *, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32, batch_size: int = 4, video_mask_ratio: float = 0.0,
-                       seed: int = 0, max_text_len: int = 32, num_workers: int = 0,
-                       dist_eval: bool = False,
-                       host_memory_gb: float = DEFAULT_EVAL_HOST_MEMORY_GB) -> dict[str, float]:
-    """Zero-shot retrieval metrics of a pre-training model (its unimodal video and text passes).
-
-    dataset: a test-mode datasets.VideoTextDataset. video_mask_ratio 0 shows every tube; 0.9 applies the
-    pre-training tube-mask ratio with a fixed mask per video. Leaves the model in the mode it was in.
-    Pass the unwrapped model (not DDP); with dist_eval every rank must call this (features are all-gathered).
-    host_memory_gb bounds the loader's batches in flight (build_eval_loader).
-    Returns retrieval_metrics' dict: "t2v_R@1" ... "v2t_MnR", "r1_sum".
-    """
-    cfg = EvalConfig(device=torch.device(device), dtype=dtype, chunk=batch_size, max_text_len=max_text_len,
-                     video_mask_ratio=video_mask_ratio, seed=seed)
-    loader = build_eval_loader(dataset, tokenizer, batch_size, num_workers, max_text_len, dist_eval, host_memory_gb,
-                               device=cfg.device)
-    return evaluate(model, loader, tokenizer, cfg)["metrics"]
-
 # ----------------------------------------------------------------------------------------------- re-ranking
 
 
