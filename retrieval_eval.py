@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import answer_ranking
 import datasets
 import distributed
 import masking_generator
@@ -244,15 +245,9 @@ def eval_clips(video: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
 
 
 def aggregate_clip_scores(scores: torch.Tensor, ensemble: str) -> torch.Tensor:
-    """[k, ...] matching scores of k clips -> [...]: logsumexp (SViTT's default), mean or max over clips
-    (concat scores one clip: k = 1)."""
-    if ensemble in ("lse", "concat"):
-        return torch.logsumexp(scores, dim=0)
-    if ensemble == "mean":
-        return scores.mean(dim=0)
-    if ensemble == "max":
-        return scores.amax(dim=0)
-    raise ValueError(f"unknown ensemble {ensemble!r}; one of {ENSEMBLES}")
+    """[k, ...] matching scores of k clips -> [...]: logsumexp (SViTT's default), mean or max over clips, as QA's
+    answer scores are ensembled (concat scores one clip: k = 1)."""
+    return answer_ranking.ensemble_clip_scores(scores, "lse" if ensemble == "concat" else ensemble)
 
 
 def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
