@@ -98,6 +98,20 @@ def itc_loss(video_feat: torch.Tensor, text_feat: torch.Tensor, temperature: tor
     return -((v2t * targets).sum(1).mean() + (t2v * targets).sum(1).mean()) / 2
 
 
+def reversal_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, reversed_feat: torch.Tensor,
+                  temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time-order loss: each caption [b, D] against its own clip [b, D] and the same clip played backwards
+    [b, D], the forward one the target (cross-entropy over the two similarities / temperature). The reversed clip
+    shows the same colours, shape and background, so only the motion tells them apart: a hard negative that a
+    model matching by appearance alone cannot refuse (captions that name a motion: "slides left" reversed is
+    "slides right"). Returns (loss, accuracy: the share of captions that prefer the forward clip)."""
+    t = F.normalize(text_feat.float(), dim=-1)
+    pair = torch.stack([F.normalize(video_feat.float(), dim=-1), F.normalize(reversed_feat.float(), dim=-1)], 1)
+    logits = torch.einsum("bd,bkd->bk", t, pair) / temperature
+    target = torch.zeros(len(t), dtype=torch.long, device=t.device)
+    return F.cross_entropy(logits, target), (logits[:, 0] > logits[:, 1]).float().mean()
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch's captions of each caption's mean CE over its masked tokens.
 

@@ -24,7 +24,7 @@ from timm.models import register_model as timm_register_model
 FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
 # flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
 COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
-                "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm"}
+                "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm", "w_reverse": "w_reverse"}
 
 
 @dataclass
@@ -260,6 +260,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
                    help="matching-loss negatives drawn uniformly for this many epochs before --vtm_negatives hard "
                         "(default 0, the papers'): from random weights the head otherwise stays on a constant answer")
     g.add_argument("--w_mlm", type=float, default=None, help="weight of the masked-word loss (default 1)")
+    g.add_argument("--w_reverse", type=float, default=None,
+                   help="weight of the time-order loss (default 0, the papers'): each caption must prefer its clip "
+                        "to the same clip played backwards. Only for captions that name a direction of motion "
+                        "(the synthetic set's; on WebVid most captions fit either order)")
     for family in families():
         family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))
     return g

@@ -21,7 +21,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, matching_negatives,
-                    mlm_loss, negatives_now, run_layer, vtc_loss)
+                    mlm_loss, negatives_now, reversal_loss, run_layer, vtc_loss)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from simvtp_weights import convert_state_dict, recognise_release
 
@@ -368,7 +368,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  vtc_text: str = "full", vtm_negatives: str = "hard", release_pooling: bool = False,
                  temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
-                 vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked") -> None:
+                 vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked",
+                 w_reverse: float = 0.0) -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if vtc_text not in ("full", "masked") or vtm_text not in ("full", "masked") \
@@ -382,7 +383,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         self.vtc_text, self.vtm_negatives, self.vtm_random_epochs = vtc_text, vtm_negatives, vtm_random_epochs
         self.vtm_text = vtm_text
         self.decode_fraction, self.vtm_negatives_per_pair = decode_fraction, vtm_negatives_per_pair
-        self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm)
+        self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm, reverse=w_reverse)
         self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
                                       mlp_ratio, drop_path_rate, "norm", release_pooling=release_pooling)
         num_tokens = (num_frames // tubelet_size) * (img_size // patch_size) ** 2
@@ -500,7 +501,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         num_visible_tubes (int, the collator's: without it the count is read from the mask, a host sync) -> losses
         (fp32); "loss" = weighted sum. Passes: (a) joint
         on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
-        negatives (with vtm_text "full" one more, the positives with their whole caption)."""
+        negatives (with vtm_text "full" one more, the positives with their whole caption), (d) with w_reverse > 0,
+        the video-only pass over the clips played backwards (reversal_loss)."""
         video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
         input_ids, mlm_input_ids, mlm_labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
         vis = self.encoder.embed_video(video, video_mask, batch.get("num_visible_tubes"))
@@ -528,9 +530,16 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                                                text_feat, match_ids,
                                                negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
+        if self.loss_weights["reverse"] > 0:  # (d) one more video-only pass: the same tubes played backwards
+            backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
+            terms["reverse"], reverse_acc = reversal_loss(text_feat, video_feat,
+                                                          self.encoder.pool(self.encoder(backwards)),
+                                                          self.current_temperature())
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         out["vtm_acc"] = vtm_acc.detach()
+        if "reverse" in terms:
+            out["reverse_acc"] = reverse_acc.detach()
         return out
 
     # -- inference

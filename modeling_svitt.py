@@ -28,7 +28,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, itc_loss,
-                    key_padding_mask, matching_negatives, mlm_loss, negatives_now, run_layer)
+                    key_padding_mask, matching_negatives, mlm_loss, negatives_now, reversal_loss, run_layer)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from sparse_attention import (BlockPattern, SViTTSelfAttention, keep_count, patch_coordinates, random_scores,
                               sample_block_pattern, select_patch_tokens)
@@ -475,7 +475,7 @@ class SViTTTowers(nn.Module):
                  fusion_drop_loc: tuple[int, ...] = (), fusion_keep_strategy: str = "cls_attn",
                  release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
                  w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
-                 vtm_random_epochs: int = 0,
+                 vtm_random_epochs: int = 0, w_reverse: float = 0.0,
                  temporal_expand_mode: str = "release") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
@@ -505,7 +505,7 @@ class SViTTTowers(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self.fusion_selection = FusionTokenSelection(fusion_keep_rate, tuple(fusion_drop_loc), fusion_keep_strategy)
-        self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm)
+        self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm, reverse=w_reverse)
         if temporal_expand_mode not in EXPAND_MODES:
             raise ValueError(f"temporal_expand_mode must be one of {EXPAND_MODES}, got {temporal_expand_mode!r}")
         self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
@@ -607,12 +607,18 @@ class SViTTPretrain(SViTTTowers):
                                                video_ids,
                                                negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(itc=loss_itc, itm=loss_itm)
+        if self.loss_weights["reverse"] > 0:  # one more vision pass: the same clips played backwards
+            terms["reverse"], reverse_acc = reversal_loss(
+                text_feat, video_feat, self.vision_proj(self.vision(batch["video"].flip(2)).pooled),
+                self.current_temperature())
         if "mlm_input_ids" in batch:  # a retrieval fine-tuning batch has no MLM captions: ITC + ITM, as the release
             terms["mlm"] = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask,
                                                  batch["mlm_labels"])
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         out["itm_acc"] = itm_acc.detach()
+        if "reverse" in terms:
+            out["reverse_acc"] = reverse_acc.detach()
         out["temp"] = self.current_temperature().detach()
         return out
 
