@@ -71,7 +71,19 @@ def pretraining_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_host_memory_gb", type=float, default=retrieval_eval.DEFAULT_EVAL_HOST_MEMORY_GB,
                    help="bound on the host memory (GB, per process) of the evaluation loader's batches in flight "
                    "(uint8 clips x (workers x prefetch + 1)); the estimate is printed at each evaluation")
+    add_match_mask_args(g)
     return p
+
+
+
+def add_match_mask_args(g: argparse._ArgumentGroup) -> None:
+    """How the matching head sees each scored clip (re-ranking, held-out matching accuracy)."""
+    g.add_argument("--match_mask_ratio", type=float, default=0.0,
+                   help="tube mask of every clip the matching head scores (0 = every tube). SimVTP's VTM trains "
+                        "on the pre-training mask's visible tubes (0.9); scored with all of them, its pooled input "
+                        "is a different mix of video and text tokens. Models that take no video mask refuse > 0")
+    g.add_argument("--match_masks", type=int, default=4,
+                   help="with --match_mask_ratio > 0: fixed masks per clip (seeded by video), log-odds averaged")
 
 
 def finetuning_parser() -> argparse.ArgumentParser:
@@ -161,6 +173,7 @@ def finetuning_parser() -> argparse.ArgumentParser:
                    "one) whose match_logits re-score the top K (loaded strictly); default: the evaluated model "
                    "itself when it has a matching head (SViTT; a SimVTP pre-training model with --zero_shot)")
     g.add_argument("--rerank_model", default=None, help="its model name (default: the one the checkpoint names)")
+    add_match_mask_args(g)
     g.add_argument("--export_embeddings", default="", help="write embeddings to OUT.npy | OUT.safetensors. "
                    "Videos that cannot be read are left out, named on the console and in the metadata "
                    f"(skipped_videos), and the exit status is then {engine_for_retrieval.EXIT_SKIPPED}")

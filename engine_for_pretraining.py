@@ -620,7 +620,8 @@ def zero_shot_eval(model: torch.nn.Module, dataset: datasets.VideoTextDataset, t
     """Zero-shot retrieval on the validation set; every rank embeds its share (features are gathered)."""
     cfg = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, chunk=args.batch_size,
                                            max_text_len=args.max_text_len, video_mask_ratio=args.eval_mask_ratio,
-                                           seed=args.seed)
+                                           seed=args.seed, match_mask_ratio=args.match_mask_ratio,
+                                           match_masks=args.match_masks)
     workers = min(args.num_workers, 2)
     loader = retrieval_eval.build_eval_loader(dataset, tokenizer, args.batch_size, workers, args.max_text_len,
                                                      args.distributed, args.eval_host_memory_gb, device=cfg.device)

@@ -31,6 +31,7 @@ def eval_config(args: argparse.Namespace, dtype: torch.dtype, mask_ratio: float 
     """The retrieval evaluation's settings: the shared clip set-up plus captions, masking and offload."""
     return engine_for_finetuning.clip_eval_config(args, dtype, num_clips, frame_order, max_text_len=args.max_text_len,
                                                   video_mask_ratio=mask_ratio, offload=args.eval_offload,
+                                                  match_mask_ratio=args.match_mask_ratio, match_masks=args.match_masks,
                                                   distinct_captions=annotation_format(args).match_by == "caption")
 
 

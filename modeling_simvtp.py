@@ -559,8 +559,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
     def match_logits(self, video: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      video_mask: torch.Tensor | None = None, video_cache: torch.Tensor | None = None) -> torch.Tensor:
         """Joint pass + matching head -> fp32 [B, 2] (class 1 = match), for re-ranking; `video_cache` (from
-        match_video_cache) stands in for `video`. The head runs in fp32 outside autocast: bf16 logits tie."""
-        vis = video_cache if video_cache is not None else self.encoder.embed_video(video, video_mask)
+        match_video_cache) stands in for `video`, its visible tubes taken by `video_mask` when one is given. The
+        head runs in fp32 outside autocast: bf16 logits tie."""
+        if video_cache is None:
+            vis = self.encoder.embed_video(video, video_mask)
+        else:
+            vis = video_cache if video_mask is None else select_tokens(video_cache, ~video_mask)
         cls = self.joint(vis, self.text_embeddings(input_ids), attention_mask)[1]
         with torch.autocast(cls.device.type, enabled=False):
             return self.vtm_head(cls.float())

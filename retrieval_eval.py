@@ -182,6 +182,8 @@ class EvalConfig:
     ensemble: str = "lse"           # matching logits over clips: lse | mean | max | concat (one clip of all frames)
     frame_order: str = "none"       # none | reverse | shuffle | freeze: each clip's frames, for temporal tests
     offload: bool = False           # features (and similarities) on the CPU instead of the device
+    match_mask_ratio: float = 0.0   # matching head: tube mask of each scored clip (0 = every tube seen)
+    match_masks: int = 1            # with match_mask_ratio > 0: fixed masks per clip, log-odds averaged over them
 
     def __post_init__(self) -> None:
         if self.ensemble not in ENSEMBLES:
@@ -190,6 +192,9 @@ class EvalConfig:
             raise ValueError(f"eval_frame_order must be one of {FRAME_ORDERS}, got {self.frame_order!r}")
         if self.num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
+        if not 0.0 <= self.match_mask_ratio < 1.0 or self.match_masks < 1:
+            raise ValueError(f"match mask ratio must be in [0, 1) and masks >= 1, got {self.match_mask_ratio} and "
+                             f"{self.match_masks}")
 
     @property
     def feature_device(self) -> torch.device:
@@ -574,8 +579,9 @@ def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
     for video, v in zip(logger.log_every(loader, total=len(mine), header="Re-rank", unit="videos"), mine):
         clips = eval_clips(video.to(cfg.device, non_blocking=True), cfg)  # [k, C, T, H, W]
         texts = by_video[v]
+        masks = matching_masks(match_model, clips.shape, v, cfg)
         per_clip = torch.stack([_score_clip(match_model, video_transforms.normalize_video(clip.unsqueeze(0)), texts,
-                                            captions, tokenize, cfg) for clip in clips])
+                                            captions, tokenize, cfg, masks) for clip in clips])
         agg = aggregate_clip_scores(per_clip, cfg.ensemble).tolist()
         scores.update({(t, v): x for t, x in zip(texts, agg)})
     match_model.train(was_training)
@@ -585,9 +591,26 @@ def match_scores(match_model: torch.nn.Module, pairs: Sequence[tuple[int, int]],
     return merged
 
 
+def matching_masks(match_model: torch.nn.Module, clips_shape: torch.Size, video_index: int, cfg: EvalConfig
+                   ) -> list[torch.Tensor | None]:
+    """The tube masks the matching head sees each clip of one video through: [None] (every tube) unless
+    cfg.match_mask_ratio > 0, then cfg.match_masks fixed masks bool [1, N] that depend only on (seed, video
+    index, mask number). Why: a head trained on the pre-training mask's visible tubes (SimVTP's VTM, pooled over
+    about 20 tubes and the caption) sees a different mix of tokens with every tube visible."""
+    if cfg.match_mask_ratio <= 0:
+        return [None]
+    if not match_model.takes_video_mask:
+        raise ValueError(f"{type(match_model).__name__} takes no video mask: score matches with mask ratio 0")
+    grid = match_model.token_grid(*clips_shape[-3:])
+    gen = masking_generator.TubeMaskingGenerator(grid, cfg.match_mask_ratio)
+    return [torch.from_numpy(gen(video_transforms.sample_rng(cfg.seed, m, video_index, "match_mask")))[None]
+            .to(cfg.device) for m in range(cfg.match_masks)]
+
+
 def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[int], captions: Sequence[str],
-                tokenize: Callable, cfg: EvalConfig) -> torch.Tensor:
-    """Log-odds [len(texts)] of one normalised clip [1, C, T, H, W] with each text, the video part cached once."""
+                tokenize: Callable, cfg: EvalConfig, masks: Sequence[torch.Tensor | None] = (None,)) -> torch.Tensor:
+    """Log-odds [len(texts)] of one normalised clip [1, C, T, H, W] with each text, the video part cached once;
+    averaged over `masks` (matching_masks)."""
     cached = None
     if model_registry.supports(match_model, "match_video_cache"):  # optional in the contract
         with utils.autocast(cfg.device, cfg.dtype):
@@ -597,13 +620,17 @@ def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[in
         ts = texts[start:start + cfg.chunk]
         tok = tokenize([captions[t] for t in ts])
         ids, mask = tok["input_ids"].to(cfg.device), tok["attention_mask"].to(cfg.device)
-        with utils.autocast(cfg.device, cfg.dtype):
-            if cached is not None:
-                logits = match_model.match_logits(None, ids, mask,
-                                                  video_cache=cached.expand(len(ts), *cached.shape[1:]))
-            else:
-                logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]), ids, mask)
-        out.append(match_log_odds(logits.float()).cpu())
+        per_mask = []
+        for video_mask in masks:  # a mask only when asked for: the contract's match_logits needs no mask argument
+            tubes = {} if video_mask is None else {"video_mask": video_mask.expand(len(ts), -1)}
+            with utils.autocast(cfg.device, cfg.dtype):
+                if cached is not None:
+                    logits = match_model.match_logits(None, ids, mask, **tubes,
+                                                      video_cache=cached.expand(len(ts), *cached.shape[1:]))
+                else:
+                    logits = match_model.match_logits(clip.expand(len(ts), *clip.shape[1:]), ids, mask, **tubes)
+            per_mask.append(match_log_odds(logits.float()).cpu())
+        out.append(torch.stack(per_mask).mean(dim=0))
     return torch.cat(out)
 
 

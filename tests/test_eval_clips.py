@@ -339,3 +339,39 @@ def test_svitt_retrieval_fine_tuning_selects_on_val_and_tests_with_its_own_match
     assert saved["clips"] == 2 and saved["rerank"]["rerank_k"] == 2 and result["t2v_queries"] == saved["t2v_queries"]
     lines = [json.loads(x) for x in open(out / "log.txt")]
     assert "train_loss_itm" in lines[0] and "train_loss_mlm" not in lines[0]
+
+
+@pytest.mark.slow
+def test_masked_matching_averages_the_log_odds_over_fixed_masks_per_video(tokenizer, test_set):
+    videos, captions, _ = test_set
+    videos, captions = videos[:2], captions[:3]
+    torch.manual_seed(0)
+    model = model_registry.create("simvtp_tiny_patch16", vocab_size=len(tokenizer), img_size=32,
+                                  num_frames=8).eval()
+    pairs = [(t, v) for v in range(2) for t in range(3)]
+    cfg = engine.EvalConfig(torch.device("cpu"), chunk=2, match_mask_ratio=0.5, match_masks=3)
+    scores = engine.match_scores(model, pairs, videos, captions, tokenizer, cfg)
+    assert engine.match_scores(model, pairs, videos, captions, tokenizer, cfg) == scores  # fixed masks
+    every_tube = engine.match_scores(model, pairs, videos, captions, tokenizer,
+                                     engine.EvalConfig(torch.device("cpu"), chunk=2))
+    assert all(abs(scores[p] - every_tube[p]) > 1e-6 for p in pairs)
+    tok = datasets.VideoTextCollator(tokenizer, max_text_len=cfg.max_text_len).tokenize(list(captions))
+    for v in range(2):
+        clip = video_transforms.normalize_video(engine.eval_clips(videos[v], cfg)[0][None])
+        masks = engine.matching_masks(model, clip.shape, v, cfg)
+        assert len(masks) == 3 and all(int((~m).sum()) == 8 for m in masks)  # 4 x 2 x 2 tubes, half visible
+        assert len({tuple(m.flatten().tolist()) for m in masks}) > 1  # three masks, not one three times
+        with torch.no_grad():
+            by_hand = torch.stack([engine.match_log_odds(model.match_logits(
+                clip.expand(3, -1, -1, -1, -1), tok["input_ids"], tok["attention_mask"],
+                video_mask=m.expand(3, -1))) for m in masks]).mean(0)
+        torch.testing.assert_close(torch.tensor([scores[(t, v)] for t in range(3)]), by_hand, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_matching_is_refused_for_a_model_that_takes_no_video_mask(svitt, tokenizer, test_set):
+    videos, captions, _ = test_set
+    cfg = engine.EvalConfig(torch.device("cpu"), match_mask_ratio=0.9)
+    with pytest.raises(ValueError, match="takes no video mask"):
+        engine.match_scores(svitt, [(0, 0)], videos[:1], captions[:1], tokenizer, cfg)
+    with pytest.raises(ValueError, match="match mask ratio"):
+        engine.EvalConfig(torch.device("cpu"), match_mask_ratio=1.0)

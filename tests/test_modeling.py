@@ -98,6 +98,11 @@ def test_pretrain_model_losses_gradients_and_inference_shapes(name):
         torch.testing.assert_close(model.match_logits(None, batch["input_ids"], batch["attention_mask"],
                                                       video_cache=cache),
                                    model.match_logits(clip, batch["input_ids"], batch["attention_mask"]))
+        # and through a tube mask (re-ranking with --match_mask_ratio): the cache's visible tubes, as the video's
+        torch.testing.assert_close(model.match_logits(None, batch["input_ids"], batch["attention_mask"],
+                                                      video_mask=batch["video_mask"], video_cache=cache),
+                                   model.match_logits(clip, batch["input_ids"], batch["attention_mask"],
+                                                      video_mask=batch["video_mask"]))
     rec = model.reconstruct(**{k: batch[k] for k in ("video", "video_mask", "input_ids", "attention_mask",
                                                      "mlm_input_ids")})
     assert rec["pred_pixels"].shape == rec["pred_pixels_01"].shape == (3, 4, 1536)
