@@ -277,3 +277,19 @@ def test_a_release_pretrain_file_is_recognised_and_loads_strictly_without_unpick
     assert all(k.endswith(("relative_position_index", "position_ids")) for k in skipped) and len(skipped) == 13
     for key, tensor in own.items():
         assert torch.equal(tensor, state[key]), key
+
+
+def test_from_random_weights_the_vision_tower_cannot_tell_a_clip_from_it_played_backwards():
+    """Why the time-order loss stays at log 2 for SViTT (docs/matching_heads.md): frames are patch-embedded one
+    by one and the only position signal is the relative bias table, which starts at zero, so reversing the frames
+    only permutes the tokens and the pooled output is the same. A table whose time offsets differ breaks it."""
+    dense = dict(token_keep_rate=1.0, token_drop_loc=(), sparse_random_attn=0, drop_path_rate=0.0)
+    model = tiny_model(**dense).eval()
+    video = batch()["video"]
+    with torch.no_grad():
+        forward, backward = model.encode_video(video), model.encode_video(video.flip(2))
+        torch.testing.assert_close(forward, backward, rtol=1e-5, atol=1e-5)
+        for layer in model.vision_encoder.modules():
+            if hasattr(layer, "relative_position_bias_table"):
+                layer.relative_position_bias_table.normal_(0.0, 0.5)
+        assert (model.encode_video(video) - model.encode_video(video.flip(2))).abs().max() > 1e-3
