@@ -129,10 +129,17 @@ def all_studies() -> list[Study]:
                Setting("1 VTM negative per pair", ["--vtm_negatives_per_pair", "1"]),
                Setting("both", ["--decode_fraction", "0.5", "--vtm_negatives_per_pair", "1"]),
                Setting("2 clips per video read", ["--clips_per_video", "2"])]),
+        Study("time_order", "Time-order loss (both families; not in the default set)", "a caption that must prefer "
+              "its clip to the same clip played backwards (--w_reverse) makes the model use time", [
+                  Setting("SimVTP", eval_orders=True), Setting("SimVTP + time order", ["--w_reverse", "1"],
+                                                               eval_orders=True),
+                  _svitt("SViTT", EDGE + NODE, eval_orders=True),
+                  Setting("SViTT + time order", EDGE + NODE + ["--w_reverse", "1"], family="svitt",
+                          model_flags=EDGE + NODE, eval_orders=True)]),  # pre-training only: fine-tuning as SViTT's
     ]
 
 
-OPT_IN = ("speed_options",)  # studies run only when asked for by name
+OPT_IN = ("speed_options", "time_order")  # studies run only when asked for by name
 
 
 CROSS_MODAL = "cross_modal"  # study 6's table key: the probes of studies 1-3's runs
