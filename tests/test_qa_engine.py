@@ -7,20 +7,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import annotations
 import answer_ranking
 import datasets
 import retrieval_eval
 import engine_for_qa as engine
 import model_registry
+import qa_annotations
 import run_simvtp_qa as run
 import video_transforms
 from conftest import free_port, randomised
 
 
-def record(video: str, question: str, answers, qtype=None, qid=None) -> annotations.QARecord:
-    names, weights = annotations.answer_weights(answers)
-    return annotations.QARecord(path=video, question=question, answers=names, weights=weights,
+def record(video: str, question: str, answers, qtype=None, qid=None) -> qa_annotations.QARecord:
+    names, weights = qa_annotations.answer_weights(answers)
+    return qa_annotations.QARecord(path=video, question=question, answers=names, weights=weights,
                                 question_id=qid or f"{video}/{question}", answer_type=qtype)
 
 
@@ -113,9 +113,9 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
 def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_root, name):
     tok = datasets.build_tokenizer()
     ann = synthetic_root / "annotations"
-    records = annotations.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
+    records = qa_annotations.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
     records = records[::2] + records[1::2]  # a video's questions apart in the file
-    answers = annotations.read_answer_list(ann / "qa_answer_list.json")
+    answers = qa_annotations.read_answer_list(ann / "qa_answer_list.json")
     argv = ["--num_frames", "2", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
             "--sample_type_test", "middle", "--test_num_segment", "2"]
     args = run.get_args_parser().parse_args(argv)
