@@ -1,5 +1,6 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
-gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
+gradients on the same global batch (contrastive features gathered with gradient; SViTT's contrastive loss with
+several captions per video too), and torchrun runs the real
 pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once);
 features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views.
 The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
@@ -19,6 +20,7 @@ from timm.models import create_model
 
 import modeling_simvtp  # noqa: F401
 import distributed
+import layers
 import utils
 from conftest import free_port, mostly_broken_list
 from masking_generator import TubeMaskingGenerator
@@ -65,20 +67,36 @@ def _gradients_scenario(rank: int, world: int, out_dir: str) -> None:
 
 
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One spawn of 2 gloo ranks runs every scenario below in turn (the process start-up is most of the cost)."""
+    """Every scenario below in turn, in one process group of 2 gloo ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    for scenario in (_gradients_scenario, _accumulation_scenario, _gather_scenario):  # the last patches collectives
-        scenario(rank, world, out_dir)
+    for scenario in (_gradients_scenario, _itc_scenario, _accumulation_scenario,
+                     _gather_scenario):  # the last patches collectives
+        scenario(rank, world, out_dir)  # (and puts them back)
     torch.distributed.destroy_process_group()
 
 
+def _two_ranks_worker(rank: int, world: int, ports: list, gloo_out: str, decisions_root: str) -> None:
+    """One spawn of 2 ranks runs the gloo scenarios, then (in process groups of their own) the rank-0-decides
+    ones: the process start-up (torch, timm and this module imported in each) is most of the cost."""
+    _gloo_worker(rank, world, ports[0], gloo_out)
+    _decisions_worker(rank, world, ports[1:], decisions_root)
+
+
 @pytest.fixture(scope="module")
-def gloo_ranks(tmp_path_factory):
-    """The folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw."""
-    out = tmp_path_factory.mktemp("gloo_ranks")
-    mp.spawn(_gloo_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return out
+def two_ranks(tmp_path_factory):
+    """(folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw, root of the decision
+    scenarios' folders where _decisions_worker left each rank's results)."""
+    gloo_out = tmp_path_factory.mktemp("gloo_ranks")
+    root = _decision_folders(tmp_path_factory.mktemp("decisions"))
+    mp.spawn(_two_ranks_worker, args=(2, [free_port(), free_port(), free_port()], str(gloo_out), str(root)),
+             nprocs=2, join=True)
+    return gloo_out, root
+
+
+@pytest.fixture(scope="module")
+def gloo_ranks(two_ranks):
+    return two_ranks[0]
 
 
 @pytest.mark.slow
@@ -92,6 +110,35 @@ def test_two_rank_gradients_equal_single_process(gloo_ranks):
         assert set(got) == set(expected)
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _itc_features() -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 5)
+    x = torch.randn(8, 6)
+    y = torch.randn(8, 6)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])  # same-video pairs inside a rank's half and across the halves
+    return proj, x, y, ids
+
+
+def _itc_scenario(rank: int, world: int, out_dir: str) -> None:
+    """SViTT's contrastive loss (layers.itc_loss, captions of one video are positives) on each rank's half."""
+    proj, x, y, ids = _itc_features()
+    ddp = torch.nn.parallel.DistributedDataParallel(proj)
+    part = slice(rank * 4, rank * 4 + 4)
+    loss = layers.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
+    loss.backward()
+    torch.save({n: p.grad for n, p in proj.named_parameters()}, os.path.join(out_dir, f"itc_grad{rank}.pth"))
+
+
+@pytest.mark.slow
+def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(gloo_ranks):
+    proj, x, y, ids = _itc_features()
+    layers.itc_loss(proj(x), proj(y) * 2, 0.1, ids, None).backward()
+    for rank in range(2):
+        got = torch.load(gloo_ranks / f"itc_grad{rank}.pth", weights_only=True)
+        for name, p in proj.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -386,8 +433,8 @@ def test_a_malformed_node_list_is_named(nodelist):
 
 # ----------------------------------------------------------------------------------------------- rank 0 decides
 # Two gloo ranks whose views of the file system differ, as on storage that is not shared or lags behind (NFS
-# attribute caching): one spawn runs every scenario (each in its own folders; the process start-up is most of the
-# cost here), the tests below read what each rank did.
+# attribute caching): the spawn of two_ranks (above) runs every scenario after the gloo ones (each in its own
+# folders and process group; the process start-up is most of the cost here), the tests below read what each rank did.
 
 
 def _join(rank: int, world: int, port: int) -> argparse.Namespace:
@@ -487,12 +534,10 @@ def _decisions_worker(rank: int, world: int, ports: list, root: str) -> None:
         json.dump(results, f)
 
 
-@pytest.fixture(scope="module")
-def decisions(tmp_path_factory) -> list[dict]:
-    """Per rank, what each scenario did. The folders rank r sees are <scenario>/rank<r>."""
+def _decision_folders(root):
+    """What each rank sees of each scenario: the folders <root>/<scenario>/rank<r>."""
     import shutil
     import checkpoint
-    root = tmp_path_factory.mktemp("decisions")
     for name in SCENARIOS:
         (root / name / "rank0").mkdir(parents=True)
     # rank 1's `latest` still names epoch 0's checkpoint
@@ -516,7 +561,13 @@ def decisions(tmp_path_factory) -> list[dict]:
     best_file = root / "best_file_unseen" / "rank0" / "checkpoint-best.pth"
     checkpoint.save_atomic({"model": best.state_dict()}, str(best_file))
     (root / "best_weights.json").write_text(json.dumps(best.weight.flatten().tolist()))
-    mp.spawn(_decisions_worker, args=(2, [free_port(), free_port()], str(root)), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def decisions(two_ranks) -> list[dict]:
+    """Per rank, what each scenario did. The folders rank r sees are <scenario>/rank<r>."""
+    root = two_ranks[1]
     return [{**json.loads((root / f"rank{r}.json").read_text()), "root": root} for r in range(2)]
 
 
