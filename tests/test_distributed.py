@@ -194,29 +194,44 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", [(), SVITT_ALL_ON], ids=["simvtp", "svitt"])
-def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
-    """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
+# 2 of the epoch's 4 steps at batch 3 per rank; the uninterrupted run also leaves its step-1 state
+RESUME_KEEP = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
+
+
+def _check_step_1(full_dir) -> str:
+    """The uninterrupted run's step-1 checkpoint, mid-epoch, holding a generator state per rank, each its own."""
     import checkpoint
-    # 2 of the epoch's 4 steps; the uninterrupted run also leaves its step-1 state
-    keep = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
-    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *keep, *model)
-    step_1 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
+    step_1 = checkpoint.list_checkpoints(str(full_dir))[0]
     saved = checkpoint.read_checkpoint_file(step_1)
     assert saved["global_step"] == 1 and saved["step_in_epoch"] == 1  # mid-epoch: the resumed run trains 1 more
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    part = tmp_path / "part"
-    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_1), *model)
-    assert "Resumed from" in resumed.stdout
-    want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
-    got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]
-    for name, tensor in want.items():
-        assert torch.equal(got[name], tensor), name
-    # the collectives in use are the current API: no deprecation warning on any rank
-    for run in (full, resumed):
+    return step_1
+
+
+def _check_resumed_equals_full(full_dir, part_dir, runs) -> None:
+    """The resumed run ends on the uninterrupted run's weights, bitwise; the collectives in use are the current API:
+    no deprecation warning on any rank."""
+    import checkpoint
+    want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(full_dir)))
+    got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part_dir)))
+    assert got["global_step"] == want["global_step"] == 2
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for run in runs:
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root):
+    """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator.
+    (SimVTP's drop path and hard negatives: the srun test below resumes a 2-process SimVTP run the same way.)"""
+    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *RESUME_KEEP, *SVITT_ALL_ON)
+    step_1 = _check_step_1(tmp_path / "full")
+    part = tmp_path / "part"
+    resumed = _torchrun_pretrain(synthetic_root, part, *RESUME_KEEP, "--resume", str(step_1), *SVITT_ALL_ON)
+    assert "Resumed from" in resumed.stdout
+    _check_resumed_equals_full(tmp_path / "full", part, (full, resumed))
 
 
 @pytest.mark.slow
@@ -672,16 +687,22 @@ def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthet
 def test_srun_tasks_train_and_resume_together_with_no_rendezvous_exported(tmp_path, synthetic_root):
     """The SLURM branch end to end: rank, world size, MASTER_ADDR (the node list's first host) and MASTER_PORT
     (from the job id) derived from what srun gives; --device auto is gloo on this CPU machine. The second job
-    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error)."""
-    import checkpoint
-    out = tmp_path / "run"
+    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error), and
+    restores each rank's generators (SimVTP's drop path and hard negatives, as _torchrun_pretrain): it ends on the
+    weights of an uninterrupted run. The first job is that uninterrupted run (2 steps, saving each); its step-1
+    checkpoint alone in a folder is what a first job stopped after step 1 leaves."""
+    import shutil
+    flags = ("--batch_size", "3", "--drop_path", "0.2", "--seed", "5", *RESUME_KEEP)
+    full, part = tmp_path / "full", tmp_path / "part"
     job, port = _free_job_port()
-    first = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "1")] * 2, job)
+    first = _srun([_pretrain_argv(synthetic_root, full, *flags)] * 2, job)
     assert [r.returncode for r in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
     assert f"2 processes started by srun, backend gloo, rank 0 on cpu, rendezvous localhost:{port}" in first[0].stdout
-    saved = checkpoint.find_latest(str(out))
+    step_1 = _check_step_1(full)
+    part.mkdir()
+    saved = shutil.copy(step_1, part)
     job, _ = _free_job_port()
-    second = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "2")] * 2, job)
+    second = _srun([_pretrain_argv(synthetic_root, part, *flags)] * 2, job)
     assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:] + second[1].stderr[-3000:]
     assert f"Resumed from {saved}: epoch 0" in second[0].stdout and second[1].stdout == ""
-    assert checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["global_step"] == 2
+    _check_resumed_equals_full(full, part, first + second)
