@@ -144,14 +144,15 @@ def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(gloo_ran
 @pytest.fixture(scope="module")
 def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_videos):
     """One torchrun launch of the real pre-training entry point (2 processes, zero-shot evaluation each epoch) on
-    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths)."""
+    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths).
+    Each rank draws 12 of the 25 (drop_last), 3 steps of 4: every video a rank draws is read."""
     folder = tmp_path_factory.mktemp("torchrun_broken")
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
     out = folder / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+           "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
            "--max_broken_fraction", "0.9", "--seed", "4", "--print_freq", "1", "--eval_every", "1",
            "--eval_data_path", os.path.join(synthetic_root, "annotations", "val.json")]
