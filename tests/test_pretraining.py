@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import checkpoint
 import engine_for_pretraining
 import run_simvtp_pretraining
 import video_tools
-from conftest import mostly_broken_list
+from conftest import mostly_broken_list, run_as_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,22 +36,9 @@ def _args(synthetic_root, out_dir, *extra):
 
 
 def _run_here(capsys, synthetic_root, out_dir, *extra) -> subprocess.CompletedProcess:
-    """`python run_simvtp_pretraining.py ...` as its own `__main__` block runs it (argument parsing, one-line
-    errors, exit status), in this process: for the tests about what a user sees, not about the process."""
-    script = os.path.join(ROOT, "run_simvtp_pretraining.py")
-    argv, sigint = [script, *_argv(synthetic_root, out_dir, *extra)], signal.getsignal(signal.SIGINT)
-    capsys.readouterr()
-    status = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", argv)
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as stop:
-            status = stop.code or 0
-        finally:
-            signal.signal(signal.SIGINT, sigint)  # the entry point installs its Ctrl-C handler
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, status, out.out, out.err)
+    """`python run_simvtp_pretraining.py ...` as its own `__main__` block runs it, in this process: for the tests
+    about what a user sees, not about the process."""
+    return run_as_main(capsys, "run_simvtp_pretraining.py", *_argv(synthetic_root, out_dir, *extra))
 
 
 def _val_with_broken_and_missing(synthetic_root, folder):
