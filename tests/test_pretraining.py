@@ -123,12 +123,14 @@ def test_resume_mid_epoch_reproduces_the_run(uninterrupted, eight_clips, synthet
 
 @pytest.mark.slow
 def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, eight_clips, tmp_path):
-    """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch."""
-    extra = ("--clips_per_video", "2", "--data_path", eight_clips)
+    """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch. (One
+    epoch: a stop inside it is mid-epoch; continuing into the next epoch is test_resume_mid_epoch's.)"""
+    extra = ("--clips_per_video", "2", "--data_path", eight_clips, "--epochs", "1")
     full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", *extra))
-    steps_per_epoch = len(full["history"]) // 2
-    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", steps_per_epoch + 1,
-                           "checkpoint-1-step1.pth", *extra)
+    stop = len(full["history"]) // 2
+    assert stop >= 1 and len(full["history"]) > stop  # steps before and after the stop
+    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", stop,
+                           f"checkpoint-0-step{stop}.pth", *extra)
 
 
 @pytest.mark.slow
@@ -166,8 +168,9 @@ def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, t
 @pytest.mark.slow
 def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrupted, eight_clips, synthetic_root,
                                                                       tmp_path):
-    """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new process
-    resumes from it and ends on exactly the uninterrupted run's weights."""
+    """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new run (here, in
+    this process: the crash is the killed process's, the restart reads only its files) resumes from it and ends
+    on exactly the uninterrupted run's weights."""
     full_out, _ = uninterrupted
     args = vars(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
     argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), "--save_every_steps", "1"]
@@ -181,7 +184,7 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.list_checkpoints(str(tmp_path)), "no checkpoint was written before the kill"
-    subprocess.run(argv[:2] + argv[4:], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
     for k, v in _weights(full_out).items():
         assert torch.equal(_weights(tmp_path)[k], v), k
 
