@@ -93,16 +93,23 @@ def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
 
 
 def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str,
-                           *extra: str) -> None:
+                           *extra: str, start_from: str | None = None) -> None:
     """Stop after `stop_after` steps, check where the checkpoint is, resume, and compare with the uninterrupted
-    run (made with the same `extra` flags): the same steps, the same per-step losses, the same final weights."""
+    run (made with the same `extra` flags): the same steps, the same per-step losses, the same final weights.
+    `start_from`: one of the uninterrupted run's checkpoints, where the interrupted run starts (copied into
+    out_dir): the steps after it are compared."""
     full_out, full = uninterrupted
+    done = 0
+    if start_from:
+        os.makedirs(out_dir, exist_ok=True)
+        done = checkpoint.read_checkpoint_file(shutil.copy(start_from, out_dir))["global_step"]
     first = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, "--max_steps", str(stop_after), *extra))
     assert os.path.basename(checkpoint.find_latest(str(out_dir))) == expected_latest
     second = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, *extra))
-    resumed = first["history"] + second["history"]
-    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
-    assert [a["loss"] for a in resumed] == [b["loss"] for b in full["history"]]  # bitwise on CPU
+    assert len(first["history"]) == stop_after - done  # (from start_from: only the steps after it)
+    resumed, expected = first["history"] + second["history"], full["history"][done:]
+    assert [h["step"] for h in resumed] == [h["step"] for h in expected]
+    assert [a["loss"] for a in resumed] == [b["loss"] for b in expected]  # bitwise on CPU
     for k, v in _weights(full_out).items():
         assert torch.equal(_weights(out_dir)[k], v), k
 
@@ -116,9 +123,11 @@ def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, eight_clips,
 
 @pytest.mark.slow
 def test_resume_mid_epoch_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
+    """From the uninterrupted run's first epoch (its resume is the test above's), one step into the second, stop,
+    resume."""
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
     _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth",
-                           "--data_path", eight_clips)
+                           "--data_path", eight_clips, start_from=str(uninterrupted[0] / "checkpoint-0.pth"))
 
 
 @pytest.mark.slow
@@ -134,10 +143,12 @@ def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_
 
 
 @pytest.mark.slow
-def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, eight_clips, tmp_path,
-                                                                          capsys):
-    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--data_path", eight_clips))
-    good = checkpoint.find_latest(str(tmp_path))
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninterrupted, synthetic_root,
+                                                                          eight_clips, tmp_path, capsys):
+    # the last good checkpoint: the uninterrupted run's after its first epoch, where a run with the same flags
+    # goes on (with its second epoch)
+    good = shutil.copy(uninterrupted[0] / "checkpoint-0.pth", tmp_path)
+    assert checkpoint.find_latest(str(tmp_path)) == good
     before = checkpoint.read_checkpoint_file(good)["model"]
     with pytest.raises(engine_for_pretraining.NonFiniteLossError, match="non-finite losses in a row"):
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--w_pixel", "nan", "--max_bad_steps", "2",
