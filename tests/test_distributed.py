@@ -1,6 +1,6 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient; SViTT's contrastive loss with
-several captions per video too), and torchrun runs the real
+several captions per video too; QA answers with --dist_eval equal one process's), and torchrun runs the real
 pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once);
 features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views.
 The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
@@ -21,8 +21,9 @@ from timm.models import create_model
 import modeling_simvtp  # noqa: F401
 import distributed
 import layers
+import model_registry
 import utils
-from conftest import free_port, mostly_broken_list
+from conftest import free_port, mostly_broken_list, randomised
 from masking_generator import TubeMaskingGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Every scenario below in turn, in one process group of 2 gloo ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    for scenario in (_gradients_scenario, _itc_scenario, _accumulation_scenario,
+    for scenario in (_gradients_scenario, _itc_scenario, _qa_scenario, _accumulation_scenario,
                      _gather_scenario):  # the last patches collectives
         scenario(rank, world, out_dir)  # (and puts them back)
     torch.distributed.destroy_process_group()
@@ -139,6 +140,48 @@ def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(gloo_ran
         got = torch.load(gloo_ranks / f"itc_grad{rank}.pth", weights_only=True)
         for name, p in proj.named_parameters():
             torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _qa_inputs():
+    """A seeded tiny QA model, 5 questions about 5 clips and a 3-answer list (the same in every process)."""
+    torch.manual_seed(0)
+    model = randomised(model_registry.create("svitt_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=300),
+                       4, scale=0.2).eval()
+    g = torch.Generator().manual_seed(7)
+    video = torch.randint(0, 256, (5, 1, 3, 2, 32, 32), generator=g, dtype=torch.uint8)
+    q_ids = torch.randint(110, 300, (5, 4), generator=g)
+    q_ids[:, 0] = 101
+    a_ids = torch.tensor([[101, 200, 102, 0], [101, 201, 202, 102], [101, 203, 102, 0]])
+    return model, video, q_ids, a_ids
+
+
+def _answer(model, video, q_ids, a_ids, indices):
+    import engine_for_qa
+    import retrieval_eval
+    batch = {"video": video[indices], "question_input_ids": q_ids[indices],
+             "question_mask": torch.ones_like(q_ids[indices]), "index": torch.tensor(indices)}
+    cfg = engine_for_qa.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu")), k_test=2)
+    return engine_for_qa.answer_questions(model, [batch], ["a", "b", "c"], a_ids, (a_ids != 0).long(), cfg)
+
+
+def _qa_scenario(rank: int, world: int, out_dir: str) -> None:
+    """QA answering with --dist_eval: each rank answers its share of the questions, merge_ranks gathers them."""
+    import engine_for_qa
+    model, video, q_ids, a_ids = _qa_inputs()
+    share = [[0, 2, 4], [1, 3, 0]][rank]  # DistributedSampler's interleaved split, padded by a repeat of 0
+    merged = engine_for_qa.merge_ranks(_answer(model, video, q_ids, a_ids, share))
+    torch.save(merged, os.path.join(out_dir, f"qa_rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_once(gloo_ranks):
+    model, video, q_ids, a_ids = _qa_inputs()
+    single = _answer(model, video, q_ids, a_ids, [0, 1, 2, 3, 4])
+    for rank in range(2):
+        merged = torch.load(gloo_ranks / f"qa_rank{rank}.pt", weights_only=True)
+        assert [p["index"] for p in merged] == [0, 1, 2, 3, 4]
+        assert [p["prediction"] for p in merged] == [p["prediction"] for p in single]
+        assert [p["score"] for p in merged] == pytest.approx([p["score"] for p in single], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
