@@ -1,7 +1,8 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
 gradients on the same global batch (contrastive features gathered with gradient; SViTT's contrastive loss with
-several captions per video too; QA answers with --dist_eval equal one process's), and torchrun runs the real
-pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once);
+several captions per video too; QA answers with --dist_eval and re-ranking's matching scores equal one
+process's), and torchrun runs the real pre-training entry point (also on a list with broken videos: rank 0 names
+every rank's broken files once);
 features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views.
 The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
 environments of GPU nodes; rank 0's decisions when ranks see the file system differently; the SLURM branch end to
@@ -71,7 +72,7 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Every scenario below in turn, in one process group of 2 gloo ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    for scenario in (_gradients_scenario, _itc_scenario, _qa_scenario, _accumulation_scenario,
+    for scenario in (_gradients_scenario, _itc_scenario, _qa_scenario, _rerank_scenario, _accumulation_scenario,
                      _gather_scenario):  # the last patches collectives
         scenario(rank, world, out_dir)  # (and puts them back)
     torch.distributed.destroy_process_group()
@@ -80,15 +81,17 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def _two_ranks_worker(rank: int, world: int, ports: list, gloo_out: str, decisions_root: str) -> None:
     """One spawn of 2 ranks runs the gloo scenarios, then (in process groups of their own) the rank-0-decides
     ones: the process start-up (torch, timm and this module imported in each) is most of the cost."""
+    torch.set_num_threads(1)  # the ranks share the cores: OpenMP threads of one would spin-wait on the other's
     _gloo_worker(rank, world, ports[0], gloo_out)
     _decisions_worker(rank, world, ports[1:], decisions_root)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, synthetic_root):
     """(folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw, root of the decision
     scenarios' folders where _decisions_worker left each rank's results)."""
     gloo_out = tmp_path_factory.mktemp("gloo_ranks")
+    torch.save(_rerank_inputs(synthetic_root), gloo_out / "rerank_inputs.pth")
     root = _decision_folders(tmp_path_factory.mktemp("decisions"))
     mp.spawn(_two_ranks_worker, args=(2, [free_port(), free_port(), free_port()], str(gloo_out), str(root)),
              nprocs=2, join=True)
@@ -182,6 +185,54 @@ def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_onc
         assert [p["index"] for p in merged] == [0, 1, 2, 3, 4]
         assert [p["prediction"] for p in merged] == [p["prediction"] for p in single]
         assert [p["score"] for p in merged] == pytest.approx([p["score"] for p in single], abs=1e-5)
+
+
+SVITT_TINY = dict(img_size=32, num_frames=4, attn_block_size=4, sparse_random_attn=1, token_keep_rate=0.5,
+                  token_drop_loc=(1,), fusion_keep_rate=0.5, fusion_drop_loc=(2,))
+
+
+def _rerank_inputs(synthetic_root) -> dict:
+    """3 synthetic test videos read at 8 frames (two 4-frame clips), 4 captions, and the (caption, video) pairs the
+    matching head scores."""
+    import annotations
+    import datasets
+    records = annotations.read_annotations(os.path.join(synthetic_root, "annotations", "test.json"), synthetic_root)
+    data = datasets.VideoTextDataset(records, mode="test", num_frames=8, input_size=32, short_side_size=32,
+                                     test_num_segment=1, test_num_crop=1, sample_type="middle")
+    videos = torch.stack([data[i]["video"][0] for i in range(3)])  # uint8 [V, C, 8, H, W]
+    captions = [c for r in records for c in r.captions][:4]
+    pairs = [(t, v) for v in range(3) for t in range(4) if (t + v) % 2 == 0 or t == v]
+    return {"videos": videos, "captions": captions, "pairs": torch.tensor(pairs)}
+
+
+def _match_scores(inputs: dict) -> dict:
+    """The seeded tiny SViTT's matching scores of the pairs, over 2 clips per video (split among the ranks when
+    a process group is up)."""
+    import datasets
+    import retrieval_eval
+    tokenizer = datasets.build_tokenizer()
+    torch.manual_seed(0)
+    model = model_registry.create("svitt_tiny_patch16", vocab_size=len(tokenizer), **SVITT_TINY).eval()
+    cfg = retrieval_eval.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
+    return retrieval_eval.match_scores(model, [tuple(p) for p in inputs["pairs"].tolist()], inputs["videos"],
+                                       inputs["captions"], tokenizer, cfg)
+
+
+def _rerank_scenario(rank: int, world: int, out_dir: str) -> None:
+    """Re-ranking's matching scores (retrieval_eval.match_scores) with each rank scoring its share of the pairs."""
+    scores = _match_scores(torch.load(os.path.join(out_dir, "rerank_inputs.pth"), weights_only=True))
+    torch.save({"keys": sorted(scores), "values": [scores[p] for p in sorted(scores)]},
+               os.path.join(out_dir, f"rerank_scores{rank}.pth"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_rerank_like_one(gloo_ranks):
+    one = _match_scores(torch.load(gloo_ranks / "rerank_inputs.pth", weights_only=True))
+    for rank in range(2):
+        got = torch.load(gloo_ranks / f"rerank_scores{rank}.pth", weights_only=True)
+        assert [tuple(k) for k in got["keys"]] == sorted(one)  # every rank has every pair, gathered once
+        torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor([one[p] for p in sorted(one)]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
