@@ -10,7 +10,7 @@ Flow (one direction)::
                               labels (through the loader workers' shared memory: 1 byte a pixel value)
     video_transforms.normalize_video(video) -> on the device, right before the model: normalised float32 video
 
-Video QA: VideoQADataset (the clips of VideoTextDataset + question and weighted answers of annotations.QARecord),
+Video QA: VideoQADataset (the clips of VideoTextDataset + question and weighted answers of qa_annotations.QARecord),
 VideoQACollator (question and answer tokens, one answer row per distinct answer; its docstring lists the keys);
 for evaluation VideoQATestSet + VideoQATestCollator (each video decoded once with all its questions).
 
@@ -31,7 +31,8 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from annotations import MATCH_BY, QARecord, RecordTable, Span, VideoRecord, video_id_of
+from annotations import MATCH_BY, RecordTable, Span, VideoRecord, video_id_of
+from qa_annotations import QARecord
 from video_io import VideoDecodeError, backend_installed, one_line, open_video, resolve_backend
 from video_transforms import (check_sample_type, copy_stream, equal_row_count, eval_clip_indices, eval_views,
                               sample_rng, span_frames, train_clip_transform, train_frame_indices)

@@ -24,6 +24,7 @@ import datasets
 import distributed
 import engine_for_finetuning
 import model_registry
+import qa_annotations
 import retrieval_eval
 import utils
 import video_transforms
@@ -99,13 +100,13 @@ def merge_ranks(predictions: list[dict]) -> list[dict]:
     return [merged[i] for i in sorted(merged)]
 
 
-def prediction_rows(predictions: list[dict], records: Sequence[annotations.QARecord]) -> list[dict]:
+def prediction_rows(predictions: list[dict], records: Sequence[qa_annotations.QARecord]) -> list[dict]:
     """Predictions joined with their questions: the rows of predictions.jsonl, each with `correct` (exact match
     of the predicted string with the top-weighted answer)."""
     rows = []
     for p in predictions:
         r = records[p["index"]]
-        truth = annotations.top_answer(r)
+        truth = qa_annotations.top_answer(r)
         rows.append({"question_id": r.question_id, "video": r.path, "question": r.question,
                      "prediction": p["prediction"], "answer": truth, "answers": list(r.answers),
                      "answer_type": r.answer_type, "correct": p["prediction"] == truth,
@@ -227,14 +228,14 @@ def write_predictions(output_dir: str, prefix: str, metrics: dict, rows: Sequenc
 # ----------------------------------------------------------------------------------------------- data
 
 
-def read_questions(path: str, args: argparse.Namespace) -> list[annotations.QARecord]:
-    records = annotations.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
+def read_questions(path: str, args: argparse.Namespace) -> list[qa_annotations.QARecord]:
+    records = qa_annotations.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
     print(f"Data: {len(records)} questions about {len({r.path for r in records})} videos from {path}")
     return records
 
 
-def split_val_by_video(records: list[annotations.QARecord], fraction: float,
-                       seed: int) -> tuple[list[annotations.QARecord], list[annotations.QARecord]]:
+def split_val_by_video(records: list[qa_annotations.QARecord], fraction: float,
+                       seed: int) -> tuple[list[qa_annotations.QARecord], list[qa_annotations.QARecord]]:
     """A seeded held-out fraction of the training videos with all their questions (a question about a video
     seen in training would leak it into selection); both sides in file order."""
     videos = sorted({r.path for r in records})
@@ -264,13 +265,13 @@ def collator(args: argparse.Namespace, tokenizer) -> datasets.VideoQACollator:
     return datasets.VideoQACollator(tokenizer, max_q_len=args.max_q_len, max_a_len=args.max_a_len)
 
 
-def train_dataset(records: list[annotations.QARecord], args: argparse.Namespace) -> datasets.VideoQADataset:
+def train_dataset(records: list[qa_annotations.QARecord], args: argparse.Namespace) -> datasets.VideoQADataset:
     return datasets.VideoQADataset(records, mode="train", sample_type=args.sample_type,
                                    excluded=annotations.exclusions_for(records, args.exclude_list, args.data_root),
                                    **video_options(args))
 
 
-def build_eval_loader(records: list[annotations.QARecord], args: argparse.Namespace, tokenizer, segments: int,
+def build_eval_loader(records: list[qa_annotations.QARecord], args: argparse.Namespace, tokenizer, segments: int,
                       crops: int, frames: int):
     """Batches of --batch_size videos, each decoded once with all its questions (answered --batch_size at a
     time)."""
@@ -326,17 +327,17 @@ class AnswerList:
         if not path:
             raise ValueError("--answer_list is required: the JSON list of answers questions are answered from")
         self.path = path
-        self.answers = annotations.read_answer_list(path)
+        self.answers = qa_annotations.read_answer_list(path)
         self.ids, self.mask = collator(args, tokenizer).answer_tokens(self.answers)
         print(f"Answer list: {len(self.answers)} answers from {path}")
 
-    def report_unlisted(self, records: list[annotations.QARecord], name: str) -> annotations.UnlistedAnswers:
-        unlisted = annotations.unlisted_answers(records, self.answers)
+    def report_unlisted(self, records: list[qa_annotations.QARecord], name: str) -> qa_annotations.UnlistedAnswers:
+        unlisted = qa_annotations.unlisted_answers(records, self.answers)
         print(unlisted.message(name))
         return unlisted
 
 
-def answer(model: torch.nn.Module, records: list[annotations.QARecord], loader, answers: AnswerList,
+def answer(model: torch.nn.Module, records: list[qa_annotations.QARecord], loader, answers: AnswerList,
            cfg: QAEvalConfig, header: str) -> tuple[dict, list[dict]]:
     """(metrics, prediction rows) of the model on a question list."""
     predictions = answer_questions(model, loader, answers.answers, answers.ids, answers.mask, cfg, header)
@@ -344,7 +345,7 @@ def answer(model: torch.nn.Module, records: list[annotations.QARecord], loader, 
     return qa_accuracy(rows), rows
 
 
-def run_test(model: torch.nn.Module, records: list[annotations.QARecord], answers: AnswerList,
+def run_test(model: torch.nn.Module, records: list[qa_annotations.QARecord], answers: AnswerList,
              args: argparse.Namespace, tokenizer, dtype: torch.dtype, train_records: list | None = None,
              prefix: str = "test") -> dict:
     """The test once per --eval_frame_order (the first order's results are the main ones): accuracy per answer
@@ -353,7 +354,7 @@ def run_test(model: torch.nn.Module, records: list[annotations.QARecord], answer
     frames, clips = engine_for_finetuning.eval_frames(args, clips_are_views=False)
     unlisted = answers.report_unlisted(records, f"{prefix} questions")
     loader = build_eval_loader(records, args, tokenizer, args.test_num_segment, args.test_num_crop, frames)
-    truths = [annotations.top_answer(r) for r in records]
+    truths = [qa_annotations.top_answer(r) for r in records]
     runs = {}
     for order in dict.fromkeys(args.eval_frame_order):
         label = "" if order == "none" else f", frames {order}"
@@ -366,14 +367,14 @@ def run_test(model: torch.nn.Module, records: list[annotations.QARecord], answer
     common, acc = majority_accuracy(truths, truths)
     out["majority_test"] = {"answer": common, "accuracy": acc}
     if train_records:
-        common, acc = majority_accuracy([annotations.top_answer(r) for r in train_records], truths)
+        common, acc = majority_accuracy([qa_annotations.top_answer(r) for r in train_records], truths)
         out["majority_train"] = {"answer": common, "accuracy": acc}
         out["question_prior_train"] = question_prior_accuracy(
-            [(r.question, annotations.top_answer(r)) for r in train_records],
+            [(r.question, qa_annotations.top_answer(r)) for r in train_records],
             [(r.question, t) for r, t in zip(records, truths)])
         if any(r.answer_type is not None for r in records):
             out["answer_kinds"] = answer_kind_report(
-                rows, [(r.question, annotations.top_answer(r), r.answer_type) for r in train_records])
+                rows, [(r.question, qa_annotations.top_answer(r), r.answer_type) for r in train_records])
     if len(runs) > 1:
         out["frame_orders"] = {o: {"accuracy": m["accuracy"], **({"per_type": {t: v["accuracy"] for t, v in
                                                                                m["per_type"].items()}}
@@ -434,10 +435,10 @@ class QATask(engine_for_finetuning.FinetuneTask):
     def prepare(self) -> None:
         self.answers = AnswerList(self.args.answer_list, self.args, self.tokenizer)
 
-    def read(self, path: str, train: bool = False) -> list[annotations.QARecord]:
+    def read(self, path: str, train: bool = False) -> list[qa_annotations.QARecord]:
         return read_questions(path, self.args)
 
-    def split_val(self, records: list[annotations.QARecord]) -> tuple:
+    def split_val(self, records: list[qa_annotations.QARecord]) -> tuple:
         train, val = split_val_by_video(records, self.args.val_fraction, self.args.seed)
         print(f"Validation: {len(val)} questions about videos held out of the training list (seed {self.args.seed})")
         return train, val
@@ -448,7 +449,7 @@ class QATask(engine_for_finetuning.FinetuneTask):
     def check_eval_lists(self, lists: dict) -> None:
         check_eval_videos(self.args, lists)
 
-    def train_dataset(self, records: list[annotations.QARecord]) -> datasets.VideoQADataset:
+    def train_dataset(self, records: list[qa_annotations.QARecord]) -> datasets.VideoQADataset:
         return train_dataset(records, self.args)
 
     def collator(self) -> datasets.VideoQACollator:
@@ -457,7 +458,7 @@ class QATask(engine_for_finetuning.FinetuneTask):
     def model_for_training(self) -> torch.nn.Module:
         return build_for_training(self.args, len(self.tokenizer))
 
-    def validator(self, model: torch.nn.Module, records: list[annotations.QARecord]) -> Callable[[int], dict]:
+    def validator(self, model: torch.nn.Module, records: list[qa_annotations.QARecord]) -> Callable[[int], dict]:
         args, answers = self.args, self.answers  # one view, one clip: per-epoch selection stays cheap
         answers.report_unlisted(records, "validation questions")
         val_loader = build_eval_loader(records, args, self.tokenizer, 1, 1, args.num_frames)
@@ -470,6 +471,6 @@ class QATask(engine_for_finetuning.FinetuneTask):
             return {**metrics, **per_type}  # scalars only: log.txt and tensorboard
         return validate_epoch
 
-    def test(self, model: torch.nn.Module, records: list[annotations.QARecord], train_records: list) -> dict:
+    def test(self, model: torch.nn.Module, records: list[qa_annotations.QARecord], train_records: list) -> dict:
         return run_test(model, records, self.answers, self.args, self.tokenizer, self.dtype,
                         train_records=train_records)

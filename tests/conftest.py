@@ -10,7 +10,8 @@ Fixtures (all session-scoped):
 - ``pretrained_checkpoint``: path of a tiny SimVTP pre-training checkpoint (simvtp_tiny_patch16, 4 frames of 32 px,
   one step on ``synthetic_root``) written by run_simvtp_pretraining.py itself, for end-to-end tests that start
   from pre-trained weights (built once per pytest process instead of once per test file).
-``mostly_broken_list`` writes a training list of good synthetic clips, missing files and those unreadable files.
+``mostly_broken_list`` writes a training list of good synthetic clips, missing files and those unreadable files;
+``run_as_main`` runs an entry point's ``__main__`` block in the test's process (exit status, stdout, stderr).
 
 Tiers: tests that train, start processes or take more than about a second carry ``@pytest.mark.slow``;
 ``bash scripts/test.sh --fast`` (``-m "not slow"``) runs the rest, the pure-logic and small-I/O tests, for the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,6 +94,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_as_main(capsys, script: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python <script> argv...` as the script's own `__main__` block runs it (argument parsing, one-line errors,
+    exit status), in this process, run from the repository folder: for the tests about what a user sees, not about
+    the process (which saves the ~4 s of importing torch and timm in a new one)."""
+    import runpy
+    import signal
+    script = str(ROOT / script)
+    sigint = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    status = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [script, *argv])
+        patch.chdir(ROOT)
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            status = stop.code or 0
+        finally:
+            signal.signal(signal.SIGINT, sigint)  # entry points install their Ctrl-C handler
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *argv], status, out.out, out.err)
 
 
 def _write(path: Path, width: int, height: int, fps: int, n: int, codec: str, faststart: bool = False) -> Path:

@@ -11,7 +11,7 @@ import pytest
 
 import run_ablations as ab
 
-MICRO = dict(epochs=1, finetune_epochs=1, input_size=32, num_frames=4, batch_size=4)
+MICRO = dict(epochs=1, finetune_epochs=1, input_size=32, num_frames=4, batch_size=8)  # 3 steps an epoch
 
 
 @pytest.fixture(scope="module")

@@ -136,12 +136,18 @@ def test_safetensors_converter_round_trip_as_a_process(tmp_path):
     assert set(restored) == set(state) and all(torch.equal(restored[k], state[k]) for k in state)
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), "to-safetensors",
                           str(tmp_path / "nope.pth"), str(st)], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "nope.pth" in bad.stderr
+    assert bad.returncode == 2 and "nope.pth" in bad.stderr  # main's exit status is the process's
 
 
-def _convert(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "checkpoint.py"), *argv], capture_output=True,
-                          text=True, cwd=ROOT)
+def _convert(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """The converter's command line (checkpoint.main: its exit status and what it prints) in this process, run from
+    the repository folder; test_safetensors_converter_round_trip_as_a_process runs it as its own process."""
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        status = checkpoint.main(list(argv))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, out.out, out.err)
 
 
 def _tiny_model_checkpoint(out_dir) -> tuple[str, dict]:
@@ -177,16 +183,16 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask, expe
 
 
 @pytest.mark.slow
-def test_a_model_checkpoint_round_trips_through_safetensors_and_rebuilds(tmp_path):
+def test_a_model_checkpoint_round_trips_through_safetensors_and_rebuilds(tmp_path, capsys):
     """Before: from-safetensors wrote {"model": <the whole file>} for a .pth input, and a .safetensors held no
     model description, so neither rebuilt the model."""
     src, state = _tiny_model_checkpoint(tmp_path / "run")
     st, back = tmp_path / "w.safetensors", tmp_path / "back.pth"
-    to = _convert("to-safetensors", src, str(st))
+    to = _convert(capsys, "to-safetensors", src, str(st))
     assert to.returncode == 0, to.stderr
     assert f"wrote {st}: {len(state)} model tensors and model_cfg + args" in to.stdout
     assert "left out (training state, not weights): optimizer" in to.stdout
-    fro = _convert("from-safetensors", str(st), str(back))
+    fro = _convert(capsys, "from-safetensors", str(st), str(back))
     assert fro.returncode == 0, fro.stderr
     assert f"wrote {back}: {len(state)} model tensors and model_cfg + args" in fro.stdout
 
@@ -211,7 +217,7 @@ def _digest(path) -> str:
 
 
 @pytest.mark.slow
-def test_converter_refuses_to_overwrite_its_input_however_spelled(tmp_path):
+def test_converter_refuses_to_overwrite_its_input_however_spelled(tmp_path, capsys):
     """Before: `to-safetensors X X` replaced the checkpoint with its safetensors copy."""
     src, _ = _tiny_model_checkpoint(tmp_path / "run")
     os.symlink(src, tmp_path / "link.pth")
@@ -221,7 +227,7 @@ def test_converter_refuses_to_overwrite_its_input_however_spelled(tmp_path):
                  str(tmp_path / "link.pth"), str(tmp_path / "hard.pth")]
     for dst in spellings:
         assert checkpoint.main(["to-safetensors", src, dst]) == 2, dst
-    run = _convert("to-safetensors", src, os.path.relpath(src, ROOT))
+    run = _convert(capsys, "to-safetensors", src, os.path.relpath(src, ROOT))
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "is the input file" in run.stderr and "Traceback" not in run.stderr
     assert _digest(src) == before

@@ -1,6 +1,8 @@
 """Distributed behaviour with real processes (gloo on CPU): DDP gradients over 2 ranks equal single-process
-gradients on the same global batch (contrastive features gathered with gradient), and torchrun runs the real
-pre-training entry point (also on a list with broken videos: rank 0 names every rank's broken files once);
+gradients on the same global batch (contrastive features gathered with gradient; SViTT's contrastive loss with
+several captions per video too; QA answers with --dist_eval and re-ranking's matching scores equal one
+process's), and torchrun runs the real pre-training entry point (also on a list with broken videos: rank 0 names
+every rank's broken files once);
 features of uneven ranks are gathered as contiguous tensors (distributed.gather_rows), never as pickled views.
 The launch decision (distributed.plan: torchrun / srun / a batch script without srun, device, backend) on
 environments of GPU nodes; rank 0's decisions when ranks see the file system differently; the SLURM branch end to
@@ -19,8 +21,10 @@ from timm.models import create_model
 
 import modeling_simvtp  # noqa: F401
 import distributed
+import layers
+import model_registry
 import utils
-from conftest import free_port, mostly_broken_list
+from conftest import free_port, mostly_broken_list, randomised
 from masking_generator import TubeMaskingGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,20 +69,38 @@ def _gradients_scenario(rank: int, world: int, out_dir: str) -> None:
 
 
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One spawn of 2 gloo ranks runs every scenario below in turn (the process start-up is most of the cost)."""
+    """Every scenario below in turn, in one process group of 2 gloo ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    for scenario in (_gradients_scenario, _accumulation_scenario, _gather_scenario):  # the last patches collectives
-        scenario(rank, world, out_dir)
+    for scenario in (_gradients_scenario, _itc_scenario, _qa_scenario, _rerank_scenario, _accumulation_scenario,
+                     _gather_scenario):  # the last patches collectives
+        scenario(rank, world, out_dir)  # (and puts them back)
     torch.distributed.destroy_process_group()
 
 
+def _two_ranks_worker(rank: int, world: int, ports: list, gloo_out: str, decisions_root: str) -> None:
+    """One spawn of 2 ranks runs the gloo scenarios, then (in process groups of their own) the rank-0-decides
+    ones: the process start-up (torch, timm and this module imported in each) is most of the cost."""
+    torch.set_num_threads(1)  # the ranks share the cores: OpenMP threads of one would spin-wait on the other's
+    _gloo_worker(rank, world, ports[0], gloo_out)
+    _decisions_worker(rank, world, ports[1:], decisions_root)
+
+
 @pytest.fixture(scope="module")
-def gloo_ranks(tmp_path_factory):
-    """The folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw."""
-    out = tmp_path_factory.mktemp("gloo_ranks")
-    mp.spawn(_gloo_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return out
+def two_ranks(tmp_path_factory, synthetic_root):
+    """(folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw, root of the decision
+    scenarios' folders where _decisions_worker left each rank's results)."""
+    gloo_out = tmp_path_factory.mktemp("gloo_ranks")
+    torch.save(_rerank_inputs(synthetic_root), gloo_out / "rerank_inputs.pth")
+    root = _decision_folders(tmp_path_factory.mktemp("decisions"))
+    mp.spawn(_two_ranks_worker, args=(2, [free_port(), free_port(), free_port()], str(gloo_out), str(root)),
+             nprocs=2, join=True)
+    return gloo_out, root
+
+
+@pytest.fixture(scope="module")
+def gloo_ranks(two_ranks):
+    return two_ranks[0]
 
 
 @pytest.mark.slow
@@ -94,17 +116,137 @@ def test_two_rank_gradients_equal_single_process(gloo_ranks):
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _itc_features() -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 5)
+    x = torch.randn(8, 6)
+    y = torch.randn(8, 6)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])  # same-video pairs inside a rank's half and across the halves
+    return proj, x, y, ids
+
+
+def _itc_scenario(rank: int, world: int, out_dir: str) -> None:
+    """SViTT's contrastive loss (layers.itc_loss, captions of one video are positives) on each rank's half."""
+    proj, x, y, ids = _itc_features()
+    ddp = torch.nn.parallel.DistributedDataParallel(proj)
+    part = slice(rank * 4, rank * 4 + 4)
+    loss = layers.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
+    loss.backward()
+    torch.save({n: p.grad for n, p in proj.named_parameters()}, os.path.join(out_dir, f"itc_grad{rank}.pth"))
+
+
+@pytest.mark.slow
+def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(gloo_ranks):
+    proj, x, y, ids = _itc_features()
+    layers.itc_loss(proj(x), proj(y) * 2, 0.1, ids, None).backward()
+    for rank in range(2):
+        got = torch.load(gloo_ranks / f"itc_grad{rank}.pth", weights_only=True)
+        for name, p in proj.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _qa_inputs():
+    """A seeded tiny QA model, 5 questions about 5 clips and a 3-answer list (the same in every process)."""
+    torch.manual_seed(0)
+    model = randomised(model_registry.create("svitt_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=300),
+                       4, scale=0.2).eval()
+    g = torch.Generator().manual_seed(7)
+    video = torch.randint(0, 256, (5, 1, 3, 2, 32, 32), generator=g, dtype=torch.uint8)
+    q_ids = torch.randint(110, 300, (5, 4), generator=g)
+    q_ids[:, 0] = 101
+    a_ids = torch.tensor([[101, 200, 102, 0], [101, 201, 202, 102], [101, 203, 102, 0]])
+    return model, video, q_ids, a_ids
+
+
+def _answer(model, video, q_ids, a_ids, indices):
+    import engine_for_qa
+    import retrieval_eval
+    batch = {"video": video[indices], "question_input_ids": q_ids[indices],
+             "question_mask": torch.ones_like(q_ids[indices]), "index": torch.tensor(indices)}
+    cfg = engine_for_qa.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu")), k_test=2)
+    return engine_for_qa.answer_questions(model, [batch], ["a", "b", "c"], a_ids, (a_ids != 0).long(), cfg)
+
+
+def _qa_scenario(rank: int, world: int, out_dir: str) -> None:
+    """QA answering with --dist_eval: each rank answers its share of the questions, merge_ranks gathers them."""
+    import engine_for_qa
+    model, video, q_ids, a_ids = _qa_inputs()
+    share = [[0, 2, 4], [1, 3, 0]][rank]  # DistributedSampler's interleaved split, padded by a repeat of 0
+    merged = engine_for_qa.merge_ranks(_answer(model, video, q_ids, a_ids, share))
+    torch.save(merged, os.path.join(out_dir, f"qa_rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_once(gloo_ranks):
+    model, video, q_ids, a_ids = _qa_inputs()
+    single = _answer(model, video, q_ids, a_ids, [0, 1, 2, 3, 4])
+    for rank in range(2):
+        merged = torch.load(gloo_ranks / f"qa_rank{rank}.pt", weights_only=True)
+        assert [p["index"] for p in merged] == [0, 1, 2, 3, 4]
+        assert [p["prediction"] for p in merged] == [p["prediction"] for p in single]
+        assert [p["score"] for p in merged] == pytest.approx([p["score"] for p in single], abs=1e-5)
+
+
+SVITT_TINY = dict(img_size=32, num_frames=4, attn_block_size=4, sparse_random_attn=1, token_keep_rate=0.5,
+                  token_drop_loc=(1,), fusion_keep_rate=0.5, fusion_drop_loc=(2,))
+
+
+def _rerank_inputs(synthetic_root) -> dict:
+    """3 synthetic test videos read at 8 frames (two 4-frame clips), 4 captions, and the (caption, video) pairs the
+    matching head scores."""
+    import annotations
+    import datasets
+    records = annotations.read_annotations(os.path.join(synthetic_root, "annotations", "test.json"), synthetic_root)
+    data = datasets.VideoTextDataset(records, mode="test", num_frames=8, input_size=32, short_side_size=32,
+                                     test_num_segment=1, test_num_crop=1, sample_type="middle")
+    videos = torch.stack([data[i]["video"][0] for i in range(3)])  # uint8 [V, C, 8, H, W]
+    captions = [c for r in records for c in r.captions][:4]
+    pairs = [(t, v) for v in range(3) for t in range(4) if (t + v) % 2 == 0 or t == v]
+    return {"videos": videos, "captions": captions, "pairs": torch.tensor(pairs)}
+
+
+def _match_scores(inputs: dict) -> dict:
+    """The seeded tiny SViTT's matching scores of the pairs, over 2 clips per video (split among the ranks when
+    a process group is up)."""
+    import datasets
+    import retrieval_eval
+    tokenizer = datasets.build_tokenizer()
+    torch.manual_seed(0)
+    model = model_registry.create("svitt_tiny_patch16", vocab_size=len(tokenizer), **SVITT_TINY).eval()
+    cfg = retrieval_eval.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
+    return retrieval_eval.match_scores(model, [tuple(p) for p in inputs["pairs"].tolist()], inputs["videos"],
+                                       inputs["captions"], tokenizer, cfg)
+
+
+def _rerank_scenario(rank: int, world: int, out_dir: str) -> None:
+    """Re-ranking's matching scores (retrieval_eval.match_scores) with each rank scoring its share of the pairs."""
+    scores = _match_scores(torch.load(os.path.join(out_dir, "rerank_inputs.pth"), weights_only=True))
+    torch.save({"keys": sorted(scores), "values": [scores[p] for p in sorted(scores)]},
+               os.path.join(out_dir, f"rerank_scores{rank}.pth"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_rerank_like_one(gloo_ranks):
+    one = _match_scores(torch.load(gloo_ranks / "rerank_inputs.pth", weights_only=True))
+    for rank in range(2):
+        got = torch.load(gloo_ranks / f"rerank_scores{rank}.pth", weights_only=True)
+        assert [tuple(k) for k in got["keys"]] == sorted(one)  # every rank has every pair, gathered once
+        torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor([one[p] for p in sorted(one)]),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_videos):
     """One torchrun launch of the real pre-training entry point (2 processes, zero-shot evaluation each epoch) on
-    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths)."""
+    a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths).
+    Each rank draws 12 of the 25 (drop_last), 3 steps of 4: every video a rank draws is read."""
     folder = tmp_path_factory.mktemp("torchrun_broken")
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
     out = folder / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), os.path.join(ROOT, "run_simvtp_pretraining.py"), "--data_path", anno,
            "--data_root", str(synthetic_root), "--model", "simvtp_tiny_patch16", "--num_frames", "4",
-           "--input_size", "32", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+           "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--output_dir", str(out),
            "--max_broken_fraction", "0.9", "--seed", "4", "--print_freq", "1", "--eval_every", "1",
            "--eval_data_path", os.path.join(synthetic_root, "annotations", "val.json")]
@@ -147,29 +289,44 @@ def _torchrun_pretrain(synthetic_root, out, *extra) -> subprocess.CompletedProce
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", [(), SVITT_ALL_ON], ids=["simvtp", "svitt"])
-def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root, model):
-    """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator."""
+# 2 of the epoch's 4 steps at batch 3 per rank; the uninterrupted run also leaves its step-1 state
+RESUME_KEEP = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
+
+
+def _check_step_1(full_dir) -> str:
+    """The uninterrupted run's step-1 checkpoint, mid-epoch, holding a generator state per rank, each its own."""
     import checkpoint
-    # 2 of the epoch's 4 steps; the uninterrupted run also leaves its step-1 state
-    keep = ("--save_every_steps", "1", "--keep_last", "0", "--max_steps", "2")
-    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *keep, *model)
-    step_1 = checkpoint.list_checkpoints(str(tmp_path / "full"))[0]
+    step_1 = checkpoint.list_checkpoints(str(full_dir))[0]
     saved = checkpoint.read_checkpoint_file(step_1)
     assert saved["global_step"] == 1 and saved["step_in_epoch"] == 1  # mid-epoch: the resumed run trains 1 more
     states = saved["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    part = tmp_path / "part"
-    resumed = _torchrun_pretrain(synthetic_root, part, *keep, "--resume", str(step_1), *model)
-    assert "Resumed from" in resumed.stdout
-    want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(tmp_path / "full")))["model"]
-    got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part)))["model"]
-    for name, tensor in want.items():
-        assert torch.equal(got[name], tensor), name
-    # the collectives in use are the current API: no deprecation warning on any rank
-    for run in (full, resumed):
+    return step_1
+
+
+def _check_resumed_equals_full(full_dir, part_dir, runs) -> None:
+    """The resumed run ends on the uninterrupted run's weights, bitwise; the collectives in use are the current API:
+    no deprecation warning on any rank."""
+    import checkpoint
+    want = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(full_dir)))
+    got = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(part_dir)))
+    assert got["global_step"] == want["global_step"] == 2
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for run in runs:
         assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_process_resume_restores_each_ranks_generators(tmp_path, synthetic_root):
+    """SViTT: its random attention blocks, random drop path and hard negatives come from each rank's generator.
+    (SimVTP's drop path and hard negatives: the srun test below resumes a 2-process SimVTP run the same way.)"""
+    full = _torchrun_pretrain(synthetic_root, tmp_path / "full", *RESUME_KEEP, *SVITT_ALL_ON)
+    step_1 = _check_step_1(tmp_path / "full")
+    part = tmp_path / "part"
+    resumed = _torchrun_pretrain(synthetic_root, part, *RESUME_KEEP, "--resume", str(step_1), *SVITT_ALL_ON)
+    assert "Resumed from" in resumed.stdout
+    _check_resumed_equals_full(tmp_path / "full", part, (full, resumed))
 
 
 @pytest.mark.slow
@@ -386,8 +543,8 @@ def test_a_malformed_node_list_is_named(nodelist):
 
 # ----------------------------------------------------------------------------------------------- rank 0 decides
 # Two gloo ranks whose views of the file system differ, as on storage that is not shared or lags behind (NFS
-# attribute caching): one spawn runs every scenario (each in its own folders; the process start-up is most of the
-# cost here), the tests below read what each rank did.
+# attribute caching): the spawn of two_ranks (above) runs every scenario after the gloo ones (each in its own
+# folders and process group; the process start-up is most of the cost here), the tests below read what each rank did.
 
 
 def _join(rank: int, world: int, port: int) -> argparse.Namespace:
@@ -487,12 +644,10 @@ def _decisions_worker(rank: int, world: int, ports: list, root: str) -> None:
         json.dump(results, f)
 
 
-@pytest.fixture(scope="module")
-def decisions(tmp_path_factory) -> list[dict]:
-    """Per rank, what each scenario did. The folders rank r sees are <scenario>/rank<r>."""
+def _decision_folders(root):
+    """What each rank sees of each scenario: the folders <root>/<scenario>/rank<r>."""
     import shutil
     import checkpoint
-    root = tmp_path_factory.mktemp("decisions")
     for name in SCENARIOS:
         (root / name / "rank0").mkdir(parents=True)
     # rank 1's `latest` still names epoch 0's checkpoint
@@ -516,7 +671,13 @@ def decisions(tmp_path_factory) -> list[dict]:
     best_file = root / "best_file_unseen" / "rank0" / "checkpoint-best.pth"
     checkpoint.save_atomic({"model": best.state_dict()}, str(best_file))
     (root / "best_weights.json").write_text(json.dumps(best.weight.flatten().tolist()))
-    mp.spawn(_decisions_worker, args=(2, [free_port(), free_port()], str(root)), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def decisions(two_ranks) -> list[dict]:
+    """Per rank, what each scenario did. The folders rank r sees are <scenario>/rank<r>."""
+    root = two_ranks[1]
     return [{**json.loads((root / f"rank{r}.json").read_text()), "root": root} for r in range(2)]
 
 
@@ -621,16 +782,22 @@ def test_an_output_dir_each_node_sees_alone_is_one_clear_error(tmp_path, synthet
 def test_srun_tasks_train_and_resume_together_with_no_rendezvous_exported(tmp_path, synthetic_root):
     """The SLURM branch end to end: rank, world size, MASTER_ADDR (the node list's first host) and MASTER_PORT
     (from the job id) derived from what srun gives; --device auto is gloo on this CPU machine. The second job
-    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error)."""
-    import checkpoint
-    out = tmp_path / "run"
+    resumes where the first stopped, both ranks from the one checkpoint rank 0 chose (else: a one-line error), and
+    restores each rank's generators (SimVTP's drop path and hard negatives, as _torchrun_pretrain): it ends on the
+    weights of an uninterrupted run. The first job is that uninterrupted run (2 steps, saving each); its step-1
+    checkpoint alone in a folder is what a first job stopped after step 1 leaves."""
+    import shutil
+    flags = ("--batch_size", "3", "--drop_path", "0.2", "--seed", "5", *RESUME_KEEP)
+    full, part = tmp_path / "full", tmp_path / "part"
     job, port = _free_job_port()
-    first = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "1")] * 2, job)
+    first = _srun([_pretrain_argv(synthetic_root, full, *flags)] * 2, job)
     assert [r.returncode for r in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
     assert f"2 processes started by srun, backend gloo, rank 0 on cpu, rendezvous localhost:{port}" in first[0].stdout
-    saved = checkpoint.find_latest(str(out))
+    step_1 = _check_step_1(full)
+    part.mkdir()
+    saved = shutil.copy(step_1, part)
     job, _ = _free_job_port()
-    second = _srun([_pretrain_argv(synthetic_root, out, "--max_steps", "2")] * 2, job)
+    second = _srun([_pretrain_argv(synthetic_root, part, *flags)] * 2, job)
     assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:] + second[1].stderr[-3000:]
     assert f"Resumed from {saved}: epoch 0" in second[0].stdout and second[1].stdout == ""
-    assert checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["global_step"] == 2
+    _check_resumed_equals_full(full, part, first + second)

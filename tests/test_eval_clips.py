@@ -1,13 +1,12 @@
 """Evaluation the SViTT way (issue 12): clip ensembles (--num_frames_test split into clips, sparse or consecutive,
 lse/mean/max/concat), re-ranking by the matching head's log-odds (only the top k moves; k = N equals a brute force
-over all pairs; two gloo processes equal one), frame-order transforms (--eval_frame_order), --eval_offload, and
-the command line with all of them on the tiny synthetic set."""
+over all pairs; two gloo processes equal one: test_distributed.py, in its one spawn of gloo ranks), frame-order
+transforms (--eval_frame_order), --eval_offload, and the command line with all of them on the tiny synthetic set."""
 import json
 import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import annotations
 import checkpoint
@@ -17,7 +16,6 @@ import model_registry
 import engine_for_retrieval
 import run_simvtp_finetuning as run
 import video_transforms
-from conftest import free_port
 
 SVITT_TINY = dict(img_size=32, num_frames=4, attn_block_size=4, sparse_random_attn=1, token_keep_rate=0.5,
                   token_drop_loc=(1,), fusion_keep_rate=0.5, fusion_drop_loc=(2,))
@@ -169,38 +167,6 @@ def test_rerank_moves_only_each_querys_top_k(svitt, tokenizer, test_set):
     assert int(outside.sum()) > 0  # the tiny random model leaves ground truths outside the top k
     assert after["t2v_R@1"] != before["t2v_R@1"] or after["v2t_R@1"] != before["v2t_R@1"] or \
         after["t2v_MnR"] != before["t2v_MnR"]
-
-
-def _rerank_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    tokenizer = datasets.build_tokenizer()
-    torch.manual_seed(0)
-    model = model_registry.create("svitt_tiny_patch16", vocab_size=len(tokenizer), **SVITT_TINY).eval()
-    data = torch.load(os.path.join(root, "inputs.pth"), weights_only=True)
-    cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
-    scores = engine.match_scores(model, [tuple(p) for p in data["pairs"].tolist()], data["videos"],
-                                 data["captions"], tokenizer, cfg)
-    torch.save({"keys": sorted(scores), "values": [scores[p] for p in sorted(scores)]},
-               os.path.join(out_dir, f"scores{rank}.pth"))
-    torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_rerank_like_one(svitt, tokenizer, test_set, tmp_path):
-    videos, captions, _ = test_set
-    videos, captions = videos[:3], captions[:4]
-    pairs = [(t, v) for v in range(3) for t in range(4) if (t + v) % 2 == 0 or t == v]
-    torch.save({"videos": videos, "captions": captions, "pairs": torch.tensor(pairs)}, tmp_path / "inputs.pth")
-    cfg = engine.EvalConfig(torch.device("cpu"), chunk=4, num_clips=2)
-    one = engine.match_scores(svitt, pairs, videos, captions, tokenizer, cfg)
-    mp.spawn(_rerank_worker, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"scores{rank}.pth", weights_only=True)
-        assert [tuple(k) for k in got["keys"]] == sorted(one)  # every rank has every pair, gathered once
-        torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor([one[p] for p in sorted(one)]),
-                                   rtol=1e-5, atol=1e-5)
 
 
 def test_matching_logits_are_fp32_under_bf16_autocast_in_both_families(svitt, tokenizer, test_set):

@@ -26,7 +26,7 @@ import engine_for_retrieval
 import run_simvtp_finetuning as run
 import utils
 import video_io
-from conftest import free_port, mostly_broken_list
+from conftest import free_port, mostly_broken_list, run_as_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_frames", "4", "--input_size", "32", "--short_side_size", "32", "--batch_size", "4",
@@ -290,19 +290,19 @@ def test_broken_test_video_is_still_an_error_when_evaluation_reaches_it(finetune
     assert not (tmp_path / "out" / "test_metrics.json").exists()
 
 
-def _run(*argv, timeout=600):
-    cmd = [sys.executable, os.path.join(ROOT, "run_simvtp_finetuning.py"), *argv]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(capsys, *argv):
+    """The entry point's `__main__` block in this process (what a user sees: exit status, stdout, stderr)."""
+    return run_as_main(capsys, "run_simvtp_finetuning.py", *argv)
 
 
 @pytest.mark.slow
 def test_two_broken_test_videos_are_both_named_at_start_up_without_a_traceback(finetuned, synthetic_root,
-                                                                               broken_videos, tmp_path):
+                                                                               broken_videos, tmp_path, capsys):
     """Before: evaluation decoded test videos until the first broken one and died there with a traceback."""
     src, _ = finetuned
     anno = _test_list_with(synthetic_root, tmp_path, broken_videos["truncated"], broken_videos["not_a_video"])
     out = tmp_path / "out"
-    proc = _run("--only_test", "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
+    proc = _run(capsys, "--only_test", "--finetune", str(src / "checkpoint-best.pth"), "--test_data_path", str(anno),
                 "--data_root", str(synthetic_root), "--output_dir", str(out), *TINY)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Embed" not in proc.stdout
@@ -352,7 +352,7 @@ def test_fine_tuning_checks_validation_and_test_lists_before_training(synthetic_
 
 @pytest.mark.slow
 def test_export_from_a_folder_with_an_unreadable_file_finishes_names_it_and_exits_3(finetuned, synthetic_root,
-                                                                                    broken_videos, tmp_path):
+                                                                                    broken_videos, tmp_path, capsys):
     """Before: the whole export aborted, with a hint about an annotation file that this mode does not have."""
     src, _ = finetuned
     folder = tmp_path / "videos"
@@ -361,7 +361,7 @@ def test_export_from_a_folder_with_an_unreadable_file_finishes_names_it_and_exit
         shutil.copyfile(os.path.join(synthetic_root, "test", name), folder / name)
     shutil.copyfile(broken_videos["not_a_video"], folder / "broken.mp4")
     out = tmp_path / "emb.npy"
-    proc = _run("--export_embeddings", str(out), "--finetune", str(src / "checkpoint-best.pth"),
+    proc = _run(capsys, "--export_embeddings", str(out), "--finetune", str(src / "checkpoint-best.pth"),
                 "--video_dir", str(folder), "--output_dir", str(tmp_path), *TINY)
     assert proc.returncode == run.EXIT_SKIPPED == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import checkpoint
 import engine_for_pretraining
 import run_simvtp_pretraining
 import video_tools
-from conftest import mostly_broken_list
+from conftest import mostly_broken_list, run_as_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,22 +36,9 @@ def _args(synthetic_root, out_dir, *extra):
 
 
 def _run_here(capsys, synthetic_root, out_dir, *extra) -> subprocess.CompletedProcess:
-    """`python run_simvtp_pretraining.py ...` as its own `__main__` block runs it (argument parsing, one-line
-    errors, exit status), in this process: for the tests about what a user sees, not about the process."""
-    script = os.path.join(ROOT, "run_simvtp_pretraining.py")
-    argv, sigint = [script, *_argv(synthetic_root, out_dir, *extra)], signal.getsignal(signal.SIGINT)
-    capsys.readouterr()
-    status = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", argv)
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as stop:
-            status = stop.code or 0
-        finally:
-            signal.signal(signal.SIGINT, sigint)  # the entry point installs its Ctrl-C handler
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, status, out.out, out.err)
+    """`python run_simvtp_pretraining.py ...` as its own `__main__` block runs it, in this process: for the tests
+    about what a user sees, not about the process."""
+    return run_as_main(capsys, "run_simvtp_pretraining.py", *_argv(synthetic_root, out_dir, *extra))
 
 
 def _val_with_broken_and_missing(synthetic_root, folder):
@@ -107,16 +93,23 @@ def test_run_writes_logs_config_tensorboard_and_checkpoints(uninterrupted):
 
 
 def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: int, expected_latest: str,
-                           *extra: str) -> None:
+                           *extra: str, start_from: str | None = None) -> None:
     """Stop after `stop_after` steps, check where the checkpoint is, resume, and compare with the uninterrupted
-    run (made with the same `extra` flags): the same steps, the same per-step losses, the same final weights."""
+    run (made with the same `extra` flags): the same steps, the same per-step losses, the same final weights.
+    `start_from`: one of the uninterrupted run's checkpoints, where the interrupted run starts (copied into
+    out_dir): the steps after it are compared."""
     full_out, full = uninterrupted
+    done = 0
+    if start_from:
+        os.makedirs(out_dir, exist_ok=True)
+        done = checkpoint.read_checkpoint_file(shutil.copy(start_from, out_dir))["global_step"]
     first = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, "--max_steps", str(stop_after), *extra))
     assert os.path.basename(checkpoint.find_latest(str(out_dir))) == expected_latest
     second = run_simvtp_pretraining.main(_args(synthetic_root, out_dir, *extra))
-    resumed = first["history"] + second["history"]
-    assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
-    assert [a["loss"] for a in resumed] == [b["loss"] for b in full["history"]]  # bitwise on CPU
+    assert len(first["history"]) == stop_after - done  # (from start_from: only the steps after it)
+    resumed, expected = first["history"] + second["history"], full["history"][done:]
+    assert [h["step"] for h in resumed] == [h["step"] for h in expected]
+    assert [a["loss"] for a in resumed] == [b["loss"] for b in expected]  # bitwise on CPU
     for k, v in _weights(full_out).items():
         assert torch.equal(_weights(out_dir)[k], v), k
 
@@ -130,26 +123,32 @@ def test_resume_at_epoch_boundary_reproduces_the_run(uninterrupted, eight_clips,
 
 @pytest.mark.slow
 def test_resume_mid_epoch_reproduces_the_run(uninterrupted, eight_clips, synthetic_root, tmp_path):
+    """From the uninterrupted run's first epoch (its resume is the test above's), one step into the second, stop,
+    resume."""
     steps_per_epoch = len(uninterrupted[1]["history"]) // 2
     _interrupt_then_resume(uninterrupted, synthetic_root, tmp_path, steps_per_epoch + 1, "checkpoint-1-step1.pth",
-                           "--data_path", eight_clips)
+                           "--data_path", eight_clips, start_from=str(uninterrupted[0] / "checkpoint-0.pth"))
 
 
 @pytest.mark.slow
 def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_root, eight_clips, tmp_path):
-    """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch."""
-    extra = ("--clips_per_video", "2", "--data_path", eight_clips)
+    """Repeated sampling: the resume position counts videos (dataset items), not the clips of the batch. (One
+    epoch: a stop inside it is mid-epoch; continuing into the next epoch is test_resume_mid_epoch's.)"""
+    extra = ("--clips_per_video", "2", "--data_path", eight_clips, "--epochs", "1")
     full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", *extra))
-    steps_per_epoch = len(full["history"]) // 2
-    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", steps_per_epoch + 1,
-                           "checkpoint-1-step1.pth", *extra)
+    stop = len(full["history"]) // 2
+    assert stop >= 1 and len(full["history"]) > stop  # steps before and after the stop
+    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", stop,
+                           f"checkpoint-0-step{stop}.pth", *extra)
 
 
 @pytest.mark.slow
-def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_root, eight_clips, tmp_path,
-                                                                          capsys):
-    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--epochs", "1", "--data_path", eight_clips))
-    good = checkpoint.find_latest(str(tmp_path))
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninterrupted, synthetic_root,
+                                                                          eight_clips, tmp_path, capsys):
+    # the last good checkpoint: the uninterrupted run's after its first epoch, where a run with the same flags
+    # goes on (with its second epoch)
+    good = shutil.copy(uninterrupted[0] / "checkpoint-0.pth", tmp_path)
+    assert checkpoint.find_latest(str(tmp_path)) == good
     before = checkpoint.read_checkpoint_file(good)["model"]
     with pytest.raises(engine_for_pretraining.NonFiniteLossError, match="non-finite losses in a row"):
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--w_pixel", "nan", "--max_bad_steps", "2",
@@ -180,8 +179,9 @@ def test_eval_every_without_a_validation_file_is_a_clear_error(synthetic_root, t
 @pytest.mark.slow
 def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrupted, eight_clips, synthetic_root,
                                                                       tmp_path):
-    """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new process
-    resumes from it and ends on exactly the uninterrupted run's weights."""
+    """A real crash: the process is killed (SIGKILL) once its first mid-epoch checkpoint exists; a new run (here, in
+    this process: the crash is the killed process's, the restart reads only its files) resumes from it and ends
+    on exactly the uninterrupted run's weights."""
     full_out, _ = uninterrupted
     args = vars(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
     argv = [sys.executable, os.path.join(ROOT, "run_simvtp_pretraining.py"), "--save_every_steps", "1"]
@@ -195,7 +195,7 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.list_checkpoints(str(tmp_path)), "no checkpoint was written before the kill"
-    subprocess.run(argv[:2] + argv[4:], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
     for k, v in _weights(full_out).items():
         assert torch.equal(_weights(tmp_path)[k], v), k
 

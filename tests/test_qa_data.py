@@ -9,6 +9,7 @@ import pytest
 
 import annotations
 import datasets
+import qa_annotations
 import synthetic_dataset as sd
 from conftest import TINY_SYNTHETIC
 
@@ -23,13 +24,13 @@ def _write(path, obj) -> str:
 def test_synthetic_qa_files_match_the_clips(synthetic_root):
     ann = synthetic_root / "annotations"
     meta = {m["split"] + "/" + m["video_id"] + ".mp4": m for m in json.loads((ann / "metadata.json").read_text())}
-    answer_list = annotations.read_answer_list(ann / "qa_answer_list.json")
+    answer_list = qa_annotations.read_answer_list(ann / "qa_answer_list.json")
     assert set(answer_list) == set(sd.COLOURS) | set(sd.SHAPES) | set(sd.MOTIONS)
     assert {f"annotations/{n}" for n in sd.QA_ANNOTATION_FILES} <= set(sd.read_manifest(synthetic_root)["annotations"])
     for split in sd.SPLITS:
-        records = annotations.read_qa_annotations(ann / f"qa_{split}.json", synthetic_root)
+        records = qa_annotations.read_qa_annotations(ann / f"qa_{split}.json", synthetic_root)
         assert len(records) == 4 * TINY_SYNTHETIC[f"num_{split}"]
-        assert annotations.unlisted_answers(records, answer_list).count == 0
+        assert qa_annotations.unlisted_answers(records, answer_list).count == 0
         for r in records:
             m = meta[os.path.relpath(r.path, synthetic_root)]
             want = {"colour": m["colour"], "background": m["background"], "shape": m["shape"],
@@ -75,12 +76,12 @@ def test_synthetic_qa_is_deterministic_and_leaves_the_other_files_alone(syntheti
 
 
 def test_answer_weights():
-    assert annotations.answer_weights(["a", "a", "b"]) == (["a", "b"], [pytest.approx(2 / 3), pytest.approx(1 / 3)])
-    assert annotations.answer_weights("yes") == (["yes"], [1.0])
-    answers, weights = annotations.answer_weights(["x", "y", "z", "y"])
+    assert qa_annotations.answer_weights(["a", "a", "b"]) == (["a", "b"], [pytest.approx(2 / 3), pytest.approx(1 / 3)])
+    assert qa_annotations.answer_weights("yes") == (["yes"], [1.0])
+    answers, weights = qa_annotations.answer_weights(["x", "y", "z", "y"])
     assert answers == ["x", "y", "z"] and weights == [0.25, 0.5, 0.25]
     with pytest.raises(ValueError):
-        annotations.answer_weights([])
+        qa_annotations.answer_weights([])
 
 
 def test_qa_reader_layouts(tmp_path):
@@ -90,15 +91,15 @@ def test_qa_reader_layouts(tmp_path):
         {"video": "/abs/video7011.mp4", "question": " who talks? ", "answer": "man", "question_id": 1}])
     anet = _write(tmp_path / "anet_qa.json", [
         {"video": "v_1.mp4", "question": "is it indoors", "answer": ["yes", "yes", "no"], "question_id": "v_1_0"}])
-    recs = annotations.read_qa_annotations(msrvtt, "/data/msrvtt")
+    recs = qa_annotations.read_qa_annotations(msrvtt, "/data/msrvtt")
     assert [(r.path, r.question, r.answers, r.weights, r.question_id, r.answer_type) for r in recs] == [
         ("/data/msrvtt/video7010.mp4", "what is a man doing?", ["sing"], [1.0], 0, "what"),
         ("/abs/video7011.mp4", "who talks?", ["man"], [1.0], 1, None)]
-    (r,) = annotations.read_qa_annotations(anet)
+    (r,) = qa_annotations.read_qa_annotations(anet)
     assert r.path == "v_1.mp4" and r.answers == ["yes", "no"] and r.weights == [pytest.approx(2 / 3),
                                                                                  pytest.approx(1 / 3)]
-    assert annotations.top_answer(r) == "yes"
-    cleaned = annotations.read_qa_annotations(msrvtt, clean_text=True)
+    assert qa_annotations.top_answer(r) == "yes"
+    cleaned = qa_annotations.read_qa_annotations(msrvtt, clean_text=True)
     assert [r.question for r in cleaned] == ["what is a man doing", "who talks"]
 
 
@@ -118,9 +119,9 @@ GOOD = {"video": "a.mp4", "question": "what?", "answer": "x", "question_id": 1}
 def test_malformed_qa_records_are_named(tmp_path, bad, problem):
     path = _write(tmp_path / "qa.json", [{**GOOD, "question_id": 0}, bad, {**GOOD, "question_id": 2}])
     with pytest.raises(annotations.AnnotationError) as e:
-        annotations.read_qa_annotations(path)
+        qa_annotations.read_qa_annotations(path)
     assert str(e.value).startswith(f"{path}: record 2") and problem in str(e.value) and "\n" not in str(e.value)
-    kept = annotations.read_qa_annotations(path, skip_bad_records=True)
+    kept = qa_annotations.read_qa_annotations(path, skip_bad_records=True)
     assert [r.question_id for r in kept] == [0, 2]
 
 
@@ -132,7 +133,7 @@ def test_malformed_qa_records_are_named(tmp_path, bad, problem):
 def test_malformed_qa_files(tmp_path, text, problem):
     path = _write(tmp_path / "qa.json", text)
     with pytest.raises(annotations.AnnotationError, match=problem) as e:
-        annotations.read_qa_annotations(path)
+        qa_annotations.read_qa_annotations(path)
     assert str(e.value).startswith(path)
 
 
@@ -145,18 +146,18 @@ def test_malformed_qa_files(tmp_path, text, problem):
 def test_malformed_answer_lists(tmp_path, answers, problem):
     path = _write(tmp_path / "answers.json", answers)
     with pytest.raises(annotations.AnnotationError, match=problem) as e:
-        annotations.read_answer_list(path)
+        qa_annotations.read_answer_list(path)
     assert str(e.value).startswith(path)
 
 
 def test_unlisted_answers_are_counted_not_dropped(tmp_path):
     path = _write(tmp_path / "qa.json", [{**GOOD, "question_id": i, "answer": a}
                                          for i, a in enumerate(["x", "y", ["z", "z", "x"], ["x", "x", "z"]])])
-    records = annotations.read_qa_annotations(path)
-    report = annotations.unlisted_answers(records, ["x", "y"])
+    records = qa_annotations.read_qa_annotations(path)
+    report = qa_annotations.unlisted_answers(records, ["x", "y"])
     assert (report.count, report.total, report.question_ids, report.answers) == (1, 4, [2], ["z"])
     assert "1 of 4 questions (25.0%)" in report.message("msrvtt val") and "2 ('z')" in report.message()
-    assert annotations.unlisted_answers(records, ["x", "y", "z"]).count == 0
+    assert qa_annotations.unlisted_answers(records, ["x", "y", "z"]).count == 0
 
 
 def _clip_options(**extra):
@@ -165,9 +166,9 @@ def _clip_options(**extra):
 
 def test_collator_batches_questions_and_weighted_answers(synthetic_root, tmp_path):
     tok = datasets.build_tokenizer()
-    records = annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
-    answers, weights = annotations.answer_weights(["red", "very very very dark red", "red"])
-    records.append(annotations.QARecord(records[0].path, "what " * 40 + "?", answers, weights, "long", None))
+    records = qa_annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
+    answers, weights = qa_annotations.answer_weights(["red", "very very very dark red", "red"])
+    records.append(qa_annotations.QARecord(records[0].path, "what " * 40 + "?", answers, weights, "long", None))
     data = datasets.VideoQADataset(records, mode="train", **_clip_options())
     batch = datasets.VideoQACollator(tok, max_q_len=25, max_a_len=5)([data[i] for i in range(4)])
     B, R = 4, 5
@@ -195,12 +196,12 @@ def test_collator_batches_questions_and_weighted_answers(synthetic_root, tmp_pat
 
 def test_test_mode_views_and_broken_training_video_keeps_its_own_question(synthetic_root):
     tok = datasets.build_tokenizer()
-    records = annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_val.json", synthetic_root)[:2]
+    records = qa_annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_val.json", synthetic_root)[:2]
     data = datasets.VideoQADataset(records, mode="test", **_clip_options(short_side_size=32, test_num_segment=2))
     batch = datasets.VideoQACollator(tok)([data[0], data[1]])
     assert batch["video"].shape == (2, 2, 3, 4, 32, 32) and batch["question_id"] == [r.question_id for r in records]
-    gone = annotations.QARecord(str(synthetic_root / "val" / "gone.mp4"), "what colour is the shape?", ["red"], [1.0],
-                                "gone", "colour")
+    gone = qa_annotations.QARecord(str(synthetic_root / "val" / "gone.mp4"), "what colour is the shape?", ["red"],
+                                   [1.0], "gone", "colour")
     train = datasets.VideoQADataset([gone, *records], mode="train", **_clip_options())
     item = train[0]
     assert item["broken"] == 1 and item["question_id"] in {r.question_id for r in records}

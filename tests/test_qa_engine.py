@@ -1,26 +1,23 @@
 """QA evaluation logic on hand-made cases: exact-match accuracy per answer type, the baselines, the validation split
-by video, answering over several clips (each clip ranked by the real model, then ensembled), and two gloo
-processes answering their shares of the questions (--dist_eval)."""
-import os
-
+by video, answering over several clips (each clip ranked by the real model, then ensembled). (Two gloo processes
+answering their shares of the questions, --dist_eval: test_distributed.py, in its one spawn of gloo ranks.)"""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-import annotations
 import answer_ranking
 import datasets
 import retrieval_eval
 import engine_for_qa as engine
 import model_registry
+import qa_annotations
 import run_simvtp_qa as run
 import video_transforms
-from conftest import free_port, randomised
+from conftest import randomised
 
 
-def record(video: str, question: str, answers, qtype=None, qid=None) -> annotations.QARecord:
-    names, weights = annotations.answer_weights(answers)
-    return annotations.QARecord(path=video, question=question, answers=names, weights=weights,
+def record(video: str, question: str, answers, qtype=None, qid=None) -> qa_annotations.QARecord:
+    names, weights = qa_annotations.answer_weights(answers)
+    return qa_annotations.QARecord(path=video, question=question, answers=names, weights=weights,
                                 question_id=qid or f"{video}/{question}", answer_type=qtype)
 
 
@@ -113,9 +110,9 @@ def test_answering_ensembles_the_clips_ranked_by_the_model():
 def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_root, name):
     tok = datasets.build_tokenizer()
     ann = synthetic_root / "annotations"
-    records = annotations.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
+    records = qa_annotations.read_qa_annotations(ann / "qa_test.json", synthetic_root)[:12]  # 3 videos x 4 questions
     records = records[::2] + records[1::2]  # a video's questions apart in the file
-    answers = annotations.read_answer_list(ann / "qa_answer_list.json")
+    answers = qa_annotations.read_answer_list(ann / "qa_answer_list.json")
     argv = ["--num_frames", "2", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
             "--sample_type_test", "middle", "--test_num_segment", "2"]
     args = run.get_args_parser().parse_args(argv)
@@ -147,47 +144,3 @@ def test_each_video_is_decoded_and_encoded_once_for_all_its_questions(synthetic_
     assert [p["score"] for p in grouped] == pytest.approx([p["score"] for p in per_question], abs=1e-4)
     assert engine.qa_accuracy(engine.prediction_rows(grouped, records)) == \
         engine.qa_accuracy(engine.prediction_rows(per_question, records))
-
-
-def _qa_inputs():
-    """A seeded tiny QA model, 5 questions about 5 clips and a 3-answer list (the same in every process)."""
-    torch.manual_seed(0)
-    model = randomised(model_registry.create("svitt_qa_tiny_patch16", img_size=32, num_frames=2, vocab_size=300),
-                       4, scale=0.2).eval()
-    g = torch.Generator().manual_seed(7)
-    video = torch.randint(0, 256, (5, 1, 3, 2, 32, 32), generator=g, dtype=torch.uint8)
-    q_ids = torch.randint(110, 300, (5, 4), generator=g)
-    q_ids[:, 0] = 101
-    a_ids = torch.tensor([[101, 200, 102, 0], [101, 201, 202, 102], [101, 203, 102, 0]])
-    return model, video, q_ids, a_ids
-
-
-def _answer(model, video, q_ids, a_ids, indices):
-    batch = {"video": video[indices], "question_input_ids": q_ids[indices],
-             "question_mask": torch.ones_like(q_ids[indices]), "index": torch.tensor(indices)}
-    cfg = engine.QAEvalConfig(retrieval_eval.EvalConfig(device=torch.device("cpu")), k_test=2)
-    return engine.answer_questions(model, [batch], ["a", "b", "c"], a_ids, (a_ids != 0).long(), cfg)
-
-
-def _dist_eval_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, video, q_ids, a_ids = _qa_inputs()
-        share = [[0, 2, 4], [1, 3, 0]][rank]  # DistributedSampler's interleaved split, padded by a repeat of 0
-        merged = engine.merge_ranks(_answer(model, video, q_ids, a_ids, share))
-        torch.save(merged, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_processes_answer_their_shares_and_every_rank_gets_all_questions_once(tmp_path):
-    mp.spawn(_dist_eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    model, video, q_ids, a_ids = _qa_inputs()
-    single = _answer(model, video, q_ids, a_ids, [0, 1, 2, 3, 4])
-    for rank in range(2):
-        merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert [p["index"] for p in merged] == [0, 1, 2, 3, 4]
-        assert [p["prediction"] for p in merged] == [p["prediction"] for p in single]
-        assert [p["score"] for p in merged] == pytest.approx([p["score"] for p in single], abs=1e-5)

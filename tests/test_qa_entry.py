@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import annotations
 import checkpoint
 import datasets
 import model_registry
+import qa_annotations
 import run_simvtp_qa as run
 
 TINY = ["--num_frames", "2", "--input_size", "32", "--short_side_size", "32", "--batch_size", "8",
@@ -68,7 +68,7 @@ def test_finetune_resumes_selects_on_val_and_writes_one_prediction_per_test_ques
     assert best["model_cfg"]["name"] == "svitt_qa_tiny_patch16" and best["metric_name"] == "val_accuracy"
     assert best["metric"] == max(r["val_accuracy"] for r in log)
 
-    test = annotations.read_qa_annotations(_ann(synthetic_root, "qa_test.json"), synthetic_root)
+    test = qa_annotations.read_qa_annotations(_ann(synthetic_root, "qa_test.json"), synthetic_root)
     rows = _lines(out / "test_predictions.jsonl")
     assert [r["question_id"] for r in rows] == [r.question_id for r in test]
     answers = set(json.load(open(_ann(synthetic_root, "qa_answer_list.json"))))

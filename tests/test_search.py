@@ -19,7 +19,7 @@ import datasets
 import retrieval_eval as engine
 import model_registry
 import search
-from conftest import ROOT, randomised
+from conftest import ROOT, randomised, run_as_main
 
 CLIP_FLAGS = ["--num_frames", "4", "--input_size", "64", "--sampling_rate", "2"]
 
@@ -225,11 +225,9 @@ def test_the_index_runs_in_the_run_scripts_default_precision_and_every_command_s
 
 
 @pytest.mark.slow
-def test_the_index_command_line_reports_bad_input_clearly(tmp_path, dual_ckpt):
-    run = subprocess.run([sys.executable, str(ROOT / "search.py"), "index", str(tmp_path / "absent"), "--ckpt",
-                          str(dual_ckpt), "--out", str(tmp_path / "index")], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+def test_the_index_command_line_reports_bad_input_clearly(tmp_path, dual_ckpt, capsys):
+    run = run_as_main(capsys, "search.py", "index", str(tmp_path / "absent"), "--ckpt", str(dual_ckpt), "--out",
+                      str(tmp_path / "index"))
     assert run.returncode == 1 and "absent: not a folder of videos" in run.stderr
-    query = subprocess.run([sys.executable, str(ROOT / "search.py"), "query", str(tmp_path), "a ball"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    query = run_as_main(capsys, "search.py", "query", str(tmp_path), "a ball")
     assert query.returncode == 1 and "no manifest.json" in query.stderr

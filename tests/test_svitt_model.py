@@ -1,20 +1,16 @@
 """modeling_svitt.py: the SViTT pre-training model. The contrastive loss with several captions per video, hard
 negatives that never pair a video with itself, text-guided token selection in the fusion layers, the model
-contract (losses and gradients, encoders, matching with a cached video side, fixed random blocks at evaluation),
-and the 2-process contrastive gradient against one process on the concatenated batch (gloo)."""
-import os
-
+contract (losses and gradients, encoders, matching with a cached video side, fixed random blocks at evaluation).
+(The 2-process contrastive gradient against one process on the concatenated batch: test_distributed.py, in its
+one spawn of gloo ranks.)"""
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import distributed
 import layers
 import model_registry
 import modeling_svitt as S
 from layers import sample_negatives
-from conftest import free_port
 
 # every part switched on at a size that runs in a second: 4 frames of 32 px (16 patches), blocks of 4 tokens
 TINY = dict(img_size=32, num_frames=4, vocab_size=64, attn_block_size=4, sparse_random_attn=1,
@@ -201,44 +197,6 @@ def test_a_flag_of_the_other_family_is_refused_by_name():
     args = argparse.Namespace(token_keep_rate=0.6)
     with pytest.raises(ValueError, match="--token_keep_rate belongs to the svitt model family"):
         model_registry.model_kwargs(args, "simvtp_tiny_patch16")
-
-# -------------------------------------------------------------------------------- 2-process ITC gradient
-
-
-def _features(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    proj = torch.nn.Linear(6, 5)
-    x = torch.randn(8, 6)
-    y = torch.randn(8, 6)
-    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])  # same-video pairs inside a rank's half and across the halves
-    return proj, x, y, ids
-
-
-def _itc(proj, x, y, ids, gather) -> torch.Tensor:
-    return layers.itc_loss(proj(x), proj(y) * 2, 0.1, ids, gather)
-
-
-def _itc_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    proj, x, y, ids = _features()
-    ddp = torch.nn.parallel.DistributedDataParallel(proj)
-    part = slice(rank * 4, rank * 4 + 4)
-    loss = layers.itc_loss(ddp(x[part]), ddp(y[part]) * 2, 0.1, ids[part], distributed.gather_with_grad)
-    loss.backward()
-    torch.save({n: p.grad for n, p in proj.named_parameters()}, os.path.join(out_dir, f"grad{rank}.pth"))
-    torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_itc_gradient_equals_one_process_on_the_whole_batch(tmp_path):
-    proj, x, y, ids = _features()
-    _itc(proj, x, y, ids, None).backward()
-    mp.spawn(_itc_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"grad{rank}.pth", weights_only=True)
-        for name, p in proj.named_parameters():
-            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------- release files
 

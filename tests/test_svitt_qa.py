@@ -211,11 +211,11 @@ def test_qa_models_are_registered_and_take_the_family_flags():
 @pytest.mark.slow
 def test_the_qa_collators_batch_trains_the_qa_model(synthetic_root):
     """The data side and the model agree on the batch: real synthetic clips and QA files, the real collator."""
-    import annotations
+    import qa_annotations
     import datasets
     import video_transforms
     tok = datasets.build_tokenizer()
-    records = annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
+    records = qa_annotations.read_qa_annotations(synthetic_root / "annotations" / "qa_train.json", synthetic_root)[:3]
     data = datasets.VideoQADataset(records, mode="train", num_frames=2, sampling_rate=2, input_size=32,
                                    sample_type="rand")
     batch = datasets.VideoQACollator(tok, max_q_len=25, max_a_len=5)([data[i] for i in range(3)])
