@@ -255,10 +255,12 @@ def aggregate_clip_scores(scores: torch.Tensor, ensemble: str) -> torch.Tensor:
     return answer_ranking.ensemble_clip_scores(scores, "lse" if ensemble == "concat" else ensemble)
 
 
-def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int) -> torch.Tensor:
-    """bool [B, N] tube masks that depend only on (seed, video index): the same for every run and rank."""
+def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int, draw: int = 0,
+                      stream: str = "video_mask") -> torch.Tensor:
+    """bool [B, N] tube masks that depend only on (seed, draw, video index, stream): the same for every run and
+    rank (draw numbers several masks of one video)."""
     gen = masking_generator.TubeMaskingGenerator(grid, ratio)
-    return torch.from_numpy(np.stack([gen(video_transforms.sample_rng(seed, 0, int(i), "video_mask")) for i in indices]))
+    return torch.from_numpy(np.stack([gen(video_transforms.sample_rng(seed, draw, int(i), stream)) for i in indices]))
 
 
 @torch.no_grad()
@@ -602,9 +604,8 @@ def matching_masks(match_model: torch.nn.Module, clips_shape: torch.Size, video_
     if not match_model.takes_video_mask:
         raise ValueError(f"{type(match_model).__name__} takes no video mask: score matches with mask ratio 0")
     grid = match_model.token_grid(*clips_shape[-3:])
-    gen = masking_generator.TubeMaskingGenerator(grid, cfg.match_mask_ratio)
-    return [torch.from_numpy(gen(video_transforms.sample_rng(cfg.seed, m, video_index, "match_mask")))[None]
-            .to(cfg.device) for m in range(cfg.match_masks)]
+    return [fixed_video_masks([video_index], grid, cfg.match_mask_ratio, cfg.seed, m, "match_mask").to(cfg.device)
+            for m in range(cfg.match_masks)]
 
 
 def _score_clip(match_model: torch.nn.Module, clip: torch.Tensor, texts: list[int], captions: Sequence[str],
