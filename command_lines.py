@@ -75,7 +75,6 @@ def pretraining_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def add_match_mask_args(g: argparse._ArgumentGroup) -> None:
     """How the matching head sees each scored clip (re-ranking, held-out matching accuracy)."""
     g.add_argument("--match_mask_ratio", type=float, default=0.0,

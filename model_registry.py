@@ -24,7 +24,8 @@ from timm.models import register_model as timm_register_model
 FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
 # flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
 COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
-                "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm", "w_reverse": "w_reverse"}
+                "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm",
+                "w_reverse": "w_reverse"}
 
 
 @dataclass

@@ -255,6 +255,12 @@ def aggregate_clip_scores(scores: torch.Tensor, ensemble: str) -> torch.Tensor:
     return answer_ranking.ensemble_clip_scores(scores, "lse" if ensemble == "concat" else ensemble)
 
 
+def require_video_mask(model: torch.nn.Module, instead: str) -> None:
+    """A tube mask asked of a model that takes none (SViTT, dual encoders) is a ValueError saying what to do instead."""
+    if not model.takes_video_mask:
+        raise ValueError(f"{type(model).__name__} takes no video mask: {instead}")
+
+
 def fixed_video_masks(indices: Sequence[int], grid: tuple[int, int, int], ratio: float, seed: int, draw: int = 0,
                       stream: str = "video_mask") -> torch.Tensor:
     """bool [B, N] tube masks that depend only on (seed, draw, video index, stream): the same for every run and
@@ -276,8 +282,7 @@ def encode_videos(model: torch.nn.Module, video: torch.Tensor, indices: Sequence
     clips = clips.flatten(0, 2)
     masks = None
     if cfg.video_mask_ratio > 0:
-        if not model.takes_video_mask:
-            raise ValueError(f"{type(model).__name__} takes no video mask: evaluate it with video mask ratio 0")
+        require_video_mask(model, "evaluate it with video mask ratio 0")
         _, _, t, h, w = clips.shape
         masks = fixed_video_masks(indices, model.token_grid(t, h, w), cfg.video_mask_ratio, cfg.seed)
         masks = masks.repeat_interleave(v * k, dim=0)
@@ -601,8 +606,7 @@ def matching_masks(match_model: torch.nn.Module, clips_shape: torch.Size, video_
     about 20 tubes and the caption) sees a different mix of tokens with every tube visible."""
     if cfg.match_mask_ratio <= 0:
         return [None]
-    if not match_model.takes_video_mask:
-        raise ValueError(f"{type(match_model).__name__} takes no video mask: score matches with mask ratio 0")
+    require_video_mask(match_model, "score matches with mask ratio 0")
     grid = match_model.token_grid(*clips_shape[-3:])
     return [fixed_video_masks([video_index], grid, cfg.match_mask_ratio, cfg.seed, m, "match_mask").to(cfg.device)
             for m in range(cfg.match_masks)]
