@@ -143,7 +143,9 @@ def own_match_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.n
 def contrastive_scale(model: torch.nn.Module) -> float:
     """1 / the evaluated model's contrastive temperature (its similarities times this are its contrastive
     logits), or 0 for a model without one."""
-    return 1.0 / float(model.current_temperature()) if model_registry.supports(model, "temperature") else 0.0
+    if not model_registry.supports(model, "temperature"):
+        return 0.0
+    return 1.0 / float(torch.as_tensor(model.current_temperature()).detach())
 
 
 def check_can_match(model: torch.nn.Module, path: str) -> None:

@@ -19,7 +19,23 @@ parallel=()
 if (( workers > 1 )); then
   parallel=(-n "$workers" --dist loadfile)
 fi
-echo "scripts/test.sh: $workers pytest worker(s) on $cores core(s)"
+# The suite holds up to ~2 GB at once in the temporary folder (tiny checkpoints with their optimizer state, test
+# videos; each test's folder goes when it passes): below SIMVTP_TEST_MIN_FREE_GB (default 3) free, refuse to start
+# rather than fail hundreds of tests midway on a full disk.
+min_free="${SIMVTP_TEST_MIN_FREE_GB:-3}"
+if ! [[ "$min_free" =~ ^[0-9]+$ ]]; then
+  echo "scripts/test.sh: SIMVTP_TEST_MIN_FREE_GB must be a whole number of GB, got '$min_free'" >&2
+  exit 2
+fi
+read -r free_gb tmp_dir <<< "$("$PY" -c 'import shutil, tempfile
+d = tempfile.gettempdir()
+print(shutil.disk_usage(d).free // 2**30, d)')"
+if (( free_gb < min_free )); then
+  echo "scripts/test.sh: only $free_gb GB free in $tmp_dir, the test suite needs $min_free GB there;" \
+       "free some space or point TMPDIR at a larger disk" >&2
+  exit 2
+fi
+echo "scripts/test.sh: $workers pytest worker(s) on $cores core(s), $free_gb GB free in $tmp_dir"
 args=()
 for arg in "$@"; do
   if [[ "$arg" == "--fast" ]]; then args+=(-m "not slow"); else args+=("$arg"); fi

@@ -10,6 +10,8 @@ Fixtures (all session-scoped):
 - ``pretrained_checkpoint``: path of a tiny SimVTP pre-training checkpoint (simvtp_tiny_patch16, 4 frames of 32 px,
   one step on ``synthetic_root``) written by run_simvtp_pretraining.py itself, for end-to-end tests that start
   from pre-trained weights (built once per pytest process instead of once per test file).
+``module_tmp`` is ``tmp_path_factory`` for module-scoped fixtures: what it makes is deleted when the module's tests
+end (a tiny model's checkpoint with its optimizer state is ~170 MB; pytest.ini deletes a passing test's ``tmp_path``).
 ``mostly_broken_list`` writes a training list of good synthetic clips, missing files and those unreadable files;
 ``run_as_main`` runs an entry point's ``__main__`` block in the test's process (exit status, stdout, stderr).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -137,6 +140,27 @@ def mostly_broken_list(synthetic_root: Path, broken_videos: dict[str, Path], fol
     anno.write_text(json.dumps(entries))
     broken = {os.path.join(str(synthetic_root), f"train/gone_{i:02d}.mp4") for i in range(missing)} | set(unreadable)
     return str(anno), broken
+
+
+class ModuleTmp:
+    """mktemp like tmp_path_factory's; every folder made is removed by the fixture's teardown."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        self.factory, self.made = factory, []
+
+    def mktemp(self, name: str) -> Path:
+        self.made.append(self.factory.mktemp(name))
+        return self.made[-1]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """Folders for one test module's shared runs, deleted when its tests are done, so the suite's peak disk use
+    stays near one module's runs instead of every checkpoint it ever wrote."""
+    folders = ModuleTmp(tmp_path_factory)
+    yield folders
+    for folder in folders.made:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ MICRO = dict(epochs=1, finetune_epochs=1, input_size=32, num_frames=4, batch_siz
 
 
 @pytest.fixture(scope="module")
-def micro(synthetic_root, tmp_path_factory):
-    cfg = ab.Config(out=str(tmp_path_factory.mktemp("ablations")), data_root=str(synthetic_root),
+def micro(synthetic_root, module_tmp):
+    cfg = ab.Config(out=str(module_tmp.mktemp("ablations")), data_root=str(synthetic_root),
                     python=sys.executable, **MICRO)
     study = ab.Study("micro", "Micro study", "nothing at this size", [
         ab.Setting("tube 0.9", ["--mask_ratio", "0.9"], cross_modal=True),

@@ -87,12 +87,12 @@ def _two_ranks_worker(rank: int, world: int, ports: list, gloo_out: str, decisio
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, synthetic_root):
+def two_ranks(module_tmp, synthetic_root):
     """(folder where each of 2 gloo ranks left what every scenario of _gloo_worker saw, root of the decision
     scenarios' folders where _decisions_worker left each rank's results)."""
-    gloo_out = tmp_path_factory.mktemp("gloo_ranks")
+    gloo_out = module_tmp.mktemp("gloo_ranks")
     torch.save(_rerank_inputs(synthetic_root), gloo_out / "rerank_inputs.pth")
-    root = _decision_folders(tmp_path_factory.mktemp("decisions"))
+    root = _decision_folders(module_tmp.mktemp("decisions"))
     mp.spawn(_two_ranks_worker, args=(2, [free_port(), free_port(), free_port()], str(gloo_out), str(root)),
              nprocs=2, join=True)
     return gloo_out, root
@@ -236,11 +236,11 @@ def test_two_gloo_processes_rerank_like_one(gloo_ranks):
 
 
 @pytest.fixture(scope="module")
-def torchrun_on_a_mostly_broken_list(tmp_path_factory, synthetic_root, broken_videos):
+def torchrun_on_a_mostly_broken_list(module_tmp, synthetic_root, broken_videos):
     """One torchrun launch of the real pre-training entry point (2 processes, zero-shot evaluation each epoch) on
     a list of 10 good clips, 12 missing files and 3 unreadable ones -> (run, output dir, list, its broken paths).
     Each rank draws 12 of the 25 (drop_last), 3 steps of 4: every video a rank draws is read."""
-    folder = tmp_path_factory.mktemp("torchrun_broken")
+    folder = module_tmp.mktemp("torchrun_broken")
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
     out = folder / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -55,20 +55,20 @@ def _per_query(path):
 
 
 @pytest.fixture(scope="module")
-def pretrain_ckpt(tmp_path_factory):
+def pretrain_ckpt(module_tmp):
     """A tiny pre-training checkpoint as run_simvtp_pretraining writes it (weights + args with the model name)."""
     torch.manual_seed(0)
     model = model_registry.create("simvtp_tiny_patch16", img_size=32, num_frames=4,
                          vocab_size=len(datasets.build_tokenizer()))
-    path = str(tmp_path_factory.mktemp("pretrain") / "checkpoint-0.pth")
+    path = str(module_tmp.mktemp("pretrain") / "checkpoint-0.pth")
     checkpoint.save_atomic({"model": model.state_dict(), "epoch": 0, "args": {"model": "simvtp_tiny_patch16"}},
                            path)
     return path
 
 
 @pytest.fixture(scope="module")
-def finetuned(synthetic_root, pretrain_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finetune")
+def finetuned(synthetic_root, pretrain_ckpt, module_tmp):
+    out = module_tmp.mktemp("finetune")
     args = _args(synthetic_root, out, "--model", "simvtp_dual_tiny_patch16", "--finetune", pretrain_ckpt,
                  "--data_path", _ann(synthetic_root, "train.json"), "--val_data_path", _ann(synthetic_root, "val.json"),
                  "--test_data_path", _ann(synthetic_root, "test.json"), "--epochs", "2", "--max_steps", "2",

@@ -162,9 +162,9 @@ def test_span_frames_by_hand():
 
 
 @pytest.fixture(scope="module")
-def square_video(tmp_path_factory):
+def square_video(module_tmp):
     """A 64x64 index-coded clip, 40 frames at 10 fps (square: a test view keeps the whole frame and its code)."""
-    path = tmp_path_factory.mktemp("span") / "square.mp4"
+    path = module_tmp.mktemp("span") / "square.mp4"
     synthetic_dataset.write_video(path, index_frames(64, 64, 40), 10, "libx264")
     return path
 

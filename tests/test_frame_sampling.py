@@ -120,10 +120,10 @@ GRAY_STEP = 8  # frame t of the gray video is all t * GRAY_STEP: any crop or res
 
 
 @pytest.fixture(scope="module")
-def gray_video(tmp_path_factory):
+def gray_video(module_tmp):
     """A 30-frame 64 x 48 H.264 mp4 whose frame t is uniformly t * GRAY_STEP."""
     frames = np.repeat((np.arange(30, dtype=np.uint8) * GRAY_STEP)[:, None, None, None], 64 * 48 * 3, axis=1)
-    path = tmp_path_factory.mktemp("gray") / "gray.mp4"
+    path = module_tmp.mktemp("gray") / "gray.mp4"
     synthetic_dataset.write_video(path, frames.reshape(30, 48, 64, 3), fps=10, codec="libx264")
     return path
 

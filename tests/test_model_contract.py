@@ -99,8 +99,8 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_run(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy_full")
+def toy_run(synthetic_root, module_tmp):
+    out = module_tmp.mktemp("toy_full")
     result = run_simvtp_pretraining.main(_pretrain_args(synthetic_root, out, "--accum_iter", "2",
                                                         "--toy_nan_on_sample", "7"))
     return out, result

@@ -57,18 +57,18 @@ def _weights(out_dir):
 
 
 @pytest.fixture(scope="module")
-def eight_clips(synthetic_root, tmp_path_factory) -> str:
+def eight_clips(synthetic_root, module_tmp) -> str:
     """A training list of the first 8 synthetic clips: 2 steps an epoch at batch 4, enough for every comparison
     of an interrupted run with an uninterrupted one (mid-epoch and at an epoch boundary)."""
     records = json.load(open(os.path.join(synthetic_root, "annotations", "pretrain.json")))
-    anno = tmp_path_factory.mktemp("eight_clips") / "pretrain_8.json"
+    anno = module_tmp.mktemp("eight_clips") / "pretrain_8.json"
     anno.write_text(json.dumps(dict(list(records.items())[:8])))
     return str(anno)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synthetic_root, eight_clips, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
+def uninterrupted(synthetic_root, eight_clips, module_tmp):
+    out = module_tmp.mktemp("full")
     result = run_simvtp_pretraining.main(_args(synthetic_root, out, "--data_path", eight_clips))
     return out, result
 
@@ -372,9 +372,9 @@ def _broken_list(out):
 
 
 @pytest.fixture(scope="module")
-def mostly_broken(synthetic_root, broken_videos, tmp_path_factory):
+def mostly_broken(synthetic_root, broken_videos, module_tmp):
     """60% of the list broken (10 good, 12 missing, 3 unreadable), 2 epochs with 2 loader workers, not stopped."""
-    folder = tmp_path_factory.mktemp("mostly_broken")
+    folder = module_tmp.mktemp("mostly_broken")
     anno, broken = mostly_broken_list(synthetic_root, broken_videos, folder, good=10, missing=12)
     result, stdout = _train_on_list(synthetic_root, folder / "out", anno, "--max_broken_fraction", "0.9")
     return anno, broken, folder / "out", result, stdout

@@ -33,20 +33,20 @@ def _lines(path):
 
 
 @pytest.fixture(scope="module")
-def svitt_ckpt(tmp_path_factory):
+def svitt_ckpt(module_tmp):
     """A tiny SViTT pre-training checkpoint as our runs write it (weights + model_cfg naming the model)."""
     torch.manual_seed(0)
     model = model_registry.create("svitt_tiny_patch16", img_size=32, num_frames=2,
                                   vocab_size=len(datasets.build_tokenizer()))
-    path = str(tmp_path_factory.mktemp("svitt") / "checkpoint-0.pth")
+    path = str(module_tmp.mktemp("svitt") / "checkpoint-0.pth")
     checkpoint.save_atomic({"model": model.state_dict(), "model_cfg": model.model_cfg, "epoch": 0}, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def qa_run(synthetic_root, svitt_ckpt, tmp_path_factory):
+def qa_run(synthetic_root, svitt_ckpt, module_tmp):
     """Fine-tuning stopped after 2 steps, then resumed to 4 (each run ends with the test of the best weights)."""
-    out = tmp_path_factory.mktemp("qa")
+    out = module_tmp.mktemp("qa")
     files = ["--data_path", _ann(synthetic_root, "qa_train.json"), "--val_data_path", _ann(synthetic_root, "qa_val.json"),
              "--finetune", svitt_ckpt, "--epochs", "2"]
     first = run.main(_args(synthetic_root, out, *files, "--max_steps", "2"))  # no test file: no test

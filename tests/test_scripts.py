@@ -399,7 +399,7 @@ def test_fast_malloc_puts_tcmalloc_under_a_real_process_when_installed(tmp_path)
 @pytest.mark.slow
 @pytest.mark.skipif(os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(REPO, ".venv")),
                     reason="scripts/test.sh sets up the project's .venv; these tests run outside it")
-def test_the_test_script_runs_only_the_tests_it_is_given_and_refuses_a_bad_worker_count(tmp_path):
+def test_the_test_script_runs_only_the_tests_it_is_given_and_refuses_a_bad_worker_count_or_a_full_disk(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     one = "tests/test_masking.py::test_short_caption_gets_at_least_one_mask_and_empty_gets_none"
     run = subprocess.run(["bash", "scripts/test.sh", one, "--basetemp", str(tmp_path / "t")], cwd=REPO, text=True,
@@ -408,3 +408,6 @@ def test_the_test_script_runs_only_the_tests_it_is_given_and_refuses_a_bad_worke
     bad = subprocess.run(["bash", "scripts/test.sh"], cwd=REPO, text=True, capture_output=True,
                          env={**env, "SIMVTP_TEST_WORKERS": "0"}, timeout=300)
     assert bad.returncode == 2 and "SIMVTP_TEST_WORKERS must be a whole number >= 1, got '0'" in bad.stderr
+    full = subprocess.run(["bash", "scripts/test.sh"], cwd=REPO, text=True, capture_output=True,
+                          env={**env, "SIMVTP_TEST_MIN_FREE_GB": "1000000"}, timeout=300)
+    assert full.returncode == 2 and "GB free in" in full.stderr and "needs 1000000 GB there" in full.stderr

@@ -32,8 +32,8 @@ def save_model(path: Path, name: str, seed: int, frames: int = 4, side: int = 64
 
 
 @pytest.fixture(scope="module")
-def dual_ckpt(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("search_ckpt") / "dual.pth", "simvtp_dual_tiny_patch16", 3)
+def dual_ckpt(module_tmp) -> Path:
+    return save_model(module_tmp.mktemp("search_ckpt") / "dual.pth", "simvtp_dual_tiny_patch16", 3)
 
 
 def copy_videos(synthetic_root: Path, folder: Path, count: int) -> dict[str, list[str]]:
@@ -171,9 +171,9 @@ def test_a_model_without_a_matching_head_re_ranks_with_another_checkpoint(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, synthetic_root, dual_ckpt):
+def served(module_tmp, synthetic_root, dual_ckpt):
     """A small index and the app over it (Starlette's in-process client), with the folder's other files beside."""
-    folder = tmp_path_factory.mktemp("served")
+    folder = module_tmp.mktemp("served")
     videos, out = folder / "videos", folder / "index"
     videos.mkdir()
     copy_videos(synthetic_root, videos, 4)

@@ -56,11 +56,11 @@ def write_annotations(path: Path, videos: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory) -> Path:
+def media(module_tmp) -> Path:
     """good (two, one in a sub-folder), short, cut in half (index first: it opens), cut in half and cut just
     before its index (index last), corrupt data (intact layout), empty, not-a-video; `missing.mp4` is named by
     the annotations but never written."""
-    root = tmp_path_factory.mktemp("media")
+    root = module_tmp.mktemp("media")
     write_mp4(root / "good.mp4", 72)
     write_mp4(root / "sub" / "good2.mp4", 70, width=64, height=96)
     write_mp4(root / "short.mp4", 20)
