@@ -62,8 +62,13 @@ def clip_metadata(ids: Sequence[str], metadata: dict[str, dict], path: str) -> l
     return out
 
 
+def scaled(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows times 10, so that a linear probe's logits can be confident."""
+    return 10.0 * torch.nn.functional.normalize(x, dim=-1)
+
+
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int, seed: int) -> torch.nn.Linear:
-    """Full-batch logistic regression on L2-normalised features (x10 so that the logits can be confident)."""
+    """Full-batch logistic regression (Adam, weight decay 1e-4)."""
     torch.manual_seed(seed)
     probe = torch.nn.Linear(x.shape[1], classes)
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
@@ -77,7 +82,6 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int, seed: 
 def probe_attributes(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.Tensor, list[dict]],
                      steps: int = 500, seed: int = 0) -> dict[str, dict]:
     """attribute -> {"accuracy", "majority" (the train clips' most frequent answer, scored on test), "clips"}."""
-    scale = lambda x: 10.0 * torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     results = {}
     for name, label in ATTRIBUTES.items():
         tr = [(i, label(m)) for i, m in enumerate(train[1]) if label(m) is not None]
@@ -87,9 +91,9 @@ def probe_attributes(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.T
         classes = sorted({y for _, y in tr})
         y_tr = torch.tensor([classes.index(y) for _, y in tr])
         y_te = torch.tensor([classes.index(y) if y in classes else -1 for _, y in te])
-        probe = fit_probe(scale(train[0][[i for i, _ in tr]]), y_tr, len(classes), steps, seed)
+        probe = fit_probe(scaled(train[0][[i for i, _ in tr]]), y_tr, len(classes), steps, seed)
         with torch.no_grad():
-            guess = probe(scale(test[0][[i for i, _ in te]])).argmax(1)
+            guess = probe(scaled(test[0][[i for i, _ in te]])).argmax(1)
         majority = int(torch.bincount(y_tr).argmax())
         results[name] = {"accuracy": 100.0 * float((guess == y_te).float().mean()),
                          "majority": 100.0 * float((y_te == majority).float().mean()), "clips": len(te)}
