@@ -16,8 +16,9 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
+
+import retrieval_eval
 
 MOVES = ("left", "right", "up", "down")
 ATTRIBUTES: dict[str, Callable[[dict], str | None]] = {  # name -> the clip's label (None: not asked of this clip)
@@ -29,26 +30,6 @@ ATTRIBUTES: dict[str, Callable[[dict], str | None]] = {  # name -> the clip's la
     "direction": lambda m: m["motion"] if m["motion"] in MOVES else None,
     "grow/shrink": lambda m: m["motion"] if m["motion"] in ("grow", "shrink") else None,
 }
-
-
-def read_video_embeddings(path: str) -> tuple[torch.Tensor, list[str]]:
-    """An export's video rows and their ids (.npy with its .json sidecar, or .safetensors)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            return f.get_tensor("video").float(), json.loads(f.metadata()["video_ids"])
-    if not path.endswith(".npy"):
-        raise ValueError(f"{path}: expected an export written by --export_embeddings (.npy or .safetensors)")
-    sidecar = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(sidecar):
-        raise FileNotFoundError(f"{path}: its sidecar {sidecar} (row ids) is missing")
-    info = json.load(open(sidecar))
-    rows = torch.from_numpy(np.load(path)).float()
-    keep = [i for i, kind in enumerate(info["kinds"]) if kind == "video"]
-    if not keep:
-        raise ValueError(f"{path}: the export holds no video rows")
-    return rows[keep], [info["ids"][i] for i in keep]
 
 
 def clip_metadata(ids: Sequence[str], metadata: dict[str, dict], path: str) -> list[dict]:
@@ -123,7 +104,7 @@ def main(args: argparse.Namespace) -> dict[str, dict]:
     metadata = {m["video_id"]: m for m in json.load(open(args.metadata))}
     sets = []
     for path in (args.train, args.test):
-        x, ids = read_video_embeddings(path)
+        x, ids = retrieval_eval.read_video_embeddings(path)
         sets.append((x, clip_metadata(ids, metadata, path)))
     results = probe_attributes(sets[0], sets[1], args.steps, args.seed)
     print(format_probes(results))

@@ -747,3 +747,23 @@ def save_embeddings(out_path: str, meta: dict, video: torch.Tensor | None = None
         json.dump({**info, "ids": [i for _, _, ids in parts for i in ids],
                    "kinds": [kind for kind, _, ids in parts for _ in ids]}, f, indent=1)
     return [out_path, sidecar]
+
+
+def read_video_embeddings(path: str) -> tuple[torch.Tensor, list[str]]:
+    """The video rows of a save_embeddings file and their ids (.npy with its .json sidecar, or .safetensors)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return f.get_tensor("video").float(), json.loads(f.metadata()["video_ids"])
+    if not path.endswith(".npy"):
+        raise ValueError(f"{path}: expected an export written by --export_embeddings (.npy or .safetensors)")
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(sidecar):
+        raise FileNotFoundError(f"{path}: its sidecar {sidecar} (row ids) is missing")
+    info = json.load(open(sidecar))
+    rows = torch.from_numpy(np.load(path)).float()
+    keep = [i for i, kind in enumerate(info["kinds"]) if kind == "video"]
+    if not keep:
+        raise ValueError(f"{path}: the export holds no video rows")
+    return rows[keep], [info["ids"][i] for i in keep]

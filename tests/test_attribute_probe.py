@@ -53,8 +53,8 @@ def test_a_bad_export_or_an_unknown_clip_is_named(tmp_path):
     _export(str(tmp_path / "e.npy"), clips, 0)
     (tmp_path / "e.json").unlink()
     with pytest.raises(FileNotFoundError, match="e.json"):
-        attribute_probe.read_video_embeddings(str(tmp_path / "e.npy"))
+        retrieval_eval.read_video_embeddings(str(tmp_path / "e.npy"))
     with pytest.raises(ValueError, match="e.csv"):
-        attribute_probe.read_video_embeddings(str(tmp_path / "e.csv"))
+        retrieval_eval.read_video_embeddings(str(tmp_path / "e.csv"))
     with pytest.raises(KeyError, match="train_00009"):
         attribute_probe.clip_metadata(["train/train_00009"], {c["video_id"]: c for c in clips}, "x.npy")
