@@ -37,6 +37,14 @@ def pretraining_parser() -> argparse.ArgumentParser:
                    "other's matching negatives; a step still has --batch_size clips (from batch_size / C videos) "
                    "and an epoch as many clips and steps, from a different 1/C of the videos each epoch: C times "
                    "fewer video reads, for when decoding limits the step (1: the paper's method)")
+    g.add_argument("--caption_group_size", type=int, default=1,
+                   help="caption-neighbour batches (batch_grouping.py): build each batch from groups of K clips "
+                   "whose captions share most words, so that every clip has K-1 in-batch negatives that differ "
+                   "in a detail (the contrastive loss and the matching head's hard negatives then need it); K must "
+                   "divide the batch size. 1: uniformly random batches, as the papers")
+    g.add_argument("--caption_group_pool", type=int, default=4096,
+                   help="neighbours are searched among this many clips of the epoch's random order at a time "
+                   "(the grouping costs O(videos x pool) per epoch, in every process)")
     g = p.add_argument_group("masking (what the model asks for: a video mask, MLM captions)")
     g.add_argument("--mask_type", default="tube", choices=["tube", "random"],
                    help="tube: one spatial mask for all frames (SimVTP); random: per token")

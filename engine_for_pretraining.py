@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import annotations
+import batch_grouping
 import checkpoint
 import datasets
 import distributed
@@ -55,6 +56,7 @@ class TrainState:
     stop: bool = False              # --max_steps reached
     eval_pending: int | None = None  # epoch saved whose evaluation has not finished (run first on resume)
     pending_record: dict = field(default_factory=dict)  # that epoch's log.txt record so far
+    batch_order: torch.Tensor | None = None  # the epoch's sample order when it is not the sampler's own (neighbours)
     history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -309,6 +311,8 @@ class Run:
     tb: utils.TensorboardLogger | None = None
     save_ckpt_freq: int = 0
     broken: "BrokenVideos | None" = None
+    # (epoch, the order saved for it or None) -> the epoch's sample order to save (neighbour batches)
+    before_epoch: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
@@ -376,6 +380,8 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
         epoch = state.epoch
         run.sampler.set_epoch(epoch)
         run.dataset.set_epoch(epoch)
+        if run.before_epoch is not None:  # a saved order is for this epoch only when resuming inside it
+            state.batch_order = run.before_epoch(epoch, state.batch_order if state.samples_in_epoch else None)
         run.sampler.set_start(state.samples_in_epoch)
         state.micro_in_epoch = batches - len(run.sampler) // run.batch_size  # the same unless settings changed
         summary = train_one_epoch(run.train_model, run.loader, run.optimizer, run.scaler, batches, run.lr_schedule,
@@ -392,6 +398,7 @@ def train(run: Run, evaluate: EpochHook | None = None, eval_due: Callable[[int],
             break
         due = evaluate is not None and eval_due(epoch)
         state.epoch, state.micro_in_epoch, state.samples_in_epoch = epoch + 1, 0, 0
+        state.batch_order = None
         state.eval_pending, state.pending_record = (epoch if due else None), record
         run.save(epoch, None)
         finish(epoch, record, evaluate_now=due)
@@ -579,9 +586,8 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     collator = datasets.VideoTextCollator(tokenizer, max_text_len=args.max_text_len,
                                           text_mask_ratio=args.text_mask_ratio if model.text_masking else None,
                                           text_mask_mode=model.text_masking or "mask", seed=args.seed)
-    sampler = utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
-                                                seed=args.seed, shuffle=True, drop_last=True)
     videos_per_batch = args.batch_size // args.clips_per_video
+    sampler = build_sampler(args, dataset, videos_per_batch)
     if len(dataset) < videos_per_batch * args.world_size:
         raise ValueError(f"{args.data_path}: {len(dataset)} videos per epoch, fewer than one global batch "
                          f"({videos_per_batch} x {args.world_size} processes)")
@@ -595,6 +601,33 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
                 f"{videos_per_batch} a step)" if args.clips_per_video > 1 else "")
     print(f"Data: {len(records)} videos from {args.data_path}; video mask {mask_gen}; {text}{repeated}")
     return loader, dataset, sampler
+
+
+def build_sampler(args: argparse.Namespace, dataset: datasets.VideoTextDataset, videos_per_batch: int) -> utils.ResumableDistributedSampler:
+    """Uniformly shuffled batches, or caption-neighbour groups (--caption_group_size > 1)."""
+    size = args.caption_group_size
+    if size <= 1:
+        return utils.ResumableDistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                 seed=args.seed, shuffle=True, drop_last=True)
+    if args.clips_per_video != 1:
+        raise ValueError("--caption_group_size groups whole videos; it cannot be combined with --clips_per_video")
+    if videos_per_batch % size:
+        raise ValueError(f"--caption_group_size {size} does not divide the batch size {videos_per_batch}: a group "
+                         "would be split between two steps")
+    print(f"Batches: groups of {size} clips whose captions the model embeds nearest ({videos_per_batch // size} "
+          f"groups a step, regrouped every epoch)")
+    return batch_grouping.NeighbourBatchSampler(dataset, size, num_replicas=args.world_size, rank=args.rank,
+                                                seed=args.seed, pool=args.caption_group_pool)
+
+
+def neighbour_grouping(args: argparse.Namespace, model: torch.nn.Module, sampler: utils.ResumableDistributedSampler,
+                       dataset: datasets.VideoTextDataset, tokenizer,
+                       dtype: torch.dtype) -> batch_grouping.TextNeighbourGrouping | None:
+    """The per-epoch regrouping a neighbour sampler needs (None for uniform batches)."""
+    if not isinstance(sampler, batch_grouping.NeighbourBatchSampler):
+        return None
+    cfg = retrieval_eval.EvalConfig(device=args.device_obj, dtype=dtype, max_text_len=args.max_text_len)
+    return batch_grouping.TextNeighbourGrouping(sampler, model, dataset.records.captions, tokenizer, cfg)
 
 
 def build_eval_dataset(args: argparse.Namespace) -> datasets.VideoTextDataset | None:

@@ -369,13 +369,16 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
                  vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked",
-                 w_reverse: float = 0.0) -> None:
+                 w_reverse: float = 0.0, reverse_tubes: str = "visible") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if vtc_text not in ("full", "masked") or vtm_text not in ("full", "masked") \
                 or vtm_negatives not in NEGATIVE_MODES:
             raise ValueError(f"vtc_text {vtc_text!r} and vtm_text {vtm_text!r} (full|masked), vtm_negatives "
                              f"{vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)})")
+        if reverse_tubes not in ("visible", "all"):
+            raise ValueError(f"reverse_tubes {reverse_tubes!r} (visible|all)")
+        self.reverse_tubes = reverse_tubes
         if not 0.0 < decode_fraction <= 1.0 or vtm_negatives_per_pair not in (1, 2):
             raise ValueError(f"decode_fraction {decode_fraction} must be in (0, 1], vtm_negatives_per_pair "
                              f"{vtm_negatives_per_pair} 1 or 2")
@@ -530,10 +533,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                                                text_feat, match_ids,
                                                negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
-        if self.loss_weights["reverse"] > 0:  # (d) one more video-only pass: the same tubes played backwards
-            backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
-            terms["reverse"], reverse_acc = reversal_loss(text_feat, video_feat,
-                                                          self.encoder.pool(self.encoder(backwards)),
+        if self.loss_weights["reverse"] > 0:  # (d) the same tubes played backwards (and forwards, with all tubes)
+            terms["reverse"], reverse_acc = reversal_loss(text_feat, *self.time_order_pair(video, video_mask,
+                                                                                          video_feat, batch),
                                                           self.current_temperature())
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
@@ -541,6 +543,17 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         if "reverse" in terms:
             out["reverse_acc"] = reverse_acc.detach()
         return out
+
+    def time_order_pair(self, video: torch.Tensor, video_mask: torch.Tensor, video_feat: torch.Tensor,
+                        batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features of each clip played forwards and backwards, for the time-order loss. reverse_tubes
+        "visible": the training mask's tubes (the contrastive pass's features, one more pass); "all": every tube
+        (two more passes: the object is then in view in every frame, where 10% of the tubes often miss it)."""
+        if self.reverse_tubes == "visible":
+            backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
+            return video_feat, self.encoder.pool(self.encoder(backwards))
+        both = self.encoder.embed_video(torch.cat([video, video.flip(2)]))
+        return self.encoder.pool(self.encoder(both)).chunk(2)
 
     # -- inference
     def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -845,6 +858,9 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    help="caption of the matching pairs: masked (default, the release's: the masked-word pass's "
                         "caption, so a pair whose telling words are masked cannot be told apart) or full (one more "
                         "joint pass; re-ranking scores whole captions)")
+    g.add_argument("--reverse_tubes", default=None, choices=["visible", "all"],
+                   help="with --w_reverse: the clip forwards and backwards through the training mask's tubes "
+                        "(visible, default: one more video pass) or through every tube (all: two more passes)")
     g.add_argument("--release_pooling", action="store_true", default=None,
                    help="average padding into text means, as the release did")
     g.add_argument("--temperature", type=float, default=None, help="contrastive temperature (default 0.05)")

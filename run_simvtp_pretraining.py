@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = engine.build_optimizer(model, args)
     scaler = utils.make_grad_scaler(args.device_obj, dtype)
     run = engine.start_run(args, model, loader, sampler, dataset, optimizer, scaler, lr_schedule, wd_schedule, dtype)
+    run.before_epoch = engine.neighbour_grouping(args, model, sampler, dataset, tokenizer, dtype)
     state = run.state
     t_start = time.time()
     summary = engine.train(run, evaluate=(lambda epoch: engine.zero_shot_eval(model, eval_set, tokenizer, args,

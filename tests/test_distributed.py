@@ -68,12 +68,58 @@ def _gradients_scenario(rank: int, world: int, out_dir: str) -> None:
     torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pth"))
 
 
+_GROUP_CAPTIONS = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
+                   for d in ("up", "left")][:11]  # 11 items: the ranks embed 6 and 5
+
+
+def _grouping_inputs():
+    import batch_grouping
+    import datasets
+    import retrieval_eval
+    tokenizer = datasets.build_tokenizer()
+    torch.manual_seed(0)
+    model = create_model("simvtp_tiny_patch16", **{**TINY, "vocab_size": len(tokenizer)})
+    cfg = retrieval_eval.EvalConfig(device=torch.device("cpu"), max_text_len=16)
+
+    def grouping(world: int, rank: int):
+        sampler = batch_grouping.NeighbourBatchSampler(_GROUP_CAPTIONS, 2, num_replicas=world, rank=rank, seed=1)
+        sampler.set_epoch(0)
+        return sampler, batch_grouping.TextNeighbourGrouping(sampler, model, lambda i: [_GROUP_CAPTIONS[i]],
+                                                             tokenizer, cfg, batch_size=4)
+    return grouping
+
+
+def _grouping_scenario(rank: int, world: int, out_dir: str) -> None:
+    sampler, grouping = _grouping_inputs()(world, rank)
+    features = grouping.embed()
+    order = grouping(0, None)
+    torch.save({"features": torch.from_numpy(features), "order": order, "mine": list(sampler)},
+               os.path.join(out_dir, f"grouping{rank}.pth"))
+
+
+@pytest.mark.slow
+def test_two_processes_embed_their_shares_and_group_every_clip_alike(gloo_ranks):
+    """Neighbour batches: each rank embeds every other caption, the gathered features equal one process's, both
+    ranks draw the same order and each gets whole groups of it, disjoint."""
+    sampler, grouping = _grouping_inputs()(1, 0)
+    expected = torch.from_numpy(grouping.embed())
+    sampler.set_features(expected.numpy())
+    got = [torch.load(gloo_ranks / f"grouping{rank}.pth", weights_only=True) for rank in range(2)]
+    for g in got:
+        torch.testing.assert_close(g["features"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0]["order"], got[1]["order"])
+    pairs = {frozenset(g) for g in sampler.epoch_groups()}  # a single process's groups on the same features
+    for g in got:  # 5 items each (11 // 2): two whole pairs, then a part of one
+        assert all(frozenset(g["mine"][i:i + 2]) in pairs for i in range(0, len(g["mine"]) - 1, 2))
+    assert not set(got[0]["mine"]) & set(got[1]["mine"]) and len(got[0]["mine"]) == len(got[1]["mine"]) == 5
+
+
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Every scenario below in turn, in one process group of 2 gloo ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     for scenario in (_gradients_scenario, _itc_scenario, _qa_scenario, _rerank_scenario, _accumulation_scenario,
-                     _gather_scenario):  # the last patches collectives
+                     _grouping_scenario, _gather_scenario):  # the last patches collectives
         scenario(rank, world, out_dir)  # (and puts them back)
     torch.distributed.destroy_process_group()
 

@@ -571,14 +571,25 @@ def test_reversal_loss_prefers_the_forward_clip_and_counts_who_does():
     assert swapped.item() == 0.0
 
 
+def test_time_order_through_all_tubes_compares_the_retrieval_features_of_both_orders():
+    model = tiny(w_reverse=1.0, reverse_tubes="all").eval()
+    b = make_batch(b=3)
+    forwards, backwards = model.time_order_pair(b["video"], b["video_mask"], None, b)
+    torch.testing.assert_close(forwards, model.encode_video(b["video"]))
+    torch.testing.assert_close(backwards, model.encode_video(b["video"].flip(2)))
+    with pytest.raises(ValueError, match="reverse_tubes 'some'"):
+        tiny(reverse_tubes="some")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["simvtp", "svitt"])
+@pytest.mark.parametrize("family", ["simvtp", "simvtp_all_tubes", "svitt"])
 def test_w_reverse_adds_the_time_order_term_and_its_gradient_separates_the_orders(family):
     """The term appears only when weighted; a few steps on it alone make the features tell a clip from the same
     clip played backwards (SViTT's start exactly equal: its only position signal is a relative bias table that
     starts at zero; dense and without pruning or drop path here, so that the steps are not drowned in noise)."""
-    if family == "simvtp":
-        plain, model, b = tiny(), tiny(w_reverse=1.0), make_batch(b=4)
+    if family.startswith("simvtp"):
+        tubes = "all" if family == "simvtp_all_tubes" else "visible"
+        plain, model, b = tiny(), tiny(w_reverse=1.0, reverse_tubes=tubes), make_batch(b=4)
     else:
         import test_svitt_model as T
         dense = dict(token_keep_rate=1.0, token_drop_loc=(), sparse_random_attn=0, drop_path_rate=0.0,

@@ -143,6 +143,19 @@ def test_resume_mid_epoch_with_two_clips_per_video_reproduces_the_run(synthetic_
 
 
 @pytest.mark.slow
+def test_resume_mid_epoch_with_neighbour_batches_reproduces_the_run(synthetic_root, eight_clips, tmp_path, capsys):
+    """--caption_group_size: each epoch's order comes from the weights at its start, so a run resumed inside an
+    epoch must take that order from the checkpoint (its own weights would group differently)."""
+    extra = ("--caption_group_size", "2", "--data_path", eight_clips)
+    full = run_simvtp_pretraining.main(_args(synthetic_root, tmp_path / "full", *extra))
+    assert capsys.readouterr().out.count("groups of 2 clips with the nearest text embeddings") == 2
+    stop = len(full["history"]) // 2 + 1  # one step into the second epoch
+    _interrupt_then_resume((tmp_path / "full", full), synthetic_root, tmp_path / "resumed", stop,
+                           "checkpoint-1-step1.pth", *extra)
+    assert "Batches of epoch 1: the neighbour groups saved in the checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(uninterrupted, synthetic_root,
                                                                           eight_clips, tmp_path, capsys):
     # the last good checkpoint: the uninterrupted run's after its first epoch, where a run with the same flags
