@@ -183,6 +183,7 @@ def run_test(model: torch.nn.Module, records: list, args: argparse.Namespace, to
         out["video_mask_ratio"] = mask_ratio
     if len(runs) > 1:
         out["frame_orders"] = {order: frame_order_row(r["out"]) for order, r in runs.items()}
+        add_in_order_preference(out["frame_orders"], {order: r["own_sim"] for order, r in runs.items()})
         print(format_frame_orders(out["frame_orders"]), flush=True)
     retrieval_eval.write_results(args.output_dir, prefix, out, first["per_query"])
     write_tensorboard(args, prefix, out)
@@ -215,7 +216,19 @@ def evaluate_one_order(model, match_model, records: list, loader, args: argparse
     order = "" if cfg.frame_order == "none" else f", frames {cfg.frame_order}"
     print(retrieval_eval.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
     per_query = retrieval_eval.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
-    return {"out": out, "per_query": per_query}
+    own_sim = res["sim"][torch.arange(len(res["text_to_video"])), res["text_to_video"].to(res["sim"].device)]
+    return {"out": out, "per_query": per_query, "own_sim": own_sim.float().cpu()}
+
+
+def add_in_order_preference(rows: dict[str, dict], own_sim: dict[str, torch.Tensor]) -> None:
+    """Each later order's row gains `in_order_preferred`: the share (%) of captions whose own clip, frames as in
+    the first order, scores above the same clip in this order (ties count against). Unlike R@1 it does not depend
+    on what the other videos show: a caption that names a motion should prefer its clip played forwards to the
+    same clip reversed, whether or not another test video could take its place."""
+    orders = list(rows)
+    for order in orders[1:]:
+        preferred = (own_sim[orders[0]] > own_sim[order]).float().mean().item()
+        rows[order]["in_order_preferred"] = 100.0 * preferred
 
 
 def frame_order_row(out: dict) -> dict:
@@ -231,7 +244,12 @@ def format_frame_orders(rows: dict[str, dict]) -> str:
     reranked = any("rerank_t2v_R@1" in r for r in rows.values())
     if reranked:
         columns += [("re-ranked t2v", "rerank_t2v_R@1", 15, ".1f"), ("v2t", "rerank_v2t_R@1", 7, ".1f")]
+    preference = any("in_order_preferred" in r for r in rows.values())
+    if preference:
+        columns.append(("in order preferred", "in_order_preferred", 20, ".1f"))
     title = "Temporal sensitivity (contrastive" + (", re-ranked" if reranked else "") + ")"
+    if preference:
+        title += "; in order preferred: % of captions scoring their clip in the first order above it in that one"
     return engine_for_finetuning.format_frame_orders(title, rows, columns)
 
 

@@ -248,6 +248,8 @@ def test_zero_shot_with_clips_frame_orders_and_reranking_writes_both_rankings(sy
     assert saved["clips"] == 2 and saved["clip_sampling"] == "sparse" and saved["frame_ensemble"] == "lse"
     assert set(saved["frame_orders"]) == {"none", "freeze"}
     assert saved["frame_orders"]["none"]["rerank_t2v_R@1"] == result["rerank"]["t2v_R@1"]
+    assert "in_order_preferred" not in saved["frame_orders"]["none"]
+    assert 0.0 <= saved["frame_orders"]["freeze"]["in_order_preferred"] <= 100.0 and "in order preferred" in printed
     assert saved["rerank"]["pairs"] <= 2 * result["t2v_queries"] + 2 * 8  # T x k + V x k minus the overlap
     assert any(f.startswith("events") for f in os.listdir(out / "tb"))
 

@@ -152,3 +152,16 @@ def test_held_out_matching_pairs_are_one_match_and_two_non_matches_per_video_har
         assert [m for _, m in pairs] == [True, False, False] * 3
         assert all(bool(gt[t, v]) == m for (t, v), m in pairs)
     assert eng.held_out_matching_pairs(sim, t2v, seed=3) == kinds  # seeded: the same at every evaluation
+
+
+def test_in_order_preference_counts_captions_whose_own_clip_scores_higher_in_the_first_order():
+    import engine_for_retrieval
+    rows = {"none": {"t2v_R@1": 50.0}, "reverse": {"t2v_R@1": 50.0}, "freeze": {"t2v_R@1": 40.0}}
+    own = {"none": torch.tensor([0.9, 0.5, 0.7, 0.2]), "reverse": torch.tensor([0.8, 0.6, 0.7, 0.1]),
+           "freeze": torch.tensor([1.0, 0.6, 0.8, 0.3])}
+    engine_for_retrieval.add_in_order_preference(rows, own)
+    assert "in_order_preferred" not in rows["none"]
+    assert rows["reverse"]["in_order_preferred"] == 50.0  # captions 0 and 3; caption 2 ties: counted against
+    assert rows["freeze"]["in_order_preferred"] == 0.0
+    table = engine_for_retrieval.format_frame_orders(rows)
+    assert "in order preferred" in table and table.splitlines()[-2].split()[-1] == "50.0"
