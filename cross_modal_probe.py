@@ -6,7 +6,9 @@ same for every condition) it measures:
 - masked-word accuracy (top-1, top-5) with the clip's own video, another clip's video, and no video tokens;
 - pixel reconstruction error of the masked tubes (the pre-training loss: MSE on per-tube normalised pixels) with
   the clip's own caption, another clip's caption, and no text.
-If the partner modality helps, "own" beats "other" and "none".
+If the partner modality helps, "own" beats "other" and "none". With --word_groups the word figures are also given
+per kind of word (e.g. colour, shape, motion words, and the rest): the words only the video can give are where its
+help should show.
 
     python cross_modal_probe.py --ckpt output/demo/pretrain/checkpoint-19.pth \
         --data_path data/synthetic/annotations/test.json --data_root data/synthetic
@@ -30,18 +32,58 @@ import video_transforms
 CONDITIONS = ("own", "other", "none")
 
 
+OTHER_WORDS = "other"  # the group of the masked words no --word_groups group names
+
+
+def read_word_groups(spec: str) -> dict[str, list[str]]:
+    """--word_groups: "synthetic" (the synthetic set's colour, shape, size and motion words) or a JSON file
+    {group: [word, ...]}."""
+    if spec == "synthetic":
+        import synthetic_dataset
+        return synthetic_dataset.word_groups()
+    try:
+        with open(spec) as f:
+            groups = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--word_groups {spec}: no such file (or give 'synthetic')") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--word_groups {spec}: not JSON ({e})") from None
+    if not isinstance(groups, dict) or not all(isinstance(w, list) and all(isinstance(x, str) for x in w)
+                                               for w in groups.values()):
+        raise ValueError(f"--word_groups {spec}: expected a JSON object of word lists, {{\"colour\": [\"red\", ...]}}")
+    if OTHER_WORDS in groups:
+        raise ValueError(f"--word_groups {spec}: the group name {OTHER_WORDS!r} is the probe's (the words of no group)")
+    return groups
+
+
+def token_groups(tokenizer, groups: dict[str, list[str]]) -> dict[int, str]:
+    """Token id -> group for the groups' words that are one word piece (a word split into pieces is left to the
+    other words: its pieces are masked and predicted one by one); a word in two groups belongs to the first."""
+    ids: dict[int, str] = {}
+    for group, words in groups.items():
+        for word in words:
+            pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(pieces) == 1:
+                ids.setdefault(pieces[0], group)
+    return ids
+
+
 @torch.no_grad()
 def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int = 0, batch_size: int = 16,
-          mask_ratio: float = 0.9, text_mask_ratio: float = 0.75, max_batches: int | None = None) -> dict:
-    """The probe's figures for the checkpoint's model on data_path's first caption per video."""
+          mask_ratio: float = 0.9, text_mask_ratio: float = 0.75, max_batches: int | None = None,
+          word_groups: dict[str, list[str]] | None = None) -> dict:
+    """The probe's figures for the checkpoint's model on data_path's first caption per video (with word_groups,
+    also word_top1_<condition>/<group> and masked_words/<group>)."""
     model = checkpoint.build_model_from(checkpoint.read_checkpoint_file(ckpt), ckpt).eval()
     model_registry.require(model, "probe", f"{ckpt}: {type(model).__name__} is not a SimVTP pre-training model (no "
                            "pixel decoder and word head to probe)")
     cfg = model.model_cfg.get("kwargs", {})
     frames, size = cfg.get("num_frames", 16), cfg.get("img_size", 224)
     loader = _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size)
+    group_of = token_groups(loader.collate_fn.tokenizer, word_groups) if word_groups else None
     sums = {f"word_top{k}_{c}": 0.0 for k in (1, 5) for c in CONDITIONS}
     sums.update({f"pixel_mse_{c}": 0.0 for c in CONDITIONS})
+    by_group: dict[str, dict[str, int]] = {}
     words = clips = 0
     for n, batch in enumerate(loader):
         if max_batches is not None and n >= max_batches:
@@ -49,7 +91,9 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
         if len(batch["video"]) < 2:  # "other" needs a second clip
             continue
         batch["video"] = video_transforms.normalize_video(batch["video"])
-        w, p = _batch_figures(model, batch)
+        w, p, hits = _batch_figures(model, batch)
+        if group_of is not None:
+            _count_by_group(by_group, hits, batch["mlm_labels"], group_of)
         count = int((batch["mlm_labels"] != -100).sum())
         for key, value in w.items():
             sums[key] += value * count
@@ -58,7 +102,32 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
         words += count
         clips += len(batch["video"])
     out = {k: 100.0 * v / max(words, 1) if k.startswith("word") else v / max(clips, 1) for k, v in sums.items()}
+    for group in [g for g in [*(word_groups or {}), OTHER_WORDS] if g in by_group]:
+        counts = by_group[group]
+        out[f"masked_words/{group}"] = counts["words"]
+        out.update({f"word_top1_{c}/{group}": 100.0 * counts[c] / counts["words"] for c in CONDITIONS})
     return {**out, "masked_words": words, "clips": clips}
+
+
+def _count_by_group(by_group: dict, hits: dict[str, torch.Tensor], labels: torch.Tensor,
+                    group_of: dict[int, str]) -> None:
+    """Add one batch's masked words and top-1 hits per condition to each word's group."""
+    for n, token in enumerate(labels[labels != -100].tolist()):
+        counts = by_group.setdefault(group_of.get(token, OTHER_WORDS), {"words": 0, **{c: 0 for c in CONDITIONS}})
+        counts["words"] += 1
+        for cond in CONDITIONS:
+            counts[cond] += int(hits[cond][n])
+
+
+def format_word_groups(figures: dict) -> str:
+    """Masked-word top-1 per group of words and condition, one line per group."""
+    groups = [k.split("/", 1)[1] for k in figures if k.startswith("masked_words/")]
+    heads = {"own": "own video", "other": "other video", "none": "no video"}
+    lines = [f"{'words':<12}{'masked':>8}" + "".join(f"{heads[c]:>13}" for c in CONDITIONS)]
+    for g in groups:
+        lines.append(f"{g:<12}{figures[f'masked_words/{g}']:>8}"
+                     + "".join(f"{figures[f'word_top1_{c}/{g}']:>13.1f}" for c in CONDITIONS))
+    return "\n".join(lines)
 
 
 def _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size):
@@ -73,22 +142,23 @@ def _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
 
-def _batch_figures(model, batch: dict) -> tuple[dict, dict]:
+def _batch_figures(model, batch: dict) -> tuple[dict, dict, dict]:
     """Masked-word top-1/top-5 accuracy (fractions) and pixel MSE per condition for one batch (B >= 2: "other"
-    pairs each clip with the next one's partner)."""
+    pairs each clip with the next one's partner), and per condition whether each masked word was the top 1."""
     video, mask = batch["video"], batch["video_mask"]
     vis = model.encoder.embed_video(video, mask)
     text = model.text_embeddings(batch["mlm_input_ids"])
     attn = batch["attention_mask"]
     labels = batch["mlm_labels"]
     other = torch.roll(torch.arange(len(video)), 1)
-    words = {}
+    words, hits = {}, {}
     for cond, v in (("own", vis), ("other", vis[other]), ("none", None)):
         out = model.encoder(v, text, attn)
         logits = model.text_cls(out[:, 0 if v is None else v.shape[1]:][labels != -100]).float()
         top5 = logits.topk(5, dim=-1).indices
         target = labels[labels != -100]
-        words[f"word_top1_{cond}"] = (top5[:, 0] == target).float().mean().item()
+        hits[cond] = top5[:, 0] == target
+        words[f"word_top1_{cond}"] = hits[cond].float().mean().item()
         words[f"word_top5_{cond}"] = (top5 == target[:, None]).any(-1).float().mean().item()
     target = model.pixel_target(video, mask)
     pixels = {}
@@ -96,7 +166,7 @@ def _batch_figures(model, batch: dict) -> tuple[dict, dict]:
         out = model.encoder(vis, t, a)
         pred = model.decode_pixels(out[:, :vis.shape[1]], mask).float()
         pixels[f"pixel_mse_{cond}"] = F.mse_loss(pred, target).item()
-    return words, pixels
+    return words, pixels, hits
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,13 +179,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="clips per batch (>= 2)")
     p.add_argument("--mask_ratio", type=float, default=0.9, help="tube-mask ratio")
     p.add_argument("--text_mask_ratio", type=float, default=0.75, help="share of words masked")
+    p.add_argument("--word_groups", default=None,
+                   help="also give the word accuracy per kind of word: 'synthetic' (the synthetic set's colour, "
+                   "shape, size and motion words) or a JSON file {group: [word, ...]}; other words form 'other'")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
+    groups = read_word_groups(args.word_groups) if args.word_groups else None
     figures = probe(args.ckpt, args.data_path, args.data_root, seed=args.seed, batch_size=args.batch_size,
-                    mask_ratio=args.mask_ratio, text_mask_ratio=args.text_mask_ratio)
+                    mask_ratio=args.mask_ratio, text_mask_ratio=args.text_mask_ratio, word_groups=groups)
     print(json.dumps(figures, indent=2))
+    if groups:
+        print(format_word_groups(figures))
     return figures
 
 

@@ -153,6 +153,15 @@ class ClipSpec:
         return f"{self.split}/{self.video_id}.mp4"
 
 
+def word_groups() -> dict[str, list[str]]:
+    """The caption words that only the video can give, by kind (colour words name the object or the background;
+    motion words are those a single frame cannot reveal): what a cross-modal probe should find the video helps."""
+    return {"colour": [w for _, words in COLOURS.values() for w in words],
+            "shape": [w for words in SHAPES.values() for w in words],
+            "size": [w for words in SIZES.values() for w in words],
+            "motion": [w for words in DIRECTION_WORDS.values() for w in words]}
+
+
 def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one clip: a pure function of (seed, split, clip number)."""
     return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]))
