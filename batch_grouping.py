@@ -24,6 +24,7 @@ import distributed
 import retrieval_eval
 import utils
 
+
 def neighbour_groups(features: np.ndarray, group_size: int, rng: np.random.Generator) -> list[list[int]]:
     """Rows of `features` in groups of `group_size` (>= 2): a random unassigned seed and its most similar unassigned
     rows, until fewer than `group_size` rows are left (those are returned as a last, smaller group)."""
