@@ -603,7 +603,8 @@ def build_loader(args: argparse.Namespace, tokenizer, model: torch.nn.Module) ->
     return loader, dataset, sampler
 
 
-def build_sampler(args: argparse.Namespace, dataset: datasets.VideoTextDataset, videos_per_batch: int) -> utils.ResumableDistributedSampler:
+def build_sampler(args: argparse.Namespace, dataset: datasets.VideoTextDataset,
+                  videos_per_batch: int) -> utils.ResumableDistributedSampler:
     """Uniformly shuffled batches, or caption-neighbour groups (--caption_group_size > 1)."""
     size = args.caption_group_size
     if size <= 1:

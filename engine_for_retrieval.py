@@ -216,13 +216,9 @@ def evaluate_one_order(model, match_model, records: list, loader, args: argparse
     order = "" if cfg.frame_order == "none" else f", frames {cfg.frame_order}"
     print(retrieval_eval.format_table(table, title=f"{prefix} retrieval on {len(video_ids)} videos{order}"), flush=True)
     per_query = retrieval_eval.per_query_records(res["sim"], res["text_to_video"], res["ranks"], video_ids, res["captions"])
-    return {"out": out, "per_query": per_query, "own_sim": ground_truth_scores(res["sim"], res["text_to_video"])}
-
-
-def ground_truth_scores(sim: torch.Tensor, text_to_video: torch.Tensor) -> torch.Tensor:
-    """fp32 [T] on the CPU: each query's score for its ground truth (the best one when a caption has several)."""
-    gt = retrieval_eval.ground_truth_mask(text_to_video, *sim.shape).to(sim.device)
-    return sim.float().masked_fill(~gt, float("-inf")).amax(dim=1).cpu()
+    gt = retrieval_eval.ground_truth_mask(res["text_to_video"], *res["sim"].shape).to(res["sim"].device)
+    own_sim = retrieval_eval.best_ground_truth_scores(res["sim"], gt).float().cpu()  # for add_in_order_preference
+    return {"out": out, "per_query": per_query, "own_sim": own_sim}
 
 
 def add_in_order_preference(rows: dict[str, dict], own_sim: dict[str, torch.Tensor]) -> None:

@@ -44,11 +44,17 @@ def gt_ranks(scores: torch.Tensor, gt_mask: torch.Tensor, chunk: int = 1024) -> 
         raise ValueError(f"scores {tuple(scores.shape)} and gt_mask {tuple(gt_mask.shape)} differ")
     if not bool(gt_mask.any(dim=1).all()):
         raise ValueError("every query needs at least one ground-truth candidate")
+    best = best_ground_truth_scores(scores, gt_mask, chunk)
     out = []
-    for s, m in zip(scores.split(chunk), gt_mask.split(chunk)):
-        best_gt = s.masked_fill(~m, float("-inf")).amax(dim=1, keepdim=True)
-        out.append(1 + ((s >= best_gt) & ~m).sum(dim=1))
+    for s, m, b in zip(scores.split(chunk), gt_mask.split(chunk), best.split(chunk)):
+        out.append(1 + ((s >= b[:, None]) & ~m).sum(dim=1))
     return torch.cat(out)
+
+
+def best_ground_truth_scores(scores: torch.Tensor, gt_mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[Q]: each query's best ground-truth score (scores, gt_mask: [Q, C]; rows in chunks, no [Q, C] copy)."""
+    return torch.cat([s.masked_fill(~m, float("-inf")).amax(dim=1)
+                      for s, m in zip(scores.split(chunk), gt_mask.split(chunk))])
 
 
 def tied_ground_truths(scores: torch.Tensor, gt_mask: torch.Tensor) -> int:

@@ -167,9 +167,9 @@ def test_in_order_preference_counts_captions_whose_own_clip_scores_higher_in_the
     assert "in order preferred" in table and table.splitlines()[-2].split()[-1] == "50.0"
 
 
-def test_ground_truth_scores_take_each_querys_own_video_or_its_best_of_several():
-    import engine_for_retrieval
-    sim = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.2, 0.4]])
-    assert engine_for_retrieval.ground_truth_scores(sim, torch.tensor([2, 0])).tolist() == pytest.approx([0.3, 0.5])
-    several = torch.tensor([[True, False, True], [False, True, False]])  # SSv2: one caption, many videos
-    assert engine_for_retrieval.ground_truth_scores(sim, several).tolist() == pytest.approx([0.3, 0.2])
+def test_best_ground_truth_scores_take_each_querys_own_video_or_its_best_of_several():
+    sim = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.2, 0.4], [0.7, 0.6, 0.8]])
+    one = eng.ground_truth_mask(torch.tensor([2, 0, 1]), 3, 3)
+    assert eng.best_ground_truth_scores(sim, one, chunk=2).tolist() == pytest.approx([0.3, 0.5, 0.6])
+    several = torch.tensor([[True, False, True], [False, True, False], [True, True, False]])  # SSv2-like
+    assert eng.best_ground_truth_scores(sim, several, chunk=2).tolist() == pytest.approx([0.3, 0.2, 0.7])
