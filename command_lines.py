@@ -38,10 +38,11 @@ def pretraining_parser() -> argparse.ArgumentParser:
                    "and an epoch as many clips and steps, from a different 1/C of the videos each epoch: C times "
                    "fewer video reads, for when decoding limits the step (1: the paper's method)")
     g.add_argument("--caption_group_size", type=int, default=1,
-                   help="caption-neighbour batches (batch_grouping.py): build each batch from groups of K clips "
-                   "whose captions share most words, so that every clip has K-1 in-batch negatives that differ "
-                   "in a detail (the contrastive loss and the matching head's hard negatives then need it); K must "
-                   "divide the batch size. 1: uniformly random batches, as the papers")
+                   help="neighbour batches (batch_grouping.py): before each epoch the model embeds every clip's "
+                   "first caption, and each batch is built from groups of K clips with the nearest embeddings, so "
+                   "that every clip has K-1 in-batch negatives the model currently confuses (the contrastive loss "
+                   "and the matching head's hard negatives then need the detail); K must divide the batch size. "
+                   "1: uniformly random batches, as the papers")
     g.add_argument("--caption_group_pool", type=int, default=4096,
                    help="neighbours are searched among this many clips of the epoch's random order at a time "
                    "(the grouping costs O(videos x pool) per epoch, in every process)")
