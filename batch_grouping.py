@@ -42,7 +42,6 @@ def neighbour_groups(features: np.ndarray, group_size: int, rng: np.random.Gener
             break
         scores = np.where(free, similarity[seed], -np.inf)
         nearest = np.argpartition(-scores, group_size - 2)[:group_size - 1]
-        nearest = sorted(nearest, key=lambda j: -scores[j])
         free[nearest] = False
         groups.append([int(seed), *map(int, nearest)])
     return groups
@@ -152,7 +151,8 @@ class TextNeighbourGrouping:
     def embed(self) -> np.ndarray:
         """[len(dataset), D] normalised text embeddings, in dataset order, the same in every process."""
         world, rank, n = distributed.get_world_size(), distributed.get_rank(), len(self.sampler.dataset)
-        mine = list(range(rank, n, world))
+        share = -(-n // world)  # contiguous shares: the gathered rows are already in dataset order
+        mine = range(rank * share, min(n, (rank + 1) * share))
         was_training = self.model.training
         self.model.eval()
         try:
@@ -160,11 +160,4 @@ class TextNeighbourGrouping:
                                                 self.cfg, batch_size=self.batch_size)
         finally:
             self.model.train(was_training)
-        gathered = distributed.gather_rows(feats.to(self.cfg.device).float()).cpu().numpy()
-        full = np.empty_like(gathered)
-        start = 0
-        for r in range(world):  # rank r's rows are items r, r + world, ...
-            count = len(range(r, n, world))
-            full[r::world] = gathered[start:start + count]
-            start += count
-        return full
+        return distributed.gather_rows(feats.to(self.cfg.device).float()).cpu().numpy()
