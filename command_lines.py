@@ -209,6 +209,9 @@ def qa_parser() -> argparse.ArgumentParser:
     g.add_argument("--clean_text", action="store_true", help="clean the questions as the SViTT / Singularity QA "
                    "recipes do: lower case, no punctuation (answers are kept as written)")
     utils.add_clip_args(g)
+    g.add_argument("--answer_types", nargs="+", default=None, metavar="TYPE", help="keep only the questions of "
+                   "these answer types (the annotation's answer_type field) in the training, validation and test "
+                   "files, e.g. a first stage on the motion questions (docs/qa.md); default: every question")
     g.add_argument("--max_q_len", type=int, default=25, help="question tokens kept, with [CLS] and [SEP] "
                    "(QA uses this, not --max_text_len)")
     g.add_argument("--max_a_len", type=int, default=5, help="answer tokens kept, with [CLS] and [SEP] (longer "

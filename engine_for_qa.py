@@ -230,8 +230,23 @@ def write_predictions(output_dir: str, prefix: str, metrics: dict, rows: Sequenc
 
 def read_questions(path: str, args: argparse.Namespace) -> list[qa_annotations.QARecord]:
     records = qa_annotations.read_qa_annotations(path, args.data_root, args.skip_bad_records, args.clean_text)
-    print(f"Data: {len(records)} questions about {len({r.path for r in records})} videos from {path}")
+    if args.answer_types:
+        records = of_answer_types(records, args.answer_types, path)
+    print(f"Data: {len(records)} questions about {len({r.path for r in records})} videos from {path}"
+          + (f" (answer types {', '.join(args.answer_types)})" if args.answer_types else ""))
     return records
+
+
+def of_answer_types(records: list[qa_annotations.QARecord], types: Sequence[str],
+                    path: str) -> list[qa_annotations.QARecord]:
+    """The questions whose answer_type is one of `types` (--answer_types): e.g. a first stage on the motion
+    questions alone, which a small model from scratch learns only without the others (docs/qa.md)."""
+    kept = [r for r in records if r.answer_type in types]
+    if not kept:
+        present = sorted({str(r.answer_type) for r in records})
+        raise ValueError(f"{path}: no question has answer_type {' or '.join(types)} (--answer_types); the file's "
+                         f"types: {', '.join(present)}")
+    return kept
 
 
 def split_val_by_video(records: list[qa_annotations.QARecord], fraction: float,

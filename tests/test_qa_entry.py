@@ -100,6 +100,13 @@ def test_only_test_reproduces_the_best_weights_predictions_in_two_frame_orders(q
     with pytest.raises(ValueError, match="multiple of --num_frames 2"):
         run.main(_args(synthetic_root, out, *args, "--num_frames_test", "3"))
 
+    motion = run.main(_args(synthetic_root, tmp_path / "motion", *args, "--answer_types", "direction", "size_change"))
+    test = qa_annotations.read_qa_annotations(_ann(synthetic_root, "qa_test.json"), synthetic_root)
+    asked = [r.question_id for r in test if r.answer_type in ("direction", "size_change")]
+    assert 0 < len(asked) < len(test)
+    assert [r["question_id"] for r in _lines(tmp_path / "motion" / "test_predictions.jsonl")] == asked
+    assert set(motion["per_type"]) == {"direction", "size_change"}
+
 
 def test_bad_set_ups_are_refused_with_the_reason(synthetic_root, svitt_ckpt, tmp_path):
     files = ["--data_path", _ann(synthetic_root, "qa_train.json"), "--finetune", svitt_ckpt]
@@ -110,6 +117,8 @@ def test_bad_set_ups_are_refused_with_the_reason(synthetic_root, svitt_ckpt, tmp
     with pytest.raises(ValueError, match="share 8 videos"):
         run.main(_args(synthetic_root, tmp_path / "c", *files, "--val_data_path", _ann(synthetic_root, "qa_test.json"),
                        "--test_data_path", _ann(synthetic_root, "qa_test.json")))
+    with pytest.raises(ValueError, match="qa_train.json: no question has answer_type weather"):
+        run.main(_args(synthetic_root, tmp_path / "e", *files, "--answer_types", "weather"))
     with pytest.raises(ValueError, match="needs the weights"):
         run.main(_args(synthetic_root, tmp_path / "d", "--only_test", "--test_data_path",
                        _ann(synthetic_root, "qa_test.json")))
