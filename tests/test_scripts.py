@@ -244,6 +244,25 @@ def test_only_test_recipe_runs_without_an_activated_environment(synthetic_root, 
     assert metrics["v2t_queries"] == 8
 
 
+def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous_ones_output(tmp_path):
+    """scripts/demo_time.sh: DRY_RUN prints its four commands; each parses with its entry point, the pre-training
+    carries the time-order recipe (weight 10, every tube) and the later steps start from its last checkpoint."""
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_time.sh")], capture_output=True, text=True,
+                         env=_clean_env(DRY_RUN="1", DEMO_OUT=str(tmp_path / "demo out"), DEMO_TIME_EPOCHS="3"),
+                         check=True)
+    data, pre, zero_shot, qa = [shlex.split(line) for line in out.stdout.splitlines()]
+    assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
+    pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
+    assert (pre.w_reverse, pre.reverse_tubes, pre.epochs, pre.input_size) == (10.0, "all", 3, 64)
+    assert pre.output_dir == str(tmp_path / "demo out" / "pretrain")
+    zero_shot = run_simvtp_finetuning.get_args_parser().parse_args(zero_shot[2:])
+    assert zero_shot.zero_shot and zero_shot.finetune == os.path.join(pre.output_dir, "checkpoint-2.pth")
+    assert zero_shot.eval_frame_order == ["none", "reverse", "shuffle", "freeze"] and zero_shot.input_size == 64
+    qa = run_simvtp_qa.get_args_parser().parse_args(qa[2:])
+    assert qa.finetune == zero_shot.finetune and qa.eval_frame_order == ["none", "reverse", "freeze"]
+    assert qa.data_root == pre.data_root == zero_shot.data_root == "data/synthetic_2k_64"
+
+
 # ----------------------------------------------------------------------------------------------- the shared launcher
 
 RECIPES = {"pretrain_webvid.sh": ("/d/train.csv", "/d/videos", "/out"),
