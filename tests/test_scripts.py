@@ -245,12 +245,13 @@ def test_only_test_recipe_runs_without_an_activated_environment(synthetic_root, 
 
 
 def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous_ones_output(tmp_path):
-    """scripts/demo_time.sh: DRY_RUN prints its four commands; each parses with its entry point, the pre-training
-    carries the time-order recipe (weight 10, every tube) and the later steps start from its last checkpoint."""
+    """scripts/demo_time.sh: DRY_RUN prints its six commands; each parses with its entry point, the pre-training
+    carries the time-order recipe (weight 10, every tube), zero-shot and the first QA stage start from its last
+    checkpoint, and each later QA stage from the previous stage's best weights, on more question types."""
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_time.sh")], capture_output=True, text=True,
                          env=_clean_env(DRY_RUN="1", DEMO_OUT=str(tmp_path / "demo out"), DEMO_TIME_EPOCHS="3"),
                          check=True)
-    data, pre, zero_shot, qa = [shlex.split(line) for line in out.stdout.splitlines()]
+    data, pre, zero_shot, *qa_stages = [shlex.split(line) for line in out.stdout.splitlines()]
     assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
     pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
     assert (pre.w_reverse, pre.reverse_tubes, pre.epochs, pre.input_size) == (10.0, "all", 3, 64)
@@ -258,9 +259,31 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
     zero_shot = run_simvtp_finetuning.get_args_parser().parse_args(zero_shot[2:])
     assert zero_shot.zero_shot and zero_shot.finetune == os.path.join(pre.output_dir, "checkpoint-2.pth")
     assert zero_shot.eval_frame_order == ["none", "reverse", "shuffle", "freeze"] and zero_shot.input_size == 64
-    qa = run_simvtp_qa.get_args_parser().parse_args(qa[2:])
-    assert qa.finetune == zero_shot.finetune and qa.eval_frame_order == ["none", "reverse", "freeze"]
-    assert qa.data_root == pre.data_root == zero_shot.data_root == "data/synthetic_2k_64"
+    size, motion, every = (run_simvtp_qa.get_args_parser().parse_args(cmd[2:]) for cmd in qa_stages)
+    assert [size.answer_types, motion.answer_types, every.answer_types] == [
+        ["size_change"], ["direction", "size_change"], None]
+    assert size.finetune == zero_shot.finetune
+    assert motion.finetune == os.path.join(size.output_dir, "checkpoint-best.pth")
+    assert every.finetune == os.path.join(motion.output_dir, "checkpoint-best.pth")
+    assert every.eval_frame_order == ["none", "reverse", "freeze"] and every.data_root == pre.data_root
+
+
+def test_demo_rerank_pretrains_the_demos_sparse_svitt_on_more_clips_and_re_ranks_its_last_checkpoint(tmp_path):
+    """scripts/demo_rerank.sh: DRY_RUN prints its three commands; the pre-training is the demo's SViTT (edge and node
+    sparsity) on the 64 px set of 1,920 clips, and zero-shot re-ranks with that run's last checkpoint."""
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_rerank.sh")], capture_output=True, text=True,
+                         env=_clean_env(DRY_RUN="1", DEMO_OUT=str(tmp_path / "demo out"), DEMO_RERANK_EPOCHS="2"),
+                         check=True)
+    data, pre, zero_shot = [shlex.split(line) for line in out.stdout.splitlines()]
+    assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
+    pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
+    assert (pre.model, pre.epochs, pre.input_size, pre.token_keep_rate, pre.token_drop_loc) == (
+        "svitt_tiny_patch16", 2, 64, 0.6, [1, 2])
+    assert (pre.sparse_local_attn, pre.sparse_random_attn, pre.attn_block_size) == (1, 1, 32)
+    zero_shot = run_simvtp_finetuning.get_args_parser().parse_args(zero_shot[2:])
+    assert zero_shot.zero_shot and zero_shot.rerank_k == 16
+    assert zero_shot.finetune == os.path.join(str(tmp_path / "demo out" / "pretrain"), "checkpoint-1.pth")
+    assert zero_shot.data_root == pre.data_root == "data/synthetic_2k_64" and zero_shot.sample_type == "rand"
 
 
 # ----------------------------------------------------------------------------------------------- the shared launcher
