@@ -11,28 +11,14 @@
 # command instead of running it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -z "${DRY_RUN:-}" ]; then
-  source scripts/setup_env.sh requirements.txt
-  source scripts/fast_malloc.sh
-  fast_malloc
-fi
-PY="${PY:-.venv/bin/python}"
-
-DATA=data/synthetic_2k_64
-ANN="$DATA/annotations"
+DEMO_TAG=demo_time
+source scripts/demo_64px.sh
 OUT="${DEMO_OUT:-output/demo_time}"
 EPOCHS="${DEMO_TIME_EPOCHS:-12}"
 W_REVERSE="${DEMO_TIME_W_REVERSE:-10}"
 QA_SIZE_EPOCHS="${DEMO_TIME_QA_SIZE_EPOCHS:-15}"
 QA_MOTION_EPOCHS="${DEMO_TIME_QA_MOTION_EPOCHS:-6}"
 QA_EPOCHS="${DEMO_TIME_QA_EPOCHS:-2}"
-export TOKENIZERS_PARALLELISM=false
-
-step() { [ -n "${DRY_RUN:-}" ] || { echo; echo "=== $* ==="; }; }
-run() {
-  if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; return; fi
-  local t0=$SECONDS; "$@"; echo "[demo_time] took $((SECONDS - t0)) s"
-}
 
 # 8 frames of 64 x 64 px: 4 x 4 tubes per time slice, 4 slices.
 CLIP=(--num_frames 8 --sampling_rate 4 --input_size 64 --device cpu --precision auto --num_workers 0)
@@ -40,7 +26,7 @@ EVAL=(--short_side_size 64 --test_num_segment 2 --test_num_crop 1 --batch_size 1
 ORDERS=(--eval_frame_order none reverse shuffle freeze)
 
 step "1/6 synthetic set with 1,920 training clips at 64 px (val and test: the demo's clips, drawn at 64 px) -> $DATA"
-run "$PY" synthetic_dataset.py --out "$DATA" --num_train 1920 --size 64
+build_data
 
 step "2/6 pre-training simvtp_tiny_patch16, the time-order loss weighted $W_REVERSE through every tube ($EPOCHS epochs) -> $OUT/pretrain"
 run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
@@ -49,11 +35,7 @@ run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root
   --w_reverse "$W_REVERSE" --reverse_tubes all \
   --lr 5e-3 --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
   --eval_every 6 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
-if [ -n "${DRY_RUN:-}" ]; then
-  PRETRAINED="$OUT/pretrain/checkpoint-$((EPOCHS - 1)).pth"
-else
-  PRETRAINED="$OUT/pretrain/$(cat "$OUT/pretrain/latest")"
-fi
+PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$EPOCHS")"
 
 step "3/6 zero-shot retrieval on the test split with the frames in order, reversed, shuffled and frozen -> $OUT/zero_shot"
 run "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" --rerank_k 16 --match_mask_ratio 0.9 \
