@@ -28,10 +28,15 @@ def _clean_env(**env: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}, **env}
 
 
-def _dry_run(script: str, *args: str, cwd: str | None = None, **env: str) -> list[str]:
+def _dry_run_commands(script: str, *args: str, cwd: str | None = None, **env: str) -> list[list[str]]:
+    """Each command a script prints with DRY_RUN=1, one per line, split as the shell would."""
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", script), *args], capture_output=True, text=True,
                          env=_clean_env(DRY_RUN="1", **env), check=True, cwd=cwd)
-    return shlex.split(out.stdout)
+    return [shlex.split(line) for line in out.stdout.splitlines()]
+
+
+def _dry_run(script: str, *args: str, cwd: str | None = None, **env: str) -> list[str]:
+    return [word for cmd in _dry_run_commands(script, *args, cwd=cwd, **env) for word in cmd]
 
 
 def _script_args(cmd: list[str], entry: str) -> list[str]:
@@ -248,10 +253,8 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
     """scripts/demo_time.sh: DRY_RUN prints its six commands; each parses with its entry point, the pre-training
     carries the time-order recipe (weight 10, every tube), zero-shot and the first QA stage start from its last
     checkpoint, and each later QA stage from the previous stage's best weights, on more question types."""
-    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_time.sh")], capture_output=True, text=True,
-                         env=_clean_env(DRY_RUN="1", DEMO_OUT=str(tmp_path / "demo out"), DEMO_TIME_EPOCHS="3"),
-                         check=True)
-    data, pre, zero_shot, *qa_stages = [shlex.split(line) for line in out.stdout.splitlines()]
+    data, pre, zero_shot, *qa_stages = _dry_run_commands("demo_time.sh", DEMO_OUT=str(tmp_path / "demo out"),
+                                                         DEMO_TIME_EPOCHS="3")
     assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
     pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
     assert (pre.w_reverse, pre.reverse_tubes, pre.epochs, pre.input_size) == (10.0, "all", 3, 64)
@@ -271,10 +274,8 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
 def test_demo_rerank_pretrains_the_demos_sparse_svitt_on_more_clips_and_re_ranks_its_last_checkpoint(tmp_path):
     """scripts/demo_rerank.sh: DRY_RUN prints its three commands; the pre-training is the demo's SViTT (edge and node
     sparsity) on the 64 px set of 1,920 clips, and zero-shot re-ranks with that run's last checkpoint."""
-    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_rerank.sh")], capture_output=True, text=True,
-                         env=_clean_env(DRY_RUN="1", DEMO_OUT=str(tmp_path / "demo out"), DEMO_RERANK_EPOCHS="2"),
-                         check=True)
-    data, pre, zero_shot = [shlex.split(line) for line in out.stdout.splitlines()]
+    data, pre, zero_shot = _dry_run_commands("demo_rerank.sh", DEMO_OUT=str(tmp_path / "demo out"),
+                                             DEMO_RERANK_EPOCHS="2")
     assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
     pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
     assert (pre.model, pre.epochs, pre.input_size, pre.token_keep_rate, pre.token_drop_loc) == (
@@ -374,9 +375,7 @@ def test_sbatch_files_start_one_task_per_gpu_with_srun(name, tmp_path):
     opts = _directives(path)
     assert int(opts["nodes"]) == nodes and opts["ntasks-per-node"] == opts["gpus-per-node"] == "8"
     assert opts["partition"] and opts["time"] and int(opts["cpus-per-task"]) > 10  # 10 loader workers + the task
-    out = subprocess.run(["bash", path, "--seed", "1"], capture_output=True, text=True, cwd=str(tmp_path),
-                         env=_clean_env(DRY_RUN="1", SLURM_CPUS_PER_TASK="12", **paths), check=True)
-    cmd = shlex.split(out.stdout)
+    cmd = _dry_run(name, "--seed", "1", cwd=str(tmp_path), SLURM_CPUS_PER_TASK="12", **paths)
     # srun starts python itself: each task is a rank of the SLURM branch (no torchrun, nothing exported)
     assert cmd[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12"]
     assert cmd[3] == os.path.join(REPO, ".venv", "bin", "python") and "torch.distributed.run" not in cmd
