@@ -10,8 +10,8 @@ If the partner modality helps, "own" beats "other" and "none". With --word_group
 per kind of word (e.g. colour, shape, motion words, and the rest): the words only the video can give are where its
 help should show.
 
-    python cross_modal_probe.py --ckpt output/demo/pretrain/checkpoint-19.pth \
-        --data_path data/synthetic/annotations/test.json --data_root data/synthetic
+    python cross_modal_probe.py --ckpt output/demo/pretrain/checkpoint-4.pth \
+        --data_path data/synthetic_2k_64/annotations/test.json --data_root data/synthetic_2k_64
 """
 from __future__ import annotations
 

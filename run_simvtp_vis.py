@@ -1,7 +1,8 @@
 """Reconstruction figure of a SimVTP pre-training checkpoint on any video and any caption.
 
-    python run_simvtp_vis.py --ckpt output/demo/pretrain/checkpoint-19.pth \\
-        --video data/synthetic/test/test_00000.mp4 --caption "the little gray box slides right on a red background" \\
+    python run_simvtp_vis.py --ckpt output/demo/pretrain/checkpoint-4.pth \\
+        --video data/synthetic_2k_64/test/test_00000.mp4 \\
+        --caption "the little gray box slides right on a red background" \\
         --frame_start 0 --frame_stride 4 --save_path vis.png
 
 Decodes exactly the frames frame_start + i * frame_stride, resizes their short side to input_size and then takes

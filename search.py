@@ -6,7 +6,7 @@ a local web page.
     # the top 5 on the terminal
     python search.py query index/ "a red ball rolls left" -k 5
     # a web page on http://127.0.0.1:7860 (optionally each query's top 16 re-ranked by a matching head)
-    python search.py serve index/ --port 7860 [--rerank_k 16 --rerank_ckpt output/pretrain/checkpoint-19.pth]
+    python search.py serve index/ --port 7860 [--rerank_k 16 --rerank_ckpt output/demo/pretrain/checkpoint-4.pth]
 
 The index folder holds manifest.json (each video's path, size, duration, the model and clip settings, the files
 that could not be read with their errors), embeddings.safetensors (one L2-normalised row per video, in manifest

@@ -16,8 +16,8 @@
 #   DATASET: msrvtt | anet | agqa | synthetic
 # Files follow the Singularity / SViTT layout under DATA_DIR (default: data): DATA_DIR/anno_downstream/
 # <dataset>_qa_{train,val,test}.json (AGQA: agqa_{train,test}_balanced.json) + <dataset>_qa_answer_list.json, and
-# the videos in DATA_DIR/msrvtt_videos, DATA_DIR/anet_videos, DATA_DIR/charades_videos. synthetic is the bundled
-# set (DATA_DIR/synthetic, made by synthetic_dataset.py) with the tiny model on this CPU: a smoke test of the recipe.
+# the videos in DATA_DIR/msrvtt_videos, DATA_DIR/anet_videos, DATA_DIR/charades_videos. synthetic is the demo's
+# set (DATA_DIR/synthetic_2k_64, made by scripts/demo.sh) with the tiny model on this CPU: a smoke test of the recipe.
 # Environment (defaults): NNODES=1 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR (required with NNODES > 1)
 # MASTER_PORT=29506 (with SLURM_JOB_ID: derived from it), DRY_RUN=1 prints the command, PY=/path/to/python;
 # LAUNCHER=srun under SLURM (one task per GPU, as scripts/slurm_finetune.sbatch starts them).
@@ -53,17 +53,17 @@ case "$DATASET" in
     FILES=(--data_path "$ANNO/agqa_train_balanced.json" --val_fraction 0.05
            --test_data_path "$ANNO/agqa_test_balanced.json" --answer_list "$ANNO/agqa_answer_list.json")
     EPOCHS=5; WARMUP=0.25 ;;
-  synthetic)  # the tiny model on CPU: 8 frames of 112 px, a larger lr for its few hundred steps
-    VIDEO_ROOT="$DATA_DIR/synthetic"
+  synthetic)  # the tiny model on CPU, the demo's clips (8 frames of 64 px), a larger lr for its few hundred steps
+    VIDEO_ROOT="$DATA_DIR/synthetic_2k_64"
     ANNO="$VIDEO_ROOT/annotations"
     FILES=(--data_path "$ANNO/qa_train.json" --val_data_path "$ANNO/qa_val.json"
            --test_data_path "$ANNO/qa_test.json" --answer_list "$ANNO/qa_answer_list.json")
-    MODEL=(--model svitt_qa_tiny_patch16 --sparse_local_attn 1 --sparse_random_attn 1 --attn_block_size 56
-           --token_keep_rate 0.6 --token_drop_loc 1 2 --num_frames 8 --sample_type rand --input_size 112
-           --short_side_size 112 --num_frames_test 8 --k_test 128 --max_q_len 25 --max_a_len 5
+    MODEL=(--model svitt_qa_tiny_patch16 --sparse_local_attn 1 --sparse_random_attn 1 --attn_block_size 32
+           --token_keep_rate 0.6 --token_drop_loc 1 2 --num_frames 8 --sample_type rand --input_size 64
+           --short_side_size 64 --num_frames_test 8 --k_test 128 --max_q_len 25 --max_a_len 5
            --device cpu --precision auto --num_workers 0)
     OPTIM=(--batch_size 16 --lr 1e-2 --min_lr 1e-6 --weight_decay 0.02 --layer_decay 1.0 --drop_path 0.1
-           --epochs 3 --warmup_epochs 0.5 --keep_last 1)
+           --epochs 1 --warmup_steps 60 --keep_last 1)
     GPUS_PER_NODE="${GPUS_PER_NODE:-1}" ;;
   *)
     launcher_fail "unknown DATASET '$DATASET': use one of $DATASETS" ;;

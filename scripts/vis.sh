@@ -4,7 +4,7 @@
 # Usage:
 #   bash scripts/vis.sh CKPT VIDEO "CAPTION" [OUT.png] [more run_simvtp_vis.py flags...]
 #   CKPT=... VIDEO=... CAPTION="..." [OUT=...] bash scripts/vis.sh [flags...]     (the same, from the environment)
-#   e.g. bash scripts/vis.sh output/demo/pretrain/checkpoint-19.pth data/synthetic/test/test_00000.mp4 \
+#   e.g. bash scripts/vis.sh output/demo/pretrain/checkpoint-4.pth data/synthetic_2k_64/test/test_00000.mp4 \
 #          "the little gray box slides right on a red background" vis.png --frame_start 8 --frame_stride 2
 # Without OUT the PNG goes to output/vis/reconstruction_<video name>.png (or under --output_dir).
 # Paths (CKPT, VIDEO, OUT, --output_dir) are taken from the folder you run it in: the script does not change directory.

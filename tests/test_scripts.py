@@ -17,6 +17,8 @@ import engine_for_retrieval
 import run_simvtp_finetuning
 import run_simvtp_pretraining
 import run_simvtp_qa
+import run_simvtp_vis
+import search
 from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +181,8 @@ def test_svitt_qa_recipe_refuses_an_unknown_dataset_and_runs_the_synthetic_set_o
     cmd = _dry_run("svitt_train_qa.sh", "synthetic", "ck.pth", "out", cwd=str(tmp_path))
     args = run_simvtp_qa.get_args_parser().parse_args(_script_args(cmd, "run_simvtp_qa.py"))
     assert (args.model, args.device, args.data_root) == ("svitt_qa_tiny_patch16", "cpu",
-                                                         str(tmp_path / "data" / "synthetic"))
+                                                         str(tmp_path / "data" / "synthetic_2k_64"))
+    assert (args.input_size, args.attn_block_size) == (64, 32)
     assert _flag(cmd, "--nproc_per_node") == "1"
 
 
@@ -271,20 +274,41 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
     assert every.eval_frame_order == ["none", "reverse", "freeze"] and every.data_root == pre.data_root
 
 
-def test_demo_rerank_pretrains_the_demos_sparse_svitt_on_more_clips_and_re_ranks_its_last_checkpoint(tmp_path):
-    """scripts/demo_rerank.sh: DRY_RUN prints its three commands; the pre-training is the demo's SViTT (edge and node
-    sparsity) on the 64 px set of 1,920 clips, and zero-shot re-ranks with that run's last checkpoint."""
-    data, pre, zero_shot = _dry_run_commands("demo_rerank.sh", DEMO_OUT=str(tmp_path / "demo out"),
-                                             DEMO_RERANK_EPOCHS="2")
+def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_previous_ones_output(tmp_path):
+    """scripts/demo.sh: DRY_RUN prints its 15 commands and each parses with its entry point; SimVTP and SViTT
+    pre-train on the same clips for the same steps (the demo compares them), both re-rank their top 16, and each
+    later step reads the checkpoint the step before it writes."""
+    out = tmp_path / "demo out"
+    cmds = _dry_run_commands("demo.sh", DEMO_OUT=str(out), DEMO_PRETRAIN_EPOCHS="3", DEMO_SVITT_EPOCHS="3")
+    assert len(cmds) == 15
+    data, simvtp, *rest = cmds
+    zs_rerank, zs_orders, zs_masked, svitt, svitt_rerank, svitt_orders, ft, ft_random, only_test, qa, vis, index, \
+        query = rest
     assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
-    pre = run_simvtp_pretraining.get_args_parser().parse_args(pre[2:])
-    assert (pre.model, pre.epochs, pre.input_size, pre.token_keep_rate, pre.token_drop_loc) == (
-        "svitt_tiny_patch16", 2, 64, 0.6, [1, 2])
-    assert (pre.sparse_local_attn, pre.sparse_random_attn, pre.attn_block_size) == (1, 1, 32)
-    zero_shot = run_simvtp_finetuning.get_args_parser().parse_args(zero_shot[2:])
-    assert zero_shot.zero_shot and zero_shot.rerank_k == 16
-    assert zero_shot.finetune == os.path.join(str(tmp_path / "demo out" / "pretrain"), "checkpoint-1.pth")
-    assert zero_shot.data_root == pre.data_root == "data/synthetic_2k_64" and zero_shot.sample_type == "rand"
+    pre_parser = run_simvtp_pretraining.get_args_parser()
+    simvtp, svitt = (pre_parser.parse_args(cmd[2:]) for cmd in (simvtp, svitt))
+    assert (simvtp.model, svitt.model) == ("simvtp_tiny_patch16", "svitt_tiny_patch16")
+    for key in ("data_path", "data_root", "epochs", "batch_size", "input_size", "num_frames", "lr", "warmup_steps"):
+        assert getattr(simvtp, key) == getattr(svitt, key), key
+    assert simvtp.epochs == 3 and simvtp.input_size == 64 and simvtp.eval_data_path and svitt.eval_data_path
+    last = {m: os.path.join(str(out / d), "checkpoint-2.pth") for m, d in (("simvtp", "pretrain"),
+                                                                           ("svitt", "svitt_pretrain"))}
+    ret = run_simvtp_finetuning.get_args_parser()
+    zs_rerank, zs_orders, zs_masked, svitt_rerank, svitt_orders, ft, ft_random, only_test = (
+        ret.parse_args(cmd[2:]) for cmd in (zs_rerank, zs_orders, zs_masked, svitt_rerank, svitt_orders, ft,
+                                            ft_random, only_test))
+    assert all(a.zero_shot and a.finetune == last["simvtp"] for a in (zs_rerank, zs_orders, zs_masked))
+    assert all(a.zero_shot and a.finetune == last["svitt"] for a in (svitt_rerank, svitt_orders))
+    assert zs_rerank.rerank_k == svitt_rerank.rerank_k == 16
+    assert zs_orders.eval_frame_order == svitt_orders.eval_frame_order == ["none", "reverse", "shuffle", "freeze"]
+    assert ft.finetune == last["simvtp"] and not ft_random.finetune and ft.epochs == ft_random.epochs
+    assert only_test.only_test and only_test.finetune == os.path.join(ft.output_dir, "checkpoint-best.pth")
+    qa = run_simvtp_qa.get_args_parser().parse_args(qa[2:])
+    assert qa.finetune == last["simvtp"] and qa.eval_frame_order == ["none", "reverse", "freeze"]
+    vis = run_simvtp_vis.get_args_parser().parse_args(vis[2:])
+    assert vis.ckpt == last["simvtp"] and vis.save_path == str(out / "reconstruction.png")
+    index, query = (search.get_args_parser().parse_args(cmd[2:]) for cmd in (index, query))
+    assert index.ckpt == only_test.finetune and query.index_dir == index.out
 
 
 # ----------------------------------------------------------------------------------------------- the shared launcher
