@@ -26,7 +26,7 @@ EVAL=(--short_side_size 64 --test_num_segment 2 --test_num_crop 1 --batch_size 1
 step "1/10 synthetic video-text set: 1,920 training clips at 64 px (val and test: 48 and 64 clips) -> $DATA"
 build_data
 
-step "2/10 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val every 2) -> $OUT/pretrain"
+step "2/10 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/pretrain"
 # The matching head (VTM) from random weights: its pairs carry the whole caption (the masked one rarely keeps the
 # words that tell a pair apart), negatives are uniform for 3 epochs, then one by similarity and one uniform per
 # positive (with hard negatives only, from the start, the head stays on the constant "no match"). It trains on the
@@ -35,7 +35,7 @@ run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root
   --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_steps 100 \
   --vtm_text full --vtm_negatives mixed --vtm_random_epochs 3 --match_mask_ratio 0.9 \
   --lr 5e-3 --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
-  --eval_every 2 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
+  --eval_every 1 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
 PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$PRETRAIN_EPOCHS")"
 
 # Temporal sensitivity: the same test with each clip's frames as read, reversed, shuffled and frozen to one frame
@@ -53,7 +53,7 @@ run "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
   --test_data_path "$ANN/test.json" --data_root "$DATA" "${CLIP[@]}" "${EVAL[@]}" \
   --zero_shot_video_mask_ratio 0.9 --output_dir "$OUT/zero_shot_mask0.9"
 
-step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot and matching accuracy on val every 2) -> $OUT/svitt_pretrain"
+step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/svitt_pretrain"
 # 128 patch tokens in 4 blocks of 32 (two frames each): each query block sees its own block and 1 random one; 60%
 # of the video tokens kept after vision layers 1 and 2; one random frame of each of 8 equal segments (evaluation:
 # the middle frames). From random weights the masked-word loss (its gradient ~6x the matching loss's in the shared
@@ -65,7 +65,7 @@ run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root
   --attn_block_size 32 --token_keep_rate 0.6 --token_drop_loc 1 2 --batch_size 16 --epochs "$SVITT_EPOCHS" \
   --warmup_steps 100 --lr 5e-3 --min_lr 1e-5 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 \
   --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
-  --eval_every 2 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
+  --eval_every 1 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
 SVITT="$(last_checkpoint "$OUT/svitt_pretrain" "$SVITT_EPOCHS")"
 
 step "5/10 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head; the same in four frame orders"
