@@ -17,25 +17,13 @@ FINETUNE_EPOCHS="${DEMO_FINETUNE_EPOCHS:-1}"
 QA_EPOCHS="${DEMO_QA_EPOCHS:-1}"
 [ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT"
 
-# One clip shape for every step: 8 frames of 64 x 64 px (4 x 4 tubes per time slice), stride 4. Clips are decoded in
-# the training process (--num_workers 0): on 2 cores a loader process competes with the 2 compute threads, and the
-# steps ran 25-35% slower with one (clips decode at over 150 per second per core here, so the loader never waits).
-CLIP=(--num_frames 8 --sampling_rate 4 --input_size 64 --device cpu --precision auto --num_workers 0)
-EVAL=(--short_side_size 64 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
-
 step "1/10 synthetic video-text set: 1,920 training clips at 64 px (val and test: 48 and 64 clips) -> $DATA"
 build_data
 
 step "2/10 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/pretrain"
-# The matching head (VTM) from random weights: its pairs carry the whole caption (the masked one rarely keeps the
-# words that tell a pair apart), negatives are uniform for 3 epochs, then one by similarity and one uniform per
-# positive (with hard negatives only, from the start, the head stays on the constant "no match"). It trains on the
-# 10% of tubes the mask leaves, so it also scores held-out pairs through 4 such masks (--match_mask_ratio 0.9).
-run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
-  --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$PRETRAIN_EPOCHS" --warmup_steps 100 \
-  --vtm_text full --vtm_negatives mixed --vtm_random_epochs 3 --match_mask_ratio 0.9 \
-  --lr 5e-3 --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
-  --eval_every 1 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
+# (The flags and why: scripts/demo_64px.sh, SIMVTP_PRETRAIN.)
+run "$PY" run_simvtp_pretraining.py "${SIMVTP_PRETRAIN[@]}" --epochs "$PRETRAIN_EPOCHS" --eval_every 1 \
+  --output_dir "$OUT/pretrain"
 PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$PRETRAIN_EPOCHS")"
 
 # Temporal sensitivity: the same test with each clip's frames as read, reversed, shuffled and frozen to one frame

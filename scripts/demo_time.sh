@@ -20,21 +20,14 @@ QA_SIZE_EPOCHS="${DEMO_TIME_QA_SIZE_EPOCHS:-15}"
 QA_MOTION_EPOCHS="${DEMO_TIME_QA_MOTION_EPOCHS:-6}"
 QA_EPOCHS="${DEMO_TIME_QA_EPOCHS:-2}"
 
-# 8 frames of 64 x 64 px: 4 x 4 tubes per time slice, 4 slices.
-CLIP=(--num_frames 8 --sampling_rate 4 --input_size 64 --device cpu --precision auto --num_workers 0)
-EVAL=(--short_side_size 64 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
 ORDERS=(--eval_frame_order none reverse shuffle freeze)
 
 step "1/6 synthetic set with 1,920 training clips at 64 px (val and test: the demo's clips, drawn at 64 px) -> $DATA"
 build_data
 
 step "2/6 pre-training simvtp_tiny_patch16, the time-order loss weighted $W_REVERSE through every tube ($EPOCHS epochs) -> $OUT/pretrain"
-run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
-  --model simvtp_tiny_patch16 "${CLIP[@]}" --batch_size 16 --epochs "$EPOCHS" --warmup_steps 100 \
-  --vtm_text full --vtm_negatives mixed --vtm_random_epochs 3 --match_mask_ratio 0.9 \
-  --w_reverse "$W_REVERSE" --reverse_tubes all \
-  --lr 5e-3 --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
-  --eval_every 6 --eval_data_path "$ANN/val.json" --output_dir "$OUT/pretrain"
+run "$PY" run_simvtp_pretraining.py "${SIMVTP_PRETRAIN[@]}" --epochs "$EPOCHS" \
+  --w_reverse "$W_REVERSE" --reverse_tubes all --eval_every 6 --output_dir "$OUT/pretrain"
 PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$EPOCHS")"
 
 step "3/6 zero-shot retrieval on the test split with the frames in order, reversed, shuffled and frozen -> $OUT/zero_shot"
