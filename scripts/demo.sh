@@ -47,11 +47,12 @@ step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS ep
 # the middle frames). From random weights the masked-word loss (its gradient ~6x the matching loss's in the shared
 # fusion layers) and hard negatives from the first step keep the matching head (ITM) on the constant answer: words
 # weigh 0.1 here (the paper starts from BERT, where that loss is already low), negatives are uniform for 3 epochs,
-# then one by similarity and one uniform per positive.
+# then one by similarity and one uniform per positive. Base lr 1e-2, twice SimVTP's: in 600 steps its matching head
+# then re-ranks above the contrastive order by itself (at 5e-3 it did not; docs/matching_heads.md).
 run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
   --model svitt_tiny_patch16 "${CLIP[@]}" --sample_type rand --sparse_local_attn 1 --sparse_random_attn 1 \
   --attn_block_size 32 --token_keep_rate 0.6 --token_drop_loc 1 2 --batch_size 16 --epochs "$SVITT_EPOCHS" \
-  --warmup_steps 100 --lr 5e-3 --min_lr 1e-5 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 \
+  --warmup_steps 100 --lr 1e-2 --min_lr 1e-5 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 \
   --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
   --eval_every 1 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
 SVITT="$(last_checkpoint "$OUT/svitt_pretrain" "$SVITT_EPOCHS")"

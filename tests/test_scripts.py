@@ -288,7 +288,7 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
     pre_parser = run_simvtp_pretraining.get_args_parser()
     simvtp, svitt = (pre_parser.parse_args(cmd[2:]) for cmd in (simvtp, svitt))
     assert (simvtp.model, svitt.model) == ("simvtp_tiny_patch16", "svitt_tiny_patch16")
-    for key in ("data_path", "data_root", "epochs", "batch_size", "input_size", "num_frames", "lr", "warmup_steps"):
+    for key in ("data_path", "data_root", "epochs", "batch_size", "input_size", "num_frames", "warmup_steps"):
         assert getattr(simvtp, key) == getattr(svitt, key), key
     assert simvtp.epochs == 3 and simvtp.input_size == 64 and simvtp.eval_data_path and svitt.eval_data_path
     last = {m: os.path.join(str(out / d), "checkpoint-2.pth") for m, d in (("simvtp", "pretrain"),
