@@ -50,12 +50,10 @@ step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS ep
 # then one by similarity and one uniform per positive. Base lr 1e-2, twice SimVTP's: in 600 steps SViTT then
 # learns more (contrastive t2v R@1 37.8-45.9 in three runs against 33.8-38.3 at 5e-3), and its head alone re-ranked
 # above the contrastive order in two of the three (in none of five at 5e-3; docs/matching_heads.md).
-run "$PY" run_simvtp_pretraining.py --data_path "$ANN/pretrain.json" --data_root "$DATA" \
-  --model svitt_tiny_patch16 "${CLIP[@]}" --sample_type rand --sparse_local_attn 1 --sparse_random_attn 1 \
-  --attn_block_size 32 --token_keep_rate 0.6 --token_drop_loc 1 2 --batch_size 16 --epochs "$SVITT_EPOCHS" \
-  --warmup_steps 100 --lr 1e-2 --min_lr 1e-5 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 \
-  --print_freq 20 --save_ckpt_freq 0 --keep_last 1 \
-  --eval_every 1 --eval_data_path "$ANN/val.json" --output_dir "$OUT/svitt_pretrain"
+run "$PY" run_simvtp_pretraining.py "${PRETRAIN[@]}" --model svitt_tiny_patch16 --sample_type rand \
+  --sparse_local_attn 1 --sparse_random_attn 1 --attn_block_size 32 --token_keep_rate 0.6 --token_drop_loc 1 2 \
+  --lr 1e-2 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 --epochs "$SVITT_EPOCHS" --eval_every 1 \
+  --output_dir "$OUT/svitt_pretrain"
 SVITT="$(last_checkpoint "$OUT/svitt_pretrain" "$SVITT_EPOCHS")"
 
 step "5/10 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head; the same in four frame orders"
@@ -139,6 +137,7 @@ for family, rel in (("SimVTP", "pretrain"), ("SViTT", "svitt_pretrain")):
     print(f"{family} matching head on val pairs (accuracy with random / hard non-matches; 1 match : 2 non-matches, "
           f"a constant answer scores 66.7): {trail}")
 from engine_for_retrieval import format_frame_orders
+from engine_for_qa import format_answer_kinds, format_frame_orders as qa_orders
 for family, rel in (("SimVTP", "zero_shot_orders"), ("SViTT", "svitt_zero_shot_orders")):
     orders = json.load(open(os.path.join(out, rel, "zero_shot_metrics.json")))["frame_orders"]
     print()
@@ -150,10 +149,8 @@ print(f"Video QA (SimVTP), test accuracy {qa['accuracy']:.1f}% on {qa['questions
       f"{orders['reverse']['accuracy']:.1f}%, frozen {orders['freeze']['accuracy']:.1f}%; always the most frequent "
       f"training answer {qa['majority_train']['accuracy']:.1f}%; each question's most frequent training answer "
       f"(no video) {qa['question_prior_train']:.1f}%")
-from engine_for_qa import format_frame_orders as qa_orders
 print(qa_orders(orders).replace("Temporal sensitivity", "Video QA, temporal sensitivity", 1))
 if "answer_kinds" in qa:
-    from engine_for_qa import format_answer_kinds
     print(format_answer_kinds(qa["answer_kinds"]))
 PY
 echo

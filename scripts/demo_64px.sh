@@ -27,15 +27,17 @@ build_data() { run "$PY" synthetic_dataset.py --out "$DATA" --num_train 1920 --s
 CLIP=(--num_frames 8 --sampling_rate 4 --input_size 64 --device cpu --precision auto --num_workers 0)
 EVAL=(--short_side_size 64 --test_num_segment 2 --test_num_crop 1 --batch_size 16)
 
+# What every pre-training here shares (the demo compares its two families on the same clips and steps).
+PRETRAIN=(--data_path "$ANN/pretrain.json" --data_root "$DATA" "${CLIP[@]}" --batch_size 16 --warmup_steps 100
+  --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1 --eval_data_path "$ANN/val.json")
+
 # The demo's SimVTP pre-training (scripts/demo.sh step 2; scripts/demo_time.sh adds the time-order loss). The
 # matching head (VTM) from random weights: its pairs carry the whole caption (the masked one rarely keeps the words
 # that tell a pair apart), negatives are uniform for 3 epochs, then one by similarity and one uniform per positive
 # (with hard negatives only, from the start, the head stays on the constant "no match"). It trains on the 10% of
 # tubes the mask leaves, so it also scores held-out pairs through 4 such masks (--match_mask_ratio 0.9).
-SIMVTP_PRETRAIN=(--data_path "$ANN/pretrain.json" --data_root "$DATA" --model simvtp_tiny_patch16 "${CLIP[@]}"
-  --batch_size 16 --warmup_steps 100 --vtm_text full --vtm_negatives mixed --vtm_random_epochs 3
-  --match_mask_ratio 0.9 --lr 5e-3 --min_lr 1e-5 --print_freq 20 --save_ckpt_freq 0 --keep_last 1
-  --eval_data_path "$ANN/val.json")
+SIMVTP_PRETRAIN=("${PRETRAIN[@]}" --model simvtp_tiny_patch16 --vtm_text full --vtm_negatives mixed
+  --vtm_random_epochs 3 --match_mask_ratio 0.9 --lr 5e-3)
 
 # The checkpoint a pre-training in $1 of $2 epochs ends with (a dry run has not written `latest`).
 last_checkpoint() {
