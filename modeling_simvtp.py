@@ -369,13 +369,16 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  temperature: float = 0.05, learnable_temp: bool = False, w_pixel: float = 1.0,
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
                  vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked",
-                 w_reverse: float = 0.0, reverse_tubes: str = "visible") -> None:
+                 w_reverse: float = 0.0, reverse_tubes: str = "visible", vtm_video: str = "masked",
+                 vtc_video: str = "masked") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
-        if vtc_text not in ("full", "masked") or vtm_text not in ("full", "masked") \
-                or vtm_negatives not in NEGATIVE_MODES:
-            raise ValueError(f"vtc_text {vtc_text!r} and vtm_text {vtm_text!r} (full|masked), vtm_negatives "
-                             f"{vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)})")
+        views = dict(vtc_text=vtc_text, vtm_text=vtm_text, vtm_video=vtm_video, vtc_video=vtc_video)
+        bad = {name: v for name, v in views.items() if v not in ("full", "masked")}
+        if bad:
+            raise ValueError(f"{bad}: each must be full or masked")
+        if vtm_negatives not in NEGATIVE_MODES:
+            raise ValueError(f"vtm_negatives {vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)})")
         if reverse_tubes not in ("visible", "all"):
             raise ValueError(f"reverse_tubes {reverse_tubes!r} (visible|all)")
         self.reverse_tubes = reverse_tubes
@@ -384,7 +387,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                              f"{vtm_negatives_per_pair} 1 or 2")
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.vtc_text, self.vtm_negatives, self.vtm_random_epochs = vtc_text, vtm_negatives, vtm_random_epochs
-        self.vtm_text = vtm_text
+        self.vtm_text, self.vtm_video, self.vtc_video = vtm_text, vtm_video, vtc_video
         self.decode_fraction, self.vtm_negatives_per_pair = decode_fraction, vtm_negatives_per_pair
         self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm, reverse=w_reverse)
         self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
@@ -502,9 +505,9 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         attention_mask / mlm_input_ids / mlm_labels [B, L] and, optionally, match_id long [B] (rows of one id, e.g.
         one video's clips under --clips_per_video, are contrastive positives, never matching negatives) and
         num_visible_tubes (int, the collator's: without it the count is read from the mask, a host sync) -> losses
-        (fp32); "loss" = weighted sum. Passes: (a) joint
-        on visible tubes + masked caption, (b) video-only and text-only for VTC, (c) one joint pass over the VTM
-        negatives (with vtm_text "full" one more, the positives with their whole caption), (d) with w_reverse > 0,
+        (fp32); "loss" = weighted sum. Passes: (a) joint on visible tubes + masked caption, (b) video-only (every
+        tube with vtc_video "full") and text-only for VTC, (c) one joint pass over the VTM negatives (with vtm_text
+        or vtm_video "full" one more, the positives with their whole caption or every tube), (d) with w_reverse > 0,
         the video-only pass over the clips played backwards (reversal_loss)."""
         video, video_mask, attention_mask = batch["video"], batch["video_mask"], batch["attention_mask"]
         input_ids, mlm_input_ids, mlm_labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
@@ -521,15 +524,19 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask, num_decoded).float(),
                                 self.pixel_target(video, decode_mask, num_decoded))
         loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
-        video_feat = self.encoder.pool(self.encoder(vis))  # (b)
+        all_tubes = self.encoder.embed_video(video) if "full" in (self.vtc_video, self.vtm_video) else None
+        video_feat = self.encoder.pool(self.encoder(all_tubes if self.vtc_video == "full" else vis))  # (b)
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)
         match_ids = batch.get("match_id")  # with --clips_per_video: a video's clips are each other's positives
         loss_vtc = vtc_loss(video_feat, text_feat, self.current_temperature(), gather, match_ids)
-        vtm_caption = masked_text
-        if self.vtm_text == "full":  # one more joint pass: the positives with their whole caption
+        vtm_caption, vtm_vis = masked_text, vis
+        if self.vtm_text == "full":
             vtm_caption = vtc_text if self.vtc_text == "full" else self.text_embeddings(input_ids)
-            pos_feat = self.joint(vis, vtm_caption, attention_mask)[1]
-        loss_vtm, vtm_acc = self.matching_loss(vis, vtm_caption, attention_mask, pos_feat, video_feat,
+        if self.vtm_video == "full":  # every tube: the object and its whole path in view
+            vtm_vis = all_tubes
+        if self.vtm_text == "full" or self.vtm_video == "full":  # one more joint pass: the positives as paired
+            pos_feat = self.joint(vtm_vis, vtm_caption, attention_mask)[1]
+        loss_vtm, vtm_acc = self.matching_loss(vtm_vis, vtm_caption, attention_mask, pos_feat, video_feat,
                                                text_feat, match_ids,
                                                negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
@@ -549,8 +556,11 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         """Pooled features of each clip played forwards and backwards, for the time-order loss. reverse_tubes
         "visible": the training mask's tubes (the contrastive pass's features, one more pass); "all": every tube
         (two more passes: the object is then in view in every frame, where 10% of the tubes often miss it)."""
-        if self.reverse_tubes == "visible":
-            backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
+        if self.reverse_tubes == "visible":  # the contrastive pass's tubes (every one with vtc_video "full")
+            if self.vtc_video == "full":
+                backwards = self.encoder.embed_video(video.flip(2))
+            else:
+                backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
             return video_feat, self.encoder.pool(self.encoder(backwards))
         both = self.encoder.embed_video(torch.cat([video, video.flip(2)]))
         return self.encoder.pool(self.encoder(both)).chunk(2)
@@ -858,6 +868,13 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    help="caption of the matching pairs: masked (default, the release's: the masked-word pass's "
                         "caption, so a pair whose telling words are masked cannot be told apart) or full (one more "
                         "joint pass; re-ranking scores whole captions)")
+    g.add_argument("--vtc_video", default=None, choices=["full", "masked"],
+                   help="tubes of the contrastive video pass: masked (default, the release's: the pre-training "
+                        "mask's visible tubes) or full (every tube, as retrieval embeds clips; a longer pass)")
+    g.add_argument("--vtm_video", default=None, choices=["full", "masked"],
+                   help="tubes of the matching pairs: masked (default, the release's: the pre-training mask's "
+                        "visible tubes; in the demo's 64 px clips, 2 of 16 patches kept, the object is out of view "
+                        "in 45%% of pairs) or full (every tube, as re-ranking scores them; longer joint passes)")
     g.add_argument("--reverse_tubes", default=None, choices=["visible", "all"],
                    help="with --w_reverse: the clip forwards and backwards through the training mask's tubes "
                         "(visible, default: one more video pass) or through every tube (all: two more passes)")

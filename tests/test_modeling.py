@@ -390,6 +390,30 @@ def test_vtm_pairs_use_the_masked_caption_unless_asked_for_the_whole_one():
     assert abs(b.item() - masked(other)["loss_vtm"].item()) > 1e-4
 
 
+def test_contrastive_video_pass_sees_every_tube_only_when_asked():
+    batch = make_batch()
+    other = dict(batch, video_mask=~batch["video_mask"])
+    full, masked = tiny(vtc_video="full"), tiny()
+    torch.testing.assert_close(full(batch)["loss_vtc"], full(other)["loss_vtc"], rtol=0, atol=1e-6)
+    assert abs(masked(batch)["loss_vtc"].item() - masked(other)["loss_vtc"].item()) > 1e-4
+
+
+def test_vtm_pairs_see_every_tube_only_when_asked():
+    batch = make_batch()
+    other = dict(batch, video_mask=~batch["video_mask"])  # the other half of the tubes visible
+    losses = {}
+    for video in ("full", "masked"):
+        model = tiny(vtm_video=video, vtm_negatives="random")
+        for name, b in (("mask", batch), ("other", other)):
+            torch.manual_seed(1)  # the same uniform negatives for both masks
+            losses[video, name] = model(b)["loss_vtm"].item()
+    assert losses["full", "mask"] == pytest.approx(losses["full", "other"], abs=1e-6)
+    assert abs(losses["masked", "mask"] - losses["masked", "other"]) > 1e-4
+    for option in ("vtm_video", "vtc_video"):
+        with pytest.raises(ValueError, match=option):
+            tiny(**{option: "some"})
+
+
 def test_mixed_negatives_draw_the_video_by_similarity_and_the_caption_uniformly():
     peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
     peaked[(torch.arange(4) + 1) % 4, torch.arange(4)] = 20.0  # video i + 1 is caption i's closest other, and
