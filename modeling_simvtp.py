@@ -370,15 +370,16 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
                  vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked",
                  w_reverse: float = 0.0, reverse_tubes: str = "visible", vtm_video: str = "masked",
-                 vtc_video: str = "masked") -> None:
+                 vtc_video: str = "masked", vtm_pool: str = "joint") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         views = dict(vtc_text=vtc_text, vtm_text=vtm_text, vtm_video=vtm_video, vtc_video=vtc_video)
         bad = {name: v for name, v in views.items() if v not in ("full", "masked")}
         if bad:
             raise ValueError(f"{bad}: each must be full or masked")
-        if vtm_negatives not in NEGATIVE_MODES:
-            raise ValueError(f"vtm_negatives {vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)})")
+        if vtm_negatives not in NEGATIVE_MODES or vtm_pool not in ("joint", "text"):
+            raise ValueError(f"vtm_negatives {vtm_negatives!r} ({'|'.join(NEGATIVE_MODES)}), vtm_pool {vtm_pool!r} "
+                             f"(joint|text)")
         if reverse_tubes not in ("visible", "all"):
             raise ValueError(f"reverse_tubes {reverse_tubes!r} (visible|all)")
         self.reverse_tubes = reverse_tubes
@@ -387,7 +388,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                              f"{vtm_negatives_per_pair} 1 or 2")
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.vtc_text, self.vtm_negatives, self.vtm_random_epochs = vtc_text, vtm_negatives, vtm_random_epochs
-        self.vtm_text, self.vtm_video, self.vtc_video = vtm_text, vtm_video, vtc_video
+        self.vtm_text, self.vtm_video, self.vtc_video, self.vtm_pool = vtm_text, vtm_video, vtc_video, vtm_pool
         self.decode_fraction, self.vtm_negatives_per_pair = decode_fraction, vtm_negatives_per_pair
         self.loss_weights = dict(pixel=w_pixel, mlm=w_mlm, vtc=w_vtc, vtm=w_vtm, reverse=w_reverse)
         self.encoder = UnifiedEncoder(img_size, patch_size, num_frames, tubelet_size, embed_dim, depth, num_heads,
@@ -426,8 +427,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
     # -- passes
     def joint(self, vis: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor):
         """Joint pass on visible tokens [B, Nv, D] + embedded text [B, L, D] -> (tokens [B, Nv+L, D], pooled [B, D]
-        over visible video + real text tokens, or all tokens with release_pooling)."""
+        for the matching head: over visible video + real text tokens (or all tokens with release_pooling), or with
+        vtm_pool "text" over the caption's tokens alone, which have attended to the video (a fusion encoder's
+        text [CLS] reads the pair this way; a mean over many video tokens mostly describes the video)."""
         x = self.encoder(vis, text, attention_mask)
+        if self.vtm_pool == "text":
+            return x, self.encoder.pool(x[:, vis.shape[1]:], attention_mask)
         return x, self.encoder.pool(x, token_keep(vis.shape[1], attention_mask))
 
     def decode_pixels(self, video_out: torch.Tensor, video_mask: torch.Tensor,
@@ -875,6 +880,10 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    help="tubes of the matching pairs: masked (default, the release's: the pre-training mask's "
                         "visible tubes; in the demo's 64 px clips, 2 of 16 patches kept, the object is out of view "
                         "in 45%% of pairs) or full (every tube, as re-ranking scores them; longer joint passes)")
+    g.add_argument("--vtm_pool", default=None, choices=["joint", "text"],
+                   help="what the matching head reads: the mean over the joint pass's video and text tokens "
+                        "(joint, default, the release's) or over its caption tokens alone (text: they attended to "
+                        "the video, as a fusion encoder's text [CLS])")
     g.add_argument("--reverse_tubes", default=None, choices=["visible", "all"],
                    help="with --w_reverse: the clip forwards and backwards through the training mask's tubes "
                         "(visible, default: one more video pass) or through every tube (all: two more passes)")

@@ -414,6 +414,21 @@ def test_vtm_pairs_see_every_tube_only_when_asked():
             tiny(**{option: "some"})
 
 
+def test_text_pooled_matching_reads_the_caption_tokens_after_they_saw_the_video():
+    batch = make_batch()
+    model = tiny(vtm_pool="text").eval()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        vis = model.encoder.embed_video(batch["video"])
+        x, pooled = model.joint(vis, model.text_embeddings(ids), mask)
+        expected = (x[:, vis.shape[1]:] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(pooled, model.encoder.fc_norm(expected), rtol=1e-5, atol=1e-5)
+        other = model.match_logits(batch["video"].flip(0), ids, mask)
+        assert not torch.allclose(model.match_logits(batch["video"], ids, mask), other)
+    with pytest.raises(ValueError, match="vtm_pool"):
+        tiny(vtm_pool="cls")
+
+
 def test_mixed_negatives_draw_the_video_by_similarity_and_the_caption_uniformly():
     peaked = torch.full((4, 4), -20.0) + 60 * torch.eye(4)
     peaked[(torch.arange(4) + 1) % 4, torch.arange(4)] = 20.0  # video i + 1 is caption i's closest other, and
