@@ -861,25 +861,28 @@ def simvtp_qa_base_patch16(**kwargs) -> SimVTPQA:
     return _build(SimVTPQA, dict(BASE, answer_decoder_depth=3), kwargs)
 
 
+# What each loss's pass sees, full or masked: flag -> help.
+VIEW_FLAGS = {
+    "vtc_text": "caption of the contrastive text pass: full (default) or masked (the release's behaviour)",
+    "vtm_text": "caption of the matching pairs: masked (default, the release's: the masked-word pass's caption, so a "
+                "pair whose telling words are masked cannot be told apart) or full (one more joint pass; re-ranking "
+                "scores whole captions)",
+    "vtc_video": "tubes of the contrastive video pass: masked (default, the release's: the pre-training mask's "
+                 "visible tubes) or full (every tube, as retrieval embeds clips; a longer pass)",
+    "vtm_video": "tubes of the matching pairs: masked (default, the release's: the pre-training mask's visible "
+                 "tubes; in the demo's 64 px clips, 2 of 16 patches kept, the object is out of view in 45%% of "
+                 "pairs) or full (every tube, as re-ranking scores them; longer joint passes)",
+}
+
+
 def add_model_args(g: argparse._ArgumentGroup) -> None:
     """SimVTP's own flags; unset (None) means the model's default."""
     g.add_argument("--decoder_depth", type=int, default=None, help="pixel decoder blocks (pre-training model)")
     g.add_argument("--answer_decoder_depth", type=int, default=None,
                    help="answer decoder layers of the QA model, started from the top encoder blocks (2 tiny, 3 "
                         "small / base)")
-    g.add_argument("--vtc_text", default=None, choices=["full", "masked"],
-                   help="caption of the contrastive text pass: full (default) or masked (the release's behaviour)")
-    g.add_argument("--vtm_text", default=None, choices=["full", "masked"],
-                   help="caption of the matching pairs: masked (default, the release's: the masked-word pass's "
-                        "caption, so a pair whose telling words are masked cannot be told apart) or full (one more "
-                        "joint pass; re-ranking scores whole captions)")
-    g.add_argument("--vtc_video", default=None, choices=["full", "masked"],
-                   help="tubes of the contrastive video pass: masked (default, the release's: the pre-training "
-                        "mask's visible tubes) or full (every tube, as retrieval embeds clips; a longer pass)")
-    g.add_argument("--vtm_video", default=None, choices=["full", "masked"],
-                   help="tubes of the matching pairs: masked (default, the release's: the pre-training mask's "
-                        "visible tubes; in the demo's 64 px clips, 2 of 16 patches kept, the object is out of view "
-                        "in 45%% of pairs) or full (every tube, as re-ranking scores them; longer joint passes)")
+    for name, what in VIEW_FLAGS.items():
+        g.add_argument(f"--{name}", default=None, choices=["full", "masked"], help=what)
     g.add_argument("--vtm_pool", default=None, choices=["joint", "text"],
                    help="what the matching head reads: the mean over the joint pass's video and text tokens "
                         "(joint, default, the release's) or over its caption tokens alone (text: they attended to "
