@@ -560,12 +560,11 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                         batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features of each clip played forwards and backwards, for the time-order loss. reverse_tubes
         "visible": the training mask's tubes (the contrastive pass's features, one more pass); "all": every tube
-        (two more passes: the object is then in view in every frame, where 10% of the tubes often miss it)."""
-        if self.reverse_tubes == "visible":  # the contrastive pass's tubes (every one with vtc_video "full")
-            if self.vtc_video == "full":
-                backwards = self.encoder.embed_video(video.flip(2))
-            else:
-                backwards = self.encoder.embed_video(video.flip(2), video_mask, batch.get("num_visible_tubes"))
+        (two more passes: the object is then in view in every frame, where 10% of the tubes often miss it). With
+        vtc_video "full" the contrastive pass already is the forward one through every tube: one more pass either way."""
+        if self.reverse_tubes == "visible" or self.vtc_video == "full":
+            mask = None if self.vtc_video == "full" else video_mask
+            backwards = self.encoder.embed_video(video.flip(2), mask, batch.get("num_visible_tubes"))
             return video_feat, self.encoder.pool(self.encoder(backwards))
         both = self.encoder.embed_video(torch.cat([video, video.flip(2)]))
         return self.encoder.pool(self.encoder(both)).chunk(2)

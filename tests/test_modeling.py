@@ -620,6 +620,17 @@ def test_time_order_through_all_tubes_compares_the_retrieval_features_of_both_or
         tiny(reverse_tubes="some")
 
 
+@pytest.mark.parametrize("tubes", ["visible", "all"])
+def test_time_order_with_a_full_contrastive_pass_reuses_it_forwards_and_plays_every_tube_backwards(tubes):
+    model = tiny(w_reverse=1.0, reverse_tubes=tubes, vtc_video="full").eval()
+    b = make_batch(b=3)
+    with torch.no_grad():
+        contrastive = model.encode_video(b["video"])
+        forwards, backwards = model.time_order_pair(b["video"], b["video_mask"], contrastive, b)
+        assert forwards is contrastive
+        torch.testing.assert_close(backwards, model.encode_video(b["video"].flip(2)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["simvtp", "simvtp_all_tubes", "svitt"])
 def test_w_reverse_adds_the_time_order_term_and_its_gradient_separates_the_orders(family):
