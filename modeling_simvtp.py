@@ -561,7 +561,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         """Pooled features of each clip played forwards and backwards, for the time-order loss. reverse_tubes
         "visible": the training mask's tubes (the contrastive pass's features, one more pass); "all": every tube
         (two more passes: the object is then in view in every frame, where 10% of the tubes often miss it). With
-        vtc_video "full" the contrastive pass already is the forward one through every tube: one more pass either way."""
+        vtc_video "full" the contrastive pass already is the forward one through every tube: one more pass either
+        way."""
         if self.reverse_tubes == "visible" or self.vtc_video == "full":
             mask = None if self.vtc_video == "full" else video_mask
             backwards = self.encoder.embed_video(video.flip(2), mask, batch.get("num_visible_tubes"))
