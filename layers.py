@@ -112,6 +112,21 @@ def reversal_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, reversed_fe
     return F.cross_entropy(logits, target), (logits[:, 0] > logits[:, 1]).float().mean()
 
 
+def matching_rank_loss(logits: torch.Tensor, num_matches: int) -> torch.Tensor:
+    """Matching head as a ranker: each non-match's log-odds against those of the match it was drawn for,
+    softplus(s_non - s_match) (a two-way cross-entropy). logits [M + N, 2]: M matches, then N non-matches, non-match
+    k made from match k mod M (a negative video for its caption or a negative caption for its video). Re-ranking
+    compares the head's scores of one query's candidates; the binary loss asks each pair's absolute answer, so a
+    part of the log-odds that depends on the caption or the video alone costs it nothing, and with pairs it cannot
+    tell apart its best answer is the same for both. This loss scores only the order within each pair."""
+    if len(logits) <= num_matches:
+        return logits.sum() * 0.0  # no non-match: nothing to rank, still connected to the graph
+    log_odds = logits[:, 1].float() - logits[:, 0].float()
+    matches, non_matches = log_odds[:num_matches], log_odds[num_matches:]
+    partner = torch.arange(len(non_matches), device=logits.device) % num_matches
+    return F.softplus(non_matches - matches[partner]).mean()
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch's captions of each caption's mean CE over its masked tokens.
 

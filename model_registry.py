@@ -25,7 +25,7 @@ FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
 # flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
 COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
                 "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm",
-                "w_reverse": "w_reverse"}
+                "w_reverse": "w_reverse", "w_vtm_rank": "w_vtm_rank"}
 
 
 @dataclass
@@ -265,6 +265,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
                    help="weight of the time-order loss (default 0, the papers'): each caption must prefer its clip "
                         "to the same clip played backwards. Only for captions that name a direction of motion "
                         "(the synthetic set's; on WebVid most captions fit either order)")
+    g.add_argument("--w_vtm_rank", type=float, default=None,
+                   help="weight of the matching head's rank loss (default 0, the papers'): each non-match's log-odds "
+                        "below those of the match it was drawn for, the order re-ranking reads")
     for family in families():
         family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))
     return g

@@ -28,7 +28,8 @@ from timm.layers import DropPath, trunc_normal_
 
 from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, itc_loss,
-                    key_padding_mask, matching_negatives, mlm_loss, negatives_now, reversal_loss, run_layer)
+                    key_padding_mask, matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss,
+                    run_layer)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from sparse_attention import (BlockPattern, SViTTSelfAttention, keep_count, patch_coordinates, random_scores,
                               sample_block_pattern, select_patch_tokens)
@@ -476,7 +477,7 @@ class SViTTTowers(nn.Module):
                  release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
                  w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
                  vtm_random_epochs: int = 0, w_reverse: float = 0.0,
-                 temporal_expand_mode: str = "release") -> None:
+                 temporal_expand_mode: str = "release", w_vtm_rank: float = 0.0) -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if token_keep_strategy not in ("cls_attn", "random"):
@@ -505,7 +506,7 @@ class SViTTTowers(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self.fusion_selection = FusionTokenSelection(fusion_keep_rate, tuple(fusion_drop_loc), fusion_keep_strategy)
-        self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm, reverse=w_reverse)
+        self.loss_weights = dict(itc=w_itc, itm=w_itm, mlm=w_mlm, reverse=w_reverse, itm_rank=w_vtm_rank)
         if temporal_expand_mode not in EXPAND_MODES:
             raise ValueError(f"temporal_expand_mode must be one of {EXPAND_MODES}, got {temporal_expand_mode!r}")
         self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
@@ -569,7 +570,8 @@ class SViTTPretrain(SViTTTowers):
     def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
                       negatives: str | None = None):
         """ITM over 3B pairs: positives, a negative video per caption, a negative caption per video; negatives by
-        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy)."""
+        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy, the pairs' rank
+        loss)."""
         b = len(video_tokens)
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
@@ -581,7 +583,8 @@ class SViTTPretrain(SViTTTowers):
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         logits = self.itm_head(self.fused_cls(texts, masks, videos)).float()
         labels = (torch.arange(3 * b, device=logits.device) < b).long()  # built on the device: no copy
-        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+        return (F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(),
+                matching_rank_loss(logits, b))
 
     def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
         """MLM through the text layers and the fusion layers (with the video), BERT's head on every position (as
@@ -603,10 +606,12 @@ class SViTTPretrain(SViTTTowers):
         video_feat, text_feat = self.vision_proj(vis.pooled), self.text_proj(text_states[:, 0])
         loss_itc = itc_loss(video_feat, text_feat, self.current_temperature(), video_ids,
                             None if self.itc_local else gather)
-        loss_itm, itm_acc = self.matching_loss(video_tokens, text_states, attention_mask, video_feat, text_feat,
-                                               video_ids,
-                                               negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
+        loss_itm, itm_acc, loss_rank = self.matching_loss(
+            video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
+            negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(itc=loss_itc, itm=loss_itm)
+        if self.loss_weights["itm_rank"] > 0:
+            terms["itm_rank"] = loss_rank
         if self.loss_weights["reverse"] > 0:  # one more vision pass: the same clips played backwards
             terms["reverse"], reverse_acc = reversal_loss(
                 text_feat, video_feat, self.vision_proj(self.vision(batch["video"].flip(2)).pooled),

@@ -659,3 +659,44 @@ def test_w_reverse_adds_the_time_order_term_and_its_gradient_separates_the_order
         model(b)["loss"].backward()
         opt.step()
     assert model(b)["loss_reverse"].item() < first - 0.15  # from about log 2: the orders are told apart
+
+
+def test_matching_rank_loss_puts_each_non_match_below_the_match_it_was_drawn_for():
+    """Non-match k belongs to match k mod M; the loss is a two-way cross-entropy per (match, non-match) pair of
+    log-odds, blind to a shift shared by a pair and not to their order."""
+    matches = torch.tensor([[0.0, 2.0], [1.0, 0.0]])  # log-odds 2, -1
+    non_matches = torch.tensor([[0.0, 1.0], [0.0, 0.5], [3.0, 0.0], [0.0, -2.0]])  # log-odds 1, 0.5, -3, -2
+    logits = torch.cat([matches, non_matches])
+    by_hand = [F.cross_entropy(torch.tensor([[m, n]]), torch.tensor([0])) for m, n in
+               [(2.0, 1.0), (-1.0, 0.5), (2.0, -3.0), (-1.0, -2.0)]]
+    torch.testing.assert_close(layers.matching_rank_loss(logits, 2), torch.stack(by_hand).mean())
+    shifted = logits + torch.tensor([[0.0, 5.0]] * 2 + [[0.0, 5.0]] * 4)  # every pair moved alike: same order
+    torch.testing.assert_close(layers.matching_rank_loss(shifted, 2), layers.matching_rank_loss(logits, 2))
+    logits.requires_grad_(True)
+    layers.matching_rank_loss(logits, 2).backward()
+    assert (logits.grad[:2, 1] < 0).all() and (logits.grad[2:, 1] > 0).all()  # descent: matches up, non-matches down
+    assert layers.matching_rank_loss(matches, 2).item() == 0.0  # no non-match: nothing to rank
+
+
+@pytest.mark.parametrize("family", ["simvtp", "svitt"])
+def test_w_vtm_rank_adds_the_rank_term_whose_gradient_reaches_the_head_and_the_pair_encoder(family):
+    """The term appears only when weighted and adds to the total; alone, its gradient reaches the matching head and
+    the layers that read the pair."""
+    if family == "simvtp":
+        plain, model, b, term = tiny(), tiny(w_vtm_rank=1.0), make_batch(b=4), "vtm_rank"
+        head, encoder = model.vtm_head, model.encoder
+    else:
+        import test_svitt_model as T
+        plain, model, b, term = T.tiny_model(), T.tiny_model(w_vtm_rank=1.0), T.batch(), "itm_rank"
+        head, encoder = model.itm_head, model.text_encoder
+    assert f"loss_{term}" not in plain(b)
+    out = model(b)
+    weights = dict(model.loss_weights, **{term: 0.0})
+    torch.testing.assert_close(out["loss"].detach(), sum(weights[k] * out[f"loss_{k}"] for k in weights
+                                                         if f"loss_{k}" in out) + out[f"loss_{term}"])
+    model.loss_weights = {k: (1.0 if k == term else 0.0) for k in model.loss_weights}
+    model.zero_grad()
+    model(b)["loss"].backward()
+    for module in (head, encoder):
+        grads = [p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
+        assert grads and sum(grads).item() > 0
