@@ -670,7 +670,7 @@ def test_matching_rank_loss_puts_each_non_match_below_the_match_it_was_drawn_for
     by_hand = [F.cross_entropy(torch.tensor([[m, n]]), torch.tensor([0])) for m, n in
                [(2.0, 1.0), (-1.0, 0.5), (2.0, -3.0), (-1.0, -2.0)]]
     torch.testing.assert_close(layers.matching_rank_loss(logits, 2), torch.stack(by_hand).mean())
-    shifted = logits + torch.tensor([[0.0, 5.0]] * 2 + [[0.0, 5.0]] * 4)  # every pair moved alike: same order
+    shifted = logits + torch.tensor([0.0, 5.0])  # every log-odds moved alike: the same order, the same loss
     torch.testing.assert_close(layers.matching_rank_loss(shifted, 2), layers.matching_rank_loss(logits, 2))
     logits.requires_grad_(True)
     layers.matching_rank_loss(logits, 2).backward()
