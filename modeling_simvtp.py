@@ -484,13 +484,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         a pair of the same match id: clips of one video). With
         vtm_negatives_per_pair 1, B negatives: the first half of the captions get a negative video, the other half
         of the videos a negative caption (half the negatives' joint pass).
-        Returns (loss, accuracy, the pairs' rank loss). B = 1 has no negative: losses 0, still connected to the graph
-        (DDP sees vtm_head)."""
+        Returns (loss, accuracy, logits [B + negatives, 2]: the positives first). B = 1 has no negative: loss 0,
+        still connected to the graph (DDP sees vtm_head)."""
         b = len(vis)
         pos_logits = self.vtm_head(pos_feat).float()
         if b < 2:
-            zero = pos_logits.sum() * 0.0
-            return zero, (pos_logits.argmax(1) == 1).float().mean(), zero
+            return pos_logits.sum() * 0.0, (pos_logits.argmax(1) == 1).float().mean(), pos_logits
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
@@ -505,8 +504,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         _, neg_feat = self.joint(vis[video_ids], text[text_ids], attention_mask[text_ids])
         logits = torch.cat([pos_logits, self.vtm_head(neg_feat).float()])
         labels = (torch.arange(len(logits), device=logits.device) < b).long()  # built on the device: no copy
-        return (F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(),
-                matching_rank_loss(logits, b))
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), logits
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
@@ -544,12 +542,12 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             vtm_vis = all_tubes
         if self.vtm_text == "full" or self.vtm_video == "full":  # one more joint pass: the positives as paired
             pos_feat = self.joint(vtm_vis, vtm_caption, attention_mask)[1]
-        loss_vtm, vtm_acc, loss_rank = self.matching_loss(
+        loss_vtm, vtm_acc, vtm_logits = self.matching_loss(
             vtm_vis, vtm_caption, attention_mask, pos_feat, video_feat, text_feat, match_ids,
             negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
         if self.loss_weights["vtm_rank"] > 0:
-            terms["vtm_rank"] = loss_rank
+            terms["vtm_rank"] = matching_rank_loss(vtm_logits, len(vtm_vis))
         if self.loss_weights["reverse"] > 0:  # (d) the same tubes played backwards (and forwards, with all tubes)
             terms["reverse"], reverse_acc = reversal_loss(text_feat, *self.time_order_pair(video, video_mask,
                                                                                           video_feat, batch),

@@ -570,8 +570,8 @@ class SViTTPretrain(SViTTTowers):
     def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
                       negatives: str | None = None):
         """ITM over 3B pairs: positives, a negative video per caption, a negative caption per video; negatives by
-        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy, the pairs' rank
-        loss)."""
+        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy, logits [3B, 2]:
+        the positives first)."""
         b = len(video_tokens)
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
@@ -583,8 +583,7 @@ class SViTTPretrain(SViTTTowers):
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         logits = self.itm_head(self.fused_cls(texts, masks, videos)).float()
         labels = (torch.arange(3 * b, device=logits.device) < b).long()  # built on the device: no copy
-        return (F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(),
-                matching_rank_loss(logits, b))
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), logits
 
     def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
         """MLM through the text layers and the fusion layers (with the video), BERT's head on every position (as
@@ -606,12 +605,12 @@ class SViTTPretrain(SViTTTowers):
         video_feat, text_feat = self.vision_proj(vis.pooled), self.text_proj(text_states[:, 0])
         loss_itc = itc_loss(video_feat, text_feat, self.current_temperature(), video_ids,
                             None if self.itc_local else gather)
-        loss_itm, itm_acc, loss_rank = self.matching_loss(
+        loss_itm, itm_acc, itm_logits = self.matching_loss(
             video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
             negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(itc=loss_itc, itm=loss_itm)
         if self.loss_weights["itm_rank"] > 0:
-            terms["itm_rank"] = loss_rank
+            terms["itm_rank"] = matching_rank_loss(itm_logits, len(video_tokens))
         if self.loss_weights["reverse"] > 0:  # one more vision pass: the same clips played backwards
             terms["reverse"], reverse_acc = reversal_loss(
                 text_feat, video_feat, self.vision_proj(self.vision(batch["video"].flip(2)).pooled),
