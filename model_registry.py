@@ -83,7 +83,8 @@ class VideoTextModel(Protocol):
       questions); `rank_answers(video, question_ids, question_mask, answer_ids, answer_mask, k, video_tokens=None)
       -> (top-k answer indices, scores [Q, A] fp32)`; `forward(batch)` returns the answer loss.
     - "reconstruct": `reconstruct(video, video_mask, input_ids, attention_mask, ...)` (run_simvtp_vis.py);
-      "probe": `decode_pixels(...)` and `text_cls` (cross_modal_probe.py).
+      "probe": `decode_pixels(...)`, `pixel_target(...)`, `masked_tube_pixels(...)` and `text_cls`
+      (cross_modal_probe.py).
     - "clip_shape": `clip_shape = (num_frames, img_size)`, the clip it was built for (search.py).
     - "no_weight_decay": `no_weight_decay() -> set of parameter names` kept out of weight decay.
     - "default_text_mask_ratio": the MLM ratio a model that masks words uses by default.
@@ -112,7 +113,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "temperature": ("current_temperature",),
     "qa": ("rank_answers", "video_tokens"),
     "reconstruct": ("reconstruct",),
-    "probe": ("decode_pixels", "text_cls"),
+    "probe": ("decode_pixels", "pixel_target", "masked_tube_pixels", "text_cls"),
     "clip_shape": ("clip_shape",),
     "no_weight_decay": ("no_weight_decay",),
     "default_text_mask_ratio": ("default_text_mask_ratio",),

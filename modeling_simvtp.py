@@ -469,7 +469,13 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         """Normalised pixels of the masked tubes [B, Nm, P] (float32, no gradient); `count` masked per clip (read
         from the mask when None)."""
         with torch.no_grad():
-            tubes = normalize_tubes(patchify(denormalize_video(video), self.tubelet_size, self.patch_size))
+            return normalize_tubes(self.masked_tube_pixels(video, video_mask, count))
+
+    def masked_tube_pixels(self, video: torch.Tensor, video_mask: torch.Tensor,
+                           count: int | None = None) -> torch.Tensor:
+        """The masked tubes' raw pixels in [0, 1] [B, Nm, P] (what pixel_target normalises per tube)."""
+        with torch.no_grad():
+            tubes = patchify(denormalize_video(video), self.tubelet_size, self.patch_size)
             return select_tokens(tubes, video_mask, count)
 
     def masked_word_loss(self, text_out: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:

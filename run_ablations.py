@@ -393,8 +393,9 @@ def run_one(study: Study, setting: Setting, seed: int, cfg: Config) -> dict:
               "gflops_per_step": step_gflops(setting, cfg)}
     if setting.cross_modal and ckpt:
         import cross_modal_probe
+        import synthetic_dataset
         result["cross_modal"] = cross_modal_probe.probe(ckpt, os.path.join(cfg.ann, "test.json"), cfg.data_root,
-                                                        seed=seed)
+                                                        seed=seed, word_groups=synthetic_dataset.word_groups())
     result["seconds"] = time.time() - t0
     write_json(os.path.join(folder, "result.json"), result)
     return result
@@ -628,27 +629,38 @@ def study_table(study: Study, results: dict, seeds: list[int], cfg: Config) -> s
     return "\n".join(lines)
 
 
-PROBE_COLUMNS = (("words top-1 own / other / none", "word_top1"), ("words top-5 own / other / none", "word_top5"),
-                 ("pixel MSE own / other / none", "pixel_mse"))
+PROBE_COLUMNS = (("words top-1 own / other / none", "word_top1_{}", "{:.1f}"),
+                 ("words top-5 own / other / none", "word_top5_{}", "{:.1f}"),
+                 ("colour words, top 1 among the colours, own / other / none", "word_in_group_{}/colour", "{:.1f}"),
+                 ("pixel MSE own / other / none / tube mean", "pixel_mse_{}", "{:.3f}"),
+                 ("pixel MSE, high-contrast quarter, own / other / none / tube mean", "pixel_mse_{}/high_contrast",
+                  "{:.3f}"))
+
+
+def _probe_cell(done: list[dict], key: str, fmt: str) -> str:
+    """One study-6 cell: the mean over seeds per condition ("-" where a probe lacks the figure: an older run)."""
+    conditions = ("own", "other", "none", "mean") if key.startswith("pixel") else ("own", "other", "none")
+    values = [[d[key.format(c)] for d in done if key.format(c) in d] for c in conditions]
+    return " / ".join(fmt.format(np.mean(v)) if v else "-" for v in values)
 
 
 def cross_modal_table(studies: list[Study], results: dict) -> str:
     """Study 6: the probe of every pre-trained model of studies 1-3, means over seeds."""
     lines = ["### 6. Cross-modal help (SimVTP)", "",
              "Claim: the model reconstructs the masked signal of one modality with the help of the other. Masked-word "
-             "accuracy (%) with the clip's own video, another clip's video, no video; pixel error of the masked tubes "
-             "with the clip's own caption, another caption, no text (test split, pre-training masks).", "",
-             "| study / setting | " + " | ".join(c for c, _ in PROBE_COLUMNS) + " |", "|---|---|---|---|"]
+             "accuracy (%) with the clip's own video, another clip's video, no video, over every masked word and, for "
+             "the colour words, as the choice among the colour words (chance: one in their number); pixel error of the masked tubes "
+             "with the clip's own caption, another caption, no text, beside predicting each tube's mean, over every "
+             "masked tube and over the quarter with the most contrast (the object's) (test split, pre-training "
+             "masks).", "",
+             "| study / setting | " + " | ".join(c for c, _, _ in PROBE_COLUMNS) + " |",
+             "|---|" + "---|" * len(PROBE_COLUMNS)]
     for study in studies:
         for setting in study.settings:
             done = [r["cross_modal"] for r in results.get((study.key, setting.name), []) if "cross_modal" in r]
             if not done:
                 continue
-            cells = []
-            for _, key in PROBE_COLUMNS:
-                fmt = "{:.3f}" if key == "pixel_mse" else "{:.1f}"
-                cells.append(" / ".join(fmt.format(np.mean([d[f"{key}_{c}"] for d in done]))
-                                        for c in ("own", "other", "none")))
+            cells = [_probe_cell(done, key, fmt) for _, key, fmt in PROBE_COLUMNS]
             lines.append(f"| {study.key} / {setting.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

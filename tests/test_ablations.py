@@ -90,7 +90,17 @@ def test_the_table_and_figure_come_from_the_result_files(micro):
     assert "Failed runs" in text and os.path.getsize(os.path.join(cfg.out, "claims.png")) > 0
     with open(os.path.join(cfg.out, "claims.md")) as f:
         assert f.read() == text
-    assert "| micro / tube 0.9 |" in text  # study 6's probe table
+    probe_row = next(line for line in text.splitlines() if line.startswith("| micro / tube 0.9 |"))  # study 6
+    cells = [c.strip() for c in probe_row.strip("|").split("|")][1:]
+    assert len(cells) == len(ab.PROBE_COLUMNS) and [len(c.split(" / ")) for c in cells] == [3, 3, 3, 4, 4]
+    assert cells[3].split(" / ")[0] == f"{result['cross_modal']['pixel_mse_own']:.3f}"
+
+
+def test_a_probe_without_a_figure_an_older_run_lacks_shows_a_dash():
+    old = {"pixel_mse_own": 0.5, "pixel_mse_other": 0.6, "pixel_mse_none": 0.7}
+    new = {**old, "pixel_mse_own": 0.7, "pixel_mse_mean": 0.9}
+    assert ab._probe_cell([old, new], "pixel_mse_{}", "{:.2f}") == "0.60 / 0.60 / 0.70 / 0.90"
+    assert ab._probe_cell([old], "word_in_group_{}/colour", "{:.1f}") == "- / - / -"
 
 
 def test_mean_and_spread_over_seeds():

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import cross_modal_probe
 import datasets
@@ -51,5 +52,43 @@ def test_figures_per_group_add_up_to_the_overall_ones(pretrained_checkpoint, syn
     for cond in cross_modal_probe.CONDITIONS:
         weighted = sum(figures[f"word_top1_{cond}/{g}"] * n for g, n in counts.items()) / figures["masked_words"]
         assert weighted == pytest.approx(figures[f"word_top1_{cond}"], abs=1e-6)
-    table = cross_modal_probe.format_word_groups(figures)
-    assert table.splitlines()[0].split()[-2:] == ["no", "video"] and len(table.splitlines()) == len(counts) + 1
+    assert figures["high_contrast_tubes"] >= figures["clips"]  # a quarter of the masked tubes, ties included
+    for suffix in ("", "/high_contrast"):  # predicting each tube's mean scores below 1 in normalised pixels
+        assert 0.5 < figures[f"pixel_mse_mean{suffix}"] < 1.0
+    assert cross_modal_probe.format_pixels(figures).splitlines()[2].split()[0] == "all"
+    named = set(counts) - {"other"}
+    for group in named:
+        assert figures[f"group_choices/{group}"] == sum(
+            1 for g in cross_modal_probe.token_groups(datasets.build_tokenizer(), synthetic_dataset.word_groups())
+            .values() if g == group)
+        for cond in cross_modal_probe.CONDITIONS:  # the vocabulary's top 1, when right, is the group's top 1 too
+            assert figures[f"word_in_group_{cond}/{group}"] >= figures[f"word_top1_{cond}/{group}"]
+    assert not any(k.endswith("/other") and k.startswith("word_in_group") for k in figures)
+    table = cross_modal_probe.format_word_groups(figures).splitlines()
+    assert table[1].split()[-2:] == ["no", "video"] and table[len(counts) + 3].split()[-1] == "chance"
+    assert len(table) == len(counts) + len(named) + 4
+
+
+def test_the_choice_within_a_group_picks_the_groups_best_scored_word():
+    red, blue, circle, other = 5, 6, 7, 8
+    group_of = {red: "colour", blue: "colour", circle: "shape"}
+    labels = torch.tensor([[red, -100, blue], [circle, other, -100]])
+    logits = torch.zeros(4, 10)
+    logits[0, [red, blue, other]] = torch.tensor([2.0, 1.0, 3.0])  # red: wrong in the vocabulary, right among colours
+    logits[1, [red, blue]] = torch.tensor([2.0, 1.0])  # blue: wrong among colours
+    logits[2, circle] = 1.0  # circle: right in both (the only shape)
+    logits[3, other] = 1.0  # a word of no group: right in the vocabulary
+    by_group = {}
+    cross_modal_probe._count_by_group(by_group, {c: logits for c in cross_modal_probe.CONDITIONS}, labels, group_of)
+    assert by_group["colour"]["words"] == 2 and by_group["colour"]["own"] == 0
+    assert by_group["colour"]["in_group_own"] == 1
+    assert by_group["shape"]["own"] == 1 and by_group["shape"]["in_group_own"] == 1
+    assert by_group["other"]["own"] == 1 and by_group["other"]["in_group_own"] == 0
+
+
+def test_the_pixel_figures_split_off_the_quarter_of_the_tubes_with_the_most_contrast():
+    errors = {"own": torch.arange(1.0, 9.0), "mean": torch.ones(8)}
+    contrast = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.4, 0.5, 0.6])
+    figures = cross_modal_probe._pixel_figures(errors, contrast)
+    assert figures["pixel_mse_own"] == pytest.approx(4.5) and figures["pixel_mse_mean"] == pytest.approx(1.0)
+    assert figures["high_contrast_tubes"] == 2 and figures["pixel_mse_own/high_contrast"] == pytest.approx(3.0)
