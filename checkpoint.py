@@ -402,7 +402,8 @@ def save_atomic(obj: dict, path: str) -> None:
     write_atomic(path, write)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """A text file written as write_atomic writes: whole or not at all."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
@@ -455,7 +456,7 @@ def save_training_state(output_dir: str, *, model: torch.nn.Module, optimizer: t
     }
     name = checkpoint_name(epoch, step_in_epoch)
     save_atomic(state, os.path.join(output_dir, name))
-    _write_text_atomic(os.path.join(output_dir, LATEST_POINTER), name + "\n")
+    write_text_atomic(os.path.join(output_dir, LATEST_POINTER), name + "\n")
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             os.remove(old)
@@ -727,7 +728,7 @@ def read_eval_state(output_dir: str) -> dict:
 def write_eval_state(output_dir: str, record: dict) -> None:
     """Rank 0 only; atomic, like the checkpoints."""
     if distributed.is_main_process():
-        _write_text_atomic(os.path.join(output_dir, EVAL_STATE), json.dumps(record) + "\n")
+        write_text_atomic(os.path.join(output_dir, EVAL_STATE), json.dumps(record) + "\n")
 
 
 def _check_output(src: str, dst: str) -> None:

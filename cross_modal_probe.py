@@ -246,6 +246,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--word_groups", default=None,
                    help="also give the word accuracy per kind of word: 'synthetic' (the synthetic set's colour, "
                    "shape, size and motion words) or a JSON file {group: [word, ...]}; other words form 'other'")
+    p.add_argument("--output_json", default=None, help="also write the figures to this JSON file")
     return p
 
 
@@ -254,6 +255,8 @@ def main(args: argparse.Namespace) -> dict:
     figures = probe(args.ckpt, args.data_path, args.data_root, seed=args.seed, batch_size=args.batch_size,
                     mask_ratio=args.mask_ratio, text_mask_ratio=args.text_mask_ratio, word_groups=groups)
     print(json.dumps(figures, indent=2))
+    if args.output_json:
+        checkpoint.write_text_atomic(args.output_json, json.dumps(figures, indent=2))
     print(format_pixels(figures))
     if groups:
         print(format_word_groups(figures))

@@ -87,7 +87,7 @@ run "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train.j
   --warmup_steps 60 --lr 1e-2 --print_freq 40 --keep_last 1 \
   --eval_frame_order none reverse freeze --output_dir "$OUT/qa"
 
-step "9/10 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked)"
+step "9/10 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked); cross-modal probe of the test split (masked words with the clip's own video, another's, none; masked tubes with its own caption, another's, none)"
 if [ -n "${DRY_RUN:-}" ]; then
   VIDEO="$DATA/test/test_00000.mp4"; CAPTION="a caption"
 else
@@ -96,6 +96,8 @@ else
 fi
 run "$PY" run_simvtp_vis.py --ckpt "$PRETRAINED" --video "$VIDEO" --caption "$CAPTION" \
   --frame_stride 4 --device cpu --save_path "$OUT/reconstruction.png"
+run "$PY" cross_modal_probe.py --ckpt "$PRETRAINED" --data_path "$ANN/test.json" --data_root "$DATA" \
+  --word_groups synthetic --output_json "$OUT/cross_modal.json"
 
 step "10/10 text-to-video search: an index of the test split with the fine-tuned model -> $OUT/search_index"
 # Embeds each test video (2 clips x 1 crop, as the test above) and writes a thumbnail strip per video; run again, it
@@ -152,6 +154,13 @@ print(f"Video QA (SimVTP), test accuracy {qa['accuracy']:.1f}% on {qa['questions
 print(qa_orders(orders).replace("Temporal sensitivity", "Video QA, temporal sensitivity", 1))
 if "answer_kinds" in qa:
     print(format_answer_kinds(qa["answer_kinds"]))
+from cross_modal_probe import format_pixels, format_word_groups
+probe = json.load(open(os.path.join(out, "cross_modal.json")))
+print()
+print(f"Cross-modal help (SimVTP, test split, the pre-training masks): {probe['masked_words']} masked words, "
+      f"{probe['clips']} clips")
+print(format_word_groups(probe))
+print(format_pixels(probe))
 PY
 echo
 echo "Outputs:"
@@ -163,6 +172,7 @@ echo "  fine-tuning:      $OUT/finetune (checkpoint-best.pth, test_metrics.json,
 echo "  baseline:         $OUT/finetune_random_init (the same fine-tuning from random initialisation)"
 echo "  video QA:         $OUT/qa (checkpoint-best.pth, test_metrics.json, test_predictions.jsonl, log.txt)"
 echo "  figure:           $OUT/reconstruction.png"
+echo "  cross-modal:      $OUT/cross_modal.json (the probe's figures)"
 echo "  search index:     $OUT/search_index (manifest.json, embeddings.safetensors, thumbs/)"
 echo "  tensorboard logs: $OUT/*/tb (view with TensorBoard: pip install tensorboard; tensorboard --logdir $OUT)"
 echo

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import checkpoint
+import cross_modal_probe
 import model_registry
 import engine_for_retrieval
 import run_simvtp_finetuning
@@ -275,15 +276,15 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
 
 
 def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_previous_ones_output(tmp_path):
-    """scripts/demo.sh: DRY_RUN prints its 15 commands and each parses with its entry point; SimVTP and SViTT
+    """scripts/demo.sh: DRY_RUN prints its 16 commands and each parses with its entry point; SimVTP and SViTT
     pre-train on the same clips for the same steps (the demo compares them), both re-rank their top 16, and each
     later step reads the checkpoint the step before it writes."""
     out = tmp_path / "demo out"
     cmds = _dry_run_commands("demo.sh", DEMO_OUT=str(out), DEMO_PRETRAIN_EPOCHS="3", DEMO_SVITT_EPOCHS="3")
-    assert len(cmds) == 15
+    assert len(cmds) == 16
     data, simvtp, *rest = cmds
-    zs_rerank, zs_orders, zs_masked, svitt, svitt_rerank, svitt_orders, ft, ft_random, only_test, qa, vis, index, \
-        query = rest
+    zs_rerank, zs_orders, zs_masked, svitt, svitt_rerank, svitt_orders, ft, ft_random, only_test, qa, vis, probe, \
+        index, query = rest
     assert data[1:] == ["synthetic_dataset.py", "--out", "data/synthetic_2k_64", "--num_train", "1920", "--size", "64"]
     pre_parser = run_simvtp_pretraining.get_args_parser()
     simvtp, svitt = (pre_parser.parse_args(cmd[2:]) for cmd in (simvtp, svitt))
@@ -307,6 +308,9 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
     assert qa.finetune == last["simvtp"] and qa.eval_frame_order == ["none", "reverse", "freeze"]
     vis = run_simvtp_vis.get_args_parser().parse_args(vis[2:])
     assert vis.ckpt == last["simvtp"] and vis.save_path == str(out / "reconstruction.png")
+    probe = cross_modal_probe.get_args_parser().parse_args(probe[2:])
+    assert probe.ckpt == last["simvtp"] and probe.word_groups == "synthetic"
+    assert probe.data_path == zs_rerank.test_data_path
     index, query = (search.get_args_parser().parse_args(cmd[2:]) for cmd in (index, query))
     assert index.ckpt == only_test.finetune and query.index_dir == index.out
 
