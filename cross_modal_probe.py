@@ -24,7 +24,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 import annotations
 import checkpoint
