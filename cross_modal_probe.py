@@ -88,6 +88,7 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
     frames, size = cfg.get("num_frames", 16), cfg.get("img_size", 224)
     loader = _loader(model, data_path, data_root, seed, batch_size, mask_ratio, text_mask_ratio, frames, size)
     group_of = token_groups(loader.collate_fn.tokenizer, word_groups) if word_groups else None
+    members = group_members(group_of) if group_of else {}
     sums = {f"word_top{k}_{c}": 0.0 for k in (1, 5) for c in CONDITIONS}
     tube_errors: dict[str, list[torch.Tensor]] = {c: [] for c in (*CONDITIONS, MEAN_PREDICTION)}
     tube_contrast: list[torch.Tensor] = []
@@ -101,7 +102,7 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
         batch["video"] = video_transforms.normalize_video(batch["video"])
         w, errors, contrast, logits = _batch_figures(model, batch)
         if group_of is not None:
-            _count_by_group(by_group, logits, batch["mlm_labels"], group_of)
+            _count_by_group(by_group, logits, batch["mlm_labels"], group_of, members)
         count = int((batch["mlm_labels"] != -100).sum())
         for key, value in w.items():
             sums[key] += value * count
@@ -118,7 +119,7 @@ def probe(ckpt: str, data_path: str, data_root: str | None = None, *, seed: int 
         out[f"masked_words/{group}"] = counts["words"]
         out.update({f"word_top1_{c}/{group}": 100.0 * counts[c] / counts["words"] for c in CONDITIONS})
         if group != OTHER_WORDS:
-            out[f"group_choices/{group}"] = sum(1 for g in group_of.values() if g == group)
+            out[f"group_choices/{group}"] = len(members[group])
             out.update({f"word_in_group_{c}/{group}": 100.0 * counts[f"in_group_{c}"] / counts["words"]
                         for c in CONDITIONS})
     return {**out, "masked_words": words, "clips": clips}
@@ -136,14 +137,18 @@ def _pixel_figures(tube_errors: dict[str, torch.Tensor], contrast: torch.Tensor 
     return out
 
 
-def _count_by_group(by_group: dict, logits: dict[str, torch.Tensor], labels: torch.Tensor,
-                    group_of: dict[int, str]) -> None:
-    """Add one batch's masked words to each word's group: per condition, whether the word was the top 1 of the
-    vocabulary and whether it was the top 1 among its group's words."""
+def group_members(group_of: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Group -> its token ids (the inverse of token_groups' mapping)."""
     lists: dict[str, list[int]] = {}
     for token, group in group_of.items():
         lists.setdefault(group, []).append(token)
-    members = {g: torch.tensor(ids) for g, ids in lists.items()}
+    return {g: torch.tensor(ids) for g, ids in lists.items()}
+
+
+def _count_by_group(by_group: dict, logits: dict[str, torch.Tensor], labels: torch.Tensor,
+                    group_of: dict[int, str], members: dict[str, torch.Tensor]) -> None:
+    """Add one batch's masked words to each word's group: per condition, whether the word was the top 1 of the
+    vocabulary and whether it was the top 1 among its group's words (members: group_members(group_of))."""
     for n, token in enumerate(labels[labels != -100].tolist()):
         group = group_of.get(token, OTHER_WORDS)
         counts = by_group.setdefault(group, {"words": 0, **{c: 0 for c in CONDITIONS},

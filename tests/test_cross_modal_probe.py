@@ -79,7 +79,10 @@ def test_the_choice_within_a_group_picks_the_groups_best_scored_word():
     logits[2, circle] = 1.0  # circle: right in both (the only shape)
     logits[3, other] = 1.0  # a word of no group: right in the vocabulary
     by_group = {}
-    cross_modal_probe._count_by_group(by_group, {c: logits for c in cross_modal_probe.CONDITIONS}, labels, group_of)
+    members = cross_modal_probe.group_members(group_of)
+    assert {g: sorted(ids.tolist()) for g, ids in members.items()} == {"colour": [red, blue], "shape": [circle]}
+    cross_modal_probe._count_by_group(by_group, {c: logits for c in cross_modal_probe.CONDITIONS}, labels, group_of,
+                                      members)
     assert by_group["colour"]["words"] == 2 and by_group["colour"]["own"] == 0
     assert by_group["colour"]["in_group_own"] == 1
     assert by_group["shape"]["own"] == 1 and by_group["shape"]["in_group_own"] == 1
