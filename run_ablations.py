@@ -649,10 +649,10 @@ def cross_modal_table(studies: list[Study], results: dict) -> str:
     lines = ["### 6. Cross-modal help (SimVTP)", "",
              "Claim: the model reconstructs the masked signal of one modality with the help of the other. Masked-word "
              "accuracy (%) with the clip's own video, another clip's video, no video, over every masked word and, for "
-             "the colour words, as the choice among the colour words (chance: one in their number); pixel error of the masked tubes "
-             "with the clip's own caption, another caption, no text, beside predicting each tube's mean, over every "
-             "masked tube and over the quarter with the most contrast (the object's) (test split, pre-training "
-             "masks).", "",
+             "the colour words, as the choice among the colour words (chance: one in their number); pixel error of "
+             "the masked tubes with the clip's own caption, another caption, no text, beside predicting each tube's "
+             "mean, over every masked tube and over the quarter with the most contrast (the object's) (test split, "
+             "pre-training masks).", "",
              "| study / setting | " + " | ".join(c for c, _, _ in PROBE_COLUMNS) + " |",
              "|---|" + "---|" * len(PROBE_COLUMNS)]
     for study in studies:
