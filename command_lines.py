@@ -22,6 +22,10 @@ def add_finetuning_args(p: argparse.ArgumentParser, *, model_help: str, finetune
     g.add_argument("--finetune", default="", help=finetune_help)
     g = utils.add_optimisation_args(p, **optimisation)
     g.add_argument("--layer_decay", type=float, default=layer_decay, help=layer_decay_help)
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PREFIX",
+                   help="keep the parameters named PREFIX or PREFIX.* at their initial weights (e.g. encoder: "
+                   "SimVTP's unified encoder; vision_encoder: SViTT's video tower): the rest learns to read the "
+                   "pre-trained features without changing them; default: train every parameter, as the papers do")
 
 
 def pretraining_parser() -> argparse.ArgumentParser:

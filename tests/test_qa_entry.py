@@ -122,3 +122,20 @@ def test_bad_set_ups_are_refused_with_the_reason(synthetic_root, svitt_ckpt, tmp
     with pytest.raises(ValueError, match="needs the weights"):
         run.main(_args(synthetic_root, tmp_path / "d", "--only_test", "--test_data_path",
                        _ann(synthetic_root, "qa_test.json")))
+    with pytest.raises(ValueError, match="--freeze vision_encode: no parameter .* top-level modules: .*vision_encoder"):
+        run.main(_args(synthetic_root, tmp_path / "f", *files, "--freeze", "vision_encode"))
+
+
+def test_freeze_keeps_the_named_tower_at_its_initial_weights_and_trains_the_rest(synthetic_root, svitt_ckpt,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "frozen"
+    run.main(_args(synthetic_root, out, "--data_path", _ann(synthetic_root, "qa_train.json"), "--finetune", svitt_ckpt,
+                   "--epochs", "1", "--max_steps", "2", "--freeze", "vision_encoder"))
+    assert "Frozen at their initial weights" in capsys.readouterr().out
+    start = checkpoint.read_checkpoint_file(svitt_ckpt)["model"]
+    after = checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out)))["model"]
+    tower = [k for k in after if k.startswith("vision_encoder.") and k in start]
+    assert tower and all(torch.equal(after[k], start[k]) for k in tower)
+    trained = [k for k in after if k.startswith("text_encoder.") and k in start and after[k].dtype.is_floating_point]
+    assert any(not torch.equal(after[k], start[k]) for k in trained)
+    assert json.load(open(out / "args.json"))["freeze"] == ["vision_encoder"]
