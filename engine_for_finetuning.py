@@ -98,9 +98,8 @@ def finetune(task: FinetuneTask) -> dict:
                                                   task.items)
     model = task.model_for_training().to(args.device_obj)
     if args.freeze:
-        frozen = utils.freeze_parameters(model, args.freeze)
-        kept = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        print(f"Frozen at their initial weights: {frozen} tensors ({kept / 1e6:.2f} M parameters) under "
+        tensors, elements = utils.freeze_parameters(model, args.freeze)
+        print(f"Frozen at their initial weights: {tensors} tensors ({elements / 1e6:.2f} M parameters) under "
               f"{', '.join(args.freeze)}")
     _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = engine_for_pretraining.build_optimizer(model, args, layer_decay=args.layer_decay)

@@ -345,8 +345,8 @@ def make_adamw(groups: list[dict], lr: float, betas: Sequence[float], eps: float
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
-def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
-    """requires_grad off for every parameter named `prefix` or `prefix.*` -> how many tensors that froze. A prefix
+def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
+    """requires_grad off for every parameter named `prefix` or `prefix.*` -> (tensors, elements) frozen. A prefix
     that names nothing is an error (a typo would otherwise train what the user meant to keep)."""
     names = [n for n, _ in model.named_parameters()]
     for prefix in prefixes:
@@ -354,12 +354,12 @@ def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
             tops = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"--freeze {prefix}: no parameter of {type(model).__name__} is named {prefix} or "
                              f"{prefix}.*; its top-level modules: {', '.join(tops)}")
-    frozen = 0
+    tensors = elements = 0
     for name, param in model.named_parameters():
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             param.requires_grad_(False)
-            frozen += 1
-    return frozen
+            tensors, elements = tensors + 1, elements + param.numel()
+    return tensors, elements
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] = (),
