@@ -348,15 +348,18 @@ def make_adamw(groups: list[dict], lr: float, betas: Sequence[float], eps: float
 def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
     """requires_grad off for every parameter named `prefix` or `prefix.*` -> (tensors, elements) frozen. A prefix
     that names nothing is an error (a typo would otherwise train what the user meant to keep)."""
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [n for n, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"--freeze {prefix}: no parameter of {type(model).__name__} is named {prefix} or "
                              f"{prefix}.*; its top-level modules: {', '.join(tops)}")
     tensors = elements = 0
     for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
+        if any(under(name, p) for p in prefixes):
             param.requires_grad_(False)
             tensors, elements = tensors + 1, elements + param.numel()
     return tensors, elements
