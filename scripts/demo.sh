@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From nothing to a pre-trained tiny SimVTP and a tiny sparse SViTT, a zero-shot and a fine-tuned retrieval table
 # (beside the same fine-tuning from random initialisation; both families with and without matching-head
-# re-ranking), video question answering on the synthetic questions and a reconstruction figure, on CPU. The clips:
+# re-ranking; the same in four frame orders: SimVTP learns the direction of time), video question answering on the
+# synthetic questions (on the frozen pre-trained encoder) and a reconstruction figure, on CPU. The clips:
 # the synthetic set with 1,920 training clips at 64 px (docs/demo.md says why). Safe to run again: the dataset is
 # reused, finished runs auto-resume and stop at once, and the evaluations are simply repeated.
 # Knobs (environment): DEMO_PRETRAIN_EPOCHS (5), DEMO_SVITT_EPOCHS (5), DEMO_FINETUNE_EPOCHS (1), DEMO_QA_EPOCHS (1),
@@ -20,10 +21,13 @@ QA_EPOCHS="${DEMO_QA_EPOCHS:-1}"
 step "1/10 synthetic video-text set: 1,920 training clips at 64 px (val and test: 48 and 64 clips) -> $DATA"
 build_data
 
-step "2/10 pre-training simvtp_tiny_patch16 ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/pretrain"
-# (The flags and why: scripts/demo_64px.sh, SIMVTP_PRETRAIN.)
-run "$PY" run_simvtp_pretraining.py "${SIMVTP_PRETRAIN[@]}" --epochs "$PRETRAIN_EPOCHS" --eval_every 1 \
-  --output_dir "$OUT/pretrain"
+step "2/10 pre-training simvtp_tiny_patch16 with the time-order loss ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/pretrain"
+# (The matching-head flags and why: scripts/demo_64px.sh, SIMVTP_PRETRAIN.) Every caption names a motion, but with
+# the release's losses alone the tiny model tells a clip from its reversal by nothing: the time-order loss (is this
+# clip played forwards?) weighted 10 through every tube, beside a contrastive pass on every tube, puts the direction
+# into the encoder in these 600 steps (docs/matching_heads.md, "In the demo's 600 steps").
+run "$PY" run_simvtp_pretraining.py "${SIMVTP_PRETRAIN[@]}" --vtc_video full --w_reverse 10 --reverse_tubes all \
+  --epochs "$PRETRAIN_EPOCHS" --eval_every 1 --output_dir "$OUT/pretrain"
 PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$PRETRAIN_EPOCHS")"
 
 # Temporal sensitivity: the same test with each clip's frames as read, reversed, shuffled and frozen to one frame
@@ -77,14 +81,16 @@ run "$PY" run_simvtp_finetuning.py --only_test \
   --finetune "$OUT/finetune/checkpoint-best.pth" --test_data_path "$ANN/test.json" --data_root "$DATA" \
   "${CLIP[@]}" "${EVAL[@]}" --output_dir "$OUT/finetune"
 
-step "8/10 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights ($QA_EPOCHS epochs on the synthetic questions, selected on val), tested with the frames in order, reversed and frozen -> $OUT/qa"
+step "8/10 video QA: simvtp_qa_tiny_patch16 from the pre-trained weights, the encoder frozen ($QA_EPOCHS epochs on the synthetic questions, selected on val), tested with the frames in order, reversed and frozen -> $OUT/qa"
 # The answer decoder starts from the encoder's top blocks, answers come from the 19-word list; the test repeats with
 # every clip reversed and frozen to its middle frame, which flip and hide the motion the direction and size
-# questions ask about.
+# questions ask about. The encoder stays as pre-trained (--freeze encoder): fine-tuned beside the colour and
+# background questions, which one frame answers, it loses the direction within the epoch (docs/matching_heads.md,
+# "Fine-tuning erases the motion").
 run "$PY" run_simvtp_qa.py --finetune "$PRETRAINED" --data_path "$ANN/qa_train.json" \
   --val_data_path "$ANN/qa_val.json" --test_data_path "$ANN/qa_test.json" --answer_list "$ANN/qa_answer_list.json" \
   --data_root "$DATA" "${CLIP[@]}" --short_side_size 64 --batch_size 16 --epochs "$QA_EPOCHS" \
-  --warmup_steps 60 --lr 1e-2 --print_freq 40 --keep_last 1 \
+  --warmup_steps 60 --lr 1e-2 --freeze encoder --print_freq 40 --keep_last 1 \
   --eval_frame_order none reverse freeze --output_dir "$OUT/qa"
 
 step "9/10 reconstruction figure (a test video, its caption, 90% tubes and 75% words masked); cross-modal probe of the test split (masked words with the clip's own video, another's, none; masked tubes with its own caption, another's, none)"

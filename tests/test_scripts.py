@@ -277,8 +277,9 @@ def test_demo_time_is_the_documented_time_recipe_and_each_step_uses_the_previous
 
 def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_previous_ones_output(tmp_path):
     """scripts/demo.sh: DRY_RUN prints its 16 commands and each parses with its entry point; SimVTP and SViTT
-    pre-train on the same clips for the same steps (the demo compares them), both re-rank their top 16, and each
-    later step reads the checkpoint the step before it writes."""
+    pre-train on the same clips for the same steps (the demo compares them), both re-rank their top 16, SimVTP
+    learns the time order and QA keeps its encoder, and each later step reads the checkpoint the step before it
+    writes."""
     out = tmp_path / "demo out"
     cmds = _dry_run_commands("demo.sh", DEMO_OUT=str(out), DEMO_PRETRAIN_EPOCHS="3", DEMO_SVITT_EPOCHS="3")
     assert len(cmds) == 16
@@ -292,6 +293,7 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
     for key in ("data_path", "data_root", "epochs", "batch_size", "input_size", "num_frames", "warmup_steps"):
         assert getattr(simvtp, key) == getattr(svitt, key), key
     assert simvtp.epochs == 3 and simvtp.input_size == 64 and simvtp.eval_data_path and svitt.eval_data_path
+    assert (simvtp.w_reverse, simvtp.reverse_tubes, simvtp.vtc_video) == (10.0, "all", "full")  # time, learnt
     last = {m: os.path.join(str(out / d), "checkpoint-2.pth") for m, d in (("simvtp", "pretrain"),
                                                                            ("svitt", "svitt_pretrain"))}
     ret = run_simvtp_finetuning.get_args_parser()
@@ -306,6 +308,7 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
     assert only_test.only_test and only_test.finetune == os.path.join(ft.output_dir, "checkpoint-best.pth")
     qa = run_simvtp_qa.get_args_parser().parse_args(qa[2:])
     assert qa.finetune == last["simvtp"] and qa.eval_frame_order == ["none", "reverse", "freeze"]
+    assert qa.freeze == ["encoder"]  # QA reads the pre-trained motion rather than erasing it
     vis = run_simvtp_vis.get_args_parser().parse_args(vis[2:])
     assert vis.ckpt == last["simvtp"] and vis.save_path == str(out / "reconstruction.png")
     probe = cross_modal_probe.get_args_parser().parse_args(probe[2:])
