@@ -23,9 +23,10 @@ build_data
 
 step "2/10 pre-training simvtp_tiny_patch16 with the time-order loss ($PRETRAIN_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/pretrain"
 # (The matching-head flags and why: scripts/demo_64px.sh, SIMVTP_PRETRAIN.) Every caption names a motion, but with
-# the release's losses alone the tiny model tells a clip from its reversal by nothing: the time-order loss (is this
-# clip played forwards?) weighted 10 through every tube, beside a contrastive pass on every tube, puts the direction
-# into the encoder in these 600 steps (docs/matching_heads.md, "In the demo's 600 steps").
+# the release's losses alone the tiny model tells a clip from its reversal by nothing: the time-order loss (each
+# caption must score its clip above the same clip played backwards) weighted 10 through every tube, beside a
+# contrastive pass on every tube, puts the direction into the encoder in these 600 steps (docs/matching_heads.md,
+# "In the demo's 600 steps").
 run "$PY" run_simvtp_pretraining.py "${SIMVTP_PRETRAIN[@]}" --vtc_video full --w_reverse 10 --reverse_tubes all \
   --epochs "$PRETRAIN_EPOCHS" --eval_every 1 --output_dir "$OUT/pretrain"
 PRETRAINED="$(last_checkpoint "$OUT/pretrain" "$PRETRAIN_EPOCHS")"

@@ -4,11 +4,11 @@
 # (scripts/demo.sh) gets there in its 600 steps with a contrastive pass on every tube; this script keeps the release's
 # masked passes and trains longer (docs/matching_heads.md, "Time, learnt"): the time-order loss (--w_reverse, through
 # every tube) weighted 10 instead of 1, so that the other losses do not drown it, for 1,440 steps on the 1,920 clips
-# at 64 px, and QA in three stages, which then reads both motions far above their priors. Then zero-shot retrieval with the frames in order, reversed, shuffled and frozen,
-# and video QA fine-tuned from it in three stages (grow / shrink, both motion questions, all five), tested in three
-# orders. Knobs (environment): DEMO_TIME_EPOCHS (12), DEMO_TIME_W_REVERSE (10), DEMO_TIME_QA_SIZE_EPOCHS (15),
-# DEMO_TIME_QA_MOTION_EPOCHS (6), DEMO_TIME_QA_EPOCHS (2), DEMO_OUT (output/demo_time). DRY_RUN=1 prints each
-# command instead of running it.
+# at 64 px. Then zero-shot retrieval with the frames in order, reversed, shuffled and frozen, and video QA fine-tuned
+# from it in three stages (grow / shrink, both motion questions, all five), which reads both motions far above their
+# priors, tested in three orders. Knobs (environment): DEMO_TIME_EPOCHS (12), DEMO_TIME_W_REVERSE (10),
+# DEMO_TIME_QA_SIZE_EPOCHS (15), DEMO_TIME_QA_MOTION_EPOCHS (6), DEMO_TIME_QA_EPOCHS (2), DEMO_OUT
+# (output/demo_time). DRY_RUN=1 prints each command instead of running it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEMO_TAG=demo_time
