@@ -564,7 +564,8 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.compile_blocks:
-        print(f"torch.compile: {utils.compile_blocks(model)} transformer blocks compiled in place")
+        count = utils.compile_blocks(model, args.compile_backend)
+        print(f"torch.compile ({args.compile_backend}): {count} transformer blocks compiled in place")
     return model
 
 

@@ -395,14 +395,14 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """torch.compile each transformer block (the items of every ModuleList named blocks / layer / layers) in
     place with Module.compile, so state_dict names carry no `_orig_mod.` prefix -> the number compiled."""
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layer", "layers"):
             for block in module:
-                block.compile()
+                block.compile(backend=backend)
                 count += 1
     return count
 
