@@ -4,6 +4,11 @@
 # node sparsity (keep 0.7 of the video tokens after vision layers 3, 6 and 9), losses ITC + ITM + MLM (50% of the
 # words, 80/10/10), 32 clips per GPU, AdamW lr 3e-5 (our --lr is per 256 clips: 8 GPUs x 32 = 256, so 3e-5 as the
 # paper), weight decay 0.02, cosine over 10 epochs with 1 warm-up epoch down to 1% of the peak.
+# Matching head (docs/matching_heads.md): the release's behaviour, hard ITM negatives from the first step and no
+# time-order loss; the demo's --vtm_negatives mixed --vtm_random_epochs 3 are its remedy for a tiny model from random
+# weights, whose head otherwise stays on the constant "no match". This recipe starts from BEiT and BERT weights, as the
+# paper. To check, give held-out pairs (--eval_data_path): if the matching accuracy sits at the constant answer's 66.7,
+# add --vtm_random_epochs 1.
 # Next stages: scripts/svitt_expand.sh CKPT 8 0.6 ... then CKPT 16 ... (the frame count is expanded on loading).
 #
 # Usage (run once per node):

@@ -10,6 +10,9 @@
 # of the list re-scored by their full likelihood. Questions are cleaned as the release's (lower case, no
 # punctuation). Difference from the release, on purpose: AGQA ships no validation file apart from its test file,
 # so its model is selected on 5% of the training videos held out, never on the test split.
+# Every parameter is fine-tuned, as the release does. --freeze PREFIX (ours, off) keeps a pre-trained part fixed: the
+# demo's SimVTP QA freezes its encoder because one QA epoch of the tiny model erases the motion its pre-training put
+# in (docs/matching_heads.md); whether that happens at the release's lr and length has not been measured here.
 #
 # Usage (run once per node):
 #   bash scripts/svitt_train_qa.sh DATASET CKPT OUTPUT_DIR [extra flags...]
