@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import math
 import os
@@ -201,7 +202,10 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
     message on stderr naming what is wrong and exit status 1, not a traceback; Ctrl-C says where the last
     checkpoint is and how to resume (exit status 130). `exit_status(result)` turns what main returned into the
     exit status (e.g. 3: finished, but some inputs were skipped). `find_checkpoint(output_dir)` (a training run's
-    checkpoint.find_latest) names the newest checkpoint; without it an interrupted run has none to resume."""
+    checkpoint.find_latest) names the newest checkpoint; without it an interrupted run has none to resume.
+    A native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack on stderr before the
+    process dies: under torchrun or srun the one clue of where a native library failed."""
+    faulthandler.enable()
     args = parser.parse_args()
     signal.signal(signal.SIGINT, _on_interrupt)
     try:

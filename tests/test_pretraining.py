@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -286,6 +287,25 @@ def test_wrong_device_or_output_dir_is_one_line(synthetic_root, tmp_path, capsys
         run = _run_here(capsys, synthetic_root, tmp_path / "out", *flags)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_native_crash_in_an_entry_point_prints_the_python_stack_of_where_it_happened(tmp_path):
+    """A heap corruption aborts inside native code with one line of glibc's; run_entry_point's fault handler adds
+    the Python stack, so a crashed rank's log says what it was doing (here a deliberate SIGABRT)."""
+    script = tmp_path / "run_crash.py"
+    script.write_text(textwrap.dedent(f"""\
+        import argparse, os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        import utils
+
+        def decode_the_next_clip(args):
+            os.kill(os.getpid(), signal.SIGABRT)
+
+        utils.run_entry_point(decode_the_next_clip, argparse.ArgumentParser())
+        """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in run.stderr and "decode_the_next_clip" in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.slow
