@@ -205,7 +205,8 @@ def run_entry_point(main: Callable[[argparse.Namespace], Any], parser: argparse.
     checkpoint.find_latest) names the newest checkpoint; without it an interrupted run has none to resume.
     A native crash (SIGSEGV, SIGABRT from a corrupted heap) prints every thread's Python stack on stderr before the
     process dies: under torchrun or srun the one clue of where a native library failed."""
-    faulthandler.enable()
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:  # (pytest and PYTHONFAULTHANDLER enable it)
+        faulthandler.enable(file=sys.__stderr__)  # the process's own stderr: sys.stderr may be a capture object
     args = parser.parse_args()
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
