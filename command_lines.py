@@ -72,8 +72,9 @@ def pretraining_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile_blocks", action="store_true",
                    help="torch.compile every transformer block in place (Module.compile): the checkpoints keep "
                         "the plain tensor names; the first steps pay the compilation (needs a C++ compiler on CPU)")
-    g.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
-                   help="torch.compile backend for --compile_blocks: inductor generates kernels (the speed-up); "
+    g.add_argument("--compile_backend", default=None, choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend for --compile_blocks (default inductor; refused without it): "
+                        "inductor generates kernels (the speed-up); "
                         "aot_eager and eager trace the same graphs without generating code, to tell a tracing "
                         "problem from a code-generation one")
     utils.add_optimisation_args(p, batch_size=16, epochs=200, betas=(0.9, 0.95), lr=1.5e-4, min_lr=1e-5,

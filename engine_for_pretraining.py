@@ -175,13 +175,14 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
             norm, scaler_scalars = _optimizer_step(model, optimizer, scaler, cfg)
             log.step({**out, **scaler_scalars}, optimizer, norm, batch["video"].shape[0] * size)
         step_in_epoch = steps_in_epoch(state.micro_in_epoch, cfg.accum_iter)
+        stopping = bool(cfg.max_steps) and state.global_step >= cfg.max_steps  # train() saves this position
         if save_mid_epoch is not None and cfg.save_every_steps > 0 and state.micro_in_epoch < batches_per_epoch \
-                and state.global_step % cfg.save_every_steps == 0:
+                and state.global_step % cfg.save_every_steps == 0 and not stopping:
             log.flush()
             if broken is not None:
                 broken.sync()
             save_mid_epoch(epoch, step_in_epoch)
-        if cfg.max_steps and state.global_step >= cfg.max_steps:
+        if stopping:
             state.stop = True
             break
     log.flush()
@@ -564,8 +565,9 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.compile_blocks:
-        count = utils.compile_blocks(model, args.compile_backend)
-        print(f"torch.compile ({args.compile_backend}): {count} transformer blocks compiled in place")
+        backend = args.compile_backend or "inductor"
+        count = utils.compile_blocks(model, backend)
+        print(f"torch.compile ({backend}): {count} transformer blocks compiled in place")
     return model
 
 
@@ -690,6 +692,10 @@ def check_masks(args: argparse.Namespace, model: torch.nn.Module) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, a combination of flags that cannot do what it says."""
+    if args.compile_backend is not None and not args.compile_blocks:
+        raise ValueError(f"--compile_backend {args.compile_backend} only applies with --compile_blocks; add "
+                         "--compile_blocks or drop --compile_backend")
     if args.clips_per_video < 1 or args.batch_size % args.clips_per_video:
         raise ValueError(f"--clips_per_video {args.clips_per_video} must be >= 1 and divide --batch_size "
                          f"{args.batch_size} (a step's clips come from batch_size / clips_per_video videos)")

@@ -57,6 +57,14 @@ def _weights(out_dir):
     return checkpoint.read_checkpoint_file(checkpoint.find_latest(str(out_dir)))["model"]
 
 
+def _assert_same_weights(want_dir, got_dir) -> None:
+    """The latest checkpoints of the two folders hold bitwise equal weights (each file read once)."""
+    want, got = _weights(want_dir), _weights(got_dir)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
 @pytest.fixture(scope="module")
 def eight_clips(synthetic_root, module_tmp) -> str:
     """A training list of the first 8 synthetic clips: 2 steps an epoch at batch 4, enough for every comparison
@@ -111,8 +119,7 @@ def _interrupt_then_resume(uninterrupted, synthetic_root, out_dir, stop_after: i
     resumed, expected = first["history"] + second["history"], full["history"][done:]
     assert [h["step"] for h in resumed] == [h["step"] for h in expected]
     assert [a["loss"] for a in resumed] == [b["loss"] for b in expected]  # bitwise on CPU
-    for k, v in _weights(full_out).items():
-        assert torch.equal(_weights(out_dir)[k], v), k
+    _assert_same_weights(full_out, out_dir)
 
 
 @pytest.mark.slow
@@ -210,8 +217,7 @@ def test_sigkill_at_the_first_checkpoint_then_resume_is_bitwise_equal(uninterrup
     proc.wait()
     assert checkpoint.list_checkpoints(str(tmp_path)), "no checkpoint was written before the kill"
     run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--data_path", eight_clips))
-    for k, v in _weights(full_out).items():
-        assert torch.equal(_weights(tmp_path)[k], v), k
+    _assert_same_weights(full_out, tmp_path)
 
 
 @pytest.mark.slow
@@ -443,8 +449,7 @@ def test_resuming_a_mostly_broken_run_reaches_the_same_samples(mostly_broken, sy
     resumed = first["history"] + second["history"]
     assert [h["step"] for h in resumed] == [h["step"] for h in full["history"]]
     assert [a["loss"] for a in resumed] == [b["loss"] for b in full["history"]]  # the same samples, bitwise
-    for k, v in _weights(full_out).items():
-        assert torch.equal(_weights(tmp_path)[k], v), k
+    _assert_same_weights(full_out, tmp_path)
     assert sorted(_broken_list(tmp_path)) == sorted(broken)  # the resumed run read the list back
     assert "WARNING: broken training video" not in stdout  # and named none of them again
 

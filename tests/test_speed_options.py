@@ -119,3 +119,9 @@ def test_matching_negatives_never_pair_clips_of_one_video():
 def test_clips_per_video_must_divide_the_batch(synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="--clips_per_video 3 must be >= 1 and divide --batch_size 4"):
         run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--clips_per_video", "3"))
+
+
+def test_a_compile_backend_without_compiled_blocks_is_refused(synthetic_root, tmp_path):
+    with pytest.raises(ValueError, match="--compile_backend aot_eager only applies with --compile_blocks"):
+        run_simvtp_pretraining.main(_args(synthetic_root, tmp_path, "--compile_backend", "aot_eager"))
+    assert not os.path.exists(tmp_path / "args.json")  # refused before the run started
