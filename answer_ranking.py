@@ -61,6 +61,17 @@ def weighted_answer_loss(model: AnswerDecoder, memory: torch.Tensor, memory_mask
     return (batch["answer_weights"].to(nll) * nll).sum() / len(batch["question_input_ids"])
 
 
+def qa_training_loss(model, batch: dict) -> torch.Tensor:
+    """A QA model's training loss on a VideoQACollator batch. The question pass's states come from the batch when
+    it carries them (`memory`, `memory_mask`: computed once for a frozen question pass, --cache_memory), else from
+    model.answer_memory(video, question_input_ids, question_mask)."""
+    if "memory" in batch:
+        memory, memory_mask = batch["memory"], batch["memory_mask"]
+    else:
+        memory, memory_mask = model.answer_memory(batch["video"], batch["question_input_ids"], batch["question_mask"])
+    return weighted_answer_loss(model, memory, memory_mask, batch)
+
+
 @torch.no_grad()
 def rank_by_decoder(model: AnswerDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, answer_ids: torch.Tensor,
                     answer_mask: torch.Tensor, k: int, scoring: str = "likelihood"

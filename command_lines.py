@@ -248,6 +248,14 @@ def qa_parser() -> argparse.ArgumentParser:
         "layers, SViTT, or the encoder's top blocks, SimVTP); --only_test: the weights under test (loaded strictly)",
         optimisation=dict(batch_size=32, epochs=10, betas=(0.9, 0.999), lr=1e-5, min_lr=1e-6, warmup_epochs=0.5),
         layer_decay=1.0, layer_decay_help="lr x decay^(depth from top) (1: off, as the SViTT recipes)")
+    g = p.add_argument_group("frozen question pass")
+    g.add_argument("--cache_memory", action="store_true", help="with the whole question pass frozen (--freeze; "
+                   "SimVTP: encoder text_embeddings, SViTT: vision_encoder vision_layernorm text_encoder): compute "
+                   "each training question's states once, before the first epoch, from one training clip of its "
+                   "video in eval mode, and train the answer decoder on them for every epoch, so an epoch costs the "
+                   "decoder's steps only (one process; the states are held in host memory)")
+    g.add_argument("--cache_memory_gb", type=float, default=8.0, help="refuse --cache_memory when the states "
+                   "would take more host memory than this (GB; estimated from the first batch)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--k_test", type=int, default=128, help="answers of the list kept per question by the "
                    "decoder's first-token distribution, then re-scored by their full log-likelihood")

@@ -552,7 +552,9 @@ class VideoQACollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}
+        batch: dict[str, Any] = {}
+        if "video" in items[0]:  # absent when the items carry their question pass's states instead (--cache_memory)
+            batch["video"] = torch.stack([it["video"] for it in items])
         if "video_mask" in items[0]:
             batch["video_mask"] = torch.stack([torch.as_tensor(it["video_mask"]) for it in items]).bool()
         batch["question_input_ids"], batch["question_mask"] = self._tokens([it["question"] for it in items],

@@ -72,6 +72,12 @@ class FinetuneTask(abc.ABC):
     def model_for_training(self) -> torch.nn.Module:
         """The task's model with --finetune's weights mapped onto it."""
 
+    def training_data(self, model: torch.nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
+                      ) -> tuple[torch.utils.data.Dataset, Callable]:
+        """The training set and its collate function once the model is built and frozen (QA with --cache_memory:
+        each question's question-pass states computed once)."""
+        return dataset, collate
+
     @abc.abstractmethod
     def validator(self, model: torch.nn.Module, records: Any) -> engine_for_pretraining.EpochHook:
         """epoch -> validation metrics (scalars; task.select_on among them)."""
@@ -94,13 +100,13 @@ def finetune(task: FinetuneTask) -> dict:
     test_records = task.read(args.test_data_path) if args.test_data_path else None
     check_disjoint(val_records, test_records, task.disjoint_noun, task.disjoint_hint)
     task.check_eval_lists({task.val_label(): val_records, f"--test_data_path {args.test_data_path}": test_records})
-    loader, dataset, sampler = build_train_loader(task.train_dataset(train_records), task.collator(), args,
-                                                  task.items)
     model = task.model_for_training().to(args.device_obj)
     if args.freeze:
         tensors, elements = utils.freeze_parameters(model, args.freeze)
         print(f"Frozen at their initial weights: {tensors} tensors ({elements / 1e6:.2f} M parameters) under "
               f"{', '.join(args.freeze)}")
+    loader, dataset, sampler = build_train_loader(*task.training_data(model, task.train_dataset(train_records),
+                                                                      task.collator()), args, task.items)
     _, lr_schedule, wd_schedule = utils.training_schedules(args, len(sampler))
     optimizer = engine_for_pretraining.build_optimizer(model, args, layer_decay=args.layer_decay)
     scaler = utils.make_grad_scaler(args.device_obj, task.dtype)

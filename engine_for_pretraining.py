@@ -87,6 +87,11 @@ class StepConfig:
                    save_every_steps=args.save_every_steps)
 
 
+def batch_items(batch: dict) -> int:
+    """Clips in a batch (its question count when it carries cached question-pass states instead of video)."""
+    return len(batch["video"]) if "video" in batch else len(batch["question_input_ids"])
+
+
 def move_batch(batch: dict, device: torch.device) -> dict:
     """Every tensor of the batch on the device (non_blocking pairs with pin_memory on CUDA); the rest as is. The
     loader's uint8 video becomes the model's normalised float video there (video_transforms.normalize_video)."""
@@ -158,7 +163,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
         if broken is not None:
             broken.note(batch.get("broken_videos", ()))
         state.micro_in_epoch += 1
-        state.samples_in_epoch += batch.get("num_items", len(batch["video"])) * distributed.get_world_size()
+        state.samples_in_epoch += batch.get("num_items", batch_items(batch)) * distributed.get_world_size()
         if len(window) < size:
             continue
         bad_ranks, read, n_broken = distributed.sum_across_ranks(torch.stack(window).sum(0)).tolist()  # the one sync
@@ -173,7 +178,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict], optimizer: t
         else:
             state.bad_streak = 0
             norm, scaler_scalars = _optimizer_step(model, optimizer, scaler, cfg)
-            log.step({**out, **scaler_scalars}, optimizer, norm, batch["video"].shape[0] * size)
+            log.step({**out, **scaler_scalars}, optimizer, norm, batch_items(batch) * size)
         step_in_epoch = steps_in_epoch(state.micro_in_epoch, cfg.accum_iter)
         stopping = bool(cfg.max_steps) and state.global_step >= cfg.max_steps  # train() saves this position
         if save_mid_epoch is not None and cfg.save_every_steps > 0 and state.micro_in_epoch < batches_per_epoch \

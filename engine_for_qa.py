@@ -3,12 +3,14 @@ evaluation: every question's answer picked from a closed list by the model's ans
 ensembled), exact-match accuracy overall and per answer type with blind baselines, one prediction per question.
 
 Training needs nothing of its own: a QA model's forward(batch) returns the answer loss, so the shared epoch loop
-(engine_for_pretraining.train), resume and checkpoints drive it unchanged.
+(engine_for_pretraining.train), resume and checkpoints drive it unchanged. With --cache_memory the training set is
+the questions with their frozen question pass's states (cache_question_memory), computed once.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -325,6 +327,112 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
                                                     check=check_qa_model)
 
 
+# ----------------------------------------------------------------------------------------------- cached states
+
+
+class CachedMemoryCollator:
+    """Batches questions that carry their question pass's states (`memory` [M_i, D]) instead of a video: the
+    training collator's text fields plus memory [B, M, D] padded to the longest and memory_mask [B, M]."""
+
+    def __init__(self, collate: datasets.VideoQACollator) -> None:
+        self.collate = collate
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = self.collate(items)
+        memory = [it["memory"] for it in items]
+        lengths = torch.tensor([len(m) for m in memory])
+        batch["memory"] = torch.nn.utils.rnn.pad_sequence(memory, batch_first=True)
+        batch["memory_mask"] = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+        return batch
+
+
+class CachedMemorySet(torch.utils.data.Dataset):
+    """The training questions, each with its states (see cache_question_memory); fixed over epochs."""
+
+    def __init__(self, items: list[dict], source: datasets.VideoQADataset) -> None:
+        self.items = items
+        self.excluded, self.broken = source.excluded, source.broken  # the run's broken-video bookkeeping
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[int(index)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The states do not change with the epoch."""
+
+
+def check_question_pass_frozen(model: torch.nn.Module) -> None:
+    """--cache_memory reuses the states for every epoch: nothing they depend on may learn."""
+    modules = model_registry.unwrap(model).question_pass
+    learning = sorted({name.split(".")[0] for name, p in model_registry.unwrap(model).named_parameters()
+                       if p.requires_grad and name.split(".")[0] in modules})
+    if learning:
+        raise ValueError(f"--cache_memory needs the whole question pass frozen, but {', '.join(learning)} would "
+                         f"learn: add --freeze {' '.join(modules)}")
+
+
+def cached_items(memory: torch.Tensor, memory_mask: torch.Tensor, items: Sequence[dict]) -> list[dict]:
+    """One cached question per loader item: its text fields and its states up to its last real one (the masks are
+    a prefix of ones: video tokens then the question's, or the question's alone)."""
+    lengths = memory_mask.sum(1).tolist()
+    if not torch.equal(memory_mask, (torch.arange(memory_mask.shape[1])[None] < memory_mask.sum(1, keepdim=True)
+                                     ).to(memory_mask)):
+        raise ValueError("--cache_memory: the question pass's memory_mask is not a prefix of real states")
+    keep = ("index", "question", "answers", "weights", "question_id", "answer_type")
+    return [{**{k: it[k] for k in keep}, "memory": memory[row, :int(n)].clone()}
+            for row, (it, n) in enumerate(zip(items, lengths))]
+
+
+def with_items(collate: Callable, items: Sequence[dict]) -> tuple[dict, Sequence[dict]]:
+    """The collated batch and its items (the cache keeps each item's text fields)."""
+    return collate(items), items
+
+
+def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADataset, collate: datasets.VideoQACollator,
+                          args: argparse.Namespace, dtype: torch.dtype) -> CachedMemorySet:
+    """Every training question's question-pass states, computed once in eval mode (no drop path) from one
+    training clip of its video and stored in the run's precision (bf16 under bf16 autocast). A broken video is
+    skipped as in training: its item falls through to another question, whose states it then holds."""
+    if args.world_size > 1:
+        raise ValueError("--cache_memory runs in one process (each would need every question's states); "
+                         "drop it for a distributed run")
+    check_question_pass_frozen(model)
+    inner = model_registry.unwrap(model)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, collate_fn=functools.partial(with_items, collate))
+    dataset.set_epoch(0)
+    store = dtype
+    logger = utils.MetricLogger(print_freq=args.print_freq)
+    was_training, cached, nbytes, broken = inner.training, [], 0, {}
+    inner.eval()
+    with torch.no_grad(), utils.autocast(args.device_obj, dtype):
+        for batch, items in logger.log_every(loader, total=len(loader), header="Caching the question pass",
+                                             items_per_step=args.batch_size, unit="questions"):
+            video = video_transforms.normalize_video(batch["video"].to(args.device_obj))
+            memory, memory_mask = inner.answer_memory(video, batch["question_input_ids"].to(args.device_obj),
+                                                      batch["question_mask"].to(args.device_obj))
+            if not cached:
+                estimate = memory.shape[1] * memory.shape[2] * store.itemsize * len(dataset) / 1e9
+                if estimate > args.cache_memory_gb:
+                    raise ValueError(f"--cache_memory: {len(dataset)} questions x {memory.shape[1]} states x "
+                                     f"{memory.shape[2]} would take about {estimate:.1f} GB of host memory, above "
+                                     f"--cache_memory_gb {args.cache_memory_gb:g}")
+            for path, error in (p for it in items for p in it.get("broken_videos", ())):
+                if path not in broken:
+                    broken[path] = error
+                    print(f"Skipped a broken training video while caching: {path}: {error}", flush=True)
+            rows = cached_items(memory.to("cpu", store), memory_mask.cpu(), items)
+            for row in rows:
+                row["index"] = len(cached)
+                cached.append(row)
+                nbytes += row["memory"].nbytes
+    inner.train(was_training)
+    print(f"Cached the question pass of {len(cached)} training questions: {nbytes / 1e6:.0f} MB ({store}); every "
+          f"epoch trains on them ({len(broken)} broken videos skipped)", flush=True)
+    return CachedMemorySet(cached, dataset)
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -472,6 +580,12 @@ class QATask(engine_for_finetuning.FinetuneTask):
 
     def model_for_training(self) -> torch.nn.Module:
         return build_for_training(self.args, len(self.tokenizer))
+
+    def training_data(self, model: torch.nn.Module, dataset: datasets.VideoQADataset,
+                      collate: datasets.VideoQACollator) -> tuple[torch.utils.data.Dataset, Callable]:
+        if not self.args.cache_memory:
+            return dataset, collate
+        return cache_question_memory(model, dataset, collate, self.args, self.dtype), CachedMemoryCollator(collate)
 
     def validator(self, model: torch.nn.Module, records: list[qa_annotations.QARecord]) -> Callable[[int], dict]:
         args, answers = self.args, self.answers  # one view, one clip: per-epoch selection stays cheap

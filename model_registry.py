@@ -81,7 +81,10 @@ class VideoTextModel(Protocol):
     - "temperature": `current_temperature()`, the contrastive temperature (re-ranking adds similarity / it).
     - "qa" (video question answering): `video_tokens(video) -> [B, N, D]` (a clip encoded once for all its
       questions); `rank_answers(video, question_ids, question_mask, answer_ids, answer_mask, k, video_tokens=None)
-      -> (top-k answer indices, scores [Q, A] fp32)`; `forward(batch)` returns the answer loss.
+      -> (top-k answer indices, scores [Q, A] fp32)`; `answer_memory(video, question_ids, question_mask) ->
+      (memory [B, M, D], memory_mask [B, M])`, the states its answer decoder reads; `question_pass`, the top-level
+      modules answer_memory runs (--cache_memory computes it once when they are all frozen); `forward(batch)`
+      returns the answer loss (answer_ranking.qa_training_loss: from the batch's cached `memory` when it has one).
     - "reconstruct": `reconstruct(video, video_mask, input_ids, attention_mask, ...)` (run_simvtp_vis.py);
       "probe": `decode_pixels(...)`, `pixel_target(...)`, `masked_tube_pixels(...)` and `text_cls`
       (cross_modal_probe.py).
@@ -111,7 +114,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "rerank": ("match_logits",),
     "match_video_cache": ("match_video_cache",),
     "temperature": ("current_temperature",),
-    "qa": ("rank_answers", "video_tokens"),
+    "qa": ("rank_answers", "video_tokens", "answer_memory", "question_pass"),
     "reconstruct": ("reconstruct",),
     "probe": ("decode_pixels", "pixel_target", "masked_tube_pixels", "text_cls"),
     "clip_shape": ("clip_shape",),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
+from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, matching_negatives,
                     matching_rank_loss, mlm_loss, negatives_now, reversal_loss, run_layer, vtc_loss)
@@ -753,6 +753,7 @@ class SimVTPQA(TubeModelContract, nn.Module):
     # -- the model contract
     takes_video_mask = False
     text_masking = None
+    question_pass = ("encoder", "text_embeddings")  # the modules answer_memory runs (--cache_memory: all frozen)
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -783,6 +784,11 @@ class SimVTPQA(TubeModelContract, nn.Module):
         memory = self.encoder(vis, self.text_embeddings(question_ids), question_mask)
         return memory, token_keep(vis.shape[1], question_mask).long()
 
+    def answer_memory(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the answer decoder reads (the contract's QA training step): encode_question's (memory, mask)."""
+        return self.encode_question(video, question_ids, question_mask)
+
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, memory: torch.Tensor,
                memory_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' memory [N, M, D], or
@@ -795,9 +801,7 @@ class SimVTPQA(TubeModelContract, nn.Module):
         """The model contract's training step (datasets.VideoQACollator's batch): video [B, 3, T, H, W],
         question_input_ids / question_mask [B, Lq], answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded),
         answer_weights [N], answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
-        memory, memory_mask = self.encode_question(batch["video"], batch["question_input_ids"],
-                                                   batch["question_mask"])
-        return {"loss": weighted_answer_loss(self, memory, memory_mask, batch)}
+        return {"loss": qa_training_loss(self, batch)}
 
     @torch.no_grad()
     def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
-from answer_ranking import rank_by_decoder, weighted_answer_loss, word_logits
+from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, itc_loss,
                     key_padding_mask, matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss,
                     run_layer)
@@ -686,6 +686,9 @@ class SViTTQA(SViTTTowers):
         self.text_decoder = SViTTTextTower(dec_cfg)
         self.text_decoder.apply(init_bert_weights)
 
+    # the modules answer_memory runs (--cache_memory: all frozen)
+    question_pass = ("vision_encoder", "vision_layernorm", "text_encoder")
+
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
 
@@ -713,6 +716,12 @@ class SViTTQA(SViTTTowers):
         states = self.text_encoder.text_layers(question_ids, question_mask)
         return self.text_encoder.fusion_layers(states, question_mask, video_tokens, self._selection())
 
+    def answer_memory(self, video: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the answer decoder reads (the contract's QA training step): the fused question states and their
+        mask."""
+        return self.encode_question(video, question_ids, question_mask), question_mask
+
     def decode(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
                question_mask: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
         """Teacher-forced decoder: answers [N, La] (starting with [CLS]) over their questions' states
@@ -731,9 +740,7 @@ class SViTTQA(SViTTTowers):
         question_input_ids / question_mask [B, Lq],
         answer_ids / answer_mask [N, La] ([CLS] answer [SEP], padded), answer_weights [N] (each distinct answer's
         share of its question's annotators), answer_to_question [N] -> loss = sum_n w_n NLL_n / B."""
-        states = self.encode_question(batch["video"], batch["question_input_ids"], batch["question_mask"])
-        loss = weighted_answer_loss(self, states, batch["question_mask"], batch)
-        return {"loss": loss}
+        return {"loss": qa_training_loss(self, batch)}
 
     @torch.no_grad()
     def rank_answers(self, video: torch.Tensor | None, question_ids: torch.Tensor, question_mask: torch.Tensor,
