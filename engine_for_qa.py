@@ -365,8 +365,9 @@ class CachedMemorySet(torch.utils.data.Dataset):
 
 def check_question_pass_frozen(model: torch.nn.Module) -> None:
     """--cache_memory reuses the states for every epoch: nothing they depend on may learn."""
-    modules = model_registry.unwrap(model).question_pass
-    learning = sorted({name.split(".")[0] for name, p in model_registry.unwrap(model).named_parameters()
+    inner = model_registry.unwrap(model)
+    modules = inner.question_pass
+    learning = sorted({name.split(".")[0] for name, p in inner.named_parameters()
                        if p.requires_grad and name.split(".")[0] in modules})
     if learning:
         raise ValueError(f"--cache_memory needs the whole question pass frozen, but {', '.join(learning)} would "
@@ -376,13 +377,12 @@ def check_question_pass_frozen(model: torch.nn.Module) -> None:
 def cached_items(memory: torch.Tensor, memory_mask: torch.Tensor, items: Sequence[dict]) -> list[dict]:
     """One cached question per loader item: its text fields and its states up to its last real one (the masks are
     a prefix of ones: video tokens then the question's, or the question's alone)."""
-    lengths = memory_mask.sum(1).tolist()
-    if not torch.equal(memory_mask, (torch.arange(memory_mask.shape[1])[None] < memory_mask.sum(1, keepdim=True)
-                                     ).to(memory_mask)):
+    lengths = memory_mask.sum(1, keepdim=True)
+    if not torch.equal(memory_mask, (torch.arange(memory_mask.shape[1])[None] < lengths).to(memory_mask)):
         raise ValueError("--cache_memory: the question pass's memory_mask is not a prefix of real states")
     keep = ("index", "question", "answers", "weights", "question_id", "answer_type")
-    return [{**{k: it[k] for k in keep}, "memory": memory[row, :int(n)].clone()}
-            for row, (it, n) in enumerate(zip(items, lengths))]
+    return [{**{k: it[k] for k in keep}, "memory": memory[row, :n].clone()}
+            for row, (it, n) in enumerate(zip(items, lengths.flatten().tolist()))]
 
 
 def with_items(collate: Callable, items: Sequence[dict]) -> tuple[dict, Sequence[dict]]:
@@ -403,7 +403,6 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, collate_fn=functools.partial(with_items, collate))
     dataset.set_epoch(0)
-    store = dtype
     logger = utils.MetricLogger(print_freq=args.print_freq)
     was_training, cached, nbytes, broken = inner.training, [], 0, {}
     inner.eval()
@@ -414,7 +413,7 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
             memory, memory_mask = inner.answer_memory(video, batch["question_input_ids"].to(args.device_obj),
                                                       batch["question_mask"].to(args.device_obj))
             if not cached:
-                estimate = memory.shape[1] * memory.shape[2] * store.itemsize * len(dataset) / 1e9
+                estimate = memory.shape[1] * memory.shape[2] * dtype.itemsize * len(dataset) / 1e9
                 if estimate > args.cache_memory_gb:
                     raise ValueError(f"--cache_memory: {len(dataset)} questions x {memory.shape[1]} states x "
                                      f"{memory.shape[2]} would take about {estimate:.1f} GB of host memory, above "
@@ -423,13 +422,11 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
                 if path not in broken:
                     broken[path] = error
                     print(f"Skipped a broken training video while caching: {path}: {error}", flush=True)
-            rows = cached_items(memory.to("cpu", store), memory_mask.cpu(), items)
-            for row in rows:
-                row["index"] = len(cached)
-                cached.append(row)
-                nbytes += row["memory"].nbytes
+            rows = cached_items(memory.to("cpu", dtype), memory_mask.cpu(), items)
+            cached += rows
+            nbytes += sum(row["memory"].nbytes for row in rows)
     inner.train(was_training)
-    print(f"Cached the question pass of {len(cached)} training questions: {nbytes / 1e6:.0f} MB ({store}); every "
+    print(f"Cached the question pass of {len(cached)} training questions: {nbytes / 1e6:.0f} MB ({dtype}); every "
           f"epoch trains on them ({len(broken)} broken videos skipped)", flush=True)
     return CachedMemorySet(cached, dataset)
 
