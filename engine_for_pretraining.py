@@ -570,7 +570,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> torch.nn.Module:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.compile_blocks:
-        backend = args.compile_backend or "inductor"
+        backend = args.compile_backend or utils.DEFAULT_COMPILE_BACKEND
         count = utils.compile_blocks(model, backend)
         print(f"torch.compile ({backend}): {count} transformer blocks compiled in place")
     return model

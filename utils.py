@@ -400,7 +400,10 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
-def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+DEFAULT_COMPILE_BACKEND = "inductor"  # torch.compile's kernel generator: the speed-up --compile_blocks is for
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = DEFAULT_COMPILE_BACKEND) -> int:
     """torch.compile each transformer block (the items of every ModuleList named blocks / layer / layers) in
     place with Module.compile, so state_dict names carry no `_orig_mod.` prefix -> the number compiled."""
     count = 0
