@@ -308,7 +308,8 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
     assert only_test.only_test and only_test.finetune == os.path.join(ft.output_dir, "checkpoint-best.pth")
     qa = run_simvtp_qa.get_args_parser().parse_args(qa[2:])
     assert qa.finetune == last["simvtp"] and qa.eval_frame_order == ["none", "reverse", "freeze"]
-    assert qa.freeze == ["encoder"]  # QA reads the pre-trained motion rather than erasing it
+    assert qa.freeze == ["encoder", "text_embeddings"]  # QA reads the pre-trained motion rather than erasing it
+    assert qa.cache_memory and qa.epochs == 3  # the frozen question pass computed once, several decoder epochs
     vis = run_simvtp_vis.get_args_parser().parse_args(vis[2:])
     assert vis.ckpt == last["simvtp"] and vis.save_path == str(out / "reconstruction.png")
     probe = cross_modal_probe.get_args_parser().parse_args(probe[2:])
