@@ -112,17 +112,32 @@ def reversal_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, reversed_fe
     return F.cross_entropy(logits, target), (logits[:, 0] > logits[:, 1]).float().mean()
 
 
-def matching_rank_loss(logits: torch.Tensor, num_matches: int) -> torch.Tensor:
-    """Matching head as a ranker: each non-match's log-odds against those of the match it was drawn for,
+RANK_SCORES = ("head", "sum")
+
+
+def check_rank_score(score: str) -> str:
+    """vtm_rank_score: what the rank loss orders, the head's log-odds ("head") or log-odds + contrastive logit
+    ("sum", the score re-ranking with the contrastive logit reads)."""
+    if score not in RANK_SCORES:
+        raise ValueError(f"vtm_rank_score must be one of {RANK_SCORES}, got {score!r}")
+    return score
+
+
+def matching_rank_loss(logits: torch.Tensor, num_matches: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Matching head as a ranker: each non-match's score against that of the match it was drawn for,
     softplus(s_non - s_match) (a two-way cross-entropy). logits [M + N, 2]: M matches, then N non-matches, non-match
-    k made from match k mod M (a negative video for its caption or a negative caption for its video). Re-ranking
-    compares the head's scores of one query's candidates; the binary loss asks each pair's absolute answer, so a
-    part of the log-odds that depends on the caption or the video alone costs it nothing, and with pairs it cannot
-    tell apart its best answer is the same for both. This loss scores only the order within each pair."""
+    k made from match k mod M (a negative video for its caption or a negative caption for its video). The score is
+    the head's log-odds, plus `offsets` [M + N] when given (each pair's contrastive logit, no gradient): a head
+    trained on negatives drawn by that logit learns what to add to it, and re-ranking reads the sum. Re-ranking
+    compares the scores of one query's candidates; the binary loss asks each pair's absolute answer, so a part of
+    the log-odds that depends on the caption or the video alone costs it nothing, and with pairs it cannot tell
+    apart its best answer is the same for both. This loss scores only the order within each pair."""
     if len(logits) <= num_matches:
         return logits.sum() * 0.0  # no non-match: nothing to rank, still connected to the graph
-    log_odds = logits[:, 1].float() - logits[:, 0].float()
-    matches, non_matches = log_odds[:num_matches], log_odds[num_matches:]
+    score = logits[:, 1].float() - logits[:, 0].float()
+    if offsets is not None:
+        score = score + offsets.detach().float()
+    matches, non_matches = score[:num_matches], score[num_matches:]
     partner = torch.arange(len(non_matches), device=logits.device) % num_matches
     return F.softplus(non_matches - matches[partner]).mean()
 

@@ -25,7 +25,8 @@ FAMILY_MODULES = ("modeling_simvtp", "modeling_svitt")
 # flags every family shares: constructor argument -> run-script flag (a model that does not take one ignores it)
 COMMON_FLAGS = {"img_size": "input_size", "num_frames": "num_frames", "drop_path_rate": "drop_path",
                 "vtm_negatives": "vtm_negatives", "vtm_random_epochs": "vtm_random_epochs", "w_mlm": "w_mlm",
-                "w_reverse": "w_reverse", "w_vtm_rank": "w_vtm_rank"}
+                "w_reverse": "w_reverse", "w_vtm_rank": "w_vtm_rank",
+                "vtm_rank_score": "vtm_rank_score"}
 
 
 @dataclass
@@ -272,6 +273,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
     g.add_argument("--w_vtm_rank", type=float, default=None,
                    help="weight of the matching head's rank loss (default 0, the papers'): each non-match's log-odds "
                         "below those of the match it was drawn for, the order re-ranking reads")
+    g.add_argument("--vtm_rank_score", default=None, choices=["head", "sum"],
+                   help="what --w_vtm_rank orders: the head's log-odds (default) or log-odds + the pair's contrastive "
+                        "logit (no gradient), the sum re-ranking reads; SViTT then trains only its fusion layers and "
+                        "head with it")
     for family in families():
         family.add_args(parser.add_argument_group(f"{family.name} model options (other families reject them)"))
     return g

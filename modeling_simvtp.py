@@ -20,8 +20,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
-from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, matching_negatives,
-                    matching_rank_loss, mlm_loss, negatives_now, reversal_loss, run_layer, vtc_loss)
+from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, check_rank_score,
+                    matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss, run_layer, vtc_loss)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from simvtp_weights import convert_state_dict, recognise_release
 
@@ -370,7 +370,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
                  w_mlm: float = 1.0, w_vtc: float = 1.0, w_vtm: float = 1.0, decode_fraction: float = 1.0,
                  vtm_negatives_per_pair: int = 2, vtm_random_epochs: int = 0, vtm_text: str = "masked",
                  w_reverse: float = 0.0, reverse_tubes: str = "visible", vtm_video: str = "masked",
-                 vtc_video: str = "masked", vtm_pool: str = "joint", w_vtm_rank: float = 0.0) -> None:
+                 vtc_video: str = "masked", vtm_pool: str = "joint", w_vtm_rank: float = 0.0,
+                 vtm_rank_score: str = "head") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         views = dict(vtc_text=vtc_text, vtm_text=vtm_text, vtm_video=vtm_video, vtc_video=vtc_video)
@@ -383,6 +384,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         if reverse_tubes not in ("visible", "all"):
             raise ValueError(f"reverse_tubes {reverse_tubes!r} (visible|all)")
         self.reverse_tubes = reverse_tubes
+        self.vtm_rank_score = check_rank_score(vtm_rank_score)
         if not 0.0 < decode_fraction <= 1.0 or vtm_negatives_per_pair not in (1, 2):
             raise ValueError(f"decode_fraction {decode_fraction} must be in (0, 1], vtm_negatives_per_pair "
                              f"{vtm_negatives_per_pair} 1 or 2")
@@ -490,12 +492,14 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         a pair of the same match id: clips of one video). With
         vtm_negatives_per_pair 1, B negatives: the first half of the captions get a negative video, the other half
         of the videos a negative caption (half the negatives' joint pass).
-        Returns (loss, accuracy, logits [B + negatives, 2]: the positives first). B = 1 has no negative: loss 0,
-        still connected to the graph (DDP sees vtm_head)."""
+        Returns (loss, accuracy, logits [B + negatives, 2]: the positives first, and each pair's contrastive logit
+        [B + negatives]: the rank loss's offsets when vtm_rank_score is "sum"). B = 1 has no negative: loss 0, still
+        connected to the graph (DDP sees vtm_head)."""
         b = len(vis)
         pos_logits = self.vtm_head(pos_feat).float()
         if b < 2:
-            return pos_logits.sum() * 0.0, (pos_logits.argmax(1) == 1).float().mean(), pos_logits
+            return (pos_logits.sum() * 0.0, (pos_logits.argmax(1) == 1).float().mean(), pos_logits,
+                    pos_logits.new_zeros(b))
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
             sim = sim / self.current_temperature()
@@ -510,7 +514,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         _, neg_feat = self.joint(vis[video_ids], text[text_ids], attention_mask[text_ids])
         logits = torch.cat([pos_logits, self.vtm_head(neg_feat).float()])
         labels = (torch.arange(len(logits), device=logits.device) < b).long()  # built on the device: no copy
-        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), logits
+        pair_logits = torch.cat([sim[own, own], sim[video_ids, text_ids]])
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), logits, pair_logits
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
@@ -548,12 +553,14 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             vtm_vis = all_tubes
         if self.vtm_text == "full" or self.vtm_video == "full":  # one more joint pass: the positives as paired
             pos_feat = self.joint(vtm_vis, vtm_caption, attention_mask)[1]
-        loss_vtm, vtm_acc, vtm_logits = self.matching_loss(
+        loss_vtm, vtm_acc, vtm_logits, pair_logits = self.matching_loss(
             vtm_vis, vtm_caption, attention_mask, pos_feat, video_feat, text_feat, match_ids,
             negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(pixel=loss_pixel, mlm=loss_mlm, vtc=loss_vtc, vtm=loss_vtm)
         if self.loss_weights["vtm_rank"] > 0:
-            terms["vtm_rank"] = matching_rank_loss(vtm_logits, len(vtm_vis))
+            # one encoder reads both the pairs and the contrastive features: no part to train alone (cf. SViTT)
+            terms["vtm_rank"] = matching_rank_loss(vtm_logits, len(vtm_vis),
+                                                   pair_logits if self.vtm_rank_score == "sum" else None)
         if self.loss_weights["reverse"] > 0:  # (d) the same tubes played backwards (and forwards, with all tubes)
             terms["reverse"], reverse_acc = reversal_loss(text_feat, *self.time_order_pair(video, video_mask,
                                                                                           video_feat, batch),

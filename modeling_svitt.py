@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
-from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, itc_loss,
-                    key_padding_mask, matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss,
-                    run_layer)
+from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, check_rank_score,
+                    itc_loss, key_padding_mask, matching_negatives, matching_rank_loss, mlm_loss, negatives_now,
+                    reversal_loss, run_layer)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from sparse_attention import (BlockPattern, SViTTSelfAttention, keep_count, patch_coordinates, random_scores,
                               sample_block_pattern, select_patch_tokens)
@@ -477,7 +477,8 @@ class SViTTTowers(nn.Module):
                  release_sparse_padding: bool = False, temp: float = 0.07, w_itc: float = 1.0, w_itm: float = 1.0,
                  w_mlm: float = 1.0, itc_local: bool = False, vtm_negatives: str = "hard", eval_seed: int = 0,
                  vtm_random_epochs: int = 0, w_reverse: float = 0.0,
-                 temporal_expand_mode: str = "release", w_vtm_rank: float = 0.0) -> None:
+                 temporal_expand_mode: str = "release", w_vtm_rank: float = 0.0,
+                 vtm_rank_score: str = "head") -> None:
         super().__init__()
         self.clip_shape = (num_frames, img_size)  # the contract: frames and side it was built for
         if token_keep_strategy not in ("cls_attn", "random"):
@@ -511,6 +512,7 @@ class SViTTTowers(nn.Module):
             raise ValueError(f"temporal_expand_mode must be one of {EXPAND_MODES}, got {temporal_expand_mode!r}")
         self.itc_local, self.vtm_negatives, self.eval_seed = itc_local, vtm_negatives, eval_seed
         self.vtm_random_epochs = vtm_random_epochs
+        self.vtm_rank_score = check_rank_score(vtm_rank_score)
         self.temporal_expand_mode = temporal_expand_mode  # read by convert_state_dict when a file has other frames
         self.patch_size = patch_size
         for module in (self.vision_layernorm, self.text_encoder, self.vision_proj, self.text_proj, self.itm_head):
@@ -570,8 +572,8 @@ class SViTTPretrain(SViTTTowers):
     def matching_loss(self, video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
                       negatives: str | None = None):
         """ITM over 3B pairs: positives, a negative video per caption, a negative caption per video; negatives by
-        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy, logits [3B, 2]:
-        the positives first)."""
+        similarity (or uniformly) among other videos of the local batch. Returns (loss, accuracy, rank term: the
+        --w_vtm_rank loss over the same pairs, None when unweighted)."""
         b = len(video_tokens)
         with torch.no_grad():
             sim = F.normalize(video_feat.float(), dim=-1) @ F.normalize(text_feat.float(), dim=-1).t()
@@ -583,7 +585,23 @@ class SViTTPretrain(SViTTTowers):
         masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         logits = self.itm_head(self.fused_cls(texts, masks, videos)).float()
         labels = (torch.arange(3 * b, device=logits.device) < b).long()  # built on the device: no copy
-        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), logits
+        rank = None
+        if self.loss_weights["itm_rank"] > 0:
+            own = torch.arange(b, device=sim.device)
+            rank = self.rank_term(logits, texts, masks, videos, torch.cat([sim[own, own], sim[neg_video, own],
+                                                                           sim[own, neg_text]]))
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean(), rank
+
+    def rank_term(self, logits, texts, masks, videos, pair_logits) -> torch.Tensor:
+        """--w_vtm_rank's loss over the ITM pairs (logits [3B, 2], positives first; pair_logits their contrastive
+        logits). Ordering the sum (vtm_rank_score "sum") it reads the pairs again with the towers' outputs
+        detached: a loss on the re-ranker (fusion layers and head) alone. Reaching the towers, it lowered the
+        contrastive order in three runs of four (docs/matching_heads.md, "The head as a ranker")."""
+        b = len(logits) // 3
+        if self.vtm_rank_score == "head":
+            return matching_rank_loss(logits, b)
+        fused = self.itm_head(self.fused_cls(texts.detach(), masks, videos.detach())).float()
+        return matching_rank_loss(fused, b, pair_logits)
 
     def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
         """MLM through the text layers and the fusion layers (with the video), BERT's head on every position (as
@@ -605,12 +623,12 @@ class SViTTPretrain(SViTTTowers):
         video_feat, text_feat = self.vision_proj(vis.pooled), self.text_proj(text_states[:, 0])
         loss_itc = itc_loss(video_feat, text_feat, self.current_temperature(), video_ids,
                             None if self.itc_local else gather)
-        loss_itm, itm_acc, itm_logits = self.matching_loss(
+        loss_itm, itm_acc, loss_rank = self.matching_loss(
             video_tokens, text_states, attention_mask, video_feat, text_feat, video_ids,
             negatives_now(self.vtm_negatives, self.vtm_random_epochs, batch))
         terms = dict(itc=loss_itc, itm=loss_itm)
-        if self.loss_weights["itm_rank"] > 0:
-            terms["itm_rank"] = matching_rank_loss(itm_logits, len(video_tokens))
+        if loss_rank is not None:
+            terms["itm_rank"] = loss_rank
         if self.loss_weights["reverse"] > 0:  # one more vision pass: the same clips played backwards
             terms["reverse"], reverse_acc = reversal_loss(
                 text_feat, video_feat, self.vision_proj(self.vision(batch["video"].flip(2)).pooled),

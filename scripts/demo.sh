@@ -53,12 +53,13 @@ step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS ep
 # fusion layers) and hard negatives from the first step keep the matching head (ITM) on the constant answer: words
 # weigh 0.1 here (the paper starts from BERT, where that loss is already low), negatives are uniform for 3 epochs,
 # then one by similarity and one uniform per positive. Base lr 1e-2, twice SimVTP's: in 600 steps SViTT then
-# learns more (contrastive t2v R@1 37.8-45.9 in three runs against 33.8-38.3 at 5e-3), and its head alone re-ranked
-# above the contrastive order in two of the three (in none of five at 5e-3; docs/matching_heads.md).
+# learns more (contrastive t2v R@1 37.8-45.9 in three runs against 33.8-38.3 at 5e-3). A head trained on negatives
+# drawn by the contrastive logit learns what to add to it, so a rank term orders log-odds + contrastive logit, the
+# sum re-ranking reads, training the fusion layers and head only (docs/matching_heads.md, "The head as a ranker").
 run "$PY" run_simvtp_pretraining.py "${PRETRAIN[@]}" --model svitt_tiny_patch16 --sample_type rand \
   --sparse_local_attn 1 --sparse_random_attn 1 --attn_block_size 32 --token_keep_rate 0.6 --token_drop_loc 1 2 \
-  --lr 1e-2 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 --epochs "$SVITT_EPOCHS" --eval_every 1 \
-  --output_dir "$OUT/svitt_pretrain"
+  --lr 1e-2 --w_mlm 0.1 --vtm_negatives mixed --vtm_random_epochs 3 --w_vtm_rank 1 --vtm_rank_score sum \
+  --epochs "$SVITT_EPOCHS" --eval_every 1 --output_dir "$OUT/svitt_pretrain"
 SVITT="$(last_checkpoint "$OUT/svitt_pretrain" "$SVITT_EPOCHS")"
 
 step "5/10 SViTT zero-shot retrieval on the test split, each query's top 16 re-ranked by the matching head; the same in four frame orders"

@@ -700,3 +700,52 @@ def test_w_vtm_rank_adds_the_rank_term_whose_gradient_reaches_the_head_and_the_p
     for module in (head, encoder):
         grads = [p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
         assert grads and sum(grads).item() > 0
+
+
+def test_matching_rank_loss_on_the_sum_adds_each_pairs_contrastive_logit_without_training_it():
+    """vtm_rank_score "sum": the score is log-odds + the pair's contrastive logit, the sum re-ranking reads; the
+    offsets carry no gradient (they come from the contrastive features, which the rank term must not move)."""
+    logits = torch.tensor([[0.0, 2.0], [0.0, 1.0], [0.0, 3.0]], requires_grad=True)  # log-odds 2 | 1, 3
+    offsets = torch.tensor([4.0, 1.0, 0.5], requires_grad=True)
+    by_hand = torch.stack([F.softplus(torch.tensor(1.0 + 1.0 - (2.0 + 4.0))),
+                           F.softplus(torch.tensor(3.0 + 0.5 - (2.0 + 4.0)))]).mean()
+    loss = layers.matching_rank_loss(logits, 1, offsets)
+    torch.testing.assert_close(loss, by_hand)
+    assert loss.item() < layers.matching_rank_loss(logits, 1).item()  # the contrastive order already agrees
+    loss.backward()
+    assert offsets.grad is None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="vtm_rank_score"):
+        layers.check_rank_score("both")
+
+
+def test_svitt_rank_term_on_the_sum_trains_the_fusion_layers_and_head_not_the_towers():
+    """SViTT's fusion layers and head are the re-ranker: the rank term on the sum reaches them and stops at the
+    towers' outputs, so the contrastive order it builds on stays the contrastive losses' own; on the head's
+    log-odds alone it reaches the towers as the matching loss does."""
+    import test_svitt_model as T
+    fusion = T.tiny_model().text_encoder.config.fusion_layer
+    for score, towers_learn in (("sum", False), ("head", True)):
+        model = T.tiny_model(w_vtm_rank=1.0, vtm_rank_score=score)
+        model.loss_weights = {k: (1.0 if k == "itm_rank" else 0.0) for k in model.loss_weights}
+        model(T.batch())["loss"].backward()
+        layers_ = model.text_encoder.bert.encoder.layer
+        reached = {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+                   for name, module in (("head", model.itm_head), ("fusion", layers_[fusion:]),
+                                        ("text tower", layers_[:fusion]), ("vision tower", model.vision_encoder))}
+        assert reached == {"head": True, "fusion": True, "text tower": towers_learn, "vision tower": towers_learn}
+    with pytest.raises(ValueError, match="vtm_rank_score"):
+        T.tiny_model(vtm_rank_score="both")
+
+
+def test_simvtp_rank_term_on_the_sum_is_its_own_loss_and_trains_the_head():
+    model = tiny(w_vtm_rank=1.0, vtm_rank_score="sum")
+    head_only = tiny(w_vtm_rank=1.0)
+    torch.manual_seed(1)
+    on_sum = model(make_batch(b=4))["loss_vtm_rank"]
+    torch.manual_seed(1)
+    on_head = head_only(make_batch(b=4))["loss_vtm_rank"]
+    assert torch.isfinite(on_sum) and not torch.isclose(on_sum, on_head)
+    model.loss_weights = {k: (1.0 if k == "vtm_rank" else 0.0) for k in model.loss_weights}
+    model.zero_grad()
+    model(make_batch(b=4))["loss"].backward()
+    assert sum(p.grad.abs().sum() for p in model.vtm_head.parameters() if p.grad is not None) > 0

@@ -294,6 +294,7 @@ def test_demo_trains_both_families_on_the_same_clips_and_each_step_uses_the_prev
         assert getattr(simvtp, key) == getattr(svitt, key), key
     assert simvtp.epochs == 3 and simvtp.input_size == 64 and simvtp.eval_data_path and svitt.eval_data_path
     assert (simvtp.w_reverse, simvtp.reverse_tubes, simvtp.vtc_video) == (10.0, "all", "full")  # time, learnt
+    assert (svitt.w_vtm_rank, svitt.vtm_rank_score) == (1.0, "sum")  # SViTT's re-ranker learns what to add
     last = {m: os.path.join(str(out / d), "checkpoint-2.pth") for m, d in (("simvtp", "pretrain"),
                                                                            ("svitt", "svitt_pretrain"))}
     ret = run_simvtp_finetuning.get_args_parser()
