@@ -184,7 +184,7 @@ def finetuning_parser() -> argparse.ArgumentParser:
                    help="tube mask in the zero-shot video pass (0 = all tubes, 0.9 = pre-training's ratio)")
     g.add_argument("--rerank_k", type=int, default=0, help="re-score every text's top K videos and every video's top K texts "
                    "with the matching head: ranked by its log-odds of match, aggregated over clips by "
-                   "--eval_frame_ensemble (the SViTT release), and by that plus the contrastive logit (BLIP's sum); "
+                   "--eval_frame_ensemble (the SViTT release), and by that plus the contrastive logit (a sum as BLIP's); "
                    "the contrastive and both re-ranked rankings are reported (0: no re-ranking)")
     g.add_argument("--rerank_ckpt", default="", help="checkpoint of a model with a matching head (a pre-training "
                    "one) whose match_logits re-score the top K (loaded strictly); default: the evaluated model "

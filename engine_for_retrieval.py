@@ -208,7 +208,7 @@ def evaluate_one_order(model, match_model, records: list, loader, args: argparse
                              score="log-odds of match, " + args.eval_frame_ensemble + " over clips")
         table[f"re-ranked k={args.rerank_k}"] = out["rerank"]
         scale = contrastive_scale(model)
-        if scale:  # the same scores plus the contrastive logit (BLIP's sum)
+        if scale:  # the same scores plus the contrastive logit (a sum as BLIP's)
             out["rerank_contrastive"] = retrieval_eval.rerank_metrics(res["sim"], res["text_to_video"], scores,
                                                               args.rerank_k, contrastive_scale=scale)
             out["rerank_contrastive"]["score"] = out["rerank"]["score"] + " + similarity / temperature"

@@ -687,8 +687,9 @@ def held_out_matching_accuracy(match_model: torch.nn.Module, res: dict, dataset,
 def rerank_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, scores: dict[tuple[int, int], float],
                    k: int, contrastive_scale: float = 0.0) -> dict[str, float]:
     """Metrics after re-ordering each query's top-k by matching score (the rest keep their order below); with
-    contrastive_scale s > 0 by matching log-odds + s x similarity (s = 1 / temperature: the contrastive logit, as
-    BLIP adds the two), else by the matching score alone (the SViTT release).
+    contrastive_scale s > 0 by matching log-odds + s x similarity (s = 1 / temperature: the contrastive logit, the
+    scale the matching negatives are drawn at; BLIP adds its head's logit to the plain cosine), else by the matching
+    score alone (the SViTT release).
 
     Re-scored candidates are lifted above every similarity (max + 1 + score - the lowest score), so a ground truth
     outside the top-k keeps its similarity rank; t2v uses the per-text top-k, v2t the per-video top-k.
