@@ -475,6 +475,8 @@ class BrokenVideos:
         self.pending: dict[str, str] = {}  # found on this rank, not yet sent to rank 0
         if not resumed and distributed.is_main_process():
             open(self.path, "w").close()  # a fresh run starts a fresh list
+        # files a pass before the loop met (QA's --cache_memory) are named as the loop names its own
+        self.note([(path, error) for path, error in dataset.broken.items() if path not in self.known])
         dataset.broken.update(self.known)
 
     def note(self, found: Iterable[tuple[str, str]]) -> None:

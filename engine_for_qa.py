@@ -394,7 +394,8 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
                           args: argparse.Namespace, dtype: torch.dtype) -> CachedMemorySet:
     """Every training question's question-pass states, computed once in eval mode (no drop path) from one
     training clip of its video and stored in the run's precision (bf16 under bf16 autocast). A broken video is
-    skipped as in training: its item falls through to another question, whose states it then holds."""
+    skipped as in training: its item falls through to another question, whose states it then holds; the file goes
+    into the dataset's `broken`, where the run's BrokenVideos names it (broken_videos.txt)."""
     if args.world_size > 1:
         raise ValueError("--cache_memory runs in one process (each would need every question's states); "
                          "drop it for a distributed run")
@@ -404,7 +405,7 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
                                          num_workers=args.num_workers, collate_fn=functools.partial(with_items, collate))
     dataset.set_epoch(0)
     logger = utils.MetricLogger(print_freq=args.print_freq)
-    was_training, cached, nbytes, broken = inner.training, [], 0, {}
+    was_training, cached, nbytes, known_before = inner.training, [], 0, len(dataset.broken)
     inner.eval()
     with torch.no_grad(), utils.autocast(args.device_obj, dtype):
         for batch, items in logger.log_every(loader, total=len(loader), header="Caching the question pass",
@@ -419,15 +420,13 @@ def cache_question_memory(model: torch.nn.Module, dataset: datasets.VideoQADatas
                                      f"{memory.shape[2]} would take about {estimate:.1f} GB of host memory, above "
                                      f"--cache_memory_gb {args.cache_memory_gb:g}")
             for path, error in (p for it in items for p in it.get("broken_videos", ())):
-                if path not in broken:
-                    broken[path] = error
-                    print(f"Skipped a broken training video while caching: {path}: {error}", flush=True)
+                dataset.broken.setdefault(path, error)
             rows = cached_items(memory.to("cpu", dtype), memory_mask.cpu(), items)
             cached += rows
             nbytes += sum(row["memory"].nbytes for row in rows)
     inner.train(was_training)
     print(f"Cached the question pass of {len(cached)} training questions: {nbytes / 1e6:.0f} MB ({dtype}); every "
-          f"epoch trains on them ({len(broken)} broken videos skipped)", flush=True)
+          f"epoch trains on them ({len(dataset.broken) - known_before} broken videos skipped)", flush=True)
     return CachedMemorySet(cached, dataset)
 
 # ----------------------------------------------------------------------------------------------- evaluation

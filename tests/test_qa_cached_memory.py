@@ -1,6 +1,7 @@
 """--cache_memory: QA training on each question's frozen question-pass states, computed once. The cached states give
 the loss the full pass gives (both families, real clips of the synthetic set), and the entry point trains the answer
 decoder on them while the question pass stays at its weights, or refuses when part of that pass would learn."""
+import json
 import os
 
 import pytest
@@ -80,3 +81,19 @@ def test_entry_point_trains_the_decoder_on_cached_states_and_keeps_the_question_
     assert frozen and all(torch.equal(first[k], last[k]) for k in frozen)
     learnt = [k for k in last if k.startswith(("answer_decoder.", "text_cls."))]
     assert any(not torch.equal(first[k], last[k]) for k in learnt)
+
+
+def test_a_broken_video_met_while_caching_is_listed_in_the_runs_broken_videos_txt(synthetic_root, broken_videos,
+                                                                                  tmp_path, capsys):
+    """The cache pass runs before the training loop's bookkeeping exists; the file it skips still reaches
+    broken_videos.txt, named once, as a file the loop skipped would be."""
+    questions = json.load(open(_ann(synthetic_root, "qa_train.json")))[:15]
+    questions.append({**questions[0], "video": str(broken_videos["truncated"]), "question_id": "broken/colour"})
+    anno = tmp_path / "qa_train.json"
+    anno.write_text(json.dumps(questions))
+    out = tmp_path / "out"
+    run.main(_args(synthetic_root, out, "--data_path", str(anno), "--model", "simvtp_qa_tiny_patch16", "--epochs",
+                   "1", "--cache_memory", "--freeze", "encoder", "text_embeddings"))
+    assert "(1 broken videos skipped)" in capsys.readouterr().out
+    listed = [line.split("\t")[0] for line in (out / "broken_videos.txt").read_text().splitlines()]
+    assert listed == [str(broken_videos["truncated"])]
