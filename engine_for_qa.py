@@ -330,6 +330,11 @@ def build_for_training(args: argparse.Namespace, vocab_size: int) -> torch.nn.Mo
 # ----------------------------------------------------------------------------------------------- cached states
 
 
+def prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """bool [B, width]: True at the first lengths[b] positions of row b (cached states are a prefix of real ones)."""
+    return torch.arange(width)[None] < lengths.reshape(-1, 1)
+
+
 class CachedMemoryCollator:
     """Batches questions that carry their question pass's states (`memory` [M_i, D]) instead of a video: the
     training collator's text fields plus memory [B, M, D] padded to the longest and memory_mask [B, M]."""
@@ -342,7 +347,7 @@ class CachedMemoryCollator:
         memory = [it["memory"] for it in items]
         lengths = torch.tensor([len(m) for m in memory])
         batch["memory"] = torch.nn.utils.rnn.pad_sequence(memory, batch_first=True)
-        batch["memory_mask"] = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+        batch["memory_mask"] = prefix_mask(lengths, int(lengths.max())).long()
         return batch
 
 
@@ -378,7 +383,7 @@ def cached_items(memory: torch.Tensor, memory_mask: torch.Tensor, items: Sequenc
     """One cached question per loader item: its text fields and its states up to its last real one (the masks are
     a prefix of ones: video tokens then the question's, or the question's alone)."""
     lengths = memory_mask.sum(1, keepdim=True)
-    if not torch.equal(memory_mask, (torch.arange(memory_mask.shape[1])[None] < lengths).to(memory_mask)):
+    if not torch.equal(memory_mask, prefix_mask(lengths, memory_mask.shape[1]).to(memory_mask)):
         raise ValueError("--cache_memory: the question pass's memory_mask is not a prefix of real states")
     keep = ("index", "question", "answers", "weights", "question_id", "answer_type")
     return [{**{k: it[k] for k in keep}, "memory": memory[row, :n].clone()}
