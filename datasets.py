@@ -375,7 +375,9 @@ class VideoTextCollator:
     videos_broken (the items' read / broken summed, long scalars), broken_videos (the items' [(path, error)],
     each file once), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
-    masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row.
+    masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row, and
+    max_masked_words (int: the most masked words of any caption, so the word head scores only that many positions
+    a caption without a host sync).
     text_mask_mode: "mask" (the release: every chosen word becomes [MASK]) or "bert" (80% [MASK], 10% a random
     word of the tokenizer's vocabulary, 10% kept), for model families trained with BERT's rule.
     Items with C clips each (VideoTextDataset's clips_per_video) give C rows each, in order: B = items x C;
@@ -426,13 +428,14 @@ class VideoTextCollator:
         batch["caption"] = [it["caption"] for it in items]
         batch.update(self.tokenize(batch["caption"]))
         if self.text_mask_ratio:
-            from masking_generator import mask_text_batch
+            from masking_generator import IGNORE_INDEX, mask_text_batch
             rngs = [sample_rng(self.seed, int(e), int(i), copy_stream("text_mask", c))
                     for e, i, c in zip(batch["epoch"], batch["index"], copies)]
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_text_batch(
                 batch["input_ids"], batch["attention_mask"], self.text_mask_ratio, rngs,
                 mask_token_id=self.tokenizer.mask_token_id, mode=self.text_mask_mode,
                 vocab_size=len(self.tokenizer))
+            batch["max_masked_words"] = int((batch["mlm_labels"] != IGNORE_INDEX).sum(dim=1).max())
         return batch
 
 

@@ -142,12 +142,25 @@ def matching_rank_loss(logits: torch.Tensor, num_matches: int, offsets: torch.Te
     return F.softplus(non_matches - matches[partner]).mean()
 
 
+def masked_word_states(states: torch.Tensor, labels: torch.Tensor, count: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions the word head has to score: states [B, L, D], labels [B, L] (-100 where not masked) ->
+    [B, count, D] and [B, count], each caption's masked positions first (in order), then unmasked ones (label
+    -100) to fill the row. count is the collator's host count (max_masked_words: the most masked words of any
+    caption), so the head's vocabulary projection runs on count positions instead of L without a host sync or a
+    data-dependent shape; None keeps every position."""
+    if count is None or count >= labels.shape[1]:
+        return states, labels
+    order = (labels == -100).to(torch.uint8).argsort(dim=1, stable=True)[:, :max(int(count), 1)]
+    return torch.gather(states, 1, order[..., None].expand(-1, -1, states.shape[-1])), labels.gather(1, order)
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch's captions of each caption's mean CE over its masked tokens.
 
-    logits: [B, L, V] of every position (a static shape: no data-dependent selection, no host sync), labels:
-    [B, L], -100 where a token is not masked. A caption without masked tokens contributes 0 and still counts in
-    the mean, so the loss is an exact mean of per-rank losses."""
+    logits: [B, L, V] (every position, or those masked_word_states keeps), labels: [B, L], -100 where a token is
+    not masked. A caption without masked tokens contributes 0 and still counts in the mean, so the loss is an
+    exact mean of per-rank losses."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
     counts = (labels != -100).sum(dim=1).clamp(min=1)
     return (ce.view(labels.shape).sum(dim=1) / counts).sum() / len(labels)

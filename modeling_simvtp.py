@@ -21,7 +21,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, check_rank_score,
-                    matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss, run_layer, vtc_loss)
+                    masked_word_states, matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss,
+                    run_layer, vtc_loss)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from simvtp_weights import convert_state_dict, recognise_release
 
@@ -480,9 +481,11 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
             tubes = patchify(denormalize_video(video), self.tubelet_size, self.patch_size)
             return select_tokens(tubes, video_mask, count)
 
-    def masked_word_loss(self, text_out: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
-        """Word head on the joint output's text part [B, L, D] (every position, as the release: a static shape),
-        the loss over the masked positions (labels != -100)."""
+    def masked_word_loss(self, text_out: torch.Tensor, mlm_labels: torch.Tensor,
+                         max_masked_words: int | None = None) -> torch.Tensor:
+        """Word head on the joint output's text part [B, L, D] at the masked positions (the release scores every
+        position, padding and [CLS] included), the loss over the masked ones (labels != -100)."""
+        text_out, mlm_labels = masked_word_states(text_out, mlm_labels, max_masked_words)
         return mlm_loss(self.text_cls(text_out), mlm_labels)
 
     def matching_loss(self, vis, text, attention_mask, pos_feat, video_feat, text_feat, match_ids=None,
@@ -521,7 +524,8 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         """The model contract's training step: batch with video [B, 3, T, H, W], video_mask bool [B, N], input_ids /
         attention_mask / mlm_input_ids / mlm_labels [B, L] and, optionally, match_id long [B] (rows of one id, e.g.
         one video's clips under --clips_per_video, are contrastive positives, never matching negatives) and
-        num_visible_tubes (int, the collator's: without it the count is read from the mask, a host sync) -> losses
+        num_visible_tubes and max_masked_words (ints, the collator's: without the first the count is read from the
+        mask, a host sync; without the second the word head scores every position) -> losses
         (fp32); "loss" = weighted sum. Passes: (a) joint on visible tubes + masked caption, (b) video-only (every
         tube with vtc_video "full") and text-only for VTC, (c) one joint pass over the VTM negatives (with vtm_text
         or vtm_video "full" one more, the positives with their whole caption or every tube), (d) with w_reverse > 0,
@@ -540,7 +544,7 @@ class SimVTPPretrain(TubeModelContract, nn.Module):
         decode_mask = self.tubes_to_decode(video_mask, num_masked)
         loss_pixel = F.mse_loss(self.decode_pixels(joint_out[:, :nv], video_mask, decode_mask, num_decoded).float(),
                                 self.pixel_target(video, decode_mask, num_decoded))
-        loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels)
+        loss_mlm = self.masked_word_loss(joint_out[:, nv:], mlm_labels, batch.get("max_masked_words"))
         all_tubes = self.encoder.embed_video(video) if "full" in (self.vtc_video, self.vtm_video) else None
         video_feat = self.encoder.pool(self.encoder(all_tubes if self.vtc_video == "full" else vis))  # (b)
         text_feat = self.encoder.encode_text(vtc_text, attention_mask)

@@ -28,8 +28,8 @@ from timm.layers import DropPath, trunc_normal_
 
 from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, check_rank_score,
-                    itc_loss, key_padding_mask, matching_negatives, matching_rank_loss, mlm_loss, negatives_now,
-                    reversal_loss, run_layer)
+                    itc_loss, key_padding_mask, masked_word_states, matching_negatives, matching_rank_loss, mlm_loss,
+                    negatives_now, reversal_loss, run_layer)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from sparse_attention import (BlockPattern, SViTTSelfAttention, keep_count, patch_coordinates, random_scores,
                               sample_block_pattern, select_patch_tokens)
@@ -603,11 +603,14 @@ class SViTTPretrain(SViTTTowers):
         fused = self.itm_head(self.fused_cls(texts.detach(), masks, videos.detach())).float()
         return matching_rank_loss(fused, b, pair_logits)
 
-    def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels) -> torch.Tensor:
-        """MLM through the text layers and the fusion layers (with the video), BERT's head on every position (as
-        the release: a static shape), the loss over the masked ones (labels != -100)."""
+    def masked_word_loss(self, video_tokens, mlm_input_ids, attention_mask, mlm_labels,
+                         max_masked_words: int | None = None) -> torch.Tensor:
+        """MLM through the text layers and the fusion layers (with the video), BERT's head on the masked
+        positions (the release scores every one; at 15% masking most of the head's vocabulary projection was
+        wasted), the loss over the masked ones (labels != -100)."""
         states = self.text_encoder.text_layers(mlm_input_ids, attention_mask)
         states = self.text_encoder.fusion_layers(states, attention_mask, video_tokens, self._selection())
+        states, mlm_labels = masked_word_states(states, mlm_labels, max_masked_words)
         return mlm_loss(self.text_encoder.cls.predictions(states), mlm_labels)
 
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -635,7 +638,7 @@ class SViTTPretrain(SViTTTowers):
                 self.current_temperature())
         if "mlm_input_ids" in batch:  # a retrieval fine-tuning batch has no MLM captions: ITC + ITM, as the release
             terms["mlm"] = self.masked_word_loss(video_tokens, batch["mlm_input_ids"], attention_mask,
-                                                 batch["mlm_labels"])
+                                                 batch["mlm_labels"], batch.get("max_masked_words"))
         out = {"loss": sum(self.loss_weights[k] * v for k, v in terms.items())}
         out.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         out["itm_acc"] = itm_acc.detach()

@@ -738,6 +738,7 @@ def test_collate_pads_truncates_and_masks_per_sample(tokenizer):
     assert masked.any(dim=1).all() and (batch["mlm_input_ids"][masked] == 103).all()
     assert torch.equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
     assert not torch.equal(batch["mlm_input_ids"], batch["input_ids"])  # the originals stay unmasked
+    assert batch["max_masked_words"] == int(masked.sum(dim=1).max()) == 3  # a host int: the word head's width
 
     short = datasets.VideoTextCollator(tokenizer, max_text_len=32)(items[:1])
     assert short["input_ids"].shape == (1, 5) and "mlm_labels" not in short  # padded to the longest only

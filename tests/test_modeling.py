@@ -250,15 +250,17 @@ def test_select_tokens_gathers_the_boolean_selection_with_no_graph_break():
 
 
 def test_training_losses_trace_without_graph_breaks():
-    """The word head on every position, labels built on the device: no data-dependent shape in the losses."""
+    """The word head on the collator's count of positions (or every one), labels built on the device: no
+    data-dependent shape in the losses; both give the loss of boolean selection."""
     model, batch = tiny(), make_batch()
     text_out = torch.randn(3, 7, SIZE["embed_dim"])
     torch._dynamo.reset()
-    assert torch._dynamo.explain(model.masked_word_loss)(text_out, batch["mlm_labels"]).graph_break_count == 0
-    want = model.masked_word_loss(text_out, batch["mlm_labels"])
-    sel = batch["mlm_labels"] != -100  # the former selection: the head on the masked positions only
+    assert torch._dynamo.explain(model.masked_word_loss)(text_out, batch["mlm_labels"], 2).graph_break_count == 0
+    sel = batch["mlm_labels"] != -100  # the head on the masked positions by boolean indexing (a host sync)
     ce = F.cross_entropy(model.text_cls(text_out[sel]), batch["mlm_labels"][sel], reduction="none")
-    torch.testing.assert_close(want, ce.view(3, 2).mean(1).mean())
+    for count in (2, None):
+        torch.testing.assert_close(model.masked_word_loss(text_out, batch["mlm_labels"], count),
+                                   ce.view(3, 2).mean(1).mean())
 
 
 def test_sincos_table_matches_hand_computation():
@@ -332,6 +334,18 @@ def test_mlm_is_mean_over_captions_of_each_captions_mean():
     every[0, 2], every[1, [0, 1, 3]] = logits[0], logits[1:]
     torch.testing.assert_close(layers.mlm_loss(every[:2], labels[:2]), expected)
     torch.testing.assert_close(layers.mlm_loss(every, labels), 2 * expected / 3)  # no masked word: 0
+
+
+def test_masked_word_states_keep_each_captions_masked_positions_in_order():
+    labels = torch.full((3, 5), -100)  # caption 0 masks positions 3 and 1, caption 1 position 4, caption 2 none
+    labels[0, [1, 3]], labels[1, 4] = torch.tensor([7, 8]), 9
+    states = torch.arange(15.0).view(3, 5, 1).expand(-1, -1, 2)
+    kept, kept_labels = layers.masked_word_states(states, labels, 2)
+    assert kept.shape == (3, 2, 2) and kept[0, :, 0].tolist() == [1.0, 3.0] and kept[1, 0, 0] == 9.0
+    assert kept_labels.tolist() == [[7, 8], [9, -100], [-100, -100]]  # a short row is filled by unmasked positions
+    head = torch.nn.Linear(2, 10)
+    torch.testing.assert_close(layers.mlm_loss(head(kept), kept_labels), layers.mlm_loss(head(states), labels))
+    assert layers.masked_word_states(states, labels, None)[0] is states  # no count: every position
 
 
 def test_vtm_negatives_never_the_positive_and_follow_similarity():

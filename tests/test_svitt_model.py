@@ -126,16 +126,20 @@ def test_text_guided_selection_depends_on_the_caption_and_changes_the_fused_outp
 
 @pytest.mark.slow
 def test_mlm_loss_traces_without_graph_breaks_and_is_the_masked_positions_mean():
-    """MLM (the head on every position) through text-guided selection (random strategy: drawn on the device in
-    training): no data-dependent shape, no host read."""
+    """MLM (the head on the collator's count of positions) through text-guided selection (random strategy:
+    drawn on the device in training): no data-dependent shape, no host read; the same loss as the head on every
+    position."""
     model, b = tiny_model(fusion_keep_strategy="random").train(), batch()
     video = torch.randn(4, 9, 192)  # [CLS] + 8 video tokens
-    args = (video, b["mlm_input_ids"], b["attention_mask"], b["mlm_labels"])
+    args = (video, b["mlm_input_ids"], b["attention_mask"], b["mlm_labels"], 1)  # one masked word per caption
     torch._dynamo.reset()
     assert torch._dynamo.explain(model.masked_word_loss)(*args).graph_break_count == 0
     torch.manual_seed(1)
     got = model.masked_word_loss(*args)
-    torch.manual_seed(1)  # the same random selection: the former computation, the head on masked positions only
+    torch.manual_seed(1)
+    every = model.masked_word_loss(*args[:-1])  # no count: the head on every position
+    torch.testing.assert_close(got, every)
+    torch.manual_seed(1)  # the same random selection: the head on the masked positions, by boolean indexing
     fused = model.text_encoder.fusion_layers(model.text_encoder.text_layers(b["mlm_input_ids"], b["attention_mask"]),
                                              b["attention_mask"], video, model._selection())
     sel = b["mlm_labels"] != -100  # one masked word per caption
