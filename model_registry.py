@@ -254,11 +254,13 @@ def add_model_module_arg(group: argparse.ArgumentParser | argparse._ArgumentGrou
 def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_help: str,
                    drop_path: float | None = None) -> argparse._ArgumentGroup:
     """--model, the shared --drop_path, and every family's own group (flags default None: the model decides)."""
+    from layers import NEGATIVE_MODES, RANK_SCORES  # the matching-loss choices the models check
+
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=model_help)
     add_model_module_arg(g)
     g.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate (default: the model's)")
-    g.add_argument("--vtm_negatives", default=None, choices=["hard", "random", "mixed"],
+    g.add_argument("--vtm_negatives", default=None, choices=NEGATIVE_MODES,
                    help="matching-loss negatives: hard (default, drawn by contrastive similarity, never the same "
                         "video), random (SimVTP's release) or mixed (the negative video hard, the negative caption "
                         "random)")
@@ -273,7 +275,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str | None, model_
     g.add_argument("--w_vtm_rank", type=float, default=None,
                    help="weight of the matching head's rank loss (default 0, the papers'): each non-match's log-odds "
                         "below those of the match it was drawn for, the order re-ranking reads")
-    g.add_argument("--vtm_rank_score", default=None, choices=["head", "sum"],
+    g.add_argument("--vtm_rank_score", default=None, choices=RANK_SCORES,
                    help="what --w_vtm_rank orders: the head's log-odds (default) or log-odds + the pair's contrastive "
                         "logit (no gradient), the sum re-ranking reads; SViTT then trains only its fusion layers and "
                         "head with it")
