@@ -11,10 +11,10 @@ position, as the releases do: that is the "every position" row. The loss is the 
 How it is measured: the demo's pre-training flags (scripts/demo.sh steps 2 and 4) parsed by the pre-training
 command line, the model built by the pre-training engine, batches of 16 from the demo's data read once by the
 real loader (--data_root, default data/synthetic_2k_64: `bash scripts/demo.sh` or `synthetic_dataset.py` builds
-it). Each timed step is the engine's forward + backward (bf16 autocast where the machine has native bf16, as
-`--precision auto`) and AdamW step. The two variants alternate step by step on the same batches, after two
-untimed warm-up steps each, and the median of each is printed with their ratio, so load from other processes
-falls on both.
+it). Each timed step is the engine's forward + backward (--precision: by default bf16 autocast where the machine
+has native bf16, as the demo's `--precision auto`) and AdamW step. The two variants alternate step by step on the
+same batches, after two untimed warm-up steps each, and the median of each is printed with their ratio, so load
+from other processes falls on both.
 """
 from __future__ import annotations
 
@@ -45,18 +45,19 @@ DEMO_FLAGS = {  # scripts/demo.sh's pre-training lines (steps 2 and 4), less the
 }
 
 
-def demo_args(family: str, data_root: Path) -> argparse.Namespace:
+def demo_args(family: str, data_root: Path, precision: str) -> argparse.Namespace:
     flags = ["--data_path", str(data_root / "annotations" / "pretrain.json"), "--data_root", str(data_root),
              "--num_frames", "8", "--sampling_rate", "4", "--input_size", "64", "--device", "cpu", "--precision",
-             "auto", "--num_workers", "0", "--batch_size", "16", "--output_dir", tempfile.mkdtemp()] + DEMO_FLAGS[family]
+             precision, "--num_workers", "0", "--batch_size", "16", "--output_dir", tempfile.mkdtemp()]
+    flags += DEMO_FLAGS[family]
     args = command_lines.pretraining_parser().parse_args(flags)
     engine.check_args(args)
     video_transforms.resolve_sample_types(args)
     return args
 
 
-def bench(family: str, data_root: Path, steps: int) -> dict:
-    args = demo_args(family, data_root)
+def bench(family: str, data_root: Path, steps: int, precision: str) -> dict:
+    args = demo_args(family, data_root, precision)
     dtype = utils.setup_run(args)  # the pre-training's own start: device, precision, threads, seeds
     tokenizer = datasets.build_tokenizer(args.tokenizer)
     torch.manual_seed(0)
@@ -96,6 +97,8 @@ def main() -> None:
                    help="the demo's data (annotations/pretrain.json and its clips)")
     p.add_argument("--families", nargs="+", choices=tuple(DEMO_FLAGS), default=list(DEMO_FLAGS))
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="as the pre-training's flag (auto: bf16 where the CPU has native bf16, else fp32)")
     args = p.parse_args()
     if not (args.data_root / "annotations" / "pretrain.json").is_file():
         raise SystemExit(f"{args.data_root}/annotations/pretrain.json not found: build the demo's data first "
@@ -105,7 +108,7 @@ def main() -> None:
           f"{args.steps} steps per variant")
     rows = []
     for family in args.families:
-        r = bench(family, args.data_root, args.steps)
+        r = bench(family, args.data_root, args.steps, args.precision)
         rows.append([family, str(r["dtype"]).removeprefix("torch."), r["positions"], f"{r['every']:.3f}",
                      f"{r['masked']:.3f}", f"{r['every'] / r['masked']:.2f}x"])
     print_table(["family", "precision", "masked positions of a caption's (2 batches)", "every position s/step",
