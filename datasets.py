@@ -376,8 +376,8 @@ class VideoTextCollator:
     each file once), caption (list of str), input_ids / attention_mask long [B, L] (padded to the longest caption,
     truncated to max_text_len) and, when text_mask_ratio is set, mlm_input_ids / mlm_labels [B, L] from
     masking_generator.mask_text_batch with one sample_rng(seed, epoch, index, "text_mask") per row, and
-    max_masked_words (int: the most masked words of any caption, so the word head scores only that many positions
-    a caption without a host sync).
+    max_masked_words (int, counted here on the host: the most masked words of any caption, the number of positions
+    per caption the word head scores).
     text_mask_mode: "mask" (the release: every chosen word becomes [MASK]) or "bert" (80% [MASK], 10% a random
     word of the tokenizer's vocabulary, 10% kept), for model families trained with BERT's rule.
     Items with C clips each (VideoTextDataset's clips_per_video) give C rows each, in order: B = items x C;

@@ -683,8 +683,9 @@ class SimVTPDualEncoder(TubeModelContract, nn.Module):
     def forward(self, batch: dict, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """Retrieval fine-tuning's loss: the symmetric InfoNCE of pre-training's VTC over the global batch (with
         the batch's "match_id", same id = positives: --match_by caption)."""
+        video_feat = self.encode_video(batch["video"])
         text_feat = self.encode_text(batch["input_ids"], batch["attention_mask"])
-        loss = vtc_loss(self.encode_video(batch["video"]), text_feat, self.temperature, gather, batch.get("match_id"))
+        loss = vtc_loss(video_feat, text_feat, self.temperature, gather, batch.get("match_id"))
         return {"loss": loss}
 
 # ----------------------------------------------------------------------------------------------- video QA
