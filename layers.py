@@ -142,6 +142,12 @@ def matching_rank_loss(logits: torch.Tensor, num_matches: int, offsets: torch.Te
     return F.softplus(non_matches - matches[partner]).mean()
 
 
+def positions_first(keep: torch.Tensor, count: int) -> torch.Tensor:
+    """keep bool [B, N] -> long [B, count]: each row's True positions first, in order, then its False ones. A gather
+    by it has a static width however many each row keeps."""
+    return (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
+
+
 def masked_word_states(states: torch.Tensor, labels: torch.Tensor, count: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions the word head has to score: states [B, L, D], labels [B, L] (-100 where not masked) ->
@@ -151,7 +157,7 @@ def masked_word_states(states: torch.Tensor, labels: torch.Tensor, count: int | 
     data-dependent shape; None keeps every position."""
     if count is None or count >= labels.shape[1]:
         return states, labels
-    order = (labels == -100).to(torch.uint8).argsort(dim=1, stable=True)[:, :max(int(count), 1)]
+    order = positions_first(labels != -100, max(int(count), 1))
     return torch.gather(states, 1, order[..., None].expand(-1, -1, states.shape[-1])), labels.gather(1, order)
 
 

@@ -21,8 +21,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from answer_ranking import qa_training_loss, rank_by_decoder, word_logits
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD, equal_row_count, on_device
 from layers import (NEGATIVE_MODES, build_registered, build_text_embeddings, causal_key_mask, check_rank_score,
-                    masked_word_states, matching_negatives, matching_rank_loss, mlm_loss, negatives_now, reversal_loss,
-                    run_layer, vtc_loss)
+                    masked_word_states, matching_negatives, matching_rank_loss, mlm_loss, negatives_now,
+                    positions_first, reversal_loss, run_layer, vtc_loss)
 from model_registry import ModelFamily, layer_id_from_name, register_family, register_model
 from simvtp_weights import convert_state_dict, recognise_release
 
@@ -267,7 +267,7 @@ def select_tokens(x: torch.Tensor, keep: torch.Tensor, count: int | None = None)
         raise ValueError(f"video_mask {tuple(keep.shape)} does not match the {tuple(x.shape[:2])} tube grid")
     if count is None:
         count = equal_row_count(keep)
-    order = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]  # kept tokens first, in token order
+    order = positions_first(keep, count)  # kept tokens first, in token order
     return torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
 
 # ----------------------------------------------------------------------------------------------- pixel targets
