@@ -48,7 +48,8 @@ run "$PY" run_simvtp_finetuning.py --zero_shot --finetune "$PRETRAINED" \
 
 step "4/10 pre-training svitt_tiny_patch16, edge + node sparse ($SVITT_EPOCHS epochs; zero-shot and matching accuracy on val after every epoch) -> $OUT/svitt_pretrain"
 # 128 patch tokens in 4 blocks of 32 (two frames each): each query block sees its own block and 1 random one; 60%
-# of the video tokens kept after vision layers 1 and 2; one random frame of each of 8 equal segments (evaluation:
+# of the video tokens kept after vision layers 1 and 2 (from random weights that pruning costs 5-8 points of R@1
+# here, the block sparsity nothing: docs/ablations.md); one random frame of each of 8 equal segments (evaluation:
 # the middle frames). From random weights the masked-word loss (its gradient ~6x the matching loss's in the shared
 # fusion layers) and hard negatives from the first step keep the matching head (ITM) on the constant answer: words
 # weigh 0.1 here (the paper starts from BERT, where that loss is already low), negatives are uniform for 3 epochs,
